@@ -1,0 +1,21 @@
+"""lede: dynamic self-speculative decoding of Llama-family LLMs as a reinforcement-learning problem.
+
+Importing this package registers the Gymnasium environments:
+
+- ``LEDE-Llama3-v0`` - the trace-backed MDP (:class:`lede_env.env.LEDEEnv`).
+"""
+
+__version__ = "0.1.0"
+
+from gymnasium.envs.registration import register, registry
+
+from .decoding import GenerationResult, RoundRecord, SelfSpeculativeDecoder, StaticPolicy
+from .env import LEDEEnv
+from .mdp import ActionMap
+from .model import load_model
+
+if "LEDE-Llama3-v0" not in registry:
+    register(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv")
+
+__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "RoundRecord", "SelfSpeculativeDecoder", "StaticPolicy",
+           "load_model", "__version__"]

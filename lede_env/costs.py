@@ -1,0 +1,190 @@
+"""Cost profiles: what one round of self-speculative decoding costs, in AR-step units.
+
+A round with exit layer E, speculation length K and ``n`` verified positions (``n = K + 1``
+when the verifier's bonus token is wanted, else ``n = K``) pays, with compute reuse
+(LayerSkip, arXiv 2404.16710 - the draft's layers 1..E are never recomputed):
+
+- drafting: K passes of one token through layers 1..E plus the draft head, and, when
+  ``n = K + 1``, one more pass of the last draft token through layers 1..E (no head);
+- verification: layers E+1..L on ``n`` positions at once, plus the full LM head on them;
+- overhead: observation features and the policy's forward pass (charged every round).
+
+A plain AR step (action 0) pays all L layers and the full head on one token. Costs are
+divided by the time of one AR step, so an AR step costs exactly ``1 + overhead share``.
+
+Profiles are *measured* on the user's hardware (:func:`measure_profile`, ``lede profile``)
+or *analytic* (:func:`analytic_profile`): time proportional to the parameters read (decoding
+is memory-bound), with a small per-extra-token slope.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .model import LayerStack, write_json_atomic
+
+
+@dataclass
+class CostProfile:
+    """Per-component times (seconds, or any consistent unit) for one model on one machine.
+
+    Attributes:
+        num_layers: L.
+        layer: ``layer[k-1]`` = one decoder layer on k new tokens with a KV cache, k = 1..k_max+1.
+        head: ``head[k-1]`` = final norm + full LM head on k positions.
+        draft_head: one draft-head call for one token (translator + truncated head).
+        overhead: per-round observation features + policy forward.
+        source: ``"measured"`` or ``"analytic"``.
+        meta: free-form facts (device, threads, model, context length).
+    """
+
+    num_layers: int
+    layer: list[float]
+    head: list[float]
+    draft_head: float
+    overhead: float = 0.0
+    source: str = "analytic"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.layer) != len(self.head) or not self.layer:
+            raise ValueError("CostProfile.layer and .head must be non-empty lists of equal length (k = 1..k_max+1).")
+
+    @property
+    def max_positions(self) -> int:
+        """Largest number of verified positions the profile covers."""
+        return len(self.layer)
+
+    @property
+    def ar_step(self) -> float:
+        """Time of one plain AR step: L layers + full head on one token."""
+        return self.num_layers * self.layer[0] + self.head[0]
+
+    def _k(self, table: list[float], k: int) -> float:
+        if k <= len(table):
+            return table[k - 1]
+        # Linear extrapolation past the measured range.
+        slope = table[-1] - table[-2] if len(table) > 1 else table[-1]
+        return table[-1] + slope * (k - len(table))
+
+    def round_cost(self, exit_layer: int, draft_len: int, n_verify: int) -> float:
+        """Cost of one round in AR-step units.
+
+        Args:
+            exit_layer: E (0 for a plain AR step, then ``draft_len`` must be 0).
+            draft_len: K, draft tokens produced.
+            n_verify: positions verified (K or K+1; 1 for an AR step).
+        """
+        if exit_layer == 0 or draft_len == 0:
+            t = self.ar_step
+        else:
+            E, L = exit_layer, self.num_layers
+            t = draft_len * (E * self.layer[0] + self.draft_head)
+            t += (n_verify - draft_len) * E * self.layer[0]
+            t += (L - E) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
+        return (t + self.overhead) / self.ar_step
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write as JSON (atomically)."""
+        write_json_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "CostProfile":
+        """Read a profile written by :meth:`save`. Raises ``ValueError`` on a malformed file."""
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is not a lede cost profile: {e}") from e
+
+
+def analytic_profile(stack: LayerStack, k_max: int, draft_vocab: Optional[int] = None,
+                     affine: bool = True, slope: float = 0.07, overhead: float = 0.01) -> CostProfile:
+    """A profile from parameter counts (memory-bound decoding).
+
+    One token through a module costs its parameter count; each extra token in the same pass
+    adds ``slope`` of that (DESIGN section 4: 8 tokens cost about 1.5x one token on CPU).
+    ``overhead`` is a share of one AR step.
+    """
+    layer_params = sum(p.numel() for p in stack.layers[0].parameters())
+    V, d = stack.head_weight.shape
+    head_params = V * d
+    dv = V if draft_vocab is None else draft_vocab
+    draft = dv * d + (d * d if affine else 0)
+    ks = range(1, k_max + 2)
+    prof = CostProfile(
+        num_layers=stack.num_layers,
+        layer=[layer_params * (1 + slope * (k - 1)) for k in ks],
+        head=[head_params * (1 + slope * (k - 1)) for k in ks],
+        draft_head=float(draft),
+        source="analytic",
+        meta={"unit": "parameters read", "slope": slope},
+    )
+    prof.overhead = overhead * prof.ar_step
+    return prof
+
+
+def _median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, repeats: int = 7,
+                    overhead_fn=None) -> CostProfile:
+    """Measure a cost profile on this machine (seconds).
+
+    Times, with a KV cache holding ``context`` positions: all L layers on k tokens
+    (k = 1..k_max+1, per layer = total / L), the full head on k positions, one draft-head call,
+    and ``overhead_fn()`` (features + policy) when given.
+
+    Args:
+        stack: the model.
+        heads: the :class:`~lede_env.exits.ExitHeads` the decoder will draft with.
+        k_max: largest speculation length.
+        context: cached positions during timing (attention cost grows with it).
+        repeats: timing repeats; the median is kept.
+        overhead_fn: zero-argument callable timed as the per-round overhead.
+    """
+    g = torch.Generator().manual_seed(0)
+    V = stack.head_weight.shape[0]
+    cache = stack.new_cache()
+    ids = torch.randint(0, V, (1, context), generator=g).to(stack.device)
+    stack.run(stack.embed(ids), 0, stack.num_layers, cache, 0)
+    d = stack.hidden_size
+    layer, head = [], []
+    for k in range(1, k_max + 2):
+        x = torch.randn(1, k, d, generator=g).to(stack.device, stack.dtype)
+        rope = stack.positions(x, context)
+
+        def run_layers():
+            stack.run(x, 0, stack.num_layers, cache, context, rope)
+            stack.crop(cache, context)
+
+        run_layers()  # warm-up
+        layer.append(_median_time(run_layers, repeats) / stack.num_layers)
+        head.append(_median_time(lambda: stack.lm_head(stack.norm(x)).argmax(-1), repeats))
+    x1 = torch.randn(1, 1, d, generator=g).to(stack.device, stack.dtype)
+    heads.draft_tokens(x1, 0)
+    draft = _median_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
+    over = 0.0
+    if overhead_fn is not None:
+        overhead_fn()
+        over = _median_time(overhead_fn, repeats * 3)
+    return CostProfile(num_layers=stack.num_layers, layer=layer, head=head, draft_head=draft, overhead=over,
+                       source="measured", meta={"unit": "seconds", "context": context,
+                                                "threads": torch.get_num_threads(), "device": str(stack.device)})

@@ -1,0 +1,369 @@
+"""The real self-speculative decoding loop (greedy, lossless).
+
+Each round the policy picks an action (E, K) (:class:`~lede_env.mdp.ActionMap`); the decoder
+drafts K tokens through layers 1..E and the exit head, verifies them with one pass of layers
+E+1..L over the drafted positions (compute reuse: the draft already filled layers 1..E of the
+shared KV cache, as in LayerSkip's self-speculation, arXiv 2404.16710), accepts the longest
+agreeing prefix plus the verifier's next token, and crops every layer's cache to the accepted
+length. Action 0 is one plain full-model step. The output equals greedy decoding
+(``model.generate(do_sample=False)``) for every action sequence, in fp32.
+
+The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`_prefill`
+-> per round :meth:`_ar_step` or :meth:`_draft` + :meth:`_verify` -> :func:`~lede_env.mdp.accept`
+-> :meth:`LayerStack.crop`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .costs import CostProfile
+from .exits import ExitHeads
+from .mdp import ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len
+from .model import LayerStack
+
+
+@dataclass
+class RoundRecord:
+    """One round of decoding.
+
+    Attributes:
+        action: the action index the policy chose.
+        exit_layer: E (0 for an AR step).
+        draft_len: K actually drafted (after clamping to the budget; 0 for AR).
+        accepted: draft tokens emitted.
+        emitted: tokens emitted this round.
+        cost: round cost in AR-step units (from the cost profile; 0 when none is given).
+        seconds: wall-clock time of the round, policy included.
+        policy_seconds: time spent computing the observation and asking the policy.
+    """
+
+    action: int
+    exit_layer: int
+    draft_len: int
+    accepted: int
+    emitted: int
+    cost: float = 0.0
+    seconds: float = 0.0
+    policy_seconds: float = 0.0
+
+    @property
+    def fully_accepted(self) -> bool:
+        return self.draft_len > 0 and self.accepted >= self.draft_len
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """Output of one generation.
+
+    Attributes:
+        tokens: generated token ids (prompt excluded).
+        rounds: one :class:`RoundRecord` per round.
+        seconds: wall-clock time, prefill included.
+        prefill_seconds: time of the prompt's forward pass.
+        eos: generation ended on an EOS token.
+    """
+
+    tokens: list[int]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    eos: bool = False
+
+    @property
+    def drafted(self) -> int:
+        return sum(r.draft_len for r in self.rounds)
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.accepted for r in self.rounds)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted tokens (nan when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens emitted per round (1.0 for AR)."""
+        return len(self.tokens) / max(len(self.rounds), 1)
+
+    @property
+    def cost(self) -> float:
+        """Total cost in AR-step units (the first token, from prefill, is free)."""
+        return sum(r.cost for r in self.rounds)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the decoder and the env need from a policy (in the spirit of transformers'
+    ``CandidateGenerator``: one method proposes, one learns how the round went).
+
+    Attributes:
+        needs_observation: if false, the decoder skips computing observations (``act`` gets None).
+    """
+
+    needs_observation: bool
+
+    def reset(self) -> None:
+        """Called at the start of every generation / episode."""
+
+    def act(self, obs: Optional[dict]) -> int:
+        """Pick an action index for the next round."""
+
+    def update(self, record: RoundRecord) -> None:
+        """Told the outcome of the round just played."""
+
+
+class SelfSpeculativeDecoder:
+    """Greedy dynamic self-speculative decoder for a Llama-family model (batch size 1).
+
+    Args:
+        stack: the model's :class:`~lede_env.model.LayerStack`.
+        heads: exit heads for the candidate exits.
+        k_max: largest speculation length.
+        eos_ids: tokens that end generation.
+        bonus: verify K+1 positions (the last draft token also runs layers 1..E and a fully
+            accepted round earns the verifier's bonus token) instead of K.
+        profile: cost profile for :attr:`RoundRecord.cost` (optional).
+        obs_config: observation layout (must match the policy's).
+
+    Raises:
+        ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`).
+    """
+
+    def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
+                 bonus: bool = True, profile: Optional[CostProfile] = None,
+                 obs_config: Optional[ObservationConfig] = None) -> None:
+        self.stack = stack
+        self.heads = heads
+        self.actions = ActionMap(heads.exit_layers, k_max)
+        self.eos_ids = tuple(eos_ids)
+        self.bonus = bonus
+        self.profile = profile
+        self.observer = ObservationBuilder(obs_config or ObservationConfig(), stack.hidden_size,
+                                           len(heads.exit_layers), stack.num_layers, k_max,
+                                           stack.head_weight.shape[0])
+        self._exit_pos = {e: i for i, e in enumerate(heads.exit_layers)}
+
+    # ---- forward pieces -------------------------------------------------------------------
+    def _segments(self, first: int, last: int) -> list[int]:
+        """Layer boundaries in (first, last] at which exit hiddens are tapped, ending with last."""
+        cuts = [e for e in self.heads.exit_layers if first < e < last]
+        return cuts + [last]
+
+    def _forward(self, hidden, first, last, cache, start, taps: Optional[dict]):
+        """Layers first+1..last; store each exit layer's output [1, q, d] in ``taps`` if given."""
+        if taps is None:
+            return self.stack.run(hidden, first, last, cache, start)
+        rope = self.stack.positions(hidden, start)
+        prev = first
+        for cut in self._segments(first, last):
+            hidden = self.stack.run(hidden, prev, cut, cache, start, rope)
+            if cut in self._exit_pos:
+                taps[cut] = hidden
+            prev = cut
+        return hidden
+
+    def _verifier_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        normed = self.stack.norm(hidden[0])  # [q, d]
+        return normed, self.stack.lm_head(normed).argmax(-1).tolist()
+
+    def _prefill(self, ids: torch.Tensor, cache, want_obs: bool):
+        taps = {} if want_obs else None
+        h = self._forward(self.stack.embed(ids.view(1, -1)), 0, self.stack.num_layers, cache, 0, taps)
+        normed, v = self._verifier_tokens(h[:, -1:])
+        return v[0], normed[-1], ({e: t[0, -1] for e, t in taps.items()} if taps is not None else None)
+
+    def _ar_step(self, token: int, pos: int, cache, want_obs: bool):
+        taps = {} if want_obs else None
+        x = self.stack.embed(torch.tensor([[token]], device=self.stack.device))
+        h = self._forward(x, 0, self.stack.num_layers, cache, pos, taps)
+        normed, v = self._verifier_tokens(h)
+        return [], v, normed, taps
+
+    def _draft(self, token: int, pos: int, E: int, K: int, cache, taps: Optional[dict]):
+        """K draft passes of one token through layers 1..E (+1 pass of d_K when bonus).
+
+        Returns the draft tokens d_1..d_K and the layer-E hiddens [1, n, d] of the n positions
+        to verify; ``taps[e]`` gets [1, n, d] for exits e <= E.
+        """
+        i = self.heads.index(E)
+        hs, draft, tap_lists = [], [], {}
+        n = K + 1 if self.bonus else K
+        cur = token
+        for j in range(n):
+            x = self.stack.embed(torch.tensor([[cur]], device=self.stack.device))
+            local = {} if taps is not None else None
+            h = self._forward(x, 0, E, cache, pos + j, local)
+            hs.append(h)
+            if local is not None:
+                local[E] = h
+                for e, t in local.items():
+                    tap_lists.setdefault(e, []).append(t)
+            if j < K:
+                cur = int(self.heads.draft_tokens(h[0, 0], i))
+                draft.append(cur)
+        if taps is not None:
+            for e, ts in tap_lists.items():
+                taps[e] = torch.cat(ts, 1)
+        return draft, torch.cat(hs, 1)
+
+    def _verify(self, hidden: torch.Tensor, E: int, pos: int, cache, taps: Optional[dict]):
+        h = self._forward(hidden, E, self.stack.num_layers, cache, pos, taps)
+        return self._verifier_tokens(h)
+
+    def _observe(self, normed_last, taps_at: dict, recent: list[int], generated: int, max_new: int):
+        hid = torch.stack([taps_at[e] for e in self.heads.exit_layers])  # [n_exits, d]
+        top1, ent, arg = self.heads.feature_stats(hid)
+        pending = recent[-1]
+        agree = (arg == pending).float()
+        return self.observer.build(normed_last.float().numpy(), top1.numpy(), ent.numpy(), agree.numpy(),
+                                   recent, generated / max_new)
+
+    # ---- the loop -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, policy: Policy, max_new_tokens: int = 128) -> GenerationResult:
+        """Generate greedily, asking ``policy`` for (E, K) every round.
+
+        Args:
+            input_ids: [n] or [1, n] int64 prompt ids (batch size 1 only).
+            policy: a :class:`Policy`.
+            max_new_tokens: most tokens to generate (>= 1).
+
+        Returns:
+            A :class:`GenerationResult`; ``tokens`` equals greedy decoding's output.
+
+        Raises:
+            ValueError: batch size > 1, an empty prompt, ``max_new_tokens < 1``, or a prompt that
+                does not fit the model's context.
+        """
+        ids = input_ids.to(self.stack.device)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"Batch size {ids.shape[0]} is not supported: lede decodes one sequence at a time.")
+            ids = ids[0]
+        if ids.numel() == 0:
+            raise ValueError("The prompt is empty: give at least one token.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        ctx = getattr(self.stack.model.config, "max_position_embeddings", None)
+        if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
+            raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
+        want_obs = bool(getattr(policy, "needs_observation", False))
+        policy.reset()
+        self.observer.reset()
+        t0 = time.perf_counter()
+        cache = self.stack.new_cache()
+        pending, normed_last, taps_at = self._prefill(ids, cache, want_obs)
+        t_prefill = time.perf_counter() - t0
+        out = [pending]
+        result = GenerationResult(tokens=out, prefill_seconds=t_prefill)
+        seq = ids.tolist() + [pending]
+        pos = ids.numel()  # position of the pending token (== cached positions)
+        done = pending in self.eos_ids or max_new_tokens == 1
+        result.eos = pending in self.eos_ids
+        while not done:
+            t_round = time.perf_counter()
+            obs = None
+            if want_obs:
+                obs = self._observe(normed_last, taps_at, seq[-self.observer.config.recent_tokens:] or seq,
+                                    len(out), max_new_tokens)
+            action = policy.act(obs)
+            E, K = self.actions.decode(action)
+            t_policy = time.perf_counter() - t_round
+            remaining = max_new_tokens - len(out)
+            K = clamp_draft_len(K, remaining, self.bonus) if E else 0
+            taps = {} if want_obs else None
+            if K == 0:
+                E = 0
+                draft, verifier, normed, taps = self._ar_step(pending, pos, cache, want_obs)
+            else:
+                draft, hidden_E = self._draft(pending, pos, E, K, cache, taps)
+                normed, verifier = self._verify(hidden_E, E, pos, cache, taps)
+            oc = accept(draft, verifier, remaining, self.eos_ids)
+            self.stack.crop(cache, pos + oc.advance)
+            # The last verified position produced the new pending token.
+            last = oc.advance - 1
+            normed_last = normed[last]
+            if want_obs:
+                taps_at = {e: t[0, last] for e, t in taps.items()}
+            out.extend(oc.emitted)
+            seq.extend(oc.emitted)
+            pos += oc.advance
+            pending = seq[-1]
+            cost = self.profile.round_cost(E, K, oc.n_verify) if self.profile else 0.0
+            rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
+                              emitted=len(oc.emitted), cost=cost, seconds=time.perf_counter() - t_round,
+                              policy_seconds=t_policy)
+            result.rounds.append(rec)
+            self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
+            policy.update(rec)
+            done = oc.done
+            result.eos = oc.eos
+        result.seconds = time.perf_counter() - t0
+        return result
+
+
+class StaticPolicy:
+    """The same action every round: static (E, K) self-speculation as in LayerSkip
+    (arXiv 2404.16710) and transformers' ``assistant_early_exit``; action 0 = plain AR."""
+
+    needs_observation = False
+
+    def __init__(self, action: int) -> None:
+        self.action = int(action)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.action
+
+    def update(self, record: RoundRecord) -> None:
+        pass
+
+
+class SequencePolicy:
+    """Replays a fixed list of actions (then ``fallback``): for tests and oracle replays."""
+
+    needs_observation = False
+
+    def __init__(self, actions: Sequence[int], fallback: int = 0) -> None:
+        self.actions = list(actions)
+        self.fallback = fallback
+        self._i = 0
+
+    def reset(self) -> None:
+        self._i = 0
+
+    def act(self, obs: Optional[dict]) -> int:
+        a = self.actions[self._i] if self._i < len(self.actions) else self.fallback
+        self._i += 1
+        return a
+
+    def update(self, record: RoundRecord) -> None:
+        pass
+
+
+def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int]) -> list[int]:
+    """Plain greedy tokens from transformers' ``generate(do_sample=False)`` (the lossless reference).
+
+    Returns the generated ids (prompt excluded), ending at the first EOS if any.
+    """
+    ids = input_ids.view(1, -1).to(next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0])
+    gen = out[0, ids.shape[1]:].tolist()
+    for j, t in enumerate(gen):
+        if t in eos_ids:
+            return gen[: j + 1]
+    return gen

@@ -1,0 +1,295 @@
+"""Exit heads: turning the hidden state after layer E into draft tokens.
+
+Two kinds (:attr:`ExitHeads.kind`):
+
+- ``"lens"`` - the logit lens: final RMSNorm + LM head on the layer-E hidden state. Right for
+  checkpoints trained for early exit (LayerSkip, arXiv 2404.16710).
+- ``"affine"`` - a per-exit affine translator ``h -> norm(h) @ W_E + b_E`` fitted by ridge
+  regression towards the final normed hidden state, then the LM head (the tuned-lens idea,
+  Belrose et al., arXiv 2303.08112). The ridge pulls ``W_E`` towards the identity, so a strong
+  penalty gives back the logit lens. Fit it on the model's *own* greedy continuations.
+
+Draft heads may score only a truncated, frequency-ranked vocabulary of ``draft_vocab`` tokens
+(FR-Spec idea, arXiv 2502.14856): on small models the full LM head costs as much as several
+decoder layers. Verification always uses the full vocabulary, so output stays lossless.
+
+Per-exit *features* for the policy's observation (:meth:`ExitHeads.feature_stats`) use the
+logit lens over an even smaller vocabulary (``feature_vocab`` most frequent tokens), so that
+computing them for every exit costs one small matrix product per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .model import LayerStack
+
+HEAD_KINDS = ("lens", "affine")
+
+
+def rank_vocabulary(vocab_size: int, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Token ids ordered by frequency in ``sequences`` (most frequent first), ties and unseen
+    tokens by id (low BPE ids are the tokenizer's earliest, most frequent merges).
+
+    Returns:
+        [vocab_size] int64 permutation of ``range(vocab_size)``.
+    """
+    counts = Counter(int(t) for s in sequences for t in s)
+    order = sorted(range(vocab_size), key=lambda t: (-counts.get(t, 0), t))
+    return torch.tensor(order, dtype=torch.long)
+
+
+class ExitHeads(nn.Module):
+    """Draft heads for a set of exit layers, sharing the model's final norm and LM head.
+
+    Args:
+        stack: the model's :class:`~lede_env.model.LayerStack`.
+        exit_layers: candidate exit layers, strictly increasing, each in ``1 .. L-1``.
+        kind: ``"lens"`` or ``"affine"``.
+        vocab_rank: [V] int64 frequency ranking of the vocabulary (see :func:`rank_vocabulary`);
+            ``None`` keeps token-id order.
+        draft_vocab: number of top-ranked tokens the draft head scores (``None`` = all V).
+        feature_vocab: number of top-ranked tokens used for observation features.
+
+    Raises:
+        ValueError: bad exit layers, kind or vocabulary sizes.
+    """
+
+    def __init__(
+        self,
+        stack: LayerStack,
+        exit_layers: Sequence[int],
+        kind: str = "lens",
+        vocab_rank: Optional[torch.Tensor] = None,
+        draft_vocab: Optional[int] = None,
+        feature_vocab: int = 1024,
+    ) -> None:
+        super().__init__()
+        exit_layers = validate_exit_layers(exit_layers, stack.num_layers)
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"Unknown exit-head kind {kind!r}; choose one of {HEAD_KINDS}.")
+        V = stack.head_weight.shape[0]
+        if vocab_rank is None:
+            vocab_rank = torch.arange(V)
+        if vocab_rank.shape != (V,):
+            raise ValueError(f"vocab_rank must have shape [{V}], got {tuple(vocab_rank.shape)}.")
+        draft_vocab = V if draft_vocab is None else int(draft_vocab)
+        if not 1 <= draft_vocab <= V:
+            raise ValueError(f"draft_vocab={draft_vocab} must be in 1..{V} (the vocabulary size).")
+        feature_vocab = min(int(feature_vocab), V)
+        self.stack = stack
+        self.exit_layers = tuple(exit_layers)
+        self.kind = kind
+        self.draft_vocab = draft_vocab
+        self.feature_vocab = feature_vocab
+        self.register_buffer("vocab_rank", vocab_rank.to(torch.long), persistent=False)
+        d = stack.hidden_size
+        n = len(exit_layers)
+        # Affine translators, identity by default (== logit lens).
+        self.register_buffer("weight", torch.eye(d, dtype=stack.dtype).repeat(n, 1, 1), persistent=False)
+        self.register_buffer("bias", torch.zeros(n, d, dtype=stack.dtype), persistent=False)
+        self._refresh_vocab()
+
+    def _refresh_vocab(self) -> None:
+        W = self.stack.head_weight.detach()
+        self.draft_ids = self.vocab_rank[: self.draft_vocab].to(W.device)
+        self.draft_w = W.index_select(0, self.draft_ids).contiguous()  # [V_d, d]
+        self.full_draft = self.draft_vocab == W.shape[0]
+        self.feature_ids = self.vocab_rank[: self.feature_vocab].to(W.device)
+        self.feature_w = W.index_select(0, self.feature_ids).contiguous()  # [V_f, d]
+
+    def index(self, exit_layer: int) -> int:
+        """Position of ``exit_layer`` in :attr:`exit_layers` (``ValueError`` if absent)."""
+        try:
+            return self.exit_layers.index(exit_layer)
+        except ValueError:
+            raise ValueError(f"Exit layer {exit_layer} is not one of {self.exit_layers}.") from None
+
+    def translate(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
+        """Normed, translated hidden state fed to the LM head. [..., d] -> [..., d]."""
+        h = self.stack.norm(hidden)
+        if self.kind == "affine":
+            h = torch.addmm(self.bias[i], h.reshape(-1, h.shape[-1]), self.weight[i]).view(h.shape)
+        return h
+
+    @torch.no_grad()
+    def draft_tokens(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
+        """Greedy draft tokens from exit ``exit_layers[i]``.
+
+        Args:
+            hidden: [..., d] output of decoder layer ``exit_layers[i]``.
+            i: index of the exit in :attr:`exit_layers`.
+
+        Returns:
+            [...] int64 token ids (in the full vocabulary).
+        """
+        logits = self.translate(hidden, i) @ self.draft_w.T
+        return self.draft_ids[logits.argmax(-1)]
+
+    @torch.no_grad()
+    def feature_stats(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logit-lens statistics of every exit over the feature vocabulary.
+
+        Args:
+            hidden: [..., n_exits, d] hidden states after each exit layer at some positions.
+
+        Returns:
+            ``(top1_prob, entropy, argmax)``: [..., n_exits] float32 probability of the top
+            token, float32 entropy in nats, int64 argmax token id (full vocabulary).
+        """
+        logits = self.stack.norm(hidden) @ self.feature_w.T
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top, arg = logp.max(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        return top.exp(), ent, self.feature_ids[arg]
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes the draft tokens (kind, exits, vocab, weights)."""
+        h = hashlib.sha256()
+        h.update(repr((self.kind, self.exit_layers, self.draft_vocab, self.feature_vocab)).encode())
+        h.update(self.vocab_rank[: max(self.draft_vocab, self.feature_vocab)].numpy().tobytes())
+        if self.kind == "affine":
+            h.update(self.weight.float().numpy().tobytes())
+            h.update(self.bias.float().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save (safetensors): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V]."""
+        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
+                "vocab_rank": self.vocab_rank.contiguous()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state`. Raises ``ValueError`` on a shape mismatch."""
+        for k in ("weight", "bias", "vocab_rank"):
+            if tensors[k].shape != getattr(self, k).shape:
+                raise ValueError(f"Exit-head tensor {k!r} has shape {tuple(tensors[k].shape)}, expected "
+                                 f"{tuple(getattr(self, k).shape)}: it was fitted for another model or exit set.")
+        self.weight = tensors["weight"].to(self.weight)
+        self.bias = tensors["bias"].to(self.bias)
+        self.vocab_rank = tensors["vocab_rank"].to(torch.long)
+        self._refresh_vocab()
+
+
+def validate_exit_layers(exit_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Check candidate exits: integers, strictly increasing, each in ``1 .. L-1``.
+
+    Raises:
+        ValueError: naming the offending value and the valid range.
+    """
+    exits = tuple(int(e) for e in exit_layers)
+    if not exits:
+        raise ValueError("exit_layers is empty: give at least one exit layer in 1..L-1.")
+    for e in exits:
+        if not 1 <= e <= num_layers - 1:
+            raise ValueError(f"Exit layer {e} is outside 1..{num_layers - 1} (the model has {num_layers} layers).")
+    if len(set(exits)) != len(exits):
+        raise ValueError(f"exit_layers {list(exits)} has duplicates.")
+    if list(exits) != sorted(exits):
+        raise ValueError(f"exit_layers {list(exits)} must be sorted in increasing order.")
+    return exits
+
+
+def default_exit_layers(num_layers: int, step: int = 2) -> tuple[int, ...]:
+    """Every ``step``-th layer below L (``2, 4, ..``), the design default; layer 1 for L <= 2."""
+    exits = tuple(range(step, num_layers, step))
+    return exits or (1,)
+
+
+@torch.no_grad()
+def teacher_forced(stack: LayerStack, ids: torch.Tensor, exit_layers: Sequence[int]):
+    """One full forward pass over a whole sequence, keeping what traces and fitting need.
+
+    Args:
+        ids: [T] int64 token ids (prompt + continuation).
+        exit_layers: layers whose outputs are kept.
+
+    Returns:
+        ``(exit_hidden, final_normed, verifier)``: [T, n_exits, d] hidden after each exit layer,
+        [T, d] final normed hidden state, [T] int64 full-model argmax at each position.
+    """
+    cache = stack.new_cache()
+    h = stack.embed(ids.view(1, -1).to(stack.device))
+    rope = stack.positions(h, 0)
+    taps = []
+    prev = 0
+    for e in exit_layers:
+        h = stack.run(h, prev, e, cache, 0, rope)
+        taps.append(h[0])
+        prev = e
+    h = stack.run(h, prev, stack.num_layers, cache, 0, rope)
+    final = stack.norm(h[0])
+    verifier = stack.lm_head(final).argmax(-1)
+    return torch.stack(taps, 1), final, verifier
+
+
+@torch.no_grad()
+def fit_affine(
+    heads: ExitHeads,
+    sequences: Sequence[tuple[torch.Tensor, int]],
+    ridge: float = 0.05,
+) -> dict:
+    """Fit each exit's affine translator by closed-form ridge regression.
+
+    Minimises ``||norm(h_E) W + b - y||^2 + lam ||W - I||^2`` where ``y`` is the final normed
+    hidden state, over every continuation position of ``sequences`` (the model's own greedy
+    outputs; DESIGN section 4 shows reference text fits a third worse). ``lam = ridge *
+    mean(diag(X^T X))`` after centring, so ``ridge`` is scale-free.
+
+    Args:
+        heads: heads of kind ``"affine"``; updated in place.
+        sequences: ``(ids [T] int64, n_prompt)`` pairs; positions ``n_prompt-1 .. T-2`` are used.
+        ridge: relative ridge strength (> 0).
+
+    Returns:
+        ``{"positions": N, "agreement": {exit_layer: top-1 agreement on the fitting positions}}``.
+    """
+    if heads.kind != "affine":
+        raise ValueError("fit_affine needs heads of kind 'affine'.")
+    if ridge <= 0:
+        raise ValueError(f"ridge must be > 0, got {ridge}.")
+    xs, ys = [], []
+    for ids, n_prompt in sequences:
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(n_prompt - 1, 0), ids.shape[0] - 1)
+        xs.append(heads.stack.norm(eh[sl]))
+        ys.append(final[sl])
+    if not xs or sum(x.shape[0] for x in xs) < 2:
+        raise ValueError("Not enough continuation positions to fit exit heads (need >= 2).")
+    X = torch.cat(xs).double()  # [N, n, d]
+    Y = torch.cat(ys).double()  # [N, d]
+    d = Y.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    my = Y.mean(0)
+    Yc = Y - my
+    for i in range(len(heads.exit_layers)):
+        x = X[:, i]
+        mx = x.mean(0)
+        xc = x - mx
+        xtx = xc.T @ xc
+        lam = ridge * xtx.diagonal().mean()
+        W = torch.linalg.solve(xtx + lam * eye, xc.T @ Yc + lam * eye)
+        heads.weight[i] = W.to(heads.weight.dtype)
+        heads.bias[i] = (my - mx @ W).to(heads.bias.dtype)
+    return {"positions": int(X.shape[0])}
+
+
+@torch.no_grad()
+def agreement(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]]) -> dict[int, float]:
+    """Top-1 agreement of each exit's draft token with the next token of ``sequences``
+    (the model's greedy continuations) over their continuation positions."""
+    hits = torch.zeros(len(heads.exit_layers))
+    total = 0
+    for ids, n_prompt in sequences:
+        eh, _, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(n_prompt - 1, 0), ids.shape[0] - 1)
+        target = ids[sl.start + 1: sl.stop + 1].to(eh.device)
+        for i in range(len(heads.exit_layers)):
+            hits[i] += (heads.draft_tokens(eh[sl, i], i) == target).sum().item()
+        total += target.shape[0]
+    return {e: (hits[i].item() / total if total else math.nan) for i, e in enumerate(heads.exit_layers)}

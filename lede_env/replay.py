@@ -1,0 +1,110 @@
+"""Exact replay of self-speculative rounds over a trace, and the dynamic-programming oracle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .costs import CostProfile
+from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len
+from .traces import Trace
+
+_NO_DRAFT = -1  # a draft position past the end of the trace (never matches)
+_UNKNOWN = -2  # a verifier position past an EOS (never emitted)
+
+
+@dataclass(frozen=True)
+class ReplayRules:
+    """What a replayed round needs besides the trace.
+
+    Attributes:
+        actions: the action map.
+        profile: the cost profile (round costs in AR-step units).
+        bonus: verify K+1 positions (True) or K (False).
+        eos_ids: tokens that end generation.
+    """
+
+    actions: ActionMap
+    profile: CostProfile
+    bonus: bool
+    eos_ids: tuple[int, ...]
+
+
+def budget(trace: Trace, max_new_tokens: int) -> int:
+    """Tokens an episode on ``trace`` may generate: ``max_new_tokens``, or the trace's length if
+    it stopped (without EOS) earlier."""
+    return max_new_tokens if trace.eos else min(max_new_tokens, trace.n)
+
+
+def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: int) -> tuple[RoundOutcome, int, float]:
+    """One round on ``trace`` after ``g`` generated tokens (pending token ``generated[g-1]``).
+
+    Args:
+        limit: the episode's token budget (see :func:`budget`).
+
+    Returns:
+        ``(outcome, exit_layer, cost)``; ``exit_layer`` is 0 when the round was an AR step
+        (action 0, or K clamped to 0 by the budget).
+    """
+    E, K = rules.actions.decode(action)
+    remaining = limit - g
+    K = clamp_draft_len(K, remaining, rules.bonus) if E else 0
+    N = trace.n
+    if K == 0:
+        E = 0
+        draft: list[int] = []
+        verifier = [int(trace.generated[g])] if g < N else [_UNKNOWN]
+    else:
+        i = rules.actions.exit_layers.index(E)
+        n = K + 1 if rules.bonus else K
+        draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
+        verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
+    oc = accept(draft, verifier, remaining, rules.eos_ids)
+    return oc, E, rules.profile.round_cost(E, K, oc.n_verify)
+
+
+def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest action sequence for a trace, by dynamic programming (Bellman's equation of
+    the ``net`` reward with discount 1: minimise total cost; the token count is fixed).
+
+    Returns:
+        ``(best_action, cost_to_go)``: [limit] int64 and [limit + 1] float64 arrays indexed by
+        the number of tokens generated so far ``g`` (entries for g = 0 are unused).
+    """
+    limit = budget(trace, max_new_tokens)
+    best = np.zeros(limit, np.int64)
+    ctg = np.zeros(limit + 1, np.float64)
+    for g in range(limit - 1, 0, -1):
+        best_c, best_a = np.inf, 0
+        for a in range(rules.actions.n):
+            oc, _, cost = replay_round(trace, g, a, rules, limit)
+            c = cost + (0.0 if oc.done else ctg[g + len(oc.emitted)])
+            if c < best_c - 1e-12:
+                best_c, best_a = c, a
+        ctg[g], best[g] = best_c, best_a
+    return best, ctg
+
+
+def rollout(trace: Trace, rules: ReplayRules, max_new_tokens: int, choose) -> dict:
+    """Play a whole episode on ``trace`` with ``choose(g) -> action``; return totals
+    (``tokens``, ``cost``, ``rounds``, ``accepted``, ``drafted``)."""
+    limit = budget(trace, max_new_tokens)
+    g, cost, rounds, acc, drafted = 1, 0.0, 0, 0, 0
+    done = limit <= 1 or (trace.eos and trace.n == 1)
+    while not done:
+        oc, E, c = replay_round(trace, g, choose(g), rules, limit)
+        g += len(oc.emitted)
+        cost += c
+        rounds += 1
+        acc += oc.accepted
+        drafted += oc.draft_len
+        done = oc.done
+    return {"tokens": g - 1, "cost": cost, "rounds": rounds, "accepted": acc, "drafted": drafted}
+
+
+def throughput(results: Sequence[dict]) -> float:
+    """Total tokens / total cost (tokens per AR-step unit) over several episodes."""
+    c = sum(r["cost"] for r in results)
+    return sum(r["tokens"] for r in results) / c if c else float("nan")

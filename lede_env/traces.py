@@ -1,0 +1,416 @@
+"""Traces: greedy continuations plus one teacher-forced pass, replaying SSD exactly.
+
+Layers 1..E are causal and do not depend on later layers, so the token an exit-E draft
+produces at position i, given an accepted prefix, equals the teacher-forced exit-E draft at
+i. A trace therefore tells the accepted run length of any (E, K) at any position exactly,
+and the trace environment replays greedy self-speculative decoding at microseconds a round
+(DESIGN section 2.3).
+
+Everything built here is cached under :func:`~lede_env.model.cache_dir`, written under a
+temporary name and renamed when whole:
+
+- ``continuations/<model>/<prompts>-<max_new>.json`` - greedy continuations;
+- ``exits/<model>/<kind>-<exits>-<calibration>.safetensors`` - fitted exit heads;
+- ``traces/<model>/<prompts>-<max_new>-<heads>/{traces.safetensors,manifest.json}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
+from .model import LayerStack, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
+from .prompts import Prompt, encode_prompt, load_prompts, prompts_fingerprint
+from .decoding import greedy_reference
+
+TRACE_FORMAT = 1
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with everything the pipeline needs next to it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    stack: LayerStack
+    eos_ids: tuple[int, ...]
+
+    @property
+    def slug(self) -> str:
+        return model_slug(self.name)
+
+
+_BUNDLES: dict[str, ModelBundle] = {}
+
+
+def get_bundle(name: Optional[str] = None) -> ModelBundle:
+    """Load (once per process) the model named ``name`` (``None`` = embedded default)."""
+    key = model_slug(name)
+    if key not in _BUNDLES:
+        model, tok = load_model(name)
+        _BUNDLES[key] = ModelBundle(key, model, tok, LayerStack(model), eos_token_ids(model, tok))
+    return _BUNDLES[key]
+
+
+def bundle_from_model(model, tokenizer=None, name: str = "custom") -> ModelBundle:
+    """Wrap an already loaded model (e.g. a tiny test model) as a :class:`ModelBundle`."""
+    return ModelBundle(name, model, tokenizer, LayerStack(model), eos_token_ids(model, tokenizer))
+
+
+# ---- continuations --------------------------------------------------------------------------
+@dataclass
+class Continuation:
+    """A prompt and the model's greedy continuation of it."""
+
+    id: str
+    category: str
+    prompt_ids: list[int]
+    generated: list[int]
+    eos: bool
+
+
+def encode_prompts(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt (chat template when the tokenizer has one)."""
+    ctx = getattr(bundle.model.config, "max_position_embeddings", None)
+    limit = None if ctx is None else ctx - max_new_tokens - 16
+    return [encode_prompt(bundle.tokenizer, p.text, max_length=limit).tolist() for p in prompts]
+
+
+def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int,
+                      prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
+                      use_cache: bool = True) -> list[Continuation]:
+    """Greedy continuations (transformers ``generate(do_sample=False)``), cached on disk.
+
+    Args:
+        prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
+        use_cache: read/write the on-disk cache (off for throw-away test models).
+    """
+    if prompt_ids is None:
+        prompt_ids = encode_prompts(bundle, prompts, max_new_tokens)
+    key = hashlib.sha256(json.dumps([list(map(int, p)) for p in prompt_ids]).encode()).hexdigest()[:12]
+    path = cache_dir() / "continuations" / bundle.slug / f"{key}-{max_new_tokens}.json"
+    cached: dict[str, dict] = {}
+    if use_cache and path.exists():
+        try:
+            cached = {r["key"]: r for r in json.loads(path.read_text())}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
+    out = []
+    rows = []
+    for p, ids in tqdm(list(zip(prompts, prompt_ids)), desc="greedy continuations", disable=not progress):
+        k = hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
+        if k in cached:
+            gen = cached[k]["generated"]
+        else:
+            gen = greedy_reference(bundle.model, torch.tensor(ids), max_new_tokens, bundle.eos_ids)
+        eos = bool(gen) and gen[-1] in bundle.eos_ids
+        out.append(Continuation(p.id, p.category, list(map(int, ids)), list(map(int, gen)), eos))
+        rows.append({"key": k, "id": p.id, "generated": gen})
+    if use_cache:
+        write_json_atomic(path, rows)
+    return out
+
+
+# ---- exit heads -----------------------------------------------------------------------------
+@dataclass
+class HeadSpec:
+    """What determines a set of exit heads (the cache key).
+
+    Attributes:
+        exit_layers: candidate exits (``None`` = every 2nd layer below L).
+        kind: ``"lens"`` or ``"affine"``.
+        draft_vocab: truncated draft vocabulary size (``None`` = full vocabulary).
+        feature_vocab: vocabulary of the observation features.
+        calib_prompts: prompt spec whose greedy continuations fit the heads and rank the vocabulary.
+        calib_max_new_tokens: continuation length for calibration.
+        ridge: relative ridge strength of the affine fit.
+    """
+
+    exit_layers: Optional[tuple[int, ...]] = None
+    kind: str = "affine"
+    draft_vocab: Optional[int] = 8192
+    feature_vocab: int = 1024
+    calib_prompts: str = "humaneval[0:24]"
+    calib_max_new_tokens: int = 128
+    ridge: float = 0.05
+
+
+def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,
+              calibration: Optional[Sequence[Continuation]] = None) -> ExitHeads:
+    """Exit heads for ``spec``: fitted on calibration continuations once, then loaded from disk.
+
+    Args:
+        calibration: continuations to fit on instead of ``spec.calib_prompts`` (tests).
+    """
+    exits = tuple(spec.exit_layers) if spec.exit_layers else default_exit_layers(bundle.stack.num_layers)
+    V = bundle.stack.head_weight.shape[0]
+    draft_vocab = None if spec.draft_vocab is None or spec.draft_vocab >= V else spec.draft_vocab
+    heads = ExitHeads(bundle.stack, exits, spec.kind, None, draft_vocab, spec.feature_vocab)
+    needs_calib = spec.kind == "affine" or draft_vocab is not None or spec.feature_vocab < V
+    if not needs_calib:
+        return heads
+    tag = hashlib.sha256(repr((asdict(spec) | {"exit_layers": exits},)).encode()).hexdigest()[:12]
+    path = cache_dir() / "exits" / bundle.slug / f"{spec.kind}-{tag}.safetensors"
+    if use_cache and calibration is None and path.exists():
+        try:
+            heads.load_state(load_file(str(path)))
+            return heads
+        except Exception as e:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
+            warnings.warn(f"Ignoring unreadable exit-head cache {path} ({e}); refitting.")
+    if calibration is None:
+        calibration = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
+                                        progress=progress, use_cache=use_cache)
+    heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
+    heads._refresh_vocab()
+    if spec.kind == "affine":
+        fit_affine(heads, [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration],
+                   ridge=spec.ridge)
+    if use_cache:
+        _save_tensors_atomic(path, heads.state())
+    return heads
+
+
+def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- traces ---------------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """One prompt's greedy continuation with, at each continuation position, what every exit
+    would draft and the observation features.
+
+    Local position ``j`` (0 <= j < N) is the position whose full-model output is ``generated[j]``
+    (absolute position ``len(prompt) - 1 + j``).
+
+    Attributes:
+        id, category: the prompt's id and category.
+        prompt: [P] int64 prompt ids.
+        generated: [N] int64 greedy continuation (ends with EOS when ``eos``).
+        eos: the continuation ended with EOS (else it stopped at ``max_new_tokens``).
+        draft: [N, n_exits] int64 draft token of each exit at local position j.
+        top1, entropy: [N, n_exits] float32 logit-lens feature statistics.
+        lens_arg: [N, n_exits] int64 logit-lens argmax over the feature vocabulary.
+        hidden: [N, d] float32 final normed hidden state.
+    """
+
+    id: str
+    category: str
+    prompt: np.ndarray
+    generated: np.ndarray
+    eos: bool
+    draft: np.ndarray
+    top1: np.ndarray
+    entropy: np.ndarray
+    lens_arg: np.ndarray
+    hidden: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.generated.shape[0])
+
+
+@dataclass
+class TraceSet:
+    """Traces of a prompt set for one model and one set of exit heads, with their manifest."""
+
+    traces: list[Trace]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        return tuple(self.manifest["exit_layers"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["model"]["num_layers"])
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+
+@torch.no_grad()
+def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation) -> tuple[Trace, int]:
+    """Build the trace of one continuation; also return the number of positions where the
+    teacher-forced full-model argmax differs from the greedy token (near-ties; 0 in fp32 in
+    practice)."""
+    ids = torch.tensor(c.prompt_ids + c.generated)
+    P, N = len(c.prompt_ids), len(c.generated)
+    eh, final, verifier = teacher_forced(stack, ids, heads.exit_layers)
+    sl = slice(P - 1, P - 1 + N)
+    eh, final = eh[sl], final[sl]
+    mismatches = int((verifier[sl].cpu() != ids[P:P + N]).sum())
+    draft = torch.stack([heads.draft_tokens(eh[:, i], i) for i in range(len(heads.exit_layers))], 1)
+    top1, ent, arg = heads.feature_stats(eh)
+    tr = Trace(c.id, c.category, np.asarray(c.prompt_ids, np.int64), np.asarray(c.generated, np.int64), c.eos,
+               draft.cpu().numpy(), top1.cpu().numpy().astype(np.float32), ent.cpu().numpy().astype(np.float32),
+               arg.cpu().numpy(), final.float().cpu().numpy())
+    return tr, mismatches
+
+
+def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[Continuation],
+                 progress: bool = True) -> TraceSet:
+    """Traces of ``continuations`` under ``heads`` (not cached; see :func:`get_traces`)."""
+    traces, mism = [], 0
+    for c in tqdm(continuations, desc="teacher-forced traces", disable=not progress):
+        t, m = trace_one(bundle.stack, heads, c)
+        traces.append(t)
+        mism += m
+    if mism:
+        warnings.warn(f"{mism} continuation positions differ from the teacher-forced argmax (near-ties): "
+                      "trace replay may differ from live decoding there.")
+    manifest = {
+        "format": TRACE_FORMAT,
+        "lede_version": __version__,
+        "torch_version": torch.__version__,
+        "model": {"name": bundle.name} | _describe(bundle),
+        "exit_layers": list(heads.exit_layers),
+        "heads": {"kind": heads.kind, "draft_vocab": heads.draft_vocab, "feature_vocab": heads.feature_vocab,
+                  "fingerprint": heads.fingerprint()},
+        "prompt_ids": [t.id for t in traces],
+        "max_new_tokens": max((len(c.generated) for c in continuations), default=0),
+        "teacher_forcing_mismatches": mism,
+        "eos_ids": list(bundle.eos_ids),
+    }
+    return TraceSet(traces, manifest)
+
+
+def _describe(bundle: ModelBundle) -> dict:
+    c = bundle.model.config
+    return {"model_type": c.model_type, "num_layers": int(c.num_hidden_layers), "hidden_size": int(c.hidden_size),
+            "vocab_size": int(c.vocab_size)}
+
+
+_ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidden")
+
+
+def save_traces(ts: TraceSet, folder: Path) -> None:
+    """Write ``traces.safetensors`` + ``manifest.json`` into ``folder`` atomically (a temporary
+    folder renamed into place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        tensors = {}
+        for a in _ARRAYS:
+            tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
+        tensors["prompt_len"] = torch.tensor([len(t.prompt) for t in ts.traces])
+        tensors["gen_len"] = torch.tensor([t.n for t in ts.traces])
+        tensors["eos"] = torch.tensor([t.eos for t in ts.traces])
+        save_file(tensors, str(tmp / "traces.safetensors"))
+        man = dict(ts.manifest) | {"categories": [t.category for t in ts.traces],
+                                   "prompt_ids": [t.id for t in ts.traces]}
+        (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
+        if folder.exists():
+            import shutil
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
+    """Read traces written by :func:`save_traces`.
+
+    Args:
+        expect: manifest entries that must match (e.g. ``{"model": {...}, "exit_layers": [...]}``).
+
+    Raises:
+        FileNotFoundError: no manifest or tensors in ``folder``.
+        ValueError: a truncated or corrupt file, an incompatible format, or a manifest that does
+            not match ``expect`` (traces from another model or exit set); rebuild them with
+            ``lede traces build``.
+    """
+    folder = Path(folder)
+    mpath, tpath = folder / "manifest.json", folder / "traces.safetensors"
+    if not mpath.exists() or not tpath.exists():
+        raise FileNotFoundError(f"No traces in {folder} (need manifest.json and traces.safetensors).")
+    try:
+        man = json.loads(mpath.read_text())
+        t = load_file(str(tpath))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"Traces in {folder} are truncated or corrupt ({e}); delete the folder and rebuild.") from e
+    if man.get("format") != TRACE_FORMAT:
+        raise ValueError(f"Traces in {folder} have format {man.get('format')}, this lede reads {TRACE_FORMAT}: rebuild.")
+    for k, v in (expect or {}).items():
+        if man.get(k) != v:
+            raise ValueError(f"Traces in {folder} do not match: manifest {k}={man.get(k)!r}, expected {v!r} "
+                             "(traces from another model, exit set or heads); rebuild them.")
+    P, N = t["prompt_len"].tolist(), t["gen_len"].tolist()
+    cats = man.get("categories", ["default"] * len(P))
+    ids = man["prompt_ids"]
+    out, po, go = [], 0, 0
+    for i, (p, n) in enumerate(zip(P, N)):
+        arr = {a: t[a][go:go + n].numpy() for a in _ARRAYS if a != "prompt"}
+        out.append(Trace(ids[i], cats[i], t["prompt"][po:po + p].numpy(), arr["generated"], bool(t["eos"][i]),
+                         arr["draft"], arr["top1"], arr["entropy"], arr["lens_arg"], arr["hidden"]))
+        po += p
+        go += n
+    return TraceSet(out, man)
+
+
+@dataclass
+class TraceSpec:
+    """Everything that names a trace set (JSON-serialisable; the env's kwargs map onto it).
+
+    Attributes:
+        model: model id/path, or ``None`` for the embedded default.
+        prompts: prompt spec (see :mod:`lede_env.prompts`).
+        max_new_tokens: continuation length.
+        heads: the exit heads.
+    """
+
+    model: Optional[str] = None
+    prompts: str = "humaneval[0:24]"
+    max_new_tokens: int = 128
+    heads: HeadSpec = field(default_factory=HeadSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, dict):
+            self.heads = HeadSpec(**self.heads)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+def get_traces(spec: TraceSpec, progress: bool = True, bundle: Optional[ModelBundle] = None,
+               heads: Optional[ExitHeads] = None) -> TraceSet:
+    """Traces for ``spec``: built on first use (with progress bars), loaded from cache after."""
+    bundle = bundle or get_bundle(spec.model)
+    heads = heads or get_heads(bundle, spec.heads, progress=progress)
+    prompts = load_prompts(spec.prompts)
+    folder = (cache_dir() / "traces" / bundle.slug /
+              f"{prompts_fingerprint(prompts)}-{spec.max_new_tokens}-{heads.fingerprint()}")
+    if (folder / "manifest.json").exists():
+        try:
+            return load_traces(folder, {"exit_layers": list(heads.exit_layers)})
+        except ValueError as e:
+            warnings.warn(f"{e} Rebuilding.")
+    conts = get_continuations(bundle, prompts, spec.max_new_tokens, progress=progress)
+    ts = build_traces(bundle, heads, conts, progress=progress)
+    ts.manifest["prompts"] = spec.prompts
+    save_traces(ts, folder)
+    return ts
