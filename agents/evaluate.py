@@ -1,0 +1,228 @@
+"""Evaluation: policies in the trace env and driving the real decoder, in one process.
+
+Policies are named by strings:
+
+- ``ar`` - plain greedy, lede's loop with action 0 every round (the speed reference);
+- ``hf`` - transformers' ``model.generate(do_sample=False)`` (wall clock only);
+- ``static:E,K`` - a fixed (E, K); ``static:best`` - the best static action on training traces;
+- ``heuristic:E`` - transformers' +2/-1 speculation-length schedule at exit E;
+- ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
+- ``agent:PATH`` - an exported policy folder.
+
+Trace-env metrics: throughput = total tokens / total cost (AR-step units), its share of the
+oracle's, mean return. Decoder metrics: wall-clock tokens/s, speedup vs ``ar`` (ratio of
+total times over the same prompts, methods interleaved prompt by prompt), accepted tokens
+per round, acceptance rate, exit-layer histogram, and whether the tokens equal greedy AR's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lede_env.decoding import RoundRecord, SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.replay import oracle_plan, rollout, throughput
+
+from .policies import ExportedPolicy, HeuristicPolicy, best_static_action
+
+
+def make_policy(name: str, env, static_best: Optional[int] = None):
+    """Build the policy named ``name`` for ``env`` (``None`` for ``oracle`` and ``hf``, which are
+    handled by the callers).
+
+    Raises:
+        ValueError: an unknown policy name.
+    """
+    A = env.unwrapped.actions
+    if name == "ar":
+        return StaticPolicy(0)
+    if name.startswith("static:"):
+        arg = name.split(":", 1)[1]
+        if arg == "best":
+            if static_best is None:
+                raise ValueError("static:best needs the best static action (chosen on training traces).")
+            return StaticPolicy(static_best)
+        E, K = (int(x) for x in arg.split(","))
+        return StaticPolicy(A.encode(E, K))
+    if name.startswith("heuristic:"):
+        return HeuristicPolicy(A, int(name.split(":", 1)[1]))
+    if name.startswith("agent:"):
+        p = ExportedPolicy(name.split(":", 1)[1])
+        p.check_compatible(env.unwrapped.observer, A)
+        return p
+    if name in ("oracle", "hf"):
+        return None
+    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, oracle or agent:PATH.")
+
+
+def label(name: str, env, static_best: Optional[int]) -> str:
+    if name == "static:best" and static_best is not None:
+        E, K = env.unwrapped.actions.decode(static_best)
+        return f"static best (E={E}, K={K})" if E else "static best (AR)"
+    return name
+
+
+def trace_eval(env, names: list[str], static_best: Optional[int] = None) -> list[dict]:
+    """Every policy on every playable trace of ``env`` (once each, in order).
+
+    Returns:
+        one row per policy: ``policy``, ``throughput``, ``oracle_share``, ``mean_return``,
+        ``tokens_per_round``, ``acceptance``.
+    """
+    u = env.unwrapped
+    rows = []
+    for name in names:
+        if name == "hf":
+            continue
+        pol = make_policy(name, env, static_best)
+        results, returns = [], []
+        for i in u.playable:
+            obs, _ = u.reset(seed=0, options={"prompt_index": i})
+            if pol is not None:
+                pol.reset()
+            ret, done = 0.0, False
+            tok = cost = acc = drafted = rounds = 0
+            while not done:
+                a = u.oracle_action() if pol is None else pol.act(obs if pol.needs_observation else None)
+                obs, r, te, tr, info = u.step(a)
+                rd = info["round"]
+                if pol is not None:
+                    pol.update(RoundRecord(**rd))
+                ret += r
+                tok += rd["emitted"]
+                cost += rd["cost"]
+                acc += rd["accepted"]
+                drafted += rd["draft_len"]
+                rounds += 1
+                done = te or tr
+            results.append({"tokens": tok, "cost": cost, "rounds": rounds, "accepted": acc, "drafted": drafted})
+            returns.append(ret)
+        rows.append({"policy": label(name, env, static_best), "throughput": throughput(results),
+                     "mean_return": float(np.mean(returns)),
+                     "tokens_per_round": sum(r["tokens"] for r in results) / max(sum(r["rounds"] for r in results), 1),
+                     "acceptance": (sum(r["accepted"] for r in results) / max(sum(r["drafted"] for r in results), 1))})
+    oracle = throughput([rollout(t, u.rules, u.max_new_tokens,
+                                 lambda g, plan=oracle_plan(t, u.rules, u.max_new_tokens)[0]: int(plan[g]))
+                         for t in (u.trace_set.traces[i] for i in u.playable)])
+    for r in rows:
+        r["oracle_share"] = r["throughput"] / oracle
+    return rows
+
+
+@dataclass
+class LiveResult:
+    """Accumulated wall-clock results of one method."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    rounds: int = 0
+    accepted: int = 0
+    drafted: int = 0
+    identical: bool = True
+    exits: Counter = field(default_factory=Counter)
+    policy_seconds: float = 0.0
+
+
+def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_best: Optional[int] = None,
+              warmup: bool = True, progress: bool = True) -> list[dict]:
+    """Run every method on every trace prompt of ``env`` with the real decoder; methods are
+    interleaved prompt by prompt so that machine noise hits them alike.
+
+    Returns:
+        one row per method: ``policy``, ``tokens_per_s``, ``speedup_vs_ar``, ``tokens_per_round``,
+        ``acceptance``, ``identical_to_ar``, ``exit_histogram``, ``policy_ms_per_round``.
+    """
+    from tqdm.auto import tqdm
+
+    u = env.unwrapped
+    model = decoder.stack.model
+    if "ar" not in names:
+        names = ["ar"] + names
+    pols = {n: make_policy(n, env, static_best) for n in names}
+    res = {n: LiveResult() for n in names}
+    traces = [u.trace_set.traces[i] for i in u.playable]
+    plans = {t.id: oracle_plan(t, u.rules, u.max_new_tokens)[0] for t in traces} if "oracle" in names else {}
+    if warmup:
+        decoder.generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 8)
+    for t in tqdm(traces, desc="live decoding", disable=not progress):
+        prompt = torch.tensor(t.prompt)
+        ref: Optional[list[int]] = None
+        for n in names:
+            r = res[n]
+            if n == "hf":
+                t0 = time.perf_counter()
+                toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids)
+                r.seconds += time.perf_counter() - t0
+                r.tokens += len(toks)
+                r.rounds += len(toks)
+            else:
+                pol = SequencePolicy([int(a) for a in plans[t.id][1:]]) if n == "oracle" else pols[n]
+                out = decoder.generate(prompt, pol, u.max_new_tokens)
+                toks = out.tokens
+                r.seconds += out.seconds
+                r.tokens += len(toks)
+                r.rounds += len(out.rounds) + 1  # + the prefill token
+                r.accepted += out.accepted
+                r.drafted += out.drafted
+                r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
+                r.exits.update(x.exit_layer for x in out.rounds)
+            if n == "ar":
+                ref = toks
+            r.identical &= toks == ref
+    ar = res["ar"]
+    rows = []
+    for n in names:
+        r = res[n]
+        rows.append({"policy": label(n, env, static_best), "tokens_per_s": r.tokens / r.seconds,
+                     "speedup_vs_ar": ar.seconds / r.seconds,
+                     "tokens_per_round": r.tokens / max(r.rounds, 1),
+                     "acceptance": r.accepted / r.drafted if r.drafted else float("nan"),
+                     "identical_to_ar": r.identical,
+                     "exit_histogram": dict(sorted(r.exits.items())),
+                     "policy_ms_per_round": 1000 * r.policy_seconds / max(r.rounds, 1)})
+    return rows
+
+
+def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
+    """A Markdown table of ``rows`` (dicts with the same keys)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        if isinstance(v, dict):
+            return " ".join(f"{k}:{c}" for k, c in v.items())
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:
+    """Write ``rows`` as ``NAME.csv``, ``NAME.md`` and ``NAME.json`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(to_markdown(rows) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+    (out_dir / f"{name}.csv").write_text(buf.getvalue())
+
+
+def choose_static(train_env) -> tuple[int, float]:
+    """The best static action on the training traces (see :func:`agents.policies.best_static_action`)."""
+    return best_static_action(train_env)

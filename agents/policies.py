@@ -1,0 +1,191 @@
+"""Policies usable both in the env and in the real decoder (:class:`lede_env.decoding.Policy`).
+
+- :class:`StaticPolicy` - one fixed (E, K) (LayerSkip, arXiv 2404.16710); re-exported.
+- :class:`RandomPolicy` - uniform random actions (a behaviour policy for datasets).
+- :class:`HeuristicPolicy` - transformers' assisted-generation schedule: K += 2 after a fully
+  accepted round, K -= 1 otherwise, at a fixed exit.
+- :class:`OraclePolicy` - the env's dynamic-programming oracle (trace env only).
+- :class:`EpsilonPolicy` - another policy with epsilon-random exploration.
+- :class:`ExportedPolicy` - a trained Q-network exported by :mod:`agents.export`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lede_env.decoding import RoundRecord, StaticPolicy
+from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig
+
+__all__ = ["StaticPolicy", "RandomPolicy", "HeuristicPolicy", "OraclePolicy", "EpsilonPolicy", "ExportedPolicy",
+           "best_static_action"]
+
+
+class RandomPolicy:
+    """Uniformly random actions from a seeded generator."""
+
+    needs_observation = False
+
+    def __init__(self, n_actions: int, seed: int = 0) -> None:
+        self.n = n_actions
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: Optional[dict]) -> int:
+        return int(self.rng.integers(self.n))
+
+    def update(self, record: RoundRecord) -> None:
+        pass
+
+
+class HeuristicPolicy:
+    """The +2/-1 speculation-length schedule of transformers' assisted generation
+    (``AssistedCandidateGenerator.update_candidate_strategy``), at a fixed exit layer.
+
+    Args:
+        actions: the action map.
+        exit_layer: E.
+        k_start: initial K (transformers' default ``num_assistant_tokens`` is 20; capped at k_max).
+    """
+
+    needs_observation = False
+
+    def __init__(self, actions: ActionMap, exit_layer: int, k_start: int = 5) -> None:
+        self.actions = actions
+        self.exit_layer = exit_layer
+        self.k_start = min(k_start, actions.k_max)
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = self.k_start
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.actions.encode(self.exit_layer, self.k)
+
+    def update(self, record: RoundRecord) -> None:
+        if record.draft_len == 0:
+            return
+        if record.accepted >= record.draft_len:
+            self.k = min(self.k + 2, self.actions.k_max)
+        else:
+            self.k = max(self.k - 1, 1)
+
+
+class OraclePolicy:
+    """Asks a trace env for its oracle action (best action sequence by dynamic programming).
+
+    Only valid inside :class:`lede_env.env.LEDEEnv`; to replay the oracle in the real decoder,
+    use the plan from :func:`lede_env.replay.oracle_plan` with a ``SequencePolicy``.
+    """
+
+    needs_observation = False
+
+    def __init__(self, env) -> None:
+        self.env = env.unwrapped
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.env.oracle_action()
+
+    def update(self, record: RoundRecord) -> None:
+        pass
+
+
+class EpsilonPolicy:
+    """With probability ``epsilon`` a uniformly random action, else ``base``'s."""
+
+    def __init__(self, base, n_actions: int, epsilon: float, seed: int = 0) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}.")
+        self.base, self.n, self.epsilon = base, n_actions, epsilon
+        self.rng = np.random.default_rng(seed)
+        self.needs_observation = getattr(base, "needs_observation", False)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    def act(self, obs: Optional[dict]) -> int:
+        a = self.base.act(obs)  # always consulted, so stateful bases keep their state
+        return int(self.rng.integers(self.n)) if self.rng.random() < self.epsilon else a
+
+    def update(self, record: RoundRecord) -> None:
+        self.base.update(record)
+
+
+class ExportedPolicy:
+    """A trained Q-network exported as TorchScript + JSON (see :mod:`agents.export`); runs
+    without d3rlpy.
+
+    Args:
+        path: the ``.pt`` file or the folder holding ``policy.pt`` and ``policy.json``.
+
+    Raises:
+        FileNotFoundError: missing files.
+        ValueError: a config whose observation layout does not match ``expect_layout`` (checked
+            by :meth:`check_compatible`).
+    """
+
+    needs_observation = True
+
+    def __init__(self, path: str | Path) -> None:
+        p = Path(path)
+        folder = p if p.is_dir() else p.parent
+        pt = folder / "policy.pt" if p.is_dir() else p
+        cfg = folder / "policy.json"
+        if not pt.exists() or not cfg.exists():
+            raise FileNotFoundError(f"No exported policy at {path} (need policy.pt and policy.json; run `lede export`).")
+        self.config = json.loads(cfg.read_text())
+        self.module = torch.jit.load(str(pt), map_location="cpu").eval()
+        self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]))
+        self.obs_config = ObservationConfig(**self.config["observation"])
+        self.layout = [(k, list(s)) for k, s in self.config["observation_layout"]]
+        self.flat_dim = int(sum(np.prod(s) for _, s in self.layout))
+
+    def check_compatible(self, observer: ObservationBuilder, actions: ActionMap) -> None:
+        """Raise ``ValueError`` unless this policy was trained for ``observer``'s layout and ``actions``."""
+        if [(k, list(s)) for k, s in observer.layout()] != self.layout:
+            raise ValueError(f"Exported policy expects observation layout {self.layout}, the decoder/env has "
+                             f"{observer.layout()}: export it for this env or rebuild the env with its settings.")
+        if actions != self.actions:
+            raise ValueError(f"Exported policy was trained for exits {self.actions.exit_layers}, k_max "
+                             f"{self.actions.k_max}; the decoder/env has {actions.exit_layers}, {actions.k_max}.")
+
+    def reset(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None:
+            raise ValueError("ExportedPolicy needs observations (needs_observation=True).")
+        x = np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in self.layout])
+        return int(self.module(torch.from_numpy(x).unsqueeze(0)).reshape(-1)[0])
+
+    def update(self, record: RoundRecord) -> None:
+        pass
+
+
+def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, float]:
+    """The static action with the best throughput on ``env``'s traces (LayerSkip's setting,
+    chosen on training traces).
+
+    Returns:
+        ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
+    """
+    from lede_env.replay import rollout, throughput
+
+    u = env.unwrapped
+    traces = [u.trace_set.traces[i] for i in u.playable][: max_episodes]
+    best = (0, -1.0)
+    for a in range(u.actions.n):
+        tp = throughput([rollout(t, u.rules, u.max_new_tokens, lambda g, a=a: a) for t in traces])
+        if tp > best[1]:
+            best = (a, tp)
+    return best

@@ -1,0 +1,257 @@
+"""Offline RL on lede's Minari datasets with d3rlpy (the training loop lives in d3rlpy).
+
+Supported: ``discrete_cql`` (Kumar et al. 2020, arXiv 2006.04779), ``dqn`` and ``double_dqn``
+(arXiv 1312.5602, 1509.06461), ``discrete_bcq`` (arXiv 1910.01708), ``discrete_bc``. All take
+the flat float32 observation (``ObservationBuilder.flatten``; d3rlpy has no Dict spaces) and
+the ``Discrete`` action.
+
+The ``MDPDataset`` is built from Minari episodes here: Minari keeps T+1 observations per
+episode, so the last one is dropped and the step flags mark the episode end
+(``d3rlpy.datasets.get_minari`` misaligns observations after the first episode). Truncation
+at ``max_new_tokens`` is a true end of this MDP (nothing is left to generate, so the value
+after it is 0): it is stored as terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import numpy as np
+import torch
+
+ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
+
+
+@dataclass
+class TrainConfig:
+    """Offline training settings.
+
+    Attributes:
+        dataset_id: Minari dataset to train on.
+        algo: one of :data:`ALGOS`.
+        steps: gradient steps.
+        steps_per_epoch: steps between log lines / W&B points.
+        batch_size: transitions per step.
+        learning_rate: Adam learning rate.
+        gamma: discount (``net`` reward: near 1 - it then counts AR steps saved).
+        cql_alpha: conservatism weight of DiscreteCQL.
+        hidden: widths of the Q-network's hidden layers.
+        seed: seeds numpy, torch, python and d3rlpy.
+        out_dir: where the model, logs and ``train_config.json`` go.
+        wandb: ``"offline"`` (default), ``"online"`` or ``"disabled"``.
+        wandb_project: W&B project.
+    """
+
+    dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0"
+    algo: str = "discrete_cql"
+    steps: int = 20000
+    steps_per_epoch: int = 2000
+    batch_size: int = 256
+    learning_rate: float = 3e-4
+    gamma: float = 0.9
+    cql_alpha: float = 0.5
+    hidden: tuple[int, ...] = (256, 256)
+    seed: int = 0
+    out_dir: str = "runs/train"
+    wandb: str = "offline"
+    wandb_project: str = "lede"
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"Unknown algorithm {self.algo!r}; choose one of {ALGOS}.")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}.")
+        if self.steps < 1 or self.steps_per_epoch < 1:
+            raise ValueError("steps and steps_per_epoch must be >= 1.")
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb must be 'offline', 'online' or 'disabled', got {self.wandb!r}.")
+        self.hidden = tuple(int(h) for h in self.hidden)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and d3rlpy."""
+    import d3rlpy
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    d3rlpy.seed(seed)
+
+
+FLAT_KEYS = ("hidden", "exit_stats", "history", "progress")
+
+
+def flat_layout(dataset) -> list[tuple[str, list[int]]]:
+    """The flat observation layout of a lede dataset (same order as ``ObservationBuilder.layout``)."""
+    space = dataset.observation_space
+    missing = [k for k in FLAT_KEYS if k not in space.spaces]
+    if missing:
+        raise ValueError(f"Dataset observations lack {missing}: not a LEDE-Llama3-v0 dataset.")
+    return [(k, list(space[k].shape)) for k in FLAT_KEYS]
+
+
+def to_mdp_dataset(dataset):
+    """Build a d3rlpy ``MDPDataset`` from a Minari dataset of ``LEDE-Llama3-v0`` episodes.
+
+    Returns:
+        ``(mdp_dataset, layout)``: the dataset, and the flat observation layout used.
+    """
+    from d3rlpy.constants import ActionSpace
+    from d3rlpy.dataset import MDPDataset
+
+    layout = flat_layout(dataset)
+    obs, acts, rews, terms = [], [], [], []
+    for ep in dataset.iterate_episodes():
+        T = len(ep.actions)
+        o = np.concatenate([np.asarray(ep.observations[k][:T], np.float32).reshape(T, -1) for k, _ in layout], 1)
+        obs.append(o)
+        acts.append(np.asarray(ep.actions, np.int64).reshape(T, 1))
+        rews.append(np.asarray(ep.rewards, np.float32).reshape(T, 1))
+        t = np.zeros(T, np.float32)
+        t[-1] = 1.0  # EOS or max_new_tokens: generation is over either way
+        terms.append(t)
+    ds = MDPDataset(np.concatenate(obs), np.concatenate(acts), np.concatenate(rews), np.concatenate(terms),
+                    action_space=ActionSpace.DISCRETE, action_size=int(dataset.action_space.n))
+    return ds, layout
+
+
+def make_algo(cfg: TrainConfig, device: str = "cpu:0"):
+    """The d3rlpy algorithm object for ``cfg`` (standardised observations, MLP Q-network)."""
+    import d3rlpy
+    from d3rlpy.models import VectorEncoderFactory
+    from d3rlpy.preprocessing import StandardObservationScaler
+
+    enc = VectorEncoderFactory(hidden_units=list(cfg.hidden))
+    common = dict(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, encoder_factory=enc,
+                  observation_scaler=StandardObservationScaler())
+    if cfg.algo == "discrete_bc":
+        return d3rlpy.algos.DiscreteBCConfig(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                                             encoder_factory=enc,
+                                             observation_scaler=StandardObservationScaler()).create(device=device)
+    common |= dict(gamma=cfg.gamma)
+    if cfg.algo == "discrete_cql":
+        return d3rlpy.algos.DiscreteCQLConfig(alpha=cfg.cql_alpha, target_update_interval=1000,
+                                              **common).create(device=device)
+    if cfg.algo == "dqn":
+        return d3rlpy.algos.DQNConfig(target_update_interval=1000, **common).create(device=device)
+    if cfg.algo == "double_dqn":
+        return d3rlpy.algos.DoubleDQNConfig(target_update_interval=1000, **common).create(device=device)
+    return d3rlpy.algos.DiscreteBCQConfig(target_update_interval=1000, **common).create(device=device)
+
+
+class WandbAdapter:
+    """d3rlpy logger adapter writing to a W&B run (``mode`` given explicitly, never blocking)."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+        self._buf: dict = {}
+
+    def write_params(self, params: dict) -> None:
+        self.run.config.update({"d3rlpy": params}, allow_val_change=True)
+
+    def before_write_metric(self, epoch: int, step: int) -> None:
+        self._buf = {}
+
+    def write_metric(self, epoch: int, step: int, name: str, value: float) -> None:
+        self._buf[f"train/{name}"] = value
+
+    def after_write_metric(self, epoch: int, step: int) -> None:
+        self.run.log(self._buf | {"train/epoch": epoch}, step=step)
+
+    def save_model(self, epoch: int, algo) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def watch_model(self, epoch: int, step: int) -> None:
+        pass
+
+
+class WandbAdapterFactory:
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def create(self, algo, experiment_name: str, n_steps_per_epoch: int) -> WandbAdapter:
+        return WandbAdapter(self.run)
+
+
+def start_wandb(mode: str, project: str, name: str, config: dict, out_dir: Path):
+    """``wandb.init`` with an explicit mode (offline by default: synced later with ``wandb sync``)."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=project, name=name, config=config, mode=mode, dir=str(out_dir), reinit="finish_previous")
+
+
+def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None):
+    """Train ``cfg.algo`` on the Minari dataset ``cfg.dataset_id``.
+
+    Args:
+        dataset: an already loaded ``MinariDataset`` (else ``minari.load_dataset``).
+        on_epoch: ``callable(algo, epoch, step) -> dict`` of evaluation metrics logged to W&B.
+
+    Returns:
+        ``(algo, layout)``: the trained d3rlpy algorithm and the flat observation layout.
+        ``cfg.out_dir`` gets ``model.d3``, ``train_config.json`` and d3rlpy's logs.
+    """
+    import minari
+    from d3rlpy.logging import CombineAdapterFactory, FileAdapterFactory
+
+    seed_everything(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = dataset or minari.load_dataset(cfg.dataset_id)
+    mdp, layout = to_mdp_dataset(dataset)
+    algo = make_algo(cfg)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"layout": layout}, indent=2))
+    adapters = [FileAdapterFactory(root_dir=str(out / "d3rlpy_logs"))]
+    run = None
+    if cfg.wandb != "disabled":
+        run = start_wandb(cfg.wandb, cfg.wandb_project, f"{cfg.algo}-s{cfg.seed}", asdict(cfg), out)
+        adapters.append(WandbAdapterFactory(run))
+
+    def epoch_cb(algo_, epoch, step):
+        if on_epoch is not None:
+            metrics = on_epoch(algo_, epoch, step)
+            if run is not None and metrics:
+                run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+
+    algo.fit(mdp, n_steps=cfg.steps, n_steps_per_epoch=min(cfg.steps_per_epoch, cfg.steps),
+             experiment_name=f"{cfg.algo}", with_timestamp=False, show_progress=progress, save_interval=10**9,
+             logger_adapter=CombineAdapterFactory(adapters), epoch_callback=epoch_cb)
+    algo.save(str(out / "model.d3"))
+    if run is not None:
+        run.finish()
+    return algo, layout
+
+
+def greedy_q_policy(algo, layout):
+    """Wrap a d3rlpy algorithm as a lede policy acting on Dict observations (for evaluation
+    before export)."""
+
+    class _P:
+        needs_observation = True
+
+        def reset(self):
+            pass
+
+        def act(self, obs):
+            x = np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in layout])
+            return int(algo.predict(x[None])[0])
+
+        def update(self, record):
+            pass
+
+    return _P()
+
+
+def load_algo(path: str | Path, device: str = "cpu:0"):
+    """Load a d3rlpy algorithm saved by :func:`train` (``model.d3``)."""
+    import d3rlpy
+
+    return d3rlpy.load_learnable(str(path), device=device)

@@ -1,0 +1,216 @@
+"""The ``lede`` command line: one verb per pipeline stage, each a thin wrapper around an
+importable function.
+
+``traces build -> exits fit -> profile -> collect -> train -> export -> evaluate``, and ``demo``
+for all of them at a small scale on the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="lede: dynamic self-speculative decoding as offline RL (LEDE, arXiv 2606.03113).")
+traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")
+exits_app = typer.Typer(no_args_is_help=True, help="Fit and inspect exit heads.")
+app.add_typer(traces_app, name="traces")
+app.add_typer(exits_app, name="exits")
+console = Console()
+
+ModelOpt = typer.Option(None, help="Model id or local path (default: embedded SmolLM2-135M-Instruct).")
+PromptsOpt = typer.Option("humaneval[0:24]", help="Prompt spec: humaneval[a:b] or FILE.jsonl{cats}[a:b].")
+CalibOpt = typer.Option("humaneval[0:24]", help="Prompts whose greedy continuations fit the exit heads.")
+
+
+def _exits(s: Optional[str]) -> Optional[list[int]]:
+    return [int(x) for x in s.split(",")] if s else None
+
+
+def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
+                cost_profile) -> dict:
+    return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
+            "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
+            "reward_mode": reward_mode, "cost_profile": cost_profile}
+
+
+@traces_app.command("build")
+def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = 128,
+                 exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
+                 head_kind: str = "affine", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
+    """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache."""
+    from .traces import HeadSpec, TraceSpec, get_traces
+
+    ts = get_traces(TraceSpec(model, prompts, max_new_tokens,
+                              HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
+                                       calib_prompts=calib_prompts, calib_max_new_tokens=max_new_tokens)))
+    n = sum(t.n for t in ts.traces)
+    console.print(f"{len(ts)} traces, {n} generated tokens, exits {list(ts.exit_layers)}, "
+                  f"teacher-forcing mismatches: {ts.manifest['teacher_forcing_mismatches']}")
+
+
+@exits_app.command("fit")
+def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
+              heldout_prompts: str = typer.Option("humaneval[24:32]", help="Prompts to report agreement on."),
+              max_new_tokens: int = 128, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
+              ridge: float = 0.05):
+    """Fit affine exit heads (tuned lens, arXiv 2303.08112) and report held-out top-1 agreement
+    with the final layer for the logit lens and the affine heads."""
+    import torch
+
+    from .exits import ExitHeads, agreement
+    from .prompts import load_prompts
+    from .traces import HeadSpec, get_bundle, get_continuations, get_heads
+
+    b = get_bundle(model)
+    spec = HeadSpec(tuple(_exits(exits)) if exits else None, "affine", draft_vocab, calib_prompts=calib_prompts,
+                    calib_max_new_tokens=max_new_tokens, ridge=ridge)
+    affine = get_heads(b, spec)
+    lens = ExitHeads(b.stack, affine.exit_layers, "lens")
+    held = get_continuations(b, load_prompts(heldout_prompts), max_new_tokens)
+    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in held]
+    a_lens, a_aff = agreement(lens, seqs), agreement(affine, seqs)
+    console.print("| exit | logit lens | affine (V_d=%s) |\n|---|---|---|" % draft_vocab)
+    for e in affine.exit_layers:
+        console.print(f"| {e} | {a_lens[e]:.3f} | {a_aff[e]:.3f} |")
+
+
+@app.command()
+def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json"), k_max: int = 8,
+            draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
+    """Measure the cost profile (layer, head, draft head, overhead times) on this machine."""
+    from .costs import measure_profile
+    from .env import overhead_probe
+    from .mdp import ObservationConfig
+    from .traces import HeadSpec, get_bundle, get_heads
+
+    b = get_bundle(model)
+    heads = get_heads(b, HeadSpec(draft_vocab=draft_vocab, calib_prompts=calib_prompts))
+    prof = measure_profile(b.stack, heads, k_max, overhead_fn=overhead_probe(b, heads, k_max, ObservationConfig()))
+    prof.save(out)
+    console.print(f"AR step {1000 * prof.ar_step:.2f} ms; layer {1000 * prof.layer[0]:.3f} ms; head "
+                  f"{1000 * prof.head[0]:.2f} ms; draft head {1000 * prof.draft_head:.3f} ms; overhead "
+                  f"{1000 * prof.overhead:.3f} ms -> {out}")
+
+
+@app.command()
+def collect(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
+            model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = 128,
+            exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine",
+            draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
+            cost_profile: str = "analytic",
+            mixture: str = typer.Option("random=0.2,static=0.3,heuristic=0.1,oracle=0.4",
+                                        help="Behaviour mixture, NAME=WEIGHT,...")):
+    """Run behaviour policies in LEDE-Llama3-v0 and write a Minari dataset."""
+    from agents.collect import CollectConfig, collect as run_collect
+
+    from .env import LEDEEnv
+
+    kw = _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib_prompts,
+                     reward_mode, cost_profile)
+    env = LEDEEnv(**kw)
+    mix = {k: float(v) for k, v in (p.split("=") for p in mixture.split(","))}
+    ds = run_collect(env, CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed), env_spec=kw)
+    console.print(f"{dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
+
+
+@app.command()
+def train(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", algo: str = "discrete_cql", steps: int = 10000,
+          gamma: float = 0.9, learning_rate: float = 3e-4, seed: int = 0, out: Path = Path("runs/train"),
+          wandb: str = typer.Option("offline", help="offline | online | disabled")):
+    """Train an offline RL agent (d3rlpy) on a Minari dataset."""
+    from agents.train import TrainConfig, train as run_train
+
+    run_train(TrainConfig(dataset_id=dataset_id, algo=algo, steps=steps, gamma=gamma, learning_rate=learning_rate,
+                          seed=seed, out_dir=str(out), wandb=wandb))
+    console.print(f"model in {out / 'model.d3'}")
+
+
+@app.command()
+def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
+           dataset_id: Optional[str] = typer.Option(None, help="Dataset the agent was trained on (default: from "
+                                                                "the run's train_config.json).")):
+    """Export a trained agent as TorchScript + JSON (runs without d3rlpy)."""
+    import minari
+
+    from agents.export import export_policy
+    from agents.train import load_algo
+
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    ds = minari.load_dataset(dataset_id or cfg["dataset_id"])
+    env = ds.recover_environment()
+    export_policy(load_algo(run_dir / "model.d3"), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"])
+    console.print(f"exported to {out}")
+
+
+@app.command()
+def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
+                                                                            "(ar, hf, static:E,K, static:best, "
+                                                                            "heuristic:E, oracle, agent:PATH)."),
+             prompts: str = typer.Option("humaneval[24:32]", help="Held-out prompts."),
+             train_prompts: str = typer.Option("humaneval[0:24]", help="Prompts to choose static:best on."),
+             model: Optional[str] = ModelOpt, max_new_tokens: int = 128, k_max: int = 8,
+             head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
+             live: bool = typer.Option(True, help="Also time the real decoder."), out: Path = Path("runs/eval")):
+    """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
+    from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
+    from agents.policies import best_static_action
+
+    from .decoding import SelfSpeculativeDecoder
+    from .env import LEDEEnv
+    from .traces import HeadSpec, get_bundle, get_heads
+
+    names = [p for p in _split_policies(policies)]
+    common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, head_kind=head_kind,
+                  draft_vocab=draft_vocab, calib_prompts=train_prompts, cost_profile=cost_profile)
+    eval_env = LEDEEnv(prompts=prompts, **common)
+    static_best = None
+    if "static:best" in names:
+        static_best, _ = best_static_action(LEDEEnv(prompts=train_prompts, **common))
+    rows = trace_eval(eval_env, names, static_best)
+    write_results(out, "trace_eval", rows)
+    console.print(to_markdown(rows))
+    if live:
+        b = get_bundle(model)
+        heads = get_heads(b, HeadSpec(None, head_kind, draft_vocab, calib_prompts=train_prompts,
+                                      calib_max_new_tokens=max_new_tokens))
+        dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, eval_env.rules.bonus, eval_env.profile,
+                                     eval_env.obs_config)
+        rows = live_eval(eval_env, dec, names, static_best)
+        write_results(out, "live_eval", rows)
+        console.print(to_markdown(rows))
+
+
+def _split_policies(s: str) -> list[str]:
+    """Split on commas that start a new policy name (``static:4,2`` keeps its comma)."""
+    out: list[str] = []
+    for part in s.split(","):
+        if out and part.strip().isdigit() and out[-1].startswith("static:") and "," not in out[-1]:
+            out[-1] += "," + part.strip()
+        else:
+            out.append(part.strip())
+    return [p for p in out if p]
+
+
+@app.command()
+def demo(out: Path = Path("runs/demo"), train_prompts: str = "humaneval[0:24]",
+         eval_prompts: str = "humaneval[24:32]", max_new_tokens: int = 128, episodes: int = 300,
+         steps: int = 10000, reward_mode: str = "net", gamma: float = 0.9, seed: int = 0,
+         wandb: str = "offline", live: bool = True):
+    """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
+    on the embedded model (about 10 minutes on 2 CPU cores)."""
+    from agents.pipeline import DemoConfig, run_demo
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_demo(DemoConfig(train_prompts=train_prompts, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
+                        episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
+                        out_dir=str(out), wandb=wandb, live=live))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

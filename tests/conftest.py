@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny randomly initialised Llama, its traces and its env."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory):
+    """Keep W&B and Minari writes of the tests in temporary folders."""
+    d = tmp_path_factory.mktemp("state")
+    old = {k: os.environ.get(k) for k in ("MINARI_DATASETS_PATH", "WANDB_DIR", "WANDB_MODE")}
+    os.environ["MINARI_DATASETS_PATH"] = str(d / "minari")
+    os.environ["WANDB_DIR"] = str(d / "wandb")
+    os.environ["WANDB_MODE"] = "disabled"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def make_tiny(num_layers=4, hidden=64, vocab=128, seed=0):
+    from lede_env.model import tiny_llama
+    from lede_env.traces import bundle_from_model
+
+    return bundle_from_model(tiny_llama(num_layers, hidden, vocab, seed), name=f"tiny-{num_layers}-{seed}")
+
+
+def tiny_continuations(bundle, n=6, max_new=32, seed=0, prompt_len=(2, 10)):
+    from lede_env.decoding import greedy_reference
+    from lede_env.traces import Continuation
+
+    g = torch.Generator().manual_seed(seed)
+    V = bundle.stack.head_weight.shape[0]
+    out = []
+    for i in range(n):
+        P = int(torch.randint(prompt_len[0], prompt_len[1] + 1, (1,), generator=g))
+        ids = torch.randint(3, V, (P,), generator=g).tolist()
+        gen = greedy_reference(bundle.model, torch.tensor(ids), max_new, bundle.eos_ids)
+        out.append(Continuation(str(i), "cat%d" % (i % 2), ids, gen, bool(gen) and gen[-1] in bundle.eos_ids))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(bundle, heads, trace_set, profile) for a 4-layer tiny Llama with exits (1, 2, 3)."""
+    from lede_env.costs import analytic_profile
+    from lede_env.exits import ExitHeads
+    from lede_env.traces import build_traces
+
+    b = make_tiny()
+    heads = ExitHeads(b.stack, (1, 2, 3), "lens")
+    ts = build_traces(b, heads, tiny_continuations(b), progress=False)
+    prof = analytic_profile(b.stack, 4, None, False)
+    return b, heads, ts, prof
+
+
+@pytest.fixture
+def tiny_env(tiny):
+    from lede_env.env import LEDEEnv
+
+    b, heads, ts, prof = tiny
+    return LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)

@@ -1,0 +1,104 @@
+"""The decoder is lossless: its tokens equal greedy decoding for every action sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.exits import ExitHeads
+
+from ..conftest import make_tiny
+
+MODELS = {}
+
+
+def model(num_layers, seed):
+    key = (num_layers, seed)
+    if key not in MODELS:
+        MODELS[key] = make_tiny(num_layers=num_layers, seed=seed)
+    return MODELS[key]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_layers=st.sampled_from([2, 3, 4]),
+    seed=st.integers(0, 2),
+    prompt=st.lists(st.integers(3, 127), min_size=1, max_size=12),
+    actions=st.lists(st.integers(0, 10_000), min_size=0, max_size=40),
+    k_max=st.integers(1, 5),
+    bonus=st.booleans(),
+    max_new=st.integers(1, 24),
+    data=st.data(),
+)
+def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt, actions, k_max, bonus, max_new,
+                                                        data):
+    b = model(num_layers, seed)
+    L = b.stack.num_layers
+    exits = data.draw(st.lists(st.integers(1, L - 1), min_size=1, max_size=L - 1, unique=True).map(sorted))
+    heads = ExitHeads(b.stack, exits, data.draw(st.sampled_from(["lens", "affine"])))
+    dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, bonus)
+    acts = [a % dec.actions.n for a in actions]
+    ids = torch.tensor(prompt)
+    ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
+    out = dec.generate(ids, SequencePolicy(acts), max_new)
+    assert out.tokens == ref
+    assert len(out.tokens) <= max_new
+    assert sum(r.emitted for r in out.rounds) + 1 == len(out.tokens)
+
+
+def test_rounds_accept_and_reject():
+    """The tiny model drafts both accepted and rejected tokens (so the law above is not vacuous)."""
+    b = model(4, 0)
+    heads = ExitHeads(b.stack, (1, 2, 3))
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids)
+    out = dec.generate(torch.tensor([5, 6, 7, 8]), StaticPolicy(dec.actions.encode(3, 4)), 32)
+    assert 0 < out.accepted < out.drafted
+
+
+def test_cache_is_cropped_to_the_accepted_prefix():
+    """After a rejected draft, continuing equals never having drafted: the cache holds exactly
+    the accepted positions, in every layer."""
+    b = model(4, 0)
+    heads = ExitHeads(b.stack, (1, 2, 3))
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids)
+    lengths = []
+    orig = b.stack.crop
+
+    def spy(cache, length):
+        orig(cache, length)
+        lengths.append({layer.get_seq_length() for layer in cache.layers})
+
+    b.stack.crop = spy
+    try:
+        out = dec.generate(torch.tensor([5, 6, 7]), StaticPolicy(dec.actions.encode(1, 4)), 20)
+    finally:
+        del b.stack.crop
+    assert all(len(s) == 1 for s in lengths)  # every layer holds the same number of positions
+    expected, pos = [], 3
+    for r in out.rounds:
+        pos += r.emitted
+        expected.append(pos)
+    assert [s.pop() for s in lengths][: len(expected) - 1] == expected[:-1]
+
+
+def test_bad_inputs_are_refused():
+    b = model(4, 0)
+    heads = ExitHeads(b.stack, (1, 2, 3))
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids)
+    with pytest.raises(ValueError, match="Batch size"):
+        dec.generate(torch.tensor([[1, 2], [3, 4]]), StaticPolicy(0), 4)
+    with pytest.raises(ValueError, match="empty"):
+        dec.generate(torch.tensor([], dtype=torch.long), StaticPolicy(0), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(torch.tensor([3]), StaticPolicy(0), 0)
+    with pytest.raises(ValueError, match="context"):
+        dec.generate(torch.tensor([3] * 500), StaticPolicy(0), 100)
+    with pytest.raises(ValueError, match="outside"):
+        dec.generate(torch.tensor([3, 4]), StaticPolicy(dec.actions.n), 4)
+    with pytest.raises(ValueError, match="outside 1..3"):
+        ExitHeads(b.stack, (0, 2))
+    with pytest.raises(ValueError, match="duplicates"):
+        ExitHeads(b.stack, (2, 2))

@@ -1,0 +1,191 @@
+"""LEDE-Llama3-v0 on a tiny model: API, exact replay of the live decoder, rewards, the oracle."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy
+from lede_env.env import LEDEEnv
+from lede_env.mdp import ActionMap
+from lede_env.replay import oracle_plan, rollout
+
+
+def test_check_env(tiny_env):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        check_env(tiny_env, skip_render_check=True)
+    unexpected = [str(x.message) for x in w if "infinity" not in str(x.message) and "spec" not in str(x.message)]
+    assert unexpected == []
+
+
+def test_action_map_round_trip():
+    A = ActionMap((2, 4, 6), 5)
+    assert A.n == 16
+    assert A.decode(0) == (0, 0)
+    assert A.decode(1) == (2, 1)
+    assert A.decode(15) == (6, 5)
+    for a in range(A.n):
+        assert A.encode(*A.decode(a)) == a
+    with pytest.raises(ValueError, match="outside"):
+        A.decode(16)
+    with pytest.raises(TypeError):
+        A.decode(1.5)
+    with pytest.raises(ValueError):
+        A.encode(3, 1)
+    with pytest.raises(ValueError):
+        ActionMap((2,), 0)
+
+
+def test_step_before_reset_and_after_end(tiny_env):
+    with pytest.raises(RuntimeError, match="reset"):
+        tiny_env.step(0)
+    tiny_env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, te, tr, _ = tiny_env.step(0)
+        done = te or tr
+    with pytest.raises(RuntimeError, match="reset"):
+        tiny_env.step(0)
+
+
+def test_same_seed_same_rollout(tiny):
+    b, heads, ts, prof = tiny
+
+    def roll(seed):
+        env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+        env.action_space.seed(seed)
+        obs, info = env.reset(seed=seed)
+        out = [info["prompt_id"]]
+        done = False
+        while not done:
+            obs, r, te, tr, _ = env.step(env.action_space.sample())
+            out.append((r, obs["hidden"].tobytes()))
+            done = te or tr
+        return out
+
+    assert roll(3) == roll(3)
+
+
+def _replay_live(b, heads, env, actions, prompt):
+    dec = SelfSpeculativeDecoder(b.stack, heads, env.actions.k_max, b.eos_ids, env.rules.bonus, env.profile,
+                                 env.obs_config)
+    seen = []
+
+    class Recorder(SequencePolicy):
+        needs_observation = True
+
+        def act(self, obs):
+            seen.append(obs)
+            return super().act(obs)
+
+    res = dec.generate(torch.tensor(prompt), Recorder(actions), env.max_new_tokens)
+    return res, seen
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                               HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), bonus=st.booleans(), max_new=st.integers(2, 32))
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, max_new):
+    """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
+    the real decoder for the same actions."""
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus)
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    acts, rounds, observations = [], [], [obs]
+    done = False
+    while not done:
+        a = int(env.action_space.sample())
+        obs, r, te, tr, info = env.step(a)
+        acts.append(a)
+        rounds.append(info["round"])
+        observations.append(obs)
+        assert r == pytest.approx(info["round"]["emitted"] - info["round"]["cost"])
+        done = te or tr
+    res, seen = _replay_live(b, heads, env, acts, env.trace.prompt)
+    assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
+    assert len(res.tokens) == info["tokens_generated"]
+    live = [(x.exit_layer, x.draft_len, x.accepted, x.emitted) for x in res.rounds]
+    assert live == [(x["exit_layer"], x["draft_len"], x["accepted"], x["emitted"]) for x in rounds]
+    assert [x.cost for x in res.rounds] == pytest.approx([x["cost"] for x in rounds])
+    for o_live, o_env in zip(seen, observations):
+        for k in o_env:
+            np.testing.assert_allclose(o_live[k], o_env[k], rtol=1e-4, atol=1e-4)
+
+
+def test_rewards(tiny):
+    b, heads, ts, prof = tiny
+    for mode in ("net", "ratio"):
+        env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode=mode)
+        env.reset(seed=0, options={"prompt_index": 0})
+        _, r, *_ = env.step(0)
+        ar_cost = 1.0 + prof.overhead / prof.ar_step
+        assert r == pytest.approx(1 - ar_cost if mode == "net" else 1 / ar_cost)
+    # net: the undiscounted return is tokens - total cost
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env.reset(seed=1, options={"prompt_index": 1})
+    ret = tok = cost = 0.0
+    done = False
+    while not done:
+        _, r, te, tr, info = env.step(env.actions.encode(2, 3))
+        ret += r
+        tok += info["round"]["emitted"]
+        cost += info["round"]["cost"]
+        done = te or tr
+    assert ret == pytest.approx(tok - cost)
+
+
+def test_episode_end(tiny):
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=7)
+    for i in env.playable:
+        env.reset(seed=0, options={"prompt_index": i})
+        done = False
+        while not done:
+            _, _, te, tr, info = env.step(env.actions.encode(3, 4))
+            done = te or tr
+        t = env.trace
+        assert info["tokens_generated"] <= 7
+        if te:
+            assert t.eos and info["tokens_generated"] == t.n
+        else:
+            assert info["tokens_generated"] == min(7, t.n)
+
+
+def test_oracle_beats_every_static_policy(tiny_env):
+    u = tiny_env
+    for t in u.trace_set.traces:
+        plan, ctg = oracle_plan(t, u.rules, u.max_new_tokens)
+        best = rollout(t, u.rules, u.max_new_tokens, lambda g: int(plan[g]))
+        if best["rounds"] == 0:
+            continue
+        assert best["cost"] == pytest.approx(ctg[1])
+        for a in range(u.actions.n):
+            other = rollout(t, u.rules, u.max_new_tokens, lambda g, a=a: a)
+            assert other["tokens"] == best["tokens"]
+            assert best["cost"] <= other["cost"] + 1e-9
+
+
+def test_bad_arguments(tiny):
+    b, heads, ts, prof = tiny
+    with pytest.raises(ValueError, match="reward_mode"):
+        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, reward_mode="sum")
+    with pytest.raises(ValueError, match="k_max"):
+        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, max_new_tokens=1)
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="outside"):
+        env.step(env.action_space.n)
+    with pytest.raises(TypeError):
+        env.step("1")
+    with pytest.raises(ValueError, match="prompt_index"):
+        env.reset(options={"prompt_index": 99})
