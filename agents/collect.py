@@ -160,12 +160,13 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec: Optiona
             code_permalink=config.code_permalink,
             action_space=u.action_space,
             observation_space=u.observation_space,
-            ref_min_score=ref_min,
-            ref_max_score=ref_max,
+            # Reference scores are written below: given here, Minari would re-make the env to
+            # check them (loading the model again).
             description=config.description or _describe(u, config, counts),
             requirements=_requirements(),
         )
-        _rename_dataset(tmp_path, final_path, config.dataset_id)
+        _rename_dataset(tmp_path, final_path, config.dataset_id,
+                        {"ref_min_score": ref_min, "ref_max_score": ref_max, "num_episodes_average_score": len(u.playable)})
     finally:
         if tmp_path.exists():
             shutil.rmtree(tmp_path, ignore_errors=True)
@@ -175,16 +176,17 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec: Optiona
 def _tmp_id(dataset_id: str) -> str:
     ns, _, name = dataset_id.rpartition("/")
     base, _, ver = name.rpartition("-v")
-    return f"{ns}/.partial-{base}-{os.getpid()}-v{ver}" if ns else f".partial-{base}-{os.getpid()}-v{ver}"
+    return f"{ns}/partial-{os.getpid()}-{base}-v{ver}" if ns else f"partial-{os.getpid()}-{base}-v{ver}"
 
 
-def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str) -> None:
-    """Move a finished dataset folder into place and fix the id in its metadata."""
+def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str, extra: dict) -> None:
+    """Move a finished dataset folder into place, fixing the id and adding ``extra`` to its metadata."""
     import json
 
     meta = tmp_path / "data" / "metadata.json"
     m = json.loads(meta.read_text())
     m["dataset_id"] = dataset_id
+    m.update(extra)
     meta.write_text(json.dumps(m))
     final_path.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp_path, final_path)
