@@ -160,6 +160,11 @@ def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, re
         repeats: timing repeats; the median is kept.
         overhead_fn: zero-argument callable timed as the per-round overhead.
     """
+    with stack.kernels_active():
+        return _measure(stack, heads, k_max, context, repeats, overhead_fn)
+
+
+def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
     g = torch.Generator().manual_seed(0)
     V = stack.head_weight.shape[0]
     cache = stack.new_cache()
@@ -177,7 +182,7 @@ def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, re
 
         run_layers()  # warm-up
         layer.append(_median_time(run_layers, repeats) / stack.num_layers)
-        head.append(_median_time(lambda: stack.lm_head(stack.norm(x)).argmax(-1), repeats))
+        head.append(_median_time(lambda: stack.greedy_tokens(stack.norm(x[0])), repeats))
     x1 = torch.randn(1, 1, d, generator=g).to(stack.device, stack.dtype)
     heads.draft_tokens(x1, 0)
     draft = _median_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
@@ -187,4 +192,5 @@ def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, re
         over = _median_time(overhead_fn, repeats * 3)
     return CostProfile(num_layers=stack.num_layers, layer=layer, head=head, draft_head=draft, overhead=over,
                        source="measured", meta={"unit": "seconds", "context": context,
-                                                "threads": torch.get_num_threads(), "device": str(stack.device)})
+                                                "threads": torch.get_num_threads(), "device": str(stack.device),
+                                                "kernels": stack.kernels})

@@ -174,7 +174,7 @@ class SelfSpeculativeDecoder:
 
     def _verifier_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         normed = self.stack.norm(hidden[0])  # [q, d]
-        return normed, self.stack.lm_head(normed).argmax(-1).tolist()
+        return normed, self.stack.greedy_tokens(normed).tolist()
 
     def _prefill(self, ids: torch.Tensor, cache, want_obs: bool):
         taps = {} if want_obs else None
@@ -258,6 +258,10 @@ class SelfSpeculativeDecoder:
         if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
             raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
+        with self.stack.kernels_active():
+            return self._generate(ids, policy, max_new_tokens)
+
+    def _generate(self, ids: torch.Tensor, policy: Policy, max_new_tokens: int) -> GenerationResult:
         want_obs = bool(getattr(policy, "needs_observation", False))
         policy.reset()
         self.observer.reset()

@@ -100,7 +100,6 @@ class ExitHeads(nn.Module):
         W = self.stack.head_weight.detach()
         self.draft_ids = self.vocab_rank[: self.draft_vocab].to(W.device)
         self.draft_w = W.index_select(0, self.draft_ids).contiguous()  # [V_d, d]
-        self.full_draft = self.draft_vocab == W.shape[0]
         self.feature_ids = self.vocab_rank[: self.feature_vocab].to(W.device)
         self.feature_w = W.index_select(0, self.feature_ids).contiguous()  # [V_f, d]
 
@@ -129,7 +128,7 @@ class ExitHeads(nn.Module):
         Returns:
             [...] int64 token ids (in the full vocabulary).
         """
-        logits = self.translate(hidden, i) @ self.draft_w.T
+        logits = self.stack.linear(self.translate(hidden, i), self.draft_w)
         return self.draft_ids[logits.argmax(-1)]
 
     @torch.no_grad()
@@ -143,7 +142,7 @@ class ExitHeads(nn.Module):
             ``(top1_prob, entropy, argmax)``: [..., n_exits] float32 probability of the top
             token, float32 entropy in nats, int64 argmax token id (full vocabulary).
         """
-        logits = self.stack.norm(hidden) @ self.feature_w.T
+        logits = self.stack.linear(self.stack.norm(hidden), self.feature_w)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, arg = logp.max(-1)
         ent = -(logp.exp() * logp).sum(-1)
@@ -213,18 +212,19 @@ def teacher_forced(stack: LayerStack, ids: torch.Tensor, exit_layers: Sequence[i
         ``(exit_hidden, final_normed, verifier)``: [T, n_exits, d] hidden after each exit layer,
         [T, d] final normed hidden state, [T] int64 full-model argmax at each position.
     """
-    cache = stack.new_cache()
-    h = stack.embed(ids.view(1, -1).to(stack.device))
-    rope = stack.positions(h, 0)
-    taps = []
-    prev = 0
-    for e in exit_layers:
-        h = stack.run(h, prev, e, cache, 0, rope)
-        taps.append(h[0])
-        prev = e
-    h = stack.run(h, prev, stack.num_layers, cache, 0, rope)
-    final = stack.norm(h[0])
-    verifier = stack.lm_head(final).argmax(-1)
+    with stack.kernels_active():
+        cache = stack.new_cache()
+        h = stack.embed(ids.view(1, -1).to(stack.device))
+        rope = stack.positions(h, 0)
+        taps = []
+        prev = 0
+        for e in exit_layers:
+            h = stack.run(h, prev, e, cache, 0, rope)
+            taps.append(h[0])
+            prev = e
+        h = stack.run(h, prev, stack.num_layers, cache, 0, rope)
+        final = stack.norm(h[0])
+        verifier = stack.greedy_tokens(final)
     return torch.stack(taps, 1), final, verifier
 
 
