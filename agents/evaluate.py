@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lede_env.decoding import RoundRecord, SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from .policies import ExportedPolicy, HeuristicPolicy, best_static_action
@@ -165,7 +165,7 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
                 r.tokens += len(toks)
                 r.rounds += len(toks)
             else:
-                pol = SequencePolicy([int(a) for a in plans[t.id][1:]]) if n == "oracle" else pols[n]
+                pol = PlanPolicy(plans[t.id]) if n == "oracle" else pols[n]
                 out = decoder.generate(prompt, pol, u.max_new_tokens)
                 toks = out.tokens
                 r.seconds += out.seconds

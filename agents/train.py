@@ -199,9 +199,15 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None):
         ``(algo, layout)``: the trained d3rlpy algorithm and the flat observation layout.
         ``cfg.out_dir`` gets ``model.d3``, ``train_config.json`` and d3rlpy's logs.
     """
+    import logging
+
     import minari
+    import structlog
     from d3rlpy.logging import CombineAdapterFactory, FileAdapterFactory
 
+    # d3rlpy prints every parameter and metric through structlog at INFO; they are in the log
+    # files and W&B already.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -358,6 +358,26 @@ class SequencePolicy:
         pass
 
 
+class PlanPolicy:
+    """Plays a plan indexed by the number of tokens generated so far (``plan[g]``), as
+    :func:`lede_env.replay.oracle_plan` returns: replays the oracle in the real decoder."""
+
+    needs_observation = False
+
+    def __init__(self, plan: Sequence[int]) -> None:
+        self.plan = [int(a) for a in plan]
+        self.reset()
+
+    def reset(self) -> None:
+        self._g = 1  # the prefill token
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.plan[self._g] if self._g < len(self.plan) else 0
+
+    def update(self, record: RoundRecord) -> None:
+        self._g += record.emitted
+
+
 def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int]) -> list[int]:
     """Plain greedy tokens from transformers' ``generate(do_sample=False)`` (the lossless reference).
 

