@@ -16,6 +16,8 @@ from typing import Optional
 
 from rich.console import Console
 
+from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+
 console = Console()
 
 
@@ -25,8 +27,9 @@ class DemoConfig:
 
     Attributes:
         model: model id/path (``None`` = embedded SmolLM2-135M-Instruct).
-        train_prompts: prompts for traces, exit-head fitting, the dataset and training.
+        train_prompts: prompts for the training traces, the dataset and the agent.
         eval_prompts: held-out prompts for evaluation (never used for fitting or training).
+        calib_prompts: prompts whose greedy continuations fit the exit heads (disjoint from both).
         max_new_tokens: tokens generated per prompt.
         k_max: largest speculation length.
         head_kind, draft_vocab: exit heads (see ``lede_env.exits``).
@@ -41,9 +44,10 @@ class DemoConfig:
     """
 
     model: Optional[str] = None
-    train_prompts: str = "humaneval[0:24]"
-    eval_prompts: str = "humaneval[24:32]"
-    max_new_tokens: int = 128
+    train_prompts: str = DEFAULT_TRAIN
+    eval_prompts: str = DEFAULT_EVAL
+    calib_prompts: str = DEFAULT_CALIB
+    max_new_tokens: int = DEFAULT_MAX_NEW
     k_max: int = 8
     head_kind: str = "affine"
     draft_vocab: Optional[int] = 8192
@@ -62,7 +66,7 @@ class DemoConfig:
     def env_kwargs(self, prompts: str) -> dict:
         """JSON-serialisable ``LEDE-Llama3-v0`` kwargs for a prompt set."""
         return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
-                "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.train_prompts,
+                "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
                 "reward_mode": self.reward_mode, "cost_profile": self.cost_profile}
 
 
@@ -106,8 +110,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     with _Stage(cfg, "model + exit heads"):
         bundle = get_bundle(cfg.model)
-        heads = get_heads(bundle, HeadSpec(None, cfg.head_kind, cfg.draft_vocab, calib_prompts=cfg.train_prompts,
-                                           calib_max_new_tokens=cfg.max_new_tokens), progress=progress)
+        heads = get_heads(bundle, HeadSpec(None, cfg.head_kind, cfg.draft_vocab, calib_prompts=cfg.calib_prompts),
+                          progress=progress)
     with _Stage(cfg, "traces + env (train)"):
         train_env = LEDEEnv(**cfg.env_kwargs(cfg.train_prompts), progress=progress)
     with _Stage(cfg, "traces + env (eval)"):

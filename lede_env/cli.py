@@ -15,6 +15,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lede: dynamic self-speculative decoding as offline RL (LEDE, arXiv 2606.03113).")
 traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")
@@ -24,8 +26,9 @@ app.add_typer(exits_app, name="exits")
 console = Console()
 
 ModelOpt = typer.Option(None, help="Model id or local path (default: embedded SmolLM2-135M-Instruct).")
-PromptsOpt = typer.Option("humaneval[0:24]", help="Prompt spec: humaneval[a:b] or FILE.jsonl{cats}[a:b].")
-CalibOpt = typer.Option("humaneval[0:24]", help="Prompts whose greedy continuations fit the exit heads.")
+PromptsOpt = typer.Option(DEFAULT_TRAIN, help="Prompt spec: humaneval[a:b] or FILE.jsonl{cats}[a:b].")
+CalibOpt = typer.Option(DEFAULT_CALIB, help="Prompts whose greedy continuations fit the exit heads.")
+MaxNewOpt = typer.Option(DEFAULT_MAX_NEW, help="Tokens generated per prompt.")
 
 
 def _exits(s: Optional[str]) -> Optional[list[int]]:
@@ -40,7 +43,7 @@ def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_v
 
 
 @traces_app.command("build")
-def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = 128,
+def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
                  exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
                  head_kind: str = "affine", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
     """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache."""
@@ -48,7 +51,7 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
 
     ts = get_traces(TraceSpec(model, prompts, max_new_tokens,
                               HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
-                                       calib_prompts=calib_prompts, calib_max_new_tokens=max_new_tokens)))
+                                       calib_prompts=calib_prompts)))
     n = sum(t.n for t in ts.traces)
     console.print(f"{len(ts)} traces, {n} generated tokens, exits {list(ts.exit_layers)}, "
                   f"teacher-forcing mismatches: {ts.manifest['teacher_forcing_mismatches']}")
@@ -56,8 +59,8 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
 
 @exits_app.command("fit")
 def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
-              heldout_prompts: str = typer.Option("humaneval[24:32]", help="Prompts to report agreement on."),
-              max_new_tokens: int = 128, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
+              heldout_prompts: str = typer.Option(DEFAULT_EVAL, help="Prompts to report agreement on."),
+              max_new_tokens: int = MaxNewOpt, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
               ridge: float = 0.05):
     """Fit affine exit heads (tuned lens, arXiv 2303.08112) and report held-out top-1 agreement
     with the final layer for the logit lens and the affine heads."""
@@ -69,7 +72,7 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
 
     b = get_bundle(model)
     spec = HeadSpec(tuple(_exits(exits)) if exits else None, "affine", draft_vocab, calib_prompts=calib_prompts,
-                    calib_max_new_tokens=max_new_tokens, ridge=ridge)
+                    ridge=ridge)
     affine = get_heads(b, spec)
     lens = ExitHeads(b.stack, affine.exit_layers, "lens")
     held = get_continuations(b, load_prompts(heldout_prompts), max_new_tokens)
@@ -100,7 +103,7 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
 
 @app.command()
 def collect(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
-            model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = 128,
+            model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
             exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine",
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
             cost_profile: str = "analytic",
@@ -152,9 +155,10 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
                                                                             "(ar, hf, static:E,K, static:best, "
                                                                             "heuristic:E, oracle, agent:PATH)."),
-             prompts: str = typer.Option("humaneval[24:32]", help="Held-out prompts."),
-             train_prompts: str = typer.Option("humaneval[0:24]", help="Prompts to choose static:best on."),
-             model: Optional[str] = ModelOpt, max_new_tokens: int = 128, k_max: int = 8,
+             prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
+             train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
+             calib_prompts: str = CalibOpt,
+             model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
              head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
              live: bool = typer.Option(True, help="Also time the real decoder."), out: Path = Path("runs/eval")):
     """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
@@ -167,7 +171,7 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
 
     names = [p for p in _split_policies(policies)]
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, head_kind=head_kind,
-                  draft_vocab=draft_vocab, calib_prompts=train_prompts, cost_profile=cost_profile)
+                  draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile)
     eval_env = LEDEEnv(prompts=prompts, **common)
     static_best = None
     if "static:best" in names:
@@ -177,8 +181,7 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     console.print(to_markdown(rows))
     if live:
         b = get_bundle(model)
-        heads = get_heads(b, HeadSpec(None, head_kind, draft_vocab, calib_prompts=train_prompts,
-                                      calib_max_new_tokens=max_new_tokens))
+        heads = get_heads(b, HeadSpec(None, head_kind, draft_vocab, calib_prompts=calib_prompts))
         dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, eval_env.rules.bonus, eval_env.profile,
                                      eval_env.obs_config)
         rows = live_eval(eval_env, dec, names, static_best)
@@ -198,8 +201,8 @@ def _split_policies(s: str) -> list[str]:
 
 
 @app.command()
-def demo(out: Path = Path("runs/demo"), train_prompts: str = "humaneval[0:24]",
-         eval_prompts: str = "humaneval[24:32]", max_new_tokens: int = 128, episodes: int = 300,
+def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
+         calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
          steps: int = 10000, reward_mode: str = "net", gamma: float = 0.9, seed: int = 0,
          wandb: str = "offline", live: bool = True):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
@@ -207,7 +210,8 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = "humaneval[0:24]",
     from agents.pipeline import DemoConfig, run_demo
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(DemoConfig(train_prompts=train_prompts, eval_prompts=eval_prompts, max_new_tokens=max_new_tokens,
+    run_demo(DemoConfig(train_prompts=train_prompts, eval_prompts=eval_prompts, calib_prompts=calib_prompts,
+                        max_new_tokens=max_new_tokens,
                         episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
                         out_dir=str(out), wandb=wandb, live=live))
 

@@ -20,7 +20,6 @@ is memory-bound), with a small per-extra-token slope.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,17 +133,18 @@ def analytic_profile(stack: LayerStack, k_max: int, draft_vocab: Optional[int] =
     return prof
 
 
-def _median_time(fn, repeats: int) -> float:
-    ts = []
+def _min_time(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timings (the least disturbed by other work on the machine)."""
+    best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 @torch.no_grad()
-def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, repeats: int = 7,
+def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, repeats: int = 9,
                     overhead_fn=None) -> CostProfile:
     """Measure a cost profile on this machine (seconds).
 
@@ -157,7 +157,8 @@ def measure_profile(stack: LayerStack, heads, k_max: int, context: int = 256, re
         heads: the :class:`~lede_env.exits.ExitHeads` the decoder will draft with.
         k_max: largest speculation length.
         context: cached positions during timing (attention cost grows with it).
-        repeats: timing repeats; the median is kept.
+        repeats: rounds of timing; in each, every k is timed once (interleaved, so drift hits
+            all k alike) and the fastest time per item is kept.
         overhead_fn: zero-argument callable timed as the per-round overhead.
     """
     with stack.kernels_active():
@@ -171,25 +172,33 @@ def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
     ids = torch.randint(0, V, (1, context), generator=g).to(stack.device)
     stack.run(stack.embed(ids), 0, stack.num_layers, cache, 0)
     d = stack.hidden_size
-    layer, head = [], []
-    for k in range(1, k_max + 2):
-        x = torch.randn(1, k, d, generator=g).to(stack.device, stack.dtype)
-        rope = stack.positions(x, context)
+    ks = range(1, k_max + 2)
+    xs = {k: torch.randn(1, k, d, generator=g).to(stack.device, stack.dtype) for k in ks}
+    ropes = {k: stack.positions(xs[k], context) for k in ks}
 
-        def run_layers():
-            stack.run(x, 0, stack.num_layers, cache, context, rope)
-            stack.crop(cache, context)
+    def run_layers(k):
+        stack.run(xs[k], 0, stack.num_layers, cache, context, ropes[k])
+        stack.crop(cache, context)
 
-        run_layers()  # warm-up
-        layer.append(_median_time(run_layers, repeats) / stack.num_layers)
-        head.append(_median_time(lambda: stack.greedy_tokens(stack.norm(x[0])), repeats))
+    def run_head(k):
+        stack.greedy_tokens(stack.norm(xs[k][0]))
+
+    layer = [float("inf")] * len(ks)
+    head = [float("inf")] * len(ks)
+    for k in ks:  # warm-up
+        run_layers(k)
+        run_head(k)
+    for _ in range(repeats):
+        for k in ks:
+            layer[k - 1] = min(layer[k - 1], _min_time(lambda: run_layers(k), 1) / stack.num_layers)
+            head[k - 1] = min(head[k - 1], _min_time(lambda: run_head(k), 1))
     x1 = torch.randn(1, 1, d, generator=g).to(stack.device, stack.dtype)
     heads.draft_tokens(x1, 0)
-    draft = _median_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
+    draft = _min_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
     over = 0.0
     if overhead_fn is not None:
         overhead_fn()
-        over = _median_time(overhead_fn, repeats * 3)
+        over = _min_time(overhead_fn, repeats * 3)
     return CostProfile(num_layers=stack.num_layers, layer=layer, head=head, draft_head=draft, overhead=over,
                        source="measured", meta={"unit": "seconds", "context": context,
                                                 "threads": torch.get_num_threads(), "device": str(stack.device),

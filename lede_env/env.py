@@ -17,6 +17,7 @@ from .costs import CostProfile, analytic_profile, measure_profile
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
 from .model import cache_dir
+from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 from .replay import ReplayRules, budget, oracle_plan, replay_round
 from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, get_bundle, get_heads, get_traces
 
@@ -91,7 +92,7 @@ class LEDEEnv(gym.Env):
     ========== ============== ======= ==============================================================
     hidden     (h,)           float32 final normed hidden state at the last verified position,
                                       through a fixed seeded projection to h = ``obs_hidden_dim``
-    exit_stats (n_exits, 3)   float32 per exit there: logit-lens top-1 probability, entropy (nats,
+    exit_stats (n_exits, 3)   float32 per exit there: its head's top-1 probability, entropy (nats,
                                       feature vocabulary), 1.0 if its argmax equals the verifier's
     history    (H, 4)         float32 last H rounds: accepted/k_max, K/k_max, E/L, fully accepted
     tokens     (R,)           int64   last R token ids, pending token last, 0-padded
@@ -126,9 +127,10 @@ class LEDEEnv(gym.Env):
 
     ## Arguments
     ``model`` (id/path, ``None`` = embedded SmolLM2-135M-Instruct), ``prompts`` (prompt spec,
-    e.g. ``"humaneval[0:24]"``), ``max_new_tokens``, ``exit_layers`` (``None`` = every 2nd layer),
+    default ``"humaneval[0:24]"``), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
     ``k_max``, ``head_kind`` (``"affine"``/``"lens"``), ``draft_vocab``, ``feature_vocab``,
-    ``calib_prompts``, ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
+    ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
+    ``"humaneval[100:132]"``, disjoint from the defaults for training and evaluation), ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``). All JSON-serialisable.
     ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models).
 
@@ -144,14 +146,14 @@ class LEDEEnv(gym.Env):
     def __init__(
         self,
         model: Optional[str] = None,
-        prompts: str = "humaneval[0:24]",
-        max_new_tokens: int = 128,
+        prompts: str = DEFAULT_TRAIN,
+        max_new_tokens: int = DEFAULT_MAX_NEW,
         exit_layers: Optional[list[int]] = None,
         k_max: int = 8,
         head_kind: str = "affine",
         draft_vocab: Optional[int] = 8192,
         feature_vocab: int = 1024,
-        calib_prompts: str = "humaneval[0:24]",
+        calib_prompts: str = DEFAULT_CALIB,
         reward_mode: str = "net",
         bonus: bool = True,
         cost_profile: str = "analytic",
@@ -174,7 +176,7 @@ class LEDEEnv(gym.Env):
         if trace_set is None:
             spec = TraceSpec(model, prompts, max_new_tokens,
                              HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
-                                      feature_vocab, calib_prompts, max_new_tokens))
+                                      feature_vocab, calib_prompts))
             bundle = get_bundle(model)
             heads = get_heads(bundle, spec.heads, progress=progress)
             trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)

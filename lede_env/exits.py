@@ -13,9 +13,9 @@ Draft heads may score only a truncated, frequency-ranked vocabulary of ``draft_v
 (FR-Spec idea, arXiv 2502.14856): on small models the full LM head costs as much as several
 decoder layers. Verification always uses the full vocabulary, so output stays lossless.
 
-Per-exit *features* for the policy's observation (:meth:`ExitHeads.feature_stats`) use the
-logit lens over an even smaller vocabulary (``feature_vocab`` most frequent tokens), so that
-computing them for every exit costs one small matrix product per round.
+Per-exit *features* for the policy's observation (:meth:`ExitHeads.feature_stats`) use each
+exit's translator and an even smaller vocabulary (``feature_vocab`` most frequent tokens), so
+that computing them for every exit costs two small batched products per round.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from torch import nn
 from .model import LayerStack
 
 HEAD_KINDS = ("lens", "affine")
+#: bumped whenever the observation features computed from exit heads change (cache keys)
+FEATURES_VERSION = 2
 
 
 def rank_vocabulary(vocab_size: int, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -133,7 +135,11 @@ class ExitHeads(nn.Module):
 
     @torch.no_grad()
     def feature_stats(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logit-lens statistics of every exit over the feature vocabulary.
+        """Statistics of every exit's head over the feature vocabulary.
+
+        Each exit's hidden state goes through that exit's translator (the draft head's, so the
+        features describe what the draft would do), then the LM head restricted to the
+        ``feature_vocab`` most frequent tokens.
 
         Args:
             hidden: [..., n_exits, d] hidden states after each exit layer at some positions.
@@ -142,7 +148,10 @@ class ExitHeads(nn.Module):
             ``(top1_prob, entropy, argmax)``: [..., n_exits] float32 probability of the top
             token, float32 entropy in nats, int64 argmax token id (full vocabulary).
         """
-        logits = self.stack.linear(self.stack.norm(hidden), self.feature_w)
+        h = self.stack.norm(hidden)
+        if self.kind == "affine":
+            h = torch.einsum("...nd,nde->...ne", h, self.weight) + self.bias
+        logits = self.stack.linear(h, self.feature_w)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, arg = logp.max(-1)
         ent = -(logp.exp() * logp).sum(-1)
@@ -151,7 +160,7 @@ class ExitHeads(nn.Module):
     def fingerprint(self) -> str:
         """Short hash of everything that changes the draft tokens (kind, exits, vocab, weights)."""
         h = hashlib.sha256()
-        h.update(repr((self.kind, self.exit_layers, self.draft_vocab, self.feature_vocab)).encode())
+        h.update(repr((self.kind, self.exit_layers, self.draft_vocab, self.feature_vocab, FEATURES_VERSION)).encode())
         h.update(self.vocab_rank[: max(self.draft_vocab, self.feature_vocab)].numpy().tobytes())
         if self.kind == "affine":
             h.update(self.weight.float().numpy().tobytes())

@@ -163,7 +163,7 @@ class ObservationBuilder:
     ========== ==================== =========================================================
     hidden     [h]                  final normed hidden state at the last verified position,
                                     projected (h = ``hidden_dim``, or d)
-    exit_stats [n_exits, 3]         per exit at that position: logit-lens top-1 probability,
+    exit_stats [n_exits, 3]         per exit at that position: its head's top-1 probability,
                                     entropy (nats, over the feature vocabulary), and 1.0 if
                                     its argmax equals the verifier's token there, else 0.0
     history    [H, 4]               last H rounds, newest last: accepted / k_max,

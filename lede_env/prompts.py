@@ -19,6 +19,15 @@ from pathlib import Path
 
 import torch
 
+#: Default prompt splits of HumanEval: the agent's training traces, held-out evaluation, and the
+#: calibration set that fits the exit heads (disjoint from both, so that acceptance on training
+#: traces is as realistic as on new prompts).
+DEFAULT_TRAIN = "humaneval[0:24]"
+DEFAULT_EVAL = "humaneval[24:32]"
+DEFAULT_CALIB = "humaneval[100:132]"
+#: Default tokens generated per prompt.
+DEFAULT_MAX_NEW = 96
+
 
 @dataclass(frozen=True)
 class Prompt:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
 from .model import LayerStack, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
-from .prompts import Prompt, encode_prompt, load_prompts, prompts_fingerprint
+from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
+                      prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
 
 TRACE_FORMAT = 1
@@ -154,8 +155,8 @@ class HeadSpec:
     kind: str = "affine"
     draft_vocab: Optional[int] = 8192
     feature_vocab: int = 1024
-    calib_prompts: str = "humaneval[0:24]"
-    calib_max_new_tokens: int = 128
+    calib_prompts: str = DEFAULT_CALIB
+    calib_max_new_tokens: int = DEFAULT_MAX_NEW
     ridge: float = 0.05
 
 
@@ -221,8 +222,8 @@ class Trace:
         generated: [N] int64 greedy continuation (ends with EOS when ``eos``).
         eos: the continuation ended with EOS (else it stopped at ``max_new_tokens``).
         draft: [N, n_exits] int64 draft token of each exit at local position j.
-        top1, entropy: [N, n_exits] float32 logit-lens feature statistics.
-        lens_arg: [N, n_exits] int64 logit-lens argmax over the feature vocabulary.
+        top1, entropy: [N, n_exits] float32 feature statistics of each exit head.
+        lens_arg: [N, n_exits] int64 exit-head argmax over the feature vocabulary.
         hidden: [N, d] float32 final normed hidden state.
     """
 
@@ -395,8 +396,8 @@ class TraceSpec:
     """
 
     model: Optional[str] = None
-    prompts: str = "humaneval[0:24]"
-    max_new_tokens: int = 128
+    prompts: str = DEFAULT_TRAIN
+    max_new_tokens: int = DEFAULT_MAX_NEW
     heads: HeadSpec = field(default_factory=HeadSpec)
 
     def __post_init__(self) -> None:
