@@ -56,7 +56,7 @@ class DemoConfig:
     gamma: float = 0.9
     episodes: int = 300
     algos: tuple[str, ...] = ("discrete_cql", "dqn")
-    steps: int = 10000
+    steps: int = 6000
     out_dir: str = "runs/demo"
     seed: int = 0
     wandb: str = "offline"

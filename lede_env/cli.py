@@ -61,7 +61,7 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
 def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
               heldout_prompts: str = typer.Option(DEFAULT_EVAL, help="Prompts to report agreement on."),
               max_new_tokens: int = MaxNewOpt, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
-              ridge: float = 0.05):
+              ridge: float = 0.01):
     """Fit affine exit heads (tuned lens, arXiv 2303.08112) and report held-out top-1 agreement
     with the final layer for the logit lens and the affine heads."""
     import torch
@@ -203,7 +203,7 @@ def _split_policies(s: str) -> list[str]:
 @app.command()
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
-         steps: int = 10000, reward_mode: str = "net", gamma: float = 0.9, seed: int = 0,
+         steps: int = 6000, reward_mode: str = "net", gamma: float = 0.9, seed: int = 0,
          wandb: str = "offline", live: bool = True):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""

@@ -241,7 +241,7 @@ def teacher_forced(stack: LayerStack, ids: torch.Tensor, exit_layers: Sequence[i
 def fit_affine(
     heads: ExitHeads,
     sequences: Sequence[tuple[torch.Tensor, int]],
-    ridge: float = 0.05,
+    ridge: float = 0.01,
 ) -> dict:
     """Fit each exit's affine translator by closed-form ridge regression.
 

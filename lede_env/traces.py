@@ -157,7 +157,7 @@ class HeadSpec:
     feature_vocab: int = 1024
     calib_prompts: str = DEFAULT_CALIB
     calib_max_new_tokens: int = DEFAULT_MAX_NEW
-    ridge: float = 0.05
+    ridge: float = 0.01
 
 
 def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,
