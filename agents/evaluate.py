@@ -84,38 +84,46 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None) -> list
         if name == "hf":
             continue
         pol = make_policy(name, env, static_best)
-        results, returns = [], []
-        for i in u.playable:
-            obs, _ = u.reset(seed=0, options={"prompt_index": i})
-            if pol is not None:
-                pol.reset()
-            ret, done = 0.0, False
-            tok = cost = acc = drafted = rounds = 0
-            while not done:
-                a = u.oracle_action() if pol is None else pol.act(obs if pol.needs_observation else None)
-                obs, r, te, tr, info = u.step(a)
-                rd = info["round"]
-                if pol is not None:
-                    pol.update(RoundRecord(**rd))
-                ret += r
-                tok += rd["emitted"]
-                cost += rd["cost"]
-                acc += rd["accepted"]
-                drafted += rd["draft_len"]
-                rounds += 1
-                done = te or tr
-            results.append({"tokens": tok, "cost": cost, "rounds": rounds, "accepted": acc, "drafted": drafted})
-            returns.append(ret)
+        with u.charging_overhead(bool(pol is not None and pol.needs_observation)):
+            results, returns = _episodes(u, pol)
         rows.append({"policy": label(name, env, static_best), "throughput": throughput(results),
                      "mean_return": float(np.mean(returns)),
                      "tokens_per_round": sum(r["tokens"] for r in results) / max(sum(r["rounds"] for r in results), 1),
                      "acceptance": (sum(r["accepted"] for r in results) / max(sum(r["drafted"] for r in results), 1))})
-    oracle = throughput([rollout(t, u.rules, u.max_new_tokens,
-                                 lambda g, plan=oracle_plan(t, u.rules, u.max_new_tokens)[0]: int(plan[g]))
+    rules = u.rules.without_overhead()
+    oracle = throughput([rollout(t, rules, u.max_new_tokens,
+                                 lambda g, plan=oracle_plan(t, rules, u.max_new_tokens)[0]: int(plan[g]))
                          for t in (u.trace_set.traces[i] for i in u.playable)])
     for r in rows:
         r["oracle_share"] = r["throughput"] / oracle
     return rows
+
+
+def _episodes(u, pol):
+    """One episode per playable trace with ``pol`` (``None`` = the env's oracle)."""
+    results, returns = [], []
+    for i in u.playable:
+        obs, _ = u.reset(seed=0, options={"prompt_index": i})
+        if pol is not None:
+            pol.reset()
+        ret, done = 0.0, False
+        tok = cost = acc = drafted = rounds = 0
+        while not done:
+            a = u.oracle_action() if pol is None else pol.act(obs if pol.needs_observation else None)
+            obs, r, te, tr, info = u.step(a)
+            rd = info["round"]
+            if pol is not None:
+                pol.update(RoundRecord(**rd))
+            ret += r
+            tok += rd["emitted"]
+            cost += rd["cost"]
+            acc += rd["accepted"]
+            drafted += rd["draft_len"]
+            rounds += 1
+            done = te or tr
+        results.append({"tokens": tok, "cost": cost, "rounds": rounds, "accepted": acc, "drafted": drafted})
+        returns.append(ret)
+    return results, returns
 
 
 @dataclass
@@ -150,7 +158,8 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     pols = {n: make_policy(n, env, static_best) for n in names}
     res = {n: LiveResult() for n in names}
     traces = [u.trace_set.traces[i] for i in u.playable]
-    plans = {t.id: oracle_plan(t, u.rules, u.max_new_tokens)[0] for t in traces} if "oracle" in names else {}
+    rules = u.rules.without_overhead()
+    plans = {t.id: oracle_plan(t, rules, u.max_new_tokens)[0] for t in traces} if "oracle" in names else {}
     if warmup:
         decoder.generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 8)
     for t in tqdm(traces, desc="live decoding", disable=not progress):

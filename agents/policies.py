@@ -183,9 +183,10 @@ def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, fl
 
     u = env.unwrapped
     traces = [u.trace_set.traces[i] for i in u.playable][: max_episodes]
+    rules = u.rules.without_overhead()  # a static policy computes no observation
     best = (0, -1.0)
     for a in range(u.actions.n):
-        tp = throughput([rollout(t, u.rules, u.max_new_tokens, lambda g, a=a: a) for t in traces])
+        tp = throughput([rollout(t, rules, u.max_new_tokens, lambda g, a=a: a) for t in traces])
         if tp > best[1]:
             best = (a, tp)
     return best

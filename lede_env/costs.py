@@ -73,21 +73,24 @@ class CostProfile:
         slope = table[-1] - table[-2] if len(table) > 1 else table[-1]
         return table[-1] + slope * (k - len(table))
 
-    def round_cost(self, exit_layer: int, draft_len: int, n_verify: int) -> float:
+    def round_cost(self, exit_layer: int, draft_len: int, n_verify: int, reuse: bool = True) -> float:
         """Cost of one round in AR-step units.
 
         Args:
             exit_layer: E (0 for a plain AR step, then ``draft_len`` must be 0).
             draft_len: K, draft tokens produced.
             n_verify: positions verified (K or K+1; 1 for an AR step).
+            reuse: verification runs only layers E+1..L (the draft's layers 1..E are reused);
+                without reuse it runs all L layers on the verified positions.
         """
         if exit_layer == 0 or draft_len == 0:
             t = self.ar_step
         else:
             E, L = exit_layer, self.num_layers
             t = draft_len * (E * self.layer[0] + self.draft_head)
-            t += (n_verify - draft_len) * E * self.layer[0]
-            t += (L - E) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
+            if reuse:
+                t += (n_verify - draft_len) * E * self.layer[0]
+            t += (L - E if reuse else L) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
         return (t + self.overhead) / self.ar_step
 
     def to_json(self) -> dict:

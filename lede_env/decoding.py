@@ -134,6 +134,9 @@ class SelfSpeculativeDecoder:
             accepted round earns the verifier's bonus token) instead of K.
         profile: cost profile for :attr:`RoundRecord.cost` (optional).
         obs_config: observation layout (must match the policy's).
+        reuse: verification runs only layers E+1..L on the drafted positions (their layers
+            1..E are already in the KV cache from drafting); without it, verification drops
+            those cache entries and runs the full model (the plain SSD baseline).
 
     Raises:
         ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`).
@@ -141,8 +144,9 @@ class SelfSpeculativeDecoder:
 
     def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
                  bonus: bool = True, profile: Optional[CostProfile] = None,
-                 obs_config: Optional[ObservationConfig] = None) -> None:
+                 obs_config: Optional[ObservationConfig] = None, reuse: bool = True) -> None:
         self.stack = stack
+        self.reuse = reuse
         self.heads = heads
         self.actions = ActionMap(heads.exit_layers, k_max)
         self.eos_ids = tuple(eos_ids)
@@ -197,7 +201,7 @@ class SelfSpeculativeDecoder:
         """
         i = self.heads.index(E)
         hs, draft, tap_lists = [], [], {}
-        n = K + 1 if self.bonus else K
+        n = K + 1 if self.bonus and self.reuse else K
         cur = token
         for j in range(n):
             x = self.stack.embed(torch.tensor([[cur]], device=self.stack.device))
@@ -292,7 +296,16 @@ class SelfSpeculativeDecoder:
                 draft, verifier, normed, taps = self._ar_step(pending, pos, cache, want_obs)
             else:
                 draft, hidden_E = self._draft(pending, pos, E, K, cache, taps)
-                normed, verifier = self._verify(hidden_E, E, pos, cache, taps)
+                if not self.reuse:
+                    # Plain SSD: forget the draft's layers 1..E and verify with the full model.
+                    self.stack.crop(cache, pos)
+                    taps = {} if want_obs else None
+                    n = K + 1 if self.bonus else K
+                    ids = torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)
+                    hidden_E, E_from = self.stack.embed(ids), 0
+                else:
+                    E_from = E
+                normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps)
             oc = accept(draft, verifier, remaining, self.eos_ids)
             self.stack.crop(cache, pos + oc.advance)
             # The last verified position produced the new pending token.
@@ -304,7 +317,12 @@ class SelfSpeculativeDecoder:
             seq.extend(oc.emitted)
             pos += oc.advance
             pending = seq[-1]
-            cost = self.profile.round_cost(E, K, oc.n_verify) if self.profile else 0.0
+            cost = 0.0
+            if self.profile is not None:
+                # the feature/policy overhead is paid only by policies that read observations
+                cost = self.profile.round_cost(E, K, oc.n_verify, self.reuse)
+                if not want_obs:
+                    cost -= self.profile.overhead / self.profile.ar_step
             rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
                               emitted=len(oc.emitted), cost=cost, seconds=time.perf_counter() - t_round,
                               policy_seconds=t_policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -129,7 +130,7 @@ class LEDEEnv(gym.Env):
     ``model`` (id/path, ``None`` = embedded SmolLM2-135M-Instruct), ``prompts`` (prompt spec,
     default ``"humaneval[0:24]"``), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
     ``k_max``, ``head_kind`` (``"affine"``/``"lens"``), ``draft_vocab``, ``feature_vocab``,
-    ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
+    ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     ``"humaneval[100:132]"``, disjoint from the defaults for training and evaluation), ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``). All JSON-serialisable.
     ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models).
@@ -156,6 +157,7 @@ class LEDEEnv(gym.Env):
         calib_prompts: str = DEFAULT_CALIB,
         reward_mode: str = "net",
         bonus: bool = True,
+        reuse: bool = True,
         cost_profile: str = "analytic",
         obs_hidden_dim: int = 64,
         obs_history: int = 4,
@@ -196,7 +198,7 @@ class LEDEEnv(gym.Env):
         self.reward_mode = reward_mode
         self.render_mode = render_mode
         self.actions = ActionMap(trace_set.exit_layers, k_max)
-        self.rules = ReplayRules(self.actions, profile, bool(bonus), tuple(int(e) for e in eos_ids))
+        self.rules = ReplayRules(self.actions, profile, bool(bonus), tuple(int(e) for e in eos_ids), bool(reuse))
         d = trace_set.traces[0].hidden.shape[1]
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
                                            trace_set.num_layers, k_max, int(man["model"]["vocab_size"]))
@@ -229,6 +231,21 @@ class LEDEEnv(gym.Env):
         agree = (t.lens_arg[j] == t.generated[j]).astype(np.float32)
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens)
+
+    @contextmanager
+    def charging_overhead(self, charge: bool):
+        """Within this block, rounds are charged the per-round feature/policy overhead only if
+        ``charge`` (policies that read no observation do not pay it in the real decoder)."""
+        saved = self.rules
+        if not charge:
+            self.rules = saved.without_overhead()
+            self._oracle_cache = {}
+        try:
+            yield self
+        finally:
+            if self.rules is not saved:
+                self.rules = saved
+                self._oracle_cache = {}
 
     def oracle_action(self) -> int:
         """The oracle's action in the current state (best action sequence for this trace by
@@ -290,7 +307,7 @@ class LEDEEnv(gym.Env):
     def config(self) -> dict:
         """JSON-serialisable description of this env (for datasets and exported policies)."""
         return {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
-                "bonus": self.rules.bonus, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
+                "bonus": self.rules.bonus, "reuse": self.rules.reuse, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
                 "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                 "trace_manifest": {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)},
                 "cost_profile": self.profile.to_json()}

@@ -2,10 +2,12 @@
 
 A prompt set is named by a *spec string*:
 
-- ``"humaneval"`` - all 164 HumanEval problems; ``"humaneval[0:24]"`` a slice of them;
+- ``"humaneval"`` - all 164 HumanEval problems; ``"humaneval[0:24]"`` a slice of them
+  (``[a:b:step]`` too);
 - ``"path/to/file.jsonl"`` - one JSON object per line with ``question_id``, ``category`` and
   ``turns`` (the first turn is the prompt), as in Spec-Bench; ``"file.jsonl[10:20]"`` a slice;
-  ``"file.jsonl{coding,math}"`` only those categories (a slice may follow the braces).
+  ``"file.jsonl{coding,math}"`` only those categories (a slice may follow the braces);
+- ``"A+B"`` - the prompts of spec A followed by those of spec B.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Prompt:
     text: str
 
 
-_SPEC = re.compile(r"^(?P<src>.*?)(\{(?P<cats>[^}]*)\})?(\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
+_SPEC = re.compile(r"^(?P<src>.*?)(\{(?P<cats>[^}]*)\})?(\[(?P<a>-?\d*):(?P<b>-?\d*)(:(?P<c>\d+))?\])?$")
 
 
 def load_prompts(spec: str) -> list[Prompt]:
@@ -48,6 +50,8 @@ def load_prompts(spec: str) -> list[Prompt]:
         FileNotFoundError: a JSONL path that does not exist.
         ValueError: a malformed spec or file, or an empty selection.
     """
+    if "+" in spec:
+        return [p for part in spec.split("+") for p in load_prompts(part)]
     m = _SPEC.match(spec.strip())
     if not m or not m.group("src"):
         raise ValueError(f"Malformed prompt spec {spec!r}; use 'humaneval[0:24]' or 'file.jsonl{{cat1,cat2}}[a:b]'.")
@@ -62,7 +66,8 @@ def load_prompts(spec: str) -> list[Prompt]:
     if m.group(4) is not None:
         a = int(m.group("a")) if m.group("a") else None
         b = int(m.group("b")) if m.group("b") else None
-        prompts = prompts[a:b]
+        c = int(m.group("c")) if m.group("c") else None
+        prompts = prompts[a:b:c]
     if not prompts:
         raise ValueError(f"Prompt spec {spec!r} selects no prompts.")
     return prompts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -24,12 +24,19 @@ class ReplayRules:
         profile: the cost profile (round costs in AR-step units).
         bonus: verify K+1 positions (True) or K (False).
         eos_ids: tokens that end generation.
+        reuse: verification reuses the draft's layers 1..E (compute reuse).
     """
 
     actions: ActionMap
     profile: CostProfile
     bonus: bool
     eos_ids: tuple[int, ...]
+    reuse: bool = True
+
+    def without_overhead(self) -> "ReplayRules":
+        """The same rules for a policy that computes no observation (static, heuristic, oracle,
+        AR): the profile's per-round feature/policy overhead is not charged."""
+        return replace(self, profile=replace(self.profile, overhead=0.0))
 
 
 def budget(trace: Trace, max_new_tokens: int) -> int:
@@ -62,7 +69,7 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
-    return oc, E, rules.profile.round_cost(E, K, oc.n_verify)
+    return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse)
 
 
 def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,16 +30,17 @@ def model(num_layers, seed):
     actions=st.lists(st.integers(0, 10_000), min_size=0, max_size=40),
     k_max=st.integers(1, 5),
     bonus=st.booleans(),
+    reuse=st.booleans(),
     max_new=st.integers(1, 24),
     data=st.data(),
 )
-def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt, actions, k_max, bonus, max_new,
-                                                        data):
+def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt, actions, k_max, bonus, reuse,
+                                                        max_new, data):
     b = model(num_layers, seed)
     L = b.stack.num_layers
     exits = data.draw(st.lists(st.integers(1, L - 1), min_size=1, max_size=L - 1, unique=True).map(sorted))
     heads = ExitHeads(b.stack, exits, data.draw(st.sampled_from(["lens", "affine"])))
-    dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, bonus)
+    dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, bonus, reuse=reuse)
     acts = [a % dec.actions.n for a in actions]
     ids = torch.tensor(prompt)
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)

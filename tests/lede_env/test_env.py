@@ -75,7 +75,7 @@ def test_same_seed_same_rollout(tiny):
 
 def _replay_live(b, heads, env, actions, prompt):
     dec = SelfSpeculativeDecoder(b.stack, heads, env.actions.k_max, b.eos_ids, env.rules.bonus, env.profile,
-                                 env.obs_config)
+                                 env.obs_config, reuse=env.rules.reuse)
     seen = []
 
     class Recorder(SequencePolicy):
@@ -91,12 +91,13 @@ def _replay_live(b, heads, env, actions, prompt):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), bonus=st.booleans(), max_new=st.integers(2, 32))
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, max_new):
+@given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32))
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new):
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
     the real decoder for the same actions."""
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus)
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
+                  reuse=reuse)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
     acts, rounds, observations = [], [], [obs]

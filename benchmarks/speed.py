@@ -1,0 +1,149 @@
+"""Wall-clock speed of self-speculative decoding on the embedded model, in one process.
+
+Methods, all greedy, on held-out prompts (not used for fitting exit heads or choosing statics):
+
+- ``AR``: lede's own loop, one full-model step per token (the reference for speedups);
+- ``transformers generate``: ``model.generate(do_sample=False)``;
+- ``transformers assistant_early_exit=E``: transformers' static self-speculation (logit lens, its
+  own draft-length schedule), at the best E of a small grid, on the first ``--ee-prompts`` prompts
+  and ``--ee-tokens`` tokens (it is slow), compared per token;
+- ``static lens, no reuse``: the best static (E, K) with logit-lens exits, full vocabulary and
+  full-model verification (plain SSD);
+- ``static affine+vocab+reuse``: the best static (E, K) with affine exit heads, the truncated
+  draft vocabulary and compute reuse in verification;
+- ``oracle replay``: the dynamic-programming oracle's action sequence replayed by the real decoder.
+
+Statics are chosen on the training traces. For each method the table gives wall-clock tokens/s,
+the speedup over AR measured in this run (ratio of total times over the same prompts, methods
+interleaved prompt by prompt), accepted tokens per round, and the speedup the trace env
+predicts for the same actions (AR cost / method cost under the measured cost profile).
+
+    python benchmarks/speed.py --out runs/bench/speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="humaneval[32:40]+../shared/data/spec_bench_dev.jsonl[0:160:20]",
+                    help="held-out prompt spec ('+' joins specs)")
+    ap.add_argument("--train-prompts", default="humaneval[0:24]")
+    ap.add_argument("--calib-prompts", default="humaneval[100:132]")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--ee-grid", default="4,8,16,24")
+    ap.add_argument("--ee-prompts", type=int, default=2)
+    ap.add_argument("--ee-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/speed.md"))
+    args = ap.parse_args()
+
+    from agents.evaluate import to_markdown
+    from agents.policies import best_static_action
+    from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
+    from lede_env.env import LEDEEnv
+    from lede_env.exits import ExitHeads
+    from lede_env.replay import oracle_plan, rollout
+    from lede_env.traces import HeadSpec, get_bundle, get_heads
+
+    b = get_bundle(None)
+    common = dict(max_new_tokens=args.max_new_tokens, calib_prompts=args.calib_prompts, cost_profile="measured",
+                  progress=False)
+    variants = {
+        "lens": dict(head_kind="lens", draft_vocab=None, reuse=False),
+        "affine": dict(head_kind="affine", draft_vocab=8192, reuse=True),
+    }
+    envs, decs, statics = {}, {}, {}
+    for name, kw in variants.items():
+        envs[name] = LEDEEnv(prompts=args.prompts, **common, **kw)
+        statics[name], _ = best_static_action(LEDEEnv(prompts=args.train_prompts, **common, **kw))
+        heads = (get_heads(b, HeadSpec(kind="affine", draft_vocab=8192, calib_prompts=args.calib_prompts))
+                 if name == "affine" else ExitHeads(b.stack, envs[name].actions.exit_layers, "lens"))
+        u = envs[name]
+        decs[name] = SelfSpeculativeDecoder(b.stack, heads, u.actions.k_max, b.eos_ids, u.rules.bonus, u.profile,
+                                            u.obs_config, reuse=kw["reuse"])
+    env = envs["affine"]
+    traces = [env.trace_set.traces[i] for i in env.playable]
+    plans = {t.id: oracle_plan(t, env.rules, env.max_new_tokens)[0] for t in traces}
+    methods = {
+        "AR": ("affine", lambda t: StaticPolicy(0)),
+        "static lens, no reuse": ("lens", lambda t: StaticPolicy(statics["lens"])),
+        "static affine+vocab+reuse": ("affine", lambda t: StaticPolicy(statics["affine"])),
+        "oracle replay": ("affine", lambda t: PlanPolicy(plans[t.id])),
+    }
+    res = {m: {"s": 0.0, "tok": 0, "rounds": 0, "pred_cost": 0.0, "same": True} for m in list(methods) + ["hf"]}
+    decs["affine"].generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 4)  # warm-up
+    for i, t in zip(env.playable, traces):
+        p = torch.tensor(t.prompt)
+        ref = None
+        for m, (var, mk) in methods.items():
+            out = decs[var].generate(p, mk(t), args.max_new_tokens)
+            r = res[m]
+            r["s"] += out.seconds
+            r["tok"] += len(out.tokens)
+            r["rounds"] += len(out.rounds) + 1
+            ref = out.tokens if m == "AR" else ref
+            r["same"] &= out.tokens == ref
+            # what the trace env predicts for the same actions
+            u = envs[var]
+            acts = iter([rd.action for rd in out.rounds])
+            r["pred_cost"] += rollout(u.trace_set.traces[i], u.rules, u.max_new_tokens, lambda g: next(acts, 0))["cost"]
+        t0 = time.perf_counter()
+        hf = greedy_reference(b.model, p, args.max_new_tokens, b.eos_ids)
+        res["hf"]["s"] += time.perf_counter() - t0
+        res["hf"]["tok"] += len(hf)
+        res["hf"]["same"] &= hf == ref
+    ar = res["AR"]
+    rows = []
+    for m in ["AR", "hf"] + list(methods)[1:]:
+        r = res[m]
+        pred = ar["pred_cost"] / r["pred_cost"] if r["pred_cost"] else float("nan")
+        rows.append({"method": "transformers generate" if m == "hf" else m, "tokens_per_s": r["tok"] / r["s"],
+                     "speedup_vs_ar": ar["s"] / r["s"], "tokens_per_round": r["tok"] / max(r["rounds"], 1),
+                     "predicted_speedup": pred if m != "hf" else float("nan"), "identical_to_ar": r["same"]})
+    # transformers' assistant_early_exit: slow, so a few prompts and tokens, per-token comparison
+    ee_best = None
+    sub = traces[: args.ee_prompts]
+    for E in (int(x) for x in args.ee_grid.split(",")):
+        s = tok = 0
+        for t in sub[:1]:
+            ids = torch.tensor(t.prompt).view(1, -1)
+            t0 = time.perf_counter()
+            out = b.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_early_exit=E, do_sample=False,
+                                   max_new_tokens=args.ee_tokens, pad_token_id=b.eos_ids[0])
+            s += time.perf_counter() - t0
+            tok += out.shape[1] - ids.shape[1]
+        if ee_best is None or tok / s > ee_best[1]:
+            ee_best = (E, tok / s)
+    E = ee_best[0]
+    s_ee = s_ar = tok_ee = tok_ar = 0
+    for t in sub:
+        ids = torch.tensor(t.prompt).view(1, -1)
+        t0 = time.perf_counter()
+        out = b.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_early_exit=E, do_sample=False,
+                               max_new_tokens=args.ee_tokens, pad_token_id=b.eos_ids[0])
+        s_ee += time.perf_counter() - t0
+        tok_ee += out.shape[1] - ids.shape[1]
+        o = decs["affine"].generate(torch.tensor(t.prompt), StaticPolicy(0), args.ee_tokens)
+        s_ar += o.seconds
+        tok_ar += len(o.tokens)
+    rows.append({"method": f"transformers assistant_early_exit={E}", "tokens_per_s": tok_ee / s_ee,
+                 "speedup_vs_ar": (tok_ee / s_ee) / (tok_ar / s_ar), "tokens_per_round": float("nan"),
+                 "predicted_speedup": float("nan"), "identical_to_ar": None})
+    md = to_markdown(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    static_desc = {k: envs[k].actions.decode(v) for k, v in statics.items()}
+    args.out.write_text(f"# Speed benchmark\n\n`{json.dumps(vars(args), default=str)}`\n\n"
+                        f"static choices (E, K): {static_desc}\n\n{md}\n")
+    print(f"static choices (E, K): {static_desc}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

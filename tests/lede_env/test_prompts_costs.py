@@ -1,0 +1,114 @@
+"""Prompt specs, prompt encoding errors, cost profiles, trace files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lede_env.costs import CostProfile, analytic_profile
+from lede_env.prompts import encode_prompt, load_prompts
+from lede_env.traces import load_traces, save_traces
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_prompt_specs(tmp_path):
+    he = load_prompts("humaneval")
+    assert len(he) == 164 and he[0].id == "HumanEval/0" and he[0].category == "code"
+    assert [p.id for p in load_prompts("humaneval[2:5]")] == ["HumanEval/2", "HumanEval/3", "HumanEval/4"]
+    assert [p.id for p in load_prompts("humaneval[0:6:3]")] == ["HumanEval/0", "HumanEval/3"]
+    f = tmp_path / "q.jsonl"
+    _write_jsonl(f, [{"question_id": 1, "category": "math", "turns": ["1+1?"]},
+                     {"question_id": 2, "category": "writing", "turns": ["a poem", "again"]},
+                     {"question_id": 3, "category": "math", "turns": ["2+2?"]}])
+    assert [p.id for p in load_prompts(f"{f}{{math}}")] == ["1", "3"]
+    assert [p.text for p in load_prompts(f"{f}[1:2]")] == ["a poem"]
+    both = load_prompts(f"humaneval[0:1]+{f}{{writing}}")
+    assert [p.id for p in both] == ["HumanEval/0", "2"]
+
+
+def test_prompt_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_prompts(str(bad))
+    with pytest.raises(ValueError, match="selects no prompts"):
+        load_prompts("humaneval[5:5]")
+
+
+def test_encode_prompt_errors():
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text, return_tensors=None):
+            import torch
+
+            return {"input_ids": torch.arange(len(text.split())).view(1, -1)}
+
+    with pytest.raises(ValueError, match="empty"):
+        encode_prompt(Tok(), "   ")
+    with pytest.raises(ValueError, match="more than the 2 allowed"):
+        encode_prompt(Tok(), "a b c", max_length=2)
+    assert encode_prompt(Tok(), "a b c").tolist() == [0, 1, 2]
+
+
+def test_round_cost_accounting():
+    # 4 layers; layer time 1 for one token, +0.5 per extra token; head 2 (+1 per extra position)
+    prof = CostProfile(num_layers=4, layer=[1.0, 1.5, 2.0, 2.5], head=[2.0, 3.0, 4.0, 5.0], draft_head=0.5,
+                       overhead=0.6)
+    ar = 4 * 1.0 + 2.0
+    assert prof.ar_step == ar
+    assert prof.round_cost(0, 0, 1) == pytest.approx((ar + 0.6) / ar)
+    # E=1, K=2, bonus (3 positions), reuse: 2 drafts x (1 layer + head) + 1 extra layer-1 pass
+    # + layers 2..4 on 3 positions + head on 3
+    expect = 2 * (1.0 + 0.5) + 1 * 1.0 + 3 * 2.0 + 4.0 + 0.6
+    assert prof.round_cost(1, 2, 3) == pytest.approx(expect / ar)
+    # without reuse: no extra pass, all 4 layers on 3 positions
+    expect = 2 * (1.0 + 0.5) + 4 * 2.0 + 4.0 + 0.6
+    assert prof.round_cost(1, 2, 3, reuse=False) == pytest.approx(expect / ar)
+
+
+def test_profile_round_trip(tmp_path, tiny):
+    b, heads, ts, prof = tiny
+    prof.save(tmp_path / "p.json")
+    assert CostProfile.load(tmp_path / "p.json") == prof
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a lede cost profile"):
+        CostProfile.load(tmp_path / "bad.json")
+    a = analytic_profile(b.stack, 4)
+    assert a.round_cost(0, 0, 1) == pytest.approx(1.01)
+
+
+def test_trace_files_round_trip_and_errors(tmp_path, tiny):
+    b, heads, ts, prof = tiny
+    save_traces(ts, tmp_path / "tr")
+    again = load_traces(tmp_path / "tr", {"exit_layers": [1, 2, 3]})
+    assert [t.generated.tolist() for t in again.traces] == [t.generated.tolist() for t in ts.traces]
+    assert (again.traces[0].draft == ts.traces[0].draft).all()
+    with pytest.raises(ValueError, match="do not match"):
+        load_traces(tmp_path / "tr", {"exit_layers": [1, 2]})
+    data = (tmp_path / "tr" / "traces.safetensors").read_bytes()
+    (tmp_path / "tr" / "traces.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_traces(tmp_path / "tr")
+    with pytest.raises(FileNotFoundError):
+        load_traces(tmp_path / "nothing")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left
+
+
+def test_model_path_errors():
+    from lede_env.model import check_llama_family, resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path("/no/such/model")
+
+    class Cfg:
+        model_type = "gpt2"
+
+    with pytest.raises(ValueError, match="not Llama-family"):
+        check_llama_family(Cfg())
