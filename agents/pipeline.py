@@ -53,7 +53,7 @@ class DemoConfig:
     draft_vocab: Optional[int] = 8192
     cost_profile: str = "measured"
     reward_mode: str = "net"
-    gamma: float = 0.9
+    gamma: float = 0.5
     episodes: int = 300
     algos: tuple[str, ...] = ("discrete_cql", "dqn")
     steps: int = 6000

@@ -50,7 +50,7 @@ class TrainConfig:
     steps_per_epoch: int = 2000
     batch_size: int = 256
     learning_rate: float = 3e-4
-    gamma: float = 0.9
+    gamma: float = 0.5
     cql_alpha: float = 0.5
     hidden: tuple[int, ...] = (256, 256)
     seed: int = 0

@@ -124,7 +124,7 @@ def collect(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", episodes: 
 
 @app.command()
 def train(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", algo: str = "discrete_cql", steps: int = 10000,
-          gamma: float = 0.9, learning_rate: float = 3e-4, seed: int = 0, out: Path = Path("runs/train"),
+          gamma: float = 0.5, learning_rate: float = 3e-4, seed: int = 0, out: Path = Path("runs/train"),
           wandb: str = typer.Option("offline", help="offline | online | disabled")):
     """Train an offline RL agent (d3rlpy) on a Minari dataset."""
     from agents.train import TrainConfig, train as run_train
@@ -203,7 +203,7 @@ def _split_policies(s: str) -> list[str]:
 @app.command()
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
-         steps: int = 6000, reward_mode: str = "net", gamma: float = 0.9, seed: int = 0,
+         steps: int = 6000, reward_mode: str = "net", gamma: float = 0.5, seed: int = 0,
          wandb: str = "offline", live: bool = True):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""
