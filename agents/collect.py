@@ -40,7 +40,7 @@ class CollectConfig:
         author, code_permalink, description: dataset metadata.
     """
 
-    dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0"
+    dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0"
     episodes: int = 200
     mixture: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     oracle_epsilon: float = 0.1

@@ -16,10 +16,9 @@ An export folder holds exactly:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lede_env.model import atomic_folder
 
 EXPORT_FORMAT = 1
 
@@ -39,9 +38,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
     """
     u = env.unwrapped
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         algo.save_policy(str(tmp / "policy.pt"))
         man = u.trace_set.manifest
         cfg = {
@@ -59,10 +56,4 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "gamma": gamma,
         }
         (tmp / "policy.json").write_text(json.dumps(cfg, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

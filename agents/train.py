@@ -44,7 +44,7 @@ class TrainConfig:
         wandb_project: W&B project.
     """
 
-    dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0"
+    dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0"
     algo: str = "discrete_cql"
     steps: int = 20000
     steps_per_epoch: int = 2000

@@ -70,7 +70,7 @@ def main() -> None:
                                             u.obs_config, reuse=kw["reuse"])
     env = envs["affine"]
     traces = [env.trace_set.traces[i] for i in env.playable]
-    plans = {t.id: oracle_plan(t, env.rules, env.max_new_tokens)[0] for t in traces}
+    plans = {t.id: oracle_plan(t, env.rules.without_overhead(), env.max_new_tokens)[0] for t in traces}
     methods = {
         "AR": ("affine", lambda t: StaticPolicy(0)),
         "static lens, no reuse": ("lens", lambda t: StaticPolicy(statics["lens"])),
@@ -93,11 +93,14 @@ def main() -> None:
             # what the trace env predicts for the same actions
             u = envs[var]
             acts = iter([rd.action for rd in out.rounds])
-            r["pred_cost"] += rollout(u.trace_set.traces[i], u.rules, u.max_new_tokens, lambda g: next(acts, 0))["cost"]
+            # (none of these methods reads observations, so no feature/policy overhead is charged)
+            r["pred_cost"] += rollout(u.trace_set.traces[i], u.rules.without_overhead(), u.max_new_tokens,
+                                      lambda g: next(acts, 0))["cost"]
         t0 = time.perf_counter()
         hf = greedy_reference(b.model, p, args.max_new_tokens, b.eos_ids)
         res["hf"]["s"] += time.perf_counter() - t0
         res["hf"]["tok"] += len(hf)
+        res["hf"]["rounds"] += len(hf)
         res["hf"]["same"] &= hf == ref
     ar = res["AR"]
     rows = []

@@ -102,11 +102,11 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
 
 
 @app.command()
-def collect(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
+def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
             model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
             exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine",
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
-            cost_profile: str = "analytic",
+            cost_profile: str = "measured",
             mixture: str = typer.Option("random=0.2,static=0.3,heuristic=0.1,oracle=0.4",
                                         help="Behaviour mixture, NAME=WEIGHT,...")):
     """Run behaviour policies in LEDE-Llama3-v0 and write a Minari dataset."""
@@ -123,7 +123,7 @@ def collect(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", episodes: 
 
 
 @app.command()
-def train(dataset_id: str = "lede/smollm2-135m/humaneval-mixed-v0", algo: str = "discrete_cql", steps: int = 10000,
+def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", algo: str = "discrete_cql", steps: int = 6000,
           gamma: float = 0.5, learning_rate: float = 3e-4, seed: int = 0, out: Path = Path("runs/train"),
           wandb: str = typer.Option("offline", help="offline | online | disabled")):
     """Train an offline RL agent (d3rlpy) on a Minari dataset."""

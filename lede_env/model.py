@@ -72,21 +72,30 @@ def embedded_gguf_path() -> Path:
     raise FileNotFoundError(f"{_EMBEDDED_GGUF} not found in the installed {_EMBEDDED_DIST} wheel; reinstall it.")
 
 
-def _atomic_dir(final: Path) -> Path:
-    """A fresh temporary folder beside ``final``; rename it to ``final`` when complete."""
+@contextmanager
+def atomic_folder(final: Path, replace: bool = True):
+    """Yield a fresh temporary folder beside ``final``; when the block ends without error it is
+    renamed to ``final`` (replacing an existing one if ``replace``, else keeping the existing
+    one, e.g. written by a concurrent process). On error it is removed: a half-written folder
+    is never left where it would be read as whole.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary folder into place; if another process won the race, keep theirs."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        os.rename(tmp, final)
-    except OSError:
-        if (final / "config.json").exists():
+        yield tmp
+        if final.exists():
+            if not replace:
+                return
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():  # lost a race: another process published it first
+                raise
+    finally:
+        if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
 
 
 def convert_embedded_model(target: Optional[Path] = None) -> Path:
@@ -104,8 +113,7 @@ def convert_embedded_model(target: Optional[Path] = None) -> Path:
     if (target / "config.json").exists():
         return target
     gguf = embedded_gguf_path()
-    tmp = _atomic_dir(target)
-    try:
+    with atomic_folder(target, replace=False) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantised to fp32: the model is an ordinary one from here on.
@@ -114,10 +122,6 @@ def convert_embedded_model(target: Optional[Path] = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _publish_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
-from .model import LayerStack, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
+from .model import LayerStack, atomic_folder, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
 from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
@@ -320,10 +320,7 @@ _ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidde
 def save_traces(ts: TraceSet, folder: Path) -> None:
     """Write ``traces.safetensors`` + ``manifest.json`` into ``folder`` atomically (a temporary
     folder renamed into place)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(Path(folder)) as tmp:
         tensors = {}
         for a in _ARRAYS:
             tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
@@ -334,14 +331,6 @@ def save_traces(ts: TraceSet, folder: Path) -> None:
         man = dict(ts.manifest) | {"categories": [t.category for t in ts.traces],
                                    "prompt_ids": [t.id for t in ts.traces]}
         (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
-        if folder.exists():
-            import shutil
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
