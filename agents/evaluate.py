@@ -6,6 +6,7 @@ Policies are named by strings:
 - ``hf`` - transformers' ``model.generate(do_sample=False)`` (wall clock only);
 - ``static:E,K`` - a fixed (E, K); ``static:best`` - the best static action on training traces;
 - ``heuristic:E`` - transformers' +2/-1 speculation-length schedule at exit E;
+- ``del`` - DEL-style dynamic exit and length from running acceptance estimates;
 - ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
 - ``agent:PATH`` - an exported policy folder.
 
@@ -32,7 +33,7 @@ import torch
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.replay import oracle_plan, rollout, throughput
 
-from .policies import ExportedPolicy, HeuristicPolicy, best_static_action
+from .policies import DELPolicy, ExportedPolicy, HeuristicPolicy, best_static_action
 
 
 def make_policy(name: str, env, static_best: Optional[int] = None):
@@ -53,6 +54,9 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
             return StaticPolicy(static_best)
         E, K = (int(x) for x in arg.split(","))
         return StaticPolicy(A.encode(E, K))
+    if name == "del":
+        u = env.unwrapped
+        return DELPolicy(A, u.profile, u.rules.bonus, u.rules.reuse)
     if name.startswith("heuristic:"):
         return HeuristicPolicy(A, int(name.split(":", 1)[1]))
     if name.startswith("agent:"):
@@ -61,7 +65,8 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
         return p
     if name in ("oracle", "hf"):
         return None
-    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, oracle or agent:PATH.")
+    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, del, oracle "
+                     "or agent:PATH.")
 
 
 def label(name: str, env, static_best: Optional[int]) -> str:

@@ -7,6 +7,7 @@
 - :class:`OraclePolicy` - the env's dynamic-programming oracle (trace env only).
 - :class:`EpsilonPolicy` - another policy with epsilon-random exploration.
 - :class:`ExportedPolicy` - a trained Q-network exported by :mod:`agents.export`.
+- :class:`DELPolicy` - DEL-style (E, K) from running per-exit acceptance estimates.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lede_env.decoding import RoundRecord, StaticPolicy
 from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig
 
 __all__ = ["StaticPolicy", "RandomPolicy", "HeuristicPolicy", "OraclePolicy", "EpsilonPolicy", "ExportedPolicy",
-           "best_static_action"]
+           "DELPolicy", "best_static_action"]
 
 
 class RandomPolicy:
@@ -190,3 +191,62 @@ def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, fl
         if tp > best[1]:
             best = (a, tp)
     return best
+
+
+class DELPolicy:
+    """DEL-style dynamic exit and length (after DEL, arXiv 2504.05598): keep a running estimate
+    of each exit's per-token acceptance and play, every round, the (E, K) with the highest
+    expected tokens per unit of cost under the cost profile (AR when nothing beats it).
+
+    The estimates are exponential moving averages of each exit's agreement with the verifier
+    at the last verified position (``exit_stats[:, 2]`` of the observation, computed from the
+    verification pass for every exit at once). Expected tokens of a round with acceptance alpha
+    follow Leviathan et al. (arXiv 2211.17192): ``(1 - alpha^(K+1)) / (1 - alpha)`` with the bonus
+    token, ``(1 - alpha^K) / (1 - alpha)`` plus the verifier's correction without it.
+
+    Args:
+        actions: the action map.
+        profile: the cost profile used for round costs.
+        bonus, reuse: the decoder's verification variant.
+        prior: initial acceptance estimate for every exit.
+        decay: EMA decay per round (0.9 = about 10 rounds of memory).
+    """
+
+    needs_observation = True
+
+    def __init__(self, actions: ActionMap, profile, bonus: bool = True, reuse: bool = True, prior: float = 0.3,
+                 decay: float = 0.9) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.actions, self.prior, self.decay = actions, float(prior), float(decay)
+        n_ex, K = len(actions.exit_layers), actions.k_max
+        self._k = np.arange(1, K + 1)
+        self._cost = np.array([[profile.round_cost(E, k, k + 1 if bonus else k, reuse) for k in self._k]
+                               for E in actions.exit_layers])  # [n_exits, k_max], AR-step units
+        self._ar = profile.round_cost(0, 0, 1)
+        self.bonus = bonus
+        self.reset()
+        self._n_ex = n_ex
+
+    def reset(self) -> None:
+        self.alpha = np.full(len(self.actions.exit_layers), self.prior)
+
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None:
+            raise ValueError("DELPolicy needs observations (needs_observation=True).")
+        agree = np.asarray(obs["exit_stats"], np.float64)[:, 2]
+        self.alpha = self.decay * self.alpha + (1 - self.decay) * agree
+        a = np.clip(self.alpha, 1e-6, 1 - 1e-6)[:, None]
+        powers = a ** self._k[None, :]  # alpha^K
+        if self.bonus:
+            tokens = (1 - a * powers) / (1 - a)  # 1 + alpha + ... + alpha^K
+        else:
+            tokens = (1 - powers) / (1 - a) + (1 - powers)  # accepted prefix + correction unless all K accepted
+        rate = tokens / self._cost
+        i, k = np.unravel_index(np.argmax(rate), rate.shape)
+        if rate[i, k] <= 1.0 / self._ar:
+            return 0
+        return self.actions.encode(self.actions.exit_layers[i], int(self._k[k]))
+
+    def update(self, record: RoundRecord) -> None:
+        pass

@@ -154,7 +154,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 @app.command()
 def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
                                                                             "(ar, hf, static:E,K, static:best, "
-                                                                            "heuristic:E, oracle, agent:PATH)."),
+                                                                            "heuristic:E, del, oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
              calib_prompts: str = CalibOpt,

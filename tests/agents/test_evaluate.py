@@ -12,7 +12,7 @@ from lede_env.decoding import SelfSpeculativeDecoder
 def test_trace_and_live_eval(tiny, tiny_env, tmp_path):
     b, heads, ts, prof = tiny
     best, _ = best_static_action(tiny_env)
-    names = ["ar", "static:best", "static:2,3", "heuristic:2", "oracle"]
+    names = ["ar", "static:best", "static:2,3", "heuristic:2", "del", "oracle"]
     rows = trace_eval(tiny_env, names, best)
     by = {r["policy"]: r for r in rows}
     assert by["ar"]["throughput"] == pytest.approx(1.0)  # AR pays no feature overhead

@@ -100,3 +100,19 @@ def test_best_static_is_best(tiny_env):
         tp2 = throughput([rollout(u.trace_set.traces[i], u.rules, u.max_new_tokens, lambda g: other)
                           for i in u.playable])
         assert tp >= tp2 - 1e-12
+
+
+def test_del_policy_follows_acceptance(tiny_env):
+    from agents.policies import DELPolicy
+
+    u = tiny_env
+    p = DELPolicy(u.actions, u.profile, prior=0.0, decay=0.5)
+    obs, _ = u.reset(seed=0)
+    obs = {k: v.copy() for k, v in obs.items()}
+    obs["exit_stats"][:, 2] = 0.0
+    assert p.act(obs) == 0  # nothing is ever accepted: plain AR steps
+    obs["exit_stats"][:, 2] = 1.0
+    for _ in range(30):
+        a = p.act(obs)
+    E, K = u.actions.decode(a)
+    assert E > 0 and K == u.actions.k_max  # everything accepted: the longest draft
