@@ -301,8 +301,8 @@ class SelfSpeculativeDecoder:
                     self.stack.crop(cache, pos)
                     taps = {} if want_obs else None
                     n = K + 1 if self.bonus else K
-                    ids = torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)
-                    hidden_E, E_from = self.stack.embed(ids), 0
+                    verify_ids = torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)
+                    hidden_E, E_from = self.stack.embed(verify_ids), 0
                 else:
                     E_from = E
                 normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps)

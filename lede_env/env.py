@@ -106,7 +106,8 @@ class LEDEEnv(gym.Env):
     charges drafting (K passes through layers 1..E + draft head, and layers 1..E once more
     for the last draft token when ``bonus``), verification (layers E+1..L on the verified
     positions + full LM head; layers 1..E are reused from the draft) and the per-round
-    feature/policy overhead. ``reward_mode``:
+    feature/policy overhead (an agent reading observations pays it; ``charging_overhead(False)``
+    drops it for policies that read none, as the real decoder does). ``reward_mode``:
 
     - ``"net"`` (default): tokens emitted - cost. The undiscounted return is the number of AR
       steps saved (N - total cost); use a discount near 1.
