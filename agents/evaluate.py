@@ -33,7 +33,7 @@ import torch
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.replay import oracle_plan, rollout, throughput
 
-from .policies import DELPolicy, ExportedPolicy, HeuristicPolicy, best_static_action
+from .policies import DELPolicy, ExportedPolicy, HeuristicPolicy
 
 
 def make_policy(name: str, env, static_best: Optional[int] = None):
@@ -90,7 +90,7 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None) -> list
             continue
         pol = make_policy(name, env, static_best)
         with u.charging_overhead(bool(pol is not None and pol.needs_observation)):
-            results, returns = _episodes(u, pol)
+            results, returns = run_episodes(u, pol)
         rows.append({"policy": label(name, env, static_best), "throughput": throughput(results),
                      "mean_return": float(np.mean(returns)),
                      "tokens_per_round": sum(r["tokens"] for r in results) / max(sum(r["rounds"] for r in results), 1),
@@ -104,8 +104,13 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None) -> list
     return rows
 
 
-def _episodes(u, pol):
-    """One episode per playable trace with ``pol`` (``None`` = the env's oracle)."""
+def run_episodes(u, pol):
+    """One episode per playable trace of env ``u`` with ``pol`` (``None`` = the env's oracle).
+
+    Returns:
+        ``(results, returns)``: per episode ``{"tokens", "cost", "rounds", "accepted", "drafted"}``
+        and the undiscounted return.
+    """
     results, returns = [], []
     for i in u.playable:
         obs, _ = u.reset(seed=0, options={"prompt_index": i})
@@ -235,8 +240,3 @@ def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
     (out_dir / f"{name}.csv").write_text(buf.getvalue())
-
-
-def choose_static(train_env) -> tuple[int, float]:
-    """The best static action on the training traces (see :func:`agents.policies.best_static_action`)."""
-    return best_static_action(train_env)

@@ -180,18 +180,8 @@ def _rename_agent(rows: list[dict], algo: str) -> None:
 
 def _policy_throughput(env, policy) -> float:
     """Throughput (tokens / cost) of ``policy`` over all of ``env``'s playable traces."""
-    from lede_env.decoding import RoundRecord
+    from lede_env.replay import throughput
 
-    u = env.unwrapped
-    tok = cost = 0.0
-    for i in u.playable:
-        obs, _ = u.reset(seed=0, options={"prompt_index": i})
-        policy.reset()
-        done = False
-        while not done:
-            obs, _, te, tr, info = u.step(policy.act(obs))
-            policy.update(RoundRecord(**info["round"]))
-            tok += info["round"]["emitted"]
-            cost += info["round"]["cost"]
-            done = te or tr
-    return tok / cost
+    from .evaluate import run_episodes
+
+    return throughput(run_episodes(env.unwrapped, policy)[0])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lede_env.decoding import RoundRecord, StaticPolicy
-from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig
+from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
 
 __all__ = ["StaticPolicy", "RandomPolicy", "HeuristicPolicy", "OraclePolicy", "EpsilonPolicy", "ExportedPolicy",
            "DELPolicy", "best_static_action"]
@@ -166,7 +166,7 @@ class ExportedPolicy:
     def act(self, obs: Optional[dict]) -> int:
         if obs is None:
             raise ValueError("ExportedPolicy needs observations (needs_observation=True).")
-        x = np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in self.layout])
+        x = flatten_by_layout(obs, self.layout)
         return int(self.module(torch.from_numpy(x).unsqueeze(0)).reshape(-1)[0])
 
     def update(self, record: RoundRecord) -> None:

@@ -18,8 +18,11 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
+from lede_env.mdp import flatten_by_layout
 
 ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
 
@@ -247,8 +250,7 @@ def greedy_q_policy(algo, layout):
             pass
 
         def act(self, obs):
-            x = np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in layout])
-            return int(algo.predict(x[None])[0])
+            return int(algo.predict(flatten_by_layout(obs, layout)[None])[0])
 
         def update(self, record):
             pass

@@ -252,4 +252,9 @@ class ObservationBuilder:
 
     def flatten(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """[flat_dim] float32 vector for libraries that need a Box (d3rlpy, exported policies)."""
-        return np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in self.layout()])
+        return flatten_by_layout(obs, self.layout())
+
+
+def flatten_by_layout(obs: dict, layout) -> np.ndarray:
+    """Concatenate ``obs[key]`` for each ``(key, shape)`` of ``layout`` into one float32 vector."""
+    return np.concatenate([np.asarray(obs[k], np.float32).reshape(-1) for k, _ in layout])

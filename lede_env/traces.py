@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
-from .model import LayerStack, atomic_folder, cache_dir, eos_token_ids, load_model, model_slug, write_json_atomic
+from .model import (LayerStack, atomic_folder, cache_dir, describe_model, eos_token_ids, load_model, model_slug,
+                    write_json_atomic)
 from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
@@ -296,7 +297,7 @@ def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[
         "format": TRACE_FORMAT,
         "lede_version": __version__,
         "torch_version": torch.__version__,
-        "model": {"name": bundle.name} | _describe(bundle),
+        "model": {"name": bundle.name} | describe_model(bundle.model),
         "exit_layers": list(heads.exit_layers),
         "heads": {"kind": heads.kind, "draft_vocab": heads.draft_vocab, "feature_vocab": heads.feature_vocab,
                   "fingerprint": heads.fingerprint()},
@@ -306,12 +307,6 @@ def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[
         "eos_ids": list(bundle.eos_ids),
     }
     return TraceSet(traces, manifest)
-
-
-def _describe(bundle: ModelBundle) -> dict:
-    c = bundle.model.config
-    return {"model_type": c.model_type, "num_layers": int(c.num_hidden_layers), "hidden_size": int(c.hidden_size),
-            "vocab_size": int(c.vocab_size)}
 
 
 _ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidden")
