@@ -32,7 +32,7 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.kind == "affine")
     if kind == "measured":
         tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(),
-                                   torch.get_num_threads())).encode()).hexdigest()[:12]
+                                   torch.get_num_threads(), bundle.stack.kernels)).encode()).hexdigest()[:12]
         path = cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
         if path.exists():
             try:
