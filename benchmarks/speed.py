@@ -9,9 +9,12 @@ Methods, all greedy, on held-out prompts (not used for fitting exit heads or cho
   and ``--ee-tokens`` tokens (it is slow), compared per token;
 - ``static lens, no reuse``: the best static (E, K) with logit-lens exits, full vocabulary and
   full-model verification (plain SSD);
-- ``static affine+vocab+reuse``: the best static (E, K) with affine exit heads, the truncated
-  draft vocabulary and compute reuse in verification;
-- ``oracle replay``: the dynamic-programming oracle's action sequence replayed by the real decoder.
+- ``static <kind>+vocab<V_d>+reuse``: the best static (E, K) with learned exit heads
+  (``--head-kind``, default ``affine-kl``), the truncated draft vocabulary and compute reuse in
+  verification, verifying K+1 positions (the verifier's bonus token; the last draft token also
+  passes layers 1..E) and, as ``no bonus``, only K positions;
+- ``oracle replay`` (and ``no bonus``): the dynamic-programming oracle's action sequence replayed by
+  the real decoder.
 
 Statics are chosen on the training traces. For each method the table gives wall-clock tokens/s,
 the speedup over AR measured in this run (ratio of total times over the same prompts, methods
@@ -38,6 +41,8 @@ def main() -> None:
     ap.add_argument("--train-prompts", default="humaneval[0:24]")
     ap.add_argument("--calib-prompts", default="humaneval[100:132]")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--head-kind", default="affine-kl", help="learned exit-head kind (lede_env.exits.HEAD_KINDS)")
+    ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--ee-grid", default="4,8,16,24")
     ap.add_argument("--ee-prompts", type=int, default=2)
     ap.add_argument("--ee-tokens", type=int, default=32)
@@ -48,37 +53,41 @@ def main() -> None:
     from agents.policies import best_static_action
     from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
     from lede_env.env import LEDEEnv
-    from lede_env.exits import ExitHeads
     from lede_env.replay import oracle_plan, rollout
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
     b = get_bundle(None)
     common = dict(max_new_tokens=args.max_new_tokens, calib_prompts=args.calib_prompts, cost_profile="measured",
                   progress=False)
-    variants = {
+    learned = dict(head_kind=args.head_kind, draft_vocab=args.draft_vocab, reuse=True)
+    variants = {  # name: env arguments
         "lens": dict(head_kind="lens", draft_vocab=None, reuse=False),
-        "affine": dict(head_kind="affine", draft_vocab=8192, reuse=True),
+        "learned": dict(learned, bonus=True),
+        "learned, no bonus": dict(learned, bonus=False),
     }
     envs, decs, statics = {}, {}, {}
     for name, kw in variants.items():
-        envs[name] = LEDEEnv(prompts=args.prompts, **common, **kw)
+        envs[name] = u = LEDEEnv(prompts=args.prompts, **common, **kw)
         statics[name], _ = best_static_action(LEDEEnv(prompts=args.train_prompts, **common, **kw))
-        heads = (get_heads(b, HeadSpec(kind="affine", draft_vocab=8192, calib_prompts=args.calib_prompts))
-                 if name == "affine" else ExitHeads(b.stack, envs[name].actions.exit_layers, "lens"))
-        u = envs[name]
+        heads = get_heads(b, HeadSpec(kind=kw["head_kind"], draft_vocab=kw["draft_vocab"],
+                                      calib_prompts=args.calib_prompts))
         decs[name] = SelfSpeculativeDecoder(b.stack, heads, u.actions.k_max, b.eos_ids, u.rules.bonus, u.profile,
                                             u.obs_config, reuse=kw["reuse"])
-    env = envs["affine"]
+    env = envs["learned"]
     traces = [env.trace_set.traces[i] for i in env.playable]
-    plans = {t.id: oracle_plan(t, env.rules.without_overhead(), env.max_new_tokens)[0] for t in traces}
-    methods = {
-        "AR": ("affine", lambda t: StaticPolicy(0)),
+    plans = {v: {t.id: oracle_plan(t, envs[v].rules.without_overhead(), env.max_new_tokens)[0] for t in traces}
+             for v in ("learned", "learned, no bonus")}
+    kind = f"{args.head_kind}+vocab{args.draft_vocab}+reuse"
+    methods = {  # label: (variant, policy for a trace)
+        "AR": ("learned", lambda t: StaticPolicy(0)),
         "static lens, no reuse": ("lens", lambda t: StaticPolicy(statics["lens"])),
-        "static affine+vocab+reuse": ("affine", lambda t: StaticPolicy(statics["affine"])),
-        "oracle replay": ("affine", lambda t: PlanPolicy(plans[t.id])),
+        f"static {kind}": ("learned", lambda t: StaticPolicy(statics["learned"])),
+        f"static {kind}, no bonus": ("learned, no bonus", lambda t: StaticPolicy(statics["learned, no bonus"])),
+        "oracle replay": ("learned", lambda t: PlanPolicy(plans["learned"][t.id])),
+        "oracle replay, no bonus": ("learned, no bonus", lambda t: PlanPolicy(plans["learned, no bonus"][t.id])),
     }
     res = {m: {"s": 0.0, "tok": 0, "rounds": 0, "pred_cost": 0.0, "same": True} for m in list(methods) + ["hf"]}
-    decs["affine"].generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 4)  # warm-up
+    decs["learned"].generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 4)  # warm-up
     for i, t in zip(env.playable, traces):
         p = torch.tensor(t.prompt)
         ref = None
@@ -87,7 +96,7 @@ def main() -> None:
             r = res[m]
             r["s"] += out.seconds
             r["tok"] += len(out.tokens)
-            r["rounds"] += len(out.rounds) + 1
+            r["rounds"] += len(out.rounds) + 1  # + the prefill, which emits the first token
             ref = out.tokens if m == "AR" else ref
             r["same"] &= out.tokens == ref
             # what the trace env predicts for the same actions
@@ -127,7 +136,7 @@ def main() -> None:
         s, n = early_exit(t, E)
         s_ee += s
         tok_ee += n
-        o = decs["affine"].generate(torch.tensor(t.prompt), StaticPolicy(0), args.ee_tokens)
+        o = decs["learned"].generate(torch.tensor(t.prompt), StaticPolicy(0), args.ee_tokens)
         s_ar += o.seconds
         tok_ar += len(o.tokens)
     rows.append({"method": f"transformers assistant_early_exit={E}", "tokens_per_s": tok_ee / s_ee,

@@ -61,26 +61,47 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
 def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
               heldout_prompts: str = typer.Option(DEFAULT_EVAL, help="Prompts to report agreement on."),
               max_new_tokens: int = MaxNewOpt, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
-              ridge: float = 0.01):
-    """Fit affine exit heads (tuned lens, arXiv 2303.08112) and report held-out top-1 agreement
-    with the final layer for the logit lens and the affine heads."""
+              kinds: str = typer.Option("lens,affine,affine-kl", help="Exit-head kinds to fit and compare."),
+              ridge: float = 0.01, kl_steps: int = 300):
+    """Fit exit heads of each kind (logit lens; affine tuned lens, arXiv 2303.08112, by ridge;
+    affine + KL fine-tune) and report held-out top-1 agreement with the final layer."""
     import torch
 
-    from .exits import ExitHeads, agreement
+    from .costs import min_time
+    from .exits import HEAD_KINDS, ExitHeads, agreement
     from .prompts import load_prompts
     from .traces import HeadSpec, get_bundle, get_continuations, get_heads
 
     b = get_bundle(model)
-    spec = HeadSpec(tuple(_exits(exits)) if exits else None, "affine", draft_vocab, calib_prompts=calib_prompts,
-                    ridge=ridge)
-    affine = get_heads(b, spec)
-    lens = ExitHeads(b.stack, affine.exit_layers, "lens")
+    names = [k.strip() for k in kinds.split(",") if k.strip()]
+    for k in names:
+        if k not in HEAD_KINDS:
+            raise typer.BadParameter(f"unknown exit-head kind {k!r}; choose from {HEAD_KINDS}", param_hint="--kinds")
     held = get_continuations(b, load_prompts(heldout_prompts), max_new_tokens)
     seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in held]
-    a_lens, a_aff = agreement(lens, seqs), agreement(affine, seqs)
-    console.print("| exit | logit lens | affine (V_d=%s) |\n|---|---|---|" % draft_vocab)
-    for e in affine.exit_layers:
-        console.print(f"| {e} | {a_lens[e]:.3f} | {a_aff[e]:.3f} |")
+    table = {}
+    for k in names:
+        heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, k, draft_vocab,
+                                      calib_prompts=calib_prompts, ridge=ridge, kl_steps=kl_steps))
+        table[f"{k} (V_d={heads.draft_vocab})"] = agreement(heads, seqs)
+        V = b.stack.head_weight.shape[0]
+        if heads.draft_vocab != V:  # the same translators over the full vocabulary
+            full = ExitHeads(b.stack, heads.exit_layers, k)
+            full.load_state(heads.state())
+            full.draft_vocab = V
+            full._refresh_vocab()
+            table[f"{k} (full vocab)"] = agreement(full, seqs)
+            x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype)
+            ms = {n: 1000 * min_time(lambda h=h: h.draft_tokens(x, 0), 30) for n, h in (("V_d", heads), ("full", full))}
+            times = f"draft head {ms['V_d']:.2f} ms (V_d={heads.draft_vocab}) vs {ms['full']:.2f} ms (full vocabulary)"
+    cols = list(table)
+    print(f"Top-1 agreement with the final layer on {heldout_prompts} ({sum(len(c.generated) for c in held)} "
+          "positions)\n")
+    print("| exit | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for e in next(iter(table.values())):
+        print(f"| {e} | " + " | ".join(f"{table[c][e]:.3f}" for c in cols) + " |")
+    if draft_vocab:
+        print(f"\nOne draft-head call for one token: {times}.")
 
 
 @app.command()

@@ -136,7 +136,7 @@ def analytic_profile(stack: LayerStack, k_max: int, draft_vocab: Optional[int] =
     return prof
 
 
-def _min_time(fn, repeats: int) -> float:
+def min_time(fn, repeats: int) -> float:
     """Fastest of ``repeats`` timings (the least disturbed by other work on the machine)."""
     best = float("inf")
     for _ in range(repeats):
@@ -193,15 +193,15 @@ def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
         run_head(k)
     for _ in range(repeats):
         for k in ks:
-            layer[k - 1] = min(layer[k - 1], _min_time(lambda: run_layers(k), 1) / stack.num_layers)
-            head[k - 1] = min(head[k - 1], _min_time(lambda: run_head(k), 1))
+            layer[k - 1] = min(layer[k - 1], min_time(lambda: run_layers(k), 1) / stack.num_layers)
+            head[k - 1] = min(head[k - 1], min_time(lambda: run_head(k), 1))
     x1 = torch.randn(1, 1, d, generator=g).to(stack.device, stack.dtype)
     heads.draft_tokens(x1, 0)
-    draft = _min_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
+    draft = min_time(lambda: heads.draft_tokens(x1, 0), repeats * 3)
     over = 0.0
     if overhead_fn is not None:
         overhead_fn()
-        over = _min_time(overhead_fn, repeats * 3)
+        over = min_time(overhead_fn, repeats * 3)
     return CostProfile(num_layers=stack.num_layers, layer=layer, head=head, draft_head=draft, overhead=over,
                        source="measured", meta={"unit": "seconds", "context": context,
                                                 "threads": torch.get_num_threads(), "device": str(stack.device),

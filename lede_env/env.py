@@ -29,7 +29,7 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
     """A cost profile: ``"analytic"``, ``"measured"`` (measured once on this machine and cached),
     or a path to a JSON profile written by ``lede profile``."""
     if kind == "analytic":
-        return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.kind == "affine")
+        return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind == "measured":
         tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(),
                                    torch.get_num_threads(), bundle.stack.kernels)).encode()).hexdigest()[:12]

@@ -8,6 +8,9 @@ Two kinds (:attr:`ExitHeads.kind`):
   regression towards the final normed hidden state, then the LM head (the tuned-lens idea,
   Belrose et al., arXiv 2303.08112). The ridge pulls ``W_E`` towards the identity, so a strong
   penalty gives back the logit lens. Fit it on the model's *own* greedy continuations.
+- ``"affine-kl"`` - the same translator, ridge-fitted, then fine-tuned by KL to the final
+  layer's distribution over the draft vocabulary (:func:`finetune_kl`): a few points more
+  top-1 agreement at shallow exits for a fit of about 10 s per exit on 2 CPU cores.
 
 Draft heads may score only a truncated, frequency-ranked vocabulary of ``draft_vocab`` tokens
 (FR-Spec idea, arXiv 2502.14856): on small models the full LM head costs as much as several
@@ -30,7 +33,7 @@ from torch import nn
 
 from .model import LayerStack
 
-HEAD_KINDS = ("lens", "affine")
+HEAD_KINDS = ("lens", "affine", "affine-kl")
 #: bumped whenever the observation features computed from exit heads change (cache keys)
 FEATURES_VERSION = 2
 
@@ -53,7 +56,7 @@ class ExitHeads(nn.Module):
     Args:
         stack: the model's :class:`~lede_env.model.LayerStack`.
         exit_layers: candidate exit layers, strictly increasing, each in ``1 .. L-1``.
-        kind: ``"lens"`` or ``"affine"``.
+        kind: one of :data:`HEAD_KINDS`; ``"affine"`` and ``"affine-kl"`` use translators.
         vocab_rank: [V] int64 frequency ranking of the vocabulary (see :func:`rank_vocabulary`);
             ``None`` keeps token-id order.
         draft_vocab: number of top-ranked tokens the draft head scores (``None`` = all V).
@@ -88,6 +91,8 @@ class ExitHeads(nn.Module):
         self.stack = stack
         self.exit_layers = tuple(exit_layers)
         self.kind = kind
+        #: whether each exit has an affine translator (every kind but the logit lens)
+        self.translated = kind != "lens"
         self.draft_vocab = draft_vocab
         self.feature_vocab = feature_vocab
         self.register_buffer("vocab_rank", vocab_rank.to(torch.long), persistent=False)
@@ -115,7 +120,7 @@ class ExitHeads(nn.Module):
     def translate(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
         """Normed, translated hidden state fed to the LM head. [..., d] -> [..., d]."""
         h = self.stack.norm(hidden)
-        if self.kind == "affine":
+        if self.translated:
             h = torch.addmm(self.bias[i], h.reshape(-1, h.shape[-1]), self.weight[i]).view(h.shape)
         return h
 
@@ -149,7 +154,7 @@ class ExitHeads(nn.Module):
             token, float32 entropy in nats, int64 argmax token id (full vocabulary).
         """
         h = self.stack.norm(hidden)
-        if self.kind == "affine":
+        if self.translated:
             h = torch.einsum("...nd,nde->...ne", h, self.weight) + self.bias
         logits = self.stack.linear(h, self.feature_w)
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -162,7 +167,7 @@ class ExitHeads(nn.Module):
         h = hashlib.sha256()
         h.update(repr((self.kind, self.exit_layers, self.draft_vocab, self.feature_vocab, FEATURES_VERSION)).encode())
         h.update(self.vocab_rank[: max(self.draft_vocab, self.feature_vocab)].numpy().tobytes())
-        if self.kind == "affine":
+        if self.translated:
             h.update(self.weight.float().numpy().tobytes())
             h.update(self.bias.float().numpy().tobytes())
         return h.hexdigest()[:12]
@@ -251,15 +256,15 @@ def fit_affine(
     mean(diag(X^T X))`` after centring, so ``ridge`` is scale-free.
 
     Args:
-        heads: heads of kind ``"affine"``; updated in place.
+        heads: heads with translators (``"affine"`` or ``"affine-kl"``); updated in place.
         sequences: ``(ids [T] int64, n_prompt)`` pairs; positions ``n_prompt-1 .. T-2`` are used.
         ridge: relative ridge strength (> 0).
 
     Returns:
         ``{"positions": N, "agreement": {exit_layer: top-1 agreement on the fitting positions}}``.
     """
-    if heads.kind != "affine":
-        raise ValueError("fit_affine needs heads of kind 'affine'.")
+    if not heads.translated:
+        raise ValueError("fit_affine needs heads with translators (kind 'affine' or 'affine-kl').")
     if ridge <= 0:
         raise ValueError(f"ridge must be > 0, got {ridge}.")
     xs, ys = [], []
@@ -286,6 +291,72 @@ def fit_affine(
         heads.weight[i] = W.to(heads.weight.dtype)
         heads.bias[i] = (my - mx @ W).to(heads.bias.dtype)
     return {"positions": int(X.shape[0])}
+
+
+def finetune_kl(
+    heads: ExitHeads,
+    sequences: Sequence[tuple[torch.Tensor, int]],
+    steps: int = 300,
+    batch: int = 256,
+    lr: float = 5e-4,
+    seed: int = 0,
+) -> dict:
+    """Fine-tune each exit's affine translator against the final layer's own predictions.
+
+    Starting from the ridge fit (:func:`fit_affine`), minimises, over the draft vocabulary,
+    ``KL(p_final || p_exit) + CE(p_exit, argmax p_final)`` with Adam on random mini-batches of
+    positions (the tuned-lens objective, arXiv 2303.08112, plus a top-1 term since drafts are
+    greedy). Every position of ``sequences`` is used, prompts included: targets are always the
+    model's own final-layer distribution, so prompt positions add data without moving the
+    target away from what the model would generate. Measured on the embedded model (fit on
+    humaneval[100:140], held-out humaneval[24:40] continuations): top-1 agreement 0.34 -> 0.36
+    at E=2, 0.35 -> 0.39 at E=4, 0.38 -> 0.39 at E=8 over the ridge fit; continuation positions
+    alone gave about a third of that gain.
+
+    Args:
+        heads: affine heads, already ridge-fitted; updated in place.
+        sequences: ``(ids [T] int64, n_prompt)`` pairs (the model's greedy continuations).
+        steps, batch, lr: Adam steps, positions per step, learning rate.
+        seed: mini-batch sampling seed.
+
+    Returns:
+        ``{"positions": N, "loss": {exit_layer: final mini-batch loss}}``.
+    """
+    if not heads.translated:
+        raise ValueError("finetune_kl needs heads with translators (kind 'affine' or 'affine-kl').")
+    if steps < 1 or batch < 1 or lr <= 0:
+        raise ValueError(f"finetune_kl needs steps >= 1, batch >= 1, lr > 0; got {steps}, {batch}, {lr}.")
+    xs, ys = [], []
+    with torch.no_grad():
+        for ids, _ in sequences:
+            eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+            xs.append(heads.stack.norm(eh[:-1]).float())
+            ys.append(final[:-1].float())
+    X = torch.cat(xs)  # [N, n, d]
+    Wd = heads.draft_w.float()  # [V_d, d]
+    with torch.no_grad():
+        teacher = torch.log_softmax(torch.cat(ys) @ Wd.T, -1)  # [N, V_d]
+        target = teacher.argmax(-1)
+    g = torch.Generator().manual_seed(seed)
+    losses = {}
+    for i, e in enumerate(heads.exit_layers):
+        W = heads.weight[i].float().clone().requires_grad_(True)
+        b = heads.bias[i].float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([W, b], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(0, X.shape[0], (min(batch, X.shape[0]),), generator=g)
+                logp = torch.log_softmax((X[idx, i] @ W + b) @ Wd.T, -1)
+                t = teacher[idx]
+                loss = (t.exp() * (t - logp)).sum(-1).mean() + torch.nn.functional.nll_loss(logp, target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            heads.weight[i] = W.detach().to(heads.weight.dtype)
+            heads.bias[i] = b.detach().to(heads.bias.dtype)
+        losses[e] = float(loss.detach())
+    return {"positions": int(X.shape[0]), "loss": losses}
 
 
 @torch.no_grad()

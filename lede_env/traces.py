@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .exits import ExitHeads, default_exit_layers, fit_affine, rank_vocabulary, teacher_forced
+from .exits import ExitHeads, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary, teacher_forced
 from .model import (LayerStack, atomic_folder, cache_dir, describe_model, eos_token_ids, load_model, model_slug,
                     write_json_atomic)
 from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
@@ -144,12 +144,13 @@ class HeadSpec:
 
     Attributes:
         exit_layers: candidate exits (``None`` = every 2nd layer below L).
-        kind: ``"lens"`` or ``"affine"``.
+        kind: ``"lens"``, ``"affine"`` or ``"affine-kl"`` (see :mod:`lede_env.exits`).
         draft_vocab: truncated draft vocabulary size (``None`` = full vocabulary).
         feature_vocab: vocabulary of the observation features.
         calib_prompts: prompt spec whose greedy continuations fit the heads and rank the vocabulary.
         calib_max_new_tokens: continuation length for calibration.
         ridge: relative ridge strength of the affine fit.
+        kl_steps: Adam steps of the KL fine-tune per exit (kind ``"affine-kl"`` only).
     """
 
     exit_layers: Optional[tuple[int, ...]] = None
@@ -159,6 +160,7 @@ class HeadSpec:
     calib_prompts: str = DEFAULT_CALIB
     calib_max_new_tokens: int = DEFAULT_MAX_NEW
     ridge: float = 0.01
+    kl_steps: int = 300
 
 
 def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,
@@ -172,7 +174,7 @@ def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_ca
     V = bundle.stack.head_weight.shape[0]
     draft_vocab = None if spec.draft_vocab is None or spec.draft_vocab >= V else spec.draft_vocab
     heads = ExitHeads(bundle.stack, exits, spec.kind, None, draft_vocab, spec.feature_vocab)
-    needs_calib = spec.kind == "affine" or draft_vocab is not None or spec.feature_vocab < V
+    needs_calib = spec.kind != "lens" or draft_vocab is not None or spec.feature_vocab < V
     if not needs_calib:
         return heads
     tag = hashlib.sha256(repr((asdict(spec) | {"exit_layers": exits},)).encode()).hexdigest()[:12]
@@ -188,9 +190,11 @@ def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_ca
                                         progress=progress, use_cache=use_cache)
     heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
     heads._refresh_vocab()
-    if spec.kind == "affine":
-        fit_affine(heads, [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration],
-                   ridge=spec.ridge)
+    if heads.translated:
+        seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration]
+        fit_affine(heads, seqs, ridge=spec.ridge)
+        if spec.kind == "affine-kl":
+            finetune_kl(heads, seqs, steps=spec.kl_steps)
     if use_cache:
         _save_tensors_atomic(path, heads.state())
     return heads
