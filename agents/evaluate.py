@@ -6,6 +6,7 @@ Policies are named by strings:
 - ``hf`` - transformers' ``model.generate(do_sample=False)`` (wall clock only);
 - ``static:E,K`` - a fixed (E, K); ``static:best`` - the best static action on training traces;
 - ``heuristic:E`` - transformers' +2/-1 speculation-length schedule at exit E;
+- ``confidence:E,K,THRESHOLD`` - confidence-threshold drafting from exit E, at most K tokens;
 - ``del`` - DEL-style dynamic exit and length from running acceptance estimates;
 - ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
 - ``agent:PATH`` - an exported policy folder.
@@ -33,7 +34,7 @@ import torch
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.replay import oracle_plan, rollout, throughput
 
-from .policies import DELPolicy, ExportedPolicy, HeuristicPolicy
+from .policies import ConfidencePolicy, DELPolicy, ExportedPolicy, HeuristicPolicy
 
 
 def make_policy(name: str, env, static_best: Optional[int] = None):
@@ -54,6 +55,13 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
             return StaticPolicy(static_best)
         E, K = (int(x) for x in arg.split(","))
         return StaticPolicy(A.encode(E, K))
+    if name.startswith("confidence:"):
+        try:
+            E, K, tau = name.split(":", 1)[1].split(",")
+            return ConfidencePolicy(A, int(E), int(K), float(tau))
+        except ValueError as e:
+            raise ValueError(f"Bad policy {name!r} ({e}); write confidence:E,K,THRESHOLD, e.g. confidence:4,8,0.5."
+                             ) from None
     if name == "del":
         u = env.unwrapped
         return DELPolicy(A, u.profile, u.rules.bonus, u.rules.reuse)
@@ -65,8 +73,8 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
         return p
     if name in ("oracle", "hf"):
         return None
-    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, del, oracle "
-                     "or agent:PATH.")
+    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, "
+                     "confidence:E,K,THRESHOLD, del, oracle or agent:PATH.")
 
 
 def label(name: str, env, static_best: Optional[int]) -> str:
@@ -76,31 +84,43 @@ def label(name: str, env, static_best: Optional[int]) -> str:
     return name
 
 
-def trace_eval(env, names: list[str], static_best: Optional[int] = None) -> list[dict]:
+def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_category: bool = True) -> list[dict]:
     """Every policy on every playable trace of ``env`` (once each, in order).
 
+    Args:
+        by_category: also give one row per policy and prompt category (when there are several).
+
     Returns:
-        one row per policy: ``policy``, ``throughput``, ``oracle_share``, ``mean_return``,
-        ``tokens_per_round``, ``acceptance``.
+        one row per policy (``category == "all"``), then per policy and category:
+        ``policy``, ``category``, ``throughput`` (tokens per AR-step unit), ``oracle_share``
+        (throughput / the oracle's on the same traces), ``mean_return``, ``tokens_per_round``,
+        ``acceptance``.
     """
     u = env.unwrapped
-    rows = []
+    cats = [u.trace_set.traces[i].category for i in u.playable]
+    groups = {"all": list(range(len(cats)))}
+    if by_category and len(set(cats)) > 1:
+        for c in sorted(set(cats)):
+            groups[c] = [j for j, x in enumerate(cats) if x == c]
+    rules = u.rules.without_overhead()
+    oracle = [rollout(t, rules, u.max_new_tokens, lambda g, plan=oracle_plan(t, rules, u.max_new_tokens)[0]: int(plan[g]))
+              for t in (u.trace_set.traces[i] for i in u.playable)]
+    per_policy = {}
     for name in names:
         if name == "hf":
             continue
         pol = make_policy(name, env, static_best)
-        with u.charging_overhead(bool(pol is not None and pol.needs_observation)):
-            results, returns = run_episodes(u, pol)
-        rows.append({"policy": label(name, env, static_best), "throughput": throughput(results),
-                     "mean_return": float(np.mean(returns)),
-                     "tokens_per_round": sum(r["tokens"] for r in results) / max(sum(r["rounds"] for r in results), 1),
-                     "acceptance": (sum(r["accepted"] for r in results) / max(sum(r["drafted"] for r in results), 1))})
-    rules = u.rules.without_overhead()
-    oracle = throughput([rollout(t, rules, u.max_new_tokens,
-                                 lambda g, plan=oracle_plan(t, rules, u.max_new_tokens)[0]: int(plan[g]))
-                         for t in (u.trace_set.traces[i] for i in u.playable)])
-    for r in rows:
-        r["oracle_share"] = r["throughput"] / oracle
+        with u.playing(pol):
+            per_policy[label(name, env, static_best)] = run_episodes(u, pol)
+    rows = []
+    for cat, idx in groups.items():
+        for lab, (results, returns) in per_policy.items():
+            res = [results[j] for j in idx]
+            rows.append({"policy": lab, "category": cat, "throughput": throughput(res),
+                         "oracle_share": throughput(res) / throughput([oracle[j] for j in idx]),
+                         "mean_return": float(np.mean([returns[j] for j in idx])),
+                         "tokens_per_round": sum(r["tokens"] for r in res) / max(sum(r["rounds"] for r in res), 1),
+                         "acceptance": sum(r["accepted"] for r in res) / max(sum(r["drafted"] for r in res), 1)})
     return rows
 
 
@@ -151,13 +171,21 @@ class LiveResult:
 
 
 def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_best: Optional[int] = None,
-              warmup: bool = True, progress: bool = True) -> list[dict]:
+              warmup: bool = True, progress: bool = True, by_category: bool = True,
+              records: Optional[dict] = None) -> list[dict]:
     """Run every method on every trace prompt of ``env`` with the real decoder; methods are
     interleaved prompt by prompt so that machine noise hits them alike.
 
+    Args:
+        by_category: also give one row per method and prompt category (when there are several).
+        records: if given, filled with ``{policy label: [{"prompt_id", "category", "tokens",
+            "rounds": [RoundRecord dicts]}, ...]}`` (for plots; not for ``hf``).
+
     Returns:
-        one row per method: ``policy``, ``tokens_per_s``, ``speedup_vs_ar``, ``tokens_per_round``,
-        ``acceptance``, ``identical_to_ar``, ``exit_histogram``, ``policy_ms_per_round``.
+        one row per method (``category == "all"``), then per method and category: ``policy``,
+        ``category``, ``tokens_per_s``, ``speedup_vs_ar`` (ratio of total wall-clock times to
+        ``ar``'s on the same prompts), ``tokens_per_round``, ``acceptance``, ``identical_to_ar``,
+        ``exit_histogram``, ``policy_ms_per_round``.
     """
     from tqdm.auto import tqdm
 
@@ -166,8 +194,11 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     if "ar" not in names:
         names = ["ar"] + names
     pols = {n: make_policy(n, env, static_best) for n in names}
-    res = {n: LiveResult() for n in names}
     traces = [u.trace_set.traces[i] for i in u.playable]
+    cats = sorted({t.category for t in traces})
+    by_category = by_category and len(cats) > 1
+    groups = ["all"] + (cats if by_category else [])
+    res = {(n, c): LiveResult() for n in names for c in groups}
     rules = u.rules.without_overhead()
     plans = {t.id: oracle_plan(t, rules, u.max_new_tokens)[0] for t in traces} if "oracle" in names else {}
     if warmup:
@@ -176,38 +207,47 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
         prompt = torch.tensor(t.prompt)
         ref: Optional[list[int]] = None
         for n in names:
-            r = res[n]
+            rs = [res[(n, "all")]] + ([res[(n, t.category)]] if by_category else [])
             if n == "hf":
                 t0 = time.perf_counter()
                 toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids)
-                r.seconds += time.perf_counter() - t0
-                r.tokens += len(toks)
-                r.rounds += len(toks)
+                dt = time.perf_counter() - t0
+                for r in rs:
+                    r.seconds += dt
+                    r.tokens += len(toks)
+                    r.rounds += len(toks)
             else:
                 pol = PlanPolicy(plans[t.id]) if n == "oracle" else pols[n]
                 out = decoder.generate(prompt, pol, u.max_new_tokens)
                 toks = out.tokens
-                r.seconds += out.seconds
-                r.tokens += len(toks)
-                r.rounds += len(out.rounds) + 1  # + the prefill token
-                r.accepted += out.accepted
-                r.drafted += out.drafted
-                r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
-                r.exits.update(x.exit_layer for x in out.rounds)
+                for r in rs:
+                    r.seconds += out.seconds
+                    r.tokens += len(toks)
+                    r.rounds += len(out.rounds) + 1  # + the prefill token
+                    r.accepted += out.accepted
+                    r.drafted += out.drafted
+                    r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
+                    r.exits.update(x.exit_layer for x in out.rounds)
+                if records is not None:
+                    records.setdefault(label(n, env, static_best), []).append(
+                        {"prompt_id": t.id, "category": t.category, "tokens": list(toks),
+                         "rounds": [x.as_dict() for x in out.rounds]})
             if n == "ar":
                 ref = toks
-            r.identical &= toks == ref
-    ar = res["ar"]
+            for r in rs:
+                r.identical &= toks == ref
     rows = []
-    for n in names:
-        r = res[n]
-        rows.append({"policy": label(n, env, static_best), "tokens_per_s": r.tokens / r.seconds,
-                     "speedup_vs_ar": ar.seconds / r.seconds,
-                     "tokens_per_round": r.tokens / max(r.rounds, 1),
-                     "acceptance": r.accepted / r.drafted if r.drafted else float("nan"),
-                     "identical_to_ar": r.identical,
-                     "exit_histogram": dict(sorted(r.exits.items())),
-                     "policy_ms_per_round": 1000 * r.policy_seconds / max(r.rounds, 1)})
+    for c in groups:
+        ar = res[("ar", c)]
+        for n in names:
+            r = res[(n, c)]
+            rows.append({"policy": label(n, env, static_best), "category": c, "tokens_per_s": r.tokens / r.seconds,
+                         "speedup_vs_ar": ar.seconds / r.seconds,
+                         "tokens_per_round": r.tokens / max(r.rounds, 1),
+                         "acceptance": r.accepted / r.drafted if r.drafted else float("nan"),
+                         "identical_to_ar": r.identical,
+                         "exit_histogram": dict(sorted(r.exits.items())),
+                         "policy_ms_per_round": 1000 * r.policy_seconds / max(r.rounds, 1)})
     return rows
 
 

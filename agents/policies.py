@@ -8,6 +8,8 @@
 - :class:`EpsilonPolicy` - another policy with epsilon-random exploration.
 - :class:`ExportedPolicy` - a trained Q-network exported by :mod:`agents.export`.
 - :class:`DELPolicy` - DEL-style (E, K) from running per-exit acceptance estimates.
+- :class:`ConfidencePolicy` - confidence-threshold drafting at a fixed exit: draft until the
+  draft head's top-1 probability falls below a threshold, K as a cap.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lede_env.decoding import RoundRecord, StaticPolicy
 from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
 
 __all__ = ["StaticPolicy", "RandomPolicy", "HeuristicPolicy", "OraclePolicy", "EpsilonPolicy", "ExportedPolicy",
-           "DELPolicy", "best_static_action"]
+           "DELPolicy", "ConfidencePolicy", "best_static_action"]
 
 
 class RandomPolicy:
@@ -250,3 +252,29 @@ class DELPolicy:
 
     def update(self, record: RoundRecord) -> None:
         pass
+
+
+class ConfidencePolicy(StaticPolicy):
+    """Confidence-threshold drafting: every round drafts from exit E until a draft token's
+    draft-head top-1 probability falls below ``threshold`` (that token is kept), at most
+    ``k_cap`` tokens. The rule of Draft & Verify (Zhang et al., arXiv 2309.08168) and Kangaroo
+    (Liu et al., arXiv 2404.18911); AdaEDL (arXiv 2410.18351) stops on an entropy bound instead.
+
+    The decoder and the env (:meth:`lede_env.env.LEDEEnv.playing`) read :attr:`stop_threshold`.
+
+    Args:
+        actions: the action map.
+        exit_layer: E, one of ``actions.exit_layers``.
+        k_cap: the most draft tokens per round (1..k_max).
+        threshold: stop probability in (0, 1).
+
+    Raises:
+        ValueError: E not a candidate exit, K outside 1..k_max, threshold outside (0, 1).
+    """
+
+    def __init__(self, actions: ActionMap, exit_layer: int, k_cap: int, threshold: float) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold={threshold!r} must be a probability in (0, 1).")
+        super().__init__(actions.encode(exit_layer, k_cap))
+        self.stop_threshold = float(threshold)
+

@@ -175,13 +175,16 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 @app.command()
 def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
                                                                             "(ar, hf, static:E,K, static:best, "
-                                                                            "heuristic:E, del, oracle, agent:PATH)."),
+                                                                            "heuristic:E, confidence:E,K,THRESHOLD, "
+                                                                            "del, oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
              calib_prompts: str = CalibOpt,
              model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
              head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
-             live: bool = typer.Option(True, help="Also time the real decoder."), out: Path = Path("runs/eval")):
+             live: bool = typer.Option(True, help="Also time the real decoder."),
+             plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
+             out: Path = Path("runs/eval")):
     """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
     from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
     from agents.policies import best_static_action
@@ -200,24 +203,43 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     rows = trace_eval(eval_env, names, static_best)
     write_results(out, "trace_eval", rows)
     console.print(to_markdown(rows))
+    plot_rows, records = rows, {}
     if live:
         b = get_bundle(model)
         heads = get_heads(b, HeadSpec(None, head_kind, draft_vocab, calib_prompts=calib_prompts))
         dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, eval_env.rules.bonus, eval_env.profile,
                                      eval_env.obs_config)
-        rows = live_eval(eval_env, dec, names, static_best)
+        rows = live_eval(eval_env, dec, names, static_best, records=records)
         write_results(out, "live_eval", rows)
         console.print(to_markdown(rows))
+        plot_rows = rows
+    if plots:
+        from agents.plots import plot_choices, plot_speedup_by_category
+
+        made = [plot_speedup_by_category(plot_rows, out / "speedup_by_category.png",
+                                         "speedup_vs_ar" if live else "throughput")]
+        for lab, recs in records.items():
+            if lab != "ar" and not lab.startswith("static"):
+                slug = "".join(ch if ch.isalnum() else "_" for ch in lab)[:60]
+                made.append(plot_choices(recs, out / f"choices_{slug}.png", eval_env.actions.exit_layers, k_max,
+                                         title=f"{lab} on {prompts}"))
+        console.print("plots: " + ", ".join(str(m) for m in made))
 
 
 def _split_policies(s: str) -> list[str]:
-    """Split on commas that start a new policy name (``static:4,2`` keeps its comma)."""
+    """Split on commas that start a new policy name: a number continues the previous name's
+    arguments (``static:4,2,confidence:4,8,0.5`` -> ``static:4,2`` and ``confidence:4,8,0.5``)."""
     out: list[str] = []
-    for part in s.split(","):
-        if out and part.strip().isdigit() and out[-1].startswith("static:") and "," not in out[-1]:
-            out[-1] += "," + part.strip()
+    for part in (p.strip() for p in s.split(",")):
+        try:
+            float(part)
+            numeric = True
+        except ValueError:
+            numeric = False
+        if numeric and out and ":" in out[-1]:
+            out[-1] += "," + part
         else:
-            out.append(part.strip())
+            out.append(part)
     return [p for p in out if p]
 
 

@@ -108,6 +108,9 @@ class Policy(Protocol):
 
     Attributes:
         needs_observation: if false, the decoder skips computing observations (``act`` gets None).
+        stop_threshold: optional float attribute (read every round when present): drafting
+            stops after the first draft token whose draft-head probability is below it, so the
+            action's K is a cap (confidence-threshold drafting; the env's ``stop_threshold``).
     """
 
     needs_observation: bool
@@ -193,28 +196,42 @@ class SelfSpeculativeDecoder:
         normed, v = self._verifier_tokens(h)
         return [], v, normed, taps
 
-    def _draft(self, token: int, pos: int, E: int, K: int, cache, taps: Optional[dict]):
-        """K draft passes of one token through layers 1..E (+1 pass of d_K when bonus).
+    def _draft(self, token: int, pos: int, E: int, K: int, cache, taps: Optional[dict],
+               stop_threshold: Optional[float] = None):
+        """Up to K draft passes of one token through layers 1..E (+1 pass of the last draft
+        token when bonus and reuse).
 
-        Returns the draft tokens d_1..d_K and the layer-E hiddens [1, n, d] of the n positions
+        With ``stop_threshold``, drafting stops after the first draft token whose draft-head
+        probability is below it (confidence-threshold drafting; K is a cap).
+
+        Returns the draft tokens d_1..d_K' and the layer-E hiddens [1, n, d] of the n positions
         to verify; ``taps[e]`` gets [1, n, d] for exits e <= E.
         """
         i = self.heads.index(E)
         hs, draft, tap_lists = [], [], {}
-        n = K + 1 if self.bonus and self.reuse else K
+        extra_pass = self.bonus and self.reuse
         cur = token
-        for j in range(n):
+        while True:
             x = self.stack.embed(torch.tensor([[cur]], device=self.stack.device))
             local = {} if taps is not None else None
-            h = self._forward(x, 0, E, cache, pos + j, local)
+            h = self._forward(x, 0, E, cache, pos + len(hs), local)
             hs.append(h)
             if local is not None:
                 local[E] = h
                 for e, t in local.items():
                     tap_lists.setdefault(e, []).append(t)
-            if j < K:
+            if len(draft) == K:  # that was the last draft token's pass for the bonus position
+                break
+            if stop_threshold is None:
                 cur = int(self.heads.draft_tokens(h[0, 0], i))
-                draft.append(cur)
+            else:
+                tok, prob = self.heads.draft_with_confidence(h[0, 0], i)
+                cur = int(tok)
+                if float(prob) < stop_threshold:
+                    K = len(draft) + 1
+            draft.append(cur)
+            if len(draft) == K and not extra_pass:
+                break
         if taps is not None:
             for e, ts in tap_lists.items():
                 taps[e] = torch.cat(ts, 1)
@@ -295,7 +312,9 @@ class SelfSpeculativeDecoder:
                 E = 0
                 draft, verifier, normed, taps = self._ar_step(pending, pos, cache, want_obs)
             else:
-                draft, hidden_E = self._draft(pending, pos, E, K, cache, taps)
+                draft, hidden_E = self._draft(pending, pos, E, K, cache, taps,
+                                              getattr(policy, "stop_threshold", None))
+                K = len(draft)
                 if not self.reuse:
                     # Plain SSD: forget the draft's layers 1..E and verify with the full model.
                     self.stack.crop(cache, pos)

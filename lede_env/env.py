@@ -6,7 +6,7 @@ import hashlib
 import platform
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Optional
 
 import gymnasium as gym
@@ -17,7 +17,7 @@ from gymnasium import spaces
 from .costs import CostProfile, analytic_profile, measure_profile
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
-from .model import cache_dir
+from .model import KERNELS_VERSION, cache_dir
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 from .replay import ReplayRules, budget, oracle_plan, replay_round
 from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, get_bundle, get_heads, get_traces
@@ -32,7 +32,7 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind == "measured":
         tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(),
-                                   torch.get_num_threads(), bundle.stack.kernels)).encode()).hexdigest()[:12]
+                                   torch.get_num_threads(), bundle.stack.kernels, KERNELS_VERSION)).encode()).hexdigest()[:12]
         path = cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
         if path.exists():
             try:
@@ -100,6 +100,13 @@ class LEDEEnv(gym.Env):
     progress   (1,)           float32 tokens generated / max_new_tokens
     ========== ============== ======= ==============================================================
 
+    With ``stop_threshold`` (a probability; default ``None``) the action's K is a cap:
+    drafting stops after the first draft token whose draft-head probability is below the
+    threshold (confidence-threshold drafting, Draft & Verify arXiv 2309.08168, Kangaroo arXiv
+    2404.18911); that token is kept and verified, and the round is charged for the tokens
+    actually drafted (``info["round"]["draft_len"]``). A policy object can carry its own
+    ``stop_threshold`` attribute; :meth:`playing` applies it, as the real decoder does.
+
     ## Rewards
     A round's cost is in units of one AR step, from a cost profile (``cost_profile``:
     ``"analytic"`` from parameter counts, ``"measured"`` on this machine, or a JSON path). It
@@ -130,8 +137,8 @@ class LEDEEnv(gym.Env):
     ## Arguments
     ``model`` (id/path, ``None`` = embedded SmolLM2-135M-Instruct), ``prompts`` (prompt spec,
     default ``"humaneval[0:24]"``), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
-    ``k_max``, ``head_kind`` (``"affine"``/``"lens"``), ``draft_vocab``, ``feature_vocab``,
-    ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
+    ``k_max``, ``head_kind`` (``"affine-kl"``/``"affine"``/``"lens"``, see :mod:`lede_env.exits`), ``draft_vocab``, ``feature_vocab``,
+    ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     ``"humaneval[100:132]"``, disjoint from the defaults for training and evaluation), ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``). All JSON-serialisable.
     ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models).
@@ -159,6 +166,7 @@ class LEDEEnv(gym.Env):
         reward_mode: str = "net",
         bonus: bool = True,
         reuse: bool = True,
+        stop_threshold: Optional[float] = None,
         cost_profile: str = "analytic",
         obs_hidden_dim: int = 64,
         obs_history: int = 4,
@@ -199,7 +207,10 @@ class LEDEEnv(gym.Env):
         self.reward_mode = reward_mode
         self.render_mode = render_mode
         self.actions = ActionMap(trace_set.exit_layers, k_max)
-        self.rules = ReplayRules(self.actions, profile, bool(bonus), tuple(int(e) for e in eos_ids), bool(reuse))
+        if stop_threshold is not None and not 0.0 < float(stop_threshold) < 1.0:
+            raise ValueError(f"stop_threshold={stop_threshold!r} must be a probability in (0, 1), or None.")
+        self.rules = ReplayRules(self.actions, profile, bool(bonus), tuple(int(e) for e in eos_ids), bool(reuse),
+                                 None if stop_threshold is None else float(stop_threshold))
         d = trace_set.traces[0].hidden.shape[1]
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
                                            trace_set.num_layers, k_max, int(man["model"]["vocab_size"]))
@@ -243,6 +254,24 @@ class LEDEEnv(gym.Env):
             self._oracle_cache = {}
         try:
             yield self
+        finally:
+            if self.rules is not saved:
+                self.rules = saved
+                self._oracle_cache = {}
+
+    @contextmanager
+    def playing(self, policy):
+        """Within this block, rounds follow ``policy``'s own rules: the feature/policy overhead
+        is charged only if it reads observations (:meth:`charging_overhead`), and its
+        ``stop_threshold`` attribute, when present, replaces the env's (confidence-threshold
+        drafting, as the real decoder does for that policy)."""
+        saved = self.rules
+        if hasattr(policy, "stop_threshold"):
+            self.rules = replace(saved, stop_threshold=policy.stop_threshold)
+            self._oracle_cache = {}
+        try:
+            with self.charging_overhead(bool(getattr(policy, "needs_observation", False))):
+                yield self
         finally:
             if self.rules is not saved:
                 self.rules = saved
@@ -308,7 +337,8 @@ class LEDEEnv(gym.Env):
     def config(self) -> dict:
         """JSON-serialisable description of this env (for datasets and exported policies)."""
         return {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
-                "bonus": self.rules.bonus, "reuse": self.rules.reuse, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
+                "bonus": self.rules.bonus, "reuse": self.rules.reuse,
+                "stop_threshold": self.rules.stop_threshold, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
                 "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                 "trace_manifest": {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)},
                 "cost_profile": self.profile.to_json()}

@@ -139,6 +139,24 @@ class ExitHeads(nn.Module):
         return self.draft_ids[logits.argmax(-1)]
 
     @torch.no_grad()
+    def draft_with_confidence(self, hidden: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy draft tokens and their draft-head probability.
+
+        Args:
+            hidden: [..., d] output of decoder layer ``exit_layers[i]``.
+            i: index of the exit in :attr:`exit_layers`.
+
+        Returns:
+            ``(tokens, prob)``: [...] int64 token ids (full vocabulary) and [...] float32 top-1
+            probability of the draft head's softmax over the draft vocabulary (the confidence
+            that confidence-threshold drafting compares with its stop threshold).
+        """
+        logits = self.stack.linear(self.translate(hidden, i), self.draft_w).float()
+        top, arg = logits.max(-1)
+        prob = torch.exp(top - torch.logsumexp(logits, -1))
+        return self.draft_ids[arg], prob
+
+    @torch.no_grad()
     def feature_stats(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics of every exit's head over the feature vocabulary.
 

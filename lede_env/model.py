@@ -197,7 +197,9 @@ def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
 #: matrix-product kernels of :class:`LayerStack` (besides ``"auto"``)
 KERNELS = ("blas", "onednn", "default")
 #: most rows (positions) the ``"blas"`` kernels compute as ``W @ x.T``
-BLAS_MAX_ROWS = 6
+BLAS_MAX_ROWS = 5
+#: bumped when a kernel's implementation changes (measured cost profiles are keyed by it)
+KERNELS_VERSION = 2
 
 
 @dataclass
@@ -212,12 +214,13 @@ class LayerStack:
         model: a ``LlamaForCausalLM``-like model (``model.model.layers``, ``model.model.norm``,
             ``model.lm_head``, ``model.model.rotary_emb``).
         kernels: matrix-product kernels of the decoder and LM head (see :data:`KERNELS`).
-            ``"blas"`` (CPU, fp32, MKL): for 1-6 positions the product is ``W @ x.T`` through
+            ``"blas"`` (CPU, fp32, MKL): for 1-5 positions the product is ``W @ x.T`` through
             BLAS's matrix-matrix path, which streams each weight once; a single position is
-            padded to two, because BLAS's matrix-vector path is about 1.5x slower (measured on
-            2 cores: 30 layers + head of SmolLM2-135M for 1 token 31.6 ms vs 43 ms with oneDNN,
-            2 tokens 37 vs 51 ms); 7+ positions use oneDNN. ``"onednn"``: oneDNN's linear for
-            every size. ``"default"``: ``torch.nn.functional.linear``. ``"auto"``: ``"blas"``
+            padded to two, because BLAS's matrix-vector path is about 1.5x slower. Measured on
+            2 cores, 30 layers + LM head of SmolLM2-135M with 200 cached positions: 1 / 2 / 4 /
+            5 positions take 32 / 34 / 43 / 51 ms (oneDNN: 44 / 49 / 54 / 55 ms); 6+ positions
+            use oneDNN. The result is made contiguous: a transposed one would push attention
+            onto SDPA's slow math path. ``"onednn"``: oneDNN's linear for every size. ``"default"``: ``torch.nn.functional.linear``. ``"auto"``: ``"blas"``
             where MKL and oneDNN are present, else ``"onednn"`` if present, else
             ``"default"`` (always on GPUs and for non-fp32 weights). Results agree to float
             rounding (about 1e-6 relative), so greedy tokens can differ between kernels only on
@@ -253,7 +256,7 @@ class LayerStack:
                 x2 = x.reshape(rows, x.shape[-1])
                 # one row takes BLAS's slow matrix-vector path; two rows do not
                 x2 = (x2.expand(2, -1) if rows == 1 else x2).contiguous()
-                y = torch.mm(weight, x2.T).T[:rows]
+                y = torch.mm(weight, x2.T).T[:rows].contiguous()
                 if bias is not None:
                     y = y + bias
                 return y.reshape(*x.shape[:-1], weight.shape[0])

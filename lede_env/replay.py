@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class ReplayRules:
         bonus: verify K+1 positions (True) or K (False).
         eos_ids: tokens that end generation.
         reuse: verification reuses the draft's layers 1..E (compute reuse).
+        stop_threshold: confidence-threshold drafting (Draft & Verify, arXiv 2309.08168;
+            Kangaroo, arXiv 2404.18911): a round stops drafting after the first draft token
+            whose draft-head probability is below it, so K is a cap; ``None`` drafts all K.
     """
 
     actions: ActionMap
@@ -32,6 +35,7 @@ class ReplayRules:
     bonus: bool
     eos_ids: tuple[int, ...]
     reuse: bool = True
+    stop_threshold: Optional[float] = None
 
     def without_overhead(self) -> "ReplayRules":
         """The same rules for a policy that computes no observation (static, heuristic, oracle,
@@ -65,11 +69,33 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         verifier = [int(trace.generated[g])] if g < N else [_UNKNOWN]
     else:
         i = rules.actions.exit_layers.index(E)
+        K = stopped_draft_len(trace.draft_prob[g:g + K, i], K, rules.stop_threshold)
         n = K + 1 if rules.bonus else K
         draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
     return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse)
+
+
+def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
+    """Draft tokens a round produces under confidence-threshold drafting.
+
+    Args:
+        probs: draft-head probabilities of the first draft tokens (fewer than ``K`` past the
+            end of a trace; drafting continues there).
+        K: the action's speculation length (the cap).
+        stop_threshold: stop after the first token with probability below it (``None``: never).
+
+    Returns:
+        K' in 1..K: the position of the first low-confidence token (kept: it was drafted and is
+        verified), else K.
+    """
+    if stop_threshold is None:
+        return K
+    for j, p in enumerate(probs[:K]):
+        if p < stop_threshold:
+            return j + 1
+    return K
 
 
 def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, enc
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
 
-TRACE_FORMAT = 1
+TRACE_FORMAT = 2
 
 
 @dataclass
@@ -227,6 +227,8 @@ class Trace:
         generated: [N] int64 greedy continuation (ends with EOS when ``eos``).
         eos: the continuation ended with EOS (else it stopped at ``max_new_tokens``).
         draft: [N, n_exits] int64 draft token of each exit at local position j.
+        draft_prob: [N, n_exits] float32 draft-head probability of each draft token (the
+            confidence compared with a stop threshold, see :class:`~lede_env.replay.ReplayRules`).
         top1, entropy: [N, n_exits] float32 feature statistics of each exit head.
         lens_arg: [N, n_exits] int64 exit-head argmax over the feature vocabulary.
         hidden: [N, d] float32 final normed hidden state.
@@ -242,6 +244,7 @@ class Trace:
     entropy: np.ndarray
     lens_arg: np.ndarray
     hidden: np.ndarray
+    draft_prob: np.ndarray
 
     @property
     def n(self) -> int:
@@ -278,11 +281,13 @@ def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation) -> tuple[Tra
     sl = slice(P - 1, P - 1 + N)
     eh, final = eh[sl], final[sl]
     mismatches = int((verifier[sl].cpu() != ids[P:P + N]).sum())
-    draft = torch.stack([heads.draft_tokens(eh[:, i], i) for i in range(len(heads.exit_layers))], 1)
+    drafts = [heads.draft_with_confidence(eh[:, i], i) for i in range(len(heads.exit_layers))]
+    draft = torch.stack([d for d, _ in drafts], 1)
+    draft_prob = torch.stack([p for _, p in drafts], 1)
     top1, ent, arg = heads.feature_stats(eh)
     tr = Trace(c.id, c.category, np.asarray(c.prompt_ids, np.int64), np.asarray(c.generated, np.int64), c.eos,
                draft.cpu().numpy(), top1.cpu().numpy().astype(np.float32), ent.cpu().numpy().astype(np.float32),
-               arg.cpu().numpy(), final.float().cpu().numpy())
+               arg.cpu().numpy(), final.float().cpu().numpy(), draft_prob.cpu().numpy().astype(np.float32))
     return tr, mismatches
 
 
@@ -313,7 +318,7 @@ def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[
     return TraceSet(traces, manifest)
 
 
-_ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidden")
+_ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidden", "draft_prob")
 
 
 def save_traces(ts: TraceSet, folder: Path) -> None:
@@ -366,7 +371,7 @@ def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
     for i, (p, n) in enumerate(zip(P, N)):
         arr = {a: t[a][go:go + n].numpy() for a in _ARRAYS if a != "prompt"}
         out.append(Trace(ids[i], cats[i], t["prompt"][po:po + p].numpy(), arr["generated"], bool(t["eos"][i]),
-                         arr["draft"], arr["top1"], arr["entropy"], arr["lens_arg"], arr["hidden"]))
+                         arr["draft"], arr["top1"], arr["entropy"], arr["lens_arg"], arr["hidden"], arr["draft_prob"]))
         po += p
         go += n
     return TraceSet(out, man)

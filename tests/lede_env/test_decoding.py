@@ -44,10 +44,13 @@ def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt
     acts = [a % dec.actions.n for a in actions]
     ids = torch.tensor(prompt)
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
-    out = dec.generate(ids, SequencePolicy(acts), max_new)
+    policy = SequencePolicy(acts)
+    policy.stop_threshold = data.draw(st.one_of(st.none(), st.floats(0.01, 0.99)))  # confidence-threshold drafting
+    out = dec.generate(ids, policy, max_new)
     assert out.tokens == ref
     assert len(out.tokens) <= max_new
     assert sum(r.emitted for r in out.rounds) + 1 == len(out.tokens)
+    assert all(r.draft_len <= dec.actions.decode(r.action)[1] for r in out.rounds)
 
 
 def test_rounds_accept_and_reject():

@@ -80,6 +80,7 @@ def _replay_live(b, heads, env, actions, prompt):
 
     class Recorder(SequencePolicy):
         needs_observation = True
+        stop_threshold = env.rules.stop_threshold
 
         def act(self, obs):
             seen.append(obs)
@@ -91,13 +92,14 @@ def _replay_live(b, heads, env, actions, prompt):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32))
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new):
+@given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
+       stop=st.one_of(st.none(), st.floats(0.02, 0.98)))
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop):
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
-    the real decoder for the same actions."""
+    the real decoder for the same actions (with and without confidence-threshold drafting)."""
     b, heads, ts, prof = tiny
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
-                  reuse=reuse)
+                  reuse=reuse, stop_threshold=stop)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
     acts, rounds, observations = [], [], [obs]

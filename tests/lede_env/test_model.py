@@ -28,15 +28,22 @@ def test_kernels_are_restored_even_on_error():
     assert all("forward" not in m.__dict__ for m in linears)  # no patched forward left behind
 
 
-def test_onednn_and_default_kernels_agree():
+def test_fast_kernels_agree_with_default():
     b = make_tiny()
-    if b.stack.kernels != "onednn":
-        pytest.skip("oneDNN not available")
-    x = torch.randn(3, 64)
-    w = torch.randn(32, 64)
-    fast = LayerStack(b.model, kernels="onednn").linear(x, w)
-    ref = LayerStack(b.model, kernels="default").linear(x, w)
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    if b.stack.kernels == "default":
+        pytest.skip("no oneDNN on this machine")
+    kernels = ["onednn"] + (["blas"] if torch.backends.mkl.is_available() else [])
+    ref = LayerStack(b.model, kernels="default")
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    for k in kernels:
+        fast = LayerStack(b.model, kernels=k)
+        for rows in range(1, 10):  # both sides of the blas kernels' 6-row switch
+            x = torch.randn(1, rows, 64, generator=g)
+            for bb in (None, bias):
+                y = fast.linear(x, w, bb)
+                assert y.shape == (1, rows, 32)
+                torch.testing.assert_close(y, ref.linear(x, w, bb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernels"):
         LayerStack(b.model, kernels="cuda-magic")
 

@@ -1,0 +1,81 @@
+"""Exit heads on the tiny model: the ridge fit and the KL fine-tune do what they promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lede_env.exits import ExitHeads, finetune_kl, fit_affine, teacher_forced
+
+from ..conftest import make_tiny, tiny_continuations
+
+
+def _seqs(b, n=6):
+    return [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in tiny_continuations(b, n=n)]
+
+
+def _mse(heads, seqs, i):
+    """Mean squared error of exit i's translator against the final normed hidden state."""
+    err, n = 0.0, 0
+    for ids, P in seqs:
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(P - 1, ids.shape[0] - 1)
+        err += ((heads.translate(eh[sl, i], i) - final[sl]) ** 2).sum().item()
+        n += final[sl].numel()
+    return err / n
+
+
+def _objective(heads, seqs, i):
+    """finetune_kl's loss on every position of ``seqs`` (KL to the final layer + CE to its argmax)."""
+    tot, n = 0.0, 0
+    for ids, _ in seqs:
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        t = torch.log_softmax(final[:-1] @ heads.draft_w.T, -1)
+        lp = torch.log_softmax(heads.translate(eh[:-1, i], i) @ heads.draft_w.T, -1)
+        tot += ((t.exp() * (t - lp)).sum(-1) + torch.nn.functional.nll_loss(lp, t.argmax(-1), reduction="none")).sum()
+        n += t.shape[0]
+    return float(tot) / n
+
+
+def test_ridge_fit_beats_the_identity_and_a_huge_ridge_gives_the_lens():
+    b = make_tiny()
+    seqs = _seqs(b)
+    lens = ExitHeads(b.stack, (1, 2, 3), "affine")  # identity translators == logit lens
+    fitted = ExitHeads(b.stack, (1, 2, 3), "affine")
+    fit_affine(fitted, seqs, ridge=0.01)
+    for i in range(3):
+        # least squares with a penalty towards the identity never fits worse than the identity
+        assert _mse(fitted, seqs, i) <= _mse(lens, seqs, i) + 1e-9
+    stiff = ExitHeads(b.stack, (1, 2, 3), "affine")
+    fit_affine(stiff, seqs, ridge=1e9)
+    assert torch.allclose(stiff.weight, lens.weight, atol=1e-4)
+
+
+def test_kl_finetune_lowers_its_objective():
+    b = make_tiny()
+    seqs = _seqs(b)
+    heads = ExitHeads(b.stack, (1, 3), "affine-kl")
+    fit_affine(heads, seqs)
+    before = [_objective(heads, seqs, i) for i in range(2)]
+    out = finetune_kl(heads, seqs, steps=60, batch=512, lr=1e-3)
+    after = [_objective(heads, seqs, i) for i in range(2)]
+    assert all(a < b_ for a, b_ in zip(after, before)), (before, after)
+    assert set(out["loss"]) == {1, 3}
+    with pytest.raises(ValueError, match="translators"):
+        finetune_kl(ExitHeads(b.stack, (1,), "lens"), seqs)
+    with pytest.raises(ValueError, match="steps"):
+        finetune_kl(heads, seqs, steps=0)
+
+
+def test_get_heads_affine_kl_differs_from_ridge():
+    from lede_env.traces import HeadSpec, get_heads
+
+    b = make_tiny()
+    cal = tiny_continuations(b, n=4)
+    ridge = get_heads(b, HeadSpec((1, 2), "affine", None), use_cache=False, calibration=cal)
+    kl = get_heads(b, HeadSpec((1, 2), "affine-kl", None, kl_steps=20), use_cache=False, calibration=cal)
+    assert kl.kind == "affine-kl" and kl.translated
+    assert not torch.allclose(kl.weight, ridge.weight)
+    assert kl.fingerprint() != ridge.fingerprint()
+    with pytest.raises(ValueError, match="kind"):
+        ExitHeads(b.stack, (1,), "kangaroo")
