@@ -97,6 +97,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from .collect import CollectConfig, collect
     from .evaluate import live_eval, to_markdown, trace_eval, write_results
     from .export import export_policy
+    from .plots import plot_choices
     from .policies import best_static_action
     from .train import TrainConfig, greedy_q_policy, train
 
@@ -150,8 +151,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         with _Stage(cfg, "evaluate (real decoder, held-out)"):
             dec = SelfSpeculativeDecoder(bundle.stack, heads, cfg.k_max, bundle.eos_ids, eval_env.rules.bonus,
                                          eval_env.profile, eval_env.obs_config)
-            live_rows = live_eval(eval_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress)
+            records: dict = {}
+            live_rows = live_eval(eval_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
+                                  records=records)
             _rename_agent(live_rows, best[1])
+            agent_records = next((v for k, v in records.items() if k.startswith("agent:")), [])
+            if agent_records:
+                plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
+                             title=f"LEDE agent ({best[1]}) on {cfg.eval_prompts}")
             console.print(to_markdown(live_rows))
             same = all(r["identical_to_ar"] for r in live_rows)
             console.print("[bold green]every method's output is identical to greedy AR[/]" if same else
