@@ -11,11 +11,12 @@ from gymnasium.envs.registration import register, registry
 
 from .decoding import GenerationResult, RoundRecord, SelfSpeculativeDecoder, StaticPolicy
 from .env import LEDEEnv
+from .generate import Lede, LedeOutput, generate
 from .mdp import ActionMap
 from .model import load_model
 
 if "LEDE-Llama3-v0" not in registry:
     register(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv")
 
-__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "RoundRecord", "SelfSpeculativeDecoder", "StaticPolicy",
-           "load_model", "__version__"]
+__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "Lede", "LedeOutput", "RoundRecord", "SelfSpeculativeDecoder",
+           "StaticPolicy", "generate", "load_model", "__version__"]

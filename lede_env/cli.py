@@ -243,6 +243,34 @@ def _split_policies(s: str) -> list[str]:
     return [p for p in out if p]
 
 
+@app.command("generate")
+def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as one chat message when the "
+                                                        "tokenizer has a chat template)."),
+                 policy: str = typer.Option("del", help="ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, "
+                                                        "del, or an exported agent folder."),
+                 model: Optional[str] = ModelOpt, max_new_tokens: int = 128,
+                 temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
+                 top_p: float = 1.0, seed: Optional[int] = None,
+                 stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+                 head_kind: str = "affine", calib_prompts: str = CalibOpt):
+    """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
+    then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
+    from transformers import TextStreamer
+
+    from .generate import Lede
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        lede = Lede(model, policy=policy, head_kind=head_kind, calib_prompts=calib_prompts)
+        streamer = TextStreamer(lede.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = lede.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, stop_strings=stop, streamer=streamer)
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"[dim]{out.summary()}[/]")
+
+
 @app.command()
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -101,6 +101,87 @@ class GenerationResult:
         return sum(r.cost for r in self.rounds)
 
 
+@dataclass
+class Sampling:
+    """Temperature / nucleus sampling for :meth:`SelfSpeculativeDecoder.generate`.
+
+    Drafts are sampled from the exit head's warped distribution q and accepted by speculative
+    sampling (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318): draft token d
+    is kept with probability min(1, p(d) / q(d)); at the first rejection the token is drawn from
+    the normalised residual max(0, p - q); after a fully accepted round the bonus token is drawn
+    from p. Every emitted token is then distributed exactly as in plain sampling from the
+    model's warped distribution p, whatever the actions.
+
+    Attributes:
+        temperature: > 0; logits are divided by it.
+        top_p: nucleus mass in (0, 1]: the smallest set of most likely tokens whose probability
+            reaches ``top_p`` is kept (applied to p and to q alike).
+        seed: seed of the generation's own ``torch.Generator`` (``None``: nondeterministic).
+
+    Raises:
+        ValueError: temperature <= 0 or top_p outside (0, 1].
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use sampling=None for greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Warped distribution. [..., V] logits -> [..., V] float32 probabilities."""
+        p = torch.softmax(logits.float() / self.temperature, -1)
+        if self.top_p < 1:
+            sp, idx = p.sort(-1, descending=True)
+            drop = sp.cumsum(-1) - sp >= self.top_p  # keeps at least the most likely token
+            sp = sp.masked_fill(drop, 0.0)
+            p = torch.zeros_like(p).scatter_(-1, idx, sp)
+            p = p / p.sum(-1, keepdim=True)
+        return p
+
+
+def speculative_verify(draft: Sequence[int], q: Sequence[torch.Tensor], q_ids: torch.Tensor, p: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> list[int]:
+    """Speculative-sampling verification of one round, as "verifier tokens" for :func:`accept`.
+
+    Args:
+        draft: d_1..d_K draft tokens (full-vocabulary ids).
+        q: K draft distributions, each [V_d] float32 over the draft vocabulary ``q_ids``.
+        q_ids: [V_d] int64 full-vocabulary id of each draft-vocabulary entry.
+        p: [n, V] float32 target distributions at the n = K or K + 1 verified positions.
+        generator: random source.
+
+    Returns:
+        n tokens: d_1..d_a (accepted), then the token drawn at position a + 1 (from the residual
+        after a rejection, or from p at the bonus position), then -1 placeholders (never emitted);
+        :func:`~lede_env.mdp.accept` on it emits exactly the speculative-sampling output.
+    """
+    n = p.shape[0]
+    out: list[int] = []
+    for j in range(n):
+        if j < len(draft):
+            d = draft[j]
+            qd = q[j][(q_ids == d).nonzero()[0, 0]]
+            u = torch.rand((), generator=generator)
+            if u * qd < p[j, d]:  # accept with probability min(1, p/q)
+                out.append(d)
+                continue
+            resid = p[j].clone()
+            resid.index_add_(0, q_ids, -q[j])
+            resid.clamp_(min=0)
+            if not float(resid.sum()) > 0:  # p == q up to rounding: any draw from p is right
+                resid = p[j]
+            out.append(int(torch.multinomial(resid / resid.sum(), 1, generator=generator)))
+        else:
+            out.append(int(torch.multinomial(p[j], 1, generator=generator)))
+        break
+    return out + [-1] * (n - len(out))
+
+
 @runtime_checkable
 class Policy(Protocol):
     """What the decoder and the env need from a policy (in the spirit of transformers'
@@ -159,6 +240,9 @@ class SelfSpeculativeDecoder:
                                            len(heads.exit_layers), stack.num_layers, k_max,
                                            stack.head_weight.shape[0])
         self._exit_pos = {e: i for i, e in enumerate(heads.exit_layers)}
+        self._sampling: Optional[Sampling] = None  # set for the duration of one generate() call
+        self._generator: Optional[torch.Generator] = None
+        self._draft_q: list[torch.Tensor] = []
 
     # ---- forward pieces -------------------------------------------------------------------
     def _segments(self, first: int, last: int) -> list[int]:
@@ -179,9 +263,16 @@ class SelfSpeculativeDecoder:
             prev = cut
         return hidden
 
-    def _verifier_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        normed = self.stack.norm(hidden[0])  # [q, d]
-        return normed, self.stack.greedy_tokens(normed).tolist()
+    def _verifier_tokens(self, hidden: torch.Tensor, draft: Sequence[int] = (),
+                         q: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[int]]:
+        """Final norm of ``hidden`` [1, n, d] and the n verifier tokens: the full model's argmax
+        (greedy), or speculative sampling against the draft distributions ``q``."""
+        normed = self.stack.norm(hidden[0])  # [n, d]
+        if self._sampling is None:
+            return normed, self.stack.greedy_tokens(normed).tolist()
+        logits = self.stack.linear(normed, self.stack.head_weight, getattr(self.stack._head, "bias", None))
+        p = self._sampling.probs(logits)
+        return normed, speculative_verify(draft, q, self.heads.draft_ids, p, self._generator)
 
     def _prefill(self, ids: torch.Tensor, cache, want_obs: bool):
         taps = {} if want_obs else None
@@ -205,10 +296,11 @@ class SelfSpeculativeDecoder:
         probability is below it (confidence-threshold drafting; K is a cap).
 
         Returns the draft tokens d_1..d_K' and the layer-E hiddens [1, n, d] of the n positions
-        to verify; ``taps[e]`` gets [1, n, d] for exits e <= E.
+        to verify; ``taps[e]`` gets [1, n, d] for exits e <= E. Under sampling, drafts are drawn
+        from the head's warped distribution, kept in ``self._draft_q`` for verification.
         """
         i = self.heads.index(E)
-        hs, draft, tap_lists = [], [], {}
+        hs, draft, tap_lists, qs = [], [], {}, []
         extra_pass = self.bonus and self.reuse
         cur = token
         while True:
@@ -222,7 +314,14 @@ class SelfSpeculativeDecoder:
                     tap_lists.setdefault(e, []).append(t)
             if len(draft) == K:  # that was the last draft token's pass for the bonus position
                 break
-            if stop_threshold is None:
+            if self._sampling is not None:
+                q = self._sampling.probs(self.heads.draft_logits(h[0, 0], i))
+                qs.append(q)
+                k = torch.multinomial(q, 1, generator=self._generator)
+                cur = int(self.heads.draft_ids[k])
+                if stop_threshold is not None and float(q.max()) < stop_threshold:
+                    K = len(draft) + 1
+            elif stop_threshold is None:
                 cur = int(self.heads.draft_tokens(h[0, 0], i))
             else:
                 tok, prob = self.heads.draft_with_confidence(h[0, 0], i)
@@ -235,11 +334,12 @@ class SelfSpeculativeDecoder:
         if taps is not None:
             for e, ts in tap_lists.items():
                 taps[e] = torch.cat(ts, 1)
+        self._draft_q = qs
         return draft, torch.cat(hs, 1)
 
-    def _verify(self, hidden: torch.Tensor, E: int, pos: int, cache, taps: Optional[dict]):
+    def _verify(self, hidden: torch.Tensor, E: int, pos: int, cache, taps: Optional[dict], draft: Sequence[int]):
         h = self._forward(hidden, E, self.stack.num_layers, cache, pos, taps)
-        return self._verifier_tokens(h)
+        return self._verifier_tokens(h, draft, self._draft_q)
 
     def _observe(self, normed_last, taps_at: dict, recent: list[int], generated: int, max_new: int):
         hid = torch.stack([taps_at[e] for e in self.heads.exit_layers])  # [n_exits, d]
@@ -251,16 +351,25 @@ class SelfSpeculativeDecoder:
 
     # ---- the loop -------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, policy: Policy, max_new_tokens: int = 128) -> GenerationResult:
-        """Generate greedily, asking ``policy`` for (E, K) every round.
+    def generate(self, input_ids: torch.Tensor, policy: Policy, max_new_tokens: int = 128,
+                 sampling: Optional[Sampling] = None, streamer=None,
+                 stop: Optional[Callable[[list[int]], Optional[int]]] = None) -> GenerationResult:
+        """Generate, asking ``policy`` for (E, K) every round.
 
         Args:
             input_ids: [n] or [1, n] int64 prompt ids (batch size 1 only).
             policy: a :class:`Policy`.
-            max_new_tokens: most tokens to generate (>= 1).
+            max_new_tokens: most tokens to generate (>= 1); never exceeded.
+            sampling: ``None`` for greedy decoding, else a :class:`Sampling` (speculative
+                sampling: the output is distributed as plain sampling from the model).
+            streamer: a transformers ``BaseStreamer`` (e.g. ``TextStreamer``): gets the prompt
+                ids once, then each round's emitted tokens as they are accepted, then ``end()``.
+            stop: called with the tokens generated so far after every round; returns ``None`` to
+                go on, or how many of them to keep, ending generation there (stop strings).
 
         Returns:
-            A :class:`GenerationResult`; ``tokens`` equals greedy decoding's output.
+            A :class:`GenerationResult`; under greedy decoding ``tokens`` equals greedy
+            decoding's output (up to ``stop``).
 
         Raises:
             ValueError: batch size > 1, an empty prompt, ``max_new_tokens < 1``, or a prompt that
@@ -279,10 +388,22 @@ class SelfSpeculativeDecoder:
         if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
             raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
-        with self.stack.kernels_active():
-            return self._generate(ids, policy, max_new_tokens)
+        self._sampling = sampling
+        self._generator = None
+        if sampling is not None:
+            self._generator = torch.Generator(device="cpu")
+            if sampling.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(int(sampling.seed))
+        try:
+            with self.stack.kernels_active():
+                return self._generate(ids, policy, max_new_tokens, streamer, stop)
+        finally:
+            self._sampling, self._generator, self._draft_q = None, None, []
 
-    def _generate(self, ids: torch.Tensor, policy: Policy, max_new_tokens: int) -> GenerationResult:
+    def _generate(self, ids: torch.Tensor, policy: Policy, max_new_tokens: int, streamer=None,
+                  stop=None) -> GenerationResult:
         want_obs = bool(getattr(policy, "needs_observation", False))
         policy.reset()
         self.observer.reset()
@@ -296,6 +417,13 @@ class SelfSpeculativeDecoder:
         pos = ids.numel()  # position of the pending token (== cached positions)
         done = pending in self.eos_ids or max_new_tokens == 1
         result.eos = pending in self.eos_ids
+        if stop is not None and (keep := stop(list(out))) is not None:
+            del out[keep:]
+            done, result.eos = True, False
+        if streamer is not None:
+            streamer.put(ids.view(1, -1).cpu())
+            if out:
+                streamer.put(torch.tensor(out))
         while not done:
             t_round = time.perf_counter()
             obs = None
@@ -324,7 +452,7 @@ class SelfSpeculativeDecoder:
                     hidden_E, E_from = self.stack.embed(verify_ids), 0
                 else:
                     E_from = E
-                normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps)
+                normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps, draft)
             oc = accept(draft, verifier, remaining, self.eos_ids)
             self.stack.crop(cache, pos + oc.advance)
             # The last verified position produced the new pending token.
@@ -350,6 +478,19 @@ class SelfSpeculativeDecoder:
             policy.update(rec)
             done = oc.done
             result.eos = oc.eos
+            if stop is not None and (keep := stop(list(out))) is not None:
+                dropped = len(out) - keep
+                del out[keep:]
+                oc_emitted = oc.emitted[: max(len(oc.emitted) - dropped, 0)]
+                rec.emitted = len(oc_emitted)
+                done = True
+                result.eos = False
+            else:
+                oc_emitted = oc.emitted
+            if streamer is not None and oc_emitted:
+                streamer.put(torch.tensor(oc_emitted))
+        if streamer is not None:
+            streamer.end()
         result.seconds = time.perf_counter() - t0
         return result
 

@@ -139,6 +139,18 @@ class ExitHeads(nn.Module):
         return self.draft_ids[logits.argmax(-1)]
 
     @torch.no_grad()
+    def draft_logits(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
+        """Draft-head logits over the draft vocabulary (token ids: :attr:`draft_ids`).
+
+        Args:
+            hidden: [..., d] output of decoder layer ``exit_layers[i]``.
+
+        Returns:
+            [..., V_d] float32 logits.
+        """
+        return self.stack.linear(self.translate(hidden, i), self.draft_w).float()
+
+    @torch.no_grad()
     def draft_with_confidence(self, hidden: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy draft tokens and their draft-head probability.
 

@@ -52,3 +52,42 @@ def test_gym_make_and_check_env_on_embedded_model():
     assert obs["exit_stats"].shape == (14, 3)
     obs, r, te, tr, info = env.step(env.unwrapped.actions.encode(4, 2))
     assert info["round"]["exit_layer"] == 4
+
+
+def test_generate_api_and_transformers_integration(bundle):
+    """lede.generate and model.generate(custom_generate=lede_generate) give greedy's tokens,
+    honour max_new_tokens, EOS and stop strings, and refuse what they cannot honour."""
+    from lede_env.decoding import greedy_reference
+    from lede_env.generate import Lede
+    from lede_env.hf import lede_generate
+
+    lede = Lede(None, policy="static:2,1", calib_prompts=PROMPTS)
+    ids = lede.encode("Write a Python function that returns the square of a number.")
+    ref = greedy_reference(bundle.model, ids, 24, bundle.eos_ids)
+    out = lede.generate(input_ids=ids, max_new_tokens=24)
+    assert out.tokens == ref and out.stopped_by in ("eos", "max_new_tokens")
+    assert "tokens/s" in out.summary()
+    text = bundle.tokenizer.decode(ref)
+    stop = text.strip()[4:9]  # a stop string that appears inside the greedy output
+    cut = lede.generate(input_ids=ids, max_new_tokens=24, stop_strings=[stop])
+    assert cut.stopped_by == "stop_string" and stop in bundle.tokenizer.decode(cut.tokens)
+    assert stop not in bundle.tokenizer.decode(cut.tokens[:-1])  # ended on the token that completed it
+    assert cut.tokens == ref[: len(cut.tokens)]
+
+    model = bundle.model
+    x = ids.view(1, -1)
+    hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)
+    mine = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                          custom_generate=lede_generate, lede=lede)
+    assert mine.tolist() == hf.tolist()
+    short = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, custom_generate=lede_generate,
+                           lede=lede)
+    assert short.shape[1] == x.shape[1] + 5
+    with pytest.raises(ValueError, match="logits processors"):
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, repetition_penalty=1.3,
+                       custom_generate=lede_generate, lede=lede)
+    with pytest.raises(ValueError, match="batch size"):
+        model.generate(x.repeat(2, 1), attention_mask=torch.ones_like(x.repeat(2, 1)), max_new_tokens=5,
+                       custom_generate=lede_generate, lede=lede)
+    sampled = [lede.generate(input_ids=ids, max_new_tokens=8, temperature=0.7, seed=s).tokens for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and len(sampled[2]) <= 8

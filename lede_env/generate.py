@@ -1,0 +1,257 @@
+"""Generation with lede in one call, and a reusable decoder object.
+
+>>> from lede_env import generate
+>>> out = generate(prompt="Write a Python function that reverses a string.",
+...                policy="static:2,1", max_new_tokens=64)      # doctest: +SKIP
+>>> print(out.text, out.result.tokens_per_round)              # doctest: +SKIP
+
+:class:`Lede` holds the model, tokenizer, exit heads and decoder, so that repeated calls pay the
+set-up (loading, fitting or loading the exit heads) once. Policies are named like in
+``lede evaluate``: ``ar``, ``static:E,K``, ``heuristic:E``, ``confidence:E,K,THRESHOLD``,
+``del``, or the folder of an exported agent (``agent:PATH`` or just ``PATH``); a
+:class:`~lede_env.decoding.Policy` object also works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder
+from .prompts import DEFAULT_CALIB, encode_prompt
+
+__all__ = ["Lede", "LedeOutput", "generate"]
+
+
+@dataclass
+class LedeOutput:
+    """What :meth:`Lede.generate` returns.
+
+    Attributes:
+        text: the generated text (special tokens skipped).
+        tokens: generated token ids (prompt excluded).
+        result: the decoder's :class:`~lede_env.decoding.GenerationResult` (rounds, times).
+        stopped_by: ``"eos"``, ``"stop_string"`` or ``"max_new_tokens"``.
+    """
+
+    text: str
+    tokens: list[int]
+    result: GenerationResult
+    stopped_by: str
+
+    def summary(self) -> str:
+        """One line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
+        r = self.result
+        exits: dict[int, int] = {}
+        for x in r.rounds:
+            exits[x.exit_layer] = exits.get(x.exit_layer, 0) + 1
+        ex = " ".join(f"{'AR' if e == 0 else f'E{e}'}:{c}" for e, c in sorted(exits.items()))
+        pol_ms = 1000 * sum(x.policy_seconds for x in r.rounds) / max(len(r.rounds), 1)
+        return (f"{len(self.tokens)} tokens in {r.seconds:.2f} s ({len(self.tokens) / max(r.seconds, 1e-9):.1f} "
+                f"tokens/s), {r.tokens_per_round:.2f} tokens per round, acceptance "
+                f"{r.acceptance_rate:.2f}, exits {ex or '-'}, policy {pol_ms:.2f} ms/round, "
+                f"stopped by {self.stopped_by}")
+
+
+class Lede:
+    """A reusable lede decoder for one model.
+
+    Args:
+        model: ``None`` (the embedded SmolLM2-135M-Instruct), a model id or local path, or an
+            already loaded Llama-family ``PreTrainedModel`` (then give ``tokenizer`` too).
+        tokenizer: the tokenizer of a loaded ``model`` (loaded with it otherwise).
+        policy: default policy (see the module docstring); ``"del"`` needs no training.
+        exit_layers: candidate exits (``None``: every second layer); an exported agent's own
+            exits and K_max are used when ``policy`` is an agent.
+        k_max: largest speculation length.
+        head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.traces.HeadSpec`).
+        cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
+
+    Raises:
+        ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
+            exported agent whose exits or observation layout do not match this model.
+    """
+
+    def __init__(self, model=None, tokenizer=None, policy: Union[str, Policy] = "del",
+                 exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine",
+                 draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
+                 cost_profile: str = "analytic") -> None:
+        from .env import get_profile
+        from .mdp import ObservationConfig
+        from .traces import HeadSpec, bundle_from_model, get_bundle, get_heads
+
+        if model is None or isinstance(model, (str, Path)):
+            self.bundle = get_bundle(None if model is None else str(model))
+        else:
+            if tokenizer is None:
+                raise ValueError("A loaded model needs its tokenizer: Lede(model, tokenizer).")
+            name = getattr(model.config, "_name_or_path", "") or "custom"
+            self.bundle = bundle_from_model(model, tokenizer, name=name)
+        self.tokenizer = self.bundle.tokenizer
+        agent_cfg = None
+        if isinstance(policy, str) and _agent_path(policy) is not None:
+            import json
+
+            agent_cfg = json.loads((_agent_path(policy) / "policy.json").read_text())
+            exit_layers = agent_cfg["env"]["exit_layers"]
+            k_max = int(agent_cfg["env"]["k_max"])
+        self.heads = get_heads(self.bundle, HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind,
+                                                     draft_vocab, calib_prompts=calib_prompts))
+        obs = ObservationConfig(**agent_cfg["env"]["observation"]) if agent_cfg else ObservationConfig()
+        self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
+        self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
+                                              profile=self.profile, obs_config=obs)
+        self.policy = self.make_policy(policy)
+
+    def make_policy(self, policy: Union[str, Policy]) -> Policy:
+        """A :class:`~lede_env.decoding.Policy` from a name or path (objects pass through)."""
+        if not isinstance(policy, str):
+            return policy
+        from agents.policies import (ConfidencePolicy, DELPolicy, ExportedPolicy, HeuristicPolicy,
+                                     StaticPolicy)
+
+        A = self.decoder.actions
+        path = _agent_path(policy)
+        try:
+            if path is not None:
+                p = ExportedPolicy(path)
+                p.check_compatible(self.decoder.observer, A)
+                return p
+            if policy == "ar":
+                return StaticPolicy(0)
+            if policy == "del":
+                return DELPolicy(A, self.profile, self.decoder.bonus, self.decoder.reuse)
+            kind, _, arg = policy.partition(":")
+            args = arg.split(",") if arg else []
+            if kind == "static" and len(args) == 2:
+                return StaticPolicy(A.encode(int(args[0]), int(args[1])))
+            if kind == "heuristic" and len(args) == 1:
+                return HeuristicPolicy(A, int(args[0]))
+            if kind == "confidence" and len(args) == 3:
+                return ConfidencePolicy(A, int(args[0]), int(args[1]), float(args[2]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Bad policy {policy!r}: {e}") from None
+        raise ValueError(f"Unknown policy {policy!r}; use ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, "
+                         "del, or an exported agent folder (agent:PATH).")
+
+    def encode(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
+               chat: bool = True) -> torch.Tensor:
+        """Prompt ids [n] int64: ``messages`` through the chat template, or ``prompt`` (as one
+        user message when the tokenizer has a chat template and ``chat``, else raw text).
+
+        Raises:
+            ValueError: neither or both of ``prompt`` and ``messages``, or an empty prompt.
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("Give exactly one of prompt (a string) or messages (a chat, list of role/content dicts).")
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("This tokenizer has no chat template: pass prompt=... instead of messages=.")
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                     return_dict=True)
+            return enc["input_ids"][0].to(torch.long)
+        return encode_prompt(self.tokenizer, prompt, chat=chat)
+
+    def generate(self, prompt: Optional[str] = None, *, messages: Optional[list[dict]] = None,
+                 input_ids: Optional[torch.Tensor] = None, policy: Union[None, str, Policy] = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: Optional[int] = None, stop_strings: Sequence[str] = (), streamer=None,
+                 chat: bool = True, stop=None) -> LedeOutput:
+        """Generate a continuation with dynamic self-speculative decoding.
+
+        Args:
+            prompt / messages / input_ids: exactly one: text, a chat, or [n] / [1, n] int64 ids.
+            policy: overrides the default policy for this call.
+            max_new_tokens: most tokens to generate (never exceeded).
+            temperature: 0 for greedy (output identical to greedy decoding); > 0 samples with
+                speculative sampling (output distributed as plain sampling, arXiv 2211.17192).
+            top_p: nucleus sampling mass (with temperature > 0).
+            seed: seed of the sampling generator (reproducible on the same machine).
+            stop_strings: generation ends right after the first token that completes one of them.
+            streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``).
+            chat: wrap a text prompt in the chat template when the tokenizer has one.
+            stop: a callable ``tokens -> None | keep`` checked after every round (see
+                :meth:`SelfSpeculativeDecoder.generate`), besides ``stop_strings``.
+
+        Raises:
+            ValueError: bad prompt arguments, batch size > 1, a prompt that does not fit the
+                context, a bad temperature / top_p, an unknown policy.
+        """
+        if input_ids is not None:
+            if prompt is not None or messages is not None:
+                raise ValueError("Give exactly one of prompt, messages or input_ids.")
+            ids = torch.as_tensor(input_ids, dtype=torch.long)
+        else:
+            ids = self.encode(prompt, messages, chat)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        sampling = Sampling(temperature, top_p, seed) if temperature > 0 else None
+        pol = self.policy if policy is None else self.make_policy(policy)
+        stops = [f for f in (_stop_on_strings(self.tokenizer, stop_strings) if stop_strings else None, stop) if f]
+        stop = None if not stops else (stops[0] if len(stops) == 1 else _first_stop(stops))
+        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer, stop=stop)
+        toks = list(res.tokens)
+        if res.eos:
+            why = "eos"
+        elif stop is not None and stop(toks) is not None:
+            why = "stop_string"
+        else:
+            why = "max_new_tokens"
+        return LedeOutput(self.tokenizer.decode(toks, skip_special_tokens=True), toks, res, why)
+
+
+def generate(model=None, tokenizer=None, prompt: Optional[str] = None, *, messages: Optional[list[dict]] = None,
+             policy: Union[str, Policy] = "del", max_new_tokens: int = 128, **kwargs) -> LedeOutput:
+    """One-call generation: ``Lede(model, tokenizer, policy).generate(prompt, ...)``.
+
+    The :class:`Lede` object is cached per (model, policy) in this process, so repeated calls
+    do not reload or refit anything. Keyword arguments go to :meth:`Lede.generate`.
+    """
+    key = (id(model) if model is not None and not isinstance(model, (str, Path)) else model,
+           policy if isinstance(policy, str) else id(policy))
+    if key not in _CACHE:
+        _CACHE[key] = Lede(model, tokenizer, policy=policy)
+    return _CACHE[key].generate(prompt, messages=messages, max_new_tokens=max_new_tokens, **kwargs)
+
+
+_CACHE: dict = {}
+
+
+def _agent_path(policy: str) -> Optional[Path]:
+    """The exported-agent folder named by ``policy`` (``agent:PATH`` or a folder with
+    ``policy.json``), else ``None``."""
+    p = Path(policy[len("agent:"):] if policy.startswith("agent:") else policy)
+    if (p / "policy.json").exists():
+        return p
+    if policy.startswith("agent:"):
+        raise ValueError(f"No exported agent in {p} (policy.json missing): run `lede export` first.")
+    return None
+
+
+def _first_stop(stops):
+    def stop(tokens: list[int]) -> Optional[int]:
+        keeps = [k for k in (f(tokens) for f in stops) if k is not None]
+        return min(keeps) if keeps else None
+
+    return stop
+
+
+def _stop_on_strings(tokenizer, stop_strings: Sequence[str]):
+    """A ``stop`` callback for the decoder: keep the tokens up to the first one whose decoded
+    text completes a stop string."""
+    stops = [s for s in stop_strings if s]
+
+    def stop(tokens: list[int]) -> Optional[int]:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        if not any(s in text for s in stops):
+            return None
+        for k in range(1, len(tokens) + 1):  # the shortest prefix that contains a stop string
+            t = tokenizer.decode(tokens[:k], skip_special_tokens=False)
+            if any(s in t for s in stops):
+                return k
+        return None
+
+    return stop
