@@ -4,6 +4,9 @@ An export folder holds exactly:
 
 - ``policy.pt`` - TorchScript greedy policy from d3rlpy's ``save_policy`` (observation
   standardisation included): input [batch, flat_dim] float32, output [batch] int64 action.
+- ``policy.onnx`` (with ``onnx=True``, needs the ``onnx`` extra) - the same graph in ONNX
+  (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
+  onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
 - ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``observation_layout`` (keys and shapes
   concatenated into the flat input), ``model`` (name and shape), ``heads`` (kind, vocabulary
@@ -23,7 +26,8 @@ from lede_env.model import atomic_folder
 EXPORT_FORMAT = 1
 
 
-def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: float | None = None) -> Path:
+def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: float | None = None,
+                  onnx: bool = False) -> Path:
     """Write ``policy.pt`` + ``policy.json`` for ``algo`` trained on ``env``'s observations.
 
     The folder is written under a temporary name and renamed when complete.
@@ -32,9 +36,13 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
         algo: a trained d3rlpy Q-learning algorithm.
         env: the ``LEDE-Llama3-v0`` env (its exits, k_max, observation layout are recorded).
         out_dir: destination folder (replaced if it exists).
+        onnx: also write ``policy.onnx``.
 
     Returns:
         ``out_dir`` as a Path.
+
+    Raises:
+        ImportError: ``onnx=True`` without the ``onnx`` package (``pip install 'lede[onnx]'``).
     """
     u = env.unwrapped
     out = Path(out_dir)
@@ -56,4 +64,42 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "gamma": gamma,
         }
         (tmp / "policy.json").write_text(json.dumps(cfg, indent=2))
+        if onnx:
+            write_onnx(tmp / "policy.pt", tmp / "policy.onnx", int(u.observer.flat_dim))
     return out
+
+
+def write_onnx(pt: Path, dest: Path, flat_dim: int) -> Path:
+    """Convert a TorchScript policy (``policy.pt``) to ONNX (opset 17, dynamic batch).
+
+    Args:
+        pt: the TorchScript file; dest: the ``.onnx`` file to write (atomically).
+        flat_dim: width of the flat observation.
+
+    Raises:
+        ImportError: the ``onnx`` package is missing (``pip install 'lede[onnx]'``).
+    """
+    import os
+    import tempfile
+    import warnings
+
+    import torch
+
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install 'lede[onnx]' (onnx, onnxruntime).") from e
+    module = torch.jit.load(str(pt), map_location="cpu").eval()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is deprecated
+            torch.onnx.export(module, (torch.zeros(1, flat_dim),), tmp, dynamo=False, opset_version=17,
+                              input_names=["obs"], output_names=["action"],
+                              dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}})
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest

@@ -129,16 +129,19 @@ class ExportedPolicy:
 
     Args:
         path: the ``.pt`` file or the folder holding ``policy.pt`` and ``policy.json``.
+        runtime: ``"torchscript"`` (``policy.pt``) or ``"onnxruntime"`` (``policy.onnx``, from
+            ``lede export --onnx``; needs the ``onnx`` extra).
 
     Raises:
         FileNotFoundError: missing files.
+        ImportError: ``runtime="onnxruntime"`` without onnxruntime installed.
         ValueError: a config whose observation layout does not match ``expect_layout`` (checked
             by :meth:`check_compatible`).
     """
 
     needs_observation = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, runtime: str = "torchscript") -> None:
         p = Path(path)
         folder = p if p.is_dir() else p.parent
         pt = folder / "policy.pt" if p.is_dir() else p
@@ -146,7 +149,21 @@ class ExportedPolicy:
         if not pt.exists() or not cfg.exists():
             raise FileNotFoundError(f"No exported policy at {path} (need policy.pt and policy.json; run `lede export`).")
         self.config = json.loads(cfg.read_text())
-        self.module = torch.jit.load(str(pt), map_location="cpu").eval()
+        self.runtime = runtime
+        if runtime == "torchscript":
+            self.module = torch.jit.load(str(pt), map_location="cpu").eval()
+        elif runtime == "onnxruntime":
+            onnx_path = folder / "policy.onnx"
+            if not onnx_path.exists():
+                raise FileNotFoundError(f"No policy.onnx in {folder}: export with `lede export --onnx`.")
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise ImportError("runtime='onnxruntime' needs onnxruntime: pip install 'lede[onnx]'.") from e
+            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            self.module = lambda x: torch.from_numpy(sess.run(None, {"obs": x.numpy()})[0])
+        else:
+            raise ValueError(f"runtime={runtime!r}; choose 'torchscript' or 'onnxruntime'.")
         self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]))
         self.obs_config = ObservationConfig(**self.config["observation"])
         self.layout = [(k, list(s)) for k, s in self.config["observation_layout"]]

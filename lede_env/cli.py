@@ -158,8 +158,9 @@ def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", alg
 @app.command()
 def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
            dataset_id: Optional[str] = typer.Option(None, help="Dataset the agent was trained on (default: from "
-                                                                "the run's train_config.json).")):
-    """Export a trained agent as TorchScript + JSON (runs without d3rlpy)."""
+                                                                "the run's train_config.json).")),
+           onnx: bool = typer.Option(False, help="Also write policy.onnx (needs the onnx extra).")):
+    """Export a trained agent as TorchScript + JSON (runs without d3rlpy), optionally ONNX."""
     import minari
 
     from agents.export import export_policy
@@ -168,7 +169,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
     cfg = json.loads((run_dir / "train_config.json").read_text())
     ds = minari.load_dataset(dataset_id or cfg["dataset_id"])
     env = ds.recover_environment()
-    export_policy(load_algo(run_dir / "model.d3"), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"])
+    export_policy(load_algo(run_dir / "model.d3"), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"], onnx=onnx)
     console.print(f"exported to {out}")
 
 

@@ -65,7 +65,7 @@ class Lede:
         tokenizer: the tokenizer of a loaded ``model`` (loaded with it otherwise).
         policy: default policy (see the module docstring); ``"del"`` needs no training.
         exit_layers: candidate exits (``None``: every second layer); an exported agent's own
-            exits and K_max are used when ``policy`` is an agent.
+            exits, K_max and exit-head kind are used when ``policy`` is an agent.
         k_max: largest speculation length.
         head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.traces.HeadSpec`).
         cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
@@ -96,11 +96,13 @@ class Lede:
             import json
 
             agent_cfg = json.loads((_agent_path(policy) / "policy.json").read_text())
-            exit_layers = agent_cfg["env"]["exit_layers"]
-            k_max = int(agent_cfg["env"]["k_max"])
+            exit_layers = agent_cfg["exit_layers"]  # the agent's own exits, K_max and exit heads
+            k_max = int(agent_cfg["k_max"])
+            head_kind = agent_cfg.get("heads", {}).get("kind", head_kind)
+            draft_vocab = agent_cfg.get("heads", {}).get("draft_vocab", draft_vocab)
         self.heads = get_heads(self.bundle, HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind,
                                                      draft_vocab, calib_prompts=calib_prompts))
-        obs = ObservationConfig(**agent_cfg["env"]["observation"]) if agent_cfg else ObservationConfig()
+        obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
         self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
                                               profile=self.profile, obs_config=obs)

@@ -67,8 +67,14 @@ def test_train_export_and_decode(dataset, tiny, tmp_path):
     algo, layout = train(TrainConfig(dataset_id="lede/tiny/test-mixed-v0", algo="dqn", steps=60, steps_per_epoch=30,
                                      batch_size=32, out_dir=str(tmp_path / "run"), wandb="disabled"),
                          progress=False, dataset=ds)
-    out = export_policy(algo, env, tmp_path / "policy", "dqn", 0.9)
+    out = export_policy(algo, env, tmp_path / "policy", "dqn", 0.9, onnx=True)
     pol = ExportedPolicy(out)
+    # TorchScript and ONNX (onnxruntime) exports choose the same actions on recorded observations
+    obs = torch.from_numpy(np.stack([env.observer.flatten({k: v[i] for k, v in ep.observations.items()})
+                                     for ep in ds.iterate_episodes() for i in range(len(ep.actions))][:64]))
+    onnx_pol = ExportedPolicy(out, runtime="onnxruntime")
+    assert onnx_pol.module(obs).tolist() == pol.module(obs).tolist()
+    assert sorted(p.name for p in out.iterdir()) == ["policy.json", "policy.onnx", "policy.pt"]
     pol.check_compatible(env.observer, env.actions)
     dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, True, prof, ObservationConfig(**pol.config["observation"]))
     t = ts.traces[0]
