@@ -158,7 +158,7 @@ def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", alg
 @app.command()
 def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
            dataset_id: Optional[str] = typer.Option(None, help="Dataset the agent was trained on (default: from "
-                                                                "the run's train_config.json).")),
+                                                                "the run's train_config.json)."),
            onnx: bool = typer.Option(False, help="Also write policy.onnx (needs the onnx extra).")):
     """Export a trained agent as TorchScript + JSON (runs without d3rlpy), optionally ONNX."""
     import minari

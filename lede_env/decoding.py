@@ -270,8 +270,7 @@ class SelfSpeculativeDecoder:
         normed = self.stack.norm(hidden[0])  # [n, d]
         if self._sampling is None:
             return normed, self.stack.greedy_tokens(normed).tolist()
-        logits = self.stack.linear(normed, self.stack.head_weight, getattr(self.stack._head, "bias", None))
-        p = self._sampling.probs(logits)
+        p = self._sampling.probs(self.stack.head_logits(normed))
         return normed, speculative_verify(draft, q, self.heads.draft_ids, p, self._generator)
 
     def _prefill(self, ids: torch.Tensor, cache, want_obs: bool):

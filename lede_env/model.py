@@ -354,9 +354,13 @@ class LayerStack:
         """Full-vocabulary logits. [..., d] -> [..., V]."""
         return self._head(normed)
 
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits with this stack's kernels. [q, d] -> [q, V]."""
+        return self.linear(normed, self._head.weight, getattr(self._head, "bias", None))
+
     def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
         """Argmax of the full LM head. [q, d] -> [q] int64 (ties go to the lowest id)."""
-        return self.linear(normed, self._head.weight, getattr(self._head, "bias", None)).argmax(-1)
+        return self.head_logits(normed).argmax(-1)
 
     @property
     def head_weight(self) -> torch.Tensor:
