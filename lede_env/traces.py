@@ -105,7 +105,9 @@ def greedy_decode(bundle: ModelBundle, ids: Sequence[int], max_new_tokens: int) 
 def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int,
                       prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
                       use_cache: bool = True) -> list[Continuation]:
-    """Greedy continuations (:func:`greedy_decode`), cached on disk.
+    """Greedy continuations (:func:`greedy_decode`), cached on disk one file per prompt (keyed
+    by the prompt's token ids and ``max_new_tokens``), so any prompt set reuses every
+    continuation computed before for another set.
 
     Args:
         prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
@@ -113,27 +115,23 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
     """
     if prompt_ids is None:
         prompt_ids = encode_prompts(bundle, prompts, max_new_tokens)
-    key = hashlib.sha256(json.dumps([list(map(int, p)) for p in prompt_ids]).encode()).hexdigest()[:12]
-    path = cache_dir() / "continuations" / bundle.slug / f"{key}-{max_new_tokens}.json"
-    cached: dict[str, dict] = {}
-    if use_cache and path.exists():
-        try:
-            cached = {r["key"]: r for r in json.loads(path.read_text())}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
+    folder = cache_dir() / "continuations" / bundle.slug / str(max_new_tokens)
     out = []
-    rows = []
     for p, ids in tqdm(list(zip(prompts, prompt_ids)), desc="greedy continuations", disable=not progress):
         k = hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
-        if k in cached:
-            gen = cached[k]["generated"]
-        else:
+        path = folder / f"{k}.json"
+        gen = None
+        if use_cache and path.exists():
+            try:
+                gen = [int(t) for t in json.loads(path.read_text())["generated"]]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
+        if gen is None:
             gen = greedy_decode(bundle, ids, max_new_tokens)
+            if use_cache:
+                write_json_atomic(path, {"id": p.id, "generated": list(map(int, gen))})
         eos = bool(gen) and gen[-1] in bundle.eos_ids
         out.append(Continuation(p.id, p.category, list(map(int, ids)), list(map(int, gen)), eos))
-        rows.append({"key": k, "id": p.id, "generated": gen})
-    if use_cache:
-        write_json_atomic(path, rows)
     return out
 
 
