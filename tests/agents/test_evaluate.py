@@ -44,7 +44,7 @@ def test_cli_help():
 
     out = CliRunner().invoke(app, ["--help"])
     assert out.exit_code == 0
-    for verb in ("traces", "exits", "profile", "collect", "train", "export", "evaluate", "demo"):
+    for verb in ("traces", "exits", "profile", "collect", "train", "export", "evaluate", "generate", "demo"):
         assert verb in out.output
 
 
