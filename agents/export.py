@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lede_env.model import atomic_folder
+from lede_env.model import atomic_file, atomic_folder
 
 EXPORT_FORMAT = 1
 
@@ -79,8 +79,6 @@ def write_onnx(pt: Path, dest: Path, flat_dim: int) -> Path:
     Raises:
         ImportError: the ``onnx`` package is missing (``pip install 'lede[onnx]'``).
     """
-    import os
-    import tempfile
     import warnings
 
     import torch
@@ -90,16 +88,9 @@ def write_onnx(pt: Path, dest: Path, flat_dim: int) -> Path:
     except ImportError as e:
         raise ImportError("ONNX export needs the onnx package: pip install 'lede[onnx]' (onnx, onnxruntime).") from e
     module = torch.jit.load(str(pt), map_location="cpu").eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is deprecated
-            torch.onnx.export(module, (torch.zeros(1, flat_dim),), tmp, dynamo=False, opset_version=17,
-                              input_names=["obs"], output_names=["action"],
-                              dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}})
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(dest, suffix=".onnx") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is deprecated
+        torch.onnx.export(module, (torch.zeros(1, flat_dim),), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["obs"], output_names=["action"],
+                          dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}})
     return dest

@@ -73,6 +73,27 @@ def embedded_gguf_path() -> Path:
 
 
 @contextmanager
+def atomic_file(final: Path, suffix: str = ""):
+    """Yield a temporary file path beside ``final``; when the block ends without error it is
+    renamed to ``final``. On any error (a full disk, Ctrl-C) it is removed, so neither a
+    partial ``final`` nor the temporary file is left behind.
+
+    Args:
+        suffix: ending of the temporary name (for writers that infer the format from it).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
 def atomic_folder(final: Path, replace: bool = True):
     """Yield a fresh temporary folder beside ``final``; when the block ends without error it is
     renamed to ``final`` (replacing an existing one if ``replace``, else keeping the existing
@@ -414,14 +435,5 @@ def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 128
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: leave neither a partial file nor the temporary one
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)

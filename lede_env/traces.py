@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .exits import ExitHeads, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary, teacher_forced
-from .model import (LayerStack, atomic_folder, cache_dir, describe_model, eos_token_ids, load_model, model_slug,
+from .model import (LayerStack, atomic_file, atomic_folder, cache_dir, describe_model, eos_token_ids, load_model, model_slug,
                     write_json_atomic)
 from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
@@ -199,15 +197,8 @@ def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_ca
 
 
 def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # ---- traces ---------------------------------------------------------------------------------
