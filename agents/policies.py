@@ -238,14 +238,12 @@ class DELPolicy:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
         self.actions, self.prior, self.decay = actions, float(prior), float(decay)
-        n_ex, K = len(actions.exit_layers), actions.k_max
-        self._k = np.arange(1, K + 1)
+        self._k = np.arange(1, actions.k_max + 1)
         self._cost = np.array([[profile.round_cost(E, k, k + 1 if bonus else k, reuse) for k in self._k]
                                for E in actions.exit_layers])  # [n_exits, k_max], AR-step units
         self._ar = profile.round_cost(0, 0, 1)
         self.bonus = bonus
         self.reset()
-        self._n_ex = n_ex
 
     def reset(self) -> None:
         self.alpha = np.full(len(self.actions.exit_layers), self.prior)

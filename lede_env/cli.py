@@ -79,17 +79,15 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
             raise typer.BadParameter(f"unknown exit-head kind {k!r}; choose from {HEAD_KINDS}", param_hint="--kinds")
     held = get_continuations(b, load_prompts(heldout_prompts), max_new_tokens)
     seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in held]
-    table = {}
+    table, times = {}, None
+    V = b.stack.head_weight.shape[0]
     for k in names:
         heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, k, draft_vocab,
                                       calib_prompts=calib_prompts, ridge=ridge, kl_steps=kl_steps))
         table[f"{k} (V_d={heads.draft_vocab})"] = agreement(heads, seqs)
-        V = b.stack.head_weight.shape[0]
         if heads.draft_vocab != V:  # the same translators over the full vocabulary
             full = ExitHeads(b.stack, heads.exit_layers, k)
             full.load_state(heads.state())
-            full.draft_vocab = V
-            full._refresh_vocab()
             table[f"{k} (full vocab)"] = agreement(full, seqs)
             x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype)
             ms = {n: 1000 * min_time(lambda h=h: h.draft_tokens(x, 0), 30) for n, h in (("V_d", heads), ("full", full))}
@@ -100,7 +98,7 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
     print("| exit | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for e in next(iter(table.values())):
         print(f"| {e} | " + " | ".join(f"{table[c][e]:.3f}" for c in cols) + " |")
-    if draft_vocab:
+    if times:  # only when a truncated draft vocabulary was compared with the full one
         print(f"\nOne draft-head call for one token: {times}.")
 
 

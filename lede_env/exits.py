@@ -135,8 +135,7 @@ class ExitHeads(nn.Module):
         Returns:
             [...] int64 token ids (in the full vocabulary).
         """
-        logits = self.stack.linear(self.translate(hidden, i), self.draft_w)
-        return self.draft_ids[logits.argmax(-1)]
+        return self.draft_ids[self.draft_logits(hidden, i).argmax(-1)]
 
     @torch.no_grad()
     def draft_logits(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
@@ -163,7 +162,7 @@ class ExitHeads(nn.Module):
             probability of the draft head's softmax over the draft vocabulary (the confidence
             that confidence-threshold drafting compares with its stop threshold).
         """
-        logits = self.stack.linear(self.translate(hidden, i), self.draft_w).float()
+        logits = self.draft_logits(hidden, i)
         top, arg = logits.max(-1)
         prob = torch.exp(top - torch.logsumexp(logits, -1))
         return self.draft_ids[arg], prob
