@@ -34,47 +34,28 @@ import torch
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.replay import oracle_plan, rollout, throughput
 
-from .policies import ConfidencePolicy, DELPolicy, ExportedPolicy, HeuristicPolicy
+from .policies import POLICY_NAMES, policy_from_name
 
 
 def make_policy(name: str, env, static_best: Optional[int] = None):
     """Build the policy named ``name`` for ``env`` (``None`` for ``oracle`` and ``hf``, which are
-    handled by the callers).
+    handled by the callers); ``static:best`` plays ``static_best``, the other names go to
+    :func:`agents.policies.policy_from_name`.
 
     Raises:
-        ValueError: an unknown policy name.
+        ValueError: an unknown policy name or bad arguments.
     """
-    A = env.unwrapped.actions
-    if name == "ar":
-        return StaticPolicy(0)
-    if name.startswith("static:"):
-        arg = name.split(":", 1)[1]
-        if arg == "best":
-            if static_best is None:
-                raise ValueError("static:best needs the best static action (chosen on training traces).")
-            return StaticPolicy(static_best)
-        E, K = (int(x) for x in arg.split(","))
-        return StaticPolicy(A.encode(E, K))
-    if name.startswith("confidence:"):
-        try:
-            E, K, tau = name.split(":", 1)[1].split(",")
-            return ConfidencePolicy(A, int(E), int(K), float(tau))
-        except ValueError as e:
-            raise ValueError(f"Bad policy {name!r} ({e}); write confidence:E,K,THRESHOLD, e.g. confidence:4,8,0.5."
-                             ) from None
-    if name == "del":
-        u = env.unwrapped
-        return DELPolicy(A, u.profile, u.rules.bonus, u.rules.reuse)
-    if name.startswith("heuristic:"):
-        return HeuristicPolicy(A, int(name.split(":", 1)[1]))
-    if name.startswith("agent:"):
-        p = ExportedPolicy(name.split(":", 1)[1])
-        p.check_compatible(env.unwrapped.observer, A)
-        return p
+    u = env.unwrapped
+    if name == "static:best":
+        if static_best is None:
+            raise ValueError("static:best needs the best static action (chosen on training traces).")
+        return StaticPolicy(static_best)
     if name in ("oracle", "hf"):
         return None
-    raise ValueError(f"Unknown policy {name!r}; use ar, hf, static:E,K, static:best, heuristic:E, "
-                     "confidence:E,K,THRESHOLD, del, oracle or agent:PATH.")
+    pol = policy_from_name(name, u.actions, u.profile, u.rules.bonus, u.rules.reuse, u.observer)
+    if pol is None:
+        raise ValueError(f"Unknown policy {name!r}; use {POLICY_NAMES}, static:best, hf or oracle.")
+    return pol
 
 
 def label(name: str, env, static_best: Optional[int]) -> str:

@@ -25,7 +25,7 @@ from lede_env.decoding import RoundRecord, StaticPolicy
 from lede_env.mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
 
 __all__ = ["StaticPolicy", "RandomPolicy", "HeuristicPolicy", "OraclePolicy", "EpsilonPolicy", "ExportedPolicy",
-           "DELPolicy", "ConfidencePolicy", "best_static_action"]
+           "DELPolicy", "ConfidencePolicy", "best_static_action", "policy_from_name", "POLICY_NAMES"]
 
 
 class RandomPolicy:
@@ -292,4 +292,53 @@ class ConfidencePolicy(StaticPolicy):
             raise ValueError(f"threshold={threshold!r} must be a probability in (0, 1).")
         super().__init__(actions.encode(exit_layer, k_cap))
         self.stop_threshold = float(threshold)
+
+
+#: the policy names :func:`policy_from_name` understands
+POLICY_NAMES = "ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH"
+_USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
+          "agent": "agent:PATH"}
+
+
+def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = True, reuse: bool = True,
+                     observer: Optional[ObservationBuilder] = None):
+    """The policy named ``name`` (see :data:`POLICY_NAMES`), shared by ``lede evaluate`` and
+    :class:`lede_env.generate.Lede`.
+
+    Args:
+        actions: the decoder's / env's action map.
+        profile, bonus, reuse: the cost profile and verification variant (for ``del``).
+        observer: the observation builder an exported agent must match (checked when given).
+
+    Returns:
+        the policy, or ``None`` for a name this function does not know (callers add their own).
+
+    Raises:
+        ValueError: a known kind with bad arguments (e.g. ``confidence:4,8``), or an exported
+            agent whose exits or observation layout do not match.
+        FileNotFoundError: ``agent:PATH`` without an exported policy there.
+    """
+    kind, _, arg = name.partition(":")
+    args = arg.split(",") if arg else []
+    try:
+        if name == "ar":
+            return StaticPolicy(0)
+        if name == "del":
+            return DELPolicy(actions, profile, bonus, reuse)
+        if kind == "static" and len(args) == 2:
+            return StaticPolicy(actions.encode(int(args[0]), int(args[1])))
+        if kind == "heuristic" and len(args) == 1:
+            return HeuristicPolicy(actions, int(args[0]))
+        if kind == "confidence" and len(args) == 3:
+            return ConfidencePolicy(actions, int(args[0]), int(args[1]), float(args[2]))
+        if kind == "agent" and arg:
+            p = ExportedPolicy(arg)
+            if observer is not None:
+                p.check_compatible(observer, actions)
+            return p
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Bad policy {name!r} ({e}).") from None
+    if kind in _USAGE:
+        raise ValueError(f"Bad policy {name!r}: write {_USAGE[kind]}.")
+    return None
 

@@ -109,35 +109,19 @@ class Lede:
         self.policy = self.make_policy(policy)
 
     def make_policy(self, policy: Union[str, Policy]) -> Policy:
-        """A :class:`~lede_env.decoding.Policy` from a name or path (objects pass through)."""
+        """A :class:`~lede_env.decoding.Policy` from a name or an exported agent folder (objects
+        pass through); names as in :func:`agents.policies.policy_from_name`."""
         if not isinstance(policy, str):
             return policy
-        from agents.policies import (ConfidencePolicy, DELPolicy, ExportedPolicy, HeuristicPolicy,
-                                     StaticPolicy)
+        from agents.policies import POLICY_NAMES, policy_from_name
 
-        A = self.decoder.actions
         path = _agent_path(policy)
-        try:
-            if path is not None:
-                p = ExportedPolicy(path)
-                p.check_compatible(self.decoder.observer, A)
-                return p
-            if policy == "ar":
-                return StaticPolicy(0)
-            if policy == "del":
-                return DELPolicy(A, self.profile, self.decoder.bonus, self.decoder.reuse)
-            kind, _, arg = policy.partition(":")
-            args = arg.split(",") if arg else []
-            if kind == "static" and len(args) == 2:
-                return StaticPolicy(A.encode(int(args[0]), int(args[1])))
-            if kind == "heuristic" and len(args) == 1:
-                return HeuristicPolicy(A, int(args[0]))
-            if kind == "confidence" and len(args) == 3:
-                return ConfidencePolicy(A, int(args[0]), int(args[1]), float(args[2]))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"Bad policy {policy!r}: {e}") from None
-        raise ValueError(f"Unknown policy {policy!r}; use ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, "
-                         "del, or an exported agent folder (agent:PATH).")
+        name = f"agent:{path}" if path is not None else policy
+        pol = policy_from_name(name, self.decoder.actions, self.profile, self.decoder.bonus, self.decoder.reuse,
+                               self.decoder.observer)
+        if pol is None:
+            raise ValueError(f"Unknown policy {policy!r}; use {POLICY_NAMES} (or just the agent's folder).")
+        return pol
 
     def encode(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
                chat: bool = True) -> torch.Tensor:
