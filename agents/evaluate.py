@@ -65,11 +65,14 @@ def label(name: str, env, static_best: Optional[int]) -> str:
     return name
 
 
-def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_category: bool = True) -> list[dict]:
+def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_category: bool = True,
+               policies: Optional[dict] = None) -> list[dict]:
     """Every policy on every playable trace of ``env`` (once each, in order).
 
     Args:
+        names: policy names (see the module docstring).
         by_category: also give one row per policy and prompt category (when there are several).
+        policies: more policies as ``{label: policy object}`` (e.g. a trained agent before export).
 
     Returns:
         one row per policy (``category == "all"``), then per policy and category:
@@ -93,6 +96,9 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
         pol = make_policy(name, env, static_best)
         with u.playing(pol):
             per_policy[label(name, env, static_best)] = run_episodes(u, pol)
+    for lab, pol in (policies or {}).items():
+        with u.playing(pol):
+            per_policy[lab] = run_episodes(u, pol)
     rows = []
     for cat, idx in groups.items():
         for lab, (results, returns) in per_policy.items():

@@ -1,9 +1,9 @@
-"""Exporting a trained policy as a standalone artefact (no d3rlpy needed to run it).
+"""Exporting a trained policy as a standalone artefact (no d3rlpy or stable-baselines3 needed to run it).
 
 An export folder holds exactly:
 
-- ``policy.pt`` - TorchScript greedy policy from d3rlpy's ``save_policy`` (observation
-  standardisation included): input [batch, flat_dim] float32, output [batch] int64 action.
+- ``policy.pt`` - TorchScript greedy policy from the agent's ``save_policy`` (d3rlpy's, or
+  :meth:`agents.sb3.SB3Agent.save_policy`; observation standardisation included): input [batch, flat_dim] float32, output [batch] int64 action.
 - ``policy.onnx`` (with ``onnx=True``, needs the ``onnx`` extra) - the same graph in ONNX
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
@@ -33,7 +33,8 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
     The folder is written under a temporary name and renamed when complete.
 
     Args:
-        algo: a trained d3rlpy Q-learning algorithm.
+        algo: a trained agent from :func:`agents.train.train` (a d3rlpy algorithm or an
+            :class:`agents.sb3.SB3Agent`).
         env: the ``LEDE-Llama3-v0`` env (its exits, k_max, observation layout are recorded).
         out_dir: destination folder (replaced if it exists).
         onnx: also write ``policy.onnx``.

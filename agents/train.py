@@ -1,9 +1,17 @@
-"""Offline RL on lede's Minari datasets with d3rlpy (the training loop lives in d3rlpy).
+"""RL on lede's Minari datasets: one :func:`train` for every algorithm (``lede train --algo``).
 
-Supported: ``discrete_cql`` (Kumar et al. 2020, arXiv 2006.04779), ``dqn`` and ``double_dqn``
-(arXiv 1312.5602, 1509.06461), ``discrete_bcq`` (arXiv 1910.01708), ``discrete_bc``. All take
-the flat float32 observation (``ObservationBuilder.flatten``; d3rlpy has no Dict spaces) and
-the ``Discrete`` action.
+Offline, d3rlpy (the training loop lives in d3rlpy): ``discrete_cql`` (Kumar et al. 2020,
+arXiv 2006.04779), ``dqn`` and ``double_dqn`` (arXiv 1312.5602, 1509.06461), ``discrete_bcq``
+(arXiv 1910.01708), ``discrete_bc``. They take the flat float32 observation
+(``ObservationBuilder.flatten``; d3rlpy has no Dict spaces) and the ``Discrete`` action.
+
+stable-baselines3 (:mod:`agents.sb3`): ``sb3_offline_dqn`` (DQN on a replay buffer filled from
+the dataset), and online on the trace env recovered from the dataset: ``ppo``, ``online_dqn``
+(Dict observations through ``MultiInputPolicy``).
+
+Every trained agent has ``predict(flat [N, D]) -> actions [N]`` and ``save_policy`` (for
+``lede export``); with ``eval_prompts`` it is evaluated on held-out prompts (never its training
+prompts) after training and the metrics go to ``eval.json`` and W&B.
 
 The ``MDPDataset`` is built from Minari episodes here: Minari keeps T+1 observations per
 episode, so the last one is dropped and the step flags mark the episode end
@@ -16,15 +24,18 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from lede_env.mdp import flatten_by_layout
 
-ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
+D3RLPY_ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
+ALGOS = D3RLPY_ALGOS + ("sb3_offline_dqn", "ppo", "online_dqn")
 
 
 @dataclass
@@ -34,14 +45,18 @@ class TrainConfig:
     Attributes:
         dataset_id: Minari dataset to train on.
         algo: one of :data:`ALGOS`.
-        steps: gradient steps.
-        steps_per_epoch: steps between log lines / W&B points.
+        steps: gradient steps (offline algorithms) or env steps (``ppo``, ``online_dqn``).
+        steps_per_epoch: steps between log lines / W&B points / evaluations.
         batch_size: transitions per step.
         learning_rate: Adam learning rate.
         gamma: discount (``net`` reward: near 1 - it then counts AR steps saved).
         cql_alpha: conservatism weight of DiscreteCQL.
-        hidden: widths of the Q-network's hidden layers.
-        seed: seeds numpy, torch, python and d3rlpy.
+        hidden: widths of the Q-network's (or actor's and critic's) hidden layers.
+        target_update_interval: gradient steps between target-network copies (DQN family).
+        ppo_n_steps: env steps per PPO rollout.
+        eval_prompts: held-out prompt spec evaluated after training in the dataset's env (must
+            not share a prompt with the dataset's); ``None`` skips it.
+        seed: seeds numpy, torch, python, d3rlpy and sb3.
         out_dir: where the model, logs and ``train_config.json`` go.
         wandb: ``"offline"`` (default), ``"online"`` or ``"disabled"``.
         wandb_project: W&B project.
@@ -56,6 +71,9 @@ class TrainConfig:
     gamma: float = 0.5
     cql_alpha: float = 0.5
     hidden: tuple[int, ...] = (256, 256)
+    target_update_interval: int = 1000
+    ppo_n_steps: int = 256
+    eval_prompts: Optional[str] = None
     seed: int = 0
     out_dir: str = "runs/train"
     wandb: str = "offline"
@@ -66,8 +84,10 @@ class TrainConfig:
             raise ValueError(f"Unknown algorithm {self.algo!r}; choose one of {ALGOS}.")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}.")
-        if self.steps < 1 or self.steps_per_epoch < 1:
-            raise ValueError("steps and steps_per_epoch must be >= 1.")
+        if self.steps < 1 or self.steps_per_epoch < 1 or self.target_update_interval < 1 or self.ppo_n_steps < 2:
+            raise ValueError("steps, steps_per_epoch and target_update_interval must be >= 1, ppo_n_steps >= 2.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.wandb not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb must be 'offline', 'online' or 'disabled', got {self.wandb!r}.")
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -135,13 +155,14 @@ def make_algo(cfg: TrainConfig, device: str = "cpu:0"):
                                              observation_scaler=StandardObservationScaler()).create(device=device)
     common |= dict(gamma=cfg.gamma)
     if cfg.algo == "discrete_cql":
-        return d3rlpy.algos.DiscreteCQLConfig(alpha=cfg.cql_alpha, target_update_interval=1000,
+        return d3rlpy.algos.DiscreteCQLConfig(alpha=cfg.cql_alpha, target_update_interval=cfg.target_update_interval,
                                               **common).create(device=device)
     if cfg.algo == "dqn":
-        return d3rlpy.algos.DQNConfig(target_update_interval=1000, **common).create(device=device)
+        return d3rlpy.algos.DQNConfig(target_update_interval=cfg.target_update_interval, **common).create(device=device)
     if cfg.algo == "double_dqn":
-        return d3rlpy.algos.DoubleDQNConfig(target_update_interval=1000, **common).create(device=device)
-    return d3rlpy.algos.DiscreteBCQConfig(target_update_interval=1000, **common).create(device=device)
+        return d3rlpy.algos.DoubleDQNConfig(target_update_interval=cfg.target_update_interval, **common).create(device=device)
+    return d3rlpy.algos.DiscreteBCQConfig(target_update_interval=cfg.target_update_interval,
+                                          **common).create(device=device)
 
 
 class WandbAdapter:
@@ -191,22 +212,30 @@ def start_wandb(mode: str, project: str, name: str, config: dict, out_dir: Path)
     return wandb.init(project=project, name=name, config=config, mode=mode, dir=str(out_dir), reinit="finish_previous")
 
 
-def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None):
+def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, env=None, eval_env=None):
     """Train ``cfg.algo`` on the Minari dataset ``cfg.dataset_id``.
 
     Args:
         dataset: an already loaded ``MinariDataset`` (else ``minari.load_dataset``).
-        on_epoch: ``callable(algo, epoch, step) -> dict`` of evaluation metrics logged to W&B.
+        on_epoch: ``callable(agent, epoch, step) -> dict`` of evaluation metrics logged to W&B.
+        env: the env online algorithms train in (default: ``dataset.recover_environment()``).
+        eval_env: the held-out env (default: the dataset's env on ``cfg.eval_prompts``).
 
     Returns:
-        ``(algo, layout)``: the trained d3rlpy algorithm and the flat observation layout.
-        ``cfg.out_dir`` gets ``model.d3``, ``train_config.json`` and d3rlpy's logs.
+        ``(agent, layout)``: the trained agent (a d3rlpy algorithm or an
+        :class:`agents.sb3.SB3Agent`) and the flat observation layout. ``cfg.out_dir`` gets the
+        model (``model.d3`` or ``model.zip`` + ``obs_stats.json``), ``train_config.json``, the
+        library's logs, and ``eval.json`` (training seconds; held-out metrics when evaluated).
+
+    Raises:
+        ValueError: a dataset that is not lede's, or held-out prompts shared with the dataset's.
     """
     import logging
 
     import minari
     import structlog
-    from d3rlpy.logging import CombineAdapterFactory, FileAdapterFactory
+
+    from .sb3 import train_sb3
 
     # d3rlpy prints every parameter and metric through structlog at INFO; they are in the log
     # files and W&B already.
@@ -216,12 +245,40 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None):
     out.mkdir(parents=True, exist_ok=True)
     dataset = dataset or minari.load_dataset(cfg.dataset_id)
     mdp, layout = to_mdp_dataset(dataset)
-    algo = make_algo(cfg)
+    if cfg.eval_prompts and eval_env is None:
+        eval_env = heldout_env(dataset, cfg.eval_prompts)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"layout": layout}, indent=2))
-    adapters = [FileAdapterFactory(root_dir=str(out / "d3rlpy_logs"))]
     run = None
     if cfg.wandb != "disabled":
         run = start_wandb(cfg.wandb, cfg.wandb_project, f"{cfg.algo}-s{cfg.seed}", asdict(cfg), out)
+    t0 = time.perf_counter()
+    try:
+        if cfg.algo in D3RLPY_ALGOS:
+            agent = _train_d3rlpy(cfg, mdp, out, run, progress, on_epoch)
+        else:
+            flat = np.concatenate([e.observations for e in mdp.episodes])
+            agent = train_sb3(cfg, dataset, layout, flat, env, out, run, progress, on_epoch)
+            agent.save(out)
+        seconds = time.perf_counter() - t0
+        summary = {"algo": cfg.algo, "seed": cfg.seed, "train_seconds": seconds}
+        if eval_env is not None:
+            summary |= {f"heldout_{k}": v for k, v in evaluate_agent(agent, layout, eval_env).items()}
+            summary["heldout_prompts"] = cfg.eval_prompts
+        (out / "eval.json").write_text(json.dumps(summary, indent=2))
+        if run is not None:
+            run.summary.update(summary)
+    finally:
+        if run is not None:
+            run.finish()
+    return agent, layout
+
+
+def _train_d3rlpy(cfg: TrainConfig, mdp, out: Path, run, progress: bool, on_epoch):
+    from d3rlpy.logging import CombineAdapterFactory, FileAdapterFactory
+
+    algo = make_algo(cfg)
+    adapters = [FileAdapterFactory(root_dir=str(out / "d3rlpy_logs"))]
+    if run is not None:
         adapters.append(WandbAdapterFactory(run))
 
     def epoch_cb(algo_, epoch, step):
@@ -234,14 +291,49 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None):
              experiment_name=f"{cfg.algo}", with_timestamp=False, show_progress=progress, save_interval=10**9,
              logger_adapter=CombineAdapterFactory(adapters), epoch_callback=epoch_cb)
     algo.save(str(out / "model.d3"))
-    if run is not None:
-        run.finish()
-    return algo, layout
+    return algo
+
+
+def heldout_env(dataset, eval_prompts: str):
+    """The dataset's env (from its stored env spec) on the held-out prompts ``eval_prompts``.
+
+    Raises:
+        ValueError: the dataset has no env spec, or a held-out prompt is one of its training
+            prompts (an agent is never evaluated on the prompts it was trained on).
+    """
+    from lede_env.env import LEDEEnv
+    from lede_env.prompts import load_prompts
+
+    spec = dataset.spec.env_spec
+    if spec is None or not spec.kwargs:
+        raise ValueError(f"Dataset {dataset.spec.dataset_id!r} stores no env spec: build the held-out env "
+                         "yourself and pass eval_env=.")
+    kwargs = dict(spec.kwargs)
+    train_texts = {p.text for p in load_prompts(kwargs.get("prompts") or "humaneval[0:24]")}
+    shared = [p.id for p in load_prompts(eval_prompts) if p.text in train_texts]
+    if shared:
+        raise ValueError(f"Held-out prompts {eval_prompts!r} share {len(shared)} prompt(s) with the dataset's "
+                         f"training prompts {kwargs.get('prompts')!r} (e.g. {shared[:3]}): choose disjoint ones.")
+    return LEDEEnv(**(kwargs | {"prompts": eval_prompts, "progress": False}))
+
+
+def evaluate_agent(agent, layout, eval_env) -> dict:
+    """Trace-env metrics of ``agent``'s greedy policy on every playable trace of ``eval_env``.
+
+    Returns:
+        ``throughput`` (tokens per AR-step cost unit), ``oracle_share`` (of the oracle's
+        throughput on the same traces), ``mean_return``, ``tokens_per_round``, ``acceptance``.
+    """
+    from .evaluate import trace_eval
+
+    row = trace_eval(eval_env, [], by_category=False, policies={"agent": greedy_q_policy(agent, layout)})[0]
+    return {k: float(row[k]) for k in ("throughput", "oracle_share", "mean_return", "tokens_per_round",
+                                       "acceptance")}
 
 
 def greedy_q_policy(algo, layout):
-    """Wrap a d3rlpy algorithm as a lede policy acting on Dict observations (for evaluation
-    before export)."""
+    """Wrap a trained agent (d3rlpy algorithm or :class:`agents.sb3.SB3Agent`) as a lede policy
+    acting on Dict observations (for evaluation before export)."""
 
     class _P:
         needs_observation = True
@@ -259,7 +351,25 @@ def greedy_q_policy(algo, layout):
 
 
 def load_algo(path: str | Path, device: str = "cpu:0"):
-    """Load a d3rlpy algorithm saved by :func:`train` (``model.d3``)."""
+    """Load an agent saved by :func:`train`: a run folder (its ``train_config.json`` names the
+    algorithm) or a d3rlpy ``model.d3`` file.
+
+    Raises:
+        FileNotFoundError: the folder holds no trained agent.
+    """
     import d3rlpy
 
-    return d3rlpy.load_learnable(str(path), device=device)
+    from .sb3 import SB3_ALGOS, SB3Agent
+
+    p = Path(path)
+    if p.is_dir():
+        cfg_file = p / "train_config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"No train_config.json in {p}: not a run folder of `lede train`.")
+        algo = json.loads(cfg_file.read_text())["algo"]
+        if algo in SB3_ALGOS:
+            return SB3Agent.load(p, algo)
+        p = p / "model.d3"
+    if not p.exists():
+        raise FileNotFoundError(f"No trained agent at {p}: run `lede train` first.")
+    return d3rlpy.load_learnable(str(p), device=device)

@@ -142,15 +142,31 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
 
 
 @app.command()
-def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", algo: str = "discrete_cql", steps: int = 6000,
-          gamma: float = 0.5, learning_rate: float = 3e-4, seed: int = 0, out: Path = Path("runs/train"),
+def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0",
+          algo: str = typer.Option("discrete_cql", help="discrete_cql, dqn, double_dqn, discrete_bcq, discrete_bc "
+                                                        "(d3rlpy, offline); sb3_offline_dqn (stable-baselines3, "
+                                                        "offline); ppo, online_dqn (stable-baselines3, online on "
+                                                        "the dataset's trace env)."),
+          steps: int = typer.Option(6000, help="Gradient steps (offline) or env steps (online)."),
+          gamma: float = 0.5, learning_rate: float = 3e-4, batch_size: int = 256, seed: int = 0,
+          eval_prompts: Optional[str] = typer.Option(DEFAULT_EVAL, help="Held-out prompts evaluated after "
+                                                                       "training ('' to skip)."),
+          out: Path = Path("runs/train"),
           wandb: str = typer.Option("offline", help="offline | online | disabled")):
-    """Train an offline RL agent (d3rlpy) on a Minari dataset."""
+    """Train an RL agent on a Minari dataset; evaluate it on held-out prompts (eval.json, W&B)."""
     from agents.train import TrainConfig, train as run_train
 
-    run_train(TrainConfig(dataset_id=dataset_id, algo=algo, steps=steps, gamma=gamma, learning_rate=learning_rate,
-                          seed=seed, out_dir=str(out), wandb=wandb))
-    console.print(f"model in {out / 'model.d3'}")
+    try:
+        cfg = TrainConfig(dataset_id=dataset_id, algo=algo, steps=steps, gamma=gamma, learning_rate=learning_rate,
+                          batch_size=batch_size, seed=seed, out_dir=str(out), wandb=wandb,
+                          eval_prompts=eval_prompts or None)
+        run_train(cfg)
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    summary = json.loads((out / "eval.json").read_text())
+    console.print(json.dumps(summary, indent=2))
+    console.print(f"agent in {out} (export it with `lede export --run-dir {out}`)")
 
 
 @app.command()
@@ -158,7 +174,8 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
            dataset_id: Optional[str] = typer.Option(None, help="Dataset the agent was trained on (default: from "
                                                                 "the run's train_config.json)."),
            onnx: bool = typer.Option(False, help="Also write policy.onnx (needs the onnx extra).")):
-    """Export a trained agent as TorchScript + JSON (runs without d3rlpy), optionally ONNX."""
+    """Export a trained agent (any `lede train --algo`) as TorchScript + JSON (runs without d3rlpy or
+    stable-baselines3), optionally ONNX."""
     import minari
 
     from agents.export import export_policy
@@ -167,7 +184,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
     cfg = json.loads((run_dir / "train_config.json").read_text())
     ds = minari.load_dataset(dataset_id or cfg["dataset_id"])
     env = ds.recover_environment()
-    export_policy(load_algo(run_dir / "model.d3"), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"], onnx=onnx)
+    export_policy(load_algo(run_dir), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"], onnx=onnx)
     console.print(f"exported to {out}")
 
 
