@@ -6,16 +6,27 @@ and ``oracle`` (the dynamic-programming oracle with epsilon-random actions). Epi
 their seed and ``options={"prompt_index": i}``, so any episode can be replayed in the
 recovered env. As in Minari, an episode holds T+1 observations and T actions.
 
+Each episode's randomness (behaviour policy, reset seed, prompt) comes from
+``numpy.random.default_rng([seed, episode_index])``, so an episode does not depend on which
+other episodes were collected: ``shard="k/n"`` collects the episodes ``i % n == k - 1`` of the
+same collection, and the n shards merged (:func:`agents.datasets_tool.merge`) hold exactly the
+episodes of the unsharded collection.
+
 Datasets are written through ``minari.create_dataset_from_buffers`` (no jax needed) under a
-temporary id and renamed into place when whole, so an interrupted collection never leaves a
-dataset ``minari.load_dataset`` would read as complete.
+temporary id (``partial-<host>-<pid>-...``), validated (:func:`agents.datasets_tool.validate`,
+rewards re-computed by replay) and renamed into place when whole, so an interrupted collection
+never leaves a dataset ``minari.load_dataset`` would read as complete; a ``partial-*`` folder
+left by a killed process is removed by the next collection on the same host.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import socket
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +47,11 @@ class CollectConfig:
         episodes: number of episodes.
         mixture: behaviour policy -> probability (normalised).
         oracle_epsilon: random-action probability of the oracle behaviour.
-        seed: seeds episode draws and behaviour policies.
+        seed: seeds episode draws and behaviour policies (episode i uses ``default_rng([seed, i])``).
         author, code_permalink, description: dataset metadata.
+        shard: ``"k/n"`` (or ``(k, n)``): collect only episodes ``i % n == k - 1``, into the dataset
+            :func:`agents.datasets_tool.shard_dataset_id` (``...-shard<k>of<n>-v<N>``); ``None``
+            collects all of them into ``dataset_id``.
     """
 
     dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0"
@@ -48,6 +62,7 @@ class CollectConfig:
     author: str = "lede"
     code_permalink: str = "https://github.com/lede-project/lede"
     description: str = ""
+    shard: Optional[str] = None
 
     def __post_init__(self) -> None:
         unknown = set(self.mixture) - set(DEFAULT_MIX)
@@ -57,6 +72,12 @@ class CollectConfig:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}.")
         if sum(self.mixture.values()) <= 0:
             raise ValueError("The behaviour mixture has no positive weight.")
+        from lede_env.sharding import parse_shard
+
+        sh = parse_shard(self.shard)
+        if sh is not None and sh[0] > self.episodes:
+            raise ValueError(f"shard {sh[0]}/{sh[1]} of {self.episodes} episodes is empty: use at most "
+                             f"{self.episodes} shards.")
 
 
 def make_behaviour(kind: str, env, rng: np.random.Generator, eps: float):
@@ -109,74 +130,117 @@ def minari_root() -> Path:
     return Path(get_dataset_path())
 
 
-def collect(env, config: CollectConfig, progress: bool = True, env_spec: Optional[dict] = None):
+def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
     """Run the behaviour mixture in ``env`` and write a Minari dataset.
 
     Args:
         env: a ``LEDE-Llama3-v0`` env (trace backend).
-        config: collection settings.
-        env_spec: JSON-serialisable kwargs that rebuild ``env`` (stored in the metadata).
+        config: collection settings (``config.shard`` collects one part, see :class:`CollectConfig`).
+        env_spec: the kwargs that rebuild ``env`` (JSON-serialisable; completed from ``env``, see
+            :func:`env_spec_for`) or a ready ``gymnasium.envs.registration.EnvSpec``; stored in the
+            metadata for ``MinariDataset.recover_environment()``. ``None`` stores no spec.
 
     Returns:
-        The ``minari.MinariDataset``.
+        The ``minari.MinariDataset`` (id ``config.dataset_id``, or the shard's id).
 
     Raises:
-        ValueError: the dataset id exists already (delete it with ``minari delete ID`` first).
+        ValueError: a malformed dataset id, or the dataset exists already (delete it with
+            ``minari delete ID`` first, or collect a new version ``-vN``); the collected data
+            fail validation (nothing is written then).
     """
     import minari
     from minari.data_collector import EpisodeBuffer
 
+    from lede_env.sharding import parse_shard, shard_indices
+
+    from .datasets_tool import check, check_dataset_id, clean_stale_partials, shard_dataset_id
+
+    check_dataset_id(config.dataset_id)
+    shard = parse_shard(config.shard)
+    dataset_id = config.dataset_id if shard is None else shard_dataset_id(config.dataset_id, *shard)
     root = minari_root()
-    if (root / config.dataset_id).exists():
-        raise ValueError(f"Dataset {config.dataset_id!r} already exists under {root}: choose a new version "
-                         f"(-vN) or delete it (`minari delete {config.dataset_id}`).")
+    clean_stale_partials()
+    if (root / dataset_id).exists():
+        raise ValueError(f"Dataset {dataset_id!r} already exists under {root}: choose a new version "
+                         f"(-vN) or delete it (`minari delete {dataset_id}`).")
     u = env.unwrapped
-    rng = np.random.default_rng(config.seed)
     kinds = sorted(config.mixture)
     probs = np.array([config.mixture[k] for k in kinds], float)
     probs /= probs.sum()
-    buffers, counts = [], {k: 0 for k in kinds}
-    for ep in tqdm(range(config.episodes), desc=f"collect {config.dataset_id}", disable=not progress):
-        kind = kinds[int(rng.choice(len(kinds), p=probs))]
+    buffers, extra_meta, counts = [], [], {k: 0 for k in kinds}
+    episodes = shard_indices(config.episodes, shard)
+    for n, ep in enumerate(tqdm(episodes, desc=f"collect {dataset_id}", disable=not progress)):
+        kind, policy, seed, idx = episode_plan(env, config, ep, kinds, probs)
         counts[kind] += 1
-        policy = make_behaviour(kind, env, rng, config.oracle_epsilon)
-        seed = int(rng.integers(2**31))
-        idx = int(u.playable[int(rng.integers(len(u.playable)))])
         obs, acts, rews, terms, truncs, _ = run_episode(env, policy, seed, {"prompt_index": idx})
-        buffers.append(EpisodeBuffer(id=ep, seed=seed, options={"prompt_index": idx}, observations=_stack(obs),
+        buffers.append(EpisodeBuffer(id=n, seed=seed, options={"prompt_index": idx}, observations=_stack(obs),
                                      actions=np.asarray(acts, np.int64), rewards=rews, terminations=terms,
                                      truncations=truncs))
+        extra_meta.append({"episode_index": ep, "behaviour": kind})
     ref_min, ref_max = reference_scores(env)
-    tmp_id = _tmp_id(config.dataset_id)
+    tmp_id = _tmp_id(dataset_id)
     tmp_path = root / tmp_id
-    final_path = root / config.dataset_id
+    final_path = root / dataset_id
+    collection = {"seed": config.seed, "episodes": config.episodes, "mixture": dict(config.mixture),
+                  "oracle_epsilon": config.oracle_epsilon, "shard": None if shard is None else list(shard),
+                  "episode_indices": len(episodes), "behaviour_counts": counts,
+                  "env": _describe_env(u)}
+    spec = env_spec_for(env, env_spec)
     try:
-        minari.create_dataset_from_buffers(
-            dataset_id=tmp_id,
-            buffer=buffers,
-            env=env_spec_for(env, env_spec),
-            algorithm_name="behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in kinds),
-            author=config.author,
-            code_permalink=config.code_permalink,
-            action_space=u.action_space,
-            observation_space=u.observation_space,
-            # Reference scores are written below: given here, Minari would re-make the env to
-            # check them (loading the model again).
-            description=config.description or _describe(u, config, counts),
-            requirements=_requirements(),
-        )
-        _rename_dataset(tmp_path, final_path, config.dataset_id,
-                        {"ref_min_score": ref_min, "ref_max_score": ref_max, "num_episodes_average_score": len(u.playable)})
+        with warnings.catch_warnings():  # the spec is stored below; no author e-mail, no eval env
+            warnings.filterwarnings("ignore", message=r".*(env_spec is None|`eval_env` is set|`author_email`)")
+            ds = minari.create_dataset_from_buffers(
+                dataset_id=tmp_id,
+                buffer=buffers,
+                env=None,  # given as a spec, Minari would gym.make() a second env (loading the model) for its spaces
+                algorithm_name="behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in kinds),
+                author=config.author,
+                code_permalink=config.code_permalink,
+                action_space=u.action_space,
+                observation_space=u.observation_space,
+                # Reference scores are written below: given here, Minari would re-make the env to
+                # check them (loading the model again).
+                description=config.description or describe_collection(collection, dataset_id),
+                requirements=_requirements(),
+            )
+        if spec is not None:
+            ds.storage.update_metadata({"env_spec": spec.to_json()})
+        ds.storage.update_episode_metadata(extra_meta, range(len(extra_meta)))
+        ds.storage.update_metadata({"ref_min_score": ref_min, "ref_max_score": ref_max,
+                                    "num_episodes_average_score": len(u.playable), "lede_collection": collection})
+        check(ds, env)  # rewards re-computed by replay; raises before anything is renamed into place
+        _rename_dataset(tmp_path, final_path, dataset_id, {})
     finally:
         if tmp_path.exists():
             shutil.rmtree(tmp_path, ignore_errors=True)
-    return minari.load_dataset(config.dataset_id)
+    return minari.load_dataset(dataset_id)
+
+
+def episode_plan(env, config: CollectConfig, episode_index: int, kinds: list[str], probs: np.ndarray):
+    """Behaviour kind, policy, reset seed and prompt index of episode ``episode_index``: drawn
+    from ``default_rng([config.seed, episode_index])`` alone, so it is the same in any shard."""
+    u = env.unwrapped
+    rng = np.random.default_rng([config.seed, episode_index])
+    kind = kinds[int(rng.choice(len(kinds), p=probs))]
+    policy = make_behaviour(kind, env, rng, config.oracle_epsilon)
+    seed = int(rng.integers(2**31))
+    idx = int(u.playable[int(rng.integers(len(u.playable)))])
+    return kind, policy, seed, idx
+
+
+PARTIAL_PREFIX = "partial-"
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
 
 
 def _tmp_id(dataset_id: str) -> str:
+    """``<ns>/partial-<host>-<pid>-<name>-v<N>``: where a dataset is written before it is whole."""
     ns, _, name = dataset_id.rpartition("/")
     base, _, ver = name.rpartition("-v")
-    return f"{ns}/partial-{os.getpid()}-{base}-v{ver}" if ns else f"partial-{os.getpid()}-{base}-v{ver}"
+    tmp = f"{PARTIAL_PREFIX}{_host_tag()}-{os.getpid()}-{base}-v{ver}"
+    return f"{ns}/{tmp}" if ns else tmp
 
 
 def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str, extra: dict) -> None:
@@ -192,13 +256,27 @@ def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str, extra: di
     os.rename(tmp_path, final_path)
 
 
-def env_spec_for(env, kwargs: Optional[dict]):
-    """A gymnasium ``EnvSpec`` that rebuilds the env (``minari``'s ``recover_environment``)."""
+def env_spec_for(env, kwargs):
+    """A gymnasium ``EnvSpec`` that rebuilds the env (``minari``'s ``recover_environment``).
+
+    The kwargs are completed from ``env`` with everything that fixes its MDP, so the recovered env
+    is the same one even where the given kwargs relied on defaults: the exit layers, ``k_max``,
+    ``max_new_tokens``, reward mode, replay rules, observation settings, and the cost profile
+    itself (a dict, so a ``"measured"`` profile is not re-measured on another machine). ``None``
+    gives ``None``; an ``EnvSpec`` is returned as is.
+    """
     from gymnasium.envs.registration import EnvSpec
 
-    if kwargs is None:
-        return None
-    return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=dict(kwargs))
+    if kwargs is None or isinstance(kwargs, EnvSpec):
+        return kwargs
+    u = env.unwrapped
+    kw = dict(kwargs)
+    kw.update({"exit_layers": list(u.actions.exit_layers), "k_max": u.actions.k_max,
+               "max_new_tokens": u.max_new_tokens, "reward_mode": u.reward_mode, "bonus": u.rules.bonus,
+               "reuse": u.rules.reuse, "stop_threshold": u.rules.stop_threshold,
+               "obs_hidden_dim": u.obs_config.hidden_dim, "obs_history": u.obs_config.history,
+               "obs_recent_tokens": u.obs_config.recent_tokens, "cost_profile": u.profile.to_json()})
+    return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
 
 
 def reference_scores(env) -> tuple[float, float]:
@@ -225,9 +303,19 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("lede", "torch", "transformers", "gymnasium", "minari")]
 
 
-def _describe(u, config: CollectConfig, counts: dict) -> str:
+def _describe_env(u) -> str:
     return (f"Offline experience of dynamic self-speculative decoding (LEDE-Llama3-v0, trace backend). "
             f"Model {u.trace_set.manifest['model'].get('name')}, prompts {u.trace_set.manifest.get('prompts')}, "
             f"exits {list(u.actions.exit_layers)}, k_max {u.actions.k_max}, reward {u.reward_mode}, "
-            f"bonus={u.rules.bonus}, cost profile {u.profile.source}. Behaviour episodes: {counts}; "
-            f"oracle epsilon {config.oracle_epsilon}; seed {config.seed}. Collection config: {asdict(config)}")
+            f"bonus={u.rules.bonus}, cost profile {u.profile.source}.")
+
+
+def describe_collection(collection: dict, dataset_id: str) -> str:
+    """The dataset description: the env, then what was collected (from the ``lede_collection``
+    metadata entry)."""
+    c = collection
+    part = "" if not c.get("shard") else f" Shard {c['shard'][0]}/{c['shard'][1]} of the collection."
+    merged = "" if not c.get("merged_from") else f" Merged from {', '.join(c['merged_from'])}."
+    return (f"{c['env']} {c['episode_indices']} episodes (of a collection of {c['episodes']}, seed {c['seed']}, "
+            f"episode i drawn from default_rng([seed, i])); behaviour episodes {c['behaviour_counts']} from the "
+            f"mixture {c['mixture']}, oracle epsilon {c['oracle_epsilon']}.{part}{merged}")

@@ -23,12 +23,29 @@ traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")
 exits_app = typer.Typer(no_args_is_help=True, help="Fit and inspect exit heads.")
 app.add_typer(traces_app, name="traces")
 app.add_typer(exits_app, name="exits")
+from .cli_dataset import dataset_app  # noqa: E402
+
+app.add_typer(dataset_app, name="dataset")
 console = Console()
 
 ModelOpt = typer.Option(None, help="Model id or local path (default: embedded SmolLM2-135M-Instruct).")
 PromptsOpt = typer.Option(DEFAULT_TRAIN, help="Prompt spec: humaneval[a:b] or FILE.jsonl{cats}[a:b].")
 CalibOpt = typer.Option(DEFAULT_CALIB, help="Prompts whose greedy continuations fit the exit heads.")
 MaxNewOpt = typer.Option(DEFAULT_MAX_NEW, help="Tokens generated per prompt.")
+
+
+def _shard(s: Optional[str]) -> Optional[str]:
+    from .sharding import parse_shard
+
+    try:
+        parse_shard(s)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return s
+
+
+ShardOpt = typer.Option(None, callback=_shard, help="K/N: build only part K of N (items i with i % N == K-1), "
+                                                    "so N processes or machines share the work.")
 
 
 def _exits(s: Optional[str]) -> Optional[list[int]]:
@@ -45,13 +62,25 @@ def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_v
 @traces_app.command("build")
 def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
                  exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
-                 head_kind: str = "affine", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
-    """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache."""
-    from .traces import HeadSpec, TraceSpec, get_traces
+                 head_kind: str = "affine", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt,
+                 shard: Optional[str] = ShardOpt):
+    """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache.
+    With --shard K/N only part K of the greedy continuations (trace and calibration prompts) is
+    built; a final run without --shard reuses all N parts and builds the traces."""
+    from .traces import HeadSpec, TraceSpec, build_continuation_shard, get_traces
 
-    ts = get_traces(TraceSpec(model, prompts, max_new_tokens,
-                              HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
-                                       calib_prompts=calib_prompts)))
+    spec = TraceSpec(model, prompts, max_new_tokens,
+                     HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
+                              calib_prompts=calib_prompts))
+    if shard:
+        from .sharding import parse_shard
+
+        done = build_continuation_shard(spec, parse_shard(shard))
+        console.print(f"shard {shard}: {done['trace_prompts']} trace-prompt and {done['calib_prompts']} calibration "
+                      f"continuations of {done['total']}; when all shards are done, run `lede traces build` "
+                      "without --shard to build the traces from them.")
+        return
+    ts = get_traces(spec)
     n = sum(t.n for t in ts.traces)
     console.print(f"{len(ts)} traces, {n} generated tokens, exits {list(ts.exit_layers)}, "
                   f"teacher-forcing mismatches: {ts.manifest['teacher_forcing_mismatches']}")
@@ -127,18 +156,38 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
             cost_profile: str = "measured",
             mixture: str = typer.Option("random=0.2,static=0.3,heuristic=0.1,oracle=0.4",
-                                        help="Behaviour mixture, NAME=WEIGHT,...")):
+                                        help="Behaviour mixture, NAME=WEIGHT,..."),
+            recipe: Optional[Path] = typer.Option(None, help="A dataset recipe (datasets/NAME.yaml): builds that "
+                                                             "dataset and its card; the other options are ignored."),
+            shard: Optional[str] = ShardOpt):
     """Run behaviour policies in LEDE-Llama3-v0 and write a Minari dataset."""
     from agents.collect import CollectConfig, collect as run_collect
 
     from .env import LEDEEnv
 
+    if recipe is not None:
+        from agents.recipes import build, load_recipe
+
+        try:
+            r = load_recipe(recipe)
+            ds = build(r)
+        except (ValueError, FileNotFoundError) as e:
+            console.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        console.print(f"{r.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps; card {r.card_path}")
+        return
+
     kw = _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib_prompts,
                      reward_mode, cost_profile)
     env = LEDEEnv(**kw)
     mix = {k: float(v) for k, v in (p.split("=") for p in mixture.split(","))}
-    ds = run_collect(env, CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed), env_spec=kw)
-    console.print(f"{dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
+    try:
+        cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)
+        ds = run_collect(env, cfg, env_spec=kw)
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"{ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
 
 
 @app.command()

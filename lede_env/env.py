@@ -27,7 +27,10 @@ REWARD_MODES = ("net", "ratio")
 
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
     """A cost profile: ``"analytic"``, ``"measured"`` (measured once on this machine and cached),
-    or a path to a JSON profile written by ``lede profile``."""
+    a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
+    (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs)."""
+    if isinstance(kind, dict):
+        return CostProfile(**kind)
     if kind == "analytic":
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind == "measured":
@@ -109,7 +112,7 @@ class LEDEEnv(gym.Env):
 
     ## Rewards
     A round's cost is in units of one AR step, from a cost profile (``cost_profile``:
-    ``"analytic"`` from parameter counts, ``"measured"`` on this machine, or a JSON path). It
+    ``"analytic"`` from parameter counts, ``"measured"`` on this machine, a JSON path, or the profile as a dict). It
     charges drafting (K passes through layers 1..E + draft head, and layers 1..E once more
     for the last draft token when ``bonus``), verification (layers E+1..L on the verified
     positions + full LM head; layers 1..E are reused from the draft) and the per-round
@@ -167,7 +170,7 @@ class LEDEEnv(gym.Env):
         bonus: bool = True,
         reuse: bool = True,
         stop_threshold: Optional[float] = None,
-        cost_profile: str = "analytic",
+        cost_profile: "str | dict" = "analytic",
         obs_hidden_dim: int = 64,
         obs_history: int = 4,
         obs_recent_tokens: int = 8,

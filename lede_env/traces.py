@@ -407,3 +407,36 @@ def get_traces(spec: TraceSpec, progress: bool = True, bundle: Optional[ModelBun
     ts.manifest["prompts"] = spec.prompts
     save_traces(ts, folder)
     return ts
+
+
+def build_continuation_shard(spec: TraceSpec, shard: tuple[int, int], progress: bool = True,
+                             bundle: Optional[ModelBundle] = None) -> dict[str, int]:
+    """Build shard ``k/n`` of the greedy continuations :func:`get_traces` needs for ``spec``: the
+    prompts ``i`` with ``i % n == k - 1`` of the trace prompts and of the calibration prompts
+    (when the exit heads need calibration). Each continuation is cached per prompt, so once all
+    ``n`` shards have run (as n processes or machines sharing the lede cache folder), a plain
+    unsharded :func:`get_traces` reuses every one of them and only fits the exit heads and runs
+    the (cheap) teacher-forced pass.
+
+    Args:
+        shard: ``(k, n)``, 1 <= k <= n (see :func:`lede_env.sharding.parse_shard`).
+
+    Returns:
+        ``{"trace_prompts": built, "calib_prompts": built, "total": all prompts of both sets}``.
+    """
+    from .sharding import parse_shard, shard_indices
+
+    shard = parse_shard(shard)
+    bundle = bundle or get_bundle(spec.model)
+    jobs = [("trace_prompts", load_prompts(spec.prompts), spec.max_new_tokens)]
+    V = bundle.stack.head_weight.shape[0]
+    h = spec.heads
+    if h.kind != "lens" or (h.draft_vocab is not None and h.draft_vocab < V) or h.feature_vocab < V:
+        jobs.append(("calib_prompts", load_prompts(h.calib_prompts), h.calib_max_new_tokens))
+    out = {"trace_prompts": 0, "calib_prompts": 0, "total": 0}
+    for name, prompts, max_new in jobs:
+        mine = [prompts[i] for i in shard_indices(len(prompts), shard)]
+        get_continuations(bundle, mine, max_new, progress=progress)
+        out[name] = len(mine)
+        out["total"] += len(prompts)
+    return out
