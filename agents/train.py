@@ -212,7 +212,8 @@ def start_wandb(mode: str, project: str, name: str, config: dict, out_dir: Path)
     return wandb.init(project=project, name=name, config=config, mode=mode, dir=str(out_dir), reinit="finish_previous")
 
 
-def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, env=None, eval_env=None):
+def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, env=None, eval_env=None,
+          wandb_run=None):
     """Train ``cfg.algo`` on the Minari dataset ``cfg.dataset_id``.
 
     Args:
@@ -220,6 +221,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
         on_epoch: ``callable(agent, epoch, step) -> dict`` of evaluation metrics logged to W&B.
         env: the env online algorithms train in (default: ``dataset.recover_environment()``).
         eval_env: the held-out env (default: the dataset's env on ``cfg.eval_prompts``).
+        wandb_run: a W&B run to log to (e.g. a sweep agent's; left open), instead of starting one
+            in mode ``cfg.wandb``.
 
     Returns:
         ``(agent, layout)``: the trained agent (a d3rlpy algorithm or an
@@ -248,8 +251,8 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
     if cfg.eval_prompts and eval_env is None:
         eval_env = heldout_env(dataset, cfg.eval_prompts)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg) | {"layout": layout}, indent=2))
-    run = None
-    if cfg.wandb != "disabled":
+    run = wandb_run
+    if run is None and cfg.wandb != "disabled":
         run = start_wandb(cfg.wandb, cfg.wandb_project, f"{cfg.algo}-s{cfg.seed}", asdict(cfg), out)
     t0 = time.perf_counter()
     try:
@@ -268,7 +271,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
         if run is not None:
             run.summary.update(summary)
     finally:
-        if run is not None:
+        if run is not None and wandb_run is None:
             run.finish()
     return agent, layout
 

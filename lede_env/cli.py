@@ -219,6 +219,44 @@ def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0",
 
 
 @app.command()
+def sweep(file: Path = typer.Argument(..., help="W&B sweep YAML (e.g. agents/sweeps/algorithms.yaml)."),
+          online: bool = typer.Option(False, help="Create the sweep on W&B and run an agent here (needs "
+                                                  "`wandb login`); other machines join with `wandb agent`."),
+          count: Optional[int] = typer.Option(None, help="At most this many trials (needed for random/bayes)."),
+          project: str = "lede", entity: Optional[str] = None, out: Path = Path("runs/sweep"),
+          wandb: str = typer.Option("offline", help="Offline sweeps: W&B mode of each trial (offline | disabled).")):
+    """Sweep RL algorithms x learning rates x datasets; offline (default) with W&B's `sweeps` engine,
+    each trial logged to W&B offline; ends with a table of held-out throughput, share of the oracle
+    and training time per trial."""
+    from agents.sweep import load_sweep, run_local, run_online, write_summary
+
+    try:
+        cfg = load_sweep(file)
+        if online:
+            sweep_id = run_online(cfg, project, entity, count, out)
+            console.print(f"sweep {sweep_id}; join from other machines with: wandb agent "
+                          f"{entity + '/' if entity else ''}{project}/{sweep_id}")
+            return
+        if wandb not in ("offline", "disabled"):
+            raise ValueError(f"--wandb {wandb!r}: offline sweeps log 'offline' or 'disabled' (use --online for W&B).")
+        rows = run_local(cfg, out, count, wandb)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(write_summary(rows, out))
+    console.print(f"{len(rows)} trials; table in {out}/sweep.md; runs under {out}/*/ (sync W&B logs with "
+                  f"`wandb sync {out}/*/wandb/offline-run-*`)")
+
+
+@app.command("sweep-run", hidden=True)
+def sweep_run(args_json_file: Path, out: Path = Path("runs/sweep")):
+    """One trial of an online sweep (what `wandb agent` runs: the sweep's `command`)."""
+    from agents.sweep import trial_from_args_file
+
+    console.print(trial_from_args_file(args_json_file, out))
+
+
+@app.command()
 def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
            dataset_id: Optional[str] = typer.Option(None, help="Dataset the agent was trained on (default: from "
                                                                 "the run's train_config.json)."),

@@ -1,0 +1,143 @@
+"""Dataset recipes (YAML -> Minari dataset + card) and sweeps over RL algorithms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.recipes import RecipeError, build, dataset_card, load_recipe, parse_recipe
+from agents.sweep import SweepError, check_sweep, load_sweep, run_local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _recipe(**over) -> dict:
+    d = {"id": "lede/tiny/test-recipe-v0", "episodes": 6, "seed": 2, "description": "tiny test data",
+         "env": {"prompts": "humaneval[0:2]", "k_max": 4, "max_new_tokens": 32},
+         "behaviour": {"mixture": {"random": 1, "oracle": 1}, "oracle_epsilon": 0.2}}
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "datasets").glob("*.yaml")))
+def test_shipped_recipes_parse(path):
+    r = load_recipe(path)
+    assert r.dataset_id.startswith("lede/smollm2-135m-instruct/") and r.dataset_id.endswith("-v0")
+    assert r.card_path == path.with_suffix(".md")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([1, 2], "YAML mapping"),
+    (_recipe(epsiodes=3), r"unknown key\(s\) \['epsiodes'\]"),
+    (_recipe(id="tiny-v0"), "lede/<model>/<prompt-set>-<policy-mix>-v<N>"),
+    (_recipe(episodes="many"), "episodes must be int"),
+    (_recipe(episodes=0), "episodes must be >= 1"),
+    (_recipe(env={"prompt": "humaneval"}), r"unknown env key\(s\) \['prompt'\]"),
+    (_recipe(behaviour={"mixture": {"expert": 1}}), "behaviour.mixture needs weights"),
+    (_recipe(behaviour={"mixture": {"random": -1}}), "non-negative"),
+    (_recipe(behaviour={"mixture": {"random": 1}, "oracle_epsilon": 2}), r"oracle_epsilon must be in \[0, 1\]"),
+    (_recipe(backend="gpu"), "backend 'gpu' is not available"),
+    ({k: v for k, v in _recipe().items() if k != "env"}, "missing key 'env'"),
+])
+def test_malformed_recipes_are_refused_with_the_fix(bad, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(bad)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("id: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "broken.yaml")
+
+
+def test_recipe_builds_dataset_and_card(tiny, tmp_path):
+    from lede_env.env import LEDEEnv
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    path = tmp_path / "tiny-recipe-v0.yaml"
+    path.write_text(yaml.safe_dump(_recipe()))
+    r = load_recipe(path)
+    ds = build(r, progress=False, env=env)
+    assert ds.total_episodes == 6
+    assert ds.storage.metadata["dataset_id"] == "lede/tiny/test-recipe-v0"
+    card = r.card_path.read_text()
+    assert card == dataset_card(ds, r)
+    assert "# `lede/tiny/test-recipe-v0`" in card and "tiny test data" in card
+    assert f"| episodes | 6 |" in card and f"lede collect --recipe {path.as_posix()}" in card
+    assert f"| ref_max_score (oracle) | {ds.storage.metadata['ref_max_score']} |" in card
+
+
+def test_shipped_sweep_file_is_valid():
+    cfg = load_sweep(REPO / "agents" / "sweeps" / "algorithms.yaml")
+    from agents.train import ALGOS
+
+    assert set(cfg["parameters"]["algo"]["values"]) == set(ALGOS)  # every algorithm is compared
+    for rec in cfg["parameters"]["recipe"]["values"]:
+        load_recipe(REPO / rec)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("just text", "YAML mapping"),
+    ({"method": "grid", "parameters": {"algo": {"values": ["dqn"]}, "lr": {"value": 1}}}, r"unknown parameter"),
+    ({"method": "grid", "parameters": {"algo": {"values": ["sac"]}, "eval_prompts": {"value": "x"},
+                                       "dataset_id": {"value": "a"}}}, "unknown algorithm"),
+    ({"method": "grid", "parameters": {"algo": {"values": ["dqn"]}, "dataset_id": {"value": "a"}}},
+     "eval_prompts"),
+    ({"method": "sideways", "parameters": {"algo": {"value": "dqn"}}}, "not a valid W&B sweep"),
+])
+def test_malformed_sweeps_are_refused(bad, match):
+    with pytest.raises(SweepError, match=match):
+        check_sweep(bad)
+
+
+def test_local_sweep_runs_every_grid_point(tiny, tmp_path):
+    from agents.collect import CollectConfig, collect
+    from lede_env.env import LEDEEnv
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    ds = collect(env, CollectConfig(dataset_id="lede/tiny/sweep-mixed-v0", episodes=6, seed=0), progress=False)
+    cfg = check_sweep({"method": "grid", "metric": {"name": "heldout_throughput", "goal": "maximize"},
+                       "parameters": {"algo": {"values": ["discrete_bc", "sb3_offline_dqn"]},
+                                      "learning_rate": {"values": [1e-3, 3e-4]},
+                                      "dataset_id": {"value": "lede/tiny/sweep-mixed-v0"},
+                                      "steps": {"value": 20}, "batch_size": {"value": 16},
+                                      "hidden": {"value": [16]}, "eval_prompts": {"value": "tiny"}}})
+    rows = run_local(cfg, tmp_path, wandb_mode="disabled", progress=False,
+                     train_kwargs={"dataset": ds, "env": env, "eval_env": env})
+    assert sorted((r["algo"], r["learning_rate"]) for r in rows) == [
+        ("discrete_bc", 3e-4), ("discrete_bc", 1e-3), ("sb3_offline_dqn", 3e-4), ("sb3_offline_dqn", 1e-3)]
+    for r in rows:
+        ev = json.loads((tmp_path / r["trial"] / "eval.json").read_text())
+        assert r["heldout_throughput"] == ev["heldout_throughput"] > 0
+    table = json.loads((tmp_path / "sweep.json").read_text())
+    assert [t["heldout_throughput"] for t in table] == sorted((r["heldout_throughput"] for r in rows), reverse=True)
+    with pytest.raises(SweepError, match="--count"):
+        run_local(dict(cfg, method="random"), tmp_path / "r")
+
+
+def test_wandb_agent_command_reaches_sweep_run(tmp_path, monkeypatch):
+    """The sweep file's `command` (what `wandb agent` runs on every machine) expands to
+    `lede sweep-run FILE`, and that FILE's JSON is what the trial reads."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    cfg = load_sweep(REPO / "agents" / "sweeps" / "algorithms.yaml")
+    cmd = sweep_utils.create_sweep_command(cfg["command"])
+    args = {"algo": {"value": "ppo"}, "learning_rate": {"value": 3e-4}}
+    vars_ = sweep_utils.create_sweep_command_args({"args": args})
+    assert cmd[:2] == ["lede", "sweep-run"] and cmd[2] == "${args_json_file}"
+    f = tmp_path / "args.json"
+    f.write_text(vars_["args_json"][0])
+    seen = {}
+    import agents.sweep as sw
+
+    monkeypatch.setattr(sw, "run_trial", lambda params, out_dir, mode, wandb_run=None, **k: seen.update(params) or {})
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sw.trial_from_args_file(f, tmp_path)
+    assert seen == {"algo": "ppo", "learning_rate": 3e-4}
