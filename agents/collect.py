@@ -208,7 +208,9 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
         ds.storage.update_episode_metadata(extra_meta, range(len(extra_meta)))
         ds.storage.update_metadata({"ref_min_score": ref_min, "ref_max_score": ref_max,
                                     "num_episodes_average_score": len(u.playable), "lede_collection": collection})
-        check(ds, env)  # rewards re-computed by replay; raises before anything is renamed into place
+        # rewards re-computed by replay (re-opened: the dataset object holds the metadata of its creation);
+        # raises before anything is renamed into place
+        check(minari.MinariDataset(ds.storage.data_path), env, require_env_spec=spec is not None)
         _rename_dataset(tmp_path, final_path, dataset_id, {})
     finally:
         if tmp_path.exists():

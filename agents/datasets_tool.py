@@ -180,7 +180,8 @@ def _same_obs(a, b) -> bool:
     return la.keys() == lb.keys() and all(np.allclose(la[k], lb[k], rtol=1e-5, atol=1e-6) for k in la)
 
 
-def validate(dataset, env=None, replay: bool = True, max_problems: int = 100) -> list[str]:
+def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
+             require_env_spec: bool = True) -> list[str]:
     """Check a dataset and list its defects (empty list = valid).
 
     Checks: the metadata (id form, author, code permalink, description, requirements, env spec,
@@ -196,11 +197,16 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100) ->
             embedded backend, loads the model) when ``replay``.
         replay: re-compute rewards by replay (needs an env).
         max_problems: stop after this many problems.
+        require_env_spec: a missing env spec is a problem (off for datasets of envs that have
+            no spec, e.g. built around an in-memory test model).
 
     Raises:
         FileNotFoundError: ``dataset`` is an id with no local dataset.
     """
-    ds = load(dataset) if isinstance(dataset, str) else dataset
+    import minari
+
+    # re-opened: a MinariDataset object keeps the env spec it was opened with
+    ds = load(dataset) if isinstance(dataset, str) else minari.MinariDataset(dataset.storage.data_path)
     problems: list[str] = []
 
     def bad(msg: str) -> bool:
@@ -220,7 +226,7 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100) ->
     lo, hi = m.get("ref_min_score"), m.get("ref_max_score")
     if lo is not None and hi is not None and not float(lo) <= float(hi):
         bad(f"metadata: ref_min_score {lo} > ref_max_score {hi} (always-AR must not beat the oracle)")
-    if ds.spec.env_spec is None:
+    if ds.spec.env_spec is None and require_env_spec:
         bad("metadata: no env spec (recover_environment() cannot rebuild the env)")
     if replay and env is None:
         try:
@@ -252,16 +258,20 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100) ->
                 lens_ok = False
                 if bad(f"{where}: {len(ep[key])} {key} for {T} actions (need one per action)"):
                     return problems
+        wrong_len = {}
         for key, arr in _leaves(ep["observations"]):
             if arr.shape[0] != T + 1:
-                lens_ok = False
-                if bad(f"{where}: {arr.shape[0]} observations[{key}] for {T} actions (need T+1 = {T + 1}: "
-                       "the final observation is missing or extra)"):
-                    return problems
+                wrong_len[key] = arr.shape[0]
             elif key in obs_shapes and tuple(arr.shape[1:]) != tuple(obs_shapes[key]):
                 lens_ok = False
                 if bad(f"{where}: observations[{key}] shape {arr.shape[1:]} != space's {obs_shapes[key]}"):
                     return problems
+        if wrong_len:
+            lens_ok = False
+            counts = ", ".join(f"{n} {k}" for k, n in wrong_len.items())
+            if bad(f"{where}: observations ({counts}) for {T} actions (need T+1 = {T + 1}: the final observation "
+                   "is missing, or one is extra)"):
+                return problems
         out = (acts < 0) | (acts >= n_actions)
         if out.any():
             lens_ok = False
@@ -319,10 +329,10 @@ def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
     return None
 
 
-def check(dataset, env=None, replay: bool = True) -> None:
+def check(dataset, env=None, replay: bool = True, require_env_spec: bool = True) -> None:
     """:func:`validate`, raising :class:`DatasetInvalid` (a ``ValueError``) listing every problem."""
     ds = load(dataset) if isinstance(dataset, str) else dataset
-    problems = validate(ds, env, replay)
+    problems = validate(ds, env, replay, require_env_spec=require_env_spec)
     if problems:
         raise DatasetInvalid(ds.storage.metadata.get("dataset_id", "?"), problems)
 
@@ -398,8 +408,11 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
         _ensure_namespace(new_id)
         ds = minari.combine_datasets(srcs, tmp_id)
         # combine_datasets keeps seeds but not options nor our per-episode entries
+        # combine_datasets loses each episode's seed and options (minari 0.5.4 reads the seed from
+        # the episode data, where it is not) and our per-episode entries: copy them over
         flat = [{f"options/{k}": v for k, v in (em.get("options") or {}).items()} |
-                {k: v for k, v in em.items() if k not in ("id", "seed", "options", "total_steps")} for em in ep_metas]
+                {k: v for k, v in em.items() if k not in ("id", "options", "total_steps") and v is not None}
+                for em in ep_metas]
         ds.storage.update_episode_metadata(flat, range(len(flat)))
         m0 = metas[0]
         update = {"ref_min_score": ref_min, "ref_max_score": ref_max, "combined_datasets": [],
@@ -424,7 +437,8 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
             if m0.get("algorithm_name"):
                 update["algorithm_name"] = m0["algorithm_name"]
         ds.storage.update_metadata({k: v for k, v in update.items() if v is not None})
-        check(ds, env, replay=validate_replay)
+        check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay,
+              require_env_spec=ds.spec.env_spec is not None)
         _rename_dataset(tmp_path, root / new_id, new_id, {})
     finally:
         if tmp_path.exists():

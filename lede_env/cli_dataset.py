@@ -29,7 +29,7 @@ def list_cmd():
         console.print("no local datasets")
         return
     for ds_id, r in rows.items():
-        ref = ("" if r["ref_min_score"] is None else
+        ref = ("" if None in (r["ref_min_score"], r["ref_max_score"]) else
                f"  ref {r['ref_min_score']:.3g}..{r['ref_max_score']:.3g}")
         console.print(f"{ds_id}  {r['episodes']} episodes, {r['steps']} steps, {r['size_mb']} MB{ref}",
                       highlight=False)
