@@ -437,8 +437,9 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
             if m0.get("algorithm_name"):
                 update["algorithm_name"] = m0["algorithm_name"]
         ds.storage.update_metadata({k: v for k, v in update.items() if v is not None})
-        check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay,
-              require_env_spec=ds.spec.env_spec is not None)
+        has_spec = ds.spec.env_spec is not None
+        check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay and (env is not None or has_spec),
+              require_env_spec=has_spec)
         _rename_dataset(tmp_path, root / new_id, new_id, {})
     finally:
         if tmp_path.exists():

@@ -179,11 +179,13 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
 
     kw = _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib_prompts,
                      reward_mode, cost_profile)
-    env = LEDEEnv(**kw)
     mix = {k: float(v) for k, v in (p.split("=") for p in mixture.split(","))}
-    try:
+    try:  # settings are checked before the env (and model) is loaded
+        from agents.datasets_tool import check_dataset_id
+
         cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)
-        ds = run_collect(env, cfg, env_spec=kw)
+        check_dataset_id(dataset_id)
+        ds = run_collect(LEDEEnv(**kw), cfg, env_spec=kw)
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None

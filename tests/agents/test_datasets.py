@@ -447,7 +447,10 @@ def test_cli_dataset_commands_and_bad_input(good, fake_remote, monkeypatch):
     assert out.exit_code == 0 and "valid" in out.output
     out = r.invoke(app, ["dataset", "publish", "lede/tiny/rt-mixed-v0", "--dry-run"])
     assert out.exit_code == 0 and "would upload 2 files" in out.output and not fake_remote.exists()
+    monkeypatch.setattr("lede_env.env.LEDEEnv", lambda **kw: pytest.fail("bad input must fail before the model loads"))
     for args, expect in ((["dataset", "show", "lede/tiny/nope-v0"], "lede dataset list"),
+                         (["collect", "--dataset-id", "mine-v0"], "lede/<model>/<prompt-set>"),
+                         (["collect", "--episodes", "2", "--shard", "3/3"], "empty"),
                          (["dataset", "validate", "nope"], "No local dataset"),
                          (["dataset", "merge", "bad id"], "nothing to merge"),
                          (["dataset", "merge", "lede/tiny/x-v0", "--shards", "2"], "No local dataset"),
