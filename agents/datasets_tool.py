@@ -23,7 +23,7 @@ import numpy as np
 
 from .collect import PARTIAL_PREFIX, _host_tag, _rename_dataset, _tmp_id, describe_collection, minari_root, reference_scores
 
-ID_RE = re.compile(r"^lede/[-_\w.]+/[-_\w]+-v\d+$")
+ID_RE = re.compile(r"^lede/[-_\w]+/[-_\w]+-v\d+$")  # Minari ids allow no dots
 REWARD_RTOL, REWARD_ATOL = 1e-5, 1e-6
 # minari's remote kinds; "gcs://" is accepted as another name for minari's "gcp://" (Google Cloud Storage)
 _REMOTE_ALIASES = {"gcs": "gcp"}
@@ -52,8 +52,9 @@ def check_dataset_id(dataset_id: str) -> None:
     """
     if not isinstance(dataset_id, str) or not ID_RE.match(dataset_id) or is_partial(dataset_id):
         raise ValueError(f"Dataset id {dataset_id!r} is not of the form lede/<model>/<prompt-set>-<policy-mix>-v<N> "
-                         "(e.g. lede/smollm2-135m-instruct/humaneval-mixed-v0; names must not start with "
-                         f"{PARTIAL_PREFIX!r}).")
+                         "(e.g. lede/smollm2-135m-instruct/humaneval-mixed-v0): letters, digits, '-' and '_' only "
+                         f"(Minari allows no '.': Llama-3.2-1B -> Llama-3_2-1B), names not starting with "
+                         f"{PARTIAL_PREFIX!r}.")
 
 
 def shard_dataset_id(dataset_id: str, k: int, n: int) -> str:
