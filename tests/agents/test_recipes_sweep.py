@@ -78,7 +78,9 @@ def test_shipped_sweep_file_is_valid():
     from agents.train import ALGOS
 
     assert set(cfg["parameters"]["algo"]["values"]) == set(ALGOS)  # every algorithm is compared
-    for rec in cfg["parameters"]["recipe"]["values"]:
+    data = load_sweep(REPO / "agents" / "sweeps" / "datasets.yaml")
+    assert len(data["parameters"]["recipe"]["values"]) == len(list((REPO / "datasets").glob("*.yaml")))
+    for rec in data["parameters"]["recipe"]["values"]:
         load_recipe(REPO / rec)
 
 
