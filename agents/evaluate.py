@@ -246,7 +246,7 @@ def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
 
     def fmt(v):
         if isinstance(v, float):
-            return format(v, floatfmt)
+            return format(v, ".3g" if v and abs(v) < 0.01 else floatfmt)  # learning rates stay readable
         if isinstance(v, dict):
             return " ".join(f"{k}:{c}" for k, c in v.items())
         return str(v)

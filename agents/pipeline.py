@@ -155,6 +155,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             live_rows = live_eval(eval_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
                                   records=records)
             _rename_agent(live_rows, best[1])
+            if bundle.tokenizer is not None:
+                from .report import save_records
+
+                save_records(out, records, bundle.tokenizer, eval_env.actions.exit_layers, cfg.k_max,
+                             cfg.eval_prompts)
             agent_records = next((v for k, v in records.items() if k.startswith("agent:")), [])
             if agent_records:
                 plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
@@ -174,8 +179,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         f"# lede demo\n\nTrace env (held-out `{cfg.eval_prompts}`, throughput in tokens per AR-step cost):\n\n"
         f"{to_markdown(trace_rows)}\n\nReal decoder (wall clock, same process):\n\n{to_markdown(live_rows)}\n\n"
         f"Stage times (s): {json.dumps(cfg.timings)}\n")
+    from .report import write_report
+
+    report = write_report(out)
     console.print(f"stage times (s): {cfg.timings}")
-    console.print(f"results in {out}/results.md")
+    console.print(f"results in {out}/results.md; plots and report in {report.parent}/ (report.md, report.html)")
     return summary
 
 

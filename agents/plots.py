@@ -4,7 +4,10 @@
   (from :func:`agents.evaluate.live_eval` rows) or trace-env throughput (from ``trace_eval`` rows);
 - :func:`plot_choices` - one policy's exit layers and speculation lengths: histograms, and the
   choices over the course of each generation, coloured by whether the round was fully accepted
-  (from the ``records`` that ``live_eval`` fills).
+  (from the ``records`` that ``live_eval`` fills);
+- :func:`plot_token_exits` / :func:`token_exits_html` - the generated text, each token coloured by
+  the exit layer that drafted it;
+- :func:`plot_acceptance` - acceptance over the course of a generation, per policy and category.
 
 Every function writes the figure atomically (temporary name, then rename) and returns its path.
 """
@@ -108,4 +111,137 @@ def plot_choices(records: Sequence[dict], path: Path, exit_layers: Sequence[int]
     ax.set_ylabel("exit layer E (0 = AR)")
     ax.set_title("choices over each generation (size = K)")
     fig.suptitle(title or "exit layers and speculation lengths")
+    return _save(fig, path)
+
+
+def token_exits(record: dict) -> list[int]:
+    """The exit layer that produced each generated token of one ``live_eval`` record (0 = the
+    verifier: the prefill token, plain AR steps, and each round's correction/bonus token).
+
+    Returns:
+        one int per token of ``record["tokens"]``.
+    """
+    exits = [0]  # the prefill's token
+    for r in record["rounds"]:
+        exits += [r["exit_layer"]] * r["accepted"] + [0] * (r["emitted"] - r["accepted"])
+    return exits[:len(record["tokens"])]
+
+
+def _exit_colours(exit_layers: Sequence[int]):
+    cmap = plt.get_cmap("viridis")
+    n = max(len(exit_layers) - 1, 1)
+    return {e: cmap(i / n) for i, e in enumerate(exit_layers)}
+
+
+def plot_token_exits(record: dict, pieces: Sequence[str], path: Path, exit_layers: Sequence[int],
+                     title: str = "", width_chars: int = 100) -> Path:
+    """The generated text with every token's background coloured by the exit layer that drafted
+    it (white = the verifier's own token: prefill, AR step, or a round's correction/bonus).
+
+    Args:
+        record: one ``live_eval`` record (``tokens``, ``rounds``).
+        pieces: the text of each token (same length as ``record["tokens"]``).
+        path: PNG file to write.
+        exit_layers: candidate exits (the colour scale).
+        width_chars: characters per line before wrapping.
+
+    Raises:
+        ValueError: ``pieces`` and the record's tokens differ in length.
+    """
+    if len(pieces) != len(record["tokens"]):
+        raise ValueError(f"{len(pieces)} token texts for {len(record['tokens'])} tokens.")
+    exits = token_exits(record)
+    colours = _exit_colours(exit_layers)
+    lines, line, col = [], [], 0  # wrap into lines of (x, text, exit)
+    for piece, e in zip(pieces, exits):
+        for j, part in enumerate(piece.split("\n")):
+            if j:
+                lines.append(line)
+                line, col = [], 0
+            part = part.replace("\t", "    ")
+            if col + len(part) > width_chars and line:
+                lines.append(line)
+                line, col = [], 0
+            if part:
+                line.append((col, part, e))
+                col += len(part)
+    lines.append(line)
+    fs = 9
+    cw, lh = 0.6 * fs / 72, 1.5 * fs / 72  # monospace character width and line height, inches
+    fig = plt.figure(figsize=(width_chars * cw + 0.4, len(lines) * lh + 0.9))
+    W, H = fig.get_size_inches()
+    for i, ln in enumerate(lines):
+        y = 1 - (0.5 + (i + 1) * lh) / H
+        for x, text, e in ln:
+            fig.text((0.2 + x * cw) / W, y, text, family="monospace", fontsize=fs, va="bottom",
+                     bbox=dict(boxstyle="square,pad=0.05", linewidth=0,
+                               facecolor=colours.get(e, "white") if e else "white", alpha=0.55 if e else 1.0))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.55) for c in colours.values()]
+    fig.legend(handles, [f"E={e}" for e in colours], loc="lower center", ncol=min(len(colours), 14), fontsize=7,
+               frameon=False)
+    fig.suptitle(title or "tokens coloured by the exit layer that drafted them (white: verifier)", fontsize=10)
+    return _save(fig, path)
+
+
+def token_exits_html(record: dict, pieces: Sequence[str], exit_layers: Sequence[int]) -> str:
+    """The same picture as :func:`plot_token_exits` as an HTML ``<pre>`` block (for notebooks
+    and the report page); hovering a token shows its exit layer."""
+    import html
+
+    colours = _exit_colours(exit_layers)
+    spans = []
+    for piece, e in zip(pieces, token_exits(record)):
+        if e:
+            r, g, b, _ = colours.get(e, (1, 1, 1, 1))
+            style = f"background: rgba({int(255 * r)},{int(255 * g)},{int(255 * b)},0.45)"
+            spans.append(f'<span style="{style}" title="E={e}">{html.escape(piece)}</span>')
+        else:
+            spans.append(f'<span title="verifier">{html.escape(piece)}</span>')
+    legend = " ".join(f'<span style="background: rgba({int(255 * c[0])},{int(255 * c[1])},{int(255 * c[2])},0.45)">'
+                      f"E={e}</span>" for e, c in colours.items())
+    return f'<pre style="white-space: pre-wrap">{"".join(spans)}</pre><p>{legend} (uncoloured: the verifier)</p>'
+
+
+def plot_acceptance(records_by_policy: dict, path: Path, window: int = 4) -> Path:
+    """Acceptance rate over the course of a generation: per policy and prompt category, the
+    running mean (over ``window`` rounds) of accepted / drafted tokens per round, against the
+    position of the round in the generated text; AR steps are skipped.
+
+    Args:
+        records_by_policy: ``{policy label: live_eval records}``.
+        path: PNG file to write.
+
+    Raises:
+        ValueError: no drafting round in any record.
+    """
+    series = {}
+    for lab, recs in records_by_policy.items():
+        for rec in recs:
+            pos, pts = 1, []
+            for r in rec["rounds"]:
+                if r["draft_len"]:
+                    pts.append((pos, r["accepted"] / r["draft_len"]))
+                pos += r["emitted"]
+            series.setdefault((lab, rec.get("category", "all")), []).extend(pts)
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        raise ValueError("No drafting round to plot (only AR steps).")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for (lab, cat), pts in sorted(series.items()):
+        pts.sort()
+        # mean acceptance of the drafting rounds starting in each bin of generated positions
+        xs = np.array([p for p, _ in pts], float)
+        ys = np.array([a for _, a in pts], float)
+        edges = np.linspace(xs.min(), xs.max() + 1, min(24, len(xs)) + 1)
+        idx = np.digitize(xs, edges) - 1
+        mx = [xs[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+        my = [ys[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
+        if len(my) >= window:
+            my = np.convolve(my, np.ones(window) / window, mode="same")
+        ax.plot(mx, my, marker=".", label=f"{lab} ({cat})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("acceptance (accepted / drafted)")
+    ax.set_title("acceptance over a generation")
+    ax.legend(fontsize=7)
     return _save(fig, path)

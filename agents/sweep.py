@@ -152,7 +152,8 @@ def run_local(cfg: dict, out_root: str | Path, count: Optional[int] = None, wand
 
     Returns:
         one row per trial (parameters and :data:`METRICS`); ``out_root`` gets ``sweep.md``,
-        ``sweep.json`` and ``sweep.csv``.
+        ``sweep.json`` and ``sweep.csv`` (trials, then :func:`reference_rows` on the first
+        trial's dataset).
 
     Raises:
         SweepError: an endless method (random/bayes) with neither ``count`` nor ``run_cap``.
@@ -184,7 +185,19 @@ def run_local(cfg: dict, out_root: str | Path, count: Optional[int] = None, wand
         nxt.history = [{metric: row.get(metric)}]
         runs.append(nxt)
         write_summary(rows, out_root)
+    if rows:
+        tk = train_kwargs or {}
+        refs = reference_rows(rows[0].get("dataset_id") or load_recipe_id(rows[0]["recipe"]),
+                              rows[0]["eval_prompts"], tk.get("env"), tk.get("eval_env"))
+        write_summary(rows, out_root, refs)
     return rows
+
+
+def load_recipe_id(recipe_path: str) -> str:
+    """The dataset id a recipe builds."""
+    from .recipes import load_recipe
+
+    return load_recipe(recipe_path).dataset_id
 
 
 def run_online(cfg: dict, project: str, entity: Optional[str] = None, count: Optional[int] = None,
@@ -218,13 +231,43 @@ def run_online(cfg: dict, project: str, entity: Optional[str] = None, count: Opt
     return sweep_id
 
 
-def write_summary(rows: list[dict], out_root: Path) -> str:
-    """Write ``sweep.{md,json,csv}`` (one row per trial, best first) and return the Markdown."""
+def reference_rows(dataset_id: str, eval_prompts: str, env=None, eval_env=None) -> list[dict]:
+    """Baselines on the sweep's held-out prompts, in the trials' metrics: always-AR, the best
+    static (E, K) chosen on the dataset's training traces, and the oracle.
+
+    Args:
+        env, eval_env: prebuilt training / held-out envs (default: rebuilt from the dataset).
+    """
+    import minari
+
+    from .evaluate import trace_eval
+    from .policies import best_static_action
+    from .train import heldout_env
+
+    ds = minari.load_dataset(dataset_id)
+    eval_env = eval_env if eval_env is not None else heldout_env(ds, eval_prompts)
+    env = env if env is not None else ds.recover_environment()
+    best, _ = best_static_action(env)
+    rows = trace_eval(eval_env, ["ar", "static:best", "oracle"], best, by_category=False)
+    return [{"trial": f"reference: {r['policy']}", "heldout_throughput": r["throughput"],
+             "heldout_oracle_share": r["oracle_share"], "heldout_tokens_per_round": r["tokens_per_round"]}
+            for r in rows]
+
+
+def write_summary(rows: list[dict], out_root: Path, references: Optional[list[dict]] = None) -> str:
+    """Write ``sweep.{md,json,csv}`` (one row per trial, best first, then the reference rows) and
+    return the Markdown; parameters equal in every trial are left out of the table."""
     from .evaluate import to_markdown, write_results
 
     ordered = sorted(rows, key=lambda r: -(r.get("heldout_throughput") or float("-inf")))
-    write_results(out_root, "sweep", ordered)
-    return to_markdown(ordered)
+    varying = [k for k in (ordered[0] if ordered else {}) if k not in METRICS and k != "trial"
+               and len({json.dumps(r.get(k), sort_keys=True) for r in ordered}) > 1]
+    table = [{"trial": r["trial"], **{k: r.get(k) for k in varying}, **{k: r.get(k) for k in METRICS}}
+             for r in ordered]
+    table += [{"trial": r["trial"], **{k: "" for k in varying}, **{k: r.get(k, "") for k in METRICS}}
+              for r in references or []]
+    write_results(out_root, "sweep", table)
+    return to_markdown(table)
 
 
 def trial_from_args_file(path: str | Path, out_root: str | Path = "runs/sweep") -> dict:

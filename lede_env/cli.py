@@ -230,7 +230,7 @@ def sweep(file: Path = typer.Argument(..., help="W&B sweep YAML (e.g. agents/swe
     """Sweep RL algorithms x learning rates x datasets; offline (default) with W&B's `sweeps` engine,
     each trial logged to W&B offline; ends with a table of held-out throughput, share of the oracle
     and training time per trial."""
-    from agents.sweep import load_sweep, run_local, run_online, write_summary
+    from agents.sweep import load_sweep, run_local, run_online
 
     try:
         cfg = load_sweep(file)
@@ -245,7 +245,7 @@ def sweep(file: Path = typer.Argument(..., help="W&B sweep YAML (e.g. agents/swe
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    console.print(write_summary(rows, out))
+    console.print((out / "sweep.md").read_text())
     console.print(f"{len(rows)} trials; table in {out}/sweep.md; runs under {out}/*/ (sync W&B logs with "
                   f"`wandb sync {out}/*/wandb/offline-run-*`)")
 
@@ -318,6 +318,10 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
         write_results(out, "live_eval", rows)
         console.print(to_markdown(rows))
         plot_rows = rows
+        if b.tokenizer is not None:
+            from agents.report import save_records
+
+            save_records(out, records, b.tokenizer, eval_env.actions.exit_layers, k_max, prompts)
     if plots:
         from agents.plots import plot_choices, plot_speedup_by_category
 
@@ -346,6 +350,24 @@ def _split_policies(s: str) -> list[str]:
         else:
             out.append(part)
     return [p for p in out if p]
+
+
+@app.command()
+def report(results: Path = typer.Argument(..., help="A folder written by `lede evaluate --out DIR` or `lede demo`."),
+           out: Optional[Path] = typer.Option(None, help="Where report.md, report.html and the PNGs go "
+                                                         "(default RESULTS/report)."),
+           max_texts: int = typer.Option(3, help="Generations shown token by token per dynamic policy.")):
+    """Plots of an evaluation as PNG files plus one Markdown and one HTML page: speedup per
+    category, the agent's exit layers and speculation lengths, acceptance over a generation, and
+    the generated text with each token coloured by the exit layer that drafted it."""
+    from agents.report import write_report
+
+    try:
+        path = write_report(results, out, max_texts)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"report: {path} and {path.with_suffix('.html')}")
 
 
 @app.command("generate")

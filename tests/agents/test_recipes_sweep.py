@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agents.recipes import RecipeError, build, dataset_card, load_recipe, parse_recipe
-from agents.sweep import SweepError, check_sweep, load_sweep, run_local
+from agents.sweep import METRICS, SweepError, check_sweep, load_sweep, run_local
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,13 @@ def test_local_sweep_runs_every_grid_point(tiny, tmp_path):
         ev = json.loads((tmp_path / r["trial"] / "eval.json").read_text())
         assert r["heldout_throughput"] == ev["heldout_throughput"] > 0
     table = json.loads((tmp_path / "sweep.json").read_text())
-    assert [t["heldout_throughput"] for t in table] == sorted((r["heldout_throughput"] for r in rows), reverse=True)
+    trials = [t for t in table if not t["trial"].startswith("reference")]
+    assert [t["heldout_throughput"] for t in trials] == sorted((r["heldout_throughput"] for r in rows), reverse=True)
+    assert set(trials[0]) == {"trial", "algo", "learning_rate"} | set(METRICS)  # constant parameters left out
+    refs = {t["trial"]: t for t in table if t["trial"].startswith("reference")}
+    assert refs["reference: ar"]["heldout_throughput"] == pytest.approx(1.0)
+    assert refs["reference: oracle"]["heldout_oracle_share"] == pytest.approx(1.0)
+    assert max(t["heldout_throughput"] for t in trials) <= refs["reference: oracle"]["heldout_throughput"] + 1e-9
     with pytest.raises(SweepError, match="--count"):
         run_local(dict(cfg, method="random"), tmp_path / "r")
 
