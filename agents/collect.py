@@ -80,6 +80,31 @@ class CollectConfig:
                              f"{self.episodes} shards.")
 
 
+def parse_mixture(text: str) -> dict[str, float]:
+    """Parse a behaviour mixture ``"random=0.2,static=0.3,oracle=0.5"``.
+
+    Raises:
+        ValueError: a malformed item, a weight that is not a non-negative number, an unknown
+            policy, or no positive weight (the message shows the expected form).
+    """
+    form = f"NAME=WEIGHT,... with NAME in {sorted(DEFAULT_MIX)}, e.g. random=0.2,static=0.3,heuristic=0.1,oracle=0.4"
+    mix = {}
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        if not eq or not weight >= 0:
+            raise ValueError(f"Bad behaviour mixture item {item!r}: use {form}.")
+        if name.strip() not in DEFAULT_MIX:
+            raise ValueError(f"Unknown behaviour policy {name.strip()!r}: use {form}.")
+        mix[name.strip()] = weight
+    if not mix or sum(mix.values()) <= 0:
+        raise ValueError(f"The behaviour mixture {text!r} has no positive weight: use {form}.")
+    return mix
+
+
 def make_behaviour(kind: str, env, rng: np.random.Generator, eps: float):
     """One behaviour policy of kind ``kind`` for ``env`` (its random choices drawn from ``rng``)."""
     u = env.unwrapped

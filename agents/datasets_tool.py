@@ -57,6 +57,14 @@ def check_dataset_id(dataset_id: str) -> None:
                          f"{PARTIAL_PREFIX!r}.")
 
 
+def model_slug(name: str) -> str:
+    """The ``<model>`` part of a dataset id for a model name or path: its last path component,
+    lower-cased, with every character Minari refuses replaced (``meta-llama/Llama-3.2-1B`` ->
+    ``llama-3_2-1b``)."""
+    base = str(name).rstrip("/").rpartition("/")[2].lower().replace(".", "_")
+    return re.sub(r"[^a-z0-9_-]", "-", base) or "model"
+
+
 def shard_dataset_id(dataset_id: str, k: int, n: int) -> str:
     """The id of shard ``k`` of ``n`` of ``dataset_id``: ``.../<name>-shard<k>of<n>-v<N>``."""
     head, _, ver = dataset_id.rpartition("-v")

@@ -202,10 +202,10 @@ def token_exits_html(record: dict, pieces: Sequence[str], exit_layers: Sequence[
     return f'<pre style="white-space: pre-wrap">{"".join(spans)}</pre><p>{legend} (uncoloured: the verifier)</p>'
 
 
-def plot_acceptance(records_by_policy: dict, path: Path, window: int = 4) -> Path:
-    """Acceptance rate over the course of a generation: per policy and prompt category, the
-    running mean (over ``window`` rounds) of accepted / drafted tokens per round, against the
-    position of the round in the generated text; AR steps are skipped.
+def plot_acceptance(records_by_policy: dict, path: Path, bins: int = 24) -> Path:
+    """Acceptance rate over the course of a generation: per policy and prompt category, the mean
+    of accepted / drafted tokens over the drafting rounds that start in each of ``bins`` equal
+    spans of generated positions; AR steps are skipped.
 
     Args:
         records_by_policy: ``{policy label: live_eval records}``.
@@ -232,16 +232,14 @@ def plot_acceptance(records_by_policy: dict, path: Path, window: int = 4) -> Pat
         # mean acceptance of the drafting rounds starting in each bin of generated positions
         xs = np.array([p for p, _ in pts], float)
         ys = np.array([a for _, a in pts], float)
-        edges = np.linspace(xs.min(), xs.max() + 1, min(24, len(xs)) + 1)
+        edges = np.linspace(xs.min(), xs.max() + 1, min(bins, len(xs)) + 1)
         idx = np.digitize(xs, edges) - 1
         mx = [xs[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
         my = [ys[idx == b].mean() for b in range(len(edges) - 1) if (idx == b).any()]
-        if len(my) >= window:
-            my = np.convolve(my, np.ones(window) / window, mode="same")
         ax.plot(mx, my, marker=".", label=f"{lab} ({cat})")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("acceptance (accepted / drafted)")
     ax.set_title("acceptance over a generation")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

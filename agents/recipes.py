@@ -111,10 +111,12 @@ def parse_recipe(data: Any, src: str = "<recipe>", path: Optional[Path] = None) 
         if k not in data:
             raise RecipeError(f"{src}: missing key {k!r} (see datasets/README.md for a complete recipe).")
     did = data["id"]
-    parts = did.split("/")
-    if len(parts) != 3 or parts[0] != "lede" or "-v" not in parts[2] or not parts[2].rpartition("-v")[2].isdigit():
-        raise RecipeError(f"{src}: id {did!r} must read lede/<model>/<prompt-set>-<policy-mix>-v<N>, e.g. "
-                          "lede/smollm2-135m-instruct/humaneval-mixed-v0.")
+    try:
+        from .datasets_tool import check_dataset_id
+
+        check_dataset_id(did)
+    except ValueError as e:
+        raise RecipeError(f"{src}: {e}") from None
     allowed = env_keys()
     bad = sorted(set(data["env"]) - set(allowed))
     if bad:

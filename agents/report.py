@@ -53,7 +53,8 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
 
     Args:
         out: folder for ``report.md``, ``report.html`` and the PNGs (default ``RESULTS/report``).
-        max_texts: generations shown token by token, per dynamic policy.
+        max_texts: generations shown token by token, per dynamic policy (one per prompt category
+            first).
 
     Returns:
         the path of ``report.md``.
@@ -95,7 +96,7 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
         for lab, recs in dynamic.items():
             f = plot_choices(recs, out / f"choices_{_slug(lab)}.png", exits, k_max, title=f"{lab} on {rec['prompts']}")
             body.append((f"Exit layers and speculation lengths: {lab}", "", f.name, ""))
-            for r in recs[:max_texts]:
+            for r in _spread(recs, max_texts):
                 if "pieces" not in r:
                     continue
                 name = f"tokens_{_slug(lab)}_{_slug(str(r['prompt_id']))}.png"
@@ -118,6 +119,13 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
     md_path.write_text("\n".join(md))
     (out / "report.html").write_text("\n".join(page))
     return md_path
+
+
+def _spread(records: list[dict], n: int) -> list[dict]:
+    """Up to ``n`` records, one per prompt category first (code, prose, ...), then in order."""
+    firsts = list({r.get("category"): r for r in reversed(records)}.values())[::-1]
+    rest = [r for r in records if all(r is not f for f in firsts)]
+    return (firsts + rest)[:n]
 
 
 def _md_table_html(text: str) -> str:

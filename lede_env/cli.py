@@ -179,10 +179,11 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
 
     kw = _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib_prompts,
                      reward_mode, cost_profile)
-    mix = {k: float(v) for k, v in (p.split("=") for p in mixture.split(","))}
     try:  # settings are checked before the env (and model) is loaded
+        from agents.collect import parse_mixture
         from agents.datasets_tool import check_dataset_id
 
+        mix = parse_mixture(mixture)
         cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)
         check_dataset_id(dataset_id)
         ds = run_collect(LEDEEnv(**kw), cfg, env_spec=kw)

@@ -149,3 +149,25 @@ def test_wandb_agent_command_reaches_sweep_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     sw.trial_from_args_file(f, tmp_path)
     assert seen == {"algo": "ppo", "learning_rate": 3e-4}
+
+
+@pytest.mark.parametrize("text, match", [("random=0.5,oracle", "Bad behaviour mixture item 'oracle'"),
+                                         ("random=x", "Bad behaviour mixture item"),
+                                         ("random=-1", "Bad behaviour mixture item"),
+                                         ("expert=1", "Unknown behaviour policy 'expert'"),
+                                         ("random=0,oracle=0", "no positive weight")])
+def test_bad_mixture_strings_name_the_form(text, match):
+    from agents.collect import parse_mixture
+
+    with pytest.raises(ValueError, match=match):
+        parse_mixture(text)
+    assert parse_mixture(" random=0.2, oracle=0.8") == {"random": 0.2, "oracle": 0.8}
+
+
+def test_model_slug_makes_valid_dataset_ids():
+    from agents.datasets_tool import check_dataset_id, model_slug
+
+    assert model_slug("meta-llama/Llama-3.2-1B") == "llama-3_2-1b"
+    assert model_slug("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    for name in ("facebook/layerskip-llama3.2-1B", "/models/My Model v2/", "Qwen/Qwen3-0.6B"):
+        check_dataset_id(f"lede/{model_slug(name)}/humaneval-mixed-v0")
