@@ -196,20 +196,32 @@ def dataset_card(dataset, recipe: Optional[Recipe] = None) -> str:
     """A Markdown dataset card generated from a Minari dataset's metadata (and its recipe)."""
     m = dataset.storage.metadata
     spec = dataset.spec.env_spec
+
+    def text(v):  # Minari keeps author and e-mail as sets
+        return ", ".join(sorted(map(str, v))) if isinstance(v, (set, list, tuple)) else str(v)
+
+    def num(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     kwargs = dict(spec.kwargs) if spec is not None and spec.kwargs else {}
     lines = [f"# `{m['dataset_id']}`", "", m.get("description", ""), "",
              "| field | value |", "|---|---|",
              f"| episodes | {m.get('total_episodes')} |", f"| steps (rounds) | {m.get('total_steps')} |",
              f"| behaviour | {m.get('algorithm_name')} |",
-             f"| ref_min_score (always AR) | {m.get('ref_min_score')} |",
-             f"| ref_max_score (oracle) | {m.get('ref_max_score')} |",
+             f"| ref_min_score (always AR) | {num(m.get('ref_min_score'))} |",
+             f"| ref_max_score (oracle) | {num(m.get('ref_max_score'))} |",
              f"| action space | {dataset.action_space} |",
-             f"| author | {m.get('author')} |", f"| code | {m.get('code_permalink')} |",
+             f"| author | {text(m.get('author'))} |", f"| code | {m.get('code_permalink')} |",
              f"| requirements | {', '.join(m.get('requirements') or [])} |", ""]
     if kwargs:
         lines += ["Environment (`LEDE-Llama3-v0` kwargs, rebuilt by `recover_environment()`):", "",
                   "| kwarg | value |", "|---|---|"]
-        lines += [f"| {k} | `{v}` |" for k, v in kwargs.items()]
+        for k, v in kwargs.items():
+            if k == "cost_profile" and isinstance(v, dict):  # a measured profile, stored whole in the spec
+                from lede_env.costs import CostProfile
+
+                v = f"{v.get('source')} profile stored in the spec (AR step {1000 * CostProfile(**v).ar_step:.1f} ms)"
+            lines.append(f"| {k} | `{v}` |")
         lines.append("")
     obs = dataset.observation_space
     if hasattr(obs, "spaces"):

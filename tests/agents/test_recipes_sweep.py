@@ -70,7 +70,8 @@ def test_recipe_builds_dataset_and_card(tiny, tmp_path):
     assert card == dataset_card(ds, r)
     assert "# `lede/tiny/test-recipe-v0`" in card and "tiny test data" in card
     assert f"| episodes | 6 |" in card and f"lede collect --recipe {path.as_posix()}" in card
-    assert f"| ref_max_score (oracle) | {ds.storage.metadata['ref_max_score']} |" in card
+    assert f"| ref_max_score (oracle) | {ds.storage.metadata['ref_max_score']:.3f} |" in card
+    assert "| author | lede |" in card
 
 
 def test_shipped_sweep_file_is_valid():
