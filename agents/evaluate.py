@@ -267,3 +267,48 @@ def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
     (out_dir / f"{name}.csv").write_text(buf.getvalue())
+
+
+def log_to_wandb(mode: str, project: str, name: str, config: dict, tables: dict[str, list[dict]],
+                 out_dir: Path) -> Optional[str]:
+    """Log evaluation results to a W&B run: ``config``, every row list in ``tables`` as a
+    ``wandb.Table``, and each policy's overall metrics in the run summary.
+
+    Args:
+        mode: ``"offline"`` (default of the CLI: written under ``out_dir/wandb``, uploaded later
+            with ``wandb sync``), ``"online"`` or ``"disabled"`` (nothing logged).
+
+    Returns:
+        the run's folder (``None`` when disabled).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"wandb mode must be 'offline', 'online' or 'disabled', got {mode!r}.")
+    if mode == "disabled":
+        return None
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, name=name, config=config, mode=mode, dir=str(out_dir), job_type="evaluate",
+                     reinit="finish_previous")
+    try:
+        for key, rows in tables.items():
+            if not rows:
+                continue
+            cols = list(rows[0])
+            run.log({key: wandb.Table(columns=cols, data=[[json.dumps(r[c]) if isinstance(r[c], dict) else r[c]
+                                                           for c in cols] for r in rows])})
+            for r in rows:
+                if r.get("category", "all") == "all":
+                    for c in cols:
+                        if isinstance(r[c], (int, float)) and not isinstance(r[c], bool):
+                            run.summary[f"{key}/{r['policy']}/{c}"] = r[c]
+        return run.dir
+    finally:
+        run.finish()
+

@@ -290,7 +290,8 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
              head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
-             out: Path = Path("runs/eval")):
+             out: Path = Path("runs/eval"),
+             wandb: str = typer.Option("offline", help="Log the results to W&B: offline | online | disabled.")):
     """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
     from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
     from agents.policies import best_static_action
@@ -306,7 +307,7 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     static_best = None
     if "static:best" in names:
         static_best, _ = best_static_action(LEDEEnv(prompts=train_prompts, **common))
-    rows = trace_eval(eval_env, names, static_best)
+    trace_rows = rows = trace_eval(eval_env, names, static_best)
     write_results(out, "trace_eval", rows)
     console.print(to_markdown(rows))
     plot_rows, records = rows, {}
@@ -323,6 +324,10 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
             from agents.report import save_records
 
             save_records(out, records, b.tokenizer, eval_env.actions.exit_layers, k_max, prompts)
+    from agents.evaluate import log_to_wandb
+
+    log_to_wandb(wandb, "lede", f"evaluate-{prompts}", {"policies": names, "prompts": prompts, **common},
+                 {"trace_eval": trace_rows, "live_eval": rows if live else []}, out)
     if plots:
         from agents.plots import plot_choices, plot_speedup_by_category
 

@@ -83,3 +83,17 @@ def test_bad_algorithm_and_settings_are_refused():
         TrainConfig(algo="sac")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(learning_rate=0.0)
+
+
+def test_training_logs_to_wandb_offline(data, tmp_path, monkeypatch):
+    """Training runs log to W&B offline by default (no network needed; `wandb sync` uploads)."""
+    env, ds = data
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = TrainConfig(dataset_id="lede/tiny/algos-mixed-v0", algo="sb3_offline_dqn", steps=20, steps_per_epoch=10,
+                      batch_size=16, hidden=(16,), out_dir=str(tmp_path), seed=0)
+    assert cfg.wandb == "offline"
+    train(cfg, progress=False, dataset=ds, eval_env=env)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    progress = (tmp_path / "sb3_logs" / "progress.csv").read_text().splitlines()
+    assert "train/loss" in progress[0] and len(progress) == 3  # header + one line per epoch

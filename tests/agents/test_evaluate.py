@@ -94,3 +94,16 @@ def test_plots(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "s.png"]  # no temporary files left
     with pytest.raises(ValueError, match="No rounds"):
         plot_choices([], tmp_path / "x.png", (1, 2), 4)
+
+
+def test_evaluation_logs_to_wandb_offline_without_network(tiny_env, tmp_path, monkeypatch):
+    from agents.evaluate import log_to_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = trace_eval(tiny_env, ["ar", "oracle"])
+    run_dir = log_to_wandb("offline", "lede-test", "eval", {"prompts": "tiny"}, {"trace_eval": rows}, tmp_path)
+    assert run_dir is not None and str(tmp_path) in run_dir
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # synced later with `wandb sync`
+    assert log_to_wandb("disabled", "p", "n", {}, {"trace_eval": rows}, tmp_path / "none") is None
+    with pytest.raises(ValueError, match="offline"):
+        log_to_wandb("cloud", "p", "n", {}, {}, tmp_path)
