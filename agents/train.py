@@ -305,14 +305,14 @@ def heldout_env(dataset, eval_prompts: str):
             prompts (an agent is never evaluated on the prompts it was trained on).
     """
     from lede_env.env import LEDEEnv
-    from lede_env.prompts import load_prompts
+    from lede_env.prompts import DEFAULT_TRAIN, load_prompts
 
     spec = dataset.spec.env_spec
     if spec is None or not spec.kwargs:
         raise ValueError(f"Dataset {dataset.spec.dataset_id!r} stores no env spec: build the held-out env "
                          "yourself and pass eval_env=.")
     kwargs = dict(spec.kwargs)
-    train_texts = {p.text for p in load_prompts(kwargs.get("prompts") or "humaneval[0:24]")}
+    train_texts = {p.text for p in load_prompts(kwargs.get("prompts") or DEFAULT_TRAIN)}
     shared = [p.id for p in load_prompts(eval_prompts) if p.text in train_texts]
     if shared:
         raise ValueError(f"Held-out prompts {eval_prompts!r} share {len(shared)} prompt(s) with the dataset's "

@@ -32,7 +32,7 @@ def _flat(env, ds, n=48):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algorithm_trains_evaluates_and_exports(algo, data, tmp_path):
     env, ds = data
-    steps = 512 if algo in ("ppo", "online_dqn") else 40
+    steps = 256 if algo in ("ppo", "online_dqn") else 40
     cfg = TrainConfig(dataset_id="lede/tiny/algos-mixed-v0", algo=algo, steps=steps, steps_per_epoch=steps,
                       batch_size=16, hidden=(32,), target_update_interval=20, ppo_n_steps=64,
                       out_dir=str(tmp_path / algo), wandb="disabled", seed=3)
@@ -97,3 +97,17 @@ def test_training_logs_to_wandb_offline(data, tmp_path, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
     progress = (tmp_path / "sb3_logs" / "progress.csv").read_text().splitlines()
     assert "train/loss" in progress[0] and len(progress) == 3  # header + one line per epoch
+
+
+def test_heldout_prompts_must_not_be_training_prompts():
+    from types import SimpleNamespace
+
+    from agents.train import heldout_env
+
+    ds = SimpleNamespace(spec=SimpleNamespace(dataset_id="lede/x/y-v0",
+                                              env_spec=SimpleNamespace(kwargs={"prompts": "humaneval[0:4]"})))
+    with pytest.raises(ValueError, match=r"share 2 prompt\(s\) with the dataset's training prompts"):
+        heldout_env(ds, "humaneval[2:6]")
+    ds.spec.env_spec = None
+    with pytest.raises(ValueError, match="stores no env spec"):
+        heldout_env(ds, "humaneval[8:9]")
