@@ -349,11 +349,31 @@ class SelfSpeculativeDecoder:
                                    recent, generated / max_new)
 
     # ---- the loop -------------------------------------------------------------------------
+    def _check_prompt(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """[n] prompt ids on the model's device; raises ``ValueError`` as :meth:`generate` documents."""
+        ids = input_ids.to(self.stack.device)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(f"Batch size {ids.shape[0]} is not supported: lede decodes one sequence at a time.")
+            ids = ids[0]
+        if ids.numel() == 0:
+            raise ValueError("The prompt is empty: give at least one token.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        ctx = getattr(self.stack.model.config, "max_position_embeddings", None)
+        if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
+            raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
+        return ids
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, policy: Policy, max_new_tokens: int = 128,
                  sampling: Optional[Sampling] = None, streamer=None,
                  stop: Optional[Callable[[list[int]], Optional[int]]] = None) -> GenerationResult:
         """Generate, asking ``policy`` for (E, K) every round.
+
+        Drives :meth:`rounds` with the policy: ``act`` on each observation, ``update`` with
+        each :class:`RoundRecord`.
 
         Args:
             input_ids: [n] or [1, n] int64 prompt ids (batch size 1 only).
@@ -374,19 +394,65 @@ class SelfSpeculativeDecoder:
             ValueError: batch size > 1, an empty prompt, ``max_new_tokens < 1``, or a prompt that
                 does not fit the model's context.
         """
-        ids = input_ids.to(self.stack.device)
-        if ids.dim() == 2:
-            if ids.shape[0] != 1:
-                raise ValueError(f"Batch size {ids.shape[0]} is not supported: lede decodes one sequence at a time.")
-            ids = ids[0]
-        if ids.numel() == 0:
-            raise ValueError("The prompt is empty: give at least one token.")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        ctx = getattr(self.stack.model.config, "max_position_embeddings", None)
-        if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
-            raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
+        want_obs = bool(getattr(policy, "needs_observation", False))
+        result = GenerationResult(tokens=[])
+        events = self.rounds(input_ids, result, max_new_tokens, sampling, want_obs,
+                             lambda: getattr(policy, "stop_threshold", None), streamer, stop, policy=policy)
+        try:
+            with self.stack.kernels_active():
+                for _, obs in events:  # ("act", obs): the next round needs an action
+                    _, rec = events.send(policy.act(obs))
+                    policy.update(rec)
+        finally:
+            events.close()  # on an error, clears the generation's sampling state now
+        return result
+
+    def rounds(self, input_ids: torch.Tensor, result: GenerationResult, max_new_tokens: int = 128,
+               sampling: Optional[Sampling] = None, want_obs: bool = True,
+               stop_threshold: Optional[Callable[[], Optional[float]]] = None, streamer=None,
+               stop: Optional[Callable[[list[int]], Optional[int]]] = None, final_observation: bool = False,
+               policy: Optional[Policy] = None):
+        """The decoding loop as a generator, one round at a time: whoever drives it picks the
+        actions (:meth:`generate` asks a policy; the live env uses the actions given to ``step``).
+
+        Protocol (events are ``(kind, payload)`` tuples)::
+
+            events = dec.rounds(ids, result, 64)
+            for kind, obs in events:            # ("act", obs): choose the next round's action
+                _, rec = events.send(action)    # ("round", RoundRecord): the round just played
+            # with final_observation=True the last event is ("end", obs), the state after the last round
+
+        The prefill runs on the first ``next``; the generation ends (the generator is exhausted,
+        or yields ``("end", obs)``) on EOS, at ``max_new_tokens`` or when ``stop`` says so. The
+        caller must keep :meth:`LayerStack.kernels_active` and ``torch.no_grad`` around the
+        resumptions (as :meth:`generate` does). ``result`` is filled in place: ``tokens``,
+        ``rounds``, ``eos``, ``prefill_seconds`` as the rounds go, ``seconds`` at the end.
+        :attr:`RoundRecord.seconds` of a round counts from the start of its observation to the
+        end of its acceptance, the time the driver takes to choose the action included.
+
+        Args:
+            input_ids: [n] or [1, n] int64 prompt ids.
+            result: an empty :class:`GenerationResult` to fill.
+            max_new_tokens, sampling, streamer, stop: as in :meth:`generate`.
+            want_obs: compute observations (else the "act" payload is ``None``) and charge the
+                profile's feature/policy overhead.
+            stop_threshold: called every round; returns the confidence-threshold of drafting
+                (see :class:`Policy`) or ``None``.
+            final_observation: after the last round, yield ``("end", obs)`` (the observation at
+                the last emitted token; ``None`` without ``want_obs``).
+            policy: reset when the generation starts (before the clock does), if given.
+
+        Raises:
+            ValueError: as :meth:`generate`, raised here (not at the first ``next``).
+        """
+        ids = self._check_prompt(input_ids, max_new_tokens)
+        return self._rounds(ids, result, max_new_tokens, sampling, want_obs, stop_threshold or (lambda: None),
+                            streamer, stop, final_observation, policy)
+
+    def _rounds(self, ids: torch.Tensor, result: GenerationResult, max_new_tokens: int, sampling, want_obs: bool,
+                stop_threshold, streamer, stop, final_observation: bool, policy):
+        if policy is not None:
+            policy.reset()
         self._sampling = sampling
         self._generator = None
         if sampling is not None:
@@ -396,102 +462,106 @@ class SelfSpeculativeDecoder:
             else:
                 self._generator.manual_seed(int(sampling.seed))
         try:
-            with self.stack.kernels_active():
-                return self._generate(ids, policy, max_new_tokens, streamer, stop)
+            self.observer.reset()
+            t0 = time.perf_counter()
+            cache = self.stack.new_cache()
+            pending, normed_last, taps_at = self._prefill(ids, cache, want_obs)
+            t_prefill = time.perf_counter() - t0
+            out = result.tokens
+            out.append(pending)
+            result.prefill_seconds = t_prefill
+            seq = ids.tolist() + [pending]
+            pos = ids.numel()  # position of the pending token (== cached positions)
+            done = pending in self.eos_ids or max_new_tokens == 1
+            result.eos = pending in self.eos_ids
+            if stop is not None and (keep := stop(list(out))) is not None:
+                del out[keep:]
+                done, result.eos = True, False
+            if streamer is not None:
+                streamer.put(ids.view(1, -1).cpu())
+                if out:
+                    streamer.put(torch.tensor(out))
+            end_at = (normed_last, taps_at)
+            while not done:
+                t_round = time.perf_counter()
+                obs = None
+                if want_obs:
+                    obs = self._observe(normed_last, taps_at, seq[-self.observer.config.recent_tokens:] or seq,
+                                        len(out), max_new_tokens)
+                action = yield ("act", obs)
+                E, K = self.actions.decode(action)
+                t_policy = time.perf_counter() - t_round
+                remaining = max_new_tokens - len(out)
+                K = clamp_draft_len(K, remaining, self.bonus) if E else 0
+                taps = {} if want_obs else None
+                if K == 0:
+                    E = 0
+                    draft, verifier, normed, taps = self._ar_step(pending, pos, cache, want_obs)
+                else:
+                    draft, hidden_E = self._draft(pending, pos, E, K, cache, taps, stop_threshold())
+                    K = len(draft)
+                    if not self.reuse:
+                        # Plain SSD: forget the draft's layers 1..E and verify with the full model.
+                        self.stack.crop(cache, pos)
+                        taps = {} if want_obs else None
+                        n = K + 1 if self.bonus else K
+                        verify_ids = torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)
+                        hidden_E, E_from = self.stack.embed(verify_ids), 0
+                    else:
+                        E_from = E
+                    normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps, draft)
+                oc = accept(draft, verifier, remaining, self.eos_ids)
+                self.stack.crop(cache, pos + oc.advance)
+                # The last verified position produced the new pending token.
+                last = oc.advance - 1
+                normed_last = normed[last]
+                if want_obs:
+                    taps_at = {e: t[0, last] for e, t in taps.items()}
+                if oc.done and final_observation:
+                    # the position that produced the last emitted token (an EOS can end a block early)
+                    j = len(oc.emitted) - 1
+                    end_at = (normed[j], {e: t[0, j] for e, t in taps.items()} if want_obs else None)
+                out.extend(oc.emitted)
+                seq.extend(oc.emitted)
+                pos += oc.advance
+                pending = seq[-1]
+                cost = 0.0
+                if self.profile is not None:
+                    # the feature/policy overhead is paid only by policies that read observations
+                    cost = self.profile.round_cost(E, K, oc.n_verify, self.reuse)
+                    if not want_obs:
+                        cost -= self.profile.overhead / self.profile.ar_step
+                rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
+                                  emitted=len(oc.emitted), cost=cost, seconds=time.perf_counter() - t_round,
+                                  policy_seconds=t_policy)
+                result.rounds.append(rec)
+                self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
+                yield ("round", rec)
+                done = oc.done
+                result.eos = oc.eos
+                if stop is not None and (keep := stop(list(out))) is not None:
+                    dropped = len(out) - keep
+                    del out[keep:]
+                    oc_emitted = oc.emitted[: max(len(oc.emitted) - dropped, 0)]
+                    rec.emitted = len(oc_emitted)
+                    done = True
+                    result.eos = False
+                else:
+                    oc_emitted = oc.emitted
+                if streamer is not None and oc_emitted:
+                    streamer.put(torch.tensor(oc_emitted))
+            if streamer is not None:
+                streamer.end()
+            result.seconds = time.perf_counter() - t0
+            if final_observation:
+                obs = None
+                if want_obs:
+                    n_last, t_last = end_at
+                    obs = self._observe(n_last, t_last, seq[-self.observer.config.recent_tokens:] or seq,
+                                        len(out), max_new_tokens)
+                yield ("end", obs)
         finally:
             self._sampling, self._generator, self._draft_q = None, None, []
-
-    def _generate(self, ids: torch.Tensor, policy: Policy, max_new_tokens: int, streamer=None,
-                  stop=None) -> GenerationResult:
-        want_obs = bool(getattr(policy, "needs_observation", False))
-        policy.reset()
-        self.observer.reset()
-        t0 = time.perf_counter()
-        cache = self.stack.new_cache()
-        pending, normed_last, taps_at = self._prefill(ids, cache, want_obs)
-        t_prefill = time.perf_counter() - t0
-        out = [pending]
-        result = GenerationResult(tokens=out, prefill_seconds=t_prefill)
-        seq = ids.tolist() + [pending]
-        pos = ids.numel()  # position of the pending token (== cached positions)
-        done = pending in self.eos_ids or max_new_tokens == 1
-        result.eos = pending in self.eos_ids
-        if stop is not None and (keep := stop(list(out))) is not None:
-            del out[keep:]
-            done, result.eos = True, False
-        if streamer is not None:
-            streamer.put(ids.view(1, -1).cpu())
-            if out:
-                streamer.put(torch.tensor(out))
-        while not done:
-            t_round = time.perf_counter()
-            obs = None
-            if want_obs:
-                obs = self._observe(normed_last, taps_at, seq[-self.observer.config.recent_tokens:] or seq,
-                                    len(out), max_new_tokens)
-            action = policy.act(obs)
-            E, K = self.actions.decode(action)
-            t_policy = time.perf_counter() - t_round
-            remaining = max_new_tokens - len(out)
-            K = clamp_draft_len(K, remaining, self.bonus) if E else 0
-            taps = {} if want_obs else None
-            if K == 0:
-                E = 0
-                draft, verifier, normed, taps = self._ar_step(pending, pos, cache, want_obs)
-            else:
-                draft, hidden_E = self._draft(pending, pos, E, K, cache, taps,
-                                              getattr(policy, "stop_threshold", None))
-                K = len(draft)
-                if not self.reuse:
-                    # Plain SSD: forget the draft's layers 1..E and verify with the full model.
-                    self.stack.crop(cache, pos)
-                    taps = {} if want_obs else None
-                    n = K + 1 if self.bonus else K
-                    verify_ids = torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)
-                    hidden_E, E_from = self.stack.embed(verify_ids), 0
-                else:
-                    E_from = E
-                normed, verifier = self._verify(hidden_E, E_from, pos, cache, taps, draft)
-            oc = accept(draft, verifier, remaining, self.eos_ids)
-            self.stack.crop(cache, pos + oc.advance)
-            # The last verified position produced the new pending token.
-            last = oc.advance - 1
-            normed_last = normed[last]
-            if want_obs:
-                taps_at = {e: t[0, last] for e, t in taps.items()}
-            out.extend(oc.emitted)
-            seq.extend(oc.emitted)
-            pos += oc.advance
-            pending = seq[-1]
-            cost = 0.0
-            if self.profile is not None:
-                # the feature/policy overhead is paid only by policies that read observations
-                cost = self.profile.round_cost(E, K, oc.n_verify, self.reuse)
-                if not want_obs:
-                    cost -= self.profile.overhead / self.profile.ar_step
-            rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                              emitted=len(oc.emitted), cost=cost, seconds=time.perf_counter() - t_round,
-                              policy_seconds=t_policy)
-            result.rounds.append(rec)
-            self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
-            policy.update(rec)
-            done = oc.done
-            result.eos = oc.eos
-            if stop is not None and (keep := stop(list(out))) is not None:
-                dropped = len(out) - keep
-                del out[keep:]
-                oc_emitted = oc.emitted[: max(len(oc.emitted) - dropped, 0)]
-                rec.emitted = len(oc_emitted)
-                done = True
-                result.eos = False
-            else:
-                oc_emitted = oc.emitted
-            if streamer is not None and oc_emitted:
-                streamer.put(torch.tensor(oc_emitted))
-        if streamer is not None:
-            streamer.end()
-        result.seconds = time.perf_counter() - t0
-        return result
 
 
 class StaticPolicy:

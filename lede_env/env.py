@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
+import statistics
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -15,14 +18,17 @@ import torch
 from gymnasium import spaces
 
 from .costs import CostProfile, analytic_profile, measure_profile
+from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder, StaticPolicy
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
-from .model import KERNELS_VERSION, cache_dir
-from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+from .model import KERNELS_VERSION, cache_dir, describe_model
+from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, budget, oracle_plan, replay_round
-from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, get_bundle, get_heads, get_traces
+from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, encode_prompts, get_bundle, get_heads, get_traces
 
 REWARD_MODES = ("net", "ratio")
+BACKENDS = ("trace", "live")
+COST_SOURCES = ("profile", "wallclock")
 
 
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
@@ -76,9 +82,28 @@ class LEDEEnv(gym.Env):
     an exit layer E and a speculation length K; the decoder drafts K tokens with layers 1..E
     and an exit head, verifies them with one pass of the full model, and emits the longest
     agreeing prefix plus the verifier's next token. Output is always identical to greedy
-    decoding; only the cost changes. The env replays rounds *exactly* from traces (greedy
-    continuation + one teacher-forced pass; see ``lede_env.traces``), at microseconds a step.
-    The MDP follows LEDE (arXiv 2606.03113); design notes in the project's docs.
+    decoding; only the cost changes. The MDP follows LEDE (arXiv 2606.03113); design notes in
+    the project's docs.
+
+    ## Backends
+    - ``backend="trace"`` (default, ``LEDE-Llama3-v0``): rounds are replayed *exactly* from
+      traces (greedy continuation + one teacher-forced pass; see ``lede_env.traces``), at
+      microseconds a step. Greedy decoding only; costs from the cost profile.
+    - ``backend="live"`` (``LEDE-Llama3-Live-v0``): each step runs one real round of
+      :class:`~lede_env.decoding.SelfSpeculativeDecoder` (draft, verify, accept) on the loaded
+      model, at the model's speed. Same spaces, observation features and reward modes; under
+      greedy decoding (``temperature=0``) it gives the trace backend's tokens, accepted counts,
+      observations and profile rewards for the same actions. With ``temperature > 0`` (and
+      ``top_p``) it decodes by speculative sampling: drafts are sampled from the exit head and
+      accepted with probability min(1, p/q), so every emitted token is distributed as plain
+      sampling from the model whatever the actions, and acceptance is random. The sampling
+      seed of an episode is drawn from ``self.np_random``, so ``reset(seed=s)`` followed by the
+      same actions reproduces the episode (tokens, observations, profile rewards) on the same
+      machine. ``cost="wallclock"`` charges a round its measured time instead of the profile
+      (see Rewards). No traces are built; prompts are the same prompt specs, encoded with the
+      model's chat template as for traces. :meth:`oracle_action` is unavailable (the oracle
+      needs greedy traces). ``env.unwrapped.generated`` holds the episode's tokens so far
+      (both backends).
 
     ## Action Space
     ``Discrete(1 + n_exits * k_max)``. Action 0: no draft, one plain full-model (AR) step.
@@ -117,7 +142,13 @@ class LEDEEnv(gym.Env):
     for the last draft token when ``bonus``), verification (layers E+1..L on the verified
     positions + full LM head; layers 1..E are reused from the draft) and the per-round
     feature/policy overhead (an agent reading observations pays it; ``charging_overhead(False)``
-    drops it for policies that read none, as the real decoder does). ``reward_mode``:
+    drops it for policies that read none, as the real decoder does). With the live backend and
+    ``cost="wallclock"``, a round's cost is instead its measured wall-clock time (the decoder's
+    round, plus computing the next observation unless ``charging_overhead(False)``; the agent's
+    own time between steps is not seen by the env; ``info["round"]["seconds"]``) divided by the seconds of one AR step
+    (``env.unwrapped.ar_seconds``: the median of 16 AR steps measured at construction, under
+    the env's sampling settings, without observations). Wall-clock costs are positive, noisy
+    and machine-dependent: an episode's rewards are not reproducible. ``reward_mode``:
 
     - ``"net"`` (default): tokens emitted - cost. The undiscounted return is the number of AR
       steps saved (N - total cost); use a discount near 1.
@@ -128,9 +159,12 @@ class LEDEEnv(gym.Env):
     Judge policies by throughput (total tokens / total cost), not return.
 
     ## Starting State
-    A prompt drawn uniformly from the trace set with ``self.np_random`` (``options={"prompt_index": i}``
-    picks one). The first token comes from the prompt's forward pass (prefill) and is free;
-    the first observation describes the last prompt position.
+    A prompt drawn uniformly from the trace set (live: the prompt set) with ``self.np_random``
+    (``options={"prompt_index": i}`` picks one). The first token comes from the prompt's forward
+    pass (prefill) and is free; the first observation describes the last prompt position. Live
+    backend: if the first token (sampled, under sampling) is an EOS, the episode has no round;
+    a drawn prompt is then drawn again (up to 8 times), a prompt given by ``prompt_index`` raises
+    ``ValueError``.
 
     ## Episode End
     Terminated when an EOS token is emitted (also inside an accepted block: emission stops
@@ -143,14 +177,25 @@ class LEDEEnv(gym.Env):
     ``k_max``, ``head_kind`` (``"affine-kl"``/``"affine"``/``"lens"``, see :mod:`lede_env.exits`), ``draft_vocab``, ``feature_vocab``,
     ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     ``"humaneval[100:132]"``, disjoint from the defaults for training and evaluation), ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
-    ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``). All JSON-serialisable.
-    ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models).
+    ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
+    (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
+    ``top_p`` (in (0, 1], nucleus sampling when ``temperature > 0``), ``cost``
+    (``"profile"``/``"wallclock"``; wall-clock needs the live backend). All JSON-serialisable;
+    with the live backend ``prompts`` may also be a list of prompts as token-id lists.
+    ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models);
+    ``bundle`` / ``heads`` inject a loaded model and exit heads for the live backend.
+
+    Raises:
+        ValueError: an unknown ``reward_mode``, ``backend`` or ``cost``; ``temperature < 0``,
+            ``top_p`` outside (0, 1]; sampling or wall-clock cost with the trace backend; bad
+            ``max_new_tokens``, ``k_max``, ``stop_threshold``; an empty prompt set.
 
     ## Example
     >>> import gymnasium as gym, lede_env
     >>> env = gym.make("LEDE-Llama3-v0")                      # doctest: +SKIP
     >>> obs, info = env.reset(seed=0)                         # doctest: +SKIP
     >>> obs, r, terminated, truncated, info = env.step(env.unwrapped.actions.encode(4, 2))  # doctest: +SKIP
+    >>> live = gym.make("LEDE-Llama3-Live-v0", temperature=0.7, cost="wallclock")  # doctest: +SKIP
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -158,7 +203,7 @@ class LEDEEnv(gym.Env):
     def __init__(
         self,
         model: Optional[str] = None,
-        prompts: str = DEFAULT_TRAIN,
+        prompts: "str | list[list[int]]" = DEFAULT_TRAIN,
         max_new_tokens: int = DEFAULT_MAX_NEW,
         exit_layers: Optional[list[int]] = None,
         k_max: int = 8,
@@ -179,14 +224,57 @@ class LEDEEnv(gym.Env):
         profile: Optional[CostProfile] = None,
         eos_ids: Optional[tuple[int, ...]] = None,
         progress: bool = True,
+        backend: str = "trace",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        cost: str = "profile",
+        bundle: Optional[ModelBundle] = None,
+        heads: Optional[ExitHeads] = None,
     ) -> None:
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode={reward_mode!r}; choose one of {REWARD_MODES}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose 'trace' (exact greedy replay from traces) or 'live' "
+                             "(the real decoder on the loaded model; sampling, wall-clock cost).")
+        if cost not in COST_SOURCES:
+            raise ValueError(f"cost={cost!r}; choose 'profile' (the cost profile, deterministic) or 'wallclock' "
+                             "(measured round time / AR step time, live backend only).")
+        try:
+            temperature, top_p = float(temperature), float(top_p)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature and top_p must be numbers, got {temperature!r}, {top_p!r}.") from None
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p}.")
+        if backend == "trace" and temperature > 0:
+            raise ValueError(f"temperature={temperature}: traces replay greedy decoding only; use backend='live' "
+                             "(or gym.make('LEDE-Llama3-Live-v0', ...)) to sample.")
+        if backend == "trace" and cost != "profile":
+            raise ValueError("cost='wallclock' measures real rounds: use backend='live' (LEDE-Llama3-Live-v0).")
+        self.backend, self.temperature, self.top_p, self.cost = backend, temperature, top_p, cost
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; choose one of {self.metadata['render_modes']} or None.")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens)
+        self._charge_overhead = True
+        self._oracle_cache: dict[int, np.ndarray] = {}
+        self._done = True
+        self._last_round: Optional[dict] = None
+        self._events = None
+        if backend == "live":
+            if trace_set is not None:
+                raise ValueError("trace_set is for the trace backend; the live backend decodes its prompts: "
+                                 "pass prompts=... (a prompt spec or token-id lists).")
+            self._init_live(model, prompts, max_new_tokens, exit_layers, k_max,
+                            HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
+                                     feature_vocab, calib_prompts),
+                            reward_mode, bonus, reuse, stop_threshold, cost_profile, render_mode, profile, eos_ids,
+                            bundle, heads, progress)
+            return
+        if bundle is not None or heads is not None:
+            raise ValueError("bundle/heads are for the live backend; the trace backend takes trace_set=... instead.")
         if trace_set is None:
             spec = TraceSpec(model, prompts, max_new_tokens,
                              HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
@@ -224,16 +312,110 @@ class LEDEEnv(gym.Env):
                              "use other prompts or a larger max_new_tokens.")
         self.action_space = spaces.Discrete(self.actions.n)
         self.observation_space = self.observer.space()
-        self._oracle_cache: dict[int, np.ndarray] = {}
         self._trace_index: Optional[int] = None
-        self._done = True
-        self._last_round: Optional[dict] = None
+
+    def _init_live(self, model, prompts, max_new_tokens, exit_layers, k_max, head_spec: HeadSpec, reward_mode, bonus,
+                   reuse, stop_threshold, cost_profile, render_mode, profile, eos_ids, bundle, heads, progress):
+        """Load the model, heads and prompts of the live backend and build its decoder."""
+        if isinstance(prompts, str):
+            bundle = get_bundle(model) if bundle is None else bundle
+            listed = load_prompts(prompts)
+            ids = encode_prompts(bundle, listed, max_new_tokens)
+            self.prompts = [(p.id, p.category, list(map(int, x))) for p, x in zip(listed, ids)]
+        elif isinstance(prompts, (list, tuple)) and prompts and all(
+                isinstance(x, (list, tuple)) and x and all(isinstance(t, (int, np.integer)) for t in x)
+                for x in prompts):
+            bundle = get_bundle(model) if bundle is None else bundle
+            self.prompts = [(str(i), "default", list(map(int, x))) for i, x in enumerate(prompts)]
+        else:
+            raise ValueError("prompts must be a prompt spec (e.g. 'humaneval[0:24]') or, for the live backend, a "
+                             "non-empty list of non-empty token-id lists.")
+        if heads is None:
+            heads = get_heads(bundle, head_spec, progress=progress)
+        elif exit_layers and tuple(exit_layers) != tuple(heads.exit_layers):
+            raise ValueError(f"exit_layers={list(exit_layers)} differ from the given heads' {list(heads.exit_layers)}.")
+        if profile is None:
+            profile = get_profile(cost_profile, bundle, heads, k_max, self.obs_config)
+        eos_ids = tuple(int(e) for e in (bundle.eos_ids if eos_ids is None else eos_ids))
+        if stop_threshold is not None and not 0.0 < float(stop_threshold) < 1.0:
+            raise ValueError(f"stop_threshold={stop_threshold!r} must be a probability in (0, 1), or None.")
+        self.bundle, self.heads = bundle, heads
+        self.trace_set = None
+        self.profile = profile
+        self.max_new_tokens = max_new_tokens
+        self.reward_mode = reward_mode
+        self.render_mode = render_mode
+        # profile=None: the env charges costs itself (its rules may drop the overhead, see charging_overhead)
+        self.decoder = SelfSpeculativeDecoder(bundle.stack, heads, k_max, eos_ids, bool(bonus), None,
+                                              self.obs_config, reuse=bool(reuse))
+        self.actions = self.decoder.actions
+        self.rules = ReplayRules(self.actions, profile, bool(bonus), eos_ids, bool(reuse),
+                                 None if stop_threshold is None else float(stop_threshold))
+        self.observer = self.decoder.observer
+        self.playable = list(range(len(self.prompts)))
+        self.manifest = {"backend": "live", "model": {"name": bundle.name} | describe_model(bundle.model),
+                         "exit_layers": list(heads.exit_layers),
+                         "heads": {"kind": heads.kind, "draft_vocab": heads.draft_vocab,
+                                   "feature_vocab": heads.feature_vocab, "fingerprint": heads.fingerprint()},
+                         "prompts": prompts if isinstance(prompts, str) else "token ids",
+                         "prompt_ids": [p[0] for p in self.prompts], "max_new_tokens": max_new_tokens,
+                         "eos_ids": list(eos_ids), "temperature": self.temperature, "top_p": self.top_p,
+                         "cost": self.cost}
+        self.action_space = spaces.Discrete(self.actions.n)
+        self.observation_space = self.observer.space()
+        self._prompt_index: Optional[int] = None
+        self._result: Optional[GenerationResult] = None
+        self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
+
+    def _sampling(self, seed: int) -> Optional[Sampling]:
+        return Sampling(self.temperature, self.top_p, seed) if self.temperature > 0 else None
+
+    @contextmanager
+    def _decoding(self):
+        with torch.no_grad(), self.decoder.stack.kernels_active():
+            yield
+
+    def _measure_ar_seconds(self, steps: int = 16) -> float:
+        """Median seconds of one AR step (no observation) on this machine, under the env's
+        sampling settings: the unit of wall-clock costs."""
+        times: list[float] = []
+        for i in range(len(self.prompts) * 2):  # the first generation warms up
+            p = torch.tensor(self.prompts[i % len(self.prompts)][2])
+            res = self.decoder.generate(p, StaticPolicy(0), min(self.max_new_tokens, steps + 1),
+                                        sampling=self._sampling(i))
+            if i > 0:
+                times += [r.seconds for r in res.rounds]
+            if len(times) >= steps:
+                break
+        if not times:
+            raise ValueError("Cannot measure an AR step: every prompt ends at its first token; use other prompts.")
+        return float(statistics.median(times))
 
     # ---- helpers --------------------------------------------------------------------------
     @property
     def trace(self):
-        """The current episode's trace (``None`` before the first reset)."""
-        return None if self._trace_index is None else self.trace_set.traces[self._trace_index]
+        """The current episode's trace (``None`` before the first reset, and with the live backend)."""
+        if self.backend == "live" or self._trace_index is None:
+            return None
+        return self.trace_set.traces[self._trace_index]
+
+    @property
+    def manifest(self) -> dict:
+        """What the env plays: the trace set's manifest (trace backend), or the model, heads,
+        prompts and sampling settings (live backend)."""
+        return self._manifest if self.backend == "live" else self.trace_set.manifest
+
+    @manifest.setter
+    def manifest(self, value: dict) -> None:
+        self._manifest = value
+
+    @property
+    def generated(self) -> list[int]:
+        """Token ids generated so far in the current episode (the prefill token first; empty
+        before the first reset)."""
+        if self.backend == "live":
+            return [] if self._result is None else list(self._result.tokens)
+        return [] if self.trace is None else self.trace.generated[: self._g].tolist()
 
     def flatten_observation(self, obs: dict) -> np.ndarray:
         """[flat_dim] float32 vector of an observation (layout: ``self.observer.layout()``)."""
@@ -251,13 +433,15 @@ class LEDEEnv(gym.Env):
     def charging_overhead(self, charge: bool):
         """Within this block, rounds are charged the per-round feature/policy overhead only if
         ``charge`` (policies that read no observation do not pay it in the real decoder)."""
-        saved = self.rules
+        saved, saved_charge = self.rules, self._charge_overhead
         if not charge:
             self.rules = saved.without_overhead()
+            self._charge_overhead = False
             self._oracle_cache = {}
         try:
             yield self
         finally:
+            self._charge_overhead = saved_charge
             if self.rules is not saved:
                 self.rules = saved
                 self._oracle_cache = {}
@@ -283,6 +467,9 @@ class LEDEEnv(gym.Env):
     def oracle_action(self) -> int:
         """The oracle's action in the current state (best action sequence for this trace by
         dynamic programming; an upper bound no causal policy can pass)."""
+        if self.backend == "live":
+            raise RuntimeError("The oracle needs greedy traces, which the live backend has none of: use "
+                               "backend='trace' (LEDE-Llama3-v0) for oracle actions.")
         if self._done:
             raise RuntimeError("oracle_action() needs a running episode: call reset() first.")
         i = self._trace_index
@@ -294,6 +481,8 @@ class LEDEEnv(gym.Env):
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
         super().reset(seed=seed)
         options = options or {}
+        if self.backend == "live":
+            return self._reset_live(options)
         if "prompt_index" in options:
             idx = int(options["prompt_index"])
             if idx not in self.playable:
@@ -312,6 +501,8 @@ class LEDEEnv(gym.Env):
     def step(self, action):
         if self._done:
             raise RuntimeError("The episode has ended (or reset() was never called): call reset() before step().")
+        if self.backend == "live":
+            return self._step_live(action)
         oc, E, cost = replay_round(self.trace, self._g, action, self.rules, self._limit)
         n = len(oc.emitted)
         self._g += n
@@ -327,21 +518,99 @@ class LEDEEnv(gym.Env):
         info = {"round": rnd, "tokens_generated": self._g, "prompt_id": self.trace.id}
         return obs, float(reward), terminated, truncated, info
 
+    # ---- live backend ---------------------------------------------------------------------
+    def _close_episode(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def _reset_live(self, options: dict):
+        self._close_episode()
+        pinned = "prompt_index" in options
+        if pinned:
+            idx = int(options["prompt_index"])
+            if idx not in self.playable:
+                raise ValueError(f"prompt_index {idx} is not a prompt of this env (0..{len(self.prompts) - 1}).")
+        for _ in range(1 if pinned else 8):
+            if not pinned:
+                idx = int(self.playable[self.np_random.integers(len(self.playable))])
+            sampling = self._sampling(int(self.np_random.integers(2**63 - 1)))
+            self._prompt_index = idx
+            self._result = GenerationResult(tokens=[])
+            self._events = self.decoder.rounds(torch.tensor(self.prompts[idx][2]), self._result, self.max_new_tokens,
+                                               sampling, want_obs=True,
+                                               stop_threshold=lambda: self.rules.stop_threshold,
+                                               final_observation=True)
+            with self._decoding():
+                kind, obs = next(self._events)
+            if kind == "act":
+                break
+            self._close_episode()
+        else:
+            raise ValueError(f"prompt {self.prompts[idx][0]!r} (index {idx}) ends at its first token (EOS): the "
+                             "episode would have no round; choose another prompt_index or other prompts.")
+        self._done = False
+        self._last_round = None
+        pid, cat, _ = self.prompts[idx]
+        return obs, {"prompt_id": pid, "prompt_index": idx, "category": cat}
+
+    def _step_live(self, action):
+        self.actions.decode(action)  # a bad action raises here, leaving the episode playable
+        t0 = time.perf_counter()
+        with self._decoding():
+            _, rec = self._events.send(int(action))
+            t1 = time.perf_counter()
+            kind, obs = next(self._events)  # the next round's observation, or the final one
+        t2 = time.perf_counter()
+        E, K = rec.exit_layer, rec.draft_len
+        n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
+        if self.cost == "profile":
+            cost = self.rules.profile.round_cost(E, K, n_verify, self.rules.reuse)
+        else:
+            cost = ((t1 - t0) + ((t2 - t1) if self._charge_overhead else 0.0)) / self.ar_seconds
+        n = rec.emitted
+        reward = n - cost if self.reward_mode == "net" else n / cost
+        self._done = kind == "end"
+        terminated = self._done and self._result.eos
+        truncated = self._done and not self._result.eos
+        if self._done:
+            self._close_episode()
+        rnd = {"action": int(action), "exit_layer": E, "draft_len": K, "accepted": rec.accepted, "emitted": n,
+               "cost": cost}
+        if self.cost == "wallclock":  # (kept out of the info of deterministic envs)
+            rnd["seconds"] = t2 - t0
+        self._last_round = rnd
+        info = {"round": rnd, "tokens_generated": len(self._result.tokens),
+                "prompt_id": self.prompts[self._prompt_index][0]}
+        return obs, float(reward), terminated, truncated, info
+
+    def close(self):
+        if self.backend == "live":
+            self._close_episode()
+        super().close()
+
     def render(self):
         if self.render_mode != "ansi":
             return None
         r = self._last_round
+        pid = self.prompts[self._prompt_index][0] if self.backend == "live" else self.trace.id
+        n = len(self.generated)
         if r is None:
-            return f"[{self.trace.id}] start, {self._g} token(s)"
+            return f"[{pid}] start, {n} token(s)"
         what = "AR step" if r["exit_layer"] == 0 else f"E={r['exit_layer']} K={r['draft_len']}"
-        return (f"[{self.trace.id}] {what}: accepted {r['accepted']}, emitted {r['emitted']}, "
-                f"cost {r['cost']:.3f}, total {self._g} tokens")
+        return (f"[{pid}] {what}: accepted {r['accepted']}, emitted {r['emitted']}, "
+                f"cost {r['cost']:.3f}, total {n} tokens")
 
     def config(self) -> dict:
         """JSON-serialisable description of this env (for datasets and exported policies)."""
-        return {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
-                "bonus": self.rules.bonus, "reuse": self.rules.reuse,
-                "stop_threshold": self.rules.stop_threshold, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
-                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
-                "trace_manifest": {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)},
-                "cost_profile": self.profile.to_json()}
+        out = {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
+               "bonus": self.rules.bonus, "reuse": self.rules.reuse,
+               "stop_threshold": self.rules.stop_threshold, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
+               "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
+               "cost_profile": self.profile.to_json()}
+        if self.backend == "trace":
+            out["trace_manifest"] = {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)}
+        else:
+            out.update(backend="live", temperature=self.temperature, top_p=self.top_p, cost=self.cost,
+                       ar_seconds=self.ar_seconds, manifest=self.manifest)
+        return out
