@@ -12,6 +12,14 @@ other episodes were collected: ``shard="k/n"`` collects the episodes ``i % n == 
 same collection, and the n shards merged (:func:`agents.datasets_tool.merge`) hold exactly the
 episodes of the unsharded collection.
 
+The live backend (``LEDE-Llama3-Live-v0``, ``backend="live"``) collects from the real decoder,
+e.g. under sampling: every behaviour but ``oracle`` (which needs greedy traces; refused with an
+error). Its reference scores are always-AR (``ref_min_score``) and, for want of an oracle, the
+mean over prompts of the best return seen on that prompt, always-AR or a collected episode
+(``ref_max_score``). Its episodes replay exactly from their stored seed (sampling included) on
+the same machine, so validation replays them as for traces, except with ``cost="wallclock"``,
+whose rewards are measured times: those datasets are validated without replay.
+
 Datasets are written through ``minari.create_dataset_from_buffers`` (no jax needed) under a
 temporary id (``partial-<host>-<pid>-...``), validated (:func:`agents.datasets_tool.validate`,
 rewards re-computed by replay) and renamed into place when whole, so an interrupted collection
@@ -159,7 +167,7 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
     """Run the behaviour mixture in ``env`` and write a Minari dataset.
 
     Args:
-        env: a ``LEDE-Llama3-v0`` env (trace backend).
+        env: a ``LEDE-Llama3-v0`` env, trace or live backend (see the module docstring).
         config: collection settings (``config.shard`` collects one part, see :class:`CollectConfig`).
         env_spec: the kwargs that rebuild ``env`` (JSON-serialisable; completed from ``env``, see
             :func:`env_spec_for`) or a ready ``gymnasium.envs.registration.EnvSpec``; stored in the
@@ -170,8 +178,9 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
 
     Raises:
         ValueError: a malformed dataset id, or the dataset exists already (delete it with
-            ``minari delete ID`` first, or collect a new version ``-vN``); the collected data
-            fail validation (nothing is written then).
+            ``minari delete ID`` first, or collect a new version ``-vN``); ``oracle`` in the
+            mixture of a live-backend env; the collected data fail validation (nothing is
+            written then).
     """
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -189,10 +198,15 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
         raise ValueError(f"Dataset {dataset_id!r} already exists under {root}: choose a new version "
                          f"(-vN) or delete it (`minari delete {dataset_id}`).")
     u = env.unwrapped
+    live = getattr(u, "backend", "trace") == "live"
+    if live and config.mixture.get("oracle", 0) > 0:
+        raise ValueError("The oracle behaviour needs greedy traces, which the live backend has none of: drop oracle "
+                         "from the mixture (e.g. --mixture random=0.3,static=0.5,heuristic=0.2) or collect with "
+                         "the trace backend.")
     kinds = sorted(config.mixture)
     probs = np.array([config.mixture[k] for k in kinds], float)
     probs /= probs.sum()
-    buffers, extra_meta, counts = [], [], {k: 0 for k in kinds}
+    buffers, extra_meta, counts, best = [], [], {k: 0 for k in kinds}, {}
     episodes = shard_indices(config.episodes, shard)
     for n, ep in enumerate(tqdm(episodes, desc=f"collect {dataset_id}", disable=not progress)):
         kind, policy, seed, idx = episode_plan(env, config, ep, kinds, probs)
@@ -202,7 +216,8 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
                                      actions=np.asarray(acts, np.int64), rewards=rews, terminations=terms,
                                      truncations=truncs))
         extra_meta.append({"episode_index": ep, "behaviour": kind})
-    ref_min, ref_max = reference_scores(env)
+        best[idx] = max(best.get(idx, -np.inf), float(np.sum(rews)))
+    ref_min, ref_max = reference_scores(env, best if live else None)
     tmp_id = _tmp_id(dataset_id)
     tmp_path = root / tmp_id
     final_path = root / dataset_id
@@ -235,7 +250,9 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
                                     "num_episodes_average_score": len(u.playable), "lede_collection": collection})
         # rewards re-computed by replay (re-opened: the dataset object holds the metadata of its creation);
         # raises before anything is renamed into place
-        check(minari.MinariDataset(ds.storage.data_path), env, require_env_spec=spec is not None)
+        replayable = getattr(u, "cost", "profile") != "wallclock"  # measured times do not replay
+        check(minari.MinariDataset(ds.storage.data_path), env if replayable else None, replay=replayable,
+              require_env_spec=spec is not None)
         _rename_dataset(tmp_path, final_path, dataset_id, {})
     finally:
         if tmp_path.exists():
@@ -289,8 +306,9 @@ def env_spec_for(env, kwargs):
     The kwargs are completed from ``env`` with everything that fixes its MDP, so the recovered env
     is the same one even where the given kwargs relied on defaults: the exit layers, ``k_max``,
     ``max_new_tokens``, reward mode, replay rules, observation settings, and the cost profile
-    itself (a dict, so a ``"measured"`` profile is not re-measured on another machine). ``None``
-    gives ``None``; an ``EnvSpec`` is returned as is.
+    itself (a dict, so a ``"measured"`` profile is not re-measured on another machine); for the
+    live backend also ``backend``, ``temperature``, ``top_p`` and ``cost`` (id
+    ``LEDE-Llama3-Live-v0``). ``None`` gives ``None``; an ``EnvSpec`` is returned as is.
     """
     from gymnasium.envs.registration import EnvSpec
 
@@ -303,14 +321,32 @@ def env_spec_for(env, kwargs):
                "reuse": u.rules.reuse, "stop_threshold": u.rules.stop_threshold,
                "obs_hidden_dim": u.obs_config.hidden_dim, "obs_history": u.obs_config.history,
                "obs_recent_tokens": u.obs_config.recent_tokens, "cost_profile": u.profile.to_json()})
+    if getattr(u, "backend", "trace") == "live":
+        kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
+        return EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
     return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
 
 
-def reference_scores(env) -> tuple[float, float]:
+def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, float]:
     """Mean undiscounted return of always-AR (``ref_min_score``) and of the oracle
-    (``ref_max_score``) over the env's traces, in its reward mode."""
+    (``ref_max_score``) over the env's traces, in its reward mode.
+
+    Live backend (no oracle): ``ref_max_score`` is the mean over prompts of the larger of the
+    always-AR return and ``best_seen[prompt_index]`` (the best collected return on it, if any).
+    """
     u = env.unwrapped
     mins, maxs = [], []
+    if getattr(u, "backend", "trace") == "live":
+        for i in u.playable:
+            u.reset(seed=0, options={"prompt_index": i})
+            ret, done = 0.0, False
+            while not done:
+                _, r, te, tr, _ = u.step(0)
+                ret += r
+                done = te or tr
+            mins.append(ret)
+            maxs.append(max(ret, (best_seen or {}).get(i, -np.inf)))
+        return float(np.mean(mins)), float(np.mean(maxs))
     for i in u.playable:
         for which, out in (("ar", mins), ("oracle", maxs)):
             u.reset(seed=0, options={"prompt_index": i})
@@ -331,8 +367,13 @@ def _requirements() -> list[str]:
 
 
 def _describe_env(u) -> str:
-    return (f"Offline experience of dynamic self-speculative decoding (LEDE-Llama3-v0, trace backend). "
-            f"Model {u.trace_set.manifest['model'].get('name')}, prompts {u.trace_set.manifest.get('prompts')}, "
+    if getattr(u, "backend", "trace") == "live":
+        how = (f"LEDE-Llama3-Live-v0, live backend, temperature {u.temperature}, top_p {u.top_p}, "
+               f"{'wall-clock' if u.cost == 'wallclock' else 'cost-profile'} costs")
+    else:
+        how = "LEDE-Llama3-v0, trace backend"
+    return (f"Offline experience of dynamic self-speculative decoding ({how}). "
+            f"Model {u.manifest['model'].get('name')}, prompts {u.manifest.get('prompts')}, "
             f"exits {list(u.actions.exit_layers)}, k_max {u.actions.k_max}, reward {u.reward_mode}, "
             f"bonus={u.rules.bonus}, cost profile {u.profile.source}.")
 

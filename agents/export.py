@@ -49,7 +49,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
         algo.save_policy(str(tmp / "policy.pt"))
-        man = u.trace_set.manifest
+        man = u.manifest  # the trace set's manifest, or the live backend's description
         cfg = {
             "format": EXPORT_FORMAT,
             "exit_layers": list(u.actions.exit_layers),

@@ -14,6 +14,8 @@ A recipe names everything that determines the dataset::
       max_new_tokens: 96
       k_max: 8
       ...
+    backend: trace            # or live: the real decoder (env: may add temperature, top_p, cost;
+                              # the mixture may not hold oracle)
     behaviour:                # one behaviour policy per episode, drawn with these weights
       mixture: {random: 0.2, static: 0.3, heuristic: 0.1, oracle: 0.4}
       oracle_epsilon: 0.1
@@ -30,7 +32,7 @@ from typing import Any, Optional
 
 from .collect import DEFAULT_MIX
 
-BACKENDS = ("trace",)
+BACKENDS = ("trace", "live")
 _TOP = {"id": str, "description": str, "episodes": int, "seed": int, "author": str, "code_permalink": str,
         "env": dict, "behaviour": dict, "backend": str}
 _BEHAVIOUR = {"mixture": dict, "oracle_epsilon": (int, float)}
@@ -92,7 +94,7 @@ def env_keys() -> list[str]:
     """The ``env:`` keys a recipe may set: ``LEDEEnv``'s JSON-serialisable keyword arguments."""
     from lede_env.env import LEDEEnv
 
-    skip = {"self", "render_mode", "trace_set", "profile", "eos_ids", "progress"}
+    skip = {"self", "render_mode", "trace_set", "profile", "eos_ids", "progress", "bundle", "heads"}
     return [p for p in inspect.signature(LEDEEnv.__init__).parameters if p not in skip]
 
 
@@ -130,16 +132,25 @@ def parse_recipe(data: Any, src: str = "<recipe>", path: Optional[Path] = None) 
     if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in mix.values()) \
             or sum(mix.values()) <= 0:
         raise RecipeError(f"{src}: behaviour.mixture weights must be non-negative numbers, not all zero: {mix}.")
-    backend = data.get("backend", "trace")
+    backend = data.get("backend", data["env"].get("backend", "trace"))
     if backend not in BACKENDS:
         raise RecipeError(f"{src}: backend {backend!r} is not available; use one of {BACKENDS}.")
+    if data["env"].get("backend", backend) != backend:
+        raise RecipeError(f"{src}: backend {backend!r} and env.backend {data['env']['backend']!r} differ; "
+                          "give the backend once (top-level backend:).")
+    if backend == "live" and mix.get("oracle", 0) > 0:
+        raise RecipeError(f"{src}: the live backend has no oracle (it needs greedy traces): drop oracle from "
+                          "behaviour.mixture.")
+    env = dict(data["env"])
+    if backend != "trace":
+        env["backend"] = backend  # stored in the dataset's env spec
     episodes = data.get("episodes", 200)
     if episodes < 1:
         raise RecipeError(f"{src}: episodes must be >= 1, got {episodes}.")
     eps = float(beh.get("oracle_epsilon", 0.1))
     if not 0.0 <= eps <= 1.0:
         raise RecipeError(f"{src}: behaviour.oracle_epsilon must be in [0, 1], got {eps}.")
-    return Recipe(dataset_id=did, env=dict(data["env"]), mixture={k: float(v) for k, v in mix.items()},
+    return Recipe(dataset_id=did, env=env, mixture={k: float(v) for k, v in mix.items()},
                   oracle_epsilon=eps, episodes=int(episodes), seed=int(data.get("seed", 0)),
                   author=data.get("author", "lede"),
                   code_permalink=data.get("code_permalink", "https://github.com/lede-project/lede"),

@@ -149,18 +149,26 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
                   f"{1000 * prof.overhead:.3f} ms -> {out}")
 
 
+_DEFAULT_MIXTURE = "random=0.2,static=0.3,heuristic=0.1,oracle=0.4"
+
+
 @app.command()
 def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
             model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
             exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine",
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
             cost_profile: str = "measured",
-            mixture: str = typer.Option("random=0.2,static=0.3,heuristic=0.1,oracle=0.4",
-                                        help="Behaviour mixture, NAME=WEIGHT,..."),
+            mixture: str = typer.Option(_DEFAULT_MIXTURE, help="Behaviour mixture, NAME=WEIGHT,... (the default "
+                                                               "drops oracle for --backend live)"),
             recipe: Optional[Path] = typer.Option(None, help="A dataset recipe (datasets/NAME.yaml): builds that "
                                                              "dataset and its card; the other options are ignored."),
-            shard: Optional[str] = ShardOpt):
-    """Run behaviour policies in LEDE-Llama3-v0 and write a Minari dataset."""
+            shard: Optional[str] = ShardOpt,
+            backend: str = typer.Option("trace", help="trace (greedy trace replay) or live (the real decoder: "
+                                                      "sampling, wall-clock cost; no oracle behaviour)."),
+            temperature: float = typer.Option(0.0, help="Live backend: sampling temperature (0 = greedy)."),
+            top_p: float = typer.Option(1.0, help="Live backend: nucleus sampling mass."),
+            cost: str = typer.Option("profile", help="Live backend: profile or wallclock round costs.")):
+    """Run behaviour policies in LEDE-Llama3-v0 (or LEDE-Llama3-Live-v0) and write a Minari dataset."""
     from agents.collect import CollectConfig, collect as run_collect
 
     from .env import LEDEEnv
@@ -184,6 +192,10 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
         from agents.datasets_tool import check_dataset_id
 
         mix = parse_mixture(mixture)
+        if (backend, temperature, top_p, cost) != ("trace", 0.0, 1.0, "profile"):  # recorded in the env spec
+            kw.update(backend=backend, temperature=temperature, top_p=top_p, cost=cost)
+            if backend == "live" and mixture == _DEFAULT_MIXTURE and mix.pop("oracle", None):
+                console.print(f"live backend: no oracle behaviour (it needs traces); mixture {mix}")
         cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)
         check_dataset_id(dataset_id)
         ds = run_collect(LEDEEnv(**kw), cfg, env_spec=kw)
