@@ -18,7 +18,7 @@ import torch
 from gymnasium import spaces
 
 from .costs import CostProfile, analytic_profile, measure_profile
-from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder, StaticPolicy
+from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
 from .model import KERNELS_VERSION, cache_dir, describe_model
@@ -145,10 +145,11 @@ class LEDEEnv(gym.Env):
     drops it for policies that read none, as the real decoder does). With the live backend and
     ``cost="wallclock"``, a round's cost is instead its measured wall-clock time (the decoder's
     round, plus computing the next observation unless ``charging_overhead(False)``; the agent's
-    own time between steps is not seen by the env; ``info["round"]["seconds"]``) divided by the seconds of one AR step
-    (``env.unwrapped.ar_seconds``: the median of 16 AR steps measured at construction, under
-    the env's sampling settings, without observations). Wall-clock costs are positive, noisy
-    and machine-dependent: an episode's rewards are not reproducible. ``reward_mode``:
+    own time between steps is not seen by the env; ``info["round"]["seconds"]``) divided by the
+    seconds of one AR step (``env.unwrapped.ar_seconds``: the median of 32 AR rounds timed the
+    same way at construction, under the env's sampling settings), so an AR step not charged the
+    overhead costs about 1. Wall-clock costs are positive, noisy and machine-dependent: an
+    episode's rewards are not reproducible. ``reward_mode``:
 
     - ``"net"`` (default): tokens emitted - cost. The undiscounted return is the number of AR
       steps saved (N - total cost); use a discount near 1.
@@ -375,16 +376,24 @@ class LEDEEnv(gym.Env):
         with torch.no_grad(), self.decoder.stack.kernels_active():
             yield
 
-    def _measure_ar_seconds(self, steps: int = 16) -> float:
-        """Median seconds of one AR step (no observation) on this machine, under the env's
-        sampling settings: the unit of wall-clock costs."""
+    def _measure_ar_seconds(self, steps: int = 32) -> float:
+        """Median seconds of one AR step on this machine, timed as :meth:`step` times a round
+        (the decoder's round, without the next observation), under the env's sampling settings:
+        the unit of wall-clock costs. The first generation warms up and is not counted."""
         times: list[float] = []
-        for i in range(len(self.prompts) * 2):  # the first generation warms up
-            p = torch.tensor(self.prompts[i % len(self.prompts)][2])
-            res = self.decoder.generate(p, StaticPolicy(0), min(self.max_new_tokens, steps + 1),
-                                        sampling=self._sampling(i))
-            if i > 0:
-                times += [r.seconds for r in res.rounds]
+        for i in range(len(self.prompts) * 2 + 1):
+            res = GenerationResult(tokens=[])
+            events = self.decoder.rounds(torch.tensor(self.prompts[i % len(self.prompts)][2]), res,
+                                         min(self.max_new_tokens, steps + 1), self._sampling(i), want_obs=True)
+            try:
+                with self._decoding():
+                    for _ in events:
+                        t0 = time.perf_counter()
+                        events.send(0)
+                        if i > 0:
+                            times.append(time.perf_counter() - t0)
+            finally:
+                events.close()
             if len(times) >= steps:
                 break
         if not times:
@@ -556,12 +565,12 @@ class LEDEEnv(gym.Env):
 
     def _step_live(self, action):
         self.actions.decode(action)  # a bad action raises here, leaving the episode playable
-        t0 = time.perf_counter()
         with self._decoding():
+            t0 = time.perf_counter()
             _, rec = self._events.send(int(action))
             t1 = time.perf_counter()
             kind, obs = next(self._events)  # the next round's observation, or the final one
-        t2 = time.perf_counter()
+            t2 = time.perf_counter()
         E, K = rec.exit_layer, rec.draft_len
         n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
         if self.cost == "profile":
