@@ -298,7 +298,8 @@ def _train_d3rlpy(cfg: TrainConfig, mdp, out: Path, run, progress: bool, on_epoc
 
 
 def heldout_env(dataset, eval_prompts: str):
-    """The dataset's env (from its stored env spec) on the held-out prompts ``eval_prompts``.
+    """The dataset's env (from its stored env spec) on the held-out prompts ``eval_prompts``; a
+    live-backend dataset is evaluated in the trace backend (greedy, profile costs).
 
     Raises:
         ValueError: the dataset has no env spec, or a held-out prompt is one of its training
@@ -317,6 +318,9 @@ def heldout_env(dataset, eval_prompts: str):
     if shared:
         raise ValueError(f"Held-out prompts {eval_prompts!r} share {len(shared)} prompt(s) with the dataset's "
                          f"training prompts {kwargs.get('prompts')!r} (e.g. {shared[:3]}): choose disjoint ones.")
+    # held-out metrics are trace-env metrics (share of the oracle needs greedy traces), also for
+    # agents trained on live-backend data
+    kwargs |= {"backend": "trace", "temperature": 0.0, "cost": "profile"} if kwargs.get("backend") == "live" else {}
     return LEDEEnv(**(kwargs | {"prompts": eval_prompts, "progress": False}))
 
 
