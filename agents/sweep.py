@@ -23,6 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
+from .sb3 import ONLINE_ALGOS
 from .train import ALGOS, TrainConfig
 
 EXTRA_PARAMS = ("recipe", "online_steps")
@@ -99,7 +100,7 @@ def trial_config(params: dict, out_dir: Path, wandb_mode: str, progress: bool = 
     online_steps = p.pop("online_steps", None)
     if recipe is not None:
         p["dataset_id"] = ensure_dataset(recipe, progress)
-    if online_steps is not None and p.get("algo") in ("ppo", "online_dqn"):
+    if online_steps is not None and p.get("algo") in ONLINE_ALGOS:
         p["steps"] = int(online_steps)
     if "hidden" in p:
         p["hidden"] = tuple(p["hidden"])
