@@ -238,21 +238,23 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     return rows
 
 
+def format_cell(v, floatfmt: str = ".3f") -> str:
+    """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``),
+    dicts as ``key:value`` pairs."""
+    if isinstance(v, float):
+        return format(v, ".3g" if v and abs(v) < 0.01 else floatfmt)
+    if isinstance(v, dict):
+        return " ".join(f"{k}:{c}" for k, c in v.items())
+    return str(v)
+
+
 def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
     """A Markdown table of ``rows`` (dicts with the same keys)."""
     if not rows:
         return ""
     keys = list(rows[0])
-
-    def fmt(v):
-        if isinstance(v, float):
-            return format(v, ".3g" if v and abs(v) < 0.01 else floatfmt)  # learning rates stay readable
-        if isinstance(v, dict):
-            return " ".join(f"{k}:{c}" for k, c in v.items())
-        return str(v)
-
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(r[k], floatfmt) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 

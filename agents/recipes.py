@@ -85,7 +85,8 @@ def _check(d: dict, schema: dict, where: str, src: str) -> None:
     if unknown:
         raise RecipeError(f"{src}: unknown key(s) {unknown} in {where}; allowed: {sorted(schema)}.")
     for k, v in d.items():
-        if v is not None and not isinstance(v, schema[k]) or isinstance(v, bool) and schema[k] is not bool:
+        wrong_type = v is not None and not isinstance(v, schema[k])
+        if wrong_type or isinstance(v, bool):  # YAML's true/false is never a number, text or mapping here
             want = schema[k].__name__ if isinstance(schema[k], type) else " or ".join(t.__name__ for t in schema[k])
             raise RecipeError(f"{src}: {where}{k} must be {want}, got {v!r} ({type(v).__name__}).")
 
@@ -164,16 +165,25 @@ def load_recipe(path: str | Path) -> Recipe:
         FileNotFoundError: no such file.
         RecipeError: invalid YAML or an invalid recipe (the message names the key and the fix).
     """
+    p = Path(path)
+    return parse_recipe(read_yaml(p, "recipe", "recipes live in datasets/*.yaml", RecipeError), str(p), p)
+
+
+def read_yaml(path: Path, what: str, where: str, error: type[ValueError]):
+    """The parsed content of the YAML file ``path`` (a recipe, a sweep file, ...).
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``what`` and ``where`` such files are).
+        error: the file is not valid YAML.
+    """
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"No recipe file {p} (recipes live in datasets/*.yaml).")
+    if not path.is_file():
+        raise FileNotFoundError(f"No {what} file {path} ({where}).")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML ({e}).") from None
-    return parse_recipe(data, str(p), p)
+        raise error(f"{path}: not valid YAML ({e}).") from None
 
 
 def build(recipe: Recipe, progress: bool = True, env=None, write_card: bool = True):

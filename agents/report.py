@@ -76,15 +76,15 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
     trace_rows = _load(trace_p) if trace_p.exists() else []
     live_rows = _load(live_p) if live_p.exists() else []
     md = [f"# lede report: `{res}`", ""]
-    body = []  # (title, markdown text, image file or None, html extra)
+    body = []  # (title, table rows, image file or None, html extra)
     if live_rows:
         f = plot_speedup_by_category(live_rows, out / "speedup_by_category.png", "speedup_vs_ar")
-        body.append(("Wall-clock speedup over AR (real decoder, same process)", to_markdown(
-            [{k: v for k, v in r.items() if k != "exit_histogram"} for r in live_rows]), f.name, ""))
+        body.append(("Wall-clock speedup over AR (real decoder, same process)",
+                     [{k: v for k, v in r.items() if k != "exit_histogram"} for r in live_rows], f.name, ""))
     if trace_rows:
         f = plot_speedup_by_category(trace_rows, out / "throughput_by_category.png", "throughput")
         body.append(("Trace-env throughput (tokens per AR-step cost) and share of the oracle",
-                     to_markdown(trace_rows), f.name, ""))
+                     trace_rows, f.name, ""))
     if rec_p.exists():
         rec = _load(rec_p)
         exits, k_max = rec["exit_layers"], rec["k_max"]
@@ -92,26 +92,26 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
                    if lab != "ar" and not lab.startswith("static") and any(r["rounds"] for r in recs)}
         if dynamic:
             f = plot_acceptance(dynamic, out / "acceptance.png")
-            body.append(("Acceptance over a generation", "", f.name, ""))
+            body.append(("Acceptance over a generation", [], f.name, ""))
         for lab, recs in dynamic.items():
             f = plot_choices(recs, out / f"choices_{_slug(lab)}.png", exits, k_max, title=f"{lab} on {rec['prompts']}")
-            body.append((f"Exit layers and speculation lengths: {lab}", "", f.name, ""))
+            body.append((f"Exit layers and speculation lengths: {lab}", [], f.name, ""))
             for r in _spread(recs, max_texts):
                 if "pieces" not in r:
                     continue
                 name = f"tokens_{_slug(lab)}_{_slug(str(r['prompt_id']))}.png"
                 plot_token_exits(r, r["pieces"], out / name, exits, title=f"{lab}: {r['prompt_id']} ({r['category']})")
-                body.append((f"{lab} on {r['prompt_id']} ({r['category']}): tokens by exit layer", "", name,
+                body.append((f"{lab} on {r['prompt_id']} ({r['category']}): tokens by exit layer", [], name,
                              token_exits_html(r, r["pieces"], exits)))
     page = ["<!doctype html><meta charset='utf-8'><title>lede report</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto} img{max-width:100%}"
             " table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:2px 6px}</style>",
             f"<h1>lede report: {html.escape(str(res))}</h1>"]
-    for title, text, img, extra in body:
-        md += [f"## {title}", ""] + ([text, ""] if text else []) + ([f"![{title}]({img})", ""] if img else [])
+    for title, rows, img, extra in body:
+        md += [f"## {title}", ""] + ([to_markdown(rows), ""] if rows else []) + ([f"![{title}]({img})", ""] if img else [])
         page.append(f"<h2>{html.escape(title)}</h2>")
-        if text:
-            page.append(_md_table_html(text))
+        if rows:
+            page.append(_html_table(rows))
         if img:
             page.append(f"<img src='{img}' alt='{html.escape(title)}'>")
         page.append(extra)
@@ -128,10 +128,11 @@ def _spread(records: list[dict], n: int) -> list[dict]:
     return (firsts + rest)[:n]
 
 
-def _md_table_html(text: str) -> str:
-    rows = [ln.strip("|").split("|") for ln in text.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
-    if not rows:
-        return f"<pre>{html.escape(text)}</pre>"
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+def _html_table(rows: list[dict]) -> str:
+    """An HTML table of ``rows`` (dicts with the same keys), numbers formatted as in the Markdown."""
+    from .evaluate import format_cell
+
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(r[k]))}</td>" for k in rows[0]) + "</tr>"
+                    for r in rows)
     return f"<table><tr>{head}</tr>{cells}</table>"

@@ -81,16 +81,10 @@ def load_sweep(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: no such file. SweepError: invalid YAML or sweep.
     """
-    import yaml
+    from .recipes import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"No sweep file {p} (e.g. agents/sweeps/algorithms.yaml).")
-    try:
-        cfg = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{p}: not valid YAML ({e}).") from None
-    return check_sweep(cfg, str(p))
+    return check_sweep(read_yaml(p, "sweep", "e.g. agents/sweeps/algorithms.yaml", SweepError), str(p))
 
 
 def trial_config(params: dict, out_dir: Path, wandb_mode: str, progress: bool = True) -> TrainConfig:
