@@ -23,7 +23,7 @@ traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")
 exits_app = typer.Typer(no_args_is_help=True, help="Fit and inspect exit heads.")
 app.add_typer(traces_app, name="traces")
 app.add_typer(exits_app, name="exits")
-from .cli_dataset import dataset_app  # noqa: E402
+from .cli_dataset import dataset_app, fail  # noqa: E402
 
 app.add_typer(dataset_app, name="dataset")
 console = Console()
@@ -180,8 +180,7 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
             r = load_recipe(recipe)
             ds = build(r)
         except (ValueError, FileNotFoundError) as e:
-            console.print(f"[red]error:[/] {e}")
-            raise typer.Exit(2) from None
+            fail(e)
         console.print(f"{r.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps; card {r.card_path}")
         return
 
@@ -200,8 +199,7 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
         check_dataset_id(dataset_id)
         ds = run_collect(LEDEEnv(**kw), cfg, env_spec=kw)
     except ValueError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print(f"{ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
 
 
@@ -226,8 +224,7 @@ def train(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0",
                           eval_prompts=eval_prompts or None)
         run_train(cfg)
     except ValueError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     summary = json.loads((out / "eval.json").read_text())
     console.print(json.dumps(summary, indent=2))
     console.print(f"agent in {out} (export it with `lede export --run-dir {out}`)")
@@ -256,8 +253,7 @@ def sweep(file: Path = typer.Argument(..., help="W&B sweep YAML (e.g. agents/swe
             raise ValueError(f"--wandb {wandb!r}: offline sweeps log 'offline' or 'disabled' (use --online for W&B).")
         rows = run_local(cfg, out, count, wandb)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print((out / "sweep.md").read_text())
     console.print(f"{len(rows)} trials; table in {out}/sweep.md; runs under {out}/*/ (sync W&B logs with "
                   f"`wandb sync {out}/*/wandb/offline-run-*`)")
@@ -383,8 +379,7 @@ def report(results: Path = typer.Argument(..., help="A folder written by `lede e
     try:
         path = write_report(results, out, max_texts)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print(f"report: {path} and {path.with_suffix('.html')}")
 
 
@@ -411,8 +406,7 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
         out = lede.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop_strings=stop, streamer=streamer)
     except ValueError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print(f"[dim]{out.summary()}[/]")
 
 

@@ -14,9 +14,10 @@ dataset_app = typer.Typer(no_args_is_help=True, help="List, show, validate, merg
 console = Console()
 
 
-def _fail(e: Exception, code: int = 2):
+def fail(e: Exception, code: int = 2):
+    """Print ``e`` as a one-line error and exit with ``code`` (2: bad input), for every lede command."""
     console.print(f"[red]error:[/] {e}")
-    raise typer.Exit(code)
+    raise typer.Exit(code) from None
 
 
 @dataset_app.command("list")
@@ -43,7 +44,7 @@ def show_cmd(dataset_id: str = typer.Argument(..., help="Local dataset id.")):
     try:
         info = show(dataset_id)
     except (FileNotFoundError, ValueError) as e:
-        _fail(e)
+        fail(e)
     print(json.dumps(info, indent=2, default=str))
 
 
@@ -58,7 +59,7 @@ def validate_cmd(dataset_id: str = typer.Argument(..., help="Local dataset id.")
     try:
         problems = validate(dataset_id, replay=replay)
     except (FileNotFoundError, ValueError) as e:
-        _fail(e)
+        fail(e)
     if problems:
         for p in problems:
             console.print(f"[red]-[/] {p}", highlight=False)
@@ -80,14 +81,14 @@ def merge_cmd(new_id: str = typer.Argument(..., help="Id of the merged dataset (
     sources = list(ids or [])
     if shards is not None:
         if shards < 1:
-            _fail(typer.BadParameter("--shards must be >= 1"))
+            fail(typer.BadParameter("--shards must be >= 1"))
         sources += [shard_dataset_id(new_id, k, shards) for k in range(1, shards + 1)]
     if not sources:
-        _fail(ValueError("nothing to merge: list the source ids after NEW_ID, or pass --shards N."))
+        fail(ValueError("nothing to merge: list the source ids after NEW_ID, or pass --shards N."))
     try:
         ds = merge(sources, new_id, validate_replay=replay)
     except (FileNotFoundError, ValueError) as e:
-        _fail(e)
+        fail(e)
     console.print(f"{new_id}: {ds.total_episodes} episodes, {ds.total_steps} steps from {len(sources)} datasets")
 
 
@@ -107,9 +108,9 @@ def publish_cmd(dataset_id: str = typer.Argument(..., help="Local dataset id."),
     try:
         plan = publish(dataset_id, remote=remote, dry_run=dry_run, token=token, replay=replay)
     except (FileNotFoundError, PublishError) as e:
-        _fail(e)
+        fail(e)
     except ValueError as e:  # DatasetInvalid
-        _fail(e, 1)
+        fail(e, 1)
     verb = "would upload" if dry_run else "uploaded"
     for f in plan["files"]:
         console.print(f"  {f['remote_path']}  ({f['bytes']} bytes)", highlight=False)
