@@ -59,7 +59,9 @@ class CollectConfig:
         author, code_permalink, description: dataset metadata.
         shard: ``"k/n"`` (or ``(k, n)``): collect only episodes ``i % n == k - 1``, into the dataset
             :func:`agents.datasets_tool.shard_dataset_id` (``...-shard<k>of<n>-v<N>``); ``None``
-            collects all of them into ``dataset_id``.
+            collects all of them into ``dataset_id``. ``"auto"`` is the launcher's shard
+            (``RANK+1``/``WORLD_SIZE`` of torchrun or accelerate launch), resolved to ``"k/n"``
+            when the config is made.
     """
 
     dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0"
@@ -83,6 +85,8 @@ class CollectConfig:
         from lede_env.sharding import parse_shard
 
         sh = parse_shard(self.shard)
+        if isinstance(self.shard, str) and self.shard.strip().lower() == "auto":
+            self.shard = f"{sh[0]}/{sh[1]}"  # the launcher's shard, fixed before anything is named
         if sh is not None and sh[0] > self.episodes:
             raise ValueError(f"shard {sh[0]}/{sh[1]} of {self.episodes} episodes is empty: use at most "
                              f"{self.episodes} shards.")
