@@ -82,7 +82,10 @@ def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
 
     Args:
         probs: draft-head probabilities of the first draft tokens (fewer than ``K`` past the
-            end of a trace; drafting continues there).
+            end of a trace; drafting continues there). They are the greedy path's: after a
+            draft token that verification will reject, the real decoder drafts from a wrong
+            prefix whose probabilities a trace does not hold, so K' is exact only up to the
+            first rejected draft token (the emitted tokens are exact always).
         K: the action's speculation length (the cap).
         stop_threshold: stop after the first token with probability below it (``None``: never).
 

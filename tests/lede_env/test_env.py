@@ -115,9 +115,15 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
     res, seen = _replay_live(b, heads, env, acts, env.trace.prompt)
     assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
     assert len(res.tokens) == info["tokens_generated"]
-    live = [(x.exit_layer, x.draft_len, x.accepted, x.emitted) for x in res.rounds]
-    assert live == [(x["exit_layer"], x["draft_len"], x["accepted"], x["emitted"]) for x in rounds]
-    assert [x.cost for x in res.rounds] == pytest.approx([x["cost"] for x in rounds])
+    live = [(x.exit_layer, x.accepted, x.emitted) for x in res.rounds]
+    assert live == [(x["exit_layer"], x["accepted"], x["emitted"]) for x in rounds]
+    # With a stop threshold, a round that rejects a draft token drafts on from a wrong prefix whose
+    # probabilities the trace does not hold: its drafted count (and cost) is exact only in
+    # rounds without a rejection (found by hypothesis: stop=0.078 drafted 4 live, 3 replayed).
+    exact = [stop is None or x["accepted"] == x["draft_len"] for x in rounds]
+    assert [x.draft_len for x, e in zip(res.rounds, exact) if e] == [x["draft_len"] for x, e in zip(rounds, exact) if e]
+    assert [x.cost for x, e in zip(res.rounds, exact) if e] == pytest.approx([x["cost"] for x, e in zip(rounds, exact)
+                                                                              if e])
     for o_live, o_env in zip(seen, observations):
         for k in o_env:
             np.testing.assert_allclose(o_live[k], o_env[k], rtol=1e-4, atol=1e-4)
