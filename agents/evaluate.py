@@ -4,6 +4,9 @@ Policies are named by strings:
 
 - ``ar`` - plain greedy, lede's loop with action 0 every round (the speed reference);
 - ``hf`` - transformers' ``model.generate(do_sample=False)`` (wall clock only);
+- ``hf-early-exit:E`` - transformers' own self-speculative decoding,
+  ``model.generate(do_sample=False, assistant_early_exit=E)`` (LayerSkip's static baseline in
+  transformers, arXiv 2404.16710; its default speculation-length schedule; wall clock only);
 - ``static:E,K`` - a fixed (E, K); ``static:best`` - the best static action on training traces;
 - ``heuristic:E`` - transformers' +2/-1 speculation-length schedule at exit E;
 - ``confidence:E,K,THRESHOLD`` - confidence-threshold drafting from exit E, at most K tokens;
@@ -32,15 +35,35 @@ import numpy as np
 import torch
 
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
+from lede_env.model import synchronize
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from .policies import POLICY_NAMES, policy_from_name
 
 
+def hf_early_exit(name: str, num_layers: int) -> Optional[int]:
+    """The exit layer E of a ``hf-early-exit:E`` policy name (``None`` for other names).
+
+    Raises:
+        ValueError: E is not an integer in 1..L-1.
+    """
+    if not name.startswith("hf-early-exit:"):
+        return None
+    arg = name.split(":", 1)[1]
+    if not arg.strip().isdigit() or not 1 <= int(arg) <= num_layers - 1:
+        raise ValueError(f"{name!r}: give the exit layer as an integer in 1..{num_layers - 1}, e.g. hf-early-exit:4.")
+    return int(arg)
+
+
+def is_transformers_baseline(name: str) -> bool:
+    """``hf`` and ``hf-early-exit:E`` run transformers' ``generate`` (wall clock only)."""
+    return name == "hf" or name.startswith("hf-early-exit:")
+
+
 def make_policy(name: str, env, static_best: Optional[int] = None):
-    """Build the policy named ``name`` for ``env`` (``None`` for ``oracle`` and ``hf``, which are
-    handled by the callers); ``static:best`` plays ``static_best``, the other names go to
-    :func:`agents.policies.policy_from_name`.
+    """Build the policy named ``name`` for ``env`` (``None`` for ``oracle``, ``hf`` and
+    ``hf-early-exit:E``, which are handled by the callers); ``static:best`` plays
+    ``static_best``, the other names go to :func:`agents.policies.policy_from_name`.
 
     Raises:
         ValueError: an unknown policy name or bad arguments.
@@ -50,15 +73,20 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
         if static_best is None:
             raise ValueError("static:best needs the best static action (chosen on training traces).")
         return StaticPolicy(static_best)
-    if name in ("oracle", "hf"):
+    if is_transformers_baseline(name):
+        hf_early_exit(name, u.trace_set.num_layers)  # checks E
+        return None
+    if name == "oracle":
         return None
     pol = policy_from_name(name, u.actions, u.profile, u.rules.bonus, u.rules.reuse, u.observer)
     if pol is None:
-        raise ValueError(f"Unknown policy {name!r}; use {POLICY_NAMES}, static:best, hf or oracle.")
+        raise ValueError(f"Unknown policy {name!r}; use {POLICY_NAMES}, static:best, hf, hf-early-exit:E or oracle.")
     return pol
 
 
 def label(name: str, env, static_best: Optional[int]) -> str:
+    if name.startswith("hf-early-exit:"):
+        return f"transformers assistant_early_exit={name.split(':', 1)[1]}"
     if name == "static:best" and static_best is not None:
         E, K = env.unwrapped.actions.decode(static_best)
         return f"static best (E={E}, K={K})" if E else "static best (AR)"
@@ -91,7 +119,8 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
               for t in (u.trace_set.traces[i] for i in u.playable)]
     per_policy = {}
     for name in names:
-        if name == "hf":
+        if is_transformers_baseline(name):
+            make_policy(name, env, static_best)  # checks the name
             continue
         pol = make_policy(name, env, static_best)
         with u.playing(pol):
@@ -195,9 +224,13 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
         ref: Optional[list[int]] = None
         for n in names:
             rs = [res[(n, "all")]] + ([res[(n, t.category)]] if by_category else [])
-            if n == "hf":
+            if is_transformers_baseline(n):
+                E = hf_early_exit(n, u.trace_set.num_layers)
+                kw = {} if E is None else {"assistant_early_exit": E}
+                synchronize(decoder.stack.device)
                 t0 = time.perf_counter()
-                toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids)
+                toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids, **kw)
+                synchronize(decoder.stack.device)
                 dt = time.perf_counter() - t0
                 for r in rs:
                     r.seconds += dt

@@ -28,6 +28,27 @@ from .cli_dataset import dataset_app, fail  # noqa: E402
 app.add_typer(dataset_app, name="dataset")
 console = Console()
 
+@app.callback()
+def _main(device: Optional[str] = typer.Option(None, "--device", envvar="LEDE_DEVICE",
+                                               help="cpu (default), cuda, cuda:N or auto: where models run. Under "
+                                                    "torchrun / accelerate launch, cuda means cuda:LOCAL_RANK."),
+          dtype: Optional[str] = typer.Option(None, "--dtype", envvar="LEDE_DTYPE",
+                                              help="Weight dtype: fp32, bf16, fp16 or auto (default: bf16 on CUDA, "
+                                                   "fp32 on CPU, where greedy equivalence is exact).")):
+    """Global options, given before the command: ``lede --device cuda --dtype bf16 evaluate ...``."""
+    from .model import resolve_device, resolve_dtype
+
+    try:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+    except ValueError as e:
+        fail(e)
+    if device is not None:
+        os.environ["LEDE_DEVICE"] = str(dev)
+    if dtype is not None:
+        os.environ["LEDE_DTYPE"] = str(dt).replace("torch.", "")
+
+
 ModelOpt = typer.Option(None, help="Model id or local path (default: embedded SmolLM2-135M-Instruct).")
 PromptsOpt = typer.Option(DEFAULT_TRAIN, help="Prompt spec: humaneval[a:b] or FILE.jsonl{cats}[a:b].")
 CalibOpt = typer.Option(DEFAULT_CALIB, help="Prompts whose greedy continuations fit the exit heads.")
@@ -54,9 +75,15 @@ def _exits(s: Optional[str]) -> Optional[list[int]]:
 
 def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
                 cost_profile) -> dict:
-    return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
-            "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
-            "reward_mode": reward_mode, "cost_profile": cost_profile}
+    from .model import dtype_tag, resolve_dtype
+
+    kw = {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
+          "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
+          "reward_mode": reward_mode, "cost_profile": cost_profile}
+    tag = dtype_tag(resolve_dtype(None))  # --dtype / the device's default: part of the MDP (greedy tokens)
+    if tag != "fp32":
+        kw["dtype"] = tag
+    return kw
 
 
 @traces_app.command("build")
@@ -75,8 +102,9 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
     if shard:
         from .sharding import parse_shard
 
-        done = build_continuation_shard(spec, parse_shard(shard))
-        console.print(f"shard {shard}: {done['trace_prompts']} trace-prompt and {done['calib_prompts']} calibration "
+        sh = parse_shard(shard)  # "auto" -> this rank's K/N under torchrun / accelerate launch
+        done = build_continuation_shard(spec, sh)
+        console.print(f"shard {sh[0]}/{sh[1]}: {done['trace_prompts']} trace-prompt and {done['calib_prompts']} calibration "
                       f"continuations of {done['total']}; when all shards are done, run `lede traces build` "
                       "without --shard to build the traces from them.")
         return
@@ -288,7 +316,8 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 
 @app.command()
 def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
-                                                                            "(ar, hf, static:E,K, static:best, "
+                                                                            "(ar, hf, hf-early-exit:E, static:E,K, "
+                                                                            "static:best, "
                                                                             "heuristic:E, confidence:E,K,THRESHOLD, "
                                                                             "del, oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),

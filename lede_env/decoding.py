@@ -243,6 +243,14 @@ class SelfSpeculativeDecoder:
         self._sampling: Optional[Sampling] = None  # set for the duration of one generate() call
         self._generator: Optional[torch.Generator] = None
         self._draft_q: list[torch.Tensor] = []
+        self._cuda = stack.device.type == "cuda"
+
+    def _clock(self) -> float:
+        """Seconds (``time.perf_counter``) once the device's queued kernels are done: on a GPU
+        every time read synchronises first, so round and prefill times are the kernels' times."""
+        if self._cuda:
+            torch.cuda.synchronize(self.stack.device)
+        return time.perf_counter()
 
     # ---- forward pieces -------------------------------------------------------------------
     def _segments(self, first: int, last: int) -> list[int]:
@@ -270,8 +278,8 @@ class SelfSpeculativeDecoder:
         normed = self.stack.norm(hidden[0])  # [n, d]
         if self._sampling is None:
             return normed, self.stack.greedy_tokens(normed).tolist()
-        p = self._sampling.probs(self.stack.head_logits(normed))
-        return normed, speculative_verify(draft, q, self.heads.draft_ids, p, self._generator)
+        p = self._sampling.probs(self.stack.head_logits(normed)).cpu()
+        return normed, speculative_verify(draft, q, self._draft_ids_cpu, p, self._generator)
 
     def _prefill(self, ids: torch.Tensor, cache, want_obs: bool):
         taps = {} if want_obs else None
@@ -314,10 +322,10 @@ class SelfSpeculativeDecoder:
             if len(draft) == K:  # that was the last draft token's pass for the bonus position
                 break
             if self._sampling is not None:
-                q = self._sampling.probs(self.heads.draft_logits(h[0, 0], i))
+                q = self._sampling.probs(self.heads.draft_logits(h[0, 0], i)).cpu()
                 qs.append(q)
                 k = torch.multinomial(q, 1, generator=self._generator)
-                cur = int(self.heads.draft_ids[k])
+                cur = int(self._draft_ids_cpu[k])
                 if stop_threshold is not None and float(q.max()) < stop_threshold:
                     K = len(draft) + 1
             elif stop_threshold is None:
@@ -345,8 +353,8 @@ class SelfSpeculativeDecoder:
         top1, ent, arg = self.heads.feature_stats(hid)
         pending = recent[-1]
         agree = (arg == pending).float()
-        return self.observer.build(normed_last.float().numpy(), top1.numpy(), ent.numpy(), agree.numpy(),
-                                   recent, generated / max_new)
+        return self.observer.build(normed_last.float().cpu().numpy(), top1.cpu().numpy(), ent.cpu().numpy(),
+                                   agree.cpu().numpy(), recent, generated / max_new)
 
     # ---- the loop -------------------------------------------------------------------------
     def _check_prompt(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -456,6 +464,9 @@ class SelfSpeculativeDecoder:
         self._sampling = sampling
         self._generator = None
         if sampling is not None:
+            # speculative sampling draws on the CPU (distributions are copied there) so that a seed
+            # gives the same tokens on every device
+            self._draft_ids_cpu = self.heads.draft_ids.cpu()
             self._generator = torch.Generator(device="cpu")
             if sampling.seed is None:
                 self._generator.seed()
@@ -463,10 +474,10 @@ class SelfSpeculativeDecoder:
                 self._generator.manual_seed(int(sampling.seed))
         try:
             self.observer.reset()
-            t0 = time.perf_counter()
+            t0 = self._clock()
             cache = self.stack.new_cache()
             pending, normed_last, taps_at = self._prefill(ids, cache, want_obs)
-            t_prefill = time.perf_counter() - t0
+            t_prefill = self._clock() - t0
             out = result.tokens
             out.append(pending)
             result.prefill_seconds = t_prefill
@@ -483,14 +494,14 @@ class SelfSpeculativeDecoder:
                     streamer.put(torch.tensor(out))
             end_at = (normed_last, taps_at)
             while not done:
-                t_round = time.perf_counter()
+                t_round = self._clock()
                 obs = None
                 if want_obs:
                     obs = self._observe(normed_last, taps_at, seq[-self.observer.config.recent_tokens:] or seq,
                                         len(out), max_new_tokens)
                 action = yield ("act", obs)
                 E, K = self.actions.decode(action)
-                t_policy = time.perf_counter() - t_round
+                t_policy = self._clock() - t_round
                 remaining = max_new_tokens - len(out)
                 K = clamp_draft_len(K, remaining, self.bonus) if E else 0
                 taps = {} if want_obs else None
@@ -532,7 +543,7 @@ class SelfSpeculativeDecoder:
                     if not want_obs:
                         cost -= self.profile.overhead / self.profile.ar_step
                 rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                                  emitted=len(oc.emitted), cost=cost, seconds=time.perf_counter() - t_round,
+                                  emitted=len(oc.emitted), cost=cost, seconds=self._clock() - t_round,
                                   policy_seconds=t_policy)
                 result.rounds.append(rec)
                 self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
@@ -552,7 +563,7 @@ class SelfSpeculativeDecoder:
                     streamer.put(torch.tensor(oc_emitted))
             if streamer is not None:
                 streamer.end()
-            result.seconds = time.perf_counter() - t0
+            result.seconds = self._clock() - t0
             if final_observation:
                 obs = None
                 if want_obs:
@@ -625,14 +636,20 @@ class PlanPolicy:
         self._g += record.emitted
 
 
-def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int]) -> list[int]:
+def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int],
+                     **generate_kwargs) -> list[int]:
     """Plain greedy tokens from transformers' ``generate(do_sample=False)`` (the lossless reference).
+
+    Args:
+        generate_kwargs: more ``generate`` arguments, e.g. ``assistant_early_exit=E`` for
+            transformers' own self-speculative decoding (also lossless under greedy decoding).
 
     Returns the generated ids (prompt excluded), ending at the first EOS if any.
     """
     ids = input_ids.view(1, -1).to(next(model.parameters()).device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0])
+                         eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0],
+                         **generate_kwargs)
     gen = out[0, ids.shape[1]:].tolist()
     for j, t in enumerate(gen):
         if t in eos_ids:

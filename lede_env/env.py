@@ -21,7 +21,7 @@ from .costs import CostProfile, analytic_profile, measure_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
-from .model import KERNELS_VERSION, cache_dir, describe_model
+from .model import KERNELS_VERSION, cache_dir, describe_model, synchronize
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, budget, oracle_plan, replay_round
 from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, encode_prompts, get_bundle, get_heads, get_traces
@@ -41,7 +41,8 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind == "measured":
         tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(),
-                                   torch.get_num_threads(), bundle.stack.kernels, KERNELS_VERSION)).encode()).hexdigest()[:12]
+                                   torch.get_num_threads(), bundle.stack.kernels, KERNELS_VERSION,
+                                   str(bundle.stack.device))).encode()).hexdigest()[:12]
         path = cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
         if path.exists():
             try:
@@ -60,7 +61,7 @@ def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Obser
     n_ex = len(heads.exit_layers)
     builder = ObservationBuilder(obs, bundle.stack.hidden_size, n_ex, bundle.stack.num_layers, k_max,
                                  bundle.stack.head_weight.shape[0])
-    hid = torch.randn(n_ex, bundle.stack.hidden_size, dtype=bundle.stack.dtype)
+    hid = torch.randn(n_ex, bundle.stack.hidden_size, dtype=bundle.stack.dtype, device=bundle.stack.device)
     n_actions = 1 + n_ex * k_max
     mlp = torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                               torch.nn.ReLU(), torch.nn.Linear(256, n_actions))
@@ -68,7 +69,8 @@ def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Obser
     @torch.no_grad()
     def probe():
         top1, ent, arg = heads.feature_stats(hid)
-        o = builder.build(hid[-1].numpy(), top1.numpy(), ent.numpy(), (arg == 0).float().numpy(), [1, 2, 3], 0.5)
+        o = builder.build(hid[-1].float().cpu().numpy(), top1.cpu().numpy(), ent.cpu().numpy(),
+                          (arg == 0).float().cpu().numpy(), [1, 2, 3], 0.5)
         mlp(torch.from_numpy(builder.flatten(o)).unsqueeze(0)).argmax(-1)
 
     return probe
@@ -133,7 +135,10 @@ class LEDEEnv(gym.Env):
     threshold (confidence-threshold drafting, Draft & Verify arXiv 2309.08168, Kangaroo arXiv
     2404.18911); that token is kept and verified, and the round is charged for the tokens
     actually drafted (``info["round"]["draft_len"]``). A policy object can carry its own
-    ``stop_threshold`` attribute; :meth:`playing` applies it, as the real decoder does.
+    ``stop_threshold`` attribute; :meth:`playing` applies it, as the real decoder does. Trace
+    replay knows draft probabilities only along the greedy path: after a rejected draft token
+    the real decoder keeps drafting from the wrong prefix, so there the replayed drafted count
+    (and the round's cost) can differ from the live decoder's; emitted tokens never do.
 
     ## Rewards
     A round's cost is in units of one AR step, from a cost profile (``cost_profile``:
@@ -185,6 +190,10 @@ class LEDEEnv(gym.Env):
     with the live backend ``prompts`` may also be a list of prompts as token-id lists.
     ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models);
     ``bundle`` / ``heads`` inject a loaded model and exit heads for the live backend.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; ``None``: ``$LEDE_DEVICE`` or
+    cpu) and ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``; ``None``: bf16 on CUDA, fp32 on CPU)
+    choose where the model runs when the env loads it (traces are built there; the dtype is part
+    of the traces' and cost profiles' cache keys, since bf16 changes the greedy continuation).
 
     Raises:
         ValueError: an unknown ``reward_mode``, ``backend`` or ``cost``; ``temperature < 0``,
@@ -231,6 +240,8 @@ class LEDEEnv(gym.Env):
         cost: str = "profile",
         bundle: Optional[ModelBundle] = None,
         heads: Optional[ExitHeads] = None,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
     ) -> None:
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode={reward_mode!r}; choose one of {REWARD_MODES}.")
@@ -268,6 +279,8 @@ class LEDEEnv(gym.Env):
             if trace_set is not None:
                 raise ValueError("trace_set is for the trace backend; the live backend decodes its prompts: "
                                  "pass prompts=... (a prompt spec or token-id lists).")
+            if bundle is None:
+                bundle = get_bundle(model, device, dtype)
             self._init_live(model, prompts, max_new_tokens, exit_layers, k_max,
                             HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
                                      feature_vocab, calib_prompts),
@@ -279,8 +292,8 @@ class LEDEEnv(gym.Env):
         if trace_set is None:
             spec = TraceSpec(model, prompts, max_new_tokens,
                              HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
-                                      feature_vocab, calib_prompts))
-            bundle = get_bundle(model)
+                                      feature_vocab, calib_prompts), device, dtype)
+            bundle = get_bundle(model, device, dtype)
             heads = get_heads(bundle, spec.heads, progress=progress)
             trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)
             if profile is None:
@@ -319,14 +332,12 @@ class LEDEEnv(gym.Env):
                    reuse, stop_threshold, cost_profile, render_mode, profile, eos_ids, bundle, heads, progress):
         """Load the model, heads and prompts of the live backend and build its decoder."""
         if isinstance(prompts, str):
-            bundle = get_bundle(model) if bundle is None else bundle
             listed = load_prompts(prompts)
             ids = encode_prompts(bundle, listed, max_new_tokens)
             self.prompts = [(p.id, p.category, list(map(int, x))) for p, x in zip(listed, ids)]
         elif isinstance(prompts, (list, tuple)) and prompts and all(
                 isinstance(x, (list, tuple)) and x and all(isinstance(t, (int, np.integer)) for t in x)
                 for x in prompts):
-            bundle = get_bundle(model) if bundle is None else bundle
             self.prompts = [(str(i), "default", list(map(int, x))) for i, x in enumerate(prompts)]
         else:
             raise ValueError("prompts must be a prompt spec (e.g. 'humaneval[0:24]') or, for the live backend, a "
@@ -368,6 +379,11 @@ class LEDEEnv(gym.Env):
         self._result: Optional[GenerationResult] = None
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 
+    def _clock(self) -> float:
+        """Seconds (``time.perf_counter``) after the device's queued work is done (CUDA sync)."""
+        synchronize(self.decoder.stack.device)
+        return time.perf_counter()
+
     def _sampling(self, seed: int) -> Optional[Sampling]:
         return Sampling(self.temperature, self.top_p, seed) if self.temperature > 0 else None
 
@@ -388,10 +404,10 @@ class LEDEEnv(gym.Env):
             try:
                 with self._decoding():
                     for _ in events:
-                        t0 = time.perf_counter()
+                        t0 = self._clock()
                         events.send(0)
                         if i > 0:
-                            times.append(time.perf_counter() - t0)
+                            times.append(self._clock() - t0)
             finally:
                 events.close()
             if len(times) >= steps:
@@ -566,11 +582,11 @@ class LEDEEnv(gym.Env):
     def _step_live(self, action):
         self.actions.decode(action)  # a bad action raises here, leaving the episode playable
         with self._decoding():
-            t0 = time.perf_counter()
+            t0 = self._clock()
             _, rec = self._events.send(int(action))
-            t1 = time.perf_counter()
+            t1 = self._clock()
             kind, obs = next(self._events)  # the next round's observation, or the final one
-            t2 = time.perf_counter()
+            t2 = self._clock()
         E, K = rec.exit_layer, rec.draft_len
         n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
         if self.cost == "profile":

@@ -99,8 +99,9 @@ class ExitHeads(nn.Module):
         d = stack.hidden_size
         n = len(exit_layers)
         # Affine translators, identity by default (== logit lens).
-        self.register_buffer("weight", torch.eye(d, dtype=stack.dtype).repeat(n, 1, 1), persistent=False)
-        self.register_buffer("bias", torch.zeros(n, d, dtype=stack.dtype), persistent=False)
+        eye = torch.eye(d, dtype=stack.dtype, device=stack.device)
+        self.register_buffer("weight", eye.repeat(n, 1, 1), persistent=False)
+        self.register_buffer("bias", torch.zeros(n, d, dtype=stack.dtype, device=stack.device), persistent=False)
         self._refresh_vocab()
 
     def _refresh_vocab(self) -> None:
@@ -195,16 +196,16 @@ class ExitHeads(nn.Module):
         """Short hash of everything that changes the draft tokens (kind, exits, vocab, weights)."""
         h = hashlib.sha256()
         h.update(repr((self.kind, self.exit_layers, self.draft_vocab, self.feature_vocab, FEATURES_VERSION)).encode())
-        h.update(self.vocab_rank[: max(self.draft_vocab, self.feature_vocab)].numpy().tobytes())
+        h.update(self.vocab_rank[: max(self.draft_vocab, self.feature_vocab)].cpu().numpy().tobytes())
         if self.translated:
-            h.update(self.weight.float().numpy().tobytes())
-            h.update(self.bias.float().numpy().tobytes())
+            h.update(self.weight.float().cpu().numpy().tobytes())
+            h.update(self.bias.float().cpu().numpy().tobytes())
         return h.hexdigest()[:12]
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save (safetensors): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V]."""
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-                "vocab_rank": self.vocab_rank.contiguous()}
+        """Tensors to save (safetensors; on the CPU): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V]."""
+        return {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
+                "vocab_rank": self.vocab_rank.cpu().contiguous()}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state`. Raises ``ValueError`` on a shape mismatch."""
@@ -214,7 +215,7 @@ class ExitHeads(nn.Module):
                                  f"{tuple(getattr(self, k).shape)}: it was fitted for another model or exit set.")
         self.weight = tensors["weight"].to(self.weight)
         self.bias = tensors["bias"].to(self.bias)
-        self.vocab_rank = tensors["vocab_rank"].to(torch.long)
+        self.vocab_rank = tensors["vocab_rank"].to(torch.long).cpu()
         self._refresh_vocab()
 
 
@@ -307,7 +308,7 @@ def fit_affine(
     X = torch.cat(xs).double()  # [N, n, d]
     Y = torch.cat(ys).double()  # [N, d]
     d = Y.shape[1]
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=Y.device)
     my = Y.mean(0)
     Yc = Y - my
     for i in range(len(heads.exit_layers)):
@@ -374,7 +375,7 @@ def finetune_kl(
         opt = torch.optim.Adam([W, b], lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
-                idx = torch.randint(0, X.shape[0], (min(batch, X.shape[0]),), generator=g)
+                idx = torch.randint(0, X.shape[0], (min(batch, X.shape[0]),), generator=g).to(X.device)
                 logp = torch.log_softmax((X[idx, i] @ W + b) @ Wd.T, -1)
                 t = teacher[idx]
                 loss = (t.exp() * (t - logp)).sum(-1).mean() + torch.nn.functional.nll_loss(logp, target[idx])

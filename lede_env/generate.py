@@ -69,6 +69,8 @@ class Lede:
         k_max: largest speculation length.
         head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.traces.HeadSpec`).
         cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
+        device, dtype: where and in which weight dtype a model given by name runs (``None``:
+            ``$LEDE_DEVICE`` or cpu; bf16 on CUDA, fp32 on CPU); a loaded model stays where it is.
 
     Raises:
         ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
@@ -78,13 +80,14 @@ class Lede:
     def __init__(self, model=None, tokenizer=None, policy: Union[str, Policy] = "del",
                  exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine",
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
-                 cost_profile: str = "analytic") -> None:
+                 cost_profile: str = "analytic", device: Optional[str] = None,
+                 dtype: Optional[str] = None) -> None:
         from .env import get_profile
         from .mdp import ObservationConfig
         from .traces import HeadSpec, bundle_from_model, get_bundle, get_heads
 
         if model is None or isinstance(model, (str, Path)):
-            self.bundle = get_bundle(None if model is None else str(model))
+            self.bundle = get_bundle(None if model is None else str(model), device, dtype)
         else:
             if tokenizer is None:
                 raise ValueError("A loaded model needs its tokenizer: Lede(model, tokenizer).")

@@ -160,6 +160,79 @@ def resolve_model_path(name_or_path: Optional[str]) -> str:
     return str(p.expanduser()) if looks_local else name_or_path
 
 
+#: accepted spellings of each weight dtype, and the short tag used in cache keys and manifests
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_device(device: "Optional[str | torch.device]" = None) -> torch.device:
+    """The torch device lede runs a model on.
+
+    ``None`` reads ``$LEDE_DEVICE`` (set by ``lede --device``), else ``"cpu"``. ``"auto"`` is
+    ``"cuda"`` when a GPU is visible, else ``"cpu"``. A bare ``"cuda"`` under a launcher that sets
+    ``LOCAL_RANK`` (torchrun, ``accelerate launch``) is ``cuda:LOCAL_RANK``, one GPU per rank.
+
+    Raises:
+        ValueError: an unknown device string, or CUDA asked for where none is available (use
+            ``--device cpu``).
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = (device or os.environ.get("LEDE_DEVICE") or "cpu").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {name!r}: use cpu, cuda, cuda:N or auto.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Device {name!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu (fp32), or install a CUDA build of torch.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"Device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible.")
+    elif dev.type != "cpu":
+        raise ValueError(f"Device {name!r} is not supported: use cpu or cuda.")
+    return dev
+
+
+def resolve_dtype(dtype: "Optional[str | torch.dtype]" = None, device: "Optional[str | torch.device]" = None
+                  ) -> torch.dtype:
+    """The weight dtype lede loads a model in.
+
+    ``None`` or ``"auto"`` reads ``$LEDE_DTYPE`` (set by ``lede --dtype``), else bf16 on CUDA and
+    fp32 on CPU (where greedy equivalence is exact and bf16 matmuls are slow).
+
+    Raises:
+        ValueError: an unknown dtype (the message lists the accepted names).
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_TAGS:
+            raise ValueError(f"dtype {dtype} is not supported: use one of fp32, bf16, fp16.")
+        return dtype
+    name = dtype if dtype not in (None, "auto") else os.environ.get("LEDE_DTYPE") or "auto"
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)} or auto.")
+    return DTYPES[name]
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """Short name of a weight dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+    return _DTYPE_TAGS.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA); a no-op on CPU. Call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def check_llama_family(config) -> None:
     """Raise ``ValueError`` unless ``config`` describes a Llama-family decoder-only model."""
     mt = getattr(config, "model_type", None)
@@ -173,28 +246,39 @@ def check_llama_family(config) -> None:
 def load_model(
     name_or_path: Optional[str] = None,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    dtype: "Optional[str | torch.dtype]" = torch.float32,
+    device: "Optional[str | torch.device]" = "cpu",
 ):
     """Load a Llama-family causal LM and its tokenizer.
 
     Args:
         name_or_path: a local folder, a Hugging Face id available offline, or ``None`` for the
             embedded SmolLM2-135M-Instruct (converted and cached on first use).
-        dtype: weight dtype; fp32 on CPU (exact greedy equivalence), bf16 on GPU.
-        device: torch device string.
+        dtype: weight dtype (see :func:`resolve_dtype`; ``None``: fp32 on CPU, exact greedy
+            equivalence; bf16 on GPU).
+        device: torch device (see :func:`resolve_device`).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with SDPA attention.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the model is not Llama-family.
+        ValueError: the model is not Llama-family; an unknown or unavailable device or dtype.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is neither a local folder nor in the local Hugging Face cache, and lede never "
+            "downloads at run time. Download it once where there is network (gated checkpoints such as "
+            "facebook/layerskip-llama3.2-1B need their licence accepted first): `hf download "
+            f"{name_or_path} --local-dir DIR`, then pass --model DIR (or set HF_HUB_CACHE to that cache). ({e})"
+        ) from e
     check_llama_family(config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     model.eval()
@@ -401,9 +485,11 @@ def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def describe_model(model) -> dict:
-    """JSON-serialisable facts about a model used in manifests (type, layers, width, vocab)."""
+    """JSON-serialisable facts about a model used in manifests (weight dtype, type, layers,
+    width, vocab)."""
     c = model.config
     return {
+        "dtype": dtype_tag(next(model.parameters()).dtype),
         "model_type": c.model_type,
         "num_layers": int(c.num_hidden_layers),
         "hidden_size": int(c.hidden_size),

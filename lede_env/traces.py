@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .exits import ExitHeads, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary, teacher_forced
-from .model import (LayerStack, atomic_file, atomic_folder, cache_dir, describe_model, eos_token_ids, load_model, model_slug,
-                    write_json_atomic)
+from .model import (LayerStack, atomic_file, atomic_folder, cache_dir, describe_model, dtype_tag, eos_token_ids,
+                    load_model, model_slug, resolve_device, resolve_dtype, write_json_atomic)
 from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
@@ -51,18 +51,32 @@ class ModelBundle:
 
     @property
     def slug(self) -> str:
-        return model_slug(self.name)
+        """Cache key of the model and its weight dtype: greedy continuations, exit heads, traces
+        and cost profiles differ between fp32 and bf16 (``<model>`` for fp32, ``<model>@bf16``)."""
+        tag = dtype_tag(self.stack.dtype)
+        return model_slug(self.name) + ("" if tag == "fp32" else f"@{tag}")
 
 
-_BUNDLES: dict[str, ModelBundle] = {}
+_BUNDLES: dict[tuple, ModelBundle] = {}
 
 
-def get_bundle(name: Optional[str] = None) -> ModelBundle:
-    """Load (once per process) the model named ``name`` (``None`` = embedded default)."""
-    key = model_slug(name)
+def get_bundle(name: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None) -> ModelBundle:
+    """Load (once per process) the model named ``name`` (``None`` = embedded default).
+
+    Args:
+        device: torch device (``None``: ``$LEDE_DEVICE`` or cpu; see
+            :func:`~lede_env.model.resolve_device`).
+        dtype: weight dtype (``None``: ``$LEDE_DTYPE``, else bf16 on CUDA, fp32 on CPU).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~lede_env.model.load_model`.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = (model_slug(name), str(dev), dt)
     if key not in _BUNDLES:
-        model, tok = load_model(name)
-        _BUNDLES[key] = ModelBundle(key, model, tok, LayerStack(model), eos_token_ids(model, tok))
+        model, tok = load_model(name, dtype=dt, device=dev)
+        _BUNDLES[key] = ModelBundle(model_slug(name), model, tok, LayerStack(model), eos_token_ids(model, tok))
     return _BUNDLES[key]
 
 
@@ -375,12 +389,16 @@ class TraceSpec:
         prompts: prompt spec (see :mod:`lede_env.prompts`).
         max_new_tokens: continuation length.
         heads: the exit heads.
+        device, dtype: where and in which weight dtype the model runs (``None``: see
+            :func:`get_bundle`); the dtype is part of the cache key, the device is not.
     """
 
     model: Optional[str] = None
     prompts: str = DEFAULT_TRAIN
     max_new_tokens: int = DEFAULT_MAX_NEW
     heads: HeadSpec = field(default_factory=HeadSpec)
+    device: Optional[str] = None
+    dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, dict):
@@ -392,7 +410,7 @@ class TraceSpec:
 def get_traces(spec: TraceSpec, progress: bool = True, bundle: Optional[ModelBundle] = None,
                heads: Optional[ExitHeads] = None) -> TraceSet:
     """Traces for ``spec``: built on first use (with progress bars), loaded from cache after."""
-    bundle = bundle or get_bundle(spec.model)
+    bundle = bundle or get_bundle(spec.model, spec.device, spec.dtype)
     heads = heads or get_heads(bundle, spec.heads, progress=progress)
     prompts = load_prompts(spec.prompts)
     folder = (cache_dir() / "traces" / bundle.slug /
@@ -427,7 +445,7 @@ def build_continuation_shard(spec: TraceSpec, shard: tuple[int, int], progress: 
     from .sharding import parse_shard, shard_indices
 
     shard = parse_shard(shard)
-    bundle = bundle or get_bundle(spec.model)
+    bundle = bundle or get_bundle(spec.model, spec.device, spec.dtype)
     jobs = [("trace_prompts", load_prompts(spec.prompts), spec.max_new_tokens)]
     V = bundle.stack.head_weight.shape[0]
     h = spec.heads
