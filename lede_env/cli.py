@@ -324,6 +324,7 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
              calib_prompts: str = CalibOpt,
              model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
+             exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
              head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
@@ -338,8 +339,8 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     from .traces import HeadSpec, get_bundle, get_heads
 
     names = [p for p in _split_policies(policies)]
-    common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, head_kind=head_kind,
-                  draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile)
+    common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
+                  head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile)
     eval_env = LEDEEnv(prompts=prompts, **common)
     static_best = None
     if "static:best" in names:
@@ -350,7 +351,8 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     plot_rows, records = rows, {}
     if live:
         b = get_bundle(model)
-        heads = get_heads(b, HeadSpec(None, head_kind, draft_vocab, calib_prompts=calib_prompts))
+        heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
+                                      calib_prompts=calib_prompts))
         dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, eval_env.rules.bonus, eval_env.profile,
                                      eval_env.obs_config)
         rows = live_eval(eval_env, dec, names, static_best, records=records)

@@ -233,6 +233,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Static (E, K) recommended by the published LayerSkip checkpoints' own documentation, the
+#: static baselines lede compares with (``lede evaluate --policies hf-early-exit:E,static:E,K``).
+#: LayerSkip (arXiv 2404.16710) trains these checkpoints for early exit, so their exits use the
+#: logit lens (``--head-kind lens``). K is ``None`` where the source gives only the exit layer
+#: (transformers' ``assistant_early_exit`` then uses its own speculation-length schedule).
+LAYERSKIP_CARDS = {
+    "facebook/layerskip-llama3.2-1B": {
+        "exit_layer": 4, "speculation_length": None, "num_layers": 16,
+        "source": "transformers docs, assisted decoding: generate(..., assistant_early_exit=4)"},
+    "facebook/layerskip-llama2-7B": {
+        "exit_layer": 8, "speculation_length": 6, "num_layers": 32,
+        "source": "facebookresearch/LayerSkip README: --exit_layer 8 --num_speculations 6"},
+}
+
+
+def layerskip_card(name_or_path: Optional[str]) -> Optional[dict]:
+    """The :data:`LAYERSKIP_CARDS` entry of a LayerSkip checkpoint given by Hugging Face id or by a
+    local folder named like it (``/models/layerskip-llama2-7B``); ``None`` for other models."""
+    if not name_or_path:
+        return None
+    base = str(name_or_path).rstrip("/").rpartition("/")[2].lower()
+    for hub_id, card in LAYERSKIP_CARDS.items():
+        if base == hub_id.rpartition("/")[2].lower():
+            return dict(card, id=hub_id)
+    return None
+
+
 def check_llama_family(config) -> None:
     """Raise ``ValueError`` unless ``config`` describes a Llama-family decoder-only model."""
     mt = getattr(config, "model_type", None)
