@@ -31,7 +31,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/generate.md"))
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $LEDE_DEVICE, else cpu)")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
+    from lede_env.model import set_default_device, synchronize
+
+    set_default_device(args.device, args.dtype)
 
     from agents.evaluate import to_markdown
     from lede_env.cli import _split_policies
@@ -64,15 +69,16 @@ def main() -> None:
     for lede in ledes.values():
         lede.generate(input_ids=torch.tensor(prompts[0]), max_new_tokens=4)
     for i, ids in enumerate(prompts):
-        x = torch.tensor(ids).view(1, -1)
+        x = torch.tensor(ids).view(1, -1).to(b.stack.device)
         for mode in ("greedy", "sampled"):
             kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=args.temperature,
                                                                       top_p=1.0, top_k=0)
             torch.manual_seed(i)
+            synchronize(b.stack.device)
             t0 = time.perf_counter()
             ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
                                  pad_token_id=b.eos_ids[0], **kw)[0, x.shape[1]:].tolist()
-            add("transformers generate", mode, time.perf_counter() - t0, len(ref))
+            add("transformers generate", mode, time.perf_counter() - t0, len(ref))  # .tolist() synchronised
             for p, lede in ledes.items():
                 out = lede.generate(input_ids=torch.tensor(ids), max_new_tokens=args.max_new_tokens,
                                     temperature=0.0 if mode == "greedy" else args.temperature, seed=i)

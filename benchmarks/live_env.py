@@ -52,7 +52,12 @@ def main() -> None:
     ap.add_argument("--agent", default=None, help="exported agent folder (default: runs/demo/policy, else "
                                                   "runs/quickstart/policy)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/live_env.md"))
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $LEDE_DEVICE, else cpu)")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
+    from lede_env.model import set_default_device, synchronize
+
+    set_default_device(args.device, args.dtype)
 
     import gymnasium as gym
 
@@ -96,7 +101,7 @@ def main() -> None:
         pols = {n: lede.make_policy(p) for n, p in names.items()}
         stats = {n: {"s": 0.0, "tok": 0, "rounds": 0, "acc": 0, "dr": 0} for n in [*pols, "transformers sampled"]}
         lede.generate(input_ids=torch.tensor(prompts[0]), max_new_tokens=4)  # warm-up
-        x0 = torch.tensor(prompts[0]).view(1, -1)
+        x0 = torch.tensor(prompts[0]).view(1, -1).to(b.stack.device)
         b.model.generate(x0, attention_mask=torch.ones_like(x0), max_new_tokens=4, do_sample=False)
         for i, ids in enumerate(prompts):
             for n, pol in pols.items():
@@ -108,12 +113,14 @@ def main() -> None:
                 s["rounds"] += len(out.result.rounds) + 1
                 s["acc"] += out.result.accepted
                 s["dr"] += out.result.drafted
-            x = torch.tensor(ids).view(1, -1)
+            x = torch.tensor(ids).view(1, -1).to(b.stack.device)
             torch.manual_seed(i)
+            synchronize(b.stack.device)
             t0 = time.perf_counter()
             ref = b.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
                                    do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
                                    pad_token_id=b.eos_ids[0])[0, x.shape[1]:]
+            synchronize(b.stack.device)
             s = stats["transformers sampled"]
             s["s"] += time.perf_counter() - t0
             s["tok"] += int(ref.numel())

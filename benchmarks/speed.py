@@ -47,7 +47,12 @@ def main() -> None:
     ap.add_argument("--ee-prompts", type=int, default=2)
     ap.add_argument("--ee-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/speed.md"))
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $LEDE_DEVICE, else cpu)")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
+    from lede_env.model import set_default_device, synchronize
+
+    set_default_device(args.device, args.dtype)
 
     from agents.evaluate import to_markdown
     from agents.policies import best_static_action
@@ -105,8 +110,10 @@ def main() -> None:
             # (none of these methods reads observations, so no feature/policy overhead is charged)
             r["pred_cost"] += rollout(u.trace_set.traces[i], u.rules.without_overhead(), u.max_new_tokens,
                                       lambda g: next(acts, 0))["cost"]
+        synchronize(b.stack.device)
         t0 = time.perf_counter()
         hf = greedy_reference(b.model, p, args.max_new_tokens, b.eos_ids)
+        synchronize(b.stack.device)
         res["hf"]["s"] += time.perf_counter() - t0
         res["hf"]["tok"] += len(hf)
         res["hf"]["rounds"] += len(hf)
@@ -122,10 +129,12 @@ def main() -> None:
     # transformers' assistant_early_exit: slow, so a few prompts and tokens, per-token comparison
     def early_exit(t, E):
         """(seconds, tokens) of transformers' static self-speculation at exit E on trace t's prompt."""
-        ids = torch.tensor(t.prompt).view(1, -1)
+        ids = torch.tensor(t.prompt).view(1, -1).to(b.stack.device)
+        synchronize(b.stack.device)
         t0 = time.perf_counter()
         out = b.model.generate(ids, attention_mask=torch.ones_like(ids), assistant_early_exit=E, do_sample=False,
                                max_new_tokens=args.ee_tokens, pad_token_id=b.eos_ids[0])
+        synchronize(b.stack.device)
         return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
 
     sub = traces[: args.ee_prompts]

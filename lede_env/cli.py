@@ -36,17 +36,12 @@ def _main(device: Optional[str] = typer.Option(None, "--device", envvar="LEDE_DE
                                               help="Weight dtype: fp32, bf16, fp16 or auto (default: bf16 on CUDA, "
                                                    "fp32 on CPU, where greedy equivalence is exact).")):
     """Global options, given before the command: ``lede --device cuda --dtype bf16 evaluate ...``."""
-    from .model import resolve_device, resolve_dtype
+    from .model import set_default_device
 
     try:
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        set_default_device(device, dtype)
     except ValueError as e:
         fail(e)
-    if device is not None:
-        os.environ["LEDE_DEVICE"] = str(dev)
-    if dtype is not None:
-        os.environ["LEDE_DTYPE"] = str(dt).replace("torch.", "")
 
 
 ModelOpt = typer.Option(None, help="Model id or local path (default: embedded SmolLM2-135M-Instruct).")

@@ -222,6 +222,26 @@ def resolve_dtype(dtype: "Optional[str | torch.dtype]" = None, device: "Optional
     return DTYPES[name]
 
 
+def set_default_device(device: Optional[str] = None, dtype: Optional[str] = None) -> tuple[torch.device, torch.dtype]:
+    """Make ``device`` / ``dtype`` this process's defaults (``$LEDE_DEVICE`` / ``$LEDE_DTYPE``), as
+    ``lede --device/--dtype`` and the benchmarks' ``--device/--dtype`` do; ``None`` leaves a
+    default as it is.
+
+    Returns:
+        the resolved ``(device, dtype)``.
+
+    Raises:
+        ValueError: as :func:`resolve_device` / :func:`resolve_dtype`, before anything is set.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if device is not None:
+        os.environ["LEDE_DEVICE"] = str(dev)
+    if dtype is not None:
+        os.environ["LEDE_DTYPE"] = dtype_tag(dt)
+    return dev, dt
+
+
 def dtype_tag(dtype: torch.dtype) -> str:
     """Short name of a weight dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
     return _DTYPE_TAGS.get(dtype, str(dtype).replace("torch.", ""))
