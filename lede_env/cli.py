@@ -452,13 +452,14 @@ def tiny_model(out: Path = typer.Argument(..., help="Folder to write the model t
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
          steps: int = 6000, reward_mode: str = "net", gamma: float = 0.5, seed: int = 0,
-         wandb: str = "offline", live: bool = True):
+         wandb: str = "offline", live: bool = True, model: Optional[str] = ModelOpt,
+         head_kind: str = typer.Option("affine", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl.")):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""
     from agents.pipeline import DemoConfig, run_demo
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(DemoConfig(train_prompts=train_prompts, eval_prompts=eval_prompts, calib_prompts=calib_prompts,
+    run_demo(DemoConfig(model=model, head_kind=head_kind, train_prompts=train_prompts, eval_prompts=eval_prompts, calib_prompts=calib_prompts,
                         max_new_tokens=max_new_tokens,
                         episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
                         out_dir=str(out), wandb=wandb, live=live))
