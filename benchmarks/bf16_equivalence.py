@@ -132,15 +132,18 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: $LEDE_DEVICE, else cpu); GPU "
+                                                   "kernels round differently, so re-measure the tolerance there")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # rows appear as each dtype finishes
 
-    from lede_env.model import load_model, tiny_llama
+    from lede_env.model import load_model, resolve_device, tiny_llama
     from lede_env.prompts import load_prompts
     from lede_env.traces import bundle_from_model, encode_prompts
 
     t0 = time.perf_counter()
+    device = resolve_device(args.device)
     dtypes = args.dtypes.split(",")
     if any(dt not in DTYPES for dt in dtypes):
         ap.error(f"--dtypes: choose from {sorted(DTYPES)}")
@@ -148,18 +151,18 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, 128, (int(torch.randint(2, 11, (1,), generator=g)),), generator=g).tolist()
                    for _ in range(8)]
-        bundles = {dt: bundle_from_model(tiny_llama(4, 64, 128, 0).to(DTYPES[dt]), name=f"tiny-{dt}")
+        bundles = {dt: bundle_from_model(tiny_llama(4, 64, 128, 0).to(device, DTYPES[dt]), name=f"tiny-{dt}")
                    for dt in dtypes}
         title = "tiny Llama (4 layers, d=64, V=128), 8 random prompts"
     else:
         bundles = {}
         for dt in dtypes:
-            model, tok = load_model(None, dtype=DTYPES[dt])
+            model, tok = load_model(None, dtype=DTYPES[dt], device=device)
             bundles[dt] = bundle_from_model(model, tok, name=f"smollm2-135m-instruct-{dt}")
         prompts = encode_prompts(bundles[dtypes[0]], load_prompts(args.prompts), args.max_new)
         title = f"SmolLM2-135M-Instruct, {args.prompts} ({len(prompts)} prompts)"
 
-    print(f"### Greedy equivalence: {title}, {args.max_new} new tokens, CPU\n")
+    print(f"### Greedy equivalence: {title}, {args.max_new} new tokens, {device}\n")
     print("| dtype | actions | positions | exact argmax | near-ties | violations | max margin (logits) "
           "| outputs != AR (same dtype) | first divergence |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")

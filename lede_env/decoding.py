@@ -6,7 +6,9 @@ E+1..L over the drafted positions (compute reuse: the draft already filled layer
 shared KV cache, as in LayerSkip's self-speculation, arXiv 2404.16710), accepts the longest
 agreeing prefix plus the verifier's next token, and crops every layer's cache to the accepted
 length. Action 0 is one plain full-model step. The output equals greedy decoding
-(``model.generate(do_sample=False)``) for every action sequence, in fp32.
+(``model.generate(do_sample=False)``) for every action sequence, in fp32. In bf16/fp16 the
+guarantee is per position: every emitted token is the teacher-forced argmax up to rounding
+near-ties (:func:`lede_env.equivalence.teacher_forced_check`).
 
 The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`_prefill`
 -> per round :meth:`_ar_step` or :meth:`_draft` + :meth:`_verify` -> :func:`~lede_env.mdp.accept`

@@ -302,7 +302,8 @@ def load_model(
         name_or_path: a local folder, a Hugging Face id available offline, or ``None`` for the
             embedded SmolLM2-135M-Instruct (converted and cached on first use).
         dtype: weight dtype (see :func:`resolve_dtype`; ``None``: fp32 on CPU, exact greedy
-            equivalence; bf16 on GPU).
+            equivalence; bf16 on GPU, per-position equivalence up to rounding near-ties, see
+            :mod:`lede_env.equivalence`).
         device: torch device (see :func:`resolve_device`).
 
     Returns:
