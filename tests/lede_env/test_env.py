@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy
@@ -94,9 +94,11 @@ def _replay_live(b, heads, env, actions, prompt):
                                                                HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
        stop=st.one_of(st.none(), st.floats(0.02, 0.98)))
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop):
+@example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125)  # found by hypothesis: rejection then
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop):  # off-path drafting
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
-    the real decoder for the same actions (with and without confidence-threshold drafting)."""
+    the real decoder for the same actions; with confidence-threshold drafting the drafted counts,
+    costs and observations are compared up to the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop)
@@ -124,7 +126,9 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
     assert [x.draft_len for x, e in zip(res.rounds, exact) if e] == [x["draft_len"] for x, e in zip(rounds, exact) if e]
     assert [x.cost for x, e in zip(res.rounds, exact) if e] == pytest.approx([x["cost"] for x, e in zip(rounds, exact)
                                                                               if e])
-    for o_live, o_env in zip(seen, observations):
+    # observations record K in their round history: exact up to the first inexact round
+    upto = exact.index(False) + 1 if False in exact else len(observations)
+    for o_live, o_env in list(zip(seen, observations))[:upto]:
         for k in o_env:
             np.testing.assert_allclose(o_live[k], o_env[k], rtol=1e-4, atol=1e-4)
 
