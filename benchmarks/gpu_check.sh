@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh                                # facebook/layerskip-llama3.2-1B, cuda, bf16
 #   MODEL=/models/layerskip-llama2-7B bash benchmarks/gpu_check.sh
+#   MODEL=smollm2-135m-instruct HEAD_KIND=affine bash benchmarks/gpu_check.sh   # no checkpoint at hand: the embedded model
 #   DEVICE=cpu MODEL=/tmp/tiny QUICK=1 bash benchmarks/gpu_check.sh   # CPU, tiny model (its own test)
 #
 # Stages, each a lede command (printed before it runs, timed into the JSON):
@@ -48,7 +49,7 @@ EPISODES=${EPISODES:-300}
 STEPS=${STEPS:-3000}
 ALGO=${ALGO:-discrete_cql}
 
-export LEDE_DEVICE="$DEVICE" LEDE_DTYPE="$DTYPE" TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+export LEDE_DEVICE="$DEVICE" LEDE_DTYPE="$DTYPE" TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export MINARI_DATASETS_PATH="$OUT/minari"
@@ -60,6 +61,13 @@ import sys
 from transformers import AutoConfig
 from lede_env.model import layerskip_card, resolve_model_path
 model, hf_exits = sys.argv[1], sys.argv[2]
+try:  # fail fast, before any stage, when the model is not on this machine
+    L = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
+except (OSError, FileNotFoundError) as e:
+    sys.exit(f"gpu_check: model {model!r} is not on this machine ({type(e).__name__}). Download it where there is "
+             "network (gated LayerSkip checkpoints: accept the licence first), e.g. `hf download "
+             "facebook/layerskip-llama3.2-1B --local-dir DIR`, then MODEL=DIR; or run on the embedded model: "
+             "MODEL=smollm2-135m-instruct HEAD_KIND=affine.")
 card = layerskip_card(model)
 names = []
 if hf_exits:
@@ -67,7 +75,6 @@ if hf_exits:
 elif card:
     names.append(f"hf-early-exit:{card['exit_layer']}")
 else:
-    L = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
     names.append(f"hf-early-exit:{max(1, L // 4)}")
 if card and card["speculation_length"]:
     names.append(f"static:{card['exit_layer']},{card['speculation_length']}")

@@ -247,9 +247,10 @@ class SelfSpeculativeDecoder:
         self._draft_q: list[torch.Tensor] = []
         self._cuda = stack.device.type == "cuda"
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
         """Seconds (``time.perf_counter``) once the device's queued kernels are done: on a GPU
-        every time read synchronises first, so round and prefill times are the kernels' times."""
+        every time read synchronises first, so round and prefill times are the kernels' times
+        (the live env times its steps with it too)."""
         if self._cuda:
             torch.cuda.synchronize(self.stack.device)
         return time.perf_counter()
@@ -476,10 +477,10 @@ class SelfSpeculativeDecoder:
                 self._generator.manual_seed(int(sampling.seed))
         try:
             self.observer.reset()
-            t0 = self._clock()
+            t0 = self.clock()
             cache = self.stack.new_cache()
             pending, normed_last, taps_at = self._prefill(ids, cache, want_obs)
-            t_prefill = self._clock() - t0
+            t_prefill = self.clock() - t0
             out = result.tokens
             out.append(pending)
             result.prefill_seconds = t_prefill
@@ -496,14 +497,14 @@ class SelfSpeculativeDecoder:
                     streamer.put(torch.tensor(out))
             end_at = (normed_last, taps_at)
             while not done:
-                t_round = self._clock()
+                t_round = self.clock()
                 obs = None
                 if want_obs:
                     obs = self._observe(normed_last, taps_at, seq[-self.observer.config.recent_tokens:] or seq,
                                         len(out), max_new_tokens)
                 action = yield ("act", obs)
                 E, K = self.actions.decode(action)
-                t_policy = self._clock() - t_round
+                t_policy = self.clock() - t_round
                 remaining = max_new_tokens - len(out)
                 K = clamp_draft_len(K, remaining, self.bonus) if E else 0
                 taps = {} if want_obs else None
@@ -545,7 +546,7 @@ class SelfSpeculativeDecoder:
                     if not want_obs:
                         cost -= self.profile.overhead / self.profile.ar_step
                 rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                                  emitted=len(oc.emitted), cost=cost, seconds=self._clock() - t_round,
+                                  emitted=len(oc.emitted), cost=cost, seconds=self.clock() - t_round,
                                   policy_seconds=t_policy)
                 result.rounds.append(rec)
                 self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
@@ -565,7 +566,7 @@ class SelfSpeculativeDecoder:
                     streamer.put(torch.tensor(oc_emitted))
             if streamer is not None:
                 streamer.end()
-            result.seconds = self._clock() - t0
+            result.seconds = self.clock() - t0
             if final_observation:
                 obs = None
                 if want_obs:

@@ -6,7 +6,6 @@ import hashlib
 import math
 import platform
 import statistics
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -21,7 +20,7 @@ from .costs import CostProfile, analytic_profile, measure_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
-from .model import KERNELS_VERSION, cache_dir, describe_model, synchronize
+from .model import KERNELS_VERSION, cache_dir, describe_model
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, budget, oracle_plan, replay_round
 from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, encode_prompts, get_bundle, get_heads, get_traces
@@ -379,11 +378,6 @@ class LEDEEnv(gym.Env):
         self._result: Optional[GenerationResult] = None
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 
-    def _clock(self) -> float:
-        """Seconds (``time.perf_counter``) after the device's queued work is done (CUDA sync)."""
-        synchronize(self.decoder.stack.device)
-        return time.perf_counter()
-
     def _sampling(self, seed: int) -> Optional[Sampling]:
         return Sampling(self.temperature, self.top_p, seed) if self.temperature > 0 else None
 
@@ -404,10 +398,10 @@ class LEDEEnv(gym.Env):
             try:
                 with self._decoding():
                     for _ in events:
-                        t0 = self._clock()
+                        t0 = self.decoder.clock()
                         events.send(0)
                         if i > 0:
-                            times.append(self._clock() - t0)
+                            times.append(self.decoder.clock() - t0)
             finally:
                 events.close()
             if len(times) >= steps:
@@ -582,11 +576,11 @@ class LEDEEnv(gym.Env):
     def _step_live(self, action):
         self.actions.decode(action)  # a bad action raises here, leaving the episode playable
         with self._decoding():
-            t0 = self._clock()
+            t0 = self.decoder.clock()
             _, rec = self._events.send(int(action))
-            t1 = self._clock()
+            t1 = self.decoder.clock()
             kind, obs = next(self._events)  # the next round's observation, or the final one
-            t2 = self._clock()
+            t2 = self.decoder.clock()
         E, K = rec.exit_layer, rec.draft_len
         n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
         if self.cost == "profile":

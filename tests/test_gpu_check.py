@@ -43,3 +43,12 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
         assert e["ok"] and e["violations"] == 0 and e["generations"] == 2 and e["positions"] > 0
     assert set(res["stages"]) == {"traces_train", "traces_eval", "collect", "train", "export", "evaluate"}
     assert res["prompts"] == {"eval": "humaneval[24:26]", "train": "humaneval[0:4]", "max_new_tokens": 16}
+
+
+def test_gpu_check_fails_fast_when_the_model_is_missing(tmp_path):
+    env = dict(os.environ, DEVICE="cpu", MODEL=str(tmp_path / "no-such-model"), OUT=str(tmp_path / "out"),
+               LEDE=str(Path(sys.executable).parent / "lede"), PY=sys.executable)
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "is not on this machine" in p.stderr and "hf download" in p.stderr
+    assert not (tmp_path / "out" / "timings.jsonl").exists()  # no stage ran
