@@ -141,8 +141,9 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
             full = ExitHeads(b.stack, heads.exit_layers, k)
             full.load_state(heads.state())
             table[f"{k} (full vocab)"] = agreement(full, seqs)
-            x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype)
-            ms = {n: 1000 * min_time(lambda h=h: h.draft_tokens(x, 0), 30) for n, h in (("V_d", heads), ("full", full))}
+            x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype, device=b.stack.device)
+            ms = {n: 1000 * min_time(lambda h=h: h.draft_tokens(x, 0), 30, b.stack.device)
+                  for n, h in (("V_d", heads), ("full", full))}
             times = f"draft head {ms['V_d']:.2f} ms (V_d={heads.draft_vocab}) vs {ms['full']:.2f} ms (full vocabulary)"
     cols = list(table)
     print(f"Top-1 agreement with the final layer on {heldout_prompts} ({sum(len(c.generated) for c in held)} "
