@@ -312,9 +312,10 @@ class SelfSpeculativeDecoder:
         i = self.heads.index(E)
         hs, draft, tap_lists, qs = [], [], {}, []
         extra_pass = self.bonus and self.reuse
-        cur = token
-        while True:
-            x = self.stack.embed(torch.tensor([[cur]], device=self.stack.device))
+        dev = self.stack.device
+        cur = torch.tensor([[token]], device=dev)  # [1, 1] int64: greedy drafts stay on the device, so
+        while True:                                 # a GPU queues the next pass without waiting for the token
+            x = self.stack.embed(cur)
             local = {} if taps is not None else None
             h = self._forward(x, 0, E, cache, pos + len(hs), local)
             hs.append(h)
@@ -328,19 +329,20 @@ class SelfSpeculativeDecoder:
                 q = self._sampling.probs(self.heads.draft_logits(h[0, 0], i)).cpu()
                 qs.append(q)
                 k = torch.multinomial(q, 1, generator=self._generator)
-                cur = int(self._draft_ids_cpu[k])
+                cur = self._draft_ids_cpu[k].view(1, 1).to(dev)
                 if stop_threshold is not None and float(q.max()) < stop_threshold:
                     K = len(draft) + 1
             elif stop_threshold is None:
-                cur = int(self.heads.draft_tokens(h[0, 0], i))
+                cur = self.heads.draft_tokens(h[0, 0], i).view(1, 1)
             else:
                 tok, prob = self.heads.draft_with_confidence(h[0, 0], i)
-                cur = int(tok)
+                cur = tok.view(1, 1)
                 if float(prob) < stop_threshold:
                     K = len(draft) + 1
             draft.append(cur)
             if len(draft) == K and not extra_pass:
                 break
+        draft = torch.cat(draft, 1)[0].tolist() if draft else []  # one device-to-host copy per round
         if taps is not None:
             for e, ts in tap_lists.items():
                 taps[e] = torch.cat(ts, 1)
