@@ -174,16 +174,20 @@ def resolve_device(device: "Optional[str | torch.device]" = None) -> torch.devic
     ``LOCAL_RANK`` (torchrun, ``accelerate launch``) is ``cuda:LOCAL_RANK``, one GPU per rank.
 
     Raises:
-        ValueError: an unknown device string, or CUDA asked for where none is available (use
-            ``--device cpu``).
+        ValueError: an unknown device string, CUDA asked for where none is available (use
+            ``--device cpu``), or a malformed ``LOCAL_RANK``.
     """
     if isinstance(device, torch.device):
         return device
     name = (device or os.environ.get("LEDE_DEVICE") or "cpu").strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if name == "cuda":
+        from .sharding import launcher_local_rank
+
+        local = launcher_local_rank()  # one GPU per torchrun / accelerate launch process
+        if local is not None:
+            name = f"cuda:{local}"
     try:
         dev = torch.device(name)
     except RuntimeError:
