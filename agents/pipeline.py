@@ -65,15 +65,11 @@ class DemoConfig:
 
     def env_kwargs(self, prompts: str) -> dict:
         """JSON-serialisable ``LEDE-Llama3-v0`` kwargs for a prompt set."""
-        from lede_env.model import dtype_tag, resolve_dtype
+        from lede_env.model import spec_dtype
 
-        kw = {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
-              "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
-              "reward_mode": self.reward_mode, "cost_profile": self.cost_profile}
-        tag = dtype_tag(resolve_dtype(None))  # `lede --dtype` / bf16 on CUDA: part of the MDP (greedy tokens)
-        if tag != "fp32":
-            kw["dtype"] = tag
-        return kw
+        return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
+                "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
+                "reward_mode": self.reward_mode, "cost_profile": self.cost_profile, **spec_dtype()}
 
 
 class _Stage:

@@ -70,15 +70,11 @@ def _exits(s: Optional[str]) -> Optional[list[int]]:
 
 def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
                 cost_profile) -> dict:
-    from .model import dtype_tag, resolve_dtype
+    from .model import spec_dtype
 
-    kw = {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
-          "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
-          "reward_mode": reward_mode, "cost_profile": cost_profile}
-    tag = dtype_tag(resolve_dtype(None))  # --dtype / the device's default: part of the MDP (greedy tokens)
-    if tag != "fp32":
-        kw["dtype"] = tag
-    return kw
+    return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
+            "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
+            "reward_mode": reward_mode, "cost_profile": cost_profile, **spec_dtype()}
 
 
 @traces_app.command("build")

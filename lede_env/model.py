@@ -251,6 +251,14 @@ def dtype_tag(dtype: torch.dtype) -> str:
     return _DTYPE_TAGS.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def spec_dtype() -> dict:
+    """``{"dtype": tag}`` for env specs when this process's default dtype (``lede --dtype``, bf16
+    on CUDA) is not fp32, else ``{}``: the dtype changes greedy continuations, so it is part of
+    the MDP a dataset records (fp32 specs stay as they were)."""
+    tag = dtype_tag(resolve_dtype(None))
+    return {} if tag == "fp32" else {"dtype": tag}
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels (CUDA); a no-op on CPU. Call before reading a clock."""
     if device.type == "cuda":

@@ -35,6 +35,15 @@ def test_environment_and_spellings(no_env):
     synchronize(torch.device("cpu"))  # a no-op on CPU
 
 
+def test_non_fp32_dtype_is_recorded_in_env_specs(no_env):
+    from agents.pipeline import DemoConfig
+    from lede_env.model import spec_dtype
+
+    assert spec_dtype() == {} and "dtype" not in DemoConfig().env_kwargs("humaneval[0:2]")
+    no_env.setenv("LEDE_DTYPE", "bf16")
+    assert spec_dtype() == {"dtype": "bf16"} and DemoConfig().env_kwargs("humaneval[0:2]")["dtype"] == "bf16"
+
+
 def test_bad_device_and_dtype_name_the_fix(no_env):
     with pytest.raises(ValueError, match="use one of fp32"):
         resolve_dtype("int8")
