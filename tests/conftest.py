@@ -48,6 +48,25 @@ def tiny_continuations(bundle, n=6, max_new=32, seed=0, prompt_len=(2, 10)):
     return out
 
 
+def decode_cases(max_new: int) -> dict:
+    """Hypothesis strategies of a decoding case on the tiny models (``@given(**decode_cases(24))``):
+    model size and seed, prompt, action indices (taken modulo the action count), k_max, bonus,
+    reuse, 1..``max_new`` new tokens, and ``data`` for draws that depend on them (the exits)."""
+    from hypothesis import strategies as st
+
+    return dict(
+        num_layers=st.sampled_from([2, 3, 4]),
+        seed=st.integers(0, 2),
+        prompt=st.lists(st.integers(3, 127), min_size=1, max_size=12),
+        actions=st.lists(st.integers(0, 10_000), min_size=0, max_size=40),
+        k_max=st.integers(1, 5),
+        bonus=st.booleans(),
+        reuse=st.booleans(),
+        max_new=st.integers(1, max_new),
+        data=st.data(),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(bundle, heads, trace_set, profile) for a 4-layer tiny Llama with exits (1, 2, 3)."""

@@ -16,6 +16,8 @@ from lede_env.equivalence import (TOLERANCE_ULPS, check_logits, default_toleranc
 from lede_env.exits import ExitHeads
 from lede_env.mdp import ActionMap
 
+from ..conftest import decode_cases
+
 MODELS = {}
 
 
@@ -49,17 +51,7 @@ def decode(b, prompt, actions, exits, kind="lens", k_max=4, bonus=True, reuse=Tr
     return dec.generate(torch.tensor(prompt), SequencePolicy([a % dec.actions.n for a in actions]), max_new).tokens
 
 
-CASES = dict(
-    num_layers=st.sampled_from([2, 3, 4]),
-    seed=st.integers(0, 2),
-    prompt=st.lists(st.integers(3, 127), min_size=1, max_size=12),
-    actions=st.lists(st.integers(0, 10_000), min_size=0, max_size=40),
-    k_max=st.integers(1, 5),
-    bonus=st.booleans(),
-    reuse=st.booleans(),
-    max_new=st.integers(1, 32),
-    data=st.data(),
-)
+CASES = decode_cases(max_new=32)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
 from lede_env.exits import ExitHeads
 
-from ..conftest import make_tiny
+from ..conftest import decode_cases, make_tiny
 
 MODELS = {}
 
@@ -23,17 +23,7 @@ def model(num_layers, seed):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    num_layers=st.sampled_from([2, 3, 4]),
-    seed=st.integers(0, 2),
-    prompt=st.lists(st.integers(3, 127), min_size=1, max_size=12),
-    actions=st.lists(st.integers(0, 10_000), min_size=0, max_size=40),
-    k_max=st.integers(1, 5),
-    bonus=st.booleans(),
-    reuse=st.booleans(),
-    max_new=st.integers(1, 24),
-    data=st.data(),
-)
+@given(**decode_cases(max_new=24))
 def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt, actions, k_max, bonus, reuse,
                                                         max_new, data):
     b = model(num_layers, seed)
