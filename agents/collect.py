@@ -41,7 +41,9 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .policies import EpsilonPolicy, HeuristicPolicy, OraclePolicy, RandomPolicy, StaticPolicy
+from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
+
+from .policies import OraclePolicy
 
 DEFAULT_MIX = {"random": 0.2, "static": 0.3, "heuristic": 0.1, "oracle": 0.4}
 

@@ -1,6 +1,6 @@
 """Local Minari datasets of lede: list, show, validate, merge shards, publish.
 
-The ``lede dataset`` commands (``lede_env/cli_dataset.py``) wrap these functions. Ids follow
+The ``lede dataset`` commands (``agents/cli_dataset.py``) wrap these functions. Ids follow
 ``lede/<model>/<prompt-set>-<policy-mix>-v<N>``; a shard ``k/n`` of a collection is the dataset
 ``lede/<model>/<prompt-set>-<policy-mix>-shard<k>of<n>-v<N>`` (:func:`shard_dataset_id`), and
 :func:`merge` combines the shards into the dataset of the plain id.

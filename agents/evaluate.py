@@ -38,7 +38,7 @@ from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, S
 from lede_env.model import synchronize
 from lede_env.replay import oracle_plan, rollout, throughput
 
-from .policies import POLICY_NAMES, policy_from_name
+from lede_env.policies import POLICY_NAMES, policy_from_name
 
 
 def hf_early_exit(name: str, num_layers: int) -> Optional[int]:
@@ -347,3 +347,9 @@ def log_to_wandb(mode: str, project: str, name: str, config: dict, tables: dict[
     finally:
         run.finish()
 
+
+def policy_throughput(env, policy) -> float:
+    """Throughput (tokens / cost) of ``policy`` over all of ``env``'s playable traces."""
+    from lede_env.replay import throughput
+
+    return throughput(run_episodes(env.unwrapped, policy)[0])

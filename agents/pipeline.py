@@ -97,7 +97,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from lede_env.traces import get_bundle, get_heads, HeadSpec
 
     from .collect import CollectConfig, collect
-    from .evaluate import live_eval, to_markdown, trace_eval, write_results
+    from .evaluate import live_eval, policy_throughput, to_markdown, trace_eval, write_results
     from .export import export_policy
     from .plots import plot_choices
     from .policies import best_static_action
@@ -137,7 +137,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             tcfg = TrainConfig(dataset_id=ds_id, algo=algo_name, steps=cfg.steps, gamma=cfg.gamma, seed=cfg.seed,
                                out_dir=str(out / "train" / algo_name), wandb=cfg.wandb)
             algo, layout = train(tcfg, progress=progress, dataset=dataset)
-            tp = _policy_throughput(train_env, greedy_q_policy(algo, layout))
+            tp = policy_throughput(train_env, greedy_q_policy(algo, layout))
             console.print(f"{algo_name}: training-trace throughput {tp:.3f} (best static {static_tp:.3f})")
             if best is None or tp > best[0]:
                 best = (tp, algo_name, algo)
@@ -195,12 +195,3 @@ def _rename_agent(rows: list[dict], algo: str) -> None:
     for r in rows:
         if r["policy"].startswith("agent:"):
             r["policy"] = f"LEDE agent ({algo})"
-
-
-def _policy_throughput(env, policy) -> float:
-    """Throughput (tokens / cost) of ``policy`` over all of ``env``'s playable traces."""
-    from lede_env.replay import throughput
-
-    from .evaluate import run_episodes
-
-    return throughput(run_episodes(env.unwrapped, policy)[0])

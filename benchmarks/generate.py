@@ -39,14 +39,14 @@ def main() -> None:
     set_default_device(args.device, args.dtype)
 
     from agents.evaluate import to_markdown
-    from lede_env.cli import _split_policies
+    from lede_env.policies import split_policies
     from lede_env.generate import Lede
     from lede_env.prompts import load_prompts
     from lede_env.traces import encode_prompts, get_bundle
 
     b = get_bundle(None)
     prompts = encode_prompts(b, load_prompts(args.prompts), args.max_new_tokens)
-    policies = _split_policies(args.policies)
+    policies = split_policies(args.policies)
     ledes = {p: Lede(None, policy=p) for p in policies}
     model = b.model
     stats = {}

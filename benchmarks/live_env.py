@@ -63,7 +63,7 @@ def main() -> None:
 
     import lede_env  # noqa: F401 - registers the envs
     from agents.evaluate import to_markdown
-    from agents.policies import policy_from_name
+    from lede_env.policies import policy_from_name
     from lede_env.generate import Lede
     from lede_env.prompts import load_prompts
     from lede_env.traces import encode_prompts, get_bundle

@@ -34,8 +34,9 @@ def main() -> None:
     os.environ.setdefault("MINARI_DATASETS_PATH", tempfile.mkdtemp(prefix="lede-minari-"))
     from agents.collect import CollectConfig, collect
     from agents.evaluate import to_markdown
-    from agents.pipeline import _policy_throughput
-    from agents.policies import StaticPolicy, best_static_action
+    from agents.evaluate import policy_throughput
+    from agents.policies import best_static_action
+    from lede_env.policies import StaticPolicy
     from agents.train import TrainConfig, greedy_q_policy, train
     from lede_env.env import LEDEEnv
     from lede_env.replay import oracle_plan, rollout, throughput
@@ -56,8 +57,8 @@ def main() -> None:
         oracle = throughput([rollout(t, eenv.rules, eenv.max_new_tokens,
                                      lambda g, p=oracle_plan(t, eenv.rules, eenv.max_new_tokens)[0]: int(p[g]))
                              for t in tr])
-        agent = _policy_throughput(eenv, greedy_q_policy(algo, layout))
-        st = _policy_throughput(eenv, StaticPolicy(static))
+        agent = policy_throughput(eenv, greedy_q_policy(algo, layout))
+        st = policy_throughput(eenv, StaticPolicy(static))
         rows.append({"reward": mode, "gamma": float(gamma), "agent_throughput": agent, "static_throughput": st,
                      "oracle_throughput": oracle, "agent_vs_static": agent / st, "agent_oracle_share": agent / oracle})
         print(json.dumps(rows[-1]), flush=True)

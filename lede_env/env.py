@@ -273,7 +273,7 @@ class LEDEEnv(gym.Env):
         self._oracle_cache: dict[int, np.ndarray] = {}
         self._done = True
         self._last_round: Optional[dict] = None
-        self._events = None
+        self._state = None
         if backend == "live":
             if trace_set is not None:
                 raise ValueError("trace_set is for the trace backend; the live backend decodes its prompts: "
@@ -392,18 +392,15 @@ class LEDEEnv(gym.Env):
         the unit of wall-clock costs. The first generation warms up and is not counted."""
         times: list[float] = []
         for i in range(len(self.prompts) * 2 + 1):
-            res = GenerationResult(tokens=[])
-            events = self.decoder.rounds(torch.tensor(self.prompts[i % len(self.prompts)][2]), res,
-                                         min(self.max_new_tokens, steps + 1), self._sampling(i), want_obs=True)
-            try:
-                with self._decoding():
-                    for _ in events:
-                        t0 = self.decoder.clock()
-                        events.send(0)
-                        if i > 0:
-                            times.append(self.decoder.clock() - t0)
-            finally:
-                events.close()
+            with self._decoding():
+                state = self.decoder.start(torch.tensor(self.prompts[i % len(self.prompts)][2]),
+                                           min(self.max_new_tokens, steps + 1), self._sampling(i), want_obs=True)
+                while not state.done:
+                    self.decoder.observe(state)
+                    t0 = self.decoder.clock()
+                    self.decoder.play_round(state, 0)
+                    if i > 0:
+                        times.append(self.decoder.clock() - t0)
             if len(times) >= steps:
                 break
         if not times:
@@ -469,10 +466,13 @@ class LEDEEnv(gym.Env):
     def playing(self, policy):
         """Within this block, rounds follow ``policy``'s own rules: the feature/policy overhead
         is charged only if it reads observations (:meth:`charging_overhead`), and its
-        ``stop_threshold`` attribute, when present, replaces the env's (confidence-threshold
-        drafting, as the real decoder does for that policy)."""
+        ``stop_rule`` (or ``stop_threshold``) attribute, when present, replaces the env's
+        in-round stop rule (as the real decoder does for that policy)."""
         saved = self.rules
-        if hasattr(policy, "stop_threshold"):
+        if getattr(policy, "stop_rule", None) is not None:
+            self.rules = replace(saved, stop_rule=policy.stop_rule)
+            self._oracle_cache = {}
+        elif hasattr(policy, "stop_threshold"):
             self.rules = replace(saved, stop_threshold=policy.stop_threshold)
             self._oracle_cache = {}
         try:
@@ -539,9 +539,7 @@ class LEDEEnv(gym.Env):
 
     # ---- live backend ---------------------------------------------------------------------
     def _close_episode(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        self._state = None
 
     def _reset_live(self, options: dict):
         self._close_episode()
@@ -556,13 +554,11 @@ class LEDEEnv(gym.Env):
             sampling = self._sampling(int(self.np_random.integers(2**63 - 1)))
             self._prompt_index = idx
             self._result = GenerationResult(tokens=[])
-            self._events = self.decoder.rounds(torch.tensor(self.prompts[idx][2]), self._result, self.max_new_tokens,
-                                               sampling, want_obs=True,
-                                               stop_threshold=lambda: self.rules.stop_threshold,
-                                               final_observation=True)
             with self._decoding():
-                kind, obs = next(self._events)
-            if kind == "act":
+                self._state = self.decoder.start(torch.tensor(self.prompts[idx][2]), self.max_new_tokens, sampling,
+                                                 want_obs=True, result=self._result)
+                obs = self.decoder.observe(self._state)
+            if not self._state.done:
                 break
             self._close_episode()
         else:
@@ -577,9 +573,9 @@ class LEDEEnv(gym.Env):
         self.actions.decode(action)  # a bad action raises here, leaving the episode playable
         with self._decoding():
             t0 = self.decoder.clock()
-            _, rec = self._events.send(int(action))
+            rec = self.decoder.play_round(self._state, int(action), self.rules.stop)
             t1 = self.decoder.clock()
-            kind, obs = next(self._events)  # the next round's observation, or the final one
+            obs = self.decoder.observe(self._state)  # the next round's observation, or the final one
             t2 = self.decoder.clock()
         E, K = rec.exit_layer, rec.draft_len
         n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
@@ -589,7 +585,7 @@ class LEDEEnv(gym.Env):
             cost = ((t1 - t0) + ((t2 - t1) if self._charge_overhead else 0.0)) / self.ar_seconds
         n = rec.emitted
         reward = n - cost if self.reward_mode == "net" else n / cost
-        self._done = kind == "end"
+        self._done = self._state.done
         terminated = self._done and self._result.eos
         truncated = self._done and not self._result.eos
         if self._done:

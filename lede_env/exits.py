@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .model import LayerStack
+from .stopping import AcceptanceCalibration
 
 HEAD_KINDS = ("lens", "affine", "affine-kl")
 #: bumped whenever the observation features computed from exit heads change (cache keys)
@@ -102,6 +103,8 @@ class ExitHeads(nn.Module):
         eye = torch.eye(d, dtype=stack.dtype, device=stack.device)
         self.register_buffer("weight", eye.repeat(n, 1, 1), persistent=False)
         self.register_buffer("bias", torch.zeros(n, d, dtype=stack.dtype, device=stack.device), persistent=False)
+        #: per-exit acceptance against the draft probability (:func:`calibrate_acceptance`), or None
+        self.acceptance: Optional[AcceptanceCalibration] = None
         self._refresh_vocab()
 
     def _refresh_vocab(self) -> None:
@@ -203,9 +206,13 @@ class ExitHeads(nn.Module):
         return h.hexdigest()[:12]
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to save (safetensors; on the CPU): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V]."""
-        return {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
-                "vocab_rank": self.vocab_rank.cpu().contiguous()}
+        """Tensors to save (safetensors; on the CPU): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V],
+        and the acceptance calibration's ``accept_*`` tensors when there is one."""
+        out = {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
+               "vocab_rank": self.vocab_rank.cpu().contiguous()}
+        if self.acceptance is not None:
+            out.update(self.acceptance.state())
+        return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state`. Raises ``ValueError`` on a shape mismatch."""
@@ -216,6 +223,10 @@ class ExitHeads(nn.Module):
         self.weight = tensors["weight"].to(self.weight)
         self.bias = tensors["bias"].to(self.bias)
         self.vocab_rank = tensors["vocab_rank"].to(torch.long).cpu()
+        self.acceptance = AcceptanceCalibration.from_state(tensors)
+        if self.acceptance is not None and self.acceptance.rate.shape[0] != len(self.exit_layers):
+            raise ValueError(f"The acceptance calibration covers {self.acceptance.rate.shape[0]} exits, expected "
+                             f"{len(self.exit_layers)}: it was fitted for another exit set.")
         self._refresh_vocab()
 
 
@@ -403,3 +414,47 @@ def agreement(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]]) -
             hits[i] += (heads.draft_tokens(eh[sl, i], i) == target).sum().item()
         total += target.shape[0]
     return {e: (hits[i].item() / total if total else math.nan) for i, e in enumerate(heads.exit_layers)}
+
+
+@torch.no_grad()
+def draft_outcomes(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]]):
+    """Every exit's greedy draft at every continuation position of ``sequences`` (the model's
+    own greedy continuations, teacher-forced): its draft-head probability and whether it equals
+    the full model's token there.
+
+    Returns:
+        ``(probs, accepted)``: [N, n_exits] float32 and [N, n_exits] bool numpy arrays.
+    """
+    import numpy as np
+
+    probs, acc = [], []
+    for ids, n_prompt in sequences:
+        eh, _, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(n_prompt - 1, 0), ids.shape[0] - 1)
+        target = ids[sl.start + 1: sl.stop + 1].to(eh.device)
+        if target.numel() == 0:
+            continue
+        cols_p, cols_a = [], []
+        for i in range(len(heads.exit_layers)):
+            tok, prob = heads.draft_with_confidence(eh[sl, i], i)
+            cols_p.append(prob.float().cpu())
+            cols_a.append((tok == target).cpu())
+        probs.append(torch.stack(cols_p, 1))
+        acc.append(torch.stack(cols_a, 1))
+    if not probs:
+        return np.zeros((0, len(heads.exit_layers)), np.float32), np.zeros((0, len(heads.exit_layers)), bool)
+    return torch.cat(probs).numpy(), torch.cat(acc).numpy()
+
+
+def calibrate_acceptance(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]]) -> AcceptanceCalibration:
+    """Fit ``heads.acceptance`` (and return it): per exit, how often a draft token is accepted
+    given its draft-head probability, on ``sequences`` - continuations the heads were NOT fitted
+    on (fitted positions would make the calibration overconfident). Used by
+    :class:`~lede_env.stopping.CalibratedStop` to end drafts inside a round.
+
+    Raises:
+        ValueError: no continuation positions.
+    """
+    probs, acc = draft_outcomes(heads, sequences)
+    heads.acceptance = AcceptanceCalibration.fit(probs, acc)
+    return heads.acceptance

@@ -113,10 +113,10 @@ class Lede:
 
     def make_policy(self, policy: Union[str, Policy]) -> Policy:
         """A :class:`~lede_env.decoding.Policy` from a name or an exported agent folder (objects
-        pass through); names as in :func:`agents.policies.policy_from_name`."""
+        pass through); names as in :func:`~lede_env.policies.policy_from_name`."""
         if not isinstance(policy, str):
             return policy
-        from agents.policies import POLICY_NAMES, policy_from_name
+        from .policies import POLICY_NAMES, policy_from_name
 
         path = _agent_path(policy)
         name = f"agent:{path}" if path is not None else policy
@@ -148,7 +148,7 @@ class Lede:
                  input_ids: Optional[torch.Tensor] = None, policy: Union[None, str, Policy] = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: Optional[int] = None, stop_strings: Sequence[str] = (), streamer=None,
-                 chat: bool = True, stop=None) -> LedeOutput:
+                 chat: bool = True, stop=None, eos_ids: Optional[Sequence[int]] = None) -> LedeOutput:
         """Generate a continuation with dynamic self-speculative decoding.
 
         Args:
@@ -164,6 +164,7 @@ class Lede:
             chat: wrap a text prompt in the chat template when the tokenizer has one.
             stop: a callable ``tokens -> None | keep`` checked after every round (see
                 :meth:`SelfSpeculativeDecoder.generate`), besides ``stop_strings``.
+            eos_ids: end tokens of this call (default: the model's).
 
         Raises:
             ValueError: bad prompt arguments, batch size > 1, a prompt that does not fit the
@@ -181,7 +182,8 @@ class Lede:
         pol = self.policy if policy is None else self.make_policy(policy)
         stops = [f for f in (_stop_on_strings(self.tokenizer, stop_strings) if stop_strings else None, stop) if f]
         stop = None if not stops else (stops[0] if len(stops) == 1 else _first_stop(stops))
-        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer, stop=stop)
+        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer, stop=stop,
+                                     eos_ids=eos_ids)
         toks = list(res.tokens)
         if res.eos:
             why = "eos"

@@ -81,14 +81,10 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     stop = _criteria_stop(stopping_criteria, input_ids) if stopping_criteria else None
     eos = cfg.eos_token_id
     eos_ids = tuple([eos] if isinstance(eos, int) else (eos or ())) or lede.decoder.eos_ids
-    saved = lede.decoder.eos_ids
-    lede.decoder.eos_ids = tuple(int(e) for e in eos_ids)
-    try:
-        out = lede.generate(input_ids=input_ids[0], max_new_tokens=int(max_new),
-                            temperature=float(cfg.temperature or 1.0) if do_sample else 0.0,
-                            top_p=float(cfg.top_p or 1.0) if do_sample else 1.0, streamer=streamer, stop=stop)
-    finally:
-        lede.decoder.eos_ids = saved
+    out = lede.generate(input_ids=input_ids[0], max_new_tokens=int(max_new),
+                        temperature=float(cfg.temperature or 1.0) if do_sample else 0.0,
+                        top_p=float(cfg.top_p or 1.0) if do_sample else 1.0, streamer=streamer, stop=stop,
+                        eos_ids=tuple(int(e) for e in eos_ids))
     toks = out.tokens
     return torch.cat([input_ids, torch.tensor([toks], dtype=input_ids.dtype, device=input_ids.device)], 1)
 

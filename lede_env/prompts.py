@@ -4,6 +4,9 @@ A prompt set is named by a *spec string*:
 
 - ``"humaneval"`` - all 164 HumanEval problems; ``"humaneval[0:24]"`` a slice of them
   (``[a:b:step]`` too);
+- ``"instructions"``, ``"gsm8k"``, ``"specbench"`` - the prompt sets shipped in
+  ``lede_env/data/prompts/`` (everyday instructions, math word problems, Spec-Bench's MT-bench
+  categories and WMT14 de-en translation; sources and licences in that folder's README);
 - ``"path/to/file.jsonl"`` - one JSON object per line with ``question_id``, ``category`` and
   ``turns`` (the first turn is the prompt), as in Spec-Bench; ``"file.jsonl[10:20]"`` a slice;
   ``"file.jsonl{coding,math}"`` only those categories (a slice may follow the braces);
@@ -21,14 +24,27 @@ from pathlib import Path
 
 import torch
 
-#: Default prompt splits of HumanEval: the agent's training traces, held-out evaluation, and the
-#: calibration set that fits the exit heads (disjoint from both, so that acceptance on training
-#: traces is as realistic as on new prompts).
-DEFAULT_TRAIN = "humaneval[0:24]"
-DEFAULT_EVAL = "humaneval[24:32]"
-DEFAULT_CALIB = "humaneval[100:132]"
+#: Default prompt splits, disjoint (``tests/lede_env/test_prompts_costs.py`` checks it): the
+#: calibration set that fits the exit heads and ranks the draft vocabulary (code, everyday
+#: instructions, math word problems, translation), the agent's training traces (other prompts of
+#: the same sources), and held-out evaluation: HumanEval problems neither saw, plus MT-bench
+#: categories that no calibration or training prompt comes from (writing, roleplay, math) and
+#: unseen translation prompts.
+DEFAULT_CALIB = "humaneval[100:164]+instructions[0:160]+gsm8k[0:96]+specbench{translation}[0:32]"
+DEFAULT_TRAIN = "humaneval[0:24]+instructions[300:316]+gsm8k[300:316]+specbench{translation}[40:48]"
+DEFAULT_EVAL = ("humaneval[24:32]+specbench{writing}[0:4]+specbench{roleplay}[0:4]+specbench{math}[0:4]"
+                "+specbench{translation}[72:76]")
+#: A wider held-out set for benchmarks: 16 HumanEval problems, all 80 MT-bench questions
+#: (8 categories) and 16 translation prompts, none in the calibration or training splits.
+WIDE_EVAL = ("humaneval[24:40]+specbench{writing,roleplay,reasoning,math,coding,extraction,stem,humanities}"
+             "+specbench{translation}[64:80]")
+#: Prompt sets shipped with the package (``lede_env/data/prompts/``), by name.
+PACKAGED = ("instructions", "gsm8k", "specbench")
 #: Default tokens generated per prompt.
 DEFAULT_MAX_NEW = 96
+#: Tokens of each calibration continuation (shorter than :data:`DEFAULT_MAX_NEW`: more prompts,
+#: hence more kinds of text, for the same decoding time).
+DEFAULT_CALIB_MAX_NEW = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,8 @@ def load_prompts(spec: str) -> list[Prompt]:
     src = m.group("src")
     if src == "humaneval":
         prompts = _humaneval()
+    elif src in PACKAGED:
+        prompts = _jsonl(packaged_path(src))
     else:
         prompts = _jsonl(Path(src))
     if m.group("cats"):
@@ -82,6 +100,13 @@ def _humaneval() -> list[Prompt]:
     with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [Prompt(id=r["task_id"], category="code", text=r["prompt"]) for r in rows]
+
+
+def packaged_path(name: str) -> Path:
+    """Path of the shipped prompt set ``name`` (one of :data:`PACKAGED`)."""
+    if name not in PACKAGED:
+        raise ValueError(f"Unknown packaged prompt set {name!r}; choose one of {', '.join(PACKAGED)}.")
+    return Path(__file__).parent / "data" / "prompts" / f"{name}.jsonl"
 
 
 def _jsonl(path: Path) -> list[Prompt]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .costs import CostProfile
 from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len
+from .stopping import StopRule, as_stop_rule
 from .traces import Trace
 
 _NO_DRAFT = -1  # a draft position past the end of the trace (never matches)
@@ -28,6 +29,8 @@ class ReplayRules:
         stop_threshold: confidence-threshold drafting (Draft & Verify, arXiv 2309.08168;
             Kangaroo, arXiv 2404.18911): a round stops drafting after the first draft token
             whose draft-head probability is below it, so K is a cap; ``None`` drafts all K.
+        stop_rule: any :class:`~lede_env.stopping.StopRule` (e.g. the calibrated rule); takes
+            precedence over ``stop_threshold``.
     """
 
     actions: ActionMap
@@ -36,6 +39,14 @@ class ReplayRules:
     eos_ids: tuple[int, ...]
     reuse: bool = True
     stop_threshold: Optional[float] = None
+    stop_rule: Optional[StopRule] = None
+
+    @property
+    def stop(self) -> StopRule:
+        """The in-round stop rule in force (``stop_rule``, else the threshold's, else none)."""
+        if self.stop_rule is not None:
+            return self.stop_rule
+        return as_stop_rule(self.stop_threshold)
 
     def without_overhead(self) -> "ReplayRules":
         """The same rules for a policy that computes no observation (static, heuristic, oracle,
@@ -69,7 +80,7 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         verifier = [int(trace.generated[g])] if g < N else [_UNKNOWN]
     else:
         i = rules.actions.exit_layers.index(E)
-        K = stopped_draft_len(trace.draft_prob[g:g + K, i], K, rules.stop_threshold)
+        K = rules.stop.draft_len(i, trace.draft_prob[g:g + K, i], K)
         n = K + 1 if rules.bonus else K
         draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
@@ -78,7 +89,8 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
 
 
 def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
-    """Draft tokens a round produces under confidence-threshold drafting.
+    """Draft tokens a round produces under confidence-threshold drafting (see
+    :meth:`lede_env.stopping.StopRule.draft_len`, which every rule implements).
 
     Args:
         probs: draft-head probabilities of the first draft tokens (fewer than ``K`` past the
@@ -93,12 +105,7 @@ def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
         K' in 1..K: the position of the first low-confidence token (kept: it was drafted and is
         verified), else K.
     """
-    if stop_threshold is None:
-        return K
-    for j, p in enumerate(probs[:K]):
-        if p < stop_threshold:
-            return j + 1
-    return K
+    return as_stop_rule(stop_threshold).draft_len(0, probs, K)
 
 
 def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ Everything built here is cached under :func:`~lede_env.model.cache_dir`, written
 temporary name and renamed when whole:
 
 - ``continuations/<model>/<prompts>-<max_new>.json`` - greedy continuations;
-- ``exits/<model>/<kind>-<exits>-<calibration>.safetensors`` - fitted exit heads;
+- ``exits/<model>/<kind>-<hash>.safetensors`` - fitted exit heads (the hash covers the head spec and
+  the calibration prompts' content);
 - ``traces/<model>/<prompts>-<max_new>-<heads>/{traces.safetensors,manifest.json}``.
 """
 
@@ -29,10 +30,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .exits import ExitHeads, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary, teacher_forced
+from .exits import (ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary,
+                    teacher_forced)
 from .model import (LayerStack, atomic_file, atomic_folder, cache_dir, describe_model, dtype_tag, eos_token_ids,
                     load_model, model_slug, resolve_device, resolve_dtype, write_json_atomic)
-from .prompts import (DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
+from .prompts import (DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
 
@@ -168,46 +170,120 @@ class HeadSpec:
     draft_vocab: Optional[int] = 8192
     feature_vocab: int = 1024
     calib_prompts: str = DEFAULT_CALIB
-    calib_max_new_tokens: int = DEFAULT_MAX_NEW
+    calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
     ridge: float = 0.01
     kl_steps: int = 300
 
 
+#: Version of the exit-head files (2: with the acceptance calibration); part of the cache key.
+HEADS_FORMAT = 2
+#: Exit heads shipped with the package (the embedded model's default heads; see
+#: ``scripts/fit_default_heads.py``), listed with their checksums in ``MANIFEST.json``.
+PACKAGED_HEADS = Path(__file__).parent / "data" / "heads"
+#: Every ``HOLDOUT``-th calibration continuation is kept out of the head fit and calibrates the
+#: acceptance estimate instead (a fit's own positions would make it overconfident).
+HOLDOUT = 8
+
+
+def heads_key(bundle: ModelBundle, spec: HeadSpec) -> tuple[str, tuple[int, ...]]:
+    """``(key, exits)``: the cache key of the heads ``spec`` gives for ``bundle``
+    (``<model>/<kind>-<hash>``; the hash covers every field of the spec, the calibration prompts'
+    ids and texts (their fingerprint) and the file format)."""
+    exits = tuple(spec.exit_layers) if spec.exit_layers else default_exit_layers(bundle.stack.num_layers)
+    calib = prompts_fingerprint(load_prompts(spec.calib_prompts))
+    tag = hashlib.sha256(repr((asdict(spec) | {"exit_layers": exits}, calib, HEADS_FORMAT)).encode()).hexdigest()[:12]
+    return f"{bundle.slug}/{spec.kind}-{tag}", exits
+
+
+def packaged_heads(key: str) -> Optional[Path]:
+    """The shipped head file for cache key ``key``, if the package has one whose checksum matches
+    its manifest (a mismatch warns and is ignored: the heads are then refitted)."""
+    man = PACKAGED_HEADS / "MANIFEST.json"
+    if not man.exists():
+        return None
+    entry = json.loads(man.read_text()).get(key)
+    if entry is None:
+        return None
+    path = PACKAGED_HEADS / entry["file"]
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        warnings.warn(f"Shipped exit heads {path} are missing or fail their checksum; refitting them.")
+        return None
+    return path
+
+
 def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,
               calibration: Optional[Sequence[Continuation]] = None) -> ExitHeads:
-    """Exit heads for ``spec``: fitted on calibration continuations once, then loaded from disk.
+    """Exit heads for ``spec``: the shipped ones when the package has them (the embedded model's
+    defaults), else fitted on calibration continuations once and loaded from the cache after.
+
+    The fit: the draft vocabulary is ranked on every calibration continuation; translators are
+    fitted on all but every :data:`HOLDOUT`-th continuation, which calibrates the acceptance
+    estimate (:func:`~lede_env.exits.calibrate_acceptance`) used to stop drafts inside a round.
 
     Args:
         calibration: continuations to fit on instead of ``spec.calib_prompts`` (tests).
     """
-    exits = tuple(spec.exit_layers) if spec.exit_layers else default_exit_layers(bundle.stack.num_layers)
+    key, exits = heads_key(bundle, spec)
     V = bundle.stack.head_weight.shape[0]
     draft_vocab = None if spec.draft_vocab is None or spec.draft_vocab >= V else spec.draft_vocab
     heads = ExitHeads(bundle.stack, exits, spec.kind, None, draft_vocab, spec.feature_vocab)
     needs_calib = spec.kind != "lens" or draft_vocab is not None or spec.feature_vocab < V
     if not needs_calib:
         return heads
-    tag = hashlib.sha256(repr((asdict(spec) | {"exit_layers": exits},)).encode()).hexdigest()[:12]
-    path = cache_dir() / "exits" / bundle.slug / f"{spec.kind}-{tag}.safetensors"
-    if use_cache and calibration is None and path.exists():
-        try:
-            heads.load_state(load_file(str(path)))
-            return heads
-        except Exception as e:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
-            warnings.warn(f"Ignoring unreadable exit-head cache {path} ({e}); refitting.")
+    path = cache_dir() / "exits" / f"{key}.safetensors"
+    if use_cache and calibration is None:
+        for p in (packaged_heads(key), path):
+            if p is None or not p.exists():
+                continue
+            try:
+                heads.load_state(load_file(str(p)))
+                return heads
+            except Exception as e:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
+                warnings.warn(f"Ignoring unreadable exit-head file {p} ({e}); refitting.")
     if calibration is None:
         calibration = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
                                         progress=progress, use_cache=use_cache)
     heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
     heads._refresh_vocab()
+    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration]
+    held = seqs[HOLDOUT - 1::HOLDOUT] if len(seqs) >= HOLDOUT else []
+    fit = [q for j, q in enumerate(seqs) if j % HOLDOUT != HOLDOUT - 1] if held else seqs
     if heads.translated:
-        seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration]
-        fit_affine(heads, seqs, ridge=spec.ridge)
+        fit_affine(heads, fit, ridge=spec.ridge)
         if spec.kind == "affine-kl":
-            finetune_kl(heads, seqs, steps=spec.kl_steps)
+            finetune_kl(heads, fit, steps=spec.kl_steps)
+    calibrate_acceptance(heads, held or seqs)
     if use_cache:
         _save_tensors_atomic(path, heads.state())
     return heads
+
+
+def agreement_by_category(heads: ExitHeads, continuations: Sequence[Continuation]) -> dict[str, dict[int, float]]:
+    """Top-1 agreement of each exit's draft token with the full model's greedy continuation,
+    per prompt category (and ``"all"``), over continuation positions.
+
+    Returns:
+        ``{category: {exit_layer: agreement in [0, 1]}}``, categories in first-seen order.
+    """
+    groups: dict[str, list] = {}
+    for c in continuations:
+        groups.setdefault(c.category, []).append((torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)))
+    out = {cat: agreement(heads, seqs) for cat, seqs in groups.items()}
+    out["all"] = agreement(heads, [q for seqs in groups.values() for q in seqs])
+    return out
+
+
+def check_disjoint(**specs: str) -> None:
+    """Raise ``ValueError`` naming the shared prompts if any two of the named prompt specs share a
+    prompt text (calibration, training and evaluation prompts must be disjoint)."""
+    texts = {name: {p.text: p.id for p in load_prompts(spec)} for name, spec in specs.items()}
+    names = list(texts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = [texts[a][t] for t in texts[a].keys() & texts[b].keys()]
+            if shared:
+                raise ValueError(f"{len(shared)} prompt(s) are in both the {a} and the {b} prompts (e.g. "
+                                 f"{sorted(shared)[:3]}): keep calibration, training and evaluation prompts disjoint.")
 
 
 def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from agents.collect import CollectConfig, collect
 from agents.export import export_policy
-from agents.policies import ExportedPolicy
+from lede_env.policies import ExportedPolicy
 from agents.sb3 import observation_stats, split_flat
 from agents.train import ALGOS, TrainConfig, evaluate_agent, load_algo, to_mdp_dataset, train
 

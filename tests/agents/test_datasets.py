@@ -436,7 +436,7 @@ def test_trace_shards_build_every_continuation_once(monkeypatch, tmp_path):
 def test_cli_dataset_commands_and_bad_input(good, fake_remote, monkeypatch):
     from typer.testing import CliRunner
 
-    from lede_env.cli import app
+    from agents.cli import app
 
     r = CliRunner()
     out = r.invoke(app, ["dataset", "list"])

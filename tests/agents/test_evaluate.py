@@ -40,7 +40,7 @@ def test_trace_and_live_eval(tiny, tiny_env, tmp_path):
 def test_cli_help():
     from typer.testing import CliRunner
 
-    from lede_env.cli import app
+    from agents.cli import app
 
     out = CliRunner().invoke(app, ["--help"])
     assert out.exit_code == 0
@@ -75,9 +75,9 @@ def test_confidence_policy_stops_where_the_trace_says(tiny, tiny_env):
 
 
 def test_policy_list_parsing():
-    from lede_env.cli import _split_policies
+    from lede_env.policies import split_policies
 
-    assert _split_policies("ar,static:4,2,confidence:4,8,0.5,del") == ["ar", "static:4,2", "confidence:4,8,0.5",
+    assert split_policies("ar,static:4,2,confidence:4,8,0.5,del") == ["ar", "static:4,2", "confidence:4,8,0.5",
                                                                       "del"]
 
 

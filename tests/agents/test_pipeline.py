@@ -8,7 +8,8 @@ import torch
 
 from agents.collect import CollectConfig, collect, reference_scores
 from agents.export import export_policy
-from agents.policies import ExportedPolicy, HeuristicPolicy, best_static_action
+from agents.policies import best_static_action
+from lede_env.policies import ExportedPolicy, HeuristicPolicy
 from agents.train import TrainConfig, to_mdp_dataset, train
 from lede_env.decoding import RoundRecord, SelfSpeculativeDecoder
 from lede_env.mdp import ObservationBuilder, ObservationConfig
@@ -109,7 +110,7 @@ def test_best_static_is_best(tiny_env):
 
 
 def test_del_policy_follows_acceptance(tiny_env):
-    from agents.policies import DELPolicy
+    from lede_env.policies import DELPolicy
 
     u = tiny_env
     p = DELPolicy(u.actions, u.profile, prior=0.0, decay=0.5)

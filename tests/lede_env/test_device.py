@@ -58,7 +58,7 @@ def test_bad_device_and_dtype_name_the_fix(no_env):
 
 
 def test_cli_global_options(no_env):
-    from lede_env.cli import app
+    from agents.cli import app
 
     r = CliRunner().invoke(app, ["--dtype", "int8", "tiny-model", "/nonexistent/x"])
     assert r.exit_code == 2 and "Unknown dtype" in r.output

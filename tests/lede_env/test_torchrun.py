@@ -81,7 +81,7 @@ def test_launcher_local_rank(monkeypatch):
 def test_cli_shard_auto_without_launcher_is_a_usage_error(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from lede_env.cli import app
+    from agents.cli import app
 
     _launcher_env(monkeypatch)
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path))

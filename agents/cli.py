@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lede: dynamic self-speculative decoding as offline RL (LEDE, arXiv 2606.03113).")
@@ -23,7 +23,8 @@ traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")
 exits_app = typer.Typer(no_args_is_help=True, help="Fit and inspect exit heads.")
 app.add_typer(traces_app, name="traces")
 app.add_typer(exits_app, name="exits")
-from .cli_dataset import dataset_app, fail  # noqa: E402
+from agents.cli_dataset import dataset_app, fail  # noqa: E402
+from lede_env.policies import split_policies  # noqa: E402
 
 app.add_typer(dataset_app, name="dataset")
 console = Console()
@@ -36,7 +37,7 @@ def _main(device: Optional[str] = typer.Option(None, "--device", envvar="LEDE_DE
                                               help="Weight dtype: fp32, bf16, fp16 or auto (default: bf16 on CUDA, "
                                                    "fp32 on CPU, where greedy equivalence is exact).")):
     """Global options, given before the command: ``lede --device cuda --dtype bf16 evaluate ...``."""
-    from .model import set_default_device
+    from lede_env.model import set_default_device
 
     try:
         set_default_device(device, dtype)
@@ -51,7 +52,7 @@ MaxNewOpt = typer.Option(DEFAULT_MAX_NEW, help="Tokens generated per prompt.")
 
 
 def _shard(s: Optional[str]) -> Optional[str]:
-    from .sharding import parse_shard
+    from lede_env.sharding import parse_shard
 
     try:
         parse_shard(s)
@@ -70,7 +71,7 @@ def _exits(s: Optional[str]) -> Optional[list[int]]:
 
 def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
                 cost_profile) -> dict:
-    from .model import spec_dtype
+    from lede_env.model import spec_dtype
 
     return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
             "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
@@ -85,13 +86,13 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
     """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache.
     With --shard K/N only part K of the greedy continuations (trace and calibration prompts) is
     built; a final run without --shard reuses all N parts and builds the traces."""
-    from .traces import HeadSpec, TraceSpec, build_continuation_shard, get_traces
+    from lede_env.traces import HeadSpec, TraceSpec, build_continuation_shard, get_traces
 
     spec = TraceSpec(model, prompts, max_new_tokens,
                      HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
                               calib_prompts=calib_prompts))
     if shard:
-        from .sharding import parse_shard
+        from lede_env.sharding import parse_shard
 
         sh = parse_shard(shard)  # "auto" -> this rank's K/N under torchrun / accelerate launch
         done = build_continuation_shard(spec, sh)
@@ -112,53 +113,61 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
               kinds: str = typer.Option("lens,affine,affine-kl", help="Exit-head kinds to fit and compare."),
               ridge: float = 0.01, kl_steps: int = 300):
     """Fit exit heads of each kind (logit lens; affine tuned lens, arXiv 2303.08112, by ridge;
-    affine + KL fine-tune) and report held-out top-1 agreement with the final layer."""
+    affine + KL fine-tune) and report held-out top-1 agreement with the final layer per prompt
+    category, and each draft head's time per token. Calibration and held-out prompts must be
+    disjoint."""
     import torch
 
-    from .costs import min_time
-    from .exits import HEAD_KINDS, ExitHeads, agreement
-    from .prompts import load_prompts
-    from .traces import HeadSpec, get_bundle, get_continuations, get_heads
+    from lede_env.costs import min_time
+    from lede_env.exits import HEAD_KINDS, ExitHeads
+    from lede_env.prompts import load_prompts
+    from lede_env.traces import (HeadSpec, agreement_by_category, check_disjoint, get_bundle, get_continuations,
+                                 get_heads)
 
     b = get_bundle(model)
     names = [k.strip() for k in kinds.split(",") if k.strip()]
     for k in names:
         if k not in HEAD_KINDS:
             raise typer.BadParameter(f"unknown exit-head kind {k!r}; choose from {HEAD_KINDS}", param_hint="--kinds")
+    try:
+        check_disjoint(calibration=calib_prompts, held_out=heldout_prompts)
+    except ValueError as e:
+        fail(e)
     held = get_continuations(b, load_prompts(heldout_prompts), max_new_tokens)
-    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in held]
-    table, times = {}, None
+    x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype, device=b.stack.device)
     V = b.stack.head_weight.shape[0]
+    tables, times = {}, {}
     for k in names:
         heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, k, draft_vocab,
                                       calib_prompts=calib_prompts, ridge=ridge, kl_steps=kl_steps))
-        table[f"{k} (V_d={heads.draft_vocab})"] = agreement(heads, seqs)
+        tables[f"{k} (V_d={heads.draft_vocab})"] = agreement_by_category(heads, held)
+        times[f"{k} (V_d={heads.draft_vocab})"] = 1000 * min_time(lambda h=heads: h.draft_tokens(x, 0), 30,
+                                                                   b.stack.device)
         if heads.draft_vocab != V:  # the same translators over the full vocabulary
             full = ExitHeads(b.stack, heads.exit_layers, k)
             full.load_state(heads.state())
-            table[f"{k} (full vocab)"] = agreement(full, seqs)
-            x = torch.randn(1, b.stack.hidden_size, dtype=b.stack.dtype, device=b.stack.device)
-            ms = {n: 1000 * min_time(lambda h=h: h.draft_tokens(x, 0), 30, b.stack.device)
-                  for n, h in (("V_d", heads), ("full", full))}
-            times = f"draft head {ms['V_d']:.2f} ms (V_d={heads.draft_vocab}) vs {ms['full']:.2f} ms (full vocabulary)"
-    cols = list(table)
-    print(f"Top-1 agreement with the final layer on {heldout_prompts} ({sum(len(c.generated) for c in held)} "
-          "positions)\n")
-    print("| exit | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for e in next(iter(table.values())):
-        print(f"| {e} | " + " | ".join(f"{table[c][e]:.3f}" for c in cols) + " |")
-    if times:  # only when a truncated draft vocabulary was compared with the full one
-        print(f"\nOne draft-head call for one token: {times}.")
+            tables[f"{k} (full vocab)"] = agreement_by_category(full, held)
+            times[f"{k} (full vocab)"] = 1000 * min_time(lambda h=full: h.draft_tokens(x, 0), 30, b.stack.device)
+    print(f"Top-1 agreement with the final layer on the held-out {heldout_prompts} "
+          f"({sum(len(c.generated) for c in held)} positions), per prompt category; heads fitted on "
+          f"{calib_prompts}\n")
+    for name, table in tables.items():
+        cats = list(table)
+        print(f"{name}: draft head {times[name]:.2f} ms per token\n")
+        print("| exit | " + " | ".join(cats) + " |\n|---|" + "---|" * len(cats))
+        for e in table["all"]:
+            print(f"| {e} | " + " | ".join(f"{table[c][e]:.3f}" for c in cats) + " |")
+        print()
 
 
 @app.command()
 def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json"), k_max: int = 8,
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
     """Measure the cost profile (layer, head, draft head, overhead times) on this machine."""
-    from .costs import measure_profile
-    from .env import overhead_probe
-    from .mdp import ObservationConfig
-    from .traces import HeadSpec, get_bundle, get_heads
+    from lede_env.costs import measure_profile
+    from lede_env.env import overhead_probe
+    from lede_env.mdp import ObservationConfig
+    from lede_env.traces import HeadSpec, get_bundle, get_heads
 
     b = get_bundle(model)
     heads = get_heads(b, HeadSpec(draft_vocab=draft_vocab, calib_prompts=calib_prompts))
@@ -191,7 +200,7 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
     """Run behaviour policies in LEDE-Llama3-v0 (or LEDE-Llama3-Live-v0) and write a Minari dataset."""
     from agents.collect import CollectConfig, collect as run_collect
 
-    from .env import LEDEEnv
+    from lede_env.env import LEDEEnv
 
     if recipe is not None:
         from agents.recipes import build, load_recipe
@@ -326,11 +335,11 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
     from agents.policies import best_static_action
 
-    from .decoding import SelfSpeculativeDecoder
-    from .env import LEDEEnv
-    from .traces import HeadSpec, get_bundle, get_heads
+    from lede_env.decoding import SelfSpeculativeDecoder
+    from lede_env.env import LEDEEnv
+    from lede_env.traces import HeadSpec, get_bundle, get_heads
 
-    names = [p for p in _split_policies(policies)]
+    names = [p for p in split_policies(policies)]
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
                   head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile)
     eval_env = LEDEEnv(prompts=prompts, **common)
@@ -372,23 +381,6 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
         console.print("plots: " + ", ".join(str(m) for m in made))
 
 
-def _split_policies(s: str) -> list[str]:
-    """Split on commas that start a new policy name: a number continues the previous name's
-    arguments (``static:4,2,confidence:4,8,0.5`` -> ``static:4,2`` and ``confidence:4,8,0.5``)."""
-    out: list[str] = []
-    for part in (p.strip() for p in s.split(",")):
-        try:
-            float(part)
-            numeric = True
-        except ValueError:
-            numeric = False
-        if numeric and out and ":" in out[-1]:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return [p for p in out if p]
-
-
 @app.command()
 def report(results: Path = typer.Argument(..., help="A folder written by `lede evaluate --out DIR` or `lede demo`."),
            out: Optional[Path] = typer.Option(None, help="Where report.md, report.html and the PNGs go "
@@ -420,7 +412,7 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
     then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
     from transformers import TextStreamer
 
-    from .generate import Lede
+    from lede_env.generate import Lede
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -439,7 +431,7 @@ def tiny_model(out: Path = typer.Argument(..., help="Folder to write the model t
                seed: int = 0):
     """Write a randomly initialised tiny Llama with the embedded tokenizer, for trying pipelines
     end to end in seconds (``--model OUT`` on any command; e.g. benchmarks/gpu_check.sh on a CPU)."""
-    from .model import save_tiny_model
+    from lede_env.model import save_tiny_model
 
     save_tiny_model(out, layers, hidden, seed)
     console.print(f"tiny Llama ({layers} layers, width {hidden}) with the embedded tokenizer -> {out}")
@@ -462,5 +454,34 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
                         out_dir=str(out), wandb=wandb, live=live))
 
 
+#: optional module -> the extra that installs it (``pip install 'lede[EXTRA]'``)
+EXTRAS = {"d3rlpy": "rl", "stable_baselines3": "rl", "sb3_contrib": "rl", "minari": "rl", "h5py": "rl",
+          "PIL": "rl", "wandb": "rl", "sweeps": "sweep", "sklearn": "sweep", "scipy": "sweep",
+          "matplotlib": "report", "onnx": "onnx", "onnxruntime": "onnx"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> Optional[str]:
+    """The one-line message for a missing optional dependency (``None`` if ``e`` is not one)."""
+    top = (e.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    extra = EXTRAS[top]
+    hint = " and `pip install --no-deps sweeps==0.3.0`" if extra == "sweep" else ""
+    return (f"this command needs {top!r}, part of lede's '{extra}' extra: pip install 'lede[{extra}]'{hint} "
+            "(scripts/setup.sh installs every extra).")
+
+
+def main() -> None:
+    """The ``lede`` console script: :data:`app`, with a missing extra reported in one line."""
+    try:
+        app()
+    except ModuleNotFoundError as e:
+        msg = missing_extra(e)
+        if msg is None:
+            raise
+        console.print(f"[red]error:[/] {msg}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

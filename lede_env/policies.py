@@ -1,0 +1,474 @@
+"""Policies: what picks (E, K) every round, in the decoder and in the env.
+
+Every policy follows :class:`Policy` (in the spirit of transformers' ``CandidateGenerator``: one
+method proposes, one learns how the round went); :class:`BasePolicy` gives the no-op defaults.
+None of them needs an RL library: an exported agent runs from its TorchScript (or ONNX) file.
+
+- :class:`StaticPolicy` - one fixed (E, K) (LayerSkip, arXiv 2404.16710); action 0 = plain AR.
+- :class:`SequencePolicy`, :class:`PlanPolicy` - replay a list of actions / an oracle plan.
+- :class:`RandomPolicy` - uniform random actions (a behaviour policy for datasets).
+- :class:`HeuristicPolicy` - transformers' assisted-generation schedule: K += 2 after a fully
+  accepted round, K -= 1 otherwise, at a fixed exit.
+- :class:`EpsilonPolicy` - another policy with epsilon-random exploration.
+- :class:`ExportedPolicy` - a trained Q-network exported by ``agents.export``.
+- :class:`DELPolicy` - DEL-style (E, K) from running per-exit acceptance estimates.
+- :class:`ConfidencePolicy` - confidence-threshold drafting at a fixed exit: draft until the
+  draft head's top-1 probability falls below a threshold, K as a cap.
+- :class:`GuardedPolicy` - a safety net around any policy: falls back to AR while the policy's
+  realised throughput is below AR's.
+
+:func:`policy_from_name` builds them from the names ``lede generate``/``lede evaluate`` take.
+What needs the traces' hindsight (the oracle, the best-static search) lives in ``agents``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
+
+if TYPE_CHECKING:
+    from .decoding import RoundRecord
+
+__all__ = ["Policy", "BasePolicy", "StaticPolicy", "SequencePolicy", "PlanPolicy", "RandomPolicy",
+           "HeuristicPolicy", "EpsilonPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy",
+           "GuardedPolicy", "policy_from_name", "split_policies", "POLICY_NAMES"]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the decoder and the env need from a policy (in the spirit of transformers'
+    ``CandidateGenerator``: one method proposes, one learns how the round went).
+
+    Attributes:
+        needs_observation: if false, the decoder skips computing observations (``act`` gets None).
+        stop_threshold: optional float attribute (read every round when present): drafting
+            stops after the first draft token whose draft-head probability is below it, so the
+            action's K is a cap (confidence-threshold drafting; the env's ``stop_threshold``).
+    """
+
+    needs_observation: bool
+
+    def reset(self) -> None:
+        """Called at the start of every generation / episode."""
+
+    def act(self, obs: Optional[dict]) -> int:
+        """Pick an action index for the next round."""
+
+    def update(self, record: "RoundRecord") -> None:
+        """Told the outcome of the round just played."""
+
+
+class BasePolicy:
+    """Defaults for :class:`Policy`: no observation needed, ``reset`` and ``update`` do nothing.
+    Subclasses implement :meth:`act` and override the rest only where they keep state."""
+
+    needs_observation = False
+
+    def reset(self) -> None:
+        """Called at the start of every generation / episode."""
+
+    def act(self, obs: Optional[dict]) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement act(obs).")
+
+    def update(self, record: "RoundRecord") -> None:
+        """Told the outcome of the round just played."""
+
+
+class StaticPolicy(BasePolicy):
+    """The same action every round: static (E, K) self-speculation as in LayerSkip
+    (arXiv 2404.16710) and transformers' ``assistant_early_exit``; action 0 = plain AR."""
+
+    def __init__(self, action: int) -> None:
+        self.action = int(action)
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.action
+
+
+class SequencePolicy(BasePolicy):
+    """Replays a fixed list of actions (then ``fallback``): for tests and oracle replays."""
+
+    def __init__(self, actions: Sequence[int], fallback: int = 0) -> None:
+        self.actions = list(actions)
+        self.fallback = fallback
+        self._i = 0
+
+    def reset(self) -> None:
+        self._i = 0
+
+    def act(self, obs: Optional[dict]) -> int:
+        a = self.actions[self._i] if self._i < len(self.actions) else self.fallback
+        self._i += 1
+        return a
+
+
+class PlanPolicy(BasePolicy):
+    """Plays a plan indexed by the number of tokens generated so far (``plan[g]``), as
+    :func:`lede_env.replay.oracle_plan` returns: replays the oracle in the real decoder."""
+
+    def __init__(self, plan: Sequence[int]) -> None:
+        self.plan = [int(a) for a in plan]
+        self.reset()
+
+    def reset(self) -> None:
+        self._g = 1  # the prefill token
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.plan[self._g] if self._g < len(self.plan) else 0
+
+    def update(self, record: "RoundRecord") -> None:
+        self._g += record.emitted
+
+
+class RandomPolicy(BasePolicy):
+    """Uniformly random actions from a seeded generator."""
+
+    def __init__(self, n_actions: int, seed: int = 0) -> None:
+        self.n = n_actions
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: Optional[dict]) -> int:
+        return int(self.rng.integers(self.n))
+
+
+class HeuristicPolicy(BasePolicy):
+    """The +2/-1 speculation-length schedule of transformers' assisted generation
+    (``AssistedCandidateGenerator.update_candidate_strategy``), at a fixed exit layer.
+
+    Args:
+        actions: the action map.
+        exit_layer: E.
+        k_start: initial K (transformers' default ``num_assistant_tokens`` is 20; capped at k_max).
+    """
+
+    def __init__(self, actions: ActionMap, exit_layer: int, k_start: int = 5) -> None:
+        self.actions = actions
+        self.exit_layer = exit_layer
+        self.k_start = min(k_start, actions.k_max)
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = self.k_start
+
+    def act(self, obs: Optional[dict]) -> int:
+        return self.actions.encode(self.exit_layer, self.k)
+
+    def update(self, record: "RoundRecord") -> None:
+        if record.draft_len == 0:
+            return
+        if record.accepted >= record.draft_len:
+            self.k = min(self.k + 2, self.actions.k_max)
+        else:
+            self.k = max(self.k - 1, 1)
+
+
+class EpsilonPolicy(BasePolicy):
+    """With probability ``epsilon`` a uniformly random action, else ``base``'s."""
+
+    def __init__(self, base, n_actions: int, epsilon: float, seed: int = 0) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}.")
+        self.base, self.n, self.epsilon = base, n_actions, epsilon
+        self.rng = np.random.default_rng(seed)
+        self.needs_observation = getattr(base, "needs_observation", False)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    def act(self, obs: Optional[dict]) -> int:
+        a = self.base.act(obs)  # always consulted, so stateful bases keep their state
+        return int(self.rng.integers(self.n)) if self.rng.random() < self.epsilon else a
+
+    def update(self, record: "RoundRecord") -> None:
+        self.base.update(record)
+
+
+class ExportedPolicy(BasePolicy):
+    """A trained Q-network exported as TorchScript + JSON (see ``agents.export``); runs
+    without d3rlpy.
+
+    Args:
+        path: the ``.pt`` file or the folder holding ``policy.pt`` and ``policy.json``.
+        runtime: ``"torchscript"`` (``policy.pt``) or ``"onnxruntime"`` (``policy.onnx``, from
+            ``lede export --onnx``; needs the ``onnx`` extra).
+
+    Raises:
+        FileNotFoundError: missing files.
+        ImportError: ``runtime="onnxruntime"`` without onnxruntime installed.
+        ValueError: a config whose observation layout does not match ``expect_layout`` (checked
+            by :meth:`check_compatible`).
+    """
+
+    needs_observation = True
+
+    def __init__(self, path: str | Path, runtime: str = "torchscript") -> None:
+        p = Path(path)
+        folder = p if p.is_dir() else p.parent
+        pt = folder / "policy.pt" if p.is_dir() else p
+        cfg = folder / "policy.json"
+        if not pt.exists() or not cfg.exists():
+            raise FileNotFoundError(f"No exported policy at {path} (need policy.pt and policy.json; run `lede export`).")
+        self.config = json.loads(cfg.read_text())
+        self.runtime = runtime
+        if runtime == "torchscript":
+            self.module = torch.jit.load(str(pt), map_location="cpu").eval()
+        elif runtime == "onnxruntime":
+            onnx_path = folder / "policy.onnx"
+            if not onnx_path.exists():
+                raise FileNotFoundError(f"No policy.onnx in {folder}: export with `lede export --onnx`.")
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise ImportError("runtime='onnxruntime' needs onnxruntime: pip install 'lede[onnx]'.") from e
+            sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            self.module = lambda x: torch.from_numpy(sess.run(None, {"obs": x.numpy()})[0])
+        else:
+            raise ValueError(f"runtime={runtime!r}; choose 'torchscript' or 'onnxruntime'.")
+        self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]))
+        self.obs_config = ObservationConfig(**self.config["observation"])
+        self.layout = [(k, list(s)) for k, s in self.config["observation_layout"]]
+        self.flat_dim = int(sum(np.prod(s) for _, s in self.layout))
+
+    def check_compatible(self, observer: ObservationBuilder, actions: ActionMap) -> None:
+        """Raise ``ValueError`` unless this policy was trained for ``observer``'s layout and ``actions``."""
+        if [(k, list(s)) for k, s in observer.layout()] != self.layout:
+            raise ValueError(f"Exported policy expects observation layout {self.layout}, the decoder/env has "
+                             f"{observer.layout()}: export it for this env or rebuild the env with its settings.")
+        if actions != self.actions:
+            raise ValueError(f"Exported policy was trained for exits {self.actions.exit_layers}, k_max "
+                             f"{self.actions.k_max}; the decoder/env has {actions.exit_layers}, {actions.k_max}.")
+
+    @torch.no_grad()
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None:
+            raise ValueError("ExportedPolicy needs observations (needs_observation=True).")
+        x = flatten_by_layout(obs, self.layout)
+        return int(self.module(torch.from_numpy(x).unsqueeze(0)).reshape(-1)[0])
+
+
+class DELPolicy(BasePolicy):
+    """DEL-style dynamic exit and length (after DEL, arXiv 2504.05598): keep a running estimate
+    of each exit's per-token acceptance and play, every round, the (E, K) with the highest
+    expected tokens per unit of cost under the cost profile (AR when nothing beats it).
+
+    The estimates are exponential moving averages of each exit's agreement with the verifier
+    at the last verified position (``exit_stats[:, 2]`` of the observation, computed from the
+    verification pass for every exit at once). Expected tokens of a round with acceptance alpha
+    follow Leviathan et al. (arXiv 2211.17192): ``(1 - alpha^(K+1)) / (1 - alpha)`` with the bonus
+    token, ``(1 - alpha^K) / (1 - alpha)`` plus the verifier's correction without it.
+
+    Args:
+        actions: the action map.
+        profile: the cost profile used for round costs.
+        bonus, reuse: the decoder's verification variant.
+        prior: initial acceptance estimate for every exit.
+        decay: EMA decay per round (0.9 = about 10 rounds of memory).
+    """
+
+    needs_observation = True
+
+    def __init__(self, actions: ActionMap, profile, bonus: bool = True, reuse: bool = True, prior: float = 0.3,
+                 decay: float = 0.9) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.actions, self.prior, self.decay = actions, float(prior), float(decay)
+        self._k = np.arange(1, actions.k_max + 1)
+        self._cost = np.array([[profile.round_cost(E, k, k + 1 if bonus else k, reuse) for k in self._k]
+                               for E in actions.exit_layers])  # [n_exits, k_max], AR-step units
+        self._ar = profile.round_cost(0, 0, 1)
+        self.bonus = bonus
+        self.reset()
+
+    def reset(self) -> None:
+        self.alpha = np.full(len(self.actions.exit_layers), self.prior)
+
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None:
+            raise ValueError("DELPolicy needs observations (needs_observation=True).")
+        agree = np.asarray(obs["exit_stats"], np.float64)[:, 2]
+        self.alpha = self.decay * self.alpha + (1 - self.decay) * agree
+        a = np.clip(self.alpha, 1e-6, 1 - 1e-6)[:, None]
+        powers = a ** self._k[None, :]  # alpha^K
+        if self.bonus:
+            tokens = (1 - a * powers) / (1 - a)  # 1 + alpha + ... + alpha^K
+        else:
+            tokens = (1 - powers) / (1 - a) + (1 - powers)  # accepted prefix + correction unless all K accepted
+        rate = tokens / self._cost
+        i, k = np.unravel_index(np.argmax(rate), rate.shape)
+        if rate[i, k] <= 1.0 / self._ar:
+            return 0
+        return self.actions.encode(self.actions.exit_layers[i], int(self._k[k]))
+
+
+class ConfidencePolicy(StaticPolicy):
+    """Confidence-threshold drafting: every round drafts from exit E until a draft token's
+    draft-head top-1 probability falls below ``threshold`` (that token is kept), at most
+    ``k_cap`` tokens. The rule of Draft & Verify (Zhang et al., arXiv 2309.08168) and Kangaroo
+    (Liu et al., arXiv 2404.18911); AdaEDL (arXiv 2410.18351) stops on an entropy bound instead.
+
+    The decoder and the env (:meth:`lede_env.env.LEDEEnv.playing`) read :attr:`stop_threshold`.
+
+    Args:
+        actions: the action map.
+        exit_layer: E, one of ``actions.exit_layers``.
+        k_cap: the most draft tokens per round (1..k_max).
+        threshold: stop probability in (0, 1).
+
+    Raises:
+        ValueError: E not a candidate exit, K outside 1..k_max, threshold outside (0, 1).
+    """
+
+    def __init__(self, actions: ActionMap, exit_layer: int, k_cap: int, threshold: float) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold={threshold!r} must be a probability in (0, 1).")
+        super().__init__(actions.encode(exit_layer, k_cap))
+        self.stop_threshold = float(threshold)
+
+
+class GuardedPolicy(BasePolicy):
+    """A safety net around another policy: when the base policy's realised throughput over its
+    last ``window`` rounds falls below plain AR decoding's, play AR for a while, then try the base
+    again (waits double after each failure, up to ``max_wait`` rounds; a good window resets them).
+    In the spirit of TapOut (arXiv 2511.02017) and BanditSpec (arXiv 2505.15141), which switch
+    between speculation strategies online; here the arms are the learned policy and AR. It only
+    chooses actions, so the output is unchanged.
+
+    Throughput is tokens emitted / round cost (AR-step units, :attr:`RoundRecord.cost`); rounds
+    without a cost (no cost profile) use their wall-clock seconds against the median AR round's.
+
+    Args:
+        base: the guarded policy (consulted every round, so its own state stays current).
+        window: base rounds per check.
+        floor: the throughput below which the base falls back (1.0 = AR's, in AR-step units).
+        wait: AR rounds after the first failure.
+        max_wait: the longest wait.
+
+    Attributes:
+        fallback_rounds: AR rounds played by the guard in the current generation.
+    """
+
+    def __init__(self, base, window: int = 8, floor: float = 1.0, wait: int = 8, max_wait: int = 64) -> None:
+        if window < 1 or wait < 1 or max_wait < wait or not floor > 0:
+            raise ValueError(f"GuardedPolicy needs window >= 1, 1 <= wait <= max_wait and floor > 0; got "
+                             f"{window}, {wait}, {max_wait}, {floor}.")
+        self.base, self.window, self.floor, self.wait0, self.max_wait = base, window, float(floor), wait, max_wait
+        self.needs_observation = bool(getattr(base, "needs_observation", False))
+        self.reset()
+
+    @property
+    def stop_rule(self):
+        """The base policy's in-round stop rule (or threshold), so drafts stop as it asks."""
+        rule = getattr(self.base, "stop_rule", None)
+        return rule if rule is not None else getattr(self.base, "stop_threshold", None)
+
+    def reset(self) -> None:
+        self.base.reset()
+        self._hist: list[tuple[float, float]] = []
+        self._ar_seconds: list[float] = []
+        self._left = 0  # AR rounds still to play
+        self._wait = self.wait0
+        self.fallback_rounds = 0
+
+    def act(self, obs: Optional[dict]) -> int:
+        a = self.base.act(obs)
+        if self._left > 0:
+            return 0
+        return a
+
+    def update(self, record: "RoundRecord") -> None:
+        self.base.update(record)
+        if record.draft_len == 0:
+            self._ar_seconds.append(record.seconds)
+        if self._left > 0:
+            self._left -= 1
+            self.fallback_rounds += 1
+            return
+        cost = record.cost
+        if not cost > 0:  # no profile: wall clock against AR rounds seen so far
+            ar = float(np.median(self._ar_seconds)) if self._ar_seconds else 0.0
+            cost = record.seconds / ar if ar > 0 else 0.0
+        if not cost > 0:
+            return
+        self._hist.append((record.emitted, cost))
+        if len(self._hist) < self.window:
+            return
+        tokens = sum(t for t, _ in self._hist)
+        total = sum(c for _, c in self._hist)
+        self._hist = []
+        if tokens / total < self.floor:
+            self._left = self._wait
+            self._wait = min(2 * self._wait, self.max_wait)
+        else:
+            self._wait = self.wait0
+
+
+#: the policy names :func:`policy_from_name` understands
+POLICY_NAMES = "ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH"
+_USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
+          "agent": "agent:PATH"}
+
+
+def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = True, reuse: bool = True,
+                     observer: Optional[ObservationBuilder] = None):
+    """The policy named ``name`` (see :data:`POLICY_NAMES`), shared by ``lede evaluate`` and
+    :class:`lede_env.generate.Lede`.
+
+    Args:
+        actions: the decoder's / env's action map.
+        profile, bonus, reuse: the cost profile and verification variant (for ``del``).
+        observer: the observation builder an exported agent must match (checked when given).
+
+    Returns:
+        the policy, or ``None`` for a name this function does not know (callers add their own).
+
+    Raises:
+        ValueError: a known kind with bad arguments (e.g. ``confidence:4,8``), or an exported
+            agent whose exits or observation layout do not match.
+        FileNotFoundError: ``agent:PATH`` without an exported policy there.
+    """
+    kind, _, arg = name.partition(":")
+    args = arg.split(",") if arg else []
+    try:
+        if name == "ar":
+            return StaticPolicy(0)
+        if name == "del":
+            return DELPolicy(actions, profile, bonus, reuse)
+        if kind == "static" and len(args) == 2:
+            return StaticPolicy(actions.encode(int(args[0]), int(args[1])))
+        if kind == "heuristic" and len(args) == 1:
+            return HeuristicPolicy(actions, int(args[0]))
+        if kind == "confidence" and len(args) == 3:
+            return ConfidencePolicy(actions, int(args[0]), int(args[1]), float(args[2]))
+        if kind == "agent" and arg:
+            p = ExportedPolicy(arg)
+            if observer is not None:
+                p.check_compatible(observer, actions)
+            return p
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Bad policy {name!r} ({e}).") from None
+    if kind in _USAGE:
+        raise ValueError(f"Bad policy {name!r}: write {_USAGE[kind]}.")
+    return None
+
+
+def split_policies(s: str) -> list[str]:
+    """Split on commas that start a new policy name: a number continues the previous name's
+    arguments (``static:4,2,confidence:4,8,0.5`` -> ``static:4,2`` and ``confidence:4,8,0.5``)."""
+    out: list[str] = []
+    for part in (p.strip() for p in s.split(",")):
+        try:
+            float(part)
+            numeric = True
+        except ValueError:
+            numeric = False
+        if numeric and out and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return [p for p in out if p]

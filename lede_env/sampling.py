@@ -1,0 +1,140 @@
+"""Speculative sampling: drafts sampled from the exit head, accepted so that the output is
+distributed exactly as plain sampling from the model (Leviathan et al., arXiv 2211.17192; Chen
+et al., arXiv 2302.01318).
+
+- :class:`Sampling` - the user's settings (temperature, top-p, seed) and the warped distribution.
+- :class:`SpeculativeSampler` - one generation's sampling state: its random generator and the
+  draft distributions of the round being played.
+- :func:`speculative_verify` - the acceptance rule of one round, as "verifier tokens" for the
+  shared greedy accept rule (:func:`lede_env.mdp.accept`).
+
+Distributions are copied to the CPU and drawn with a CPU generator, so a seed gives the same
+tokens on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Sampling:
+    """Temperature / nucleus sampling for :meth:`SelfSpeculativeDecoder.generate`.
+
+    Drafts are sampled from the exit head's warped distribution q and accepted by speculative
+    sampling (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318): draft token d
+    is kept with probability min(1, p(d) / q(d)); at the first rejection the token is drawn from
+    the normalised residual max(0, p - q); after a fully accepted round the bonus token is drawn
+    from p. Every emitted token is then distributed exactly as in plain sampling from the
+    model's warped distribution p, whatever the actions.
+
+    Attributes:
+        temperature: > 0; logits are divided by it.
+        top_p: nucleus mass in (0, 1]: the smallest set of most likely tokens whose probability
+            reaches ``top_p`` is kept (applied to p and to q alike).
+        seed: seed of the generation's own ``torch.Generator`` (``None``: nondeterministic).
+
+    Raises:
+        ValueError: temperature <= 0 or top_p outside (0, 1].
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use sampling=None for greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Warped distribution. [..., V] logits -> [..., V] float32 probabilities."""
+        p = torch.softmax(logits.float() / self.temperature, -1)
+        if self.top_p < 1:
+            sp, idx = p.sort(-1, descending=True)
+            drop = sp.cumsum(-1) - sp >= self.top_p  # keeps at least the most likely token
+            sp = sp.masked_fill(drop, 0.0)
+            p = torch.zeros_like(p).scatter_(-1, idx, sp)
+            p = p / p.sum(-1, keepdim=True)
+        return p
+
+
+def speculative_verify(draft: Sequence[int], q: Sequence[torch.Tensor], q_ids: torch.Tensor, p: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> list[int]:
+    """Speculative-sampling verification of one round, as "verifier tokens" for :func:`accept`.
+
+    Args:
+        draft: d_1..d_K draft tokens (full-vocabulary ids).
+        q: K draft distributions, each [V_d] float32 over the draft vocabulary ``q_ids``.
+        q_ids: [V_d] int64 full-vocabulary id of each draft-vocabulary entry.
+        p: [n, V] float32 target distributions at the n = K or K + 1 verified positions.
+        generator: random source.
+
+    Returns:
+        n tokens: d_1..d_a (accepted), then the token drawn at position a + 1 (from the residual
+        after a rejection, or from p at the bonus position), then -1 placeholders (never emitted);
+        :func:`~lede_env.mdp.accept` on it emits exactly the speculative-sampling output.
+    """
+    n = p.shape[0]
+    out: list[int] = []
+    for j in range(n):
+        if j < len(draft):
+            d = draft[j]
+            qd = q[j][(q_ids == d).nonzero()[0, 0]]
+            u = torch.rand((), generator=generator)
+            if u * qd < p[j, d]:  # accept with probability min(1, p/q)
+                out.append(d)
+                continue
+            resid = p[j].clone()
+            resid.index_add_(0, q_ids, -q[j])
+            resid.clamp_(min=0)
+            if not float(resid.sum()) > 0:  # p == q up to rounding: any draw from p is right
+                resid = p[j]
+            out.append(int(torch.multinomial(resid / resid.sum(), 1, generator=generator)))
+        else:
+            out.append(int(torch.multinomial(p[j], 1, generator=generator)))
+        break
+    return out + [-1] * (n - len(out))
+
+
+@dataclass
+class SpeculativeSampler:
+    """The sampling state of one generation: settings, random generator, and the draft
+    distributions q of the round in progress (kept between drafting and verification).
+
+    Args:
+        sampling: the settings.
+        draft_ids: [V_d] int64 full-vocabulary id of each draft-vocabulary entry (any device).
+    """
+
+    sampling: Sampling
+    draft_ids: torch.Tensor
+    generator: torch.Generator = field(init=False)
+    q: list = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.draft_ids = self.draft_ids.cpu()
+        self.generator = torch.Generator(device="cpu")
+        if self.sampling.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(self.sampling.seed))
+
+    def draw_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Sample one draft token from the exit head's warped distribution and keep q for
+        verification. [V_d] logits -> ([1] int64 full-vocabulary id on the CPU, max q)."""
+        q = self.sampling.probs(logits).cpu()
+        self.q.append(q)
+        k = torch.multinomial(q, 1, generator=self.generator)
+        return self.draft_ids[k], float(q.max())
+
+    def verify(self, draft: Sequence[int], target_logits: torch.Tensor) -> list[int]:
+        """Verifier tokens of the round (see :func:`speculative_verify`); forgets its q.
+        ``target_logits``: [n, V] full-model logits at the verified positions."""
+        p = self.sampling.probs(target_logits).cpu()
+        q, self.q = self.q, []
+        return speculative_verify(draft, q, self.draft_ids, p, self.generator)

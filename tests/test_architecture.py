@@ -1,0 +1,92 @@
+"""The layer contract and the core-only install (issue: structure).
+
+- ``lede_env`` imports nothing from ``agents`` and no RL / dataset / sweep / plotting library
+  (import-linter, contracts in ``pyproject.toml``);
+- decoding with an exported agent works with those libraries absent (they are blocked from
+  import in a subprocess);
+- a command whose extra is missing says which extra to install, in one line.
+"""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKED = ["d3rlpy", "stable_baselines3", "sb3_contrib", "minari", "wandb", "sweeps", "matplotlib", "h5py"]
+
+
+def test_layer_contract_is_kept():
+    exe = Path(sys.executable).with_name("lint-imports")
+    r = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 kept, 0 broken" in r.stdout
+
+
+def test_decoding_with_an_exported_agent_needs_only_core_dependencies(tmp_path):
+    code = textwrap.dedent(f"""
+        import importlib, json, pkgutil, sys
+
+        for name in {BLOCKED!r}:
+            sys.modules[name] = None   # `import name` now fails, find_spec(name) says "not installed"
+        import torch
+        import lede_env
+        for m in pkgutil.iter_modules(lede_env.__path__):
+            importlib.import_module("lede_env." + m.name)   # every module of the core imports
+
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from lede_env.decoding import SelfSpeculativeDecoder, greedy_reference
+        from lede_env.exits import ExitHeads
+        from lede_env.model import LayerStack
+        from lede_env.policies import ExportedPolicy
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        model = LlamaForCausalLM(cfg).eval()
+        stack = LayerStack(model)
+        heads = ExitHeads(stack, (1, 2), "lens")
+        dec = SelfSpeculativeDecoder(stack, heads, k_max=3)
+        layout = dec.observer.layout()
+        n_actions = dec.actions.n
+
+        class Q(torch.nn.Module):      # a stand-in greedy Q-policy: always the action (exit 2, K=3)
+            def __init__(self, a: int):
+                super().__init__()
+                self.a = a
+
+            def forward(self, x):
+                return torch.full((x.shape[0],), self.a, dtype=torch.long)
+
+        folder = "{tmp_path}"
+        torch.jit.script(Q(n_actions - 1)).save(folder + "/policy.pt")
+        cfg_json = dict(format=1, exit_layers=[1, 2], k_max=3, bonus=True,
+                        observation=dict(hidden_dim=dec.observer.config.hidden_dim,
+                                         history=dec.observer.config.history,
+                                         recent_tokens=dec.observer.config.recent_tokens,
+                                         seed=dec.observer.config.seed),
+                        observation_layout=layout)
+        open(folder + "/policy.json", "w").write(json.dumps(cfg_json))
+        pol = ExportedPolicy(folder)
+        pol.check_compatible(dec.observer, dec.actions)
+        ids = torch.tensor([1, 5, 9, 2])
+        res = dec.generate(ids, pol, 12)
+        assert res.tokens == greedy_reference(model, ids, 12, ()), (res.tokens,)
+        assert all(r.exit_layer == 2 for r in res.rounds[:-1]), [r.exit_layer for r in res.rounds]
+        for name in {BLOCKED!r}:
+            assert sys.modules[name] is None, name
+        print("OK")
+    """)
+    script = tmp_path / "core_only.py"  # a file: TorchScript compiles from source
+    script.write_text(code)
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_missing_extra_names_the_install_command():
+    from agents.cli import missing_extra
+
+    msg = missing_extra(ModuleNotFoundError("No module named 'd3rlpy'", name="d3rlpy"))
+    assert "pip install 'lede[rl]'" in msg
+    assert "pip install 'lede[report]'" in missing_extra(ModuleNotFoundError("x", name="matplotlib.pyplot"))
+    assert missing_extra(ModuleNotFoundError("x", name="not_an_extra")) is None
