@@ -335,7 +335,6 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
     from agents.policies import best_static_action
 
-    from lede_env.decoding import SelfSpeculativeDecoder
     from lede_env.env import LEDEEnv
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
@@ -354,8 +353,7 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
         b = get_bundle(model)
         heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
                                       calib_prompts=calib_prompts))
-        dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, eval_env.rules.bonus, eval_env.profile,
-                                     eval_env.obs_config)
+        dec = eval_env.make_decoder(b, heads)
         rows = live_eval(eval_env, dec, names, static_best, records=records)
         write_results(out, "live_eval", rows)
         console.print(to_markdown(rows))

@@ -8,7 +8,9 @@ An export folder holds exactly:
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
 - ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``observation``
-  (:class:`~lede_env.mdp.ObservationConfig` fields), ``observation_layout`` (keys and shapes
+  (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
+  was trained with, e.g. ``{"kind": "calibrated", "lambda": 1.1}``; the decoder rebuilds it from
+  the exit heads' acceptance calibration and its cost profile), ``reward_lambda``, ``observation_layout`` (keys and shapes
   concatenated into the flat input), ``model`` (name and shape), ``heads`` (kind, vocabulary
   sizes and fingerprint of the exit heads the policy was trained with), ``algo``,
   ``reward_mode``, ``gamma``.
@@ -19,6 +21,7 @@ An export folder holds exactly:
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from lede_env.model import atomic_file, atomic_folder
@@ -55,8 +58,9 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "exit_layers": list(u.actions.exit_layers),
             "k_max": u.actions.k_max,
             "bonus": u.rules.bonus,
-            "observation": {"hidden_dim": u.obs_config.hidden_dim, "history": u.obs_config.history,
-                            "recent_tokens": u.obs_config.recent_tokens, "seed": u.obs_config.seed},
+            "observation": asdict(u.obs_config),
+            "stop_rule": u.rules.stop.describe(),
+            "reward_lambda": u.reward_lambda,
             "observation_layout": u.observer.layout(),
             "model": man["model"],
             "heads": man["heads"],

@@ -34,7 +34,11 @@ class DemoConfig:
         k_max: largest speculation length.
         head_kind, draft_vocab: exit heads (see ``lede_env.exits``).
         cost_profile: ``"measured"`` (on this machine), ``"analytic"`` or a JSON path.
-        reward_mode, gamma: the MDP's reward and the agent's discount.
+        reward_mode, gamma: the MDP's reward (default ``relative``: tokens - lambda * cost, lambda the
+            best static throughput on the training traces) and the agent's discount.
+        obs_kind: the observation (``compact``: what the rounds computed plus running acceptance;
+            ``full``: hidden-state context and every exit's statistics).
+        stop_rule: the in-round stop rule (``calibrated`` or ``None``).
         episodes: dataset episodes.
         algos: offline algorithms to train; the best on training traces is exported.
         steps: gradient steps per algorithm.
@@ -52,10 +56,12 @@ class DemoConfig:
     head_kind: str = "affine"
     draft_vocab: Optional[int] = 8192
     cost_profile: str = "measured"
-    reward_mode: str = "net"
+    reward_mode: str = "relative"
     gamma: float = 0.5
+    obs_kind: str = "compact"
+    stop_rule: Optional[str] = "calibrated"
     episodes: int = 300
-    algos: tuple[str, ...] = ("discrete_cql", "dqn")
+    algos: tuple[str, ...] = ("trace_q", "discrete_cql")
     steps: int = 6000
     out_dir: str = "runs/demo"
     seed: int = 0
@@ -69,7 +75,8 @@ class DemoConfig:
 
         return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
                 "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
-                "reward_mode": self.reward_mode, "cost_profile": self.cost_profile, **spec_dtype()}
+                "reward_mode": self.reward_mode, "cost_profile": self.cost_profile, "obs_kind": self.obs_kind,
+                "stop_rule": self.stop_rule, **spec_dtype()}
 
 
 class _Stage:
@@ -92,7 +99,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     Returns:
         ``{"trace": rows, "live": rows, "timings": {...}, "static_best": (E, K), "agent": algo}``.
     """
-    from lede_env.decoding import SelfSpeculativeDecoder
     from lede_env.env import LEDEEnv
     from lede_env.traces import get_bundle, get_heads, HeadSpec
 
@@ -126,7 +132,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     with _Stage(cfg, "collect (Minari)"):
         from .datasets_tool import model_slug
 
-        ds_id = f"lede/{model_slug(train_env.trace_set.manifest['model']['name'])}/humaneval-mixed-v0"
+        ds_id = f"lede/{model_slug(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
         dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),
                           progress=progress, env_spec=cfg.env_kwargs(cfg.train_prompts))
         console.print(f"dataset {ds_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
@@ -145,7 +151,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         policy_dir = export_policy(best[2], train_env, out / "policy", algo_name=best[1], gamma=cfg.gamma)
         console.print(f"exported {best[1]} to {policy_dir}")
 
-    names = ["ar", "static:best", f"agent:{policy_dir}", "oracle"]
+    names = ["ar", "static:best", "del", f"agent:{policy_dir}", "oracle"]
     with _Stage(cfg, "evaluate (trace env, held-out)"):
         trace_rows = trace_eval(eval_env, names, static_best)
         _rename_agent(trace_rows, best[1])
@@ -153,8 +159,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     live_rows = []
     if cfg.live:
         with _Stage(cfg, "evaluate (real decoder, held-out)"):
-            dec = SelfSpeculativeDecoder(bundle.stack, heads, cfg.k_max, bundle.eos_ids, eval_env.rules.bonus,
-                                         eval_env.profile, eval_env.obs_config)
+            dec = eval_env.make_decoder(bundle, heads)
             records: dict = {}
             live_rows = live_eval(eval_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
                                   records=records)

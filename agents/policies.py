@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from dataclasses import replace
+
 from lede_env.policies import BasePolicy
+from lede_env.stopping import NO_STOP
 
 __all__ = ["OraclePolicy", "best_static_action"]
 
@@ -27,21 +30,14 @@ class OraclePolicy(BasePolicy):
 
 def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, float]:
     """The static action with the best throughput on ``env``'s traces (LayerSkip's setting,
-    chosen on training traces).
+    chosen on training traces: the whole K drafted every round, whatever the env's stop rule).
 
     Returns:
         ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
     """
-    from lede_env.replay import rollout, throughput
+    from lede_env.replay import best_static
 
     u = env.unwrapped
     traces = [u.trace_set.traces[i] for i in u.playable][: max_episodes]
     rules = u.rules.without_overhead()  # a static policy computes no observation
-    best = (0, -1.0)
-    for a in range(u.actions.n):
-        tp = throughput([rollout(t, rules, u.max_new_tokens, lambda g, a=a: a) for t in traces])
-        if tp > best[1]:
-            best = (a, tp)
-    return best
-
-
+    return best_static(traces, replace(rules, stop_rule=NO_STOP), u.max_new_tokens)

@@ -9,6 +9,10 @@ stable-baselines3 (:mod:`agents.sb3`): ``sb3_offline_dqn`` (DQN on a replay buff
 the dataset), and online on the trace env recovered from the dataset: ``ppo``, ``online_dqn``
 (Dict observations through ``MultiInputPolicy``).
 
+lede's own (:mod:`agents.trace_q`): ``trace_q``, value regression on every action at every
+visited state of the trace env recovered from the dataset (the traces know every action's
+outcome), DAgger-style; its policy never picks an action that cannot pay.
+
 Every trained agent has ``predict(flat [N, D]) -> actions [N]`` and ``save_policy`` (for
 ``lede export``); with ``eval_prompts`` it is evaluated on held-out prompts (never its training
 prompts) after training and the metrics go to ``eval.json`` and W&B.
@@ -35,7 +39,7 @@ import torch
 from lede_env.mdp import flatten_by_layout
 
 D3RLPY_ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
-ALGOS = D3RLPY_ALGOS + ("sb3_offline_dqn", "ppo", "online_dqn")
+ALGOS = D3RLPY_ALGOS + ("sb3_offline_dqn", "ppo", "online_dqn", "trace_q")
 
 
 @dataclass
@@ -258,6 +262,14 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
     try:
         if cfg.algo in D3RLPY_ALGOS:
             agent = _train_d3rlpy(cfg, mdp, out, run, progress, on_epoch)
+        elif cfg.algo == "trace_q":
+            from .trace_q import train_trace_q
+
+            agent = train_trace_q(env or dataset.recover_environment(), steps=cfg.steps, hidden=cfg.hidden,
+                                  learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  progress=progress,
+                                  log=None if run is None else (lambda m: run.log({f"train/{k}": v for k, v in m.items()})))
+            agent.save(out)
         else:
             flat = np.concatenate([e.observations for e in mdp.episodes])
             agent = train_sb3(cfg, dataset, layout, flat, env, out, run, progress, on_epoch)
@@ -376,6 +388,10 @@ def load_algo(path: str | Path, device: str = "cpu:0"):
         algo = json.loads(cfg_file.read_text())["algo"]
         if algo in SB3_ALGOS:
             return SB3Agent.load(p, algo)
+        if algo == "trace_q":
+            from .trace_q import TraceQAgent
+
+            return TraceQAgent.load(p)
         p = p / "model.d3"
     if not p.exists():
         raise FileNotFoundError(f"No trained agent at {p}: run `lede train` first.")

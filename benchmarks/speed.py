@@ -56,7 +56,7 @@ def main() -> None:
 
     from agents.evaluate import to_markdown
     from agents.policies import best_static_action
-    from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
+    from lede_env.decoding import PlanPolicy, StaticPolicy, greedy_reference
     from lede_env.env import LEDEEnv
     from lede_env.replay import oracle_plan, rollout
     from lede_env.traces import HeadSpec, get_bundle, get_heads
@@ -76,8 +76,7 @@ def main() -> None:
         statics[name], _ = best_static_action(LEDEEnv(prompts=args.train_prompts, **common, **kw))
         heads = get_heads(b, HeadSpec(kind=kw["head_kind"], draft_vocab=kw["draft_vocab"],
                                       calib_prompts=args.calib_prompts))
-        decs[name] = SelfSpeculativeDecoder(b.stack, heads, u.actions.k_max, b.eos_ids, u.rules.bonus, u.profile,
-                                            u.obs_config, reuse=kw["reuse"])
+        decs[name] = u.make_decoder(b, heads)
     env = envs["learned"]
     traces = [env.trace_set.traces[i] for i in env.playable]
     plans = {v: {t.id: oracle_plan(t, envs[v].rules.without_overhead(), env.max_new_tokens)[0] for t in traces}

@@ -175,6 +175,8 @@ class SelfSpeculativeDecoder:
         reuse: verification runs only layers E+1..L on the drafted positions (their layers
             1..E are already in the KV cache from drafting); without it, verification drops
             those cache entries and runs the full model (the plain SSD baseline).
+        stop_rule: the in-round stop rule of policies that name none (``None``: draft the
+            whole K; see :mod:`lede_env.stopping`).
 
     Raises:
         ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`).
@@ -182,8 +184,9 @@ class SelfSpeculativeDecoder:
 
     def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
                  bonus: bool = True, profile: Optional[CostProfile] = None,
-                 obs_config: Optional[ObservationConfig] = None, reuse: bool = True) -> None:
+                 obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None) -> None:
         self.stack = stack
+        self.stop_rule = as_stop_rule(stop_rule)
         self.reuse = reuse
         self.heads = heads
         self.actions = ActionMap(heads.exit_layers, k_max)
@@ -192,7 +195,8 @@ class SelfSpeculativeDecoder:
         self.profile = profile
         self.observer = ObservationBuilder(obs_config or ObservationConfig(), stack.hidden_size,
                                            len(heads.exit_layers), stack.num_layers, k_max,
-                                           stack.head_weight.shape[0])
+                                           stack.head_weight.shape[0], tuple(heads.exit_layers))
+        self._stat_exits = heads.exit_layers[: self.observer.stat_exits]  # exits whose head stats are observed
         self._exit_pos = {e: i for i, e in enumerate(heads.exit_layers)}
         self._cuda = stack.device.type == "cuda"
 
@@ -248,12 +252,12 @@ class SelfSpeculativeDecoder:
         if not state.want_obs:
             return None
         R = self.observer.config.recent_tokens
-        hid = torch.stack([state.taps_at[e] for e in self.heads.exit_layers])  # [n_exits, d]
-        top1, ent, arg = self.heads.feature_stats(hid)
+        hid = torch.stack([state.taps_at[e] for e in self._stat_exits])  # [n_stat_exits, d]
+        top1, ent, arg = self.heads.feature_stats(hid, len(self._stat_exits))
         agree = (arg == state.pending).float()
-        return self.observer.build(state.normed_last.float().cpu().numpy(), top1.cpu().numpy(), ent.cpu().numpy(),
-                                   agree.cpu().numpy(), state.seq[-R:] or state.seq,
-                                   len(state.result.tokens) / state.max_new_tokens)
+        hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
+        return self.observer.build(hidden, top1.cpu().numpy(), ent.cpu().numpy(), agree.cpu().numpy(),
+                                   state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.
@@ -262,7 +266,7 @@ class SelfSpeculativeDecoder:
             state: the generation (not ``done``).
             action: an action index of :attr:`actions`.
             stop_rule: ends the draft inside the round (a :class:`~lede_env.stopping.StopRule`,
-                a probability threshold, or ``None`` to draft the whole K).
+                a probability threshold, or ``None``: the decoder's :attr:`stop_rule`).
 
         Returns:
             The round's :class:`RoundRecord` (appended to ``state.result.rounds``; its
@@ -279,7 +283,7 @@ class SelfSpeculativeDecoder:
             normed, verifier = self._verifier_tokens(self._forward(x, 0, self.stack.num_layers, state.cache, pos,
                                                                    taps), state.sampler)
         else:
-            draft, hidden = self._draft(state, E, K, taps, as_stop_rule(stop_rule))
+            draft, hidden = self._draft(state, E, K, taps, self.stop_rule if stop_rule is None else as_stop_rule(stop_rule))
             K, first = len(draft), E
             if not self.reuse:  # plain SSD: forget the draft's layers 1..E, verify with the full model
                 self.stack.crop(state.cache, pos)
@@ -308,16 +312,23 @@ class SelfSpeculativeDecoder:
 
     def cut(self, state: DecodeState, keep: int) -> None:
         """End the generation after its first ``keep`` tokens (a stop string or stopping
-        criterion matched there): drop the rest and clip the last round's counters to what it
-        still emits."""
+        criterion matched there): drop the rest and clip the counters of every round that
+        emitted a dropped token to the tokens it still contributes (a round emits its accepted
+        drafts first, then the verifier's token). Drafted counts and costs stay: that work was
+        done. ``eos`` stays only if the EOS token is still returned."""
         toks = state.result.tokens
+        keep = max(0, min(int(keep), len(toks)))
         dropped = len(toks) - keep
-        del toks[keep:]
-        if state.result.rounds and dropped > 0:
-            rec = state.result.rounds[-1]
-            rec.emitted = max(rec.emitted - dropped, 0)
-            rec.accepted = min(rec.accepted, rec.emitted)
-        state.done, state.result.eos = True, False
+        if dropped > 0:
+            del toks[keep:]
+            del state.seq[len(state.seq) - dropped:]
+            start = 1  # token 0 comes from the prefill; each round emits the next ones in order
+            for rec in state.result.rounds:
+                kept = max(0, min(start + rec.emitted, keep) - start)
+                start += rec.emitted
+                rec.emitted, rec.accepted = kept, min(rec.accepted, kept)
+            state.result.eos = False  # an EOS is always the last token: it was dropped
+        state.done = True
 
     # ---- the driver ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -367,7 +378,7 @@ class SelfSpeculativeDecoder:
                 action = policy.act(self.observe(state))
                 t_policy = self.clock() - t_round
                 n_before = len(result.tokens)
-                rec = self.play_round(state, action, _stop_rule_of(policy))
+                rec = self.play_round(state, action, _stop_rule_of(policy, self.stop_rule))
                 self._apply_stop(state, stop)
                 rec.seconds, rec.policy_seconds = self.clock() - t_round, t_policy
                 policy.update(rec)
@@ -482,10 +493,13 @@ class SelfSpeculativeDecoder:
         return ids
 
 
-def _stop_rule_of(policy):
-    """The in-round stop rule a policy asks for: its ``stop_rule``, else its ``stop_threshold``."""
+def _stop_rule_of(policy, default=None):
+    """The in-round stop rule a policy asks for: its ``stop_rule``, else its ``stop_threshold``,
+    else ``default``."""
     rule = getattr(policy, "stop_rule", None)
-    return rule if rule is not None else getattr(policy, "stop_threshold", None)
+    if rule is None:
+        rule = getattr(policy, "stop_threshold", None)
+    return default if rule is None else rule
 
 
 def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int],

@@ -22,10 +22,13 @@ from .exits import ExitHeads
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig
 from .model import KERNELS_VERSION, cache_dir, describe_model
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
-from .replay import ReplayRules, budget, oracle_plan, replay_round
+from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
+from .stopping import NO_STOP, CalibratedStop
 from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, encode_prompts, get_bundle, get_heads, get_traces
 
-REWARD_MODES = ("net", "ratio")
+REWARD_MODES = ("relative", "net", "ratio")
+#: in-round stop rules the env builds by name (``stop_rule=``)
+STOP_RULES = ("calibrated",)
 BACKENDS = ("trace", "live")
 COST_SOURCES = ("profile", "wallclock")
 
@@ -59,17 +62,19 @@ def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Obser
     (a 2 x 256 MLP Q-network), for :func:`~lede_env.costs.measure_profile`."""
     n_ex = len(heads.exit_layers)
     builder = ObservationBuilder(obs, bundle.stack.hidden_size, n_ex, bundle.stack.num_layers, k_max,
-                                 bundle.stack.head_weight.shape[0])
-    hid = torch.randn(n_ex, bundle.stack.hidden_size, dtype=bundle.stack.dtype, device=bundle.stack.device)
+                                 bundle.stack.head_weight.shape[0], tuple(heads.exit_layers))
+    n_stat = builder.stat_exits
+    hid = torch.randn(n_stat, bundle.stack.hidden_size, dtype=bundle.stack.dtype, device=bundle.stack.device)
     n_actions = 1 + n_ex * k_max
-    mlp = torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                              torch.nn.ReLU(), torch.nn.Linear(256, n_actions))
+    width = 64 if builder.compact else 256  # the compact observation's agents are small MLPs
+    mlp = torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                              torch.nn.ReLU(), torch.nn.Linear(width, n_actions))
 
     @torch.no_grad()
     def probe():
-        top1, ent, arg = heads.feature_stats(hid)
-        o = builder.build(hid[-1].float().cpu().numpy(), top1.cpu().numpy(), ent.cpu().numpy(),
-                          (arg == 0).float().cpu().numpy(), [1, 2, 3], 0.5)
+        top1, ent, arg = heads.feature_stats(hid, n_stat)
+        o = builder.build(None if builder.compact else hid[-1].float().cpu().numpy(), top1.cpu().numpy(),
+                          ent.cpu().numpy(), (arg == 0).float().cpu().numpy(), [1, 2, 3], 0.5)
         mlp(torch.from_numpy(builder.flatten(o)).unsqueeze(0)).argmax(-1)
 
     return probe
@@ -220,7 +225,7 @@ class LEDEEnv(gym.Env):
         draft_vocab: Optional[int] = 8192,
         feature_vocab: int = 1024,
         calib_prompts: str = DEFAULT_CALIB,
-        reward_mode: str = "net",
+        reward_mode: str = "relative",
         bonus: bool = True,
         reuse: bool = True,
         stop_threshold: Optional[float] = None,
@@ -228,6 +233,10 @@ class LEDEEnv(gym.Env):
         obs_hidden_dim: int = 64,
         obs_history: int = 4,
         obs_recent_tokens: int = 8,
+        reward_lambda: "float | str" = "auto",
+        stop_rule: Optional[str] = None,
+        obs_kind: str = "full",
+        obs_stat_exits: int = 1,
         render_mode: Optional[str] = None,
         trace_set: Optional[TraceSet] = None,
         profile: Optional[CostProfile] = None,
@@ -244,6 +253,15 @@ class LEDEEnv(gym.Env):
     ) -> None:
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode={reward_mode!r}; choose one of {REWARD_MODES}.")
+        if stop_rule is not None and stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule={stop_rule!r}; choose one of {STOP_RULES} or None (stop_threshold= for a "
+                             "fixed probability threshold).")
+        if stop_rule is not None and stop_threshold is not None:
+            raise ValueError("Give stop_rule or stop_threshold, not both.")
+        if not (reward_lambda == "auto" or (isinstance(reward_lambda, (int, float)) and not isinstance(reward_lambda, bool)
+                                            and math.isfinite(reward_lambda) and reward_lambda > 0)):
+            raise ValueError(f"reward_lambda={reward_lambda!r}; give 'auto' (the best static throughput on the "
+                             "env's traces) or a throughput > 0 in tokens per AR-step unit.")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose 'trace' (exact greedy replay from traces) or 'live' "
                              "(the real decoder on the loaded model; sampling, wall-clock cost).")
@@ -268,7 +286,9 @@ class LEDEEnv(gym.Env):
             raise ValueError(f"render_mode={render_mode!r}; choose one of {self.metadata['render_modes']} or None.")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
-        self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens)
+        self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
+                                            stat_exits=obs_stat_exits)
+        self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._charge_overhead = True
         self._oracle_cache: dict[int, np.ndarray] = {}
         self._done = True
@@ -286,8 +306,10 @@ class LEDEEnv(gym.Env):
                             reward_mode, bonus, reuse, stop_threshold, cost_profile, render_mode, profile, eos_ids,
                             bundle, heads, progress)
             return
-        if bundle is not None or heads is not None:
-            raise ValueError("bundle/heads are for the live backend; the trace backend takes trace_set=... instead.")
+        self.bundle, self.heads = None, heads
+        if bundle is not None or (heads is not None and trace_set is None):
+            raise ValueError("bundle/heads are for the live backend; the trace backend takes trace_set=... instead "
+                             "(with heads=... only for stop_rule='calibrated').")
         if trace_set is None:
             spec = TraceSpec(model, prompts, max_new_tokens,
                              HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
@@ -295,6 +317,7 @@ class LEDEEnv(gym.Env):
             bundle = get_bundle(model, device, dtype)
             heads = get_heads(bundle, spec.heads, progress=progress)
             trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)
+            self.bundle, self.heads = bundle, heads
             if profile is None:
                 profile = get_profile(cost_profile, bundle, heads, k_max, self.obs_config)
             eos_ids = bundle.eos_ids if eos_ids is None else eos_ids
@@ -317,7 +340,8 @@ class LEDEEnv(gym.Env):
                                  None if stop_threshold is None else float(stop_threshold))
         d = trace_set.traces[0].hidden.shape[1]
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
-                                           trace_set.num_layers, k_max, int(man["model"]["vocab_size"]))
+                                           trace_set.num_layers, k_max, int(man["model"]["vocab_size"]),
+                                           tuple(self.actions.exit_layers))
         self.playable = [i for i, t in enumerate(trace_set.traces) if budget(t, max_new_tokens) >= 2
                          and not (t.eos and t.n <= 1)]
         if not self.playable:
@@ -326,6 +350,60 @@ class LEDEEnv(gym.Env):
         self.action_space = spaces.Discrete(self.actions.n)
         self.observation_space = self.observer.space()
         self._trace_index: Optional[int] = None
+        self._finish_rules(heads)
+
+    def _finish_rules(self, heads: Optional[ExitHeads]) -> None:
+        """Resolve the reward's lambda and build the named stop rule (both backends)."""
+        if self._lambda_arg != "auto":
+            self.reward_lambda = float(self._lambda_arg)
+        elif self.trace_set is not None:
+            # the best static (E, K) over the env's own traces (whole K drafted, no overhead): a
+            # per-round reward of tokens - lambda * cost then favours exactly the rounds that beat it
+            traces = [self.trace_set.traces[i] for i in self.playable]
+            rules = replace(self.rules.without_overhead(), stop_rule=NO_STOP)
+            self.reward_lambda = max(1.0, best_static(traces, rules, self.max_new_tokens, useful_actions(rules))[1])
+        else:
+            self.reward_lambda = 1.0  # live backend: no traces to measure a static on; AR's throughput
+        if self._stop_name == "calibrated":
+            if heads is None or heads.acceptance is None:
+                raise ValueError("stop_rule='calibrated' needs exit heads with an acceptance calibration (fitted "
+                                 "on calibration continuations; not the plain logit lens with the full vocabulary).")
+            rule = CalibratedStop.from_profile(heads.acceptance, self.rules.profile, self.actions.exit_layers,
+                                               self.actions.k_max, self.reward_lambda, self.rules.bonus,
+                                               self.rules.reuse)
+            self.rules = replace(self.rules, stop_rule=rule)
+            if self.backend == "live":
+                self.decoder.stop_rule = rule
+
+    def make_decoder(self, bundle: Optional[ModelBundle] = None, heads: Optional[ExitHeads] = None,
+                     profile: bool = True) -> SelfSpeculativeDecoder:
+        """The real decoder that plays this env's MDP: same exits, K_max, verification variant,
+        observation layout and in-round stop rule, round costs from the env's profile. The one
+        way the CLI, the demo, the benchmarks and the notebooks build a decoder for an env.
+
+        Args:
+            bundle, heads: the model and exit heads (default: those the env loaded; an env made
+                from a prebuilt ``trace_set`` needs them given).
+            profile: charge round costs from the env's cost profile (else costs are 0).
+
+        Raises:
+            ValueError: no model or heads known to the env and none given.
+        """
+        bundle = bundle or self.bundle
+        heads = heads or self.heads
+        if bundle is None or heads is None:
+            raise ValueError("This env was built from a prebuilt trace_set: pass bundle= and heads= to make_decoder.")
+        return SelfSpeculativeDecoder(bundle.stack, heads, self.actions.k_max, self.rules.eos_ids, self.rules.bonus,
+                                      self.profile if profile else None, self.obs_config, reuse=self.rules.reuse,
+                                      stop_rule=self.rules.stop)
+
+    def _reward(self, emitted: int, cost: float) -> float:
+        """A round's reward (see the class docstring's Rewards)."""
+        if self.reward_mode == "relative":
+            return emitted - self.reward_lambda * cost
+        if self.reward_mode == "net":
+            return emitted - cost
+        return emitted / cost
 
     def _init_live(self, model, prompts, max_new_tokens, exit_layers, k_max, head_spec: HeadSpec, reward_mode, bonus,
                    reuse, stop_threshold, cost_profile, render_mode, profile, eos_ids, bundle, heads, progress):
@@ -376,6 +454,7 @@ class LEDEEnv(gym.Env):
         self.observation_space = self.observer.space()
         self._prompt_index: Optional[int] = None
         self._result: Optional[GenerationResult] = None
+        self._finish_rules(heads)
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 
     def _sampling(self, seed: int) -> Optional[Sampling]:
@@ -525,7 +604,7 @@ class LEDEEnv(gym.Env):
         oc, E, cost = replay_round(self.trace, self._g, action, self.rules, self._limit)
         n = len(oc.emitted)
         self._g += n
-        reward = n - cost if self.reward_mode == "net" else n / cost
+        reward = self._reward(n, cost)
         terminated = oc.eos
         truncated = oc.done and not oc.eos
         self._done = oc.done
@@ -584,7 +663,7 @@ class LEDEEnv(gym.Env):
         else:
             cost = ((t1 - t0) + ((t2 - t1) if self._charge_overhead else 0.0)) / self.ar_seconds
         n = rec.emitted
-        reward = n - cost if self.reward_mode == "net" else n / cost
+        reward = self._reward(n, cost)
         self._done = self._state.done
         terminated = self._done and self._result.eos
         truncated = self._done and not self._result.eos
@@ -620,7 +699,8 @@ class LEDEEnv(gym.Env):
         """JSON-serialisable description of this env (for datasets and exported policies)."""
         out = {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
                "bonus": self.rules.bonus, "reuse": self.rules.reuse,
-               "stop_threshold": self.rules.stop_threshold, "reward_mode": self.reward_mode, "max_new_tokens": self.max_new_tokens,
+               "stop_threshold": self.rules.stop_threshold, "stop_rule": self.rules.stop.describe(),
+               "reward_mode": self.reward_mode, "reward_lambda": self.reward_lambda, "max_new_tokens": self.max_new_tokens,
                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                "cost_profile": self.profile.to_json()}
         if self.backend == "trace":

@@ -172,7 +172,7 @@ class ExitHeads(nn.Module):
         return self.draft_ids[arg], prob
 
     @torch.no_grad()
-    def feature_stats(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def feature_stats(self, hidden: torch.Tensor, n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics of every exit's head over the feature vocabulary.
 
         Each exit's hidden state goes through that exit's translator (the draft head's, so the
@@ -180,15 +180,17 @@ class ExitHeads(nn.Module):
         ``feature_vocab`` most frequent tokens.
 
         Args:
-            hidden: [..., n_exits, d] hidden states after each exit layer at some positions.
+            hidden: [..., n, d] hidden states after each of the first ``n`` exit layers (default:
+                all of them) at some positions.
 
         Returns:
             ``(top1_prob, entropy, argmax)``: [..., n_exits] float32 probability of the top
             token, float32 entropy in nats, int64 argmax token id (full vocabulary).
         """
         h = self.stack.norm(hidden)
+        n = len(self.exit_layers) if n is None else n
         if self.translated:
-            h = torch.einsum("...nd,nde->...ne", h, self.weight) + self.bias
+            h = torch.einsum("...nd,nde->...ne", h, self.weight[:n]) + self.bias[:n]
         logits = self.stack.linear(h, self.feature_w)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top, arg = logp.max(-1)

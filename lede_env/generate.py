@@ -108,8 +108,23 @@ class Lede:
         obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
         self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
-                                              profile=self.profile, obs_config=obs)
+                                              profile=self.profile, obs_config=obs,
+                                              stop_rule=self._stop_rule(agent_cfg, k_max))
         self.policy = self.make_policy(policy)
+
+    def _stop_rule(self, agent_cfg: Optional[dict], k_max: int):
+        """The in-round stop rule of policies that name none: an exported agent's own (as it was
+        trained), else the calibrated rule at lambda = 1 (draft one more token only while it is
+        expected to pay against AR) when the exit heads carry an acceptance calibration."""
+        from .stopping import CalibratedStop
+
+        spec = (agent_cfg or {}).get("stop_rule", {"kind": "calibrated", "lambda": 1.0})
+        if spec.get("kind") == "threshold":
+            return float(spec["threshold"])
+        if spec.get("kind") != "calibrated" or self.heads.acceptance is None:
+            return None
+        return CalibratedStop.from_profile(self.heads.acceptance, self.profile, self.heads.exit_layers, k_max,
+                                           float(spec.get("lambda", 1.0)))
 
     def make_policy(self, policy: Union[str, Policy]) -> Policy:
         """A :class:`~lede_env.decoding.Policy` from a name or an exported agent folder (objects
@@ -148,7 +163,8 @@ class Lede:
                  input_ids: Optional[torch.Tensor] = None, policy: Union[None, str, Policy] = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: Optional[int] = None, stop_strings: Sequence[str] = (), streamer=None,
-                 chat: bool = True, stop=None, eos_ids: Optional[Sequence[int]] = None) -> LedeOutput:
+                 chat: bool = True, stop=None, eos_ids: Optional[Sequence[int]] = None,
+                 top_k: Optional[int] = None) -> LedeOutput:
         """Generate a continuation with dynamic self-speculative decoding.
 
         Args:
@@ -158,7 +174,10 @@ class Lede:
             temperature: 0 for greedy (output identical to greedy decoding); > 0 samples with
                 speculative sampling (output distributed as plain sampling, arXiv 2211.17192).
             top_p: nucleus sampling mass (with temperature > 0).
-            seed: seed of the sampling generator (reproducible on the same machine).
+            seed: seed of the sampling generator (reproducible on the same machine; ``None``:
+                drawn from torch's global generator).
+            top_k: keep only the ``top_k`` most likely tokens (with temperature > 0; ``None`` or
+                0: off); applied before ``top_p``, as transformers does.
             stop_strings: generation ends right after the first token that completes one of them.
             streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``).
             chat: wrap a text prompt in the chat template when the tokenizer has one.
@@ -168,7 +187,7 @@ class Lede:
 
         Raises:
             ValueError: bad prompt arguments, batch size > 1, a prompt that does not fit the
-                context, a bad temperature / top_p, an unknown policy.
+                context, a bad temperature / top_p / top_k, an unknown policy.
         """
         if input_ids is not None:
             if prompt is not None or messages is not None:
@@ -178,16 +197,17 @@ class Lede:
             ids = self.encode(prompt, messages, chat)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-        sampling = Sampling(temperature, top_p, seed) if temperature > 0 else None
+        sampling = Sampling(temperature, top_p, seed, top_k) if temperature > 0 else None
         pol = self.policy if policy is None else self.make_policy(policy)
         stops = [f for f in (_stop_on_strings(self.tokenizer, stop_strings) if stop_strings else None, stop) if f]
         stop = None if not stops else (stops[0] if len(stops) == 1 else _first_stop(stops))
-        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer, stop=stop,
-                                     eos_ids=eos_ids)
+        fired = []  # what the stop callback cut at, recorded when it happens (never asked again afterwards)
+        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer,
+                                     stop=None if stop is None else _recording(stop, fired), eos_ids=eos_ids)
         toks = list(res.tokens)
         if res.eos:
             why = "eos"
-        elif stop is not None and stop(toks) is not None:
+        elif fired:
             why = "stop_string"
         else:
             why = "max_new_tokens"
@@ -228,6 +248,18 @@ def _first_stop(stops):
         return min(keeps) if keeps else None
 
     return stop
+
+
+def _recording(stop, fired: list):
+    """``stop``, appending to ``fired`` every keep it returns (how the generation ended)."""
+
+    def recorded(tokens: list[int]) -> Optional[int]:
+        keep = stop(tokens)
+        if keep is not None:
+            fired.append(keep)
+        return keep
+
+    return recorded
 
 
 def _stop_on_strings(tokenizer, stop_strings: Sequence[str]):

@@ -8,13 +8,21 @@ the documented extension point for custom decoding methods): it prepares the inp
 >>> out = model.generate(**tok("def fib(n):", return_tensors="pt"), max_new_tokens=64,
 ...                      custom_generate=lede_generate)                   # doctest: +SKIP
 
-Honoured ``GenerationConfig`` fields: ``max_new_tokens`` / ``max_length``, ``eos_token_id``,
-``do_sample`` with ``temperature`` and ``top_p`` (speculative sampling, so the output is
-distributed as transformers' own sampling), and every stopping criterion transformers builds
-(``stop_strings`` with ``tokenizer=``, max time, ...), checked after each accepted token so
-generation ends exactly where transformers' own loop would. Other logits processors
-(repetition penalty, top-k, ...) change the target distribution per step, which speculative
-decoding cannot honour exactly: they are refused with an error rather than ignored.
+Honoured exactly: ``max_new_tokens`` / ``max_length``, ``eos_token_id``, ``do_sample`` with
+``temperature``, ``top_k`` (transformers fills in 50 when it is not set) and ``top_p`` (speculative
+sampling with the same warping, so the output is distributed as transformers' own sampling;
+``torch.manual_seed`` makes it reproducible), streamers, and every stopping criterion transformers
+builds (max time, ...) or lede adds (``stop_strings=``), checked after each accepted token so
+generation ends exactly where transformers' own loop would. ``stop_strings=`` needs no
+``tokenizer=`` (transformers does not pass one on to a callable ``custom_generate``): the
+criterion is built with the tokenizer lede holds.
+
+Everything else that changes the output is refused with a ``ValueError`` naming the setting and
+where it came from (the call, the model's ``generation_config.json``, or a ``logits_processor=``
+list), never ignored: the other logits processors (repetition penalty, min-p, typical-p, min
+length, bad words, ...) change the target distribution per step in ways speculative decoding
+cannot reproduce, and beams, several return sequences or ``return_dict_in_generate`` ask for
+outputs lede does not produce.
 
 The policy is chosen with ``lede_policy=`` (default ``"del"``; ``"static:E,K"``, an exported
 agent folder, ...; see :mod:`lede_env.generate`), or pass a configured ``lede=Lede(...)``.
@@ -22,7 +30,7 @@ agent folder, ...; see :mod:`lede_env.generate`), or pass a configured ``lede=Le
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,13 +39,43 @@ from .generate import Lede
 __all__ = ["lede_generate"]
 
 _LEDES: dict = {}
-#: logits processors whose effect lede reproduces itself (temperature, top-p) or that are no-ops
-_HANDLED = {"TemperatureLogitsWarper", "TopPLogitsWarper"}
+#: the warpers lede reproduces (read from the processors themselves), in transformers' order
+_WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")
+#: processors that change no sampled or greedy token (log-softmax of the scores)
+_NO_OPS = {"LogitNormalization"}
+#: the generate setting behind each logits processor transformers builds (for the error message)
+_PROCESSOR_SETTINGS = {
+    "MinLengthLogitsProcessor": "min_length", "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+    "EncoderRepetitionPenaltyLogitsProcessor": "encoder_repetition_penalty",
+    "TopHLogitsWarper": "top_h", "MinPLogitsWarper": "min_p", "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff", "EtaLogitsWarper": "eta_cutoff",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
+    "SequenceBiasLogitsProcessor": "sequence_bias", "NoBadWordsLogitsProcessor": "bad_words_ids",
+    "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id", "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
+    "InfNanRemoveLogitsProcessor": "remove_invalid_values",
+    "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
+    "SuppressTokensLogitsProcessor": "suppress_tokens", "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "ClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "WatermarkLogitsProcessor": "watermarking_config", "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+}
+#: settings that no logits processor carries but that ask for another output: (field, is it in use)
+_OUTPUT_SETTINGS = (
+    ("num_beams", lambda v: v is not None and v > 1),
+    ("num_return_sequences", lambda v: v is not None and v > 1),
+    ("num_beam_groups", lambda v: v is not None and v > 1),
+    ("penalty_alpha", lambda v: v is not None and v > 0),
+    ("prompt_lookup_num_tokens", lambda v: v is not None),
+    ("return_dict_in_generate", bool),
+)
 
 
 def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
                   generation_config=None, synced_gpus: bool = False, streamer=None,
-                  lede_policy: str = "del", lede: Optional[Lede] = None, **model_kwargs) -> torch.LongTensor:
+                  lede_policy: str = "del", lede: Optional[Lede] = None,
+                  stop_strings: Optional[Sequence[str]] = None, tokenizer=None, **model_kwargs) -> torch.LongTensor:
     """Decoding loop for ``model.generate(..., custom_generate=lede_generate)``.
 
     Args:
@@ -48,33 +86,41 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
         lede_policy: lede policy name or exported agent folder.
         lede: a ready :class:`~lede_env.generate.Lede` for this model (its own policy, exit heads
             and calibration); built once per model and policy and cached otherwise.
+        stop_strings: end generation on the token that completes one of them, as transformers'
+            ``StopStringCriteria`` does (being an argument of this function, transformers hands
+            them over instead of building the criterion itself, which needs ``tokenizer=``).
+        tokenizer: the tokenizer for ``stop_strings`` and for building a :class:`Lede` (default:
+            the :class:`Lede`'s own; transformers 5.x never passes it on).
 
     Returns:
         [1, n + generated] int64: prompt and generated ids, like ``generate``.
 
     Raises:
-        ValueError: batch size > 1, or a logits processor lede cannot honour exactly.
+        ValueError: batch size > 1, or a generation setting lede cannot honour exactly (named,
+            with where it came from).
     """
+    cfg = generation_config
+    temperature, top_k, top_p = _warping(model, cfg, logits_processor)
     if input_ids.shape[0] != 1:
         raise ValueError(f"lede decodes one sequence at a time; got batch size {input_ids.shape[0]}. "
                          "Loop over the prompts instead.")
-    unsupported = [type(p).__name__ for p in (logits_processor or []) if type(p).__name__ not in _HANDLED]
-    if unsupported:
-        raise ValueError(f"lede cannot honour the logits processors {unsupported} exactly (speculative decoding "
-                         "needs the target distribution before the tokens are known); drop those generation "
-                         "options or call generate() without custom_generate.")
     key = (id(model), lede_policy)
     if lede is not None:
         _LEDES[key] = lede
     elif key not in _LEDES:
-        tok = model_kwargs.get("tokenizer")
+        tok = tokenizer if tokenizer is not None else model_kwargs.get("tokenizer")
         if tok is None:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
         _LEDES[key] = Lede(model, tok, policy=lede_policy)
     lede = _LEDES[key]
-    cfg = generation_config
+    if stop_strings:
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        crit = StopStringCriteria(tokenizer if tokenizer is not None else lede.tokenizer, strings)
+        stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), crit])
     n = input_ids.shape[1]
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - n
     do_sample = bool(getattr(cfg, "do_sample", False))
@@ -82,11 +128,111 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     eos = cfg.eos_token_id
     eos_ids = tuple([eos] if isinstance(eos, int) else (eos or ())) or lede.decoder.eos_ids
     out = lede.generate(input_ids=input_ids[0], max_new_tokens=int(max_new),
-                        temperature=float(cfg.temperature or 1.0) if do_sample else 0.0,
-                        top_p=float(cfg.top_p or 1.0) if do_sample else 1.0, streamer=streamer, stop=stop,
+                        temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
+                        top_k=top_k if do_sample else None,
+                        streamer=None if streamer is None else _AfterPrompt(streamer), stop=stop,
                         eos_ids=tuple(int(e) for e in eos_ids))
     toks = out.tokens
     return torch.cat([input_ids, torch.tensor([toks], dtype=input_ids.dtype, device=input_ids.device)], 1)
+
+
+def _warping(model, cfg, processors) -> tuple[float, Optional[int], float]:
+    """(temperature, top_k, top_p) of the warpers transformers built (read from the processors,
+    so a warper passed in ``logits_processor=`` counts too).
+
+    Raises:
+        ValueError: any processor or setting lede cannot honour exactly, each named with its origin.
+    """
+    temperature, top_k, top_p = 1.0, None, 1.0
+    refused, seen = [], []
+    for proc in processors or []:
+        name = type(proc).__name__
+        if name in _NO_OPS:
+            continue
+        if name not in _WARPERS:
+            refused.append(_describe_processor(model, cfg, name))
+            continue
+        if seen and _WARPERS.index(name) <= _WARPERS.index(seen[-1]):
+            refused.append(f"{name} twice or after {seen[-1]} (transformers applies temperature, top-k, top-p "
+                           "once each, in that order; check logits_processor=)")
+            continue
+        seen.append(name)
+        if name == "TemperatureLogitsWarper":
+            temperature = float(proc.temperature)
+        elif name == "TopKLogitsWarper":
+            top_k = int(proc.top_k)
+        elif int(getattr(proc, "min_tokens_to_keep", 1)) > 1:
+            refused.append(f"TopPLogitsWarper with min_tokens_to_keep={proc.min_tokens_to_keep}")
+        else:
+            top_p = float(proc.top_p)
+    for field, in_use in _OUTPUT_SETTINGS:
+        value = getattr(cfg, field, None)
+        if value is not None and in_use(value):
+            refused.append(f"{field}={value!r} ({_origin(model, field, value)})")
+    if refused:
+        raise ValueError("lede cannot honour these generation settings (logits processors and outputs) exactly: "
+                         + "; ".join(refused) + ". Speculative decoding needs each position's target distribution "
+                         "before the tokens are known and returns one sequence of token ids: drop those settings "
+                         "(from the call, or from model.generation_config for the model's own), or call "
+                         "generate() without custom_generate.")
+    return temperature, top_k, top_p
+
+
+def _describe_processor(model, cfg, name: str) -> str:
+    """'setting=value (origin)' for a processor transformers built from a setting, else what it is."""
+    if name == "PrefixConstrainedLogitsProcessor":
+        return "prefix_allowed_tokens_fn (your generate() call)"
+    field = _PROCESSOR_SETTINGS.get(name)
+    value = None if field is None else getattr(cfg, field, None)
+    default = _defaults(model).get(field)
+    if field is None:
+        return f"{name} (passed in logits_processor=, or built from a generation setting lede does not know)"
+    if value is None or (default is not None and _same(value, default)):
+        return f"{name} (passed in logits_processor=)"  # the setting itself builds no processor
+    return f"{field}={value!r} ({_origin(model, field, value)})"
+
+
+def _origin(model, field: str, value) -> str:
+    """Where a generation setting's value came from, as far as the merged config tells."""
+    own = getattr(getattr(model, "generation_config", None), field, None)
+    if own is not None and _same(own, value):
+        return "from the model's generation_config.json (model.generation_config)"
+    default = _defaults(model).get(field)
+    if default is not None and _same(default, value):
+        return "transformers' default, filled in because it was not set"
+    return "set in your generate() call"
+
+
+def _defaults(model) -> dict:
+    gc = getattr(model, "generation_config", None)
+    try:
+        return dict(gc._get_default_generation_params()) if gc is not None else {}
+    except Exception:  # noqa: BLE001 - a transformers without that helper: no defaults known
+        return {}
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors and other values without a truth value
+        return False
+
+
+class _AfterPrompt:
+    """A streamer wrapper: transformers' ``generate`` has already streamed the prompt, so lede's
+    own put of the prompt is dropped and everything after it passed on."""
+
+    def __init__(self, streamer) -> None:
+        self.streamer, self.prompt_sent = streamer, False
+
+    def put(self, value) -> None:
+        if not self.prompt_sent:
+            self.prompt_sent = True
+            return
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 def _criteria_stop(stopping_criteria, prompt: torch.LongTensor):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
+from .stopping import NO_STOP, ThresholdStop
 
 if TYPE_CHECKING:
     from .decoding import RoundRecord
@@ -82,10 +83,17 @@ class BasePolicy:
 
 class StaticPolicy(BasePolicy):
     """The same action every round: static (E, K) self-speculation as in LayerSkip
-    (arXiv 2404.16710) and transformers' ``assistant_early_exit``; action 0 = plain AR."""
+    (arXiv 2404.16710) and transformers' ``assistant_early_exit``; action 0 = plain AR.
 
-    def __init__(self, action: int) -> None:
+    Args:
+        action: the action index.
+        stop_rule: how drafts end inside a round (default :data:`~lede_env.stopping.NO_STOP`:
+            the whole K, as a static (E, K) is defined; the env's own rule does not apply).
+    """
+
+    def __init__(self, action: int, stop_rule=NO_STOP) -> None:
         self.action = int(action)
+        self.stop_rule = stop_rule
 
     def act(self, obs: Optional[dict]) -> int:
         return self.action
@@ -327,7 +335,7 @@ class ConfidencePolicy(StaticPolicy):
     def __init__(self, actions: ActionMap, exit_layer: int, k_cap: int, threshold: float) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold={threshold!r} must be a probability in (0, 1).")
-        super().__init__(actions.encode(exit_layer, k_cap))
+        super().__init__(actions.encode(exit_layer, k_cap), ThresholdStop(float(threshold)))
         self.stop_threshold = float(threshold)
 
 
@@ -409,15 +417,16 @@ class GuardedPolicy(BasePolicy):
 
 
 #: the policy names :func:`policy_from_name` understands
-POLICY_NAMES = "ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH"
+POLICY_NAMES = "ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH, agent-unguarded:PATH"
 _USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
-          "agent": "agent:PATH"}
+          "agent": "agent:PATH", "agent-unguarded": "agent-unguarded:PATH"}
 
 
 def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = True, reuse: bool = True,
                      observer: Optional[ObservationBuilder] = None):
     """The policy named ``name`` (see :data:`POLICY_NAMES`), shared by ``lede evaluate`` and
-    :class:`lede_env.generate.Lede`.
+    :class:`lede_env.generate.Lede`. ``agent:PATH`` is the exported agent inside the
+    :class:`GuardedPolicy` safety net (on by default); ``agent-unguarded:PATH`` is the bare agent.
 
     Args:
         actions: the decoder's / env's action map.
@@ -445,11 +454,11 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
             return HeuristicPolicy(actions, int(args[0]))
         if kind == "confidence" and len(args) == 3:
             return ConfidencePolicy(actions, int(args[0]), int(args[1]), float(args[2]))
-        if kind == "agent" and arg:
+        if kind in ("agent", "agent-unguarded") and arg:
             p = ExportedPolicy(arg)
             if observer is not None:
                 p.check_compatible(observer, actions)
-            return p
+            return GuardedPolicy(p) if kind == "agent" else p
     except (TypeError, ValueError) as e:
         raise ValueError(f"Bad policy {name!r} ({e}).") from None
     if kind in _USAGE:

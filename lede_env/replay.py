@@ -151,3 +151,39 @@ def throughput(results: Sequence[dict]) -> float:
     """Total tokens / total cost (tokens per AR-step unit) over several episodes."""
     c = sum(r["cost"] for r in results)
     return sum(r["tokens"] for r in results) / c if c else float("nan")
+
+
+def useful_actions(rules: ReplayRules) -> list[int]:
+    """The actions whose best case can beat an AR step under ``rules``' cost profile: action 0,
+    and every (E, K) whose round, all K drafts accepted, emits more tokens per unit of cost than
+    AR (``(K + 1) / cost(E, K) > 1 / cost(AR)``, with the bonus token; ``K / cost`` without it).
+    The rest can never pay, whatever the text: offline learners only spread value over them."""
+    prof, acts = rules.profile, rules.actions
+    ar = prof.round_cost(0, 0, 1, rules.reuse)
+    keep = [0]
+    for a in range(1, acts.n):
+        E, K = acts.decode(a)
+        n = K + 1 if rules.bonus else K
+        if n / prof.round_cost(E, K, n, rules.reuse) > 1.0 / ar:
+            keep.append(a)
+    return keep
+
+
+def best_static(traces: Sequence[Trace], rules: ReplayRules, max_new_tokens: int,
+                candidates: Optional[Sequence[int]] = None) -> tuple[int, float]:
+    """The static action with the best throughput over ``traces`` (LayerSkip's setting, chosen on
+    training traces), under ``rules`` as given (drop the overhead for a policy that reads no
+    observation: :meth:`ReplayRules.without_overhead`).
+
+    Args:
+        candidates: actions to try (default: every action).
+
+    Returns:
+        ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
+    """
+    best = (0, -1.0)
+    for a in (range(rules.actions.n) if candidates is None else candidates):
+        tp = throughput([rollout(t, rules, max_new_tokens, lambda g, a=a: a) for t in traces])
+        if tp > best[1]:
+            best = (int(a), tp)
+    return best

@@ -2,7 +2,7 @@
 distributed exactly as plain sampling from the model (Leviathan et al., arXiv 2211.17192; Chen
 et al., arXiv 2302.01318).
 
-- :class:`Sampling` - the user's settings (temperature, top-p, seed) and the warped distribution.
+- :class:`Sampling` - the user's settings (temperature, top-k, top-p, seed) and the warped distribution.
 - :class:`SpeculativeSampler` - one generation's sampling state: its random generator and the
   draft distributions of the round being played.
 - :func:`speculative_verify` - the acceptance rule of one round, as "verifier tokens" for the
@@ -22,7 +22,7 @@ import torch
 
 @dataclass
 class Sampling:
-    """Temperature / nucleus sampling for :meth:`SelfSpeculativeDecoder.generate`.
+    """Temperature / top-k / nucleus sampling for :meth:`SelfSpeculativeDecoder.generate`.
 
     Drafts are sampled from the exit head's warped distribution q and accepted by speculative
     sampling (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318): draft token d
@@ -31,29 +31,47 @@ class Sampling:
     from p. Every emitted token is then distributed exactly as in plain sampling from the
     model's warped distribution p, whatever the actions.
 
+    The warping is transformers' (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+    ``TopPLogitsWarper``, in that order): logits / temperature, then only the tokens whose logit
+    is at least the k-th largest, then the nucleus of the renormalised distribution.
+
     Attributes:
         temperature: > 0; logits are divided by it.
         top_p: nucleus mass in (0, 1]: the smallest set of most likely tokens whose probability
             reaches ``top_p`` is kept (applied to p and to q alike).
-        seed: seed of the generation's own ``torch.Generator`` (``None``: nondeterministic).
+        seed: seed of the generation's own ``torch.Generator`` (``None``: drawn from torch's global
+            generator, so ``torch.manual_seed`` makes a run reproducible as it does for
+            transformers' own sampling).
+        top_k: keep the ``top_k`` most likely tokens (ties at the k-th logit kept, as
+            transformers does; applied to p and to q alike, q over the draft vocabulary);
+            ``None`` or 0: off.
 
     Raises:
-        ValueError: temperature <= 0 or top_p outside (0, 1].
+        ValueError: temperature <= 0, top_p outside (0, 1], or top_k not a non-negative integer.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    top_k: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (use sampling=None for greedy), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+                raise ValueError(f"top_k must be a non-negative integer (0 or None: off), got {self.top_k!r}.")
+            self.top_k = int(self.top_k) or None
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Warped distribution. [..., V] logits -> [..., V] float32 probabilities."""
-        p = torch.softmax(logits.float() / self.temperature, -1)
+        x = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < x.shape[-1]:
+            kth = x.topk(self.top_k, -1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        p = torch.softmax(x, -1)
         if self.top_p < 1:
             sp, idx = p.sort(-1, descending=True)
             drop = sp.cumsum(-1) - sp >= self.top_p  # keeps at least the most likely token
@@ -119,10 +137,10 @@ class SpeculativeSampler:
     def __post_init__(self) -> None:
         self.draft_ids = self.draft_ids.cpu()
         self.generator = torch.Generator(device="cpu")
-        if self.sampling.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(self.sampling.seed))
+        seed = self.sampling.seed
+        if seed is None:  # from torch's global generator: torch.manual_seed(s) reproduces the run
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.generator.manual_seed(int(seed))
 
     def draw_draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Sample one draft token from the exit head's warped distribution and keep q for

@@ -67,6 +67,10 @@ class StopRule:
         return {"kind": "none"}
 
 
+#: the rule that never stops (a static (E, K) drafts its whole K)
+NO_STOP = StopRule()
+
+
 @dataclass(frozen=True)
 class ThresholdStop(StopRule):
     """Stop after the first draft token whose draft-head probability is below ``threshold``

@@ -106,7 +106,10 @@ def test_env_spec_is_complete(env):
     assert (spec.id, spec.entry_point) == ("LEDE-Llama3-v0", "lede_env.env:LEDEEnv")
     assert kw["model"] == "some/model" and kw["prompts"] == "humaneval[0:4]"
     assert kw["exit_layers"] == [1, 2, 3] and kw["k_max"] == 4 and kw["max_new_tokens"] == 32
-    assert kw["reward_mode"] == "net" and kw["bonus"] is True and kw["reuse"] is True
+    assert kw["reward_mode"] == "relative" and kw["bonus"] is True and kw["reuse"] is True
+    # the resolved lambda is stored, so a recovered env pays the same rewards without recomputing it
+    assert kw["reward_lambda"] == env.unwrapped.reward_lambda >= 1.0
+    assert kw["obs_kind"] == "full" and kw["stop_rule"] is None
     assert CostProfile(**kw["cost_profile"]) == env.profile  # not "measured" again elsewhere
     json.dumps(kw)
     inspect.signature(LEDEEnv).bind(**kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
         acts.append(a)
         rounds.append(info["round"])
         observations.append(obs)
-        assert r == pytest.approx(info["round"]["emitted"] - info["round"]["cost"])
+        assert r == pytest.approx(info["round"]["emitted"] - env.reward_lambda * info["round"]["cost"])
         done = te or tr
     res, seen = _replay_live(b, heads, env, acts, env.trace.prompt)
     assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
@@ -142,7 +143,7 @@ def test_rewards(tiny):
         ar_cost = 1.0 + prof.overhead / prof.ar_step
         assert r == pytest.approx(1 - ar_cost if mode == "net" else 1 / ar_cost)
     # net: the undiscounted return is tokens - total cost
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode="net")
     env.reset(seed=1, options={"prompt_index": 1})
     ret = tok = cost = 0.0
     done = False
@@ -153,6 +154,38 @@ def test_rewards(tiny):
         cost += info["round"]["cost"]
         done = te or tr
     assert ret == pytest.approx(tok - cost)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), lam=st.one_of(st.just("auto"), st.floats(0.5, 3.0)))
+def test_relative_return_is_tokens_minus_lambda_cost(tiny, seed, lam):
+    """The default reward: for any action sequence, the undiscounted return is N - lambda * total
+    cost (N tokens emitted by the rounds); lambda 'auto' is the best static throughput on the
+    env's traces (whole K drafted, no overhead), and at least AR's 1.0."""
+    from lede_env.replay import best_static, useful_actions
+    from lede_env.stopping import NO_STOP
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, reward_lambda=lam)
+    assert env.reward_mode == "relative"
+    if lam == "auto":
+        rules = replace(env.rules.without_overhead(), stop_rule=NO_STOP)
+        best = best_static([ts.traces[i] for i in env.playable], rules, 24)[1]
+        assert env.reward_lambda == pytest.approx(max(1.0, best))
+        assert set(useful_actions(rules)) >= {0}
+    else:
+        assert env.reward_lambda == lam
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    ret = tok = cost = 0.0
+    done = False
+    while not done:
+        _, r, te, tr, info = env.step(int(env.action_space.sample()))
+        ret += r
+        tok += info["round"]["emitted"]
+        cost += info["round"]["cost"]
+        done = te or tr
+    assert ret == pytest.approx(tok - env.reward_lambda * cost)
 
 
 def test_episode_end(tiny):

@@ -71,8 +71,9 @@ def test_greedy_live_equals_trace(tiny, actions, which, bonus, reuse, max_new, s
 
 def test_charging_overhead_and_playing(tiny):
     b, heads, ts, prof = tiny
-    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16)
-    live = live_env(tiny, max_new_tokens=16)
+    # the same lambda on both backends ('auto' is the best static on traces, 1.0 live)
+    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_lambda=1.25)
+    live = live_env(tiny, max_new_tokens=16, reward_lambda=1.25)
     with trace.charging_overhead(False), live.charging_overhead(False):
         r1 = [s[2] for s in play(trace, [5, 0, 9], prompt_index=1)]
         r2 = [s[2] for s in play(live, [5, 0, 9], prompt_index=1)]
@@ -114,7 +115,8 @@ def test_wallclock_costs(tiny):
         for a, _, r, _, _, info in steps[1:]:
             c = info["round"]["cost"]
             assert math.isfinite(c) and c > 0 and info["round"]["seconds"] > 0
-            expect = info["round"]["emitted"] - c if mode_env.reward_mode == "net" else info["round"]["emitted"] / c
+            lam = {"relative": mode_env.reward_lambda, "net": 1.0}.get(mode_env.reward_mode)
+            expect = info["round"]["emitted"] - lam * c if lam is not None else info["round"]["emitted"] / c
             assert r == pytest.approx(expect)
 
 

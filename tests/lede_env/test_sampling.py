@@ -98,3 +98,72 @@ def test_stop_and_streamer_end_generation_exactly_there():
                            stop=lambda toks, k=keep_at: k if len(toks) >= k else None)
         assert out.tokens == full[:keep_at]
         assert s.chunks[0] == [5, 9, 17] and sum(s.chunks[1:], []) == full[:keep_at] and s.ended
+
+
+def _hf_warped(model, ids, temperature, top_k, top_p=1.0):
+    """transformers' own next-token distribution of ``model`` after ``ids`` under its sampling
+    warpers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``), float64."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k)]
+                               + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        scores = warp(x, model(x).logits[:, -1].double())
+    return torch.softmax(scores, -1)[0]
+
+
+def test_sampling_probs_warp_as_transformers_does():
+    """Sampling.probs (used for p and for q alike) equals softmax of transformers' temperature,
+    top-k, top-p warpers, ties at the k-th logit included; top_k 0/None is off, bad values fail."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g) * 2
+    logits[0, :5] = 3.0  # a tie straddling the k-th position: transformers keeps all of them
+    for k, top_p in ((4, 1.0), (7, 0.8), (1, 1.0), (40, 0.9), (100, 1.0)):
+        ref = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(k)]
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))(None, logits.clone())
+        mine = Sampling(0.7, top_p, top_k=k).probs(logits)
+        assert torch.allclose(mine, torch.softmax(ref, -1), atol=1e-6), (k, top_p)
+    assert (Sampling(1.0, top_k=4).probs(logits)[0] > 0).sum() == 5  # the tie is kept
+    for off in (0, None):
+        assert torch.allclose(Sampling(0.7, top_k=off).probs(logits), torch.softmax(logits / 0.7, -1))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            Sampling(0.7, top_k=bad)
+
+
+def test_decoder_sampling_with_top_k_follows_the_models_top_k_distribution():
+    """With top_k (and top_p) the decoder's first three tokens, produced by the prefill and by
+    speculative rounds at E=1, K=3 over a truncated draft vocabulary (acceptance, residual and
+    bonus draws), follow the model's own top-k warped distribution: every sample lies in its
+    support and the joint of (t0, t1, t2) over 1,200 seeded generations passes a chi-square test
+    against the exact joint computed with transformers' warpers."""
+    b = make_tiny(num_layers=3, seed=1)
+    heads = ExitHeads(b.stack, (1, 2), "lens", draft_vocab=64)
+    dec = SelfSpeculativeDecoder(b.stack, heads, 3, ())
+    pol = StaticPolicy(dec.actions.encode(1, 3))
+    prompt, T, k, top_p = [5, 9, 17], 0.8, 4, 0.95
+    samples = [tuple(dec.generate(torch.tensor(prompt), pol, 5, sampling=Sampling(T, top_p, 20_000 + s, top_k=k))
+                     .tokens[:3]) for s in range(1200)]
+    assert any(r.draft_len > 1 for r in dec.generate(torch.tensor(prompt), pol, 5, sampling=Sampling(T, seed=0,
+                                                                                                     top_k=k)).rounds)
+    exact = {}  # (t0, t1, t2) -> probability under the model's own warped distribution
+    p0 = _hf_warped(b.model, prompt, T, k, top_p)
+    for t0 in p0.nonzero()[:, 0].tolist():
+        p1 = _hf_warped(b.model, prompt + [t0], T, k, top_p)
+        for t1 in p1.nonzero()[:, 0].tolist():
+            p2 = _hf_warped(b.model, prompt + [t0, t1], T, k, top_p)
+            for t2 in p2.nonzero()[:, 0].tolist():
+                exact[(t0, t1, t2)] = float(p0[t0] * p1[t1] * p2[t2])
+    assert all(s in exact for s in samples)  # never a token outside the top-k (or nucleus) of its position
+    n = len(samples)
+    counts = {c: 0 for c in exact}
+    for s in samples:
+        counts[s] += 1
+    big = [c for c in exact if exact[c] * n >= 5]
+    obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]
+    exp = [exact[c] * n for c in big] + [n - sum(exact[c] * n for c in big)]
+    assert len(big) >= 4
+    assert chisquare(obs, np.array(exp) * n / sum(exp)).pvalue > 1e-3

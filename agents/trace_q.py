@@ -1,0 +1,196 @@
+"""``trace_q``: a learner that uses what the traces know about every action.
+
+In the trace env the outcome of *every* action at every visited state is known exactly: greedy
+decoding's output does not depend on the actions, so a trace replays any (E, K) round at any
+position (:func:`lede_env.replay.replay_round`). Offline RL on logged transitions (d3rlpy,
+stable-baselines3) sees one action per state and must guess the others; here each visited state
+gets a regression target for every action:
+
+    target(s, a) = tokens(s, a) - lambda * cost(s, a)
+
+the env's ``relative`` reward (lambda = its ``reward_lambda``, the best static throughput on the
+training traces): by Dinkelbach's method for ratio objectives (and the relative reward of
+average-reward semi-Markov decision processes), the action maximising it per round is the one that
+raises throughput above lambda, so no discounting or bootstrapping is needed. A small MLP
+regresses the targets from the flat observation; the policy is its argmax over the actions that
+can pay at all (:func:`lede_env.replay.useful_actions`). The visited states come from DAgger-style
+rounds (Ross et al. 2011, arXiv 1011.0686): first a behaviour mixture (the best static action and
+random useful actions), then the learner's own policy with epsilon exploration, aggregated, so the
+observation's history and running acceptance look as they will when the learner decodes. It never
+imitates the hindsight oracle, which acts on rejections no causal policy can see.
+
+The training loop is lede's own (a few lines of PyTorch); the artefact is the same TorchScript
+greedy policy as the other agents' (``lede export``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lede_env.replay import best_static, replay_round, useful_actions
+from lede_env.stopping import NO_STOP
+
+
+class _Greedy(nn.Module):
+    """Standardise -> MLP -> masked argmax: the exported policy ([N, D] float32 -> [N] int64)."""
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("penalty", torch.where(mask, torch.zeros_like(mask, dtype=torch.float32),
+                                                    torch.full(mask.shape, -1e9)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net((x - self.mean) / self.std) + self.penalty).argmax(-1)
+
+
+class TraceQAgent:
+    """A trained ``trace_q`` agent: ``predict(flat [N, D]) -> actions [N]`` and ``save_policy``,
+    like the d3rlpy and stable-baselines3 agents.
+
+    Attributes:
+        policy: the :class:`_Greedy` module (standardisation, MLP, masked argmax).
+        allowed: the action indices it may choose.
+        info: training summary (states, iterations, lambda, loss).
+    """
+
+    def __init__(self, policy: _Greedy, allowed: list[int], info: dict) -> None:
+        self.policy, self.allowed, self.info = policy.eval(), list(allowed), dict(info)
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.policy(torch.as_tensor(np.asarray(x, np.float32))).numpy()
+
+    def save_policy(self, path: str) -> None:
+        """TorchScript greedy policy (what ``lede export`` ships)."""
+        torch.jit.script(self.policy).save(path)
+
+    def save(self, out: Path) -> None:
+        """``model.pt`` (TorchScript) and ``trace_q.json`` in the run folder ``out``."""
+        out = Path(out)
+        self.save_policy(str(out / "model.pt"))
+        (out / "trace_q.json").write_text(json.dumps({"allowed": self.allowed, "info": self.info}, indent=2))
+
+    @classmethod
+    def load(cls, out: Path) -> "TraceQAgent":
+        """Inverse of :meth:`save`. Raises ``FileNotFoundError`` when the run folder has none."""
+        out = Path(out)
+        if not (out / "model.pt").exists():
+            raise FileNotFoundError(f"No trace_q model in {out}: run `lede train --algo trace_q` first.")
+        meta = json.loads((out / "trace_q.json").read_text())
+        return cls(torch.jit.load(str(out / "model.pt")), meta["allowed"], meta["info"])
+
+
+def _targets(u, lam: float, actions: list[int]) -> np.ndarray:
+    """[len(actions)] tokens - lambda * cost of each action at the env's current state."""
+    t, g, limit = u.trace, u._g, u._limit
+    out = np.empty(len(actions), np.float32)
+    for j, a in enumerate(actions):
+        oc, _, cost = replay_round(t, g, a, u.rules, limit)
+        out[j] = len(oc.emitted) - lam * cost
+    return out
+
+
+def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), learning_rate: float = 1e-3,
+                  batch_size: int = 256, iterations: int = 4, epsilon: float = 0.1, seed: int = 0,
+                  progress: bool = False, log=None) -> TraceQAgent:
+    """Train a ``trace_q`` agent on a trace env (its own traces and rules).
+
+    Args:
+        env: a trace-backend ``LEDE-Llama3-v0`` (e.g. recovered from a Minari dataset).
+        steps: Adam steps in all (split over the DAgger iterations).
+        hidden: MLP widths (small: the forward pass is paid every round).
+        iterations: data-collection rounds (the first with the behaviour mixture, then the
+            learner's own policy with ``epsilon``-random useful actions).
+        log: ``callable(dict)`` given per-iteration metrics (e.g. W&B).
+
+    Raises:
+        ValueError: a live-backend env (no traces to replay every action on).
+    """
+    u = env.unwrapped
+    if u.backend != "trace":
+        raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lam = float(u.reward_lambda) if u.reward_mode == "relative" else 1.0
+    allowed = useful_actions(u.rules)
+    traces = [u.trace_set.traces[i] for i in u.playable]
+    static = best_static(traces, replace(u.rules.without_overhead(), stop_rule=NO_STOP), u.max_new_tokens, allowed)[0]
+    n_act = u.actions.n
+    col = {a: j for j, a in enumerate(allowed)}
+    X: list[np.ndarray] = []
+    Y: list[np.ndarray] = []
+    net = None
+    mean = std = None
+    info = {"lambda": lam, "allowed": len(allowed), "static": int(static), "iterations": []}
+    for it in range(iterations):
+        for idx in u.playable:
+            obs, _ = u.reset(seed=seed + it, options={"prompt_index": idx})
+            done = False
+            while not done:
+                flat = u.flatten_observation(obs)
+                y = _targets(u, lam, allowed)
+                X.append(flat)
+                Y.append(y)
+                if it == 0:
+                    a = static if rng.random() < 0.5 else int(rng.choice(allowed))
+                elif rng.random() < epsilon:
+                    a = int(rng.choice(allowed))
+                else:
+                    with torch.no_grad():
+                        q = net(torch.from_numpy((flat - mean) / std)[None])[0]
+                    a = allowed[int(q.argmax())]
+                obs, _, te, tr, _ = u.step(a)
+                done = te or tr
+        x = torch.from_numpy(np.stack(X))
+        y = torch.from_numpy(np.stack(Y))
+        mean = x.mean(0).numpy()
+        std = (x.std(0) + 1e-3).numpy()
+        xs = (x - torch.from_numpy(mean)) / torch.from_numpy(std)
+        layers: list[nn.Module] = []
+        width = x.shape[1]
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, len(allowed)))
+        net = nn.Sequential(*layers)  # refit from scratch on the aggregated states
+        opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+        g = torch.Generator().manual_seed(seed + it)
+        n_steps = max(steps // iterations, 1)
+        for _ in range(n_steps):
+            b = torch.randint(0, xs.shape[0], (min(batch_size, xs.shape[0]),), generator=g)
+            loss = nn.functional.mse_loss(net(xs[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            agree = float((net(xs).argmax(-1) == y.argmax(-1)).float().mean())
+        m = {"iteration": it, "states": int(xs.shape[0]), "loss": float(loss.detach()), "best_action_agreement": agree}
+        info["iterations"].append(m)
+        if log is not None:
+            log(m)
+        if progress:
+            print(f"trace_q iteration {it}: {m}")
+    # the full-width head: -inf (a large penalty) on actions that cannot pay
+    full = nn.Linear(width, n_act)
+    with torch.no_grad():
+        full.weight.zero_()
+        full.bias.zero_()
+        last = net[-1]
+        for a, j in col.items():
+            full.weight[a] = last.weight[j]
+            full.bias[a] = last.bias[j]
+    mlp = nn.Sequential(*list(net)[:-1], full)
+    mask = torch.zeros(n_act, dtype=torch.bool)
+    mask[allowed] = True
+    policy = _Greedy(mlp, torch.from_numpy(mean), torch.from_numpy(std), mask)
+    return TraceQAgent(policy, allowed, info)
+
