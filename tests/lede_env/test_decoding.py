@@ -15,6 +15,22 @@ from ..conftest import decode_cases, make_tiny
 MODELS = {}
 
 
+def random_calibrated_stop(n_exits: int, k_max: int, data):
+    """A CalibratedStop with hypothesis-drawn acceptance tables and thresholds (any values: the
+    output must stay greedy's whatever the rule decides)."""
+    import numpy as np
+
+    from lede_env.stopping import DEFAULT_EDGES, AcceptanceCalibration, CalibratedStop
+
+    B = len(DEFAULT_EDGES) - 1
+    rate = np.sort(np.array(data.draw(st.lists(st.floats(0, 1), min_size=n_exits * B, max_size=n_exits * B)),
+                            np.float32).reshape(n_exits, B), axis=1)
+    cal = AcceptanceCalibration(np.array(DEFAULT_EDGES, np.float32), rate, rate.mean(1), np.ones_like(rate))
+    th = np.array(data.draw(st.lists(st.floats(0, 1.2), min_size=n_exits * k_max, max_size=n_exits * k_max)),
+                  np.float64).reshape(n_exits, k_max)
+    return CalibratedStop(cal, th)
+
+
 def model(num_layers, seed):
     key = (num_layers, seed)
     if key not in MODELS:
@@ -35,7 +51,11 @@ def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt
     ids = torch.tensor(prompt)
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
     policy = SequencePolicy(acts)
-    policy.stop_threshold = data.draw(st.one_of(st.none(), st.floats(0.01, 0.99)))  # confidence-threshold drafting
+    stop = data.draw(st.sampled_from(["none", "threshold", "calibrated"]))
+    if stop == "threshold":  # confidence-threshold drafting
+        policy.stop_threshold = data.draw(st.floats(0.01, 0.99))
+    elif stop == "calibrated":  # calibrated in-round stopping, with arbitrary tables and thresholds
+        policy.stop_rule = random_calibrated_stop(len(exits), k_max, data)
     out = dec.generate(ids, policy, max_new)
     assert out.tokens == ref
     assert len(out.tokens) <= max_new

@@ -1,0 +1,115 @@
+"""The learned agent against the best static (E, K), DEL-style and AR, per prompt category.
+
+One process, same prompts for every method. Trains ``trace_q`` agents on the training split's
+traces (code, everyday instructions, math word problems, translation) and evaluates them on
+held-out prompts, including MT-bench categories no calibration or training prompt comes from.
+
+Trace env: throughput = tokens / cost (AR-step units of the measured cost profile), per
+category. Real decoder (``--live N``: the first N held-out prompts of each category): wall-clock
+speedup over lede's AR loop, outputs checked identical to greedy AR.
+
+    python benchmarks/agent_vs_static.py                          # trace env, default splits
+    python benchmarks/agent_vs_static.py --live 2 --out runs/bench_agent
+    python benchmarks/agent_vs_static.py --variants compact/calibrated,full/none --eval-prompts wide
+
+Variants are OBSERVATION/STOP pairs: observation ``compact`` (running acceptance + the shallowest
+exit's statistics) or ``full`` (hidden-state context + every exit's statistics, the v0 layout);
+stop ``calibrated`` (in-round stop from calibrated draft probabilities) or ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
+    from agents.export import export_policy
+    from agents.policies import best_static_action
+    from agents.train import greedy_q_policy
+    from agents.trace_q import train_trace_q
+    from lede_env.env import LEDEEnv
+    from lede_env.policies import GuardedPolicy, StaticPolicy
+    from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN, WIDE_EVAL
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-prompts", default=DEFAULT_TRAIN)
+    ap.add_argument("--eval-prompts", default=DEFAULT_EVAL, help="prompt spec, or 'wide' for WIDE_EVAL")
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
+    ap.add_argument("--cost-profile", default="measured")
+    ap.add_argument("--variants", default="compact/calibrated,full/none")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--live", type=int, default=0, help="held-out prompts per category decoded for real")
+    ap.add_argument("--out", default="runs/bench_agent")
+    args = ap.parse_args()
+    eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False)
+    rows_all, live_all, info = [], [], {}
+    for variant in args.variants.split(","):
+        obs_kind, stop = variant.split("/")
+        kw = dict(common, obs_kind=obs_kind, stop_rule=None if stop == "none" else stop)
+        t0 = time.time()
+        train_env = LEDEEnv(prompts=args.train_prompts, **kw)
+        eval_env = LEDEEnv(prompts=eval_prompts, **kw, reward_lambda=train_env.reward_lambda)
+        static_best, static_tp = best_static_action(train_env)
+        agent = train_trace_q(train_env, steps=args.steps)
+        policy = greedy_q_policy(agent, train_env.observer.layout())
+        E, K = train_env.actions.decode(static_best)
+        info[variant] = {"lambda": train_env.reward_lambda, "static": [E, K], "static_train_tp": static_tp,
+                         "overhead_ar_steps": train_env.profile.overhead / train_env.profile.ar_step,
+                         "train_seconds": round(time.time() - t0, 1), "trace_q": agent.info["iterations"][-1]}
+        print(f"[{variant}] lambda {train_env.reward_lambda:.3f}, static E={E} K={K}, {info[variant]}", flush=True)
+        names = ["ar", "static:best", "del", "oracle"]
+        policies = {f"trace_q ({variant})": GuardedPolicy(policy),
+                    f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
+        if stop != "none":
+            policies[f"static best + {stop} stop"] = StaticPolicy(static_best, stop_rule=eval_env.rules.stop)
+        rows = trace_eval(eval_env, names, static_best, policies=policies)
+        for r in rows:
+            r["variant"] = variant
+        rows_all += rows
+        print(to_markdown([{k: r[k] for k in ("variant", "policy", "category", "throughput", "oracle_share",
+                                              "tokens_per_round", "acceptance")} for r in rows]), flush=True)
+        if args.live:
+            folder = export_policy(agent, train_env, out / f"policy-{obs_kind}-{stop}", algo_name="trace_q")
+            live_env = LEDEEnv(prompts=_first_per_category(eval_prompts, args.live, out), **kw,
+                               reward_lambda=train_env.reward_lambda)
+            dec = live_env.make_decoder()
+            rows = live_eval(live_env, dec, ["ar", "hf", "static:best", "del", f"agent:{folder}",
+                                             f"agent-unguarded:{folder}", "oracle"], static_best, progress=False)
+            for r in rows:
+                r["variant"] = variant
+            live_all += rows
+            print(to_markdown([{k: r[k] for k in ("variant", "policy", "category", "tokens_per_s", "speedup_vs_ar",
+                                                  "tokens_per_round", "acceptance", "identical_to_ar",
+                                                  "policy_ms_per_round")} for r in rows]), flush=True)
+    write_results(out, "trace_eval", rows_all)
+    if live_all:
+        write_results(out, "live_eval", live_all)
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+    print(f"results in {out}/")
+
+
+def _first_per_category(spec: str, n: int, out: Path) -> str:
+    """A prompt spec of the first ``n`` prompts of each category of ``spec`` (for wall-clock runs)."""
+    from lede_env.prompts import load_prompts
+
+    seen: dict[str, int] = {}
+    keep = []
+    for p in load_prompts(spec):
+        if seen.get(p.category, 0) < n:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            keep.append(p)
+    path = out / "live_prompts.jsonl"
+    path.write_text("".join(json.dumps({"question_id": p.id, "category": p.category, "turns": [p.text]}) + "\n"
+                            for p in keep))
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The pieces that let a learned policy beat the static exit: the calibrated in-round stop rule,
+the compact observation, the actions that can pay, the safety net, the prompt splits and the
+exit heads' acceptance calibration."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lede_env.costs import CostProfile
+from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.env import LEDEEnv
+from lede_env.exits import ExitHeads, calibrate_acceptance
+from lede_env.policies import BasePolicy, GuardedPolicy
+from lede_env.replay import ReplayRules, useful_actions
+from lede_env.stopping import AcceptanceCalibration, CalibratedStop, ThresholdStop
+
+from ..conftest import tiny_continuations
+
+
+@pytest.fixture(scope="module")
+def calibrated_heads(tiny):
+    """Lens heads of the tiny model (the traces' drafts) with an acceptance calibration fitted
+    on continuations the traces do not contain."""
+    b, _, _, _ = tiny
+    heads = ExitHeads(b.stack, (1, 2, 3), "lens")
+    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in tiny_continuations(b, 8, seed=1)]
+    calibrate_acceptance(heads, seqs)
+    return heads
+
+
+# ---- the acceptance calibration and the calibrated rule --------------------------------------
+def test_calibration_is_monotone_and_recovers_a_known_rate():
+    rng = np.random.default_rng(0)
+    p = rng.random((20000, 2))
+    acc = rng.random((20000, 2)) < p  # acceptance probability = the draft probability itself
+    cal = AcceptanceCalibration.fit(p, acc)
+    assert np.all(np.diff(cal.rate, axis=1) >= 0)
+    for q in (0.12, 0.45, 0.75, 0.96):
+        assert cal(0, q) == pytest.approx(q, abs=0.06)  # a bin's mean probability, within a bin's width
+    assert cal.mean == pytest.approx(acc.mean(0), abs=1e-6)
+    back = AcceptanceCalibration.from_state(cal.state())
+    assert np.array_equal(back.rate, cal.rate) and np.array_equal(back.edges, cal.edges)
+
+
+def test_calibrated_thresholds_follow_the_cost_profile():
+    """theta[i, j-1] = lambda * (c(E, j+1) - c(E, j)) / mean acceptance: draft one more token only
+    while its expected gain pays for drafting and verifying one more position."""
+    prof = CostProfile(num_layers=4, layer=[1.0, 1.1, 1.3, 1.6, 2.0], head=[1.0, 1.1, 1.2, 1.4, 1.6],
+                       draft_head=0.1)
+    edges = np.array([0.0, 0.5, 1.0], np.float32)
+    cal = AcceptanceCalibration(edges, np.array([[0.2, 0.8]], np.float32), np.array([0.5], np.float32),
+                                np.ones((1, 2), np.float32))
+    rule = CalibratedStop.from_profile(cal, prof, (2,), 3, lam=1.2)
+    for j in (1, 2):
+        dc = prof.round_cost(2, j + 1, j + 2) - prof.round_cost(2, j, j + 1)
+        assert rule.thresholds[0, j - 1] == pytest.approx(1.2 * dc / 0.5)
+    # P_1 = 0.8 (a confident first draft) against theta; a weak one (0.2) stops at once
+    assert rule.stop_after(0, [0.9]) == (0.8 < rule.thresholds[0, 0])
+    assert rule.draft_len(0, [0.1, 0.9, 0.9], 3) == (1 if 0.2 < rule.thresholds[0, 0] else rule.draft_len(0, [0.1, 0.9, 0.9], 3))
+    assert ThresholdStop(0.5).draft_len(0, [0.9, 0.4, 0.9], 3) == 2
+    with pytest.raises(ValueError, match="lambda"):
+        CalibratedStop.from_profile(cal, prof, (2,), 3, lam=0)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), max_new=st.integers(2, 32), lam=st.floats(0.3, 3.0))
+def test_trace_env_replays_the_decoder_under_the_calibrated_rule(tiny, calibrated_heads, seed, max_new, lam):
+    """Same actions: the trace env and the real decoder emit the same tokens and accept the same
+    counts under the calibrated stop rule, and draft the same counts in rounds without a rejection
+    (after one the decoder drafts from a wrong prefix the trace does not hold)."""
+    b, _, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new,
+                  heads=calibrated_heads, stop_rule="calibrated", reward_lambda=lam, obs_kind="compact")
+    assert isinstance(env.rules.stop, CalibratedStop) and env.rules.stop.lam == lam
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    acts, rounds, observations, done = [], [], [obs], False
+    while not done:
+        a = int(env.action_space.sample())
+        obs, r, te, tr, info = env.step(a)
+        acts.append(a)
+        rounds.append(info["round"])
+        observations.append(obs)
+        done = te or tr
+    dec = env.make_decoder(b, calibrated_heads)
+    seen = []
+
+    class Recorder(SequencePolicy):
+        needs_observation = True
+
+        def act(self, o):
+            seen.append(o)
+            return super().act(o)
+
+    res = dec.generate(torch.tensor(env.trace.prompt), Recorder(acts), max_new)
+    assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
+    assert [(x.exit_layer, x.accepted, x.emitted) for x in res.rounds] == \
+        [(x["exit_layer"], x["accepted"], x["emitted"]) for x in rounds]
+    exact = [x["accepted"] == x["draft_len"] for x in rounds]
+    assert [x.draft_len for x, e in zip(res.rounds, exact) if e] == [x["draft_len"] for x, e in zip(rounds, exact) if e]
+    # the compact observation (running acceptance, shallow exit's stats) replays exactly up to the
+    # first round whose drafted count the trace cannot know
+    upto = exact.index(False) + 1 if False in exact else len(observations)
+    for o_live, o_env in list(zip(seen, observations))[:upto]:
+        assert set(o_env) == {"exit_stats", "experience", "history", "progress"}
+        for k in o_env:
+            np.testing.assert_allclose(o_live[k], o_env[k], rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_rule_needs_a_calibration(tiny):
+    b, heads, ts, prof = tiny
+    with pytest.raises(ValueError, match="acceptance calibration"):
+        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, heads=heads, stop_rule="calibrated")
+    with pytest.raises(ValueError, match="stop_rule"):
+        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, stop_rule="sometimes")
+
+
+# ---- the compact observation --------------------------------------------------------------
+def test_compact_observation_carries_running_acceptance(tiny):
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
+    obs, _ = env.reset(seed=0, options={"prompt_index": 0})
+    assert env.observation_space.contains(obs)
+    assert obs["experience"][:, 0] == pytest.approx(0.3) and not obs["experience"][:, 1].any()  # the prior
+    obs, _, _, _, info = env.step(env.actions.encode(2, 3))
+    rd = info["round"]
+    judged = rd["accepted"] + (rd["accepted"] < rd["draft_len"])
+    w = 0.8 ** judged
+    assert obs["experience"][1, 0] == pytest.approx(w * 0.3 + (1 - w) * rd["accepted"] / judged)
+    assert obs["experience"][1, 1] == pytest.approx(judged / (judged + 8))
+    assert obs["experience"][0, 0] == pytest.approx(0.3)  # exits not used keep their prior
+    assert env.observer.flat_dim == 3 + 3 * 2 + 4 * 4 + 1
+
+
+# ---- actions that can pay ---------------------------------------------------------------------
+def test_useful_actions_drop_what_cannot_beat_ar(tiny):
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    rules: ReplayRules = env.rules
+    keep = useful_actions(rules)
+    ar = prof.round_cost(0, 0, 1)
+    for a in range(env.actions.n):
+        E, K = env.actions.decode(a)
+        pays = a == 0 or (K + 1) / prof.round_cost(E, K, K + 1) > 1 / ar
+        assert (a in keep) == pays
+
+
+# ---- the safety net ---------------------------------------------------------------------------
+class DeepAndLong(BasePolicy):
+    """Always the deepest exit with the longest draft."""
+
+    def __init__(self, actions):
+        self.a = actions.encode(actions.exit_layers[-1], actions.k_max)
+
+    def act(self, obs):
+        return self.a
+
+
+def test_safety_net_falls_back_and_keeps_the_output(tiny):
+    """A policy that always drafts deep and long costs more than AR on the tiny model (its
+    drafts are rarely accepted and cost nearly a full pass each): the guard falls back to AR,
+    is cheaper, and the output stays greedy's."""
+    b, heads, ts, prof = tiny
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, profile=prof)
+    ids = torch.tensor([5, 6, 7, 8])
+    ref = greedy_reference(b.model, ids, 48, b.eos_ids)
+    raw = dec.generate(ids, DeepAndLong(dec.actions), 48)
+    guard = GuardedPolicy(DeepAndLong(dec.actions), window=4, wait=4)
+    out = dec.generate(ids, guard, 48)
+    assert raw.tokens == ref and out.tokens == ref
+    assert len(raw.tokens) / raw.cost < 1.0  # the unguarded policy is slower than AR here
+    assert guard.fallback_rounds > 0
+    assert out.cost < raw.cost
+    with pytest.raises(ValueError):
+        GuardedPolicy(StaticPolicy(0), window=0)
+
+
+# ---- prompt splits and exit-head files --------------------------------------------------------
+def test_default_splits_are_disjoint():
+    from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
+    from lede_env.traces import check_disjoint
+
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL)
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL)
+    cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
+    assert {"code", "instructions", "math_word_problems", "translation"} <= cats
+    assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw
+    with pytest.raises(ValueError, match="both the calibration and the held_out"):
+        check_disjoint(calibration="humaneval[0:10]", held_out="humaneval[5:8]")
+
+
+def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calibrated_heads, tmp_path,
+                                                                       monkeypatch):
+    from lede_env import traces
+    from lede_env.traces import HeadSpec, heads_key
+
+    b = tiny[0]
+    again = ExitHeads(b.stack, (1, 2, 3), "lens")
+    again.load_state(calibrated_heads.state())
+    assert np.array_equal(again.acceptance.rate, calibrated_heads.acceptance.rate)
+    # the calibration prompts' content is in the cache key
+    assert heads_key(b, HeadSpec(calib_prompts="humaneval[0:2]"))[0] != heads_key(b, HeadSpec(calib_prompts="humaneval[0:3]"))[0]
+    # a shipped file whose checksum fails is ignored (with a warning), never trusted
+    key = heads_key(b, HeadSpec((1, 2, 3), "lens", 64, calib_prompts="humaneval[0:2]"))[0]
+    (tmp_path / "h.safetensors").write_bytes(b"not the file")
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({key: {"file": "h.safetensors", "sha256": "0" * 64}}))
+    monkeypatch.setattr(traces, "PACKAGED_HEADS", tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert traces.packaged_heads(key) is None
+    assert any("checksum" in str(x.message) for x in w)
