@@ -17,6 +17,24 @@ from rich.console import Console
 
 from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 
+
+def _silence_gym_notice() -> None:
+    """d3rlpy imports the old ``gym`` package (for its spaces), and importing gym prints a
+    migration banner to stderr ("Gym has been unmaintained since 2022 ...") that it reads from
+    ``gym_notices``. It is harmless here: lede's environments are Gymnasium's. Drop that one
+    notice before anything imports gym; no other output or warning is hidden."""
+    try:
+        from importlib.metadata import version
+
+        import gym_notices.notices as notices
+
+        notices.notices.pop(version("gym"), None)
+    except Exception:  # noqa: BLE001 - gym or gym_notices not installed: nothing to silence
+        pass
+
+
+_silence_gym_notice()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lede: dynamic self-speculative decoding as offline RL (LEDE, arXiv 2606.03113).")
 traces_app = typer.Typer(no_args_is_help=True, help="Build greedy traces.")

@@ -13,9 +13,12 @@ Honoured exactly: ``max_new_tokens`` / ``max_length``, ``eos_token_id``, ``do_sa
 sampling with the same warping, so the output is distributed as transformers' own sampling;
 ``torch.manual_seed`` makes it reproducible), streamers, and every stopping criterion transformers
 builds (max time, ...) or lede adds (``stop_strings=``), checked after each accepted token so
-generation ends exactly where transformers' own loop would. ``stop_strings=`` needs no
-``tokenizer=`` (transformers does not pass one on to a callable ``custom_generate``): the
-criterion is built with the tokenizer lede holds.
+generation ends exactly where transformers' own loop would. transformers 5.x hands neither
+``tokenizer=`` nor ``streamer=`` on to a callable ``custom_generate``: ``stop_strings=`` are
+therefore an argument of :func:`lede_generate` (transformers passes its own arguments on) and the
+criterion is built with the tokenizer lede holds (stop strings set in a ``GenerationConfig``
+still make transformers itself ask for ``tokenizer=``, before lede is called); the streamer is
+taken from the calling ``generate()``.
 
 Everything else that changes the output is refused with a ``ValueError`` naming the setting and
 where it came from (the call, the model's ``generation_config.json``, or a ``logits_processor=``
@@ -101,6 +104,8 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     """
     cfg = generation_config
     temperature, top_k, top_p = _warping(model, cfg, logits_processor)
+    if streamer is None:
+        streamer = _dropped_streamer()
     if input_ids.shape[0] != 1:
         raise ValueError(f"lede decodes one sequence at a time; got batch size {input_ids.shape[0]}. "
                          "Loop over the prompts instead.")
@@ -216,6 +221,24 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - tensors and other values without a truth value
         return False
+
+
+def _dropped_streamer():
+    """The ``streamer=`` of the transformers ``generate()`` call that called :func:`lede_generate`.
+
+    transformers 5.x puts the prompt into it, then leaves it out of the arguments it hands to a
+    callable ``custom_generate``; without this the generated tokens and ``end()`` would never reach
+    it (a ``TextIteratorStreamer``'s reader would wait forever). ``None`` when not called from there.
+    """
+    import sys
+
+    try:
+        frame = sys._getframe(2)  # 0: here, 1: lede_generate, 2: GenerationMixin.generate
+    except ValueError:
+        return None
+    if frame.f_code.co_name != "generate" or not frame.f_globals.get("__name__", "").startswith("transformers."):
+        return None
+    return frame.f_locals.get("streamer")
 
 
 class _AfterPrompt:

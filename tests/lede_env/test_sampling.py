@@ -14,6 +14,33 @@ from lede_env.mdp import accept
 from ..conftest import make_tiny
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; a second one only contends with other processes on
+    a busy 2-core machine (40x slower there, issue 22)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pooled_chisquare(counts: dict, exact: dict, min_expected: float = 5.0) -> float:
+    """p-value of a chi-square goodness-of-fit test of ``counts`` (cell -> observed count) against
+    ``exact`` (cell -> probability, summing to 1 over every possible cell): cells expecting fewer
+    than ``min_expected`` samples are pooled into one."""
+    n = sum(counts.values())
+    big = [c for c in exact if exact[c] * n >= min_expected]
+    assert len(big) >= 3
+    obs = [counts.get(c, 0) for c in big]
+    exp = [exact[c] * n for c in big]
+    rest = n - sum(exp)
+    if rest > 1e-6 * n or n - sum(obs) > 0:
+        obs.append(n - sum(obs))
+        exp.append(max(rest, 1e-12))
+    exp = np.array(exp)
+    return float(chisquare(obs, exp * n / exp.sum()).pvalue)
+
+
 def test_speculative_verify_emits_tokens_distributed_as_p():
     """First emitted token of a K=2 round over 30,000 trials follows p[0] (chi-square), with q a
     different distribution over a truncated draft vocabulary."""
@@ -120,7 +147,7 @@ def test_sampling_probs_warp_as_transformers_does():
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 40, generator=g) * 2
-    logits[0, :5] = 3.0  # a tie straddling the k-th position: transformers keeps all of them
+    logits[0, :5] = logits[0].max() + 1  # a tie straddling the k-th position: transformers keeps all of them
     for k, top_p in ((4, 1.0), (7, 0.8), (1, 1.0), (40, 0.9), (100, 1.0)):
         ref = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(k)]
                                   + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))(None, logits.clone())
@@ -136,19 +163,18 @@ def test_sampling_probs_warp_as_transformers_does():
 
 def test_decoder_sampling_with_top_k_follows_the_models_top_k_distribution():
     """With top_k (and top_p) the decoder's first three tokens, produced by the prefill and by
-    speculative rounds at E=1, K=3 over a truncated draft vocabulary (acceptance, residual and
+    speculative rounds at E=1, K=2 over a truncated draft vocabulary (acceptance, residual and
     bonus draws), follow the model's own top-k warped distribution: every sample lies in its
-    support and the joint of (t0, t1, t2) over 1,200 seeded generations passes a chi-square test
+    support and the joint of (t0, t1, t2) over 1,000 seeded generations passes a chi-square test
     against the exact joint computed with transformers' warpers."""
     b = make_tiny(num_layers=3, seed=1)
     heads = ExitHeads(b.stack, (1, 2), "lens", draft_vocab=64)
     dec = SelfSpeculativeDecoder(b.stack, heads, 3, ())
     pol = StaticPolicy(dec.actions.encode(1, 3))
     prompt, T, k, top_p = [5, 9, 17], 0.8, 4, 0.95
-    samples = [tuple(dec.generate(torch.tensor(prompt), pol, 5, sampling=Sampling(T, top_p, 20_000 + s, top_k=k))
-                     .tokens[:3]) for s in range(1200)]
-    assert any(r.draft_len > 1 for r in dec.generate(torch.tensor(prompt), pol, 5, sampling=Sampling(T, seed=0,
-                                                                                                     top_k=k)).rounds)
+    samples = [tuple(dec.generate(torch.tensor(prompt), pol, 4, sampling=Sampling(T, top_p, 20_000 + s, top_k=k))
+                     .tokens[:3]) for s in range(1000)]
+    assert dec.generate(torch.tensor(prompt), pol, 4, sampling=Sampling(T, seed=0, top_k=k)).rounds[0].draft_len == 2
     exact = {}  # (t0, t1, t2) -> probability under the model's own warped distribution
     p0 = _hf_warped(b.model, prompt, T, k, top_p)
     for t0 in p0.nonzero()[:, 0].tolist():
@@ -158,12 +184,5 @@ def test_decoder_sampling_with_top_k_follows_the_models_top_k_distribution():
             for t2 in p2.nonzero()[:, 0].tolist():
                 exact[(t0, t1, t2)] = float(p0[t0] * p1[t1] * p2[t2])
     assert all(s in exact for s in samples)  # never a token outside the top-k (or nucleus) of its position
-    n = len(samples)
-    counts = {c: 0 for c in exact}
-    for s in samples:
-        counts[s] += 1
-    big = [c for c in exact if exact[c] * n >= 5]
-    obs = [counts[c] for c in big] + [n - sum(counts[c] for c in big)]
-    exp = [exact[c] * n for c in big] + [n - sum(exact[c] * n for c in big)]
-    assert len(big) >= 4
-    assert chisquare(obs, np.array(exp) * n / sum(exp)).pvalue > 1e-3
+    counts = {c: samples.count(c) for c in set(samples)}
+    assert pooled_chisquare(counts, exact) > 1e-3
