@@ -331,7 +331,7 @@ def env_spec_for(env, kwargs):
                "obs_stat_exits": u.obs_config.stat_exits})
     if getattr(u, "backend", "trace") == "live":
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
-        return EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
+        return EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw, nondeterministic=True)
     return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
 
 

@@ -20,7 +20,8 @@ from .model import load_model
 if "LEDE-Llama3-v0" not in registry:
     register(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv")
 if "LEDE-Llama3-Live-v0" not in registry:
-    register(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs={"backend": "live"})
+    register(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs={"backend": "live"},
+             nondeterministic=True)
 
 __all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "Lede", "LedeOutput", "RoundRecord", "SelfSpeculativeDecoder",
            "StaticPolicy", "generate", "load_model", "__version__"]

@@ -326,8 +326,10 @@ class LEDEEnv(gym.Env):
         if eos_ids is None:
             raise ValueError("A prebuilt trace_set needs eos_ids.")
         man = trace_set.manifest
-        if int(man.get("max_new_tokens", max_new_tokens)) < max_new_tokens:
-            warnings.warn(f"Traces hold at most {man['max_new_tokens']} new tokens; episodes are truncated there.")
+        cut = [t.n for t in trace_set.traces if not t.eos and t.n < max_new_tokens]  # stopped by their length limit
+        if cut:
+            warnings.warn(f"Traces hold at most {max(cut)} new tokens for {len(cut)} prompts that had not ended; "
+                          "episodes are truncated there.")
         self.trace_set = trace_set
         self.profile = profile
         self.max_new_tokens = max_new_tokens

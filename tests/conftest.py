@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tiny models gain nothing from more, and a second process on the same 2 cores (OpenMP
+# oversubscription) slowed the suite up to 40x with two.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

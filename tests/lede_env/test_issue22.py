@@ -380,7 +380,6 @@ def test_truncation_warning_when_a_continuation_stopped_at_its_length_limit():
     assert _env_warnings(cut_one=True)
 
 
-@pytest.mark.xfail(strict=True, reason="env fix pending")
 def test_no_truncation_warning_when_every_continuation_ended_with_eos():
     """The issue's case: every continuation ends with EOS well within the requested 64 tokens, so
     no episode is truncated (the manifest's max_new_tokens is only the longest continuation)."""
@@ -400,7 +399,6 @@ def test_lede_commands_print_no_gym_banner():
     assert "unmaintained" not in res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="lede_env/__init__.py registration pending")
 def test_live_env_is_registered_as_nondeterministic():
     import gymnasium as gym
 
