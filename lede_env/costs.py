@@ -74,23 +74,30 @@ class CostProfile:
         slope = table[-1] - table[-2] if len(table) > 1 else table[-1]
         return table[-1] + slope * (k - len(table))
 
-    def round_cost(self, exit_layer: int, draft_len: int, n_verify: int, reuse: bool = True) -> float:
+    def round_cost(self, exit_layer: int, draft_len: int, n_verify: int, reuse: bool = True,
+                   passes: Optional[int] = None) -> float:
         """Cost of one round in AR-step units.
 
         Args:
-            exit_layer: E (0 for a plain AR step, then ``draft_len`` must be 0).
-            draft_len: K, draft tokens produced.
-            n_verify: positions verified (K or K+1; 1 for an AR step).
+            exit_layer: E (0 for a plain AR step).
+            draft_len: K, draft tokens kept for verification.
+            n_verify: positions verified (K or K+1; 1 for an AR step or a dropped draft).
             reuse: verification runs only layers E+1..L (the draft's layers 1..E are reused);
                 without reuse it runs all L layers on the verified positions.
+            passes: draft passes (layers 1..E + draft head on one token) actually run, default K.
+                One more than K when an in-round stop rule looked at a draft token and dropped it
+                (:class:`~lede_env.stopping.CalibratedStop`); with ``passes > 0`` and ``K = 0``
+                the round tried exit E and verified only the pending token (cost: an AR step +
+                the draft head, + layers 1..E again without reuse).
         """
-        if exit_layer == 0 or draft_len == 0:
+        passes = draft_len if passes is None else passes
+        if exit_layer == 0 or passes == 0:
             t = self.ar_step
         else:
             E, L = exit_layer, self.num_layers
-            t = draft_len * (E * self.layer[0] + self.draft_head)
+            t = passes * (E * self.layer[0] + self.draft_head)
             if reuse:
-                t += (n_verify - draft_len) * E * self.layer[0]
+                t += max(n_verify - passes, 0) * E * self.layer[0]
             t += (L - E if reuse else L) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
         return (t + self.overhead) / self.ar_step
 

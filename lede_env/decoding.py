@@ -47,6 +47,10 @@ class RoundRecord:
         cost: round cost in AR-step units (from the cost profile; 0 when none is given).
         seconds: wall-clock time of the round, policy included.
         policy_seconds: time spent computing the observation and asking the policy.
+        n_verify: positions verified.
+        passes: draft passes run (``draft_len``, or one more when the stop rule dropped a draft
+            token; 1 with ``draft_len`` 0 when it dropped the first one: the round verified the
+            pending token alone, an AR step plus one draft-head call).
     """
 
     action: int
@@ -57,6 +61,8 @@ class RoundRecord:
     cost: float = 0.0
     seconds: float = 0.0
     policy_seconds: float = 0.0
+    n_verify: int = 0
+    passes: int = 0
 
     @property
     def fully_accepted(self) -> bool:
@@ -277,18 +283,20 @@ class SelfSpeculativeDecoder:
         K = clamp_draft_len(K, state.remaining, self.bonus) if E else 0
         taps = {} if state.want_obs else None
         pending, pos = state.pending, state.pos
+        passes = 0
         if K == 0:  # a plain AR step
             E, draft = 0, []
             x = self.stack.embed(torch.tensor([[pending]], device=self.stack.device))
             normed, verifier = self._verifier_tokens(self._forward(x, 0, self.stack.num_layers, state.cache, pos,
                                                                    taps), state.sampler)
         else:
-            draft, hidden = self._draft(state, E, K, taps, self.stop_rule if stop_rule is None else as_stop_rule(stop_rule))
+            rule = self.stop_rule if stop_rule is None else as_stop_rule(stop_rule)
+            draft, hidden, passes = self._draft(state, E, K, taps, rule)
             K, first = len(draft), E
             if not self.reuse:  # plain SSD: forget the draft's layers 1..E, verify with the full model
                 self.stack.crop(state.cache, pos)
                 taps = {} if state.want_obs else None
-                n = K + 1 if self.bonus else K
+                n = K + 1 if self.bonus else max(K, 1)
                 hidden, first = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)), 0
             h = self._forward(hidden, first, self.stack.num_layers, state.cache, pos, taps)
             normed, verifier = self._verifier_tokens(h, state.sampler, draft)
@@ -305,7 +313,8 @@ class SelfSpeculativeDecoder:
         state.pos += oc.advance
         state.done, state.result.eos = oc.done, oc.eos
         rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                          emitted=len(oc.emitted), cost=self._round_cost(E, K, oc.n_verify, state.want_obs))
+                          emitted=len(oc.emitted), cost=self._round_cost(E, K, oc.n_verify, state.want_obs, passes),
+                          n_verify=oc.n_verify, passes=passes)
         state.result.rounds.append(rec)
         self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
         return rec
@@ -394,12 +403,12 @@ class SelfSpeculativeDecoder:
             self.cut(state, keep)
 
     # ---- forward pieces ------------------------------------------------------------------------
-    def _round_cost(self, E: int, K: int, n_verify: int, want_obs: bool) -> float:
+    def _round_cost(self, E: int, K: int, n_verify: int, want_obs: bool, passes: int) -> float:
         """Round cost in AR-step units (0 without a profile); the feature/policy overhead is
         paid only by policies that read observations."""
         if self.profile is None:
             return 0.0
-        cost = self.profile.round_cost(E, K, n_verify, self.reuse)
+        cost = self.profile.round_cost(E, K, n_verify, self.reuse, passes)
         return cost if want_obs else cost - self.profile.overhead / self.profile.ar_step
 
     def _segments(self, first: int, last: int) -> list[int]:
@@ -430,18 +439,23 @@ class SelfSpeculativeDecoder:
         return normed, sampler.verify(draft, self.stack.head_logits(normed))
 
     def _draft(self, state: DecodeState, E: int, K: int, taps: Optional[dict], rule: StopRule):
-        """Up to K draft passes of one token through layers 1..E (+1 pass of the last draft
-        token when bonus and reuse); ``rule`` may end the draft after any token (K is a cap).
+        """Up to K draft passes of one token through layers 1..E and the exit head (+1 pass of
+        the last draft token when bonus and reuse); ``rule`` may drop a draft token as soon as
+        the head has produced it (the draft ends before it, and the pass that produced it serves
+        as the previous token's bonus pass) or end the draft after a kept token (K is a cap).
 
-        Returns the draft tokens d_1..d_K' and the layer-E hiddens [1, n, d] of the n positions
-        to verify; ``taps[e]`` gets [1, n, d] for exits e <= E. Under sampling, drafts are drawn
-        from the head's warped distribution (kept by the sampler for verification).
+        Returns ``(draft, hidden, passes)``: the kept draft tokens d_1..d_K', the layer-E hiddens
+        [1, n, d] of the n positions to verify (n = K'+1 with the bonus, else max(K', 1)), and the
+        draft passes run (K', or K'+1 when a token was dropped); ``taps[e]`` gets [1, n, d] for
+        exits e <= E. Under sampling, drafts are drawn from the head's warped distribution (the
+        sampler keeps the kept tokens' distributions for verification).
         """
         i = self.heads.index(E)
         hs, draft, tap_lists, probs = [], [], {}, []
         extra_pass = self.bonus and self.reuse
         dev = self.stack.device
         stopping = rule.active
+        passes = 0
         cur = torch.tensor([[state.pending]], device=dev)  # [1, 1] int64: greedy drafts stay on the device,
         while True:                                         # so a GPU queues the next pass without a sync
             x = self.stack.embed(cur)
@@ -454,26 +468,34 @@ class SelfSpeculativeDecoder:
                     tap_lists.setdefault(e, []).append(t)
             if len(draft) == K:  # that was the last draft token's pass for the bonus position
                 break
+            passes += 1
             if state.sampler is not None:
                 tok, prob = state.sampler.draw_draft(self.heads.draft_logits(h[0, 0], i))
-                cur = tok.view(1, 1).to(dev)
+                tok = tok.view(1, 1).to(dev)
             elif not stopping:
-                cur = self.heads.draft_tokens(h[0, 0], i).view(1, 1)
+                tok = self.heads.draft_tokens(h[0, 0], i).view(1, 1)
             else:
                 tok, prob = self.heads.draft_with_confidence(h[0, 0], i)
-                cur = tok.view(1, 1)
-            draft.append(cur)
+                tok = tok.view(1, 1)
             if stopping:
                 probs.append(float(prob))
-                if rule.stop_after(i, probs):
-                    K = len(draft)
+                if not rule.keep(i, probs):  # dropped: the pass just run was the last kept token's own
+                    if state.sampler is not None:
+                        state.sampler.q.pop()
+                    break
+            draft.append(tok)
+            cur = tok
+            if stopping and rule.stop_after(i, probs):
+                K = len(draft)
             if len(draft) == K and not extra_pass:
                 break
+        n = len(draft) + 1 if self.bonus else max(len(draft), 1)
+        hs = hs[:n]
         draft = torch.cat(draft, 1)[0].tolist() if draft else []  # one device-to-host copy per round
         if taps is not None:
             for e, ts in tap_lists.items():
-                taps[e] = torch.cat(ts, 1)
-        return draft, torch.cat(hs, 1)
+                taps[e] = torch.cat(ts[:n], 1)
+        return draft, torch.cat(hs, 1), passes
 
     def _check_prompt(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """[n] prompt ids on the model's device; raises ``ValueError`` as :meth:`generate` documents."""

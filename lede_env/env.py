@@ -659,9 +659,8 @@ class LEDEEnv(gym.Env):
             obs = self.decoder.observe(self._state)  # the next round's observation, or the final one
             t2 = self.decoder.clock()
         E, K = rec.exit_layer, rec.draft_len
-        n_verify = 1 if E == 0 else K + (1 if self.rules.bonus else 0)
         if self.cost == "profile":
-            cost = self.rules.profile.round_cost(E, K, n_verify, self.rules.reuse)
+            cost = self.rules.profile.round_cost(E, K, rec.n_verify, self.rules.reuse, rec.passes)
         else:
             cost = ((t1 - t0) + ((t2 - t1) if self._charge_overhead else 0.0)) / self.ar_seconds
         n = rec.emitted

@@ -68,24 +68,26 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
 
     Returns:
         ``(outcome, exit_layer, cost)``; ``exit_layer`` is 0 when the round was an AR step
-        (action 0, or K clamped to 0 by the budget).
+        (action 0, or K clamped to 0 by the budget); a round whose stop rule dropped its first
+        draft token keeps its E with ``draft_len`` 0 (it verified the pending token alone).
     """
     E, K = rules.actions.decode(action)
     remaining = limit - g
     K = clamp_draft_len(K, remaining, rules.bonus) if E else 0
     N = trace.n
+    passes = 0
     if K == 0:
         E = 0
         draft: list[int] = []
         verifier = [int(trace.generated[g])] if g < N else [_UNKNOWN]
     else:
         i = rules.actions.exit_layers.index(E)
-        K = rules.stop.draft_len(i, trace.draft_prob[g:g + K, i], K)
-        n = K + 1 if rules.bonus else K
+        K, passes = rules.stop.draft(i, trace.draft_prob[g:g + K, i], K)
+        n = K + 1 if rules.bonus else max(K, 1)  # a dropped first draft verifies the pending token alone
         draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
-    return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse)
+    return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse, passes)
 
 
 def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:

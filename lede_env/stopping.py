@@ -9,13 +9,16 @@ the live env and trace replay (:func:`lede_env.replay.replay_round`):
 
 - :class:`ThresholdStop` - stop after the first draft token whose draft-head probability is
   below a fixed threshold (Draft & Verify, arXiv 2309.08168; Kangaroo, arXiv 2404.18911).
-- :class:`CalibratedStop` - the probability that all draft tokens so far are accepted,
-  P_j = prod_i a_E(p_i) with a_E a per-exit calibration of acceptance against the draft
-  probability (:class:`AcceptanceCalibration`, fitted on calibration continuations), must stay
-  above the threshold at which one more token pays: draft token j+1 only while its expected
-  gain P_j * mean_a_E exceeds lambda x the marginal cost of drafting and verifying one more
-  position, delta_E + c_E(j+2) - c_E(j+1) in AR-step units from the cost profile, lambda the
-  throughput aimed at (tokens per AR-step unit).
+- :class:`CalibratedStop` - looks at each draft token before keeping it: the draft head's
+  probability p of the candidate goes through a per-exit calibration of acceptance
+  (:class:`AcceptanceCalibration`, fitted on calibration continuations the heads were not fitted
+  on), and the candidate is kept only while the probability that it and every draft token
+  before it are accepted, P_j = prod a_E(p_i), exceeds lambda x the marginal cost of keeping it
+  (its pass through layers 1..E for the bonus position and one more verified position, in
+  AR-step units from the cost profile; lambda the throughput aimed at). The candidate's draft
+  pass is needed anyway (it is the previous token's pass, or the pending token's own layers
+  1..E, which verification reuses), so looking costs one draft-head call; a round whose first
+  candidate is dropped verifies just the pending token: an AR step that cost one head more.
 
 A rule never changes the output (the emitted tokens are still the verifier's), only how many
 tokens a round drafts, hence its cost.
@@ -37,6 +40,10 @@ DEFAULT_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 
 class StopRule:
     """Never stops: every round drafts its whole K (the base of the rules below).
 
+    A rule answers two questions while a round drafts: :meth:`keep` (is the draft token just
+    computed kept, or dropped and the draft ended before it?) and :meth:`stop_after` (after this
+    kept token, end the draft?).
+
     Attributes:
         active: whether the rule reads draft probabilities at all (the decoder skips computing
             them when not).
@@ -44,23 +51,41 @@ class StopRule:
 
     active = False
 
-    def stop_after(self, exit_index: int, probs: Sequence[float]) -> bool:
-        """True to end the draft after the last of ``probs``.
+    def keep(self, exit_index: int, probs: Sequence[float]) -> bool:
+        """True to keep the newest draft token (the last of ``probs``).
 
         Args:
             exit_index: index of the round's exit layer in the candidate exits.
-            probs: draft-head probabilities of the draft tokens drafted so far this round
-                (at least one), oldest first.
+            probs: draft-head probabilities of the kept draft tokens of this round and, last, of
+                the candidate, oldest first.
         """
+        return True
+
+    def stop_after(self, exit_index: int, probs: Sequence[float]) -> bool:
+        """True to end the draft after the last of ``probs`` (the kept draft tokens' draft-head
+        probabilities, oldest first; at least one)."""
         return False
 
+    def draft(self, exit_index: int, probs: Sequence[float], K: int) -> tuple[int, int]:
+        """What a round with cap ``K`` drafts, given its candidates' draft probabilities (fewer
+        than K past the end of a trace: drafting goes on there).
+
+        Returns:
+            ``(K', passes)``: draft tokens kept (0..K) and draft passes run (K', or K' + 1 when a
+            candidate was looked at and dropped).
+        """
+        for j in range(K):
+            if j >= len(probs):
+                return K, K
+            if not self.keep(exit_index, probs[: j + 1]):
+                return j, j + 1
+            if self.stop_after(exit_index, probs[: j + 1]):
+                return j + 1, j + 1
+        return K, K
+
     def draft_len(self, exit_index: int, probs: Sequence[float], K: int) -> int:
-        """Draft tokens a round produces with cap ``K`` given its draft probabilities (fewer than
-        K past the end of a trace: drafting goes on there). Returns K' in 1..K."""
-        for j in range(1, min(K, len(probs)) + 1):
-            if self.stop_after(exit_index, probs[:j]):
-                return j
-        return K
+        """Draft tokens kept (the first element of :meth:`draft`)."""
+        return self.draft(exit_index, probs, K)[0]
 
     def describe(self) -> dict:
         """JSON description (for env specs and exported policies)."""
@@ -179,13 +204,15 @@ def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CalibratedStop(StopRule):
-    """Stop when the calibrated probability that every draft token so far is accepted falls
-    below the threshold at which one more draft token pays (see the module docstring).
+    """Keep a draft token only while the calibrated probability that it and every kept draft
+    token before it are accepted pays for keeping it (see the module docstring).
 
     Attributes:
         calibration: the per-exit acceptance calibration.
-        thresholds: [n_exits, k_max] float: ``thresholds[i, j-1]`` is the least P_j at which a
-            (j+1)-th draft token at exit i pays (> 1: never pays; <= 0: always pays).
+        thresholds: [n_exits, k_max] float: ``thresholds[i, j]`` is the least probability P_{j+1}
+            (all of the first j+1 draft tokens accepted) at which keeping the (j+1)-th draft token
+            at exit i pays: lambda x (cost of the round keeping j+1 tokens - keeping j, with the
+            candidate's draft pass run in both).
         lam: the throughput lambda the thresholds were derived for (tokens per AR-step unit).
     """
 
@@ -197,9 +224,10 @@ class CalibratedStop(StopRule):
     @classmethod
     def from_profile(cls, calibration: AcceptanceCalibration, profile, exit_layers: Sequence[int], k_max: int,
                      lam: float = 1.0, bonus: bool = True, reuse: bool = True) -> "CalibratedStop":
-        """Thresholds from a cost profile: theta[i, j-1] = lam * (c(E_i, j+1) - c(E_i, j)) / mean_a_i,
-        c(E, k) the cost of a round drafting k tokens at E (AR-step units, overhead excluded since
-        it does not change with k).
+        """Thresholds from a cost profile: keeping draft token j+1 adds, in expectation,
+        P_{j+1} tokens and costs round_cost(E, j+1) - round_cost(E, j) with j+1 draft passes in
+        both (the candidate's pass and head are spent either way); keep it iff
+        P_{j+1} > lam x that difference.
 
         Raises:
             ValueError: lam <= 0, or a calibration for another number of exits.
@@ -209,23 +237,26 @@ class CalibratedStop(StopRule):
         if calibration.rate.shape[0] != len(exit_layers):
             raise ValueError(f"The acceptance calibration covers {calibration.rate.shape[0]} exits, the decoder has "
                              f"{len(exit_layers)}: refit the exit heads for these exits.")
-        th = np.full((len(exit_layers), k_max), np.inf)
+
+        def n(k: int) -> int:  # positions verified when k draft tokens are kept
+            return k + 1 if bonus else max(k, 1)
+
+        th = np.zeros((len(exit_layers), k_max))
         for i, E in enumerate(exit_layers):
-            a = max(float(calibration.mean[i]), 1e-3)
-            for j in range(1, k_max):
-                dc = (profile.round_cost(E, j + 1, j + 2 if bonus else j + 1, reuse)
-                      - profile.round_cost(E, j, j + 1 if bonus else j, reuse))
-                th[i, j - 1] = lam * dc / a
+            for j in range(k_max):
+                dc = (profile.round_cost(E, j + 1, n(j + 1), reuse, passes=j + 1)
+                      - profile.round_cost(E, j, n(j), reuse, passes=j + 1))
+                th[i, j] = lam * dc
         return cls(calibration, th, float(lam))
 
-    def stop_after(self, exit_index: int, probs: Sequence[float]) -> bool:
-        j = len(probs)
+    def keep(self, exit_index: int, probs: Sequence[float]) -> bool:
+        j = len(probs) - 1  # draft tokens already kept
         if j >= self.thresholds.shape[1]:
-            return True
+            return False
         P = 1.0
         for p in probs:
             P *= self.calibration(exit_index, float(p))
-        return P < self.thresholds[exit_index, j - 1]
+        return P > self.thresholds[exit_index, j]
 
     def describe(self) -> dict:
         return {"kind": "calibrated", "lambda": self.lam}

@@ -50,21 +50,33 @@ def test_calibration_is_monotone_and_recovers_a_known_rate():
 
 
 def test_calibrated_thresholds_follow_the_cost_profile():
-    """theta[i, j-1] = lambda * (c(E, j+1) - c(E, j)) / mean acceptance: draft one more token only
-    while its expected gain pays for drafting and verifying one more position."""
+    """Keep draft token j+1 only while P_{j+1} (all of the first j+1 accepted, calibrated) exceeds
+    lambda x (cost of the round keeping j+1 tokens - keeping j, the candidate's pass spent in both)."""
     prof = CostProfile(num_layers=4, layer=[1.0, 1.1, 1.3, 1.6, 2.0], head=[1.0, 1.1, 1.2, 1.4, 1.6],
                        draft_head=0.1)
     edges = np.array([0.0, 0.5, 1.0], np.float32)
     cal = AcceptanceCalibration(edges, np.array([[0.2, 0.8]], np.float32), np.array([0.5], np.float32),
                                 np.ones((1, 2), np.float32))
     rule = CalibratedStop.from_profile(cal, prof, (2,), 3, lam=1.2)
-    for j in (1, 2):
-        dc = prof.round_cost(2, j + 1, j + 2) - prof.round_cost(2, j, j + 1)
-        assert rule.thresholds[0, j - 1] == pytest.approx(1.2 * dc / 0.5)
-    # P_1 = 0.8 (a confident first draft) against theta; a weak one (0.2) stops at once
-    assert rule.stop_after(0, [0.9]) == (0.8 < rule.thresholds[0, 0])
-    assert rule.draft_len(0, [0.1, 0.9, 0.9], 3) == (1 if 0.2 < rule.thresholds[0, 0] else rule.draft_len(0, [0.1, 0.9, 0.9], 3))
-    assert ThresholdStop(0.5).draft_len(0, [0.9, 0.4, 0.9], 3) == 2
+    for j in (0, 1, 2):
+        n = lambda k: k + 1  # noqa: E731 - bonus: k drafts verify k + 1 positions
+        dc = prof.round_cost(2, j + 1, n(j + 1), passes=j + 1) - prof.round_cost(2, j, n(j), passes=j + 1)
+        assert rule.thresholds[0, j] == pytest.approx(1.2 * dc)
+    # keeping the first draft: the dropped round is an AR step plus one head; so theta_0 is
+    # lambda x (the bonus pass + verifying a second position), in AR-step units
+    ar = prof.ar_step
+    extra = (2 * 1.0 + (4 - 2) * (1.1 - 1.0) + (1.1 - 1.0)) / ar
+    assert rule.thresholds[0, 0] == pytest.approx(1.2 * extra)
+    conf, weak = 0.9, 0.1  # calibrated 0.8 and 0.2
+    assert rule.keep(0, [conf]) == (0.8 > rule.thresholds[0, 0])
+    assert rule.keep(0, [weak]) == (0.2 > rule.thresholds[0, 0])
+    assert rule.draft(0, [conf, conf, conf], 3)[0] == sum(
+        0.8 ** (j + 1) > rule.thresholds[0, j] for j in range(3) if all(0.8 ** (i + 1) > rule.thresholds[0, i]
+                                                                       for i in range(j + 1)))
+    K, passes = rule.draft(0, [weak, conf], 3)
+    assert (K, passes) == ((0, 1) if 0.2 <= rule.thresholds[0, 0] else (K, passes))
+    # the threshold rule keeps its old meaning: stop after the first token below it (kept)
+    assert ThresholdStop(0.5).draft(0, [0.9, 0.4, 0.9], 3) == (2, 2)
     with pytest.raises(ValueError, match="lambda"):
         CalibratedStop.from_profile(cal, prof, (2,), 3, lam=0)
 
