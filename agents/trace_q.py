@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ def _targets(u, lam: float, actions: list[int]) -> np.ndarray:
 
 def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), learning_rate: float = 1e-3,
                   batch_size: int = 256, iterations: int = 4, epsilon: float = 0.1, seed: int = 0,
-                  progress: bool = False, log=None) -> TraceQAgent:
+                  progress: bool = False, log=None, margin: Optional[float] = 0.03,
+                  baseline_margin: float = 0.05) -> TraceQAgent:
     """Train a ``trace_q`` agent on a trace env (its own traces and rules).
 
     Args:
@@ -111,6 +113,15 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
         iterations: data-collection rounds (the first with the behaviour mixture, then the
             learner's own policy with ``epsilon``-random useful actions).
         log: ``callable(dict)`` given per-iteration metrics (e.g. W&B).
+        margin: after the first iteration, keep only the actions whose mean target over the
+            visited states is within ``margin`` (tokens per round) of the best action's: the
+            learner then chooses, state by state, among actions that pay on average, instead of
+            spreading noisy value estimates over ones that never do (``None``: keep all useful
+            actions).
+        baseline_margin: the policy leaves the best static action (chosen on the same traces)
+            only where another action's predicted target beats it by more than this (tokens per
+            round): conservative improvement over a baseline, in the spirit of SPIBB (Laroche
+            et al. 2019, arXiv 1712.06924), since the regression's errors are of that size.
 
     Raises:
         ValueError: a live-backend env (no traces to replay every action on).
@@ -130,7 +141,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     Y: list[np.ndarray] = []
     net = None
     mean = std = None
-    info = {"lambda": lam, "allowed": len(allowed), "static": int(static), "iterations": []}
+    info = {"lambda": lam, "useful": len(allowed), "static": int(static), "iterations": []}
     for it in range(iterations):
         for idx in u.playable:
             obs, _ = u.reset(seed=seed + it, options={"prompt_index": idx})
@@ -150,6 +161,13 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
                     a = allowed[int(q.argmax())]
                 obs, _, te, tr, _ = u.step(a)
                 done = te or tr
+        if it == 0 and margin is not None:
+            means = np.stack(Y).mean(0)
+            keep = [j for j in range(len(allowed)) if means[j] >= means.max() - margin]
+            allowed = [allowed[j] for j in keep]
+            Y = [y[keep] for y in Y]
+            col = {a: j for j, a in enumerate(allowed)}
+            info["candidates"] = [list(u.actions.decode(a)) for a in allowed]
         x = torch.from_numpy(np.stack(X))
         y = torch.from_numpy(np.stack(Y))
         mean = x.mean(0).numpy()
@@ -192,5 +210,9 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     mask = torch.zeros(n_act, dtype=torch.bool)
     mask[allowed] = True
     policy = _Greedy(mlp, torch.from_numpy(mean), torch.from_numpy(std), mask)
+    if static in allowed and baseline_margin > 0:
+        with torch.no_grad():
+            policy.penalty[[a for a in allowed if a != static]] -= baseline_margin
+    info["baseline"] = list(u.actions.decode(static))
     return TraceQAgent(policy, allowed, info)
 
