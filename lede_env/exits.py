@@ -295,7 +295,9 @@ def fit_affine(
 
     Minimises ``||norm(h_E) W + b - y||^2 + lam ||W - I||^2`` where ``y`` is the final normed
     hidden state, over every continuation position of ``sequences`` (the model's own greedy
-    outputs; DESIGN section 4 shows reference text fits a third worse). ``lam = ridge *
+    outputs: measured on the embedded model, translators fitted on reference text, teacher-forced,
+    agreed 0.19-0.22 at E=4..12 on held-out continuations against 0.28-0.35 when fitted on the
+    model's own continuations). ``lam = ridge *
     mean(diag(X^T X))`` after centring, so ``ridge`` is scale-free.
 
     Args:

@@ -4,7 +4,7 @@ Layers 1..E are causal and do not depend on later layers, so the token an exit-E
 produces at position i, given an accepted prefix, equals the teacher-forced exit-E draft at
 i. A trace therefore tells the accepted run length of any (E, K) at any position exactly,
 and the trace environment replays greedy self-speculative decoding at microseconds a round
-(DESIGN section 2.3).
+(the module docstring of :mod:`lede_env.replay` and the README's env section).
 
 Everything built here is cached under :func:`~lede_env.model.cache_dir`, written under a
 temporary name and renamed when whole:
