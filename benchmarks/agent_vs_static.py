@@ -69,6 +69,16 @@ def main() -> None:
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
         if stop != "none":
             policies[f"static best + {stop} stop"] = StaticPolicy(static_best, stop_rule=eval_env.rules.stop)
+            # the best static (E, K cap) when every round follows the stop rule, chosen on training traces
+            from lede_env.replay import best_static
+
+            rules = train_env.rules.without_overhead()
+            capped, capped_tp = best_static([train_env.trace_set.traces[i] for i in train_env.playable], rules,
+                                            train_env.max_new_tokens)
+            Ec, Kc = train_env.actions.decode(capped)
+            info[variant]["static_with_stop"] = [Ec, Kc, capped_tp]
+            policies[f"static best with {stop} stop (E={Ec}, K<={Kc})"] = StaticPolicy(capped,
+                                                                                      stop_rule=eval_env.rules.stop)
         rows = trace_eval(eval_env, names, static_best, policies=policies)
         for r in rows:
             r["variant"] = variant
