@@ -99,7 +99,7 @@ def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_v
 @traces_app.command("build")
 def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
                  exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
-                 head_kind: str = "affine", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt,
+                 head_kind: str = "affine-kl", draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt,
                  shard: Optional[str] = ShardOpt):
     """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache.
     With --shard K/N only part K of the greedy continuations (trace and calibration prompts) is
@@ -129,7 +129,7 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
               heldout_prompts: str = typer.Option(DEFAULT_EVAL, help="Prompts to report agreement on."),
               max_new_tokens: int = MaxNewOpt, exits: Optional[str] = None, draft_vocab: Optional[int] = 8192,
               kinds: str = typer.Option("lens,affine,affine-kl", help="Exit-head kinds to fit and compare."),
-              ridge: float = 0.01, kl_steps: int = 300):
+              ridge: float = 0.01, kl_steps: int = 600):
     """Fit exit heads of each kind (logit lens; affine tuned lens, arXiv 2303.08112, by ridge;
     affine + KL fine-tune) and report held-out top-1 agreement with the final layer per prompt
     category, and each draft head's time per token. Calibration and held-out prompts must be
@@ -202,7 +202,7 @@ _DEFAULT_MIXTURE = "random=0.2,static=0.3,heuristic=0.1,oracle=0.4"
 @app.command()
 def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", episodes: int = 200, seed: int = 0,
             model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max_new_tokens: int = MaxNewOpt,
-            exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine",
+            exits: Optional[str] = None, k_max: int = 8, head_kind: str = "affine-kl",
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt, reward_mode: str = "net",
             cost_profile: str = "measured",
             mixture: str = typer.Option(_DEFAULT_MIXTURE, help="Behaviour mixture, NAME=WEIGHT,... (the default "
@@ -344,7 +344,10 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
              calib_prompts: str = CalibOpt,
              model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
              exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
-             head_kind: str = "affine", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
+             head_kind: str = "affine-kl", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
+             obs_kind: str = typer.Option("compact", help="Observation of the env (and of the agents): compact | full."),
+             stop_rule: Optional[str] = typer.Option("calibrated", help="In-round stop rule of policies that "
+                                                     "name none: calibrated, or none."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
@@ -358,11 +361,19 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
 
     names = [p for p in split_policies(policies)]
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
-                  head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile)
-    eval_env = LEDEEnv(prompts=prompts, **common)
+                  head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
+                  obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule)
+    try:
+        from lede_env.traces import check_disjoint
+
+        check_disjoint(training=train_prompts, held_out=prompts)
+    except ValueError as e:
+        fail(e)
+    train_env = LEDEEnv(prompts=train_prompts, **common)  # lambda and static:best come from training traces
+    eval_env = LEDEEnv(prompts=prompts, reward_lambda=train_env.reward_lambda, **common)
     static_best = None
     if "static:best" in names:
-        static_best, _ = best_static_action(LEDEEnv(prompts=train_prompts, **common))
+        static_best, _ = best_static_action(train_env)
     trace_rows = rows = trace_eval(eval_env, names, static_best)
     write_results(out, "trace_eval", rows)
     console.print(to_markdown(rows))
@@ -423,7 +434,7 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                  temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
                  top_p: float = 1.0, seed: Optional[int] = None,
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-                 head_kind: str = "affine", calib_prompts: str = CalibOpt):
+                 head_kind: str = "affine-kl", calib_prompts: str = CalibOpt):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
     then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
     from transformers import TextStreamer
@@ -458,7 +469,7 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
          steps: int = 6000, reward_mode: str = "net", gamma: float = 0.5, seed: int = 0,
          wandb: str = "offline", live: bool = True, model: Optional[str] = ModelOpt,
-         head_kind: str = typer.Option("affine", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl.")):
+         head_kind: str = typer.Option("affine-kl", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl.")):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""
     from agents.pipeline import DemoConfig, run_demo

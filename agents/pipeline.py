@@ -45,6 +45,9 @@ class DemoConfig:
         out_dir: results folder (the Minari dataset lives under ``out_dir/minari``).
         seed: seeds collection and training.
         wandb: W&B mode for training runs.
+        live: also decode the held-out prompts for real (wall clock).
+        live_per_category: decode only the first N held-out prompts of each category for real
+            (``None``: all); the trace env always evaluates all of them.
     """
 
     model: Optional[str] = None
@@ -53,7 +56,7 @@ class DemoConfig:
     calib_prompts: str = DEFAULT_CALIB
     max_new_tokens: int = DEFAULT_MAX_NEW
     k_max: int = 8
-    head_kind: str = "affine"
+    head_kind: str = "affine-kl"
     draft_vocab: Optional[int] = 8192
     cost_profile: str = "measured"
     reward_mode: str = "relative"
@@ -67,6 +70,7 @@ class DemoConfig:
     seed: int = 0
     wandb: str = "offline"
     live: bool = True
+    live_per_category: Optional[int] = 2
     timings: dict = field(default_factory=dict)
 
     def env_kwargs(self, prompts: str) -> dict:
@@ -124,7 +128,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     with _Stage(cfg, "traces + env (train)"):
         train_env = LEDEEnv(**cfg.env_kwargs(cfg.train_prompts), progress=progress)
     with _Stage(cfg, "traces + env (eval)"):
-        eval_env = LEDEEnv(**cfg.env_kwargs(cfg.eval_prompts), progress=progress)
+        # lambda (reward and stop rule) from the training traces, never from held-out ones
+        eval_env = LEDEEnv(**cfg.env_kwargs(cfg.eval_prompts), reward_lambda=train_env.reward_lambda, progress=progress)
     static_best, static_tp = best_static_action(train_env)
     E, K = train_env.actions.decode(static_best)
     console.print(f"best static action on training traces: E={E}, K={K} (throughput {static_tp:.3f})")
@@ -159,9 +164,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     live_rows = []
     if cfg.live:
         with _Stage(cfg, "evaluate (real decoder, held-out)"):
-            dec = eval_env.make_decoder(bundle, heads)
+            live_env = eval_env
+            if cfg.live_per_category is not None:
+                from lede_env.prompts import first_per_category, load_prompts, write_prompt_file
+
+                subset = first_per_category(load_prompts(cfg.eval_prompts), cfg.live_per_category)
+                live_env = LEDEEnv(**(cfg.env_kwargs(write_prompt_file(subset, out / "live_prompts.jsonl"))
+                                      | {"reward_lambda": eval_env.reward_lambda}), progress=progress)
+            dec = live_env.make_decoder(bundle, heads)
             records: dict = {}
-            live_rows = live_eval(eval_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
+            live_rows = live_eval(live_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
                                   records=records)
             _rename_agent(live_rows, best[1])
             if bundle.tokenizer is not None:

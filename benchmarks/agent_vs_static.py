@@ -33,7 +33,8 @@ def main() -> None:
     from agents.trace_q import train_trace_q
     from lede_env.env import LEDEEnv
     from lede_env.policies import GuardedPolicy, StaticPolicy
-    from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN, WIDE_EVAL
+    from lede_env.prompts import (DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN, WIDE_EVAL, first_per_category,
+                                  load_prompts, write_prompt_file)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-prompts", default=DEFAULT_TRAIN)
@@ -87,7 +88,8 @@ def main() -> None:
                                               "tokens_per_round", "acceptance")} for r in rows]), flush=True)
         if args.live:
             folder = export_policy(agent, train_env, out / f"policy-{obs_kind}-{stop}", algo_name="trace_q")
-            live_env = LEDEEnv(prompts=_first_per_category(eval_prompts, args.live, out), **kw,
+            subset = write_prompt_file(first_per_category(load_prompts(eval_prompts), args.live), out / "live_prompts.jsonl")
+            live_env = LEDEEnv(prompts=subset, **kw,
                                reward_lambda=train_env.reward_lambda)
             dec = live_env.make_decoder()
             rows = live_eval(live_env, dec, ["ar", "hf", "static:best", "del", f"agent:{folder}",
@@ -103,22 +105,6 @@ def main() -> None:
         write_results(out, "live_eval", live_all)
     (out / "info.json").write_text(json.dumps(info, indent=2))
     print(f"results in {out}/")
-
-
-def _first_per_category(spec: str, n: int, out: Path) -> str:
-    """A prompt spec of the first ``n`` prompts of each category of ``spec`` (for wall-clock runs)."""
-    from lede_env.prompts import load_prompts
-
-    seen: dict[str, int] = {}
-    keep = []
-    for p in load_prompts(spec):
-        if seen.get(p.category, 0) < n:
-            seen[p.category] = seen.get(p.category, 0) + 1
-            keep.append(p)
-    path = out / "live_prompts.jsonl"
-    path.write_text("".join(json.dumps({"question_id": p.id, "category": p.category, "turns": [p.text]}) + "\n"
-                            for p in keep))
-    return str(path)
 
 
 if __name__ == "__main__":

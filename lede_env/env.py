@@ -221,7 +221,7 @@ class LEDEEnv(gym.Env):
         max_new_tokens: int = DEFAULT_MAX_NEW,
         exit_layers: Optional[list[int]] = None,
         k_max: int = 8,
-        head_kind: str = "affine",
+        head_kind: str = "affine-kl",
         draft_vocab: Optional[int] = 8192,
         feature_vocab: int = 1024,
         calib_prompts: str = DEFAULT_CALIB,

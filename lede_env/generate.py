@@ -78,7 +78,7 @@ class Lede:
     """
 
     def __init__(self, model=None, tokenizer=None, policy: Union[str, Policy] = "del",
-                 exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine",
+                 exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine-kl",
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
                  cost_profile: str = "analytic", device: Optional[str] = None,
                  dtype: Optional[str] = None) -> None:

@@ -128,6 +128,30 @@ def _jsonl(path: Path) -> list[Prompt]:
     return out
 
 
+def first_per_category(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """The first ``n`` prompts of each category, in their order (for short wall-clock runs)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        if seen.get(p.category, 0) < n:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            out.append(p)
+    return out
+
+
+def write_prompt_file(prompts: list[Prompt], path: Path) -> str:
+    """Write ``prompts`` as a Spec-Bench-format JSONL file (atomically) and return its path as a
+    prompt spec; the prompts' texts, ids and categories are kept, so their greedy continuations
+    come from the same cache entries."""
+    from .model import atomic_file
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps({"question_id": p.id, "category": p.category, "turns": [p.text]}) + "\n"
+                               for p in prompts))
+    return str(path)
+
+
 def prompts_fingerprint(prompts: list[Prompt]) -> str:
     """Short hash of a prompt list (ids and texts): part of every cache key."""
     h = hashlib.sha256()

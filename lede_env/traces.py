@@ -166,13 +166,13 @@ class HeadSpec:
     """
 
     exit_layers: Optional[tuple[int, ...]] = None
-    kind: str = "affine"
+    kind: str = "affine-kl"
     draft_vocab: Optional[int] = 8192
     feature_vocab: int = 1024
     calib_prompts: str = DEFAULT_CALIB
     calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
     ridge: float = 0.01
-    kl_steps: int = 300
+    kl_steps: int = 600
 
 
 #: Version of the exit-head files (2: with the acceptance calibration); part of the cache key.
