@@ -189,7 +189,9 @@ class ExitHeads(nn.Module):
         """
         h = self.stack.norm(hidden)
         n = len(self.exit_layers) if n is None else n
-        if self.translated:
+        if self.translated and n == 1 and h.dim() == 2:  # one exit (the compact observation): one addmm
+            h = torch.addmm(self.bias[0], h, self.weight[0])
+        elif self.translated:
             h = torch.einsum("...nd,nde->...ne", h, self.weight[:n]) + self.bias[:n]
         logits = self.stack.linear(h, self.feature_w)
         logp = torch.log_softmax(logits.float(), dim=-1)

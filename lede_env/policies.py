@@ -266,8 +266,9 @@ class DELPolicy(BasePolicy):
     expected tokens per unit of cost under the cost profile (AR when nothing beats it).
 
     The estimates are exponential moving averages of each exit's agreement with the verifier
-    at the last verified position (``exit_stats[:, 2]`` of the observation, computed from the
-    verification pass for every exit at once). Expected tokens of a round with acceptance alpha
+    at the last verified position (``exit_stats[:, 2]`` of the full observation, computed from
+    the verification pass for every exit at once); with the compact observation, its running
+    per-exit acceptance of the drafts played (``experience[:, 0]``). Expected tokens of a round with acceptance alpha
     follow Leviathan et al. (arXiv 2211.17192): ``(1 - alpha^(K+1)) / (1 - alpha)`` with the bonus
     token, ``(1 - alpha^K) / (1 - alpha)`` plus the verifier's correction without it.
 
@@ -299,8 +300,11 @@ class DELPolicy(BasePolicy):
     def act(self, obs: Optional[dict]) -> int:
         if obs is None:
             raise ValueError("DELPolicy needs observations (needs_observation=True).")
-        agree = np.asarray(obs["exit_stats"], np.float64)[:, 2]
-        self.alpha = self.decay * self.alpha + (1 - self.decay) * agree
+        if "experience" in obs:  # compact observation: the observer keeps per-exit running acceptance
+            self.alpha = np.asarray(obs["experience"], np.float64)[:, 0]
+        else:
+            agree = np.asarray(obs["exit_stats"], np.float64)[:, 2]
+            self.alpha = self.decay * self.alpha + (1 - self.decay) * agree
         a = np.clip(self.alpha, 1e-6, 1 - 1e-6)[:, None]
         powers = a ** self._k[None, :]  # alpha^K
         if self.bonus:
@@ -361,7 +365,7 @@ class GuardedPolicy(BasePolicy):
         fallback_rounds: AR rounds played by the guard in the current generation.
     """
 
-    def __init__(self, base, window: int = 8, floor: float = 1.0, wait: int = 8, max_wait: int = 64) -> None:
+    def __init__(self, base, window: int = 32, floor: float = 1.0, wait: int = 8, max_wait: int = 64) -> None:
         if window < 1 or wait < 1 or max_wait < wait or not floor > 0:
             raise ValueError(f"GuardedPolicy needs window >= 1, 1 <= wait <= max_wait and floor > 0; got "
                              f"{window}, {wait}, {max_wait}, {floor}.")
