@@ -108,15 +108,19 @@ def seed_everything(seed: int) -> None:
 
 
 FLAT_KEYS = ("hidden", "exit_stats", "history", "progress")
+#: the flat keys of the compact observation (``obs_kind="compact"``)
+COMPACT_KEYS = ("exit_stats", "experience", "history", "progress")
 
 
 def flat_layout(dataset) -> list[tuple[str, list[int]]]:
-    """The flat observation layout of a lede dataset (same order as ``ObservationBuilder.layout``)."""
+    """The flat observation layout of a lede dataset (same order as ``ObservationBuilder.layout``:
+    :data:`FLAT_KEYS` for the full observation, :data:`COMPACT_KEYS` for the compact one)."""
     space = dataset.observation_space
-    missing = [k for k in FLAT_KEYS if k not in space.spaces]
+    keys = COMPACT_KEYS if "experience" in space.spaces else FLAT_KEYS
+    missing = [k for k in keys if k not in space.spaces]
     if missing:
         raise ValueError(f"Dataset observations lack {missing}: not a LEDE-Llama3-v0 dataset.")
-    return [(k, list(space[k].shape)) for k in FLAT_KEYS]
+    return [(k, list(space[k].shape)) for k in keys]
 
 
 def to_mdp_dataset(dataset):

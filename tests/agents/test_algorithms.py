@@ -111,3 +111,31 @@ def test_heldout_prompts_must_not_be_training_prompts():
     ds.spec.env_spec = None
     with pytest.raises(ValueError, match="stores no env spec"):
         heldout_env(ds, "humaneval[8:9]")
+
+
+@pytest.mark.parametrize("algo", ["trace_q", "discrete_cql", "ppo"])
+def test_algorithms_train_on_the_compact_observation(algo, tiny, tmp_path):
+    """The demo's setting: compact observation, calibrated in-round stop rule, relative reward.
+    Training, evaluation and export work on its flat layout, and the export acts like the agent."""
+    from lede_env.env import LEDEEnv
+    from lede_env.exits import ExitHeads, calibrate_acceptance
+
+    from ..conftest import tiny_continuations
+
+    b, _, ts, prof = tiny
+    heads = ExitHeads(b.stack, (1, 2, 3), "lens")
+    calibrate_acceptance(heads, [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids))
+                                 for c in tiny_continuations(b, 6, seed=2)])
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, heads=heads,
+                  obs_kind="compact", stop_rule="calibrated")
+    ds = collect(env, CollectConfig(dataset_id=f"lede/tiny/compact-{algo}-v0", episodes=6, seed=1), progress=False)
+    steps = 256 if algo == "ppo" else 40
+    cfg = TrainConfig(dataset_id=f"lede/tiny/compact-{algo}-v0", algo=algo, steps=steps, steps_per_epoch=steps,
+                      batch_size=16, hidden=(32,), ppo_n_steps=64, out_dir=str(tmp_path / algo), wandb="disabled")
+    agent, layout = train(cfg, progress=False, dataset=ds, env=env, eval_env=env)
+    assert [k for k, _ in layout] == ["exit_stats", "experience", "history", "progress"]
+    pol = ExportedPolicy(export_policy(agent, env, tmp_path / "policy", algo, 0.5))
+    pol.check_compatible(env.observer, env.actions)
+    assert pol.config["stop_rule"]["kind"] == "calibrated" and pol.config["observation"]["kind"] == "compact"
+    obs = _flat(env, ds)
+    np.testing.assert_array_equal(pol.module(torch.from_numpy(obs)).numpy(), np.asarray(agent.predict(obs)))
