@@ -134,6 +134,19 @@ class LEDEEnv(gym.Env):
     progress   (1,)           float32 tokens generated / max_new_tokens
     ========== ============== ======= ==============================================================
 
+    With ``obs_kind="compact"`` the observation is instead ``exit_stats`` (S, 3) of the S =
+    ``obs_stat_exits`` shallowest exits only, ``experience`` (n_exits, 2) float32 (per exit:
+    running per-token acceptance of its drafts in this episode, prior 0.3, and the evidence it
+    rests on, judged / (judged + 8)), ``history`` and ``progress`` (see
+    :class:`~lede_env.mdp.ObservationBuilder`): what the rounds already computed, about 0.3 ms a
+    round with the policy instead of about 2 ms.
+
+    With ``stop_rule="calibrated"`` the action's K is a cap and every draft token is looked at
+    before it is kept (:class:`~lede_env.stopping.CalibratedStop`): kept only while the
+    calibrated probability that it and all kept tokens are accepted exceeds lambda x the cost of
+    keeping it; a round whose first draft token is dropped verifies the pending token alone (an
+    AR step plus one draft-head call; ``info["round"]`` keeps its E with ``draft_len`` 0).
+
     With ``stop_threshold`` (a probability; default ``None``) the action's K is a cap:
     drafting stops after the first draft token whose draft-head probability is below the
     threshold (confidence-threshold drafting, Draft & Verify arXiv 2309.08168, Kangaroo arXiv
@@ -160,8 +173,18 @@ class LEDEEnv(gym.Env):
     overhead costs about 1. Wall-clock costs are positive, noisy and machine-dependent: an
     episode's rewards are not reproducible. ``reward_mode``:
 
-    - ``"net"`` (default): tokens emitted - cost. The undiscounted return is the number of AR
-      steps saved (N - total cost); use a discount near 1.
+    - ``"relative"`` (default): tokens emitted - lambda * cost, lambda = ``reward_lambda``
+      (``"auto"``: the best static (E, K)'s throughput on this env's traces, whole K drafted, no
+      overhead, at least 1; 1.0 with the live backend, which has no traces; the resolved value is
+      ``env.unwrapped.reward_lambda`` and goes into dataset env specs). Every episode emits the
+      same N tokens, so throughput is maximised by minimising total cost, and a round raises
+      throughput above lambda exactly when its reward is positive (Dinkelbach's method for ratio
+      objectives; the relative reward of average-reward semi-Markov processes): the per-round
+      optimum is the throughput optimum, so use a small discount. The undiscounted return is
+      N - lambda * total cost.
+    - ``"net"``: tokens emitted - cost (lambda = 1). The undiscounted return is the number of AR
+      steps saved (N - total cost); use a discount near 1 (with a small one it prefers long
+      drafts whenever throughput is above 1).
     - ``"ratio"``: tokens emitted / cost (accepted tokens per unit of compute; an AR step earns
       ``1 / (1 + overhead)``). A *sum* of ratios rewards taking more rounds (always-AR scores N):
       use it with a small discount, as a per-round score.
@@ -183,10 +206,12 @@ class LEDEEnv(gym.Env):
 
     ## Arguments
     ``model`` (id/path, ``None`` = embedded SmolLM2-135M-Instruct), ``prompts`` (prompt spec,
-    default ``"humaneval[0:24]"``), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
+    default ``DEFAULT_TRAIN``: code, instructions, math, translation), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
     ``k_max``, ``head_kind`` (``"affine-kl"``/``"affine"``/``"lens"``, see :mod:`lede_env.exits`), ``draft_vocab``, ``feature_vocab``,
     ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
-    ``"humaneval[100:132]"``, disjoint from the defaults for training and evaluation), ``reward_mode``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
+    the multi-domain ``DEFAULT_CALIB``, disjoint from the defaults for training and evaluation), ``reward_mode``,
+    ``reward_lambda`` (``"auto"`` or a throughput), ``stop_rule`` (``None`` or ``"calibrated"``), ``obs_kind``
+    (``"full"``/``"compact"``), ``obs_stat_exits``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
     (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
     ``top_p`` (in (0, 1], nucleus sampling when ``temperature > 0``), ``cost``
