@@ -345,9 +345,10 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
              model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
              exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
              head_kind: str = "affine-kl", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
-             obs_kind: str = typer.Option("compact", help="Observation of the env (and of the agents): compact | full."),
-             stop_rule: Optional[str] = typer.Option("calibrated", help="In-round stop rule of policies that "
-                                                     "name none: calibrated, or none."),
+             obs_kind: Optional[str] = typer.Option(None, help="Observation of the env: compact | full (default: "
+                                                    "the exported agent's, else full)."),
+             stop_rule: Optional[str] = typer.Option(None, help="In-round stop rule of policies that name none: "
+                                                     "calibrated | none (default: the agent's, else none)."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
@@ -360,6 +361,11 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
     names = [p for p in split_policies(policies)]
+    agent_cfg = _agent_config(names)
+    if obs_kind is None:
+        obs_kind = agent_cfg.get("observation", {}).get("kind", "full")
+    if stop_rule is None:
+        stop_rule = agent_cfg.get("stop_rule", {}).get("kind", "none")
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
                   head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
                   obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule)
@@ -479,6 +485,15 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
                         max_new_tokens=max_new_tokens,
                         episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
                         out_dir=str(out), wandb=wandb, live=live))
+
+
+def _agent_config(names: list[str]) -> dict:
+    """``policy.json`` of the first exported agent among the policy names (``{}`` if none)."""
+    for n in names:
+        kind, _, path = n.partition(":")
+        if kind in ("agent", "agent-unguarded") and (Path(path) / "policy.json").exists():
+            return json.loads((Path(path) / "policy.json").read_text())
+    return {}
 
 
 #: optional module -> the extra that installs it (``pip install 'lede[EXTRA]'``)
