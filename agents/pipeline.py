@@ -145,11 +145,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     best = None
     with _Stage(cfg, "train (d3rlpy)"):
         for algo_name in cfg.algos:
-            # trace_q's regression is a small MLP (its forward pass is paid every round); 64 x 64 is
-            # what benchmarks/agent_vs_static.py measured
-            extra = {"hidden": (64, 64), "learning_rate": 1e-3} if algo_name == "trace_q" else {}
             tcfg = TrainConfig(dataset_id=ds_id, algo=algo_name, steps=cfg.steps, gamma=cfg.gamma, seed=cfg.seed,
-                               out_dir=str(out / "train" / algo_name), wandb=cfg.wandb, **extra)
+                               out_dir=str(out / "train" / algo_name), wandb=cfg.wandb)
             algo, layout = train(tcfg, progress=progress, dataset=dataset)
             tp = policy_throughput(train_env, greedy_q_policy(algo, layout))
             console.print(f"{algo_name}: training-trace throughput {tp:.3f} (best static {static_tp:.3f})")
