@@ -27,7 +27,7 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
-from .mdp import ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len
+from .mdp import ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, verified_positions
 from .model import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
@@ -296,7 +296,7 @@ class SelfSpeculativeDecoder:
             if not self.reuse:  # plain SSD: forget the draft's layers 1..E, verify with the full model
                 self.stack.crop(state.cache, pos)
                 taps = {} if state.want_obs else None
-                n = K + 1 if self.bonus else max(K, 1)
+                n = verified_positions(K, self.bonus)
                 hidden, first = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)), 0
             h = self._forward(hidden, first, self.stack.num_layers, state.cache, pos, taps)
             normed, verifier = self._verifier_tokens(h, state.sampler, draft)
@@ -489,7 +489,7 @@ class SelfSpeculativeDecoder:
                 K = len(draft)
             if len(draft) == K and not extra_pass:
                 break
-        n = len(draft) + 1 if self.bonus else max(len(draft), 1)
+        n = verified_positions(len(draft), self.bonus)
         hs = hs[:n]
         draft = torch.cat(draft, 1)[0].tolist() if draft else []  # one device-to-host copy per round
         if taps is not None:

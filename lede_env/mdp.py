@@ -91,6 +91,13 @@ class RoundOutcome:
     eos: bool
 
 
+def verified_positions(k: int, bonus: bool) -> int:
+    """Positions a round verifies when it keeps ``k`` draft tokens: k + 1 with the bonus token
+    (the last draft token also passes layers 1..E), k without it; a round that keeps none
+    verifies the pending token alone (1)."""
+    return k + 1 if bonus else max(k, 1)
+
+
 def clamp_draft_len(k: int, remaining: int, bonus: bool) -> int:
     """Never draft tokens that could not be emitted: with ``remaining`` tokens left in the budget,
     K is clamped to ``remaining - 1`` (bonus) or ``remaining`` (no bonus); 0 means an AR step."""

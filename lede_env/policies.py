@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence, runtime_checkabl
 import numpy as np
 import torch
 
-from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout
+from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout, verified_positions
 from .stopping import NO_STOP, ThresholdStop
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ class DELPolicy(BasePolicy):
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
         self.actions, self.prior, self.decay = actions, float(prior), float(decay)
         self._k = np.arange(1, actions.k_max + 1)
-        self._cost = np.array([[profile.round_cost(E, k, k + 1 if bonus else k, reuse) for k in self._k]
+        self._cost = np.array([[profile.round_cost(E, k, verified_positions(k, bonus), reuse) for k in self._k]
                                for E in actions.exit_layers])  # [n_exits, k_max], AR-step units
         self._ar = profile.round_cost(0, 0, 1)
         self.bonus = bonus

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .costs import CostProfile
-from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len
+from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
 from .stopping import StopRule, as_stop_rule
 from .traces import Trace
 
@@ -83,7 +83,7 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
     else:
         i = rules.actions.exit_layers.index(E)
         K, passes = rules.stop.draft(i, trace.draft_prob[g:g + K, i], K)
-        n = K + 1 if rules.bonus else max(K, 1)  # a dropped first draft verifies the pending token alone
+        n = verified_positions(K, rules.bonus)  # a dropped first draft verifies the pending token alone
         draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
@@ -165,7 +165,7 @@ def useful_actions(rules: ReplayRules) -> list[int]:
     keep = [0]
     for a in range(1, acts.n):
         E, K = acts.decode(a)
-        n = K + 1 if rules.bonus else K
+        n = verified_positions(K, rules.bonus)  # also the tokens of a fully accepted round
         if n / prof.round_cost(E, K, n, rules.reuse) > 1.0 / ar:
             keep.append(a)
     return keep

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .mdp import verified_positions
+
 #: Default bin edges of :class:`AcceptanceCalibration` over the draft token's probability: finer
 #: near 1, where confident drafts concentrate.
 DEFAULT_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
@@ -238,14 +240,11 @@ class CalibratedStop(StopRule):
             raise ValueError(f"The acceptance calibration covers {calibration.rate.shape[0]} exits, the decoder has "
                              f"{len(exit_layers)}: refit the exit heads for these exits.")
 
-        def n(k: int) -> int:  # positions verified when k draft tokens are kept
-            return k + 1 if bonus else max(k, 1)
-
         th = np.zeros((len(exit_layers), k_max))
         for i, E in enumerate(exit_layers):
             for j in range(k_max):
-                dc = (profile.round_cost(E, j + 1, n(j + 1), reuse, passes=j + 1)
-                      - profile.round_cost(E, j, n(j), reuse, passes=j + 1))
+                dc = (profile.round_cost(E, j + 1, verified_positions(j + 1, bonus), reuse, passes=j + 1)
+                      - profile.round_cost(E, j, verified_positions(j, bonus), reuse, passes=j + 1))
                 th[i, j] = lam * dc
         return cls(calibration, th, float(lam))
 
