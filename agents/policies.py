@@ -30,14 +30,18 @@ class OraclePolicy(BasePolicy):
 
 def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, float]:
     """The static action with the best throughput on ``env``'s traces (LayerSkip's setting,
-    chosen on training traces: the whole K drafted every round, whatever the env's stop rule).
+    chosen on training traces: the whole K drafted every round, whatever the env's stop rule);
+    :meth:`lede_env.env.LEDEEnv.best_static`, computed once per env, or on the first
+    ``max_episodes`` traces only.
 
     Returns:
         ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
     """
+    u = env.unwrapped
+    if max_episodes is None:
+        return u.best_static()
     from lede_env.replay import best_static
 
-    u = env.unwrapped
-    traces = [u.trace_set.traces[i] for i in u.playable][: max_episodes]
+    traces = [u.trace_set.traces[i] for i in u.playable][:max_episodes]
     rules = u.rules.without_overhead()  # a static policy computes no observation
     return best_static(traces, replace(rules, stop_rule=NO_STOP), u.max_new_tokens)

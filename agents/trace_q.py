@@ -26,7 +26,6 @@ greedy policy as the other agents' (``lede export``).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -34,8 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lede_env.replay import best_static, replay_round, useful_actions
-from lede_env.stopping import NO_STOP
+from lede_env.replay import replay_round, useful_actions
 
 
 class _Greedy(nn.Module):
@@ -133,8 +131,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     rng = np.random.default_rng(seed)
     lam = float(u.reward_lambda) if u.reward_mode == "relative" else 1.0
     allowed = useful_actions(u.rules)
-    traces = [u.trace_set.traces[i] for i in u.playable]
-    static = best_static(traces, replace(u.rules.without_overhead(), stop_rule=NO_STOP), u.max_new_tokens, allowed)[0]
+    static = u.best_static()[0]
     n_act = u.actions.n
     col = {a: j for j, a in enumerate(allowed)}
     X: list[np.ndarray] = []

@@ -314,6 +314,7 @@ class LEDEEnv(gym.Env):
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
                                             stat_exits=obs_stat_exits)
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
+        self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
         self._oracle_cache: dict[int, np.ndarray] = {}
         self._done = True
@@ -384,11 +385,9 @@ class LEDEEnv(gym.Env):
         if self._lambda_arg != "auto":
             self.reward_lambda = float(self._lambda_arg)
         elif self.trace_set is not None:
-            # the best static (E, K) over the env's own traces (whole K drafted, no overhead): a
-            # per-round reward of tokens - lambda * cost then favours exactly the rounds that beat it
-            traces = [self.trace_set.traces[i] for i in self.playable]
-            rules = replace(self.rules.without_overhead(), stop_rule=NO_STOP)
-            self.reward_lambda = max(1.0, best_static(traces, rules, self.max_new_tokens, useful_actions(rules))[1])
+            # a per-round reward of tokens - lambda * cost then favours exactly the rounds that beat
+            # the best static (E, K) on the env's own traces
+            self.reward_lambda = max(1.0, self.best_static()[1])
         else:
             self.reward_lambda = 1.0  # live backend: no traces to measure a static on; AR's throughput
         if self._stop_name == "calibrated":
@@ -401,6 +400,27 @@ class LEDEEnv(gym.Env):
             self.rules = replace(self.rules, stop_rule=rule)
             if self.backend == "live":
                 self.decoder.stop_rule = rule
+
+    def best_static(self) -> tuple[int, float]:
+        """The static action with the best throughput over this env's playable traces, as a static
+        (E, K) is defined (whole K drafted, no feature/policy overhead; LayerSkip's setting): the
+        baseline of the relative reward's lambda, of ``trace_q`` and of ``static:best``. Computed
+        once (trace backend only; only actions that can beat AR are tried, which changes nothing:
+        the others never do).
+
+        Returns:
+            ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
+
+        Raises:
+            RuntimeError: the live backend (no traces).
+        """
+        if self.trace_set is None:
+            raise RuntimeError("best_static() replays traces: use the trace backend (LEDE-Llama3-v0).")
+        if self._best_static is None:
+            rules = replace(self.rules.without_overhead(), stop_rule=NO_STOP)
+            traces = [self.trace_set.traces[i] for i in self.playable]
+            self._best_static = best_static(traces, rules, self.max_new_tokens, useful_actions(rules))
+        return self._best_static
 
     def make_decoder(self, bundle: Optional[ModelBundle] = None, heads: Optional[ExitHeads] = None,
                      profile: bool = True) -> SelfSpeculativeDecoder:
