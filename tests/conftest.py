@@ -69,6 +69,57 @@ def decode_cases(max_new: int) -> dict:
     )
 
 
+class CollectStreamer:
+    """A transformers-style streamer that records what it is given: ``chunks`` (token-id lists,
+    the prompt first) and whether ``end()`` came."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def random_rollout(env, seed):
+    """One episode of uniformly random actions (seeded): ``(actions, step infos, observations,
+    rewards)``; observations hold the first one and one per step."""
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    acts, infos, observations, rewards = [], [], [obs], []
+    done = False
+    while not done:
+        a = int(env.action_space.sample())
+        obs, r, te, tr, info = env.step(a)
+        acts.append(a)
+        infos.append(info)
+        observations.append(obs)
+        rewards.append(r)
+        done = te or tr
+    return acts, infos, observations, rewards
+
+
+def replay_live(env, bundle, heads, actions):
+    """The same actions on the real decoder of ``env`` (:meth:`LEDEEnv.make_decoder`) from the
+    current trace's prompt: ``(GenerationResult, the observations the policy was given)``."""
+    from lede_env.policies import SequencePolicy
+
+    dec = env.make_decoder(bundle, heads)
+    seen = []
+
+    class Recorder(SequencePolicy):
+        needs_observation = True
+
+        def act(self, obs):
+            seen.append(obs)
+            return super().act(obs)
+
+    res = dec.generate(torch.tensor(env.trace.prompt), Recorder(actions), env.max_new_tokens)
+    return res, seen
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(bundle, heads, trace_set, profile) for a 4-layer tiny Llama with exits (1, 2, 3)."""

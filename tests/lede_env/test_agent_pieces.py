@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lede_env.costs import CostProfile
-from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.decoding import SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.env import LEDEEnv
 from lede_env.exits import ExitHeads, calibrate_acceptance
 from lede_env.policies import BasePolicy, GuardedPolicy
 from lede_env.replay import ReplayRules, useful_actions
 from lede_env.stopping import AcceptanceCalibration, CalibratedStop, ThresholdStop
 
-from ..conftest import tiny_continuations
+from ..conftest import random_rollout, replay_live, tiny_continuations
 
 
 @pytest.fixture(scope="module")
@@ -92,27 +92,9 @@ def test_trace_env_replays_the_decoder_under_the_calibrated_rule(tiny, calibrate
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new,
                   heads=calibrated_heads, stop_rule="calibrated", reward_lambda=lam, obs_kind="compact")
     assert isinstance(env.rules.stop, CalibratedStop) and env.rules.stop.lam == lam
-    env.action_space.seed(seed)
-    obs, _ = env.reset(seed=seed)
-    acts, rounds, observations, done = [], [], [obs], False
-    while not done:
-        a = int(env.action_space.sample())
-        obs, r, te, tr, info = env.step(a)
-        acts.append(a)
-        rounds.append(info["round"])
-        observations.append(obs)
-        done = te or tr
-    dec = env.make_decoder(b, calibrated_heads)
-    seen = []
-
-    class Recorder(SequencePolicy):
-        needs_observation = True
-
-        def act(self, o):
-            seen.append(o)
-            return super().act(o)
-
-    res = dec.generate(torch.tensor(env.trace.prompt), Recorder(acts), max_new)
+    acts, infos, observations, _ = random_rollout(env, seed)
+    rounds = [i["round"] for i in infos]
+    res, seen = replay_live(env, b, calibrated_heads, acts)
     assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
     assert [(x.exit_layer, x.accepted, x.emitted) for x in res.rounds] == \
         [(x["exit_layer"], x["accepted"], x["emitted"]) for x in rounds]

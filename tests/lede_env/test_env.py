@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy
 from lede_env.env import LEDEEnv
 from lede_env.mdp import ActionMap
 from lede_env.replay import oracle_plan, rollout
+
+from ..conftest import random_rollout, replay_live
 
 
 def test_check_env(tiny_env):
@@ -74,23 +74,6 @@ def test_same_seed_same_rollout(tiny):
     assert roll(3) == roll(3)
 
 
-def _replay_live(b, heads, env, actions, prompt):
-    dec = SelfSpeculativeDecoder(b.stack, heads, env.actions.k_max, b.eos_ids, env.rules.bonus, env.profile,
-                                 env.obs_config, reuse=env.rules.reuse)
-    seen = []
-
-    class Recorder(SequencePolicy):
-        needs_observation = True
-        stop_threshold = env.rules.stop_threshold
-
-        def act(self, obs):
-            seen.append(obs)
-            return super().act(obs)
-
-    res = dec.generate(torch.tensor(prompt), Recorder(actions), env.max_new_tokens)
-    return res, seen
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
@@ -103,19 +86,11 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
     b, heads, ts, prof = tiny
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop)
-    env.action_space.seed(seed)
-    obs, _ = env.reset(seed=seed)
-    acts, rounds, observations = [], [], [obs]
-    done = False
-    while not done:
-        a = int(env.action_space.sample())
-        obs, r, te, tr, info = env.step(a)
-        acts.append(a)
-        rounds.append(info["round"])
-        observations.append(obs)
-        assert r == pytest.approx(info["round"]["emitted"] - env.reward_lambda * info["round"]["cost"])
-        done = te or tr
-    res, seen = _replay_live(b, heads, env, acts, env.trace.prompt)
+    acts, infos, observations, rewards = random_rollout(env, seed)
+    rounds, info = [i["round"] for i in infos], infos[-1]
+    for r, rd in zip(rewards, rounds):
+        assert r == pytest.approx(rd["emitted"] - env.reward_lambda * rd["cost"])
+    res, seen = replay_live(env, b, heads, acts)
     assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
     assert len(res.tokens) == info["tokens_generated"]
     live = [(x.exit_layer, x.accepted, x.emitted) for x in res.rounds]

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from lede_env.decoding import Sampling, SelfSpeculativeDecoder, SequencePolicy
 from lede_env.exits import ExitHeads
 
-from ..conftest import decode_cases, make_tiny
+from ..conftest import CollectStreamer, decode_cases, make_tiny
 from .test_sampling import pooled_chisquare
 
 
@@ -203,17 +203,7 @@ def test_stop_strings_through_transformers_give_plain_generates_tokens(hf_tiny):
             bare = _generate(model, x, max_new_tokens=12, stop_strings=[stop], custom_generate=lede_generate, lede=lede)
             assert bare.tolist() == plain.tolist(), stop
 
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
-    s = Collect()
+    s = CollectStreamer()
     out = _generate(model, x, max_new_tokens=10, custom_generate=lede_generate, lede=lede, streamer=s)
     assert s.chunks[0] == x[0].tolist() and sum(s.chunks[1:], []) == out[0, n:].tolist() and s.ended
 

@@ -11,7 +11,7 @@ from lede_env.decoding import Sampling, SelfSpeculativeDecoder, SequencePolicy, 
 from lede_env.exits import ExitHeads
 from lede_env.mdp import accept
 
-from ..conftest import make_tiny
+from ..conftest import CollectStreamer, make_tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,18 +109,8 @@ def test_stop_and_streamer_end_generation_exactly_there():
     dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids)
     full = dec.generate(torch.tensor([5, 9, 17]), StaticPolicy(dec.actions.encode(2, 4)), 20).tokens
 
-    class Collect:
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.reshape(-1).tolist())
-
-        def end(self):
-            self.ended = True
-
     for keep_at in (1, 5, 7):
-        s = Collect()
+        s = CollectStreamer()
         out = dec.generate(torch.tensor([5, 9, 17]), StaticPolicy(dec.actions.encode(2, 4)), 20, streamer=s,
                            stop=lambda toks, k=keep_at: k if len(toks) >= k else None)
         assert out.tokens == full[:keep_at]
