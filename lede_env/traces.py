@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,7 +270,11 @@ def agreement_by_category(heads: ExitHeads, continuations: Sequence[Continuation
     for c in continuations:
         groups.setdefault(c.category, []).append((torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)))
     out = {cat: agreement(heads, seqs) for cat, seqs in groups.items()}
-    out["all"] = agreement(heads, [q for seqs in groups.values() for q in seqs])
+    # "all" weighs each category by its positions (one per generated token), so no sequence is
+    # run through the model twice
+    n = {cat: sum(ids.shape[0] - n_prompt for ids, n_prompt in seqs) for cat, seqs in groups.items()}
+    total = sum(n.values())
+    out["all"] = {e: (sum(out[c][e] * n[c] for c in groups) / total if total else math.nan) for e in heads.exit_layers}
     return out
 
 

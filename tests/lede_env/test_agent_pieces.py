@@ -211,3 +211,19 @@ def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calib
         warnings.simplefilter("always")
         assert traces.packaged_heads(key) is None
     assert any("checksum" in str(x.message) for x in w)
+
+
+def test_agreement_by_category_weighs_categories_by_positions(tiny):
+    """Per category, the agreement of its own continuations; "all", the agreement over every
+    position (what :func:`lede_env.exits.agreement` gives on all of them at once)."""
+    from lede_env.exits import agreement
+    from lede_env.traces import agreement_by_category
+
+    b, heads, _, _ = tiny
+    cs = tiny_continuations(b, 6, seed=3)
+    seqs = {c.id: (torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in cs}
+    table = agreement_by_category(heads, cs)
+    assert set(table) == {c.category for c in cs} | {"all"}
+    for cat in {c.category for c in cs}:
+        assert table[cat] == pytest.approx(agreement(heads, [seqs[c.id] for c in cs if c.category == cat]))
+    assert table["all"] == pytest.approx(agreement(heads, list(seqs.values())))
