@@ -68,13 +68,12 @@ def test_calibrated_thresholds_follow_the_cost_profile():
     extra = (2 * 1.0 + (4 - 2) * (1.1 - 1.0) + (1.1 - 1.0)) / ar
     assert rule.thresholds[0, 0] == pytest.approx(1.2 * extra)
     conf, weak = 0.9, 0.1  # calibrated 0.8 and 0.2
-    assert rule.keep(0, [conf]) == (0.8 > rule.thresholds[0, 0])
-    assert rule.keep(0, [weak]) == (0.2 > rule.thresholds[0, 0])
-    assert rule.draft(0, [conf, conf, conf], 3)[0] == sum(
-        0.8 ** (j + 1) > rule.thresholds[0, j] for j in range(3) if all(0.8 ** (i + 1) > rule.thresholds[0, i]
-                                                                       for i in range(j + 1)))
-    K, passes = rule.draft(0, [weak, conf], 3)
-    assert (K, passes) == ((0, 1) if 0.2 <= rule.thresholds[0, 0] else (K, passes))
+    assert rule.thresholds[0] == pytest.approx([0.552, 0.6, 0.672])  # the formula above, by hand
+    assert rule.keep(0, [conf]) and not rule.keep(0, [weak])
+    # three confident drafts: P = 0.8 > 0.552 and 0.64 > 0.6 are kept, 0.512 < 0.672 is dropped
+    # after its pass (2 kept, 3 passes); a weak first draft is dropped at once (0 kept, 1 pass)
+    assert rule.draft(0, [conf, conf, conf], 3) == (2, 3)
+    assert rule.draft(0, [weak, conf], 3) == (0, 1)
     # the threshold rule keeps its old meaning: stop after the first token below it (kept)
     assert ThresholdStop(0.5).draft(0, [0.9, 0.4, 0.9], 3) == (2, 2)
     with pytest.raises(ValueError, match="lambda"):
