@@ -59,24 +59,27 @@ def main() -> None:
     print(f"teacher-forced features of {len(fit)} calibration continuations: {time.time() - t0:.0f} s", flush=True)
     Wd = base.draft_w.float()
 
+    # held-out features once too: per continuation, its category, normed exit hiddens and targets
+    held_feats = []
+    for c in held:
+        ids = torch.tensor(c.prompt_ids + c.generated)
+        eh, _, _ = teacher_forced(b.stack, ids, exits)
+        sl = slice(len(c.prompt_ids) - 1, ids.shape[0] - 1)
+        held_feats.append((c.category, b.stack.norm(eh[sl]).float(), ids[sl.start + 1: sl.stop + 1]))
+
     def agreement_of(draft_fn) -> dict:
         """{category: {exit: agreement}} of ``draft_fn(exit_index, normed hidden [T, d]) -> tokens``."""
-        out = {}
-        for cat in cats + ["all"]:
-            hits = torch.zeros(len(exits))
-            total = 0
-            for c in held:
-                if cat != "all" and c.category != cat:
-                    continue
-                ids = torch.tensor(c.prompt_ids + c.generated)
-                eh, _, _ = teacher_forced(b.stack, ids, exits)
-                sl = slice(len(c.prompt_ids) - 1, ids.shape[0] - 1)
-                target = ids[sl.start + 1: sl.stop + 1]
-                for i in range(len(exits)):
-                    hits[i] += (draft_fn(i, b.stack.norm(eh[sl, i]).float()) == target).sum().item()
-                total += target.numel()
-            out[cat] = {e: hits[i].item() / max(total, 1) for i, e in enumerate(exits)}
-        return out
+        hits = {cat: torch.zeros(len(exits)) for cat in cats + ["all"]}
+        total = dict.fromkeys(cats + ["all"], 0)
+        for cat, x, target in held_feats:
+            for i in range(len(exits)):
+                h = (draft_fn(i, x[:, i]) == target).sum().item()
+                hits[cat][i] += h
+                hits["all"][i] += h
+            total[cat] += target.numel()
+            total["all"] += target.numel()
+        return {cat: {e: hits[cat][i].item() / max(total[cat], 1) for i, e in enumerate(exits)}
+                for cat in cats + ["all"]}
 
     results, times = {}, {}
     x1 = torch.randn(1, b.stack.hidden_size)
