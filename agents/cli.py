@@ -180,10 +180,18 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
 
 @app.command()
 def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json"), k_max: int = 8,
-            draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt):
-    """Measure the cost profile (layer, head, draft head, overhead times) on this machine."""
+            draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt,
+            compare_kernels: bool = typer.Option(False, help="Also measure every kernel choice alone (blas, "
+                                                             "skinny, onednn, default) beside the measured table")):
+    """Measure the cost profile (layer, head, draft head, overhead times) on this machine and
+    print c(k), the cost of k positions relative to one, for one layer, the LM head and the
+    whole verify pass."""
+    import torch
+    from rich.table import Table
+
     from lede_env.costs import measure_profile
     from lede_env.env import overhead_probe
+    from lede_env.kernels import available, cpu_name
     from lede_env.mdp import ObservationConfig
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
@@ -191,9 +199,29 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     heads = get_heads(b, HeadSpec(draft_vocab=draft_vocab, calib_prompts=calib_prompts))
     prof = measure_profile(b.stack, heads, k_max, overhead_fn=overhead_probe(b, heads, k_max, ObservationConfig()))
     prof.save(out)
+    console.print(f"{cpu_name()}, {torch.get_num_threads()} threads, kernels {b.stack.kernels_tag}")
     console.print(f"AR step {1000 * prof.ar_step:.2f} ms; layer {1000 * prof.layer[0]:.3f} ms; head "
                   f"{1000 * prof.head[0]:.2f} ms; draft head {1000 * prof.draft_head:.3f} ms; overhead "
                   f"{1000 * prof.overhead:.3f} ms -> {out}")
+    c = prof.c_table()
+    t = Table("k (positions)", "c(k) one layer", "c(k) LM head", "c(k) verify pass", title="c(k): cost of k positions / 1")
+    for k in range(1, prof.max_positions + 1):
+        t.add_row(str(k), f"{c['layer'][k - 1]:.2f}", f"{c['head'][k - 1]:.2f}", f"{c['verify'][k - 1]:.2f}")
+    console.print(t)
+    if compare_kernels:
+        t = Table("kernels", "AR ms", "c(2)", "c(4)", "c(8)", "verify(4) ms", "verify(8) ms",
+                  title=f"Kernel choices on {cpu_name()} ({torch.get_num_threads()} threads)")
+        chosen = b.stack.kernels
+        try:
+            for k in ("auto",) + available(b.stack.device, b.stack.dtype):
+                b.stack.set_kernels(k)
+                p = measure_profile(b.stack, heads, max(k_max, 7))
+                t.add_row(f"{k} ({b.stack.kernels_tag})" if k == "auto" else k, f"{1000 * p.ar_step:.1f}",
+                          *(f"{p.verify_cost(n):.2f}" for n in (2, 4, 8)),
+                          *(f"{1000 * p.ar_step * p.verify_cost(n):.1f}" for n in (4, 8)))
+        finally:
+            b.stack.set_kernels(chosen)
+        console.print(t)
 
 
 _DEFAULT_MIXTURE = "random=0.2,static=0.3,heuristic=0.1,oracle=0.4"

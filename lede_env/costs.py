@@ -101,6 +101,19 @@ class CostProfile:
             t += (L - E if reuse else L) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
         return (t + self.overhead) / self.ar_step
 
+    def verify_cost(self, k: int) -> float:
+        """c(k): all L layers and the full LM head on k positions, in AR steps (c(1) = 1)."""
+        return (self.num_layers * self._k(self.layer, k) + self._k(self.head, k)) / self.ar_step
+
+    def c_table(self) -> dict:
+        """c(k) for k = 1..:attr:`max_positions` of one layer, the LM head and the whole verify
+        pass, each relative to its own one-position time: ``{"layer": [...], "head": [...],
+        "verify": [...]}``."""
+        ks = range(1, self.max_positions + 1)
+        return {"layer": [self.layer[k - 1] / self.layer[0] for k in ks],
+                "head": [self.head[k - 1] / self.head[0] for k in ks],
+                "verify": [self.verify_cost(k) for k in ks]}
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -231,7 +244,7 @@ def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
                                                 "threads": torch.get_num_threads(), "device": str(stack.device),
                                                 "device_name": _device_name(stack.device),
                                                 "dtype": str(stack.dtype).replace("torch.", ""),
-                                                "kernels": stack.kernels})
+                                                "kernels": stack.kernels_tag})
 
 
 def _device_name(device: torch.device) -> str:

@@ -33,6 +33,15 @@ BACKENDS = ("trace", "live")
 COST_SOURCES = ("profile", "wallclock")
 
 
+def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> Path:
+    """Where the measured cost profile of this model, heads, K_max, observation, machine, thread
+    count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``)."""
+    tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(), torch.get_num_threads(),
+                               bundle.stack.kernels_tag, KERNELS_VERSION,
+                               str(bundle.stack.device))).encode()).hexdigest()[:12]
+    return cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
+
+
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
     """A cost profile: ``"analytic"``, ``"measured"`` (measured once on this machine and cached),
     a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
@@ -42,10 +51,7 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
     if kind == "analytic":
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind == "measured":
-        tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(),
-                                   torch.get_num_threads(), bundle.stack.kernels, KERNELS_VERSION,
-                                   str(bundle.stack.device))).encode()).hexdigest()[:12]
-        path = cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
+        path = profile_path(bundle, heads, k_max, obs)
         if path.exists():
             try:
                 return CostProfile.load(path)

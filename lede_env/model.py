@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,12 +360,7 @@ def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-#: matrix-product kernels of :class:`LayerStack` (besides ``"auto"``)
-KERNELS = ("blas", "onednn", "default")
-#: most rows (positions) the ``"blas"`` kernels compute as ``W @ x.T``
-BLAS_MAX_ROWS = 5
-#: bumped when a kernel's implementation changes (measured cost profiles are keyed by it)
-KERNELS_VERSION = 2
+from .kernels import KERNELS, KERNELS_VERSION, TABLE_ROWS  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -378,18 +374,16 @@ class LayerStack:
     Attributes:
         model: a ``LlamaForCausalLM``-like model (``model.model.layers``, ``model.model.norm``,
             ``model.lm_head``, ``model.model.rotary_emb``).
-        kernels: matrix-product kernels of the decoder and LM head (see :data:`KERNELS`).
-            ``"blas"`` (CPU, fp32, MKL): for 1-5 positions the product is ``W @ x.T`` through
-            BLAS's matrix-matrix path, which streams each weight once; a single position is
-            padded to two, because BLAS's matrix-vector path is about 1.5x slower. Measured on
-            2 cores, 30 layers + LM head of SmolLM2-135M with 200 cached positions: 1 / 2 / 4 /
-            5 positions take 32 / 34 / 43 / 51 ms (oneDNN: 44 / 49 / 54 / 55 ms); 6+ positions
-            use oneDNN. The result is made contiguous: a transposed one would push attention
-            onto SDPA's slow math path. ``"onednn"``: oneDNN's linear for every size. ``"default"``: ``torch.nn.functional.linear``. ``"auto"``: ``"blas"``
-            where MKL and oneDNN are present, else ``"onednn"`` if present, else
-            ``"default"`` (always on GPUs and for non-fp32 weights). Results agree to float
-            rounding (about 1e-6 relative), so greedy tokens can differ between kernels only on
-            exact near-ties; every part of lede uses the same stack, hence the same kernels.
+        kernels: matrix-product kernels of the decoder and LM head (:mod:`lede_env.kernels`):
+            ``"auto"`` (default) uses, for each number of rows (positions), the kernel measured
+            fastest on this machine for this model's weights (:func:`lede_env.kernels.kernel_table`,
+            measured once and cached); or one named kernel for every call: ``"blas"``,
+            ``"skinny"``, ``"onednn"``, ``"default"``. Off the fp32 CPU every choice is
+            ``"default"``. Kernels agree to fp32 rounding (about 1e-6 relative), so greedy tokens
+            can differ between them only on exact near-ties; every part of lede uses the same
+            stack, hence the same kernels.
+        kernel_table: after construction, ``kernel_table[r-1]`` is the kernel used for ``r``
+            rows (r = 1..:data:`~lede_env.kernels.TABLE_ROWS`; more rows use oneDNN).
     """
 
     model: torch.nn.Module
@@ -407,46 +401,73 @@ class LayerStack:
         self._head = self.model.lm_head
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        if self.kernels == "auto":
-            self.kernels = ("blas" if torch.backends.mkl.is_available() else "onednn") \
-                if _onednn_ok(self.device, self.dtype) else "default"
-        if self.kernels not in KERNELS:
-            raise ValueError(f"kernels={self.kernels!r}; choose 'auto' or one of {KERNELS}.")
+        self.set_kernels(self.kernels)
+
+    def set_kernels(self, kernels: str) -> None:
+        """Choose the matrix-product kernels (see the class docstring); ``"auto"`` reads
+        ``$LEDE_KERNELS`` first (e.g. ``LEDE_KERNELS=blas`` to compare with BLAS alone).
+
+        Raises:
+            ValueError: an unknown kernel name (in the argument or ``$LEDE_KERNELS``).
+        """
+        from . import kernels as K
+
+        if kernels == "auto":
+            kernels = os.environ.get("LEDE_KERNELS", "auto") or "auto"
+        if kernels not in KERNELS + ("auto",):
+            raise ValueError(f"kernels={kernels!r}; choose 'auto' or one of {KERNELS} (argument or $LEDE_KERNELS).")
+        self.kernels = kernels
+        avail = K.available(self.device, self.dtype)
+        if kernels == "auto":
+            weights = [m.weight for m in self.layers.modules() if isinstance(m, torch.nn.Linear)]
+            self.kernel_table = K.kernel_table(weights + [self._head.weight], self.device, self.dtype)
+        else:
+            if kernels not in avail:
+                print(f"lede: kernel {kernels!r} is not available for {self.dtype} on {self.device}; "
+                      f"using {avail[0]!r}.", file=sys.stderr)
+            self.kernel_table = (kernels if kernels in avail else avail[0],) * K.TABLE_ROWS
+        self._large = avail[0]  # oneDNN where present
+
+    @property
+    def kernels_tag(self) -> str:
+        """The kernel per row count, e.g. ``"blas,blas,skinny,...|onednn"`` (cache keys, profile meta)."""
+        return ",".join(self.kernel_table) + "|" + self._large
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x @ weight.T + bias`` with this stack's kernels. [..., in] x [out, in] -> [..., out]."""
-        if self.kernels == "blas":
-            rows = x.numel() // x.shape[-1]
-            if rows <= BLAS_MAX_ROWS:
-                x2 = x.reshape(rows, x.shape[-1])
-                # one row takes BLAS's slow matrix-vector path; two rows do not
-                x2 = (x2.expand(2, -1) if rows == 1 else x2).contiguous()
-                y = torch.mm(weight, x2.T).T[:rows].contiguous()
-                if bias is not None:
-                    y = y + bias
-                return y.reshape(*x.shape[:-1], weight.shape[0])
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        if self.kernels == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.nn.functional.linear(x, weight, bias)
+        """``x @ weight.T + bias`` with this stack's kernel for the number of rows.
+        [..., in] x [out, in] -> [..., out]."""
+        from .kernels import linear
+
+        rows = x.numel() // x.shape[-1]
+        kernel = self.kernel_table[rows - 1] if rows <= len(self.kernel_table) else self._large
+        return linear(kernel, x, weight, bias)
 
     @contextmanager
     def kernels_active(self):
-        """Within this block the decoder layers' linear layers use :attr:`kernels`; restored after,
-        even on error (the model is shared with callers, e.g. transformers' ``generate``)."""
-        if self.kernels == "default":
-            yield
-            return
+        """Within this block the decoder layers' linear layers use :attr:`kernel_table`, and on the
+        CPU attention over several new positions runs grouped-query attention on the cached
+        key/value heads as they are (transformers' ``TRANSFORMERS_SDPA_FORCE_GQA``; with a causal
+        mask it would otherwise copy every cached key and value for each query head: all 30 layers
+        of the embedded model on 2 / 3 positions after 256 cached ones, 27.8 / 31.1 ms -> 26.3 /
+        28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model is shared with callers, e.g.
+        transformers' ``generate``)."""
+        gqa_key = "TRANSFORMERS_SDPA_FORCE_GQA"
+        old_gqa = os.environ.get(gqa_key)
         patched = []
         try:
-            for m in self.layers.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.forward = functools.partial(self.linear, weight=m.weight, bias=m.bias)
-                    patched.append(m)
+            if self.device.type == "cpu" and old_gqa is None:
+                os.environ[gqa_key] = "1"
+            if set(self.kernel_table) != {"default"}:
+                for m in self.layers.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.forward = functools.partial(self.linear, weight=m.weight, bias=m.bias)
+                        patched.append(m)
             yield
         finally:
             for m in patched:
                 del m.forward
+            if old_gqa is None:
+                os.environ.pop(gqa_key, None)
 
     def new_cache(self):
         """An empty KV cache with one croppable layer per decoder layer."""
@@ -531,17 +552,6 @@ class LayerStack:
     def head_weight(self) -> torch.Tensor:
         """LM head weight [V, d]."""
         return self._head.weight
-
-
-def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's linear kernel is usable (CPU, fp32, op present and working)."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x = torch.ones(1, 2)
-        return bool(torch.ops.mkldnn._linear_pointwise(x, torch.ones(3, 2), None, "none", [], "").sum() == 6)
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def describe_model(model) -> dict:

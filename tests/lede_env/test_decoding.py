@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
 from lede_env.exits import HEAD_KINDS, ExitHeads
+from lede_env.kernels import available
 
 from ..conftest import decode_cases, make_tiny
 
@@ -53,12 +54,25 @@ def test_output_equals_greedy_for_every_action_sequence(num_layers, seed, prompt
     acts = [a % dec.actions.n for a in actions]
     ids = torch.tensor(prompt)
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
+    kernel = data.draw(st.sampled_from(("auto",) + available(b.stack.device, b.stack.dtype)))  # every kernel
+    b.stack.set_kernels(kernel)
+    try:
+        _check_generation(dec, ids, policy_for(acts, len(exits), k_max, data), max_new, ref)
+    finally:
+        b.stack.set_kernels("auto")
+
+
+def policy_for(acts, n_exits, k_max, data):
     policy = SequencePolicy(acts)
     stop = data.draw(st.sampled_from(["none", "threshold", "calibrated"]))
     if stop == "threshold":  # confidence-threshold drafting
         policy.stop_threshold = data.draw(st.floats(0.01, 0.99))
     elif stop == "calibrated":  # calibrated in-round stopping, with arbitrary tables and thresholds
-        policy.stop_rule = random_calibrated_stop(len(exits), k_max, data)
+        policy.stop_rule = random_calibrated_stop(n_exits, k_max, data)
+    return policy
+
+
+def _check_generation(dec, ids, policy, max_new, ref):
     out = dec.generate(ids, policy, max_new)
     assert out.tokens == ref
     assert len(out.tokens) <= max_new

@@ -7,6 +7,7 @@ import torch
 
 from lede_env.decoding import SelfSpeculativeDecoder, StaticPolicy
 from lede_env.exits import ExitHeads
+from lede_env.kernels import available
 from lede_env.model import LayerStack, atomic_folder
 
 from ..conftest import make_tiny
@@ -30,20 +31,21 @@ def test_kernels_are_restored_even_on_error():
 
 def test_fast_kernels_agree_with_default():
     b = make_tiny()
-    if b.stack.kernels == "default":
-        pytest.skip("no oneDNN on this machine")
-    kernels = ["onednn"] + (["blas"] if torch.backends.mkl.is_available() else [])
+    kernels = [k for k in available(b.stack.device, b.stack.dtype) if k != "default"]
+    if not kernels:
+        pytest.skip("no fp32 CPU kernels besides torch's on this machine")
     ref = LayerStack(b.model, kernels="default")
     g = torch.Generator().manual_seed(0)
-    w, bias = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
-    for k in kernels:
-        fast = LayerStack(b.model, kernels=k)
-        for rows in range(1, 10):  # both sides of the blas kernels' 6-row switch
-            x = torch.randn(1, rows, 64, generator=g)
-            for bb in (None, bias):
-                y = fast.linear(x, w, bb)
-                assert y.shape == (1, rows, 32)
-                torch.testing.assert_close(y, ref.linear(x, w, bb), rtol=1e-5, atol=1e-5)
+    for d_in in (64, 70):  # a multiple of the skinny kernel's 32-float step, and one with a tail
+        w, bias = torch.randn(32, d_in, generator=g), torch.randn(32, generator=g)
+        for k in kernels:
+            fast = LayerStack(b.model, kernels=k)
+            for rows in range(1, 11):  # both sides of every kernel's row limit (5 blas, 8 skinny)
+                x = torch.randn(1, rows, d_in, generator=g)
+                for bb in (None, bias):
+                    y = fast.linear(x, w, bb)
+                    assert y.shape == (1, rows, 32)
+                    torch.testing.assert_close(y, ref.linear(x, w, bb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernels"):
         LayerStack(b.model, kernels="cuda-magic")
 
