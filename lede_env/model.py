@@ -449,13 +449,13 @@ class LayerStack:
         key/value heads as they are (transformers' ``TRANSFORMERS_SDPA_FORCE_GQA``; with a causal
         mask it would otherwise copy every cached key and value for each query head: all 30 layers
         of the embedded model on 2 / 3 positions after 256 cached ones, 27.8 / 31.1 ms -> 26.3 /
-        28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model is shared with callers, e.g.
-        transformers' ``generate``)."""
+        28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model
+        is shared with callers, e.g. transformers' ``generate``)."""
         gqa_key = "TRANSFORMERS_SDPA_FORCE_GQA"
-        old_gqa = os.environ.get(gqa_key)
+        set_gqa = self.device.type == "cpu" and gqa_key not in os.environ
         patched = []
         try:
-            if self.device.type == "cpu" and old_gqa is None:
+            if set_gqa:
                 os.environ[gqa_key] = "1"
             if set(self.kernel_table) != {"default"}:
                 for m in self.layers.modules():
@@ -466,7 +466,7 @@ class LayerStack:
         finally:
             for m in patched:
                 del m.forward
-            if old_gqa is None:
+            if set_gqa:
                 os.environ.pop(gqa_key, None)
 
     def new_cache(self):
