@@ -15,7 +15,8 @@ None of them needs an RL library: an exported agent runs from its TorchScript (o
 - :class:`ConfidencePolicy` - confidence-threshold drafting at a fixed exit: draft until the
   draft head's top-1 probability falls below a threshold, K as a cap.
 - :class:`GuardedPolicy` - a safety net around any policy: falls back to AR while the policy's
-  realised throughput is below AR's.
+  realised throughput (measured wall clock in the live decoder, profile costs in the trace env)
+  is below AR's (``guarded:NAME`` wraps any named policy).
 
 :func:`policy_from_name` builds them from the names ``lede generate``/``lede evaluate`` take.
 What needs the traces' hindsight (the oracle, the best-static search) lives in ``agents``.
@@ -351,25 +352,47 @@ class GuardedPolicy(BasePolicy):
     between speculation strategies online; here the arms are the learned policy and AR. It only
     chooses actions, so the output is unchanged.
 
-    Throughput is tokens emitted / round cost (AR-step units, :attr:`RoundRecord.cost`); rounds
-    without a cost (no cost profile) use their wall-clock seconds against the median AR round's.
+    Throughput is tokens emitted per AR step of time, measured one of two ways (``clock``):
+
+    - ``"wallclock"``: each round's measured seconds (policy included) against the median of the
+      last AR rounds' seconds in this generation. When a window ends and no AR round has been
+      seen yet, the guard plays ``probe`` AR rounds to measure one. This is the truth on the
+      machine at hand, whatever the cost profile assumes (on the 2-core reference machine the
+      profile rated an E=2, K=1 round at 1.16 AR steps; it took 1.25-1.3).
+    - ``"cost"``: the rounds' cost-profile costs (:attr:`RoundRecord.cost`, AR-step units);
+      deterministic, as the trace env needs.
+    - ``"auto"`` (default): wall clock for rounds that carry seconds (the live decoder), else
+      costs (the trace env), else nothing is judged.
 
     Args:
         base: the guarded policy (consulted every round, so its own state stays current).
         window: base rounds per check.
-        floor: the throughput below which the base falls back (1.0 = AR's, in AR-step units).
+        floor: the throughput below which the base falls back (1.0 = AR's).
         wait: AR rounds after the first failure.
         max_wait: the longest wait.
+        clock: ``"auto"``, ``"wallclock"`` or ``"cost"``.
+        probe: AR rounds played to measure AR's time when none has been seen (wall clock).
 
     Attributes:
-        fallback_rounds: AR rounds played by the guard in the current generation.
+        fallback_rounds: AR rounds played by the guard in the current generation (probes
+            included).
+
+    Raises:
+        ValueError: a window or wait below 1, ``max_wait < wait``, a floor <= 0, an unknown clock
+            or ``probe < 1``.
     """
 
-    def __init__(self, base, window: int = 32, floor: float = 1.0, wait: int = 8, max_wait: int = 64) -> None:
-        if window < 1 or wait < 1 or max_wait < wait or not floor > 0:
-            raise ValueError(f"GuardedPolicy needs window >= 1, 1 <= wait <= max_wait and floor > 0; got "
-                             f"{window}, {wait}, {max_wait}, {floor}.")
+    CLOCKS = ("auto", "wallclock", "cost")
+
+    def __init__(self, base, window: int = 16, floor: float = 1.0, wait: int = 8, max_wait: int = 64,
+                 clock: str = "auto", probe: int = 3) -> None:
+        if window < 1 or wait < 1 or max_wait < wait or not floor > 0 or probe < 1:
+            raise ValueError(f"GuardedPolicy needs window >= 1, 1 <= wait <= max_wait, floor > 0 and probe >= 1; "
+                             f"got {window}, {wait}, {max_wait}, {floor}, {probe}.")
+        if clock not in self.CLOCKS:
+            raise ValueError(f"GuardedPolicy clock={clock!r}; choose one of {self.CLOCKS}.")
         self.base, self.window, self.floor, self.wait0, self.max_wait = base, window, float(floor), wait, max_wait
+        self.clock, self.probe = clock, probe
         self.needs_observation = bool(getattr(base, "needs_observation", False))
         self.reset()
 
@@ -381,7 +404,7 @@ class GuardedPolicy(BasePolicy):
 
     def reset(self) -> None:
         self.base.reset()
-        self._hist: list[tuple[float, float]] = []
+        self._hist: list[tuple[int, float, float]] = []  # (emitted, cost, seconds) of base rounds
         self._ar_seconds: list[float] = []
         self._left = 0  # AR rounds still to play
         self._wait = self.wait0
@@ -395,24 +418,27 @@ class GuardedPolicy(BasePolicy):
 
     def update(self, record: "RoundRecord") -> None:
         self.base.update(record)
-        if record.draft_len == 0:
-            self._ar_seconds.append(record.seconds)
+        if record.draft_len == 0 and record.seconds > 0:
+            self._ar_seconds = (self._ar_seconds + [record.seconds])[-16:]
         if self._left > 0:
             self._left -= 1
             self.fallback_rounds += 1
             return
-        cost = record.cost
-        if not cost > 0:  # no profile: wall clock against AR rounds seen so far
-            ar = float(np.median(self._ar_seconds)) if self._ar_seconds else 0.0
-            cost = record.seconds / ar if ar > 0 else 0.0
-        if not cost > 0:
-            return
-        self._hist.append((record.emitted, cost))
+        self._hist.append((record.emitted, record.cost, record.seconds))
         if len(self._hist) < self.window:
             return
-        tokens = sum(t for t, _ in self._hist)
-        total = sum(c for _, c in self._hist)
+        wall = self.clock == "wallclock" or (self.clock == "auto" and all(s > 0 for _, _, s in self._hist))
+        if wall:
+            if not self._ar_seconds:  # measure an AR step first; judge this window after
+                self._left = self.probe
+                return
+            total = sum(s for _, _, s in self._hist) / float(np.median(self._ar_seconds))
+        else:
+            total = sum(c for _, c, _ in self._hist)
+        tokens = sum(t for t, _, _ in self._hist)
         self._hist = []
+        if not total > 0:
+            return
         if tokens / total < self.floor:
             self._left = self._wait
             self._wait = min(2 * self._wait, self.max_wait)
@@ -421,7 +447,8 @@ class GuardedPolicy(BasePolicy):
 
 
 #: the policy names :func:`policy_from_name` understands
-POLICY_NAMES = "ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH, agent-unguarded:PATH"
+POLICY_NAMES = ("ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH, agent-unguarded:PATH, "
+                "guarded:NAME (any of these inside the GuardedPolicy safety net)")
 _USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
           "agent": "agent:PATH", "agent-unguarded": "agent-unguarded:PATH"}
 
@@ -447,6 +474,11 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
     """
     kind, _, arg = name.partition(":")
     args = arg.split(",") if arg else []
+    if kind == "guarded":
+        inner = policy_from_name(arg, actions, profile, bonus, reuse, observer) if arg else None
+        if inner is None:
+            raise ValueError(f"Bad policy {name!r}: write guarded:NAME with NAME one of {POLICY_NAMES}.")
+        return inner if isinstance(inner, GuardedPolicy) else GuardedPolicy(inner)
     try:
         if name == "ar":
             return StaticPolicy(0)

@@ -166,7 +166,7 @@ def test_safety_net_falls_back_and_keeps_the_output(tiny):
     ids = torch.tensor([5, 6, 7, 8])
     ref = greedy_reference(b.model, ids, 48, b.eos_ids)
     raw = dec.generate(ids, DeepAndLong(dec.actions), 48)
-    guard = GuardedPolicy(DeepAndLong(dec.actions), window=4, wait=4)
+    guard = GuardedPolicy(DeepAndLong(dec.actions), window=4, wait=4, clock="cost")
     out = dec.generate(ids, guard, 48)
     assert raw.tokens == ref and out.tokens == ref
     assert len(raw.tokens) / raw.cost < 1.0  # the unguarded policy is slower than AR here
@@ -174,6 +174,53 @@ def test_safety_net_falls_back_and_keeps_the_output(tiny):
     assert out.cost < raw.cost
     with pytest.raises(ValueError):
         GuardedPolicy(StaticPolicy(0), window=0)
+    with pytest.raises(ValueError, match="clock"):
+        GuardedPolicy(StaticPolicy(0), clock="sundial")
+
+
+def _rounds(guard, n, seconds, emitted=1, draft_len=1, cost=0.0):
+    """Feed the guard n rounds of the given kind; return the actions it chose."""
+    from lede_env.decoding import RoundRecord
+
+    acts = []
+    for _ in range(n):
+        acts.append(guard.act(None))
+        ar = acts[-1] == 0
+        guard.update(RoundRecord(action=acts[-1], exit_layer=0 if ar else 2, draft_len=0 if ar else draft_len,
+                                 accepted=0 if ar else emitted - 1, emitted=1 if ar else emitted,
+                                 cost=cost if not ar else 1.0, seconds=1.0 if ar else seconds))
+    return acts
+
+
+def test_wall_clock_guard_probes_ar_then_judges_by_measured_time():
+    """Base rounds of 2.5 s emitting 2 tokens (0.8 tokens per 1-s AR step) fall back after one
+    window, once AR's time has been measured by probe rounds; 1.5-s rounds emitting 2 tokens
+    (1.33) keep the base. The profile's cost (0.5 here, optimistic) is ignored in wall-clock mode."""
+    slow = GuardedPolicy(StaticPolicy(7), window=4, wait=3, probe=2)
+    acts = _rounds(slow, 4, seconds=2.5, emitted=2, cost=0.5)  # first window: no AR time known yet
+    assert acts == [7] * 4
+    assert _rounds(slow, 2, 2.5, 2, cost=0.5) == [0, 0]  # the probe
+    acts = _rounds(slow, 1, 2.5, 2, cost=0.5)  # the held window is judged now: 10 tokens in 12.5 AR steps
+    assert acts == [7] and _rounds(slow, 3, 2.5, 2, cost=0.5) == [0, 0, 0]  # waits 3 AR rounds
+    assert slow.fallback_rounds == 5
+    fast = GuardedPolicy(StaticPolicy(7), window=4, wait=3, probe=2)
+    _rounds(fast, 4, 1.5, 2)
+    assert _rounds(fast, 2, 1.5, 2) == [0, 0]  # probe
+    assert _rounds(fast, 8, 1.5, 2) == [7] * 8 and fast.fallback_rounds == 2
+    # cost mode: the same slow rounds judged by their (optimistic) profile cost keep the base
+    by_cost = GuardedPolicy(StaticPolicy(7), window=4, wait=3, clock="cost")
+    assert _rounds(by_cost, 12, 2.5, 2, cost=0.5) == [7] * 12
+
+
+def test_guarded_policy_name():
+    from lede_env.mdp import ActionMap
+    from lede_env.policies import policy_from_name
+
+    actions = ActionMap((2, 4), 4)
+    p = policy_from_name("guarded:static:2,1", actions)
+    assert isinstance(p, GuardedPolicy) and p.base.act(None) == actions.encode(2, 1)
+    with pytest.raises(ValueError, match="guarded:NAME"):
+        policy_from_name("guarded:nonsense", actions)
 
 
 # ---- prompt splits and exit-head files --------------------------------------------------------
