@@ -79,7 +79,9 @@ class CostProfile:
         """Cost of one round in AR-step units.
 
         Args:
-            exit_layer: E (0 for a plain AR step).
+            exit_layer: E (0 for a plain AR step, or a context draft: no layers drafted, all L
+                layers and the head verify ``n_verify`` positions; its n-gram matching is not
+                charged, tens of microseconds).
             draft_len: K, draft tokens kept for verification.
             n_verify: positions verified (K or K+1; 1 for an AR step or a dropped draft).
             reuse: verification runs only layers E+1..L (the draft's layers 1..E are reused);
@@ -91,7 +93,10 @@ class CostProfile:
                 the draft head, + layers 1..E again without reuse).
         """
         passes = draft_len if passes is None else passes
-        if exit_layer == 0 or passes == 0:
+        if exit_layer == 0:  # an AR step (1 position) or a context draft: all L layers on n positions
+            n = max(int(n_verify), 1)
+            t = self.num_layers * self._k(self.layer, n) + self._k(self.head, n)
+        elif passes == 0:
             t = self.ar_step
         else:
             E, L = exit_layer, self.num_layers

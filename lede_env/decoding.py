@@ -5,7 +5,9 @@ drafts K tokens through layers 1..E and the exit head, verifies them with one pa
 E+1..L over the drafted positions (compute reuse: the draft already filled layers 1..E of the
 shared KV cache, as in LayerSkip's self-speculation, arXiv 2404.16710), accepts the longest
 agreeing prefix plus the verifier's next token, and crops every layer's cache to the accepted
-length. Action 0 is one plain full-model step. The output equals greedy decoding
+length. Action 0 is one plain full-model step, or, with ``context_draft`` on, a draft copied
+from the context (prompt lookup, :mod:`lede_env.lookup`) verified by the full model when the
+context has a match. The output equals greedy decoding
 (``model.generate(do_sample=False)``) for every action sequence, in fp32. In bf16/fp16 the
 guarantee is per position: every emitted token is the teacher-forced argmax up to rounding
 near-ties (:func:`lede_env.equivalence.teacher_forced_check`).
@@ -27,6 +29,8 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
+from .lookup import DEFAULT_NGRAM
+from .lookup import context_draft as context_draft_tokens
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, verified_positions
 from .model import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
@@ -183,14 +187,25 @@ class SelfSpeculativeDecoder:
             those cache entries and runs the full model (the plain SSD baseline).
         stop_rule: the in-round stop rule of policies that name none (``None``: draft the
             whole K; see :mod:`lede_env.stopping`).
+        context_draft: most tokens of a context draft (prompt lookup, :mod:`lede_env.lookup`)
+            that action 0 verifies when the context has a match; 0 (default): action 0 is a
+            plain AR step. A context draft costs no layers: the full model verifies the pending
+            token and the copied tokens in one pass, charged c(n) (n positions) by the profile.
+        context_ngram: (shortest, longest) suffix lengths matched for context drafts.
 
     Raises:
-        ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`).
+        ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`), a negative
+            ``context_draft``, a bad ``context_ngram``.
     """
 
     def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
                  bonus: bool = True, profile: Optional[CostProfile] = None,
-                 obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None) -> None:
+                 obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None,
+                 context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
+        if context_draft < 0:
+            raise ValueError(f"context_draft={context_draft} must be >= 0 (0: no context drafts).")
+        context_draft_tokens([1, 2], 0, context_ngram)  # validates the n-gram range
+        self.context_draft, self.context_ngram = int(context_draft), tuple(context_ngram)
         self.stack = stack
         self.stop_rule = as_stop_rule(stop_rule)
         self.reuse = reuse
@@ -284,11 +299,17 @@ class SelfSpeculativeDecoder:
         taps = {} if state.want_obs else None
         pending, pos = state.pending, state.pos
         passes = 0
-        if K == 0:  # a plain AR step
-            E, draft = 0, []
-            x = self.stack.embed(torch.tensor([[pending]], device=self.stack.device))
+        if K == 0:  # a plain AR step, or a context draft verified by the full model
+            E = 0
+            n_ctx = clamp_draft_len(self.context_draft, state.remaining, self.bonus)
+            draft = context_draft_tokens(state.seq, n_ctx, self.context_ngram) if n_ctx else []
+            if draft and state.sampler is not None:
+                state.sampler.q.extend([None] * len(draft))  # a copied token is a point-mass proposal
+            n = verified_positions(len(draft), self.bonus) if draft else 1
+            x = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device))
             normed, verifier = self._verifier_tokens(self._forward(x, 0, self.stack.num_layers, state.cache, pos,
-                                                                   taps), state.sampler)
+                                                                   taps), state.sampler, draft)
+            K = len(draft)
         else:
             rule = self.stop_rule if stop_rule is None else as_stop_rule(stop_rule)
             draft, hidden, passes = self._draft(state, E, K, taps, rule)

@@ -87,7 +87,10 @@ def speculative_verify(draft: Sequence[int], q: Sequence[torch.Tensor], q_ids: t
 
     Args:
         draft: d_1..d_K draft tokens (full-vocabulary ids).
-        q: K draft distributions, each [V_d] float32 over the draft vocabulary ``q_ids``.
+        q: K draft distributions, each [V_d] float32 over the draft vocabulary ``q_ids``, or
+            ``None`` for a deterministic proposal (a token copied from the context: q is a point
+            mass, so it is accepted with probability p(d) and a rejection resamples from p
+            without d).
         q_ids: [V_d] int64 full-vocabulary id of each draft-vocabulary entry.
         p: [n, V] float32 target distributions at the n = K or K + 1 verified positions.
         generator: random source.
@@ -102,13 +105,16 @@ def speculative_verify(draft: Sequence[int], q: Sequence[torch.Tensor], q_ids: t
     for j in range(n):
         if j < len(draft):
             d = draft[j]
-            qd = q[j][(q_ids == d).nonzero()[0, 0]]
+            qd = q[j][(q_ids == d).nonzero()[0, 0]] if q[j] is not None else 1.0
             u = torch.rand((), generator=generator)
             if u * qd < p[j, d]:  # accept with probability min(1, p/q)
                 out.append(d)
                 continue
             resid = p[j].clone()
-            resid.index_add_(0, q_ids, -q[j])
+            if q[j] is not None:
+                resid.index_add_(0, q_ids, -q[j])
+            else:
+                resid[d] -= 1.0  # the point mass at d
             resid.clamp_(min=0)
             if not float(resid.sum()) > 0:  # p == q up to rounding: any draw from p is right
                 resid = p[j]

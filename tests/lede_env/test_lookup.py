@@ -1,0 +1,152 @@
+"""Context drafts (prompt lookup): the matcher on edge cases, lossless decoding with context
+drafts for every action sequence, speculative sampling with point-mass proposals, their cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lede_env.costs import CostProfile
+from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.exits import ExitHeads
+from lede_env.lookup import context_draft
+from lede_env.mdp import accept
+from lede_env.sampling import speculative_verify
+
+from ..conftest import decode_cases, make_tiny
+
+
+def test_no_match_proposes_nothing():
+    assert context_draft([1, 2, 3, 4, 5], 4) == []
+    assert context_draft([7], 4) == [] and context_draft([], 4) == []
+    assert context_draft([1, 2, 1, 2], 0) == []
+
+
+def test_match_at_the_very_end_proposes_what_exists():
+    # suffix (1, 2) occurred at 0; what followed it is 3 and then the suffix itself
+    assert context_draft([1, 2, 3, 1, 2], 8) == [3, 1, 2]
+    # the only earlier occurrence ends right before the suffix: one token follows
+    assert context_draft([4, 1, 2, 1, 2], 8, ngram=(2, 2)) == [1, 2]
+
+
+def test_overlapping_matches_and_runs():
+    # a b a b a b: the 3-gram (b a b) occurred at 1, followed by a b
+    assert context_draft([1, 2, 1, 2, 1, 2], 4) == [1, 2]
+    # a run of one token repeats itself
+    assert context_draft([9, 9, 9, 9], 2) == [9]
+
+
+def test_longest_ngram_first_then_most_recent():
+    seq = [5, 1, 2, 3, 9, 7, 2, 3, 8, 6, 1, 2, 3]
+    assert context_draft(seq, 1) == [9]  # (1, 2, 3) beats the more recent (2, 3)
+    assert context_draft(seq, 1, ngram=(2, 2)) == [8]  # the most recent (2, 3)
+    assert context_draft([1, 2, 4, 1, 2, 5, 1, 2], 1, ngram=(2, 2)) == [5]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="ngram"):
+        context_draft([1, 2, 3], 2, ngram=(3, 2))
+    with pytest.raises(ValueError, match="ngram"):
+        context_draft([1, 2, 3], 2, ngram=(0, 2))
+    with pytest.raises(ValueError, match="max_len"):
+        context_draft([1, 2, 3], -1)
+    b = make_tiny()
+    with pytest.raises(ValueError, match="context_draft"):
+        SelfSpeculativeDecoder(b.stack, ExitHeads(b.stack, (1, 2)), 4, b.eos_ids, context_draft=-1)
+
+
+MODELS = {}
+
+
+def _model(num_layers, seed):
+    if (num_layers, seed) not in MODELS:
+        MODELS[(num_layers, seed)] = make_tiny(num_layers=num_layers, seed=seed)
+    return MODELS[(num_layers, seed)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**decode_cases(max_new=24), ctx=st.integers(1, 6), repeat=st.integers(0, 12), lo=st.integers(1, 3))
+def test_output_equals_greedy_with_context_drafts(num_layers, seed, prompt, actions, k_max, bonus, reuse, max_new,
+                                                  data, ctx, repeat, lo):
+    """Every action sequence, with context drafts of up to 1-6 tokens on action 0 and prompts
+    that repeat themselves (so matches happen), emits greedy decoding's tokens."""
+    b = _model(num_layers, seed)
+    L = b.stack.num_layers
+    exits = data.draw(st.lists(st.integers(1, L - 1), min_size=1, max_size=L - 1, unique=True).map(sorted))
+    heads = ExitHeads(b.stack, exits)
+    dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, bonus, reuse=reuse, context_draft=ctx,
+                                 context_ngram=(lo, 3))
+    ids = torch.tensor(prompt + prompt[:repeat])
+    ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
+    out = dec.generate(ids, SequencePolicy([a % dec.actions.n for a in actions]), max_new)
+    assert out.tokens == ref
+    assert sum(r.emitted for r in out.rounds) + 1 == len(out.tokens)
+    for r in out.rounds:
+        if r.exit_layer == 0:
+            assert r.draft_len <= ctx and r.passes == 0
+            assert r.n_verify == (1 if r.draft_len == 0 else r.draft_len + (1 if bonus else 0))
+
+
+def test_context_drafts_are_proposed_and_accepted_on_repetitive_text():
+    """The tiny model's greedy continuation of a repeated prompt loops: context drafts are
+    proposed, accepted, and save rounds (the law above is not vacuous); the cost of a context
+    round is c(n) of the profile."""
+    b = _model(4, 0)
+    heads = ExitHeads(b.stack, (1, 2, 3))
+    ids = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6])
+    ref = greedy_reference(b.model, ids, 48, b.eos_ids)
+    prof = CostProfile(num_layers=4, layer=[1.0, 1.5, 2.0, 2.5, 3.0], head=[2.0, 3.0, 4.0, 5.0, 6.0], draft_head=0.1)
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, profile=prof, context_draft=4)
+    out = dec.generate(ids, StaticPolicy(0), 48)
+    assert out.tokens == ref
+    ctx = [r for r in out.rounds if r.draft_len > 0]
+    assert ctx and sum(r.accepted for r in ctx) > 0 and len(out.rounds) < len(out.tokens) - 1
+    for r in out.rounds:  # c(n) = (4 layers x layer[n] + head[n]) / (4 x 1 + 2)
+        assert r.cost == pytest.approx((4 * prof.layer[r.n_verify - 1] + prof.head[r.n_verify - 1]) / 6.0)
+
+
+def test_point_mass_proposals_keep_the_target_distribution():
+    """A copied token d is accepted with probability p(d); on rejection the token is drawn from
+    p without d: the first emitted token follows p (chi-square over 30,000 trials), for a likely
+    and for an unlikely copied token."""
+    g = torch.Generator().manual_seed(0)
+    V = 8
+    p = torch.softmax(torch.randn(2, V, generator=g) * 1.5, -1)
+    P = p.double().numpy()
+    P /= P.sum(1, keepdims=True)
+    q_ids = torch.arange(4)
+    for d in (int(p[0].argmax()), int(p[0].argmin())):
+        counts = np.zeros(V)
+        for _ in range(30_000):
+            v = speculative_verify([d], [None], q_ids, p, g)
+            counts[accept([d], v, remaining=10, eos_ids=()).emitted[0]] += 1
+        from scipy.stats import chisquare
+
+        assert chisquare(counts, P[0] * counts.sum()).pvalue > 1e-3
+
+
+def test_decoder_sampling_with_context_drafts_matches_plain_sampling():
+    """Tokens 2 and 3 of sampled generations from a repeated prompt have the same distribution
+    with context drafts as under AR sampling (two-sample chi-square, 400 seeded runs each)."""
+    from scipy.stats import chi2_contingency
+
+    from lede_env.sampling import Sampling
+
+    b = _model(3, 1)
+    heads = ExitHeads(b.stack, (1, 2), "lens", draft_vocab=64)
+    plain = SelfSpeculativeDecoder(b.stack, heads, 3, ())
+    ctx = SelfSpeculativeDecoder(b.stack, heads, 3, (), context_draft=3, context_ngram=(1, 2))
+    ids = torch.tensor([5, 9, 17, 5, 9, 17, 5])
+    ar = [plain.generate(ids, StaticPolicy(0), 3, sampling=Sampling(1.0, 1.0, s)).tokens for s in range(400)]
+    runs = [ctx.generate(ids, StaticPolicy(0), 3, sampling=Sampling(1.0, 1.0, 10_000 + s)) for s in range(400)]
+    assert sum(r.drafted for r in runs) > 0
+    for pos in (1, 2):
+        a = np.bincount([t[pos] for t in ar], minlength=128)
+        c = np.bincount([r.tokens[pos] for r in runs], minlength=128)
+        keep = (a + c) >= 10
+        table = np.stack([np.append(a[keep], a[~keep].sum()), np.append(c[keep], c[~keep].sum())])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table).pvalue > 1e-3
