@@ -468,7 +468,9 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                  temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
                  top_p: float = 1.0, seed: Optional[int] = None,
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-                 head_kind: str = "affine-kl", calib_prompts: str = CalibOpt):
+                 head_kind: str = "affine-kl", calib_prompts: str = CalibOpt,
+                 context_draft: int = typer.Option(0, help="Most tokens copied from the context (prompt "
+                                                           "lookup) that a plain step verifies; 0 = off.")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
     then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
     from transformers import TextStreamer
@@ -477,7 +479,8 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        lede = Lede(model, policy=policy, head_kind=head_kind, calib_prompts=calib_prompts)
+        lede = Lede(model, policy=policy, head_kind=head_kind, calib_prompts=calib_prompts,
+                    context_draft=context_draft)
         streamer = TextStreamer(lede.tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = lede.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop_strings=stop, streamer=streamer)

@@ -266,6 +266,7 @@ class LEDEEnv(gym.Env):
         obs_recent_tokens: int = 8,
         reward_lambda: "float | str" = "auto",
         stop_rule: Optional[str] = None,
+        context_draft: int = 0,
         obs_kind: str = "full",
         obs_stat_exits: int = 1,
         render_mode: Optional[str] = None,
@@ -289,6 +290,9 @@ class LEDEEnv(gym.Env):
                              "fixed probability threshold).")
         if stop_rule is not None and stop_threshold is not None:
             raise ValueError("Give stop_rule or stop_threshold, not both.")
+        if isinstance(context_draft, bool) or not isinstance(context_draft, (int, np.integer)) or context_draft < 0:
+            raise ValueError(f"context_draft={context_draft!r} must be an integer >= 0 (most tokens a context draft "
+                             "copies on action 0; 0: action 0 is a plain AR step).")
         if not (reward_lambda == "auto" or (isinstance(reward_lambda, (int, float)) and not isinstance(reward_lambda, bool)
                                             and math.isfinite(reward_lambda) and reward_lambda > 0)):
             raise ValueError(f"reward_lambda={reward_lambda!r}; give 'auto' (the best static throughput on the "
@@ -320,6 +324,7 @@ class LEDEEnv(gym.Env):
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
                                             stat_exits=obs_stat_exits)
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
+        self._context_draft = int(context_draft)
         self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
         self._oracle_cache: dict[int, np.ndarray] = {}
@@ -387,7 +392,11 @@ class LEDEEnv(gym.Env):
         self._finish_rules(heads)
 
     def _finish_rules(self, heads: Optional[ExitHeads]) -> None:
-        """Resolve the reward's lambda and build the named stop rule (both backends)."""
+        """Turn on context drafts, resolve the reward's lambda and build the named stop rule (both
+        backends)."""
+        self.rules = replace(self.rules, context_draft=self._context_draft)
+        if self.backend == "live":
+            self.decoder.context_draft = self._context_draft
         if self._lambda_arg != "auto":
             self.reward_lambda = float(self._lambda_arg)
         elif self.trace_set is not None:
@@ -448,7 +457,8 @@ class LEDEEnv(gym.Env):
             raise ValueError("This env was built from a prebuilt trace_set: pass bundle= and heads= to make_decoder.")
         return SelfSpeculativeDecoder(bundle.stack, heads, self.actions.k_max, self.rules.eos_ids, self.rules.bonus,
                                       self.profile if profile else None, self.obs_config, reuse=self.rules.reuse,
-                                      stop_rule=self.rules.stop)
+                                      stop_rule=self.rules.stop, context_draft=self.rules.context_draft,
+                                      context_ngram=self.rules.context_ngram)
 
     def _reward(self, emitted: int, cost: float) -> float:
         """A round's reward (see the class docstring's Rewards)."""
@@ -743,7 +753,8 @@ class LEDEEnv(gym.Env):
         n = len(self.generated)
         if r is None:
             return f"[{pid}] start, {n} token(s)"
-        what = "AR step" if r["exit_layer"] == 0 else f"E={r['exit_layer']} K={r['draft_len']}"
+        what = (("AR step" if r["draft_len"] == 0 else f"context draft K={r['draft_len']}") if r["exit_layer"] == 0
+                else f"E={r['exit_layer']} K={r['draft_len']}")
         return (f"[{pid}] {what}: accepted {r['accepted']}, emitted {r['emitted']}, "
                 f"cost {r['cost']:.3f}, total {n} tokens")
 
@@ -752,6 +763,7 @@ class LEDEEnv(gym.Env):
         out = {"exit_layers": list(self.actions.exit_layers), "k_max": self.actions.k_max,
                "bonus": self.rules.bonus, "reuse": self.rules.reuse,
                "stop_threshold": self.rules.stop_threshold, "stop_rule": self.rules.stop.describe(),
+               "context_draft": self.rules.context_draft, "context_ngram": list(self.rules.context_ngram),
                "reward_mode": self.reward_mode, "reward_lambda": self.reward_lambda, "max_new_tokens": self.max_new_tokens,
                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                "cost_profile": self.profile.to_json()}

@@ -71,6 +71,8 @@ class Lede:
         cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
         device, dtype: where and in which weight dtype a model given by name runs (``None``:
             ``$LEDE_DEVICE`` or cpu; bf16 on CUDA, fp32 on CPU); a loaded model stays where it is.
+        context_draft: most tokens copied from the context (prompt lookup) that a plain step
+            verifies when the context has a match (0: none; see :mod:`lede_env.lookup`).
 
     Raises:
         ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
@@ -81,7 +83,7 @@ class Lede:
                  exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine-kl",
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
                  cost_profile: str = "analytic", device: Optional[str] = None,
-                 dtype: Optional[str] = None) -> None:
+                 dtype: Optional[str] = None, context_draft: int = 0) -> None:
         from .env import get_profile
         from .mdp import ObservationConfig
         from .traces import HeadSpec, bundle_from_model, get_bundle, get_heads
@@ -109,7 +111,8 @@ class Lede:
         self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
                                               profile=self.profile, obs_config=obs,
-                                              stop_rule=self._stop_rule(agent_cfg, k_max))
+                                              stop_rule=self._stop_rule(agent_cfg, k_max),
+                                              context_draft=context_draft)
         self.policy = self.make_policy(policy)
 
     def _stop_rule(self, agent_cfg: Optional[dict], k_max: int):

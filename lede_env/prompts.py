@@ -39,7 +39,7 @@ DEFAULT_EVAL = ("humaneval[24:32]+specbench{writing}[0:4]+specbench{roleplay}[0:
 WIDE_EVAL = ("humaneval[24:40]+specbench{writing,roleplay,reasoning,math,coding,extraction,stem,humanities}"
              "+specbench{translation}[64:80]")
 #: Prompt sets shipped with the package (``lede_env/data/prompts/``), by name.
-PACKAGED = ("instructions", "gsm8k", "specbench")
+PACKAGED = ("instructions", "gsm8k", "specbench", "context")
 #: Default tokens generated per prompt.
 DEFAULT_MAX_NEW = 96
 #: Tokens of each calibration continuation (shorter than :data:`DEFAULT_MAX_NEW`: more prompts,

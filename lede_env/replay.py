@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .costs import CostProfile
+from .lookup import DEFAULT_NGRAM, context_draft
 from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
 from .stopping import StopRule, as_stop_rule
 from .traces import Trace
@@ -31,6 +32,10 @@ class ReplayRules:
             whose draft-head probability is below it, so K is a cap; ``None`` drafts all K.
         stop_rule: any :class:`~lede_env.stopping.StopRule` (e.g. the calibrated rule); takes
             precedence over ``stop_threshold``.
+        context_draft: most tokens of a context draft (prompt lookup) on action 0, as the
+            decoder's ``context_draft`` (0: action 0 is a plain AR step). The draft follows from
+            the prompt and the greedy continuation so far, so a trace replays it exactly.
+        context_ngram: (shortest, longest) suffix lengths matched.
     """
 
     actions: ActionMap
@@ -40,6 +45,8 @@ class ReplayRules:
     reuse: bool = True
     stop_threshold: Optional[float] = None
     stop_rule: Optional[StopRule] = None
+    context_draft: int = 0
+    context_ngram: tuple[int, int] = DEFAULT_NGRAM
 
     @property
     def stop(self) -> StopRule:
@@ -67,8 +74,8 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         limit: the episode's token budget (see :func:`budget`).
 
     Returns:
-        ``(outcome, exit_layer, cost)``; ``exit_layer`` is 0 when the round was an AR step
-        (action 0, or K clamped to 0 by the budget); a round whose stop rule dropped its first
+        ``(outcome, exit_layer, cost)``; ``exit_layer`` is 0 when the round was an AR step or a
+        context draft (action 0, or K clamped to 0 by the budget); a round whose stop rule dropped its first
         draft token keeps its E with ``draft_len`` 0 (it verified the pending token alone).
     """
     E, K = rules.actions.decode(action)
@@ -76,10 +83,16 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
     K = clamp_draft_len(K, remaining, rules.bonus) if E else 0
     N = trace.n
     passes = 0
-    if K == 0:
+    if K == 0:  # an AR step, or a context draft verified by the full model
         E = 0
+        n_ctx = clamp_draft_len(rules.context_draft, remaining, rules.bonus)
         draft: list[int] = []
-        verifier = [int(trace.generated[g])] if g < N else [_UNKNOWN]
+        if n_ctx:
+            seq = np.concatenate([trace.prompt, trace.generated[:g]])  # pending token last, as in the decoder
+            draft = context_draft(seq, n_ctx, rules.context_ngram)
+        n = verified_positions(len(draft), rules.bonus) if draft else 1
+        K = len(draft)
+        verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     else:
         i = rules.actions.exit_layers.index(E)
         K, passes = rules.stop.draft(i, trace.draft_prob[g:g + K, i], K)

@@ -77,15 +77,16 @@ def test_same_seed_same_rollout(tiny):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
-       stop=st.one_of(st.none(), st.floats(0.02, 0.98)))
-@example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125)  # found by hypothesis: rejection then
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop):  # off-path drafting
+       stop=st.one_of(st.none(), st.floats(0.02, 0.98)), ctx=st.sampled_from([0, 1, 4]))
+@example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125, ctx=0)  # found by hypothesis: rejection
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx):  # then off-path
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
-    the real decoder for the same actions; with confidence-threshold drafting the drafted counts,
-    costs and observations are compared up to the first round that rejects a draft token."""
+    the real decoder for the same actions, with and without context drafts on action 0; with
+    confidence-threshold drafting the drafted counts, costs and observations are compared up to
+    the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
-                  reuse=reuse, stop_threshold=stop)
+                  reuse=reuse, stop_threshold=stop, context_draft=ctx)
     acts, infos, observations, rewards = random_rollout(env, seed)
     rounds, info = [i["round"] for i in infos], infos[-1]
     for r, rd in zip(rewards, rounds):
