@@ -462,14 +462,15 @@ def report(results: Path = typer.Argument(..., help="A folder written by `lede e
 @app.command("generate")
 def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as one chat message when the "
                                                         "tokenizer has a chat template)."),
-                 policy: str = typer.Option("del", help="ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, "
-                                                        "del, or an exported agent folder."),
+                 policy: str = typer.Option("ar", help="ar (with context drafts: prompt lookup), static:E,K, "
+                                                       "heuristic:E, confidence:E,K,THRESHOLD, del, guarded:NAME, "
+                                                       "or an exported agent folder."),
                  model: Optional[str] = ModelOpt, max_new_tokens: int = 128,
                  temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
                  top_p: float = 1.0, seed: Optional[int] = None,
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
                  head_kind: str = "affine-kl", calib_prompts: str = CalibOpt,
-                 context_draft: int = typer.Option(0, help="Most tokens copied from the context (prompt "
+                 context_draft: int = typer.Option(4, help="Most tokens copied from the context (prompt "
                                                            "lookup) that a plain step verifies; 0 = off.")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
     then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""

@@ -27,8 +27,9 @@ length, bad words, ...) change the target distribution per step in ways speculat
 cannot reproduce, and beams, several return sequences or ``return_dict_in_generate`` ask for
 outputs lede does not produce.
 
-The policy is chosen with ``lede_policy=`` (default ``"del"``; ``"static:E,K"``, an exported
-agent folder, ...; see :mod:`lede_env.generate`), or pass a configured ``lede=Lede(...)``.
+The policy is chosen with ``lede_policy=`` (default ``"ar"``: plain steps with context drafts,
+see :mod:`lede_env.generate`; ``"del"``, ``"static:E,K"``, an exported agent folder, ...), or
+pass a configured ``lede=Lede(...)``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ _OUTPUT_SETTINGS = (
 
 def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
                   generation_config=None, synced_gpus: bool = False, streamer=None,
-                  lede_policy: str = "del", lede: Optional[Lede] = None,
+                  lede_policy: str = "ar", lede: Optional[Lede] = None,
                   stop_strings: Optional[Sequence[str]] = None, tokenizer=None, **model_kwargs) -> torch.LongTensor:
     """Decoding loop for ``model.generate(..., custom_generate=lede_generate)``.
 

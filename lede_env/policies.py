@@ -352,22 +352,24 @@ class GuardedPolicy(BasePolicy):
     between speculation strategies online; here the arms are the learned policy and AR. It only
     chooses actions, so the output is unchanged.
 
-    Throughput is tokens emitted per AR step of time, measured one of two ways (``clock``):
+    Throughput is tokens emitted per unit of time, compared with that of the last 16 rounds
+    that played action 0 (AR steps, or context drafts where the decoder has them on), measured
+    one of two ways (``clock``):
 
-    - ``"wallclock"``: each round's measured seconds (policy included) against the median of the
-      last AR rounds' seconds in this generation. When a window ends and no AR round has been
-      seen yet, the guard plays ``probe`` AR rounds to measure one. This is the truth on the
-      machine at hand, whatever the cost profile assumes (on the 2-core reference machine the
-      profile rated an E=2, K=1 round at 1.16 AR steps; it took 1.25-1.3).
+    - ``"wallclock"``: measured seconds of each round (policy included). When a window ends and
+      no action-0 round has been seen yet, the guard plays ``probe`` of them to measure it. This
+      is the truth on the machine at hand, whatever the cost profile assumes (on the 2-core
+      reference machine the profile rated an E=2, K=1 round at 1.16 AR steps; it took 1.25-1.3).
     - ``"cost"``: the rounds' cost-profile costs (:attr:`RoundRecord.cost`, AR-step units);
-      deterministic, as the trace env needs.
+      deterministic, as the trace env needs. Before any action-0 round, AR's 1 token per AR
+      step is the reference.
     - ``"auto"`` (default): wall clock for rounds that carry seconds (the live decoder), else
       costs (the trace env), else nothing is judged.
 
     Args:
         base: the guarded policy (consulted every round, so its own state stays current).
         window: base rounds per check.
-        floor: the throughput below which the base falls back (1.0 = AR's).
+        floor: the share of action 0's throughput below which the base falls back.
         wait: AR rounds after the first failure.
         max_wait: the longest wait.
         clock: ``"auto"``, ``"wallclock"`` or ``"cost"``.
@@ -405,7 +407,7 @@ class GuardedPolicy(BasePolicy):
     def reset(self) -> None:
         self.base.reset()
         self._hist: list[tuple[int, float, float]] = []  # (emitted, cost, seconds) of base rounds
-        self._ar_seconds: list[float] = []
+        self._ref: list[tuple[int, float, float]] = []  # the same of the last action-0 rounds
         self._left = 0  # AR rounds still to play
         self._wait = self.wait0
         self.fallback_rounds = 0
@@ -418,8 +420,8 @@ class GuardedPolicy(BasePolicy):
 
     def update(self, record: "RoundRecord") -> None:
         self.base.update(record)
-        if record.draft_len == 0 and record.seconds > 0:
-            self._ar_seconds = (self._ar_seconds + [record.seconds])[-16:]
+        if record.exit_layer == 0:  # action 0's own record: an AR step, or a context draft
+            self._ref = (self._ref + [(record.emitted, record.cost, record.seconds)])[-16:]
         if self._left > 0:
             self._left -= 1
             self.fallback_rounds += 1
@@ -427,19 +429,22 @@ class GuardedPolicy(BasePolicy):
         self._hist.append((record.emitted, record.cost, record.seconds))
         if len(self._hist) < self.window:
             return
+        tokens = sum(t for t, _, _ in self._hist)
         wall = self.clock == "wallclock" or (self.clock == "auto" and all(s > 0 for _, _, s in self._hist))
         if wall:
-            if not self._ar_seconds:  # measure an AR step first; judge this window after
+            ref = [(t, s) for t, _, s in self._ref if s > 0]
+            if not ref:  # measure action 0 first; judge this window after
                 self._left = self.probe
                 return
-            total = sum(s for _, _, s in self._hist) / float(np.median(self._ar_seconds))
+            rate = tokens / sum(s for _, _, s in self._hist)
+            ref_rate = sum(t for t, _ in ref) / sum(s for _, s in ref)
         else:
             total = sum(c for _, c, _ in self._hist)
-        tokens = sum(t for t, _, _ in self._hist)
+            ref = [(t, c) for t, c, _ in self._ref if c > 0]
+            rate = tokens / total if total > 0 else float("inf")
+            ref_rate = sum(t for t, _ in ref) / sum(c for _, c in ref) if ref else 1.0
         self._hist = []
-        if not total > 0:
-            return
-        if tokens / total < self.floor:
+        if rate < self.floor * ref_rate:
             self._left = self._wait
             self._wait = min(2 * self._wait, self.max_wait)
         else:

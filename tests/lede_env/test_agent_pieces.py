@@ -212,6 +212,20 @@ def test_wall_clock_guard_probes_ar_then_judges_by_measured_time():
     assert _rounds(by_cost, 12, 2.5, 2, cost=0.5) == [7] * 12
 
 
+def test_guard_compares_with_what_action_0_achieves():
+    """Where action 0 emits 3 tokens per second (context drafts), a base emitting 2 tokens per
+    second falls back, although it beats 1 token per AR step."""
+    from lede_env.decoding import RoundRecord
+
+    g = GuardedPolicy(StaticPolicy(7), window=4, wait=2, probe=2)
+    _rounds(g, 4, 1.0, 2)
+    for _ in range(2):  # the probe: action 0 copies 2 tokens per round, all accepted
+        assert g.act(None) == 0
+        g.update(RoundRecord(action=0, exit_layer=0, draft_len=2, accepted=2, emitted=3, seconds=1.0))
+    _rounds(g, 1, 1.0, 2)
+    assert _rounds(g, 2, 1.0, 2) == [0, 0]
+
+
 def test_guarded_policy_name():
     from lede_env.mdp import ActionMap
     from lede_env.policies import policy_from_name

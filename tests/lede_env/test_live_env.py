@@ -58,14 +58,24 @@ def test_greedy_live_equals_trace(tiny, actions, which, bonus, reuse, max_new, s
     idx = trace.playable[which % len(trace.playable)]
     st_, sl = play(trace, actions, prompt_index=idx), play(live, actions, prompt_index=idx)
     assert len(st_) == len(sl)
+    # With a stop threshold, a round that rejects a draft token drafts on from a wrong prefix whose
+    # probabilities the trace does not hold: its drafted count, cost and reward (and the round
+    # history of later observations) are exact only up to there (as in test_env's replay law;
+    # found by hypothesis: actions=[4], stop=0.125 drafted 3 live, 2 replayed)
+    exact = True
     for (a1, o1, r1, te1, tr1, i1), (a2, o2, r2, te2, tr2, i2) in zip(st_, sl):
         assert (te1, tr1) == (te2, tr2)
         if a1 is not None:
-            assert _round(i1) == _round(i2)
-            assert r1 == pytest.approx(r2, rel=1e-9)
+            rd = i1["round"]
+            exact = exact and (stop is None or rd["accepted"] == rd["draft_len"])
+            assert _round(i1)[:2] + _round(i1)[3:] == _round(i2)[:2] + _round(i2)[3:]
+            if exact:
+                assert _round(i1) == _round(i2)
+                assert r1 == pytest.approx(r2, rel=1e-9)
             assert i1["tokens_generated"] == i2["tokens_generated"]
-        for k in o1:
-            np.testing.assert_allclose(o1[k], o2[k], rtol=1e-4, atol=1e-4)
+        if exact:
+            for k in o1:
+                np.testing.assert_allclose(o1[k], o2[k], rtol=1e-4, atol=1e-4)
     assert live.generated == trace.generated
 
 
