@@ -135,14 +135,35 @@ def make_behaviour(kind: str, env, rng: np.random.Generator, eps: float):
     raise ValueError(kind)
 
 
+#: per-step infos every dataset records (Minari ``infos``; the same keys at every step, so
+#: Minari's known pitfalls with keys that vary between steps cannot arise): what each round did.
+#: Index 0 is the reset (no round: -1 in the round fields, cost 0, the 1 token of the prefill).
+STEP_INFO_KEYS = {"action": np.int64, "exit_layer": np.int64, "draft_len": np.int64, "accepted": np.int64,
+                  "emitted": np.int64, "n_verify": np.int64, "cost": np.float64, "tokens_generated": np.int64}
+
+
+def step_infos(reset_info: dict, step_infos_: list[dict]) -> dict[str, np.ndarray]:
+    """Minari ``infos`` of one episode: each :data:`STEP_INFO_KEYS` entry as a [T+1] array from
+    the reset info and the T step infos of ``env.step`` (their ``round`` and ``tokens_generated``)."""
+    out = {}
+    for k, dt in STEP_INFO_KEYS.items():
+        if k == "tokens_generated":
+            first = reset_info.get("tokens_generated", 1)
+            vals = [first] + [i["tokens_generated"] for i in step_infos_]
+        else:
+            vals = [0.0 if k == "cost" else -1] + [i["round"][k] for i in step_infos_]
+        out[k] = np.asarray(vals, dt)
+    return out
+
+
 def run_episode(env, policy, seed: int, options: Optional[dict] = None):
     """Play one episode; return observations (list of T+1 dicts), actions, rewards, terminations,
-    truncations and the reset info."""
+    truncations, the reset info and the T step infos."""
     from lede_env.decoding import RoundRecord
 
     obs, info = env.reset(seed=seed, options=options)
     policy.reset()
-    observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+    observations, actions, rewards, terms, truncs, infos = [obs], [], [], [], [], []
     done = False
     while not done:
         a = policy.act(obs if getattr(policy, "needs_observation", False) else None)
@@ -154,8 +175,9 @@ def run_episode(env, policy, seed: int, options: Optional[dict] = None):
         rewards.append(r)
         terms.append(te)
         truncs.append(tr)
+        infos.append(step_info)
         done = te or tr
-    return observations, actions, rewards, terms, truncs, info
+    return observations, actions, rewards, terms, truncs, info, infos
 
 
 def _stack(observations: list[dict]) -> dict[str, np.ndarray]:
@@ -217,10 +239,10 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
     for n, ep in enumerate(tqdm(episodes, desc=f"collect {dataset_id}", disable=not progress)):
         kind, policy, seed, idx = episode_plan(env, config, ep, kinds, probs)
         counts[kind] += 1
-        obs, acts, rews, terms, truncs, _ = run_episode(env, policy, seed, {"prompt_index": idx})
+        obs, acts, rews, terms, truncs, info0, infos = run_episode(env, policy, seed, {"prompt_index": idx})
         buffers.append(EpisodeBuffer(id=n, seed=seed, options={"prompt_index": idx}, observations=_stack(obs),
                                      actions=np.asarray(acts, np.int64), rewards=rews, terminations=terms,
-                                     truncations=truncs))
+                                     truncations=truncs, infos=step_infos(info0, infos)))
         extra_meta.append({"episode_index": ep, "behaviour": kind})
         best[idx] = max(best.get(idx, -np.inf), float(np.sum(rews)))
     ref_min, ref_max = reference_scores(env, best if live else None)

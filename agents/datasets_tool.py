@@ -196,9 +196,11 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     Checks: the metadata (id form, author, code permalink, description, requirements, env spec,
     ``ref_min_score <= ref_max_score``, episode and step totals); per episode, T+1 observations
     for T actions, T rewards/terminations/truncations, actions in the action space, exactly one
-    episode end (termination or truncation) and only at the last step; the dataset's spaces
-    equal the env's; and, with ``replay``, that replaying each episode's stored seed, options and
-    actions in the env gives the stored observations, rewards (rtol 1e-5) and episode ends.
+    episode end (termination or truncation) and only at the last step, the per-step infos
+    (:data:`agents.collect.STEP_INFO_KEYS`, T+1 entries, counters that add up); the dataset's
+    spaces equal the env's; and, with ``replay``, that replaying each episode's stored seed,
+    options and actions in the env gives the stored observations, rewards (rtol 1e-5), infos and
+    episode ends.
 
     Args:
         dataset: a ``MinariDataset`` or a local dataset id.
@@ -289,6 +291,11 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
                 return problems
         if not lens_ok:
             continue
+        msg = _infos_problem(ep.get("infos"), acts)
+        if msg:
+            if bad(f"{where}: {msg}"):
+                return problems
+            continue
         te, tr = np.asarray(ep["terminations"], bool), np.asarray(ep["truncations"], bool)
         ends = te | tr
         if not ends[-1]:
@@ -317,6 +324,29 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     return problems
 
 
+def _infos_problem(infos, acts: np.ndarray) -> Optional[str]:
+    """What is wrong with one episode's per-step infos (``None``: nothing): the fixed keys of
+    :data:`agents.collect.STEP_INFO_KEYS`, T+1 entries each, the stored actions, counters that
+    add up (accepted <= drafted, tokens_generated grows by what each round emitted)."""
+    from .collect import STEP_INFO_KEYS
+
+    if not infos:
+        return "no per-step infos (datasets record what each round did since the step-info format: recollect it)"
+    if set(infos) != set(STEP_INFO_KEYS):
+        return f"infos keys {sorted(infos)} != {sorted(STEP_INFO_KEYS)}"
+    T = len(acts)
+    if any(len(np.asarray(v)) != T + 1 for v in infos.values()):
+        return f"infos hold {sorted({len(np.asarray(v)) for v in infos.values()})} entries for {T} actions (need T+1)"
+    f = {k: np.asarray(v) for k, v in infos.items()}
+    if not np.array_equal(f["action"][1:], acts):
+        return "infos['action'] differ from the stored actions"
+    if (f["accepted"][1:] > f["draft_len"][1:]).any() or (f["emitted"][1:] < 1).any():
+        return "infos: a round accepted more tokens than it drafted, or emitted none"
+    if not np.array_equal(np.diff(f["tokens_generated"]), f["emitted"][1:]):
+        return "infos: tokens_generated does not grow by each round's emitted tokens"
+    return None
+
+
 def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
     try:
         obs, _ = env.reset(seed=None if seed is None else int(seed), options=options)
@@ -324,10 +354,16 @@ def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
         return f"reset failed ({e})"
     if not _same_obs(obs, _obs_at(ep["observations"], 0)):
         return "observation 0 differs from the env's"
+    infos = ep.get("infos") or {}
     for t, a in enumerate(acts):
-        obs, r, e_te, e_tr, _ = env.step(int(a))
+        obs, r, e_te, e_tr, info = env.step(int(a))
         if not np.isclose(r, ep["rewards"][t], rtol=REWARD_RTOL, atol=REWARD_ATOL):
             return f"reward {float(ep['rewards'][t]):.6g} at step {t}, the env gives {r:.6g} for action {int(a)}"
+        for k, stored in infos.items():
+            got = info["tokens_generated"] if k == "tokens_generated" else info["round"].get(k)
+            if got is None or not np.isclose(float(np.asarray(stored)[t + 1]), float(got), rtol=REWARD_RTOL,
+                                             atol=REWARD_ATOL):
+                return f"infos[{k!r}] at step {t} is {np.asarray(stored)[t + 1]}, the env gives {got}"
         if (bool(e_te), bool(e_tr)) != (bool(te[t]), bool(tr[t])):
             return (f"step {t}: stored terminated/truncated {bool(te[t])}/{bool(tr[t])}, the env gives "
                     f"{bool(e_te)}/{bool(e_tr)}")

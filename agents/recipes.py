@@ -249,6 +249,14 @@ def dataset_card(dataset, recipe: Optional[Recipe] = None) -> str:
         lines += ["Observation (Dict; Minari stores T+1 observations and T actions per episode):", ""]
         lines += [f"- `{k}`: {s.shape} {s.dtype}" for k, s in obs.spaces.items()]
         lines.append("")
+    import numpy as np
+
+    from .collect import STEP_INFO_KEYS
+
+    lines += ["Per-step infos (Minari `infos`, T+1 entries per episode, the same keys at every step; entry 0 is "
+              "the reset: -1 in the round fields, cost 0): what each round did:", ""]
+    lines += [f"- `{k}`: {np.dtype(dt).name}" for k, dt in STEP_INFO_KEYS.items()]
+    lines.append("")
     lines += ["Load it:", "", "```python", "import minari", f"ds = minari.load_dataset({m['dataset_id']!r})",
               "env = ds.recover_environment()   # loads the model and its cached traces", "```", ""]
     if recipe is not None and recipe.path is not None:

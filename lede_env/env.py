@@ -673,7 +673,7 @@ class LEDEEnv(gym.Env):
         self._done = oc.done
         self.observer.record(oc.accepted, oc.draft_len, E)
         rnd = {"action": int(action), "exit_layer": E, "draft_len": oc.draft_len, "accepted": oc.accepted,
-               "emitted": n, "cost": cost}
+               "emitted": n, "n_verify": oc.n_verify, "cost": cost}
         self._last_round = rnd
         obs = self._obs()  # g <= trace length always, so the last verified position exists
         info = {"round": rnd, "tokens_generated": self._g, "prompt_id": self.trace.id}
@@ -732,7 +732,7 @@ class LEDEEnv(gym.Env):
         if self._done:
             self._close_episode()
         rnd = {"action": int(action), "exit_layer": E, "draft_len": K, "accepted": rec.accepted, "emitted": n,
-               "cost": cost}
+               "n_verify": rec.n_verify, "cost": cost}
         if self.cost == "wallclock":  # (kept out of the info of deterministic envs)
             rnd["seconds"] = t2 - t0
         self._last_round = rnd

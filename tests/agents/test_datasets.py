@@ -89,8 +89,18 @@ def test_round_trip_and_recover_environment(good, env):
     for ep, meta in zip(ds.iterate_episodes(), ds.storage.get_episode_metadata(ds.episode_indices)):
         obs, _ = rec.reset(seed=meta["seed"], options={"prompt_index": int(meta["options"]["prompt_index"])})
         np.testing.assert_allclose(obs["hidden"], ep.observations["hidden"][0])
-        rewards = [rec.step(int(a))[1] for a in ep.actions]
-        np.testing.assert_allclose(rewards, ep.rewards, rtol=1e-6)
+        steps = [rec.step(int(a)) for a in ep.actions]
+        np.testing.assert_allclose([s[1] for s in steps], ep.rewards, rtol=1e-6)
+        # per-step infos: fixed keys, the reset first, then what each round did
+        from agents.collect import STEP_INFO_KEYS
+
+        assert set(ep.infos) == set(STEP_INFO_KEYS) and all(len(v) == len(ep.actions) + 1 for v in ep.infos.values())
+        assert ep.infos["action"][0] == -1 and ep.infos["tokens_generated"][0] == 1
+        assert ep.infos["action"][1:].tolist() == ep.actions.tolist()
+        for k in ("exit_layer", "draft_len", "accepted", "emitted", "n_verify"):
+            assert ep.infos[k][1:].tolist() == [s[4]["round"][k] for s in steps]
+        np.testing.assert_allclose(ep.infos["cost"][1:], [s[4]["round"]["cost"] for s in steps])
+        assert ep.infos["tokens_generated"][-1] == steps[-1][4]["tokens_generated"]
     assert dt.validate(ds) == []  # env recovered from the spec
 
 
@@ -136,7 +146,8 @@ def broken_copy(ds, new_id, mutate=None):
     bufs = []
     metas = list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
     for i, (ep, em) in enumerate(zip(ds.storage.get_episodes(range(ds.total_episodes)), metas)):
-        ep = {k: ep[k] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
+        ep = {k: ep[k] for k in ("observations", "actions", "rewards", "terminations", "truncations", "infos")}
+        ep["infos"] = {k: np.array(v) for k, v in ep["infos"].items()}
         ep["rewards"], ep["terminations"], ep["truncations"] = (list(ep["rewards"]), list(ep["terminations"]),
                                                                  list(ep["truncations"]))
         if i == 0 and mutate is not None:
@@ -162,6 +173,16 @@ def _set(key, t, value):
 def _wrong_action(ep):
     ep["actions"] = ep["actions"].copy()
     ep["actions"][0] = (int(ep["actions"][0]) + 1) % 13
+    ep["infos"]["action"][1] = ep["actions"][0]  # consistent infos: only the replay can tell
+
+
+def _wrong_info(ep):
+    ep["infos"]["emitted"][1] += 1
+    ep["infos"]["tokens_generated"][1:] += 1  # still adds up: only the replay can tell
+
+
+def _inconsistent_info(ep):
+    ep["infos"]["tokens_generated"][-1] += 1
 
 
 def _drop_final_obs(ep):
@@ -173,6 +194,10 @@ DEFECTS = {
     "wrong action": (_wrong_action, "episode 0 (seed"),
     "wrong reward": (lambda ep: ep["rewards"].__setitem__(0, ep["rewards"][0] + 0.5), "reward"),
     "missing final observation": (_drop_final_obs, "need T+1"),
+    "no step infos": (lambda ep: ep.__setitem__("infos", None), "no per-step infos"),
+    "step info keys vary": (lambda ep: ep["infos"].pop("cost"), "infos keys"),
+    "step infos off": (_wrong_info, "infos['emitted'] at step 0"),
+    "step infos do not add up": (_inconsistent_info, "tokens_generated does not grow"),
     "early termination": (_set("terminations", 0, True), "ends at step 0"),
     "no episode end": (lambda ep: (ep["terminations"].__setitem__(-1, False),
                                    ep["truncations"].__setitem__(-1, False)), "neither terminated nor truncated"),
