@@ -7,7 +7,8 @@ An export folder holds exactly:
 - ``policy.onnx`` (with ``onnx=True``, needs the ``onnx`` extra) - the same graph in ONNX
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
-- ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``observation``
+- ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
+  ``context_ngram`` (what action 0 copies from the context), ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
   was trained with, e.g. ``{"kind": "calibrated", "lambda": 1.1}``; the decoder rebuilds it from
   the exit heads' acceptance calibration and its cost profile), ``reward_lambda``, ``observation_layout`` (keys and shapes
@@ -60,6 +61,8 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "bonus": u.rules.bonus,
             "observation": asdict(u.obs_config),
             "stop_rule": u.rules.stop.describe(),
+            "context_draft": u.rules.context_draft,
+            "context_ngram": list(u.rules.context_ngram),
             "reward_lambda": u.reward_lambda,
             "observation_layout": u.observer.layout(),
             "model": man["model"],

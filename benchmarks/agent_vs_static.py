@@ -11,6 +11,7 @@ speedup over lede's AR loop, outputs checked identical to greedy AR.
     python benchmarks/agent_vs_static.py                          # trace env, default splits
     python benchmarks/agent_vs_static.py --live 2 --out runs/bench_agent
     python benchmarks/agent_vs_static.py --variants compact/calibrated,full/none --eval-prompts wide
+    python benchmarks/agent_vs_static.py --variants compact/calibrated --context-draft 4   # action 0 copies
 
 Variants are OBSERVATION/STOP pairs: observation ``compact`` (running acceptance + the shallowest
 exit's statistics) or ``full`` (hidden-state context + every exit's statistics, the v0 layout);
@@ -44,12 +45,15 @@ def main() -> None:
     ap.add_argument("--variants", default="compact/calibrated,full/none")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--live", type=int, default=0, help="held-out prompts per category decoded for real")
+    ap.add_argument("--context-draft", type=int, default=0,
+                    help="context-draft tokens on action 0 (prompt lookup; 0 = plain AR steps)")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False)
+    common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
+                  context_draft=args.context_draft)
     rows_all, live_all, info = [], [], {}
     for variant in args.variants.split(","):
         obs_kind, stop = variant.split("/")

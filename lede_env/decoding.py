@@ -31,7 +31,8 @@ from .costs import CostProfile
 from .exits import ExitHeads
 from .lookup import DEFAULT_NGRAM
 from .lookup import context_draft as context_draft_tokens
-from .mdp import ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, verified_positions
+from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
+                  verified_positions)
 from .model import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
@@ -277,8 +278,10 @@ class SelfSpeculativeDecoder:
         top1, ent, arg = self.heads.feature_stats(hid, len(self._stat_exits))
         agree = (arg == state.pending).float()
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
+        ctx = (context_features(state.seq, self.context_draft, self.context_ngram) if self.observer.config.context
+               else (0.0, 0.0))
         return self.observer.build(hidden, top1.cpu().numpy(), ent.cpu().numpy(), agree.cpu().numpy(),
-                                   state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens)
+                                   state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens, ctx)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.

@@ -19,7 +19,7 @@ from gymnasium import spaces
 from .costs import CostProfile, analytic_profile, measure_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
-from .mdp import ActionMap, ObservationBuilder, ObservationConfig
+from .mdp import ActionMap, ObservationBuilder, ObservationConfig, context_features
 from .model import KERNELS_VERSION, cache_dir, describe_model
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
@@ -322,7 +322,7 @@ class LEDEEnv(gym.Env):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
-                                            stat_exits=obs_stat_exits)
+                                            stat_exits=obs_stat_exits, context=int(context_draft) > 0)
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)
         self._best_static: Optional[tuple[int, float]] = None
@@ -584,8 +584,12 @@ class LEDEEnv(gym.Env):
         j = g - 1  # last verified local position: its output is the pending token generated[g-1]
         seq_tail = np.concatenate([t.prompt[-self.obs_config.recent_tokens:], t.generated[:g]])
         agree = (t.lens_arg[j] == t.generated[j]).astype(np.float32)
+        ctx = (0.0, 0.0)
+        if self.obs_config.context:
+            ctx = context_features(np.concatenate([t.prompt, t.generated[:g]]), self.rules.context_draft,
+                                   self.rules.context_ngram)
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
-                                   g / self.max_new_tokens)
+                                   g / self.max_new_tokens, ctx)
 
     @contextmanager
     def charging_overhead(self, charge: bool):

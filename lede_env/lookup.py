@@ -44,6 +44,17 @@ def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
     Raises:
         ValueError: a bad ``ngram`` range or a negative ``max_len``.
     """
+    if max_len == 0:
+        context_match(seq, 0, ngram)  # validates the arguments
+        return []
+    return context_match(seq, max_len, ngram)[1]
+
+
+def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM) -> tuple[int, list[int]]:
+    """``(n, tokens)``: the length ``n`` of the longest suffix in ``ngram`` that occurred before
+    (0: none) and the :func:`context_draft` it proposes (up to ``max_len`` tokens; ``[]`` when
+    ``max_len`` is 0). The observation's context features read ``n`` even where no draft is
+    wanted. Raises ``ValueError`` as :func:`context_draft`."""
     lo, hi = int(ngram[0]), int(ngram[1])
     if not 1 <= lo <= hi:
         raise ValueError(f"ngram=({lo}, {hi}) must satisfy 1 <= shortest <= longest.")
@@ -51,8 +62,8 @@ def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
         raise ValueError(f"max_len={max_len} must be >= 0.")
     a = np.asarray(seq, dtype=np.int64)
     L = len(a)
-    if max_len == 0 or L < 2:
-        return []
+    if L < 2:
+        return 0, []
     for n in range(min(hi, L - 1), lo - 1, -1):
         # windows starting at 0 .. L-1-n: each is followed by at least one token, and the suffix
         # itself (starting at L-n) is not among them
@@ -60,5 +71,5 @@ def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
         hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
         if hits.size:
             s = int(hits[-1]) + n
-            return a[s: s + max_len].tolist()
-    return []
+            return n, a[s: s + max_len].tolist()
+    return 0, []

@@ -158,6 +158,8 @@ class ObservationConfig:
             per-exit acceptance: the generation's own experience; about 0.1 ms).
         stat_exits: ``"compact"`` only: how many of the shallowest exits' statistics to include.
         decay: ``"compact"`` only: per-round decay of the running acceptance estimates.
+        context: add the ``context`` key (features of the context drafter, see
+            :class:`ObservationBuilder`); envs with context drafts turn it on.
     """
 
     hidden_dim: int = 64
@@ -167,6 +169,7 @@ class ObservationConfig:
     kind: str = "full"
     stat_exits: int = 1
     decay: float = 0.8
+    context: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "history", "recent_tokens", "stat_exits"):
@@ -209,6 +212,17 @@ class ObservationBuilder:
                                     was rejected); decayed per use, prior 0.3), and how much
                                     evidence it rests on (tokens judged / (tokens judged + 8))
     ========== ==================== =========================================================
+
+    With :attr:`ObservationConfig.context` (either kind), about the context drafter (prompt
+    lookup, :mod:`lede_env.lookup`) at the current position:
+
+    ========== ==================== =========================================================
+    context    [3]                  length of the longest n-gram suffix that occurred before
+                                    / the longest tried (0: no match, action 0 is a plain
+                                    step); tokens action 0 would copy / the context-draft
+                                    maximum; running per-token acceptance of context drafts
+                                    in this generation (as ``experience``, prior 0.3)
+    ========== ==================== =========================================================
     """
 
     config: ObservationConfig
@@ -247,28 +261,30 @@ class ObservationBuilder:
         """The gymnasium Dict observation space."""
         H, R = self.config.history, self.config.recent_tokens
         inf = np.inf
+        ctx = {"context": spaces.Box(0.0, 1.0, (3,), np.float32)} if self.config.context else {}
         if self.compact:
             return spaces.Dict({
                 "exit_stats": spaces.Box(0.0, inf, (self.stat_exits, 3), np.float32),
                 "experience": spaces.Box(0.0, 1.0, (self.n_exits, 2), np.float32),
                 "history": spaces.Box(0.0, 1.0, (H, 4), np.float32),
                 "progress": spaces.Box(0.0, 1.0, (1,), np.float32),
-            })
+            } | ctx)
         return spaces.Dict({
             "hidden": spaces.Box(-inf, inf, (self.hidden_width,), np.float32),
             "exit_stats": spaces.Box(0.0, inf, (self.n_exits, 3), np.float32),
             "history": spaces.Box(0.0, 1.0, (H, 4), np.float32),
             "tokens": spaces.Box(0, self.vocab_size - 1, (R,), np.int64),
             "progress": spaces.Box(0.0, 1.0, (1,), np.float32),
-        })
+        } | ctx)
 
     def layout(self) -> list[tuple[str, list[int]]]:
         """Keys and shapes concatenated (in this order) by :meth:`flatten`; ``tokens`` is left out."""
+        ctx = [("context", [3])] if self.config.context else []
         if self.compact:
             return [("exit_stats", [self.stat_exits, 3]), ("experience", [self.n_exits, 2]),
-                    ("history", [self.config.history, 4]), ("progress", [1])]
+                    ("history", [self.config.history, 4]), ("progress", [1])] + ctx
         return [("hidden", [self.hidden_width]), ("exit_stats", [self.n_exits, 3]),
-                ("history", [self.config.history, 4]), ("progress", [1])]
+                ("history", [self.config.history, 4]), ("progress", [1])] + ctx
 
     @property
     def flat_dim(self) -> int:
@@ -280,6 +296,7 @@ class ObservationBuilder:
         self._exit_of = {int(e): i for i, e in enumerate(self.exit_layers)}
         self._alpha = np.full(self.n_exits, ACCEPT_PRIOR, np.float64)
         self._judged = np.zeros(self.n_exits, np.float64)
+        self._ctx_alpha = ACCEPT_PRIOR
 
     def record(self, accepted: int, draft_len: int, exit_layer: int) -> None:
         """Append one round to the history (and, for the compact kind, to its exit's experience:
@@ -287,14 +304,18 @@ class ObservationBuilder:
         full = 1.0 if draft_len > 0 and accepted >= draft_len else 0.0
         self._hist.append((accepted / self.k_max, draft_len / self.k_max, exit_layer / self.num_layers, full))
         i = self._exit_of.get(int(exit_layer))
-        if i is not None and draft_len > 0:
+        if draft_len > 0 and (i is not None or exit_layer == 0):
             judged = accepted + (0 if accepted >= draft_len else 1)
             w = self.config.decay ** judged
-            self._alpha[i] = w * self._alpha[i] + (1 - w) * (accepted / judged)
-            self._judged[i] += judged
+            if i is None:  # a context draft
+                self._ctx_alpha = w * self._ctx_alpha + (1 - w) * (accepted / judged)
+            else:
+                self._alpha[i] = w * self._alpha[i] + (1 - w) * (accepted / judged)
+                self._judged[i] += judged
 
     def build(self, hidden: np.ndarray, top1: np.ndarray, entropy: np.ndarray, agree: np.ndarray,
-              recent: Sequence[int], progress: float) -> dict[str, np.ndarray]:
+              recent: Sequence[int], progress: float, context: tuple[float, float] = (0.0, 0.0)
+              ) -> dict[str, np.ndarray]:
         """Assemble one observation.
 
         Args:
@@ -304,6 +325,8 @@ class ObservationBuilder:
                 reads the first :attr:`stat_exits` of them; it may be given only those).
             recent: token ids, pending token last.
             progress: tokens generated / max_new_tokens.
+            context: (match length / longest n-gram, copyable tokens / context-draft maximum),
+                read with :attr:`ObservationConfig.context` (see :func:`context_features`).
         """
         H, R = self.config.history, self.config.recent_tokens
         hist = np.zeros((H, 4), np.float32)
@@ -313,9 +336,12 @@ class ObservationBuilder:
                 hist[H - len(rows):] = np.asarray(rows, np.float32)
         stats = np.stack([top1, entropy, agree], -1).astype(np.float32)
         progress = np.array([min(max(progress, 0.0), 1.0)], np.float32)
+        ctx = ({"context": np.array([context[0], context[1], self._ctx_alpha], np.float32).clip(0.0, 1.0)}
+               if self.config.context else {})
         if self.compact:
             exp = np.stack([self._alpha, self._judged / (self._judged + 8.0)], -1).astype(np.float32)
-            return {"exit_stats": stats[: self.stat_exits], "experience": exp, "history": hist, "progress": progress}
+            return {"exit_stats": stats[: self.stat_exits], "experience": exp, "history": hist,
+                    "progress": progress} | ctx
         hidden = np.asarray(hidden, dtype=np.float32)
         if self._proj is not None:
             hidden = hidden @ self._proj
@@ -325,11 +351,22 @@ class ObservationBuilder:
             if r:
                 toks[R - len(r):] = r
         return {"hidden": hidden.astype(np.float32), "exit_stats": stats, "history": hist, "tokens": toks,
-                "progress": progress}
+                "progress": progress} | ctx
 
     def flatten(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """[flat_dim] float32 vector for libraries that need a Box (d3rlpy, exported policies)."""
         return flatten_by_layout(obs, self.layout())
+
+
+def context_features(seq: Sequence[int], context_draft: int, ngram: tuple[int, int]) -> tuple[float, float]:
+    """The ``context`` observation's first two features at the end of ``seq`` (prompt and
+    generated ids, pending token last): (longest matched n-gram / ``ngram[1]``, tokens a context
+    draft would copy / ``context_draft``). The same function serves the trace env and the
+    decoder, so both see the same values."""
+    from .lookup import context_match
+
+    n, toks = context_match(seq, context_draft, ngram)
+    return n / ngram[1], (len(toks) / context_draft if context_draft else 0.0)
 
 
 def flatten_by_layout(obs: dict, layout) -> np.ndarray:

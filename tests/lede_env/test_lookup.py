@@ -150,3 +150,24 @@ def test_decoder_sampling_with_context_drafts_matches_plain_sampling():
         table = np.stack([np.append(a[keep], a[~keep].sum()), np.append(c[keep], c[~keep].sum())])
         table = table[:, table.sum(0) > 0]
         assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_context_features_and_their_running_acceptance():
+    from lede_env.mdp import ObservationBuilder, ObservationConfig, context_features
+
+    # (1, 2, 3) matched (3 of at most 3); after its earlier occurrence only 3 tokens follow (of 4)
+    assert context_features([7, 1, 2, 3, 1, 2, 3], 4, (2, 3)) == (1.0, 0.75)
+    assert context_features([1, 2, 3, 9, 8, 1, 2, 3], 4, (2, 3)) == (1.0, 1.0)
+    assert context_features([1, 2, 3, 4], 4, (2, 3)) == (0.0, 0.0)
+    assert context_features([5, 1, 2, 7, 1, 2], 0, (2, 3)) == (2 / 3, 0.0)  # a match, no drafts wanted
+    ob = ObservationBuilder(ObservationConfig(kind="compact", context=True), 8, 2, 4, 4, 16, (1, 2))
+    assert ("context", [3]) in ob.layout() and ob.space()["context"].shape == (3,)
+    z = np.zeros(2, np.float32)
+    o = ob.build(None, z, z, z, [1], 0.5, (1.0, 0.5))
+    np.testing.assert_allclose(o["context"], [1.0, 0.5, 0.3])  # the prior
+    ob.record(accepted=2, draft_len=2, exit_layer=0)  # a context draft, fully accepted
+    after = float(ob.build(None, z, z, z, [1], 0.5)["context"][2])
+    assert after == pytest.approx(0.8 ** 2 * 0.3 + (1 - 0.8 ** 2) * 1.0)
+    ob.record(accepted=0, draft_len=0, exit_layer=0)  # a plain AR step: no evidence
+    assert float(ob.build(None, z, z, z, [1], 0.5)["context"][2]) == pytest.approx(after)
+    assert "context" not in ObservationBuilder(ObservationConfig(kind="compact"), 8, 2, 4, 4, 16, (1, 2)).space().spaces
