@@ -250,12 +250,13 @@ _CACHE: dict = {}
 
 
 def _agent_path(policy: str) -> Optional[Path]:
-    """The exported-agent folder named by ``policy`` (``agent:PATH`` or a folder with
-    ``policy.json``), else ``None``."""
-    p = Path(policy[len("agent:"):] if policy.startswith("agent:") else policy)
+    """The exported-agent folder named by ``policy`` (``agent:PATH``, ``agent-unguarded:PATH`` or
+    a folder with ``policy.json``), else ``None``."""
+    prefix = next((x for x in ("agent:", "agent-unguarded:") if policy.startswith(x)), "")
+    p = Path(policy[len(prefix):])
     if (p / "policy.json").exists():
         return p
-    if policy.startswith("agent:"):
+    if prefix:
         raise ValueError(f"No exported agent in {p} (policy.json missing): run `lede export` first.")
     return None
 

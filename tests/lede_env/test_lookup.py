@@ -171,3 +171,17 @@ def test_context_features_and_their_running_acceptance():
     ob.record(accepted=0, draft_len=0, exit_layer=0)  # a plain AR step: no evidence
     assert float(ob.build(None, z, z, z, [1], 0.5)["context"][2]) == pytest.approx(after)
     assert "context" not in ObservationBuilder(ObservationConfig(kind="compact"), 8, 2, 4, 4, 16, (1, 2)).space().spaces
+
+
+def test_agent_folder_names(tmp_path):
+    """``agent:PATH``, ``agent-unguarded:PATH`` and a bare folder name the same exported agent
+    (Lede reads its exits, heads and context drafter from there); a named folder without one
+    is an error, any other name is not an agent."""
+    from lede_env.generate import _agent_path
+
+    (tmp_path / "policy.json").write_text("{}")
+    for name in (f"agent:{tmp_path}", f"agent-unguarded:{tmp_path}", str(tmp_path)):
+        assert _agent_path(name) == tmp_path
+    with pytest.raises(ValueError, match="policy.json missing"):
+        _agent_path(f"agent-unguarded:{tmp_path / 'nothing'}")
+    assert _agent_path("static:2,1") is None
