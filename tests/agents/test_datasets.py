@@ -119,7 +119,7 @@ def test_env_spec_is_complete(env):
     assert kw["reward_mode"] == "relative" and kw["bonus"] is True and kw["reuse"] is True
     # the resolved lambda is stored, so a recovered env pays the same rewards without recomputing it
     assert kw["reward_lambda"] == env.unwrapped.reward_lambda >= 1.0
-    assert kw["obs_kind"] == "full" and kw["stop_rule"] is None
+    assert kw["obs_kind"] == "full" and kw["stop_rule"] is None and kw["context_draft"] == 0
     assert CostProfile(**kw["cost_profile"]) == env.profile  # not "measured" again elsewhere
     json.dumps(kw)
     inspect.signature(LEDEEnv).bind(**kw)
