@@ -7,6 +7,7 @@ import math
 import platform
 import statistics
 import warnings
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Optional
