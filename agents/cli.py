@@ -363,7 +363,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 
 @app.command()
 def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
-                                                                            "(ar, hf, hf-early-exit:E, static:E,K, "
+                                                                            "(ar, hf, hf-lookup:N, hf-early-exit:E, static:E,K, "
                                                                             "static:best, "
                                                                             "heuristic:E, confidence:E,K,THRESHOLD, "
                                                                             "del, oracle, agent:PATH)."),
@@ -377,6 +377,8 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
                                                     "the exported agent's, else full)."),
              stop_rule: Optional[str] = typer.Option(None, help="In-round stop rule of policies that name none: "
                                                      "calibrated | none (default: the agent's, else none)."),
+             context_draft: Optional[int] = typer.Option(None, help="Tokens action 0 copies from the context "
+                                                         "(prompt lookup; default: the agent's, else 0)."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
@@ -394,9 +396,12 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
         obs_kind = agent_cfg.get("observation", {}).get("kind", "full")
     if stop_rule is None:
         stop_rule = agent_cfg.get("stop_rule", {}).get("kind", "none")
+    if context_draft is None:
+        context_draft = int(agent_cfg.get("context_draft", 0))
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
                   head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
-                  obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule)
+                  obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule,
+                  context_draft=context_draft)
     try:
         from lede_env.traces import check_disjoint
 

@@ -4,6 +4,9 @@ Policies are named by strings:
 
 - ``ar`` - plain greedy, lede's loop with action 0 every round (the speed reference);
 - ``hf`` - transformers' ``model.generate(do_sample=False)`` (wall clock only);
+- ``hf-lookup:N`` - transformers' prompt lookup decoding,
+  ``model.generate(do_sample=False, prompt_lookup_num_tokens=N)`` (wall clock only; compare
+  with lede's context drafts, ``LEDEEnv(context_draft=N)``);
 - ``hf-early-exit:E`` - transformers' own self-speculative decoding,
   ``model.generate(do_sample=False, assistant_early_exit=E)`` (LayerSkip's static baseline in
   transformers, arXiv 2404.16710; its default speculation-length schedule; wall clock only);
@@ -55,9 +58,29 @@ def hf_early_exit(name: str, num_layers: int) -> Optional[int]:
     return int(arg)
 
 
+def hf_lookup(name: str) -> Optional[int]:
+    """The ``prompt_lookup_num_tokens`` of a ``hf-lookup:N`` policy name (``None`` for other names).
+
+    Raises:
+        ValueError: N is not an integer >= 1.
+    """
+    if not name.startswith("hf-lookup:"):
+        return None
+    arg = name.split(":", 1)[1]
+    if not arg.strip().isdigit() or int(arg) < 1:
+        raise ValueError(f"{name!r}: give the copied tokens as an integer >= 1, e.g. hf-lookup:10.")
+    return int(arg)
+
+
 def is_transformers_baseline(name: str) -> bool:
-    """``hf`` and ``hf-early-exit:E`` run transformers' ``generate`` (wall clock only)."""
-    return name == "hf" or name.startswith("hf-early-exit:")
+    """``hf``, ``hf-lookup:N`` and ``hf-early-exit:E`` run transformers' ``generate`` (wall clock only)."""
+    return name == "hf" or name.startswith(("hf-early-exit:", "hf-lookup:"))
+
+
+def _hf_kwargs(name: str, num_layers: int) -> dict:
+    """The extra ``generate`` arguments of a transformers baseline's name."""
+    E, N = hf_early_exit(name, num_layers), hf_lookup(name)
+    return {"assistant_early_exit": E} if E is not None else {"prompt_lookup_num_tokens": N} if N else {}
 
 
 def make_policy(name: str, env, static_best: Optional[int] = None):
@@ -74,19 +97,22 @@ def make_policy(name: str, env, static_best: Optional[int] = None):
             raise ValueError("static:best needs the best static action (chosen on training traces).")
         return StaticPolicy(static_best)
     if is_transformers_baseline(name):
-        hf_early_exit(name, u.trace_set.num_layers)  # checks E
+        _hf_kwargs(name, u.trace_set.num_layers)  # checks E / N
         return None
     if name == "oracle":
         return None
     pol = policy_from_name(name, u.actions, u.profile, u.rules.bonus, u.rules.reuse, u.observer)
     if pol is None:
-        raise ValueError(f"Unknown policy {name!r}; use {POLICY_NAMES}, static:best, hf, hf-early-exit:E or oracle.")
+        raise ValueError(f"Unknown policy {name!r}; use {POLICY_NAMES}, static:best, hf, hf-lookup:N, hf-early-exit:E "
+                         "or oracle.")
     return pol
 
 
 def label(name: str, env, static_best: Optional[int]) -> str:
     if name.startswith("hf-early-exit:"):
         return f"transformers assistant_early_exit={name.split(':', 1)[1]}"
+    if name.startswith("hf-lookup:"):
+        return f"transformers prompt_lookup_num_tokens={name.split(':', 1)[1]}"
     if name == "static:best" and static_best is not None:
         E, K = env.unwrapped.actions.decode(static_best)
         return f"static best (E={E}, K={K})" if E else "static best (AR)"
@@ -225,8 +251,7 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
         for n in names:
             rs = [res[(n, "all")]] + ([res[(n, t.category)]] if by_category else [])
             if is_transformers_baseline(n):
-                E = hf_early_exit(n, u.trace_set.num_layers)
-                kw = {} if E is None else {"assistant_early_exit": E}
+                kw = _hf_kwargs(n, u.trace_set.num_layers)
                 synchronize(decoder.stack.device)
                 t0 = time.perf_counter()
                 toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids, **kw)

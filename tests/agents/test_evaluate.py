@@ -23,11 +23,12 @@ def test_trace_and_live_eval(tiny, tiny_env, tmp_path):
     assert all(r["oracle_share"] <= 1.0 + 1e-9 for r in rows)
     dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, True, prof, tiny_env.obs_config)
     records = {}
-    live = live_eval(tiny_env, dec, ["ar", "hf", "static:best", "confidence:2,4,0.5", "oracle"], best,
+    live = live_eval(tiny_env, dec, ["ar", "hf", "hf-lookup:3", "static:best", "confidence:2,4,0.5", "oracle"], best,
                      progress=False, records=records)
     assert all(r["identical_to_ar"] for r in live)
+    assert "transformers prompt_lookup_num_tokens=3" in {r["policy"] for r in live}
     assert all(r["speedup_vs_ar"] == 1.0 for r in live if r["policy"] == "ar")
-    assert sum(len(recs) for recs in records.values()) == 4 * len(tiny_env.playable)  # every method but hf
+    assert sum(len(recs) for recs in records.values()) == 4 * len(tiny_env.playable)  # every method but hf*
     conf = [r for rec in records["confidence:2,4,0.5"] for r in rec["rounds"]]
     assert all(r["draft_len"] <= 4 for r in conf)
     write_results(tmp_path, "live", live)
@@ -35,6 +36,8 @@ def test_trace_and_live_eval(tiny, tiny_env, tmp_path):
     assert to_markdown(rows).count("\n") == len(rows) + 1
     with pytest.raises(ValueError, match="Unknown policy"):
         trace_eval(tiny_env, ["nonsense"], best)
+    with pytest.raises(ValueError, match="hf-lookup:10"):
+        trace_eval(tiny_env, ["hf-lookup:zero"], best)
 
 
 def test_cli_help():
