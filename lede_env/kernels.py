@@ -67,6 +67,7 @@ def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_fingerprint() -> str:
     """CPU model and instruction-set flags (an extension built with -march=native runs only there)."""
     info = ""
@@ -174,11 +175,12 @@ def measure_table(weights: Sequence[torch.Tensor], candidates: Sequence[str], ro
     for 1..``rows_max`` rows; return the fastest per row count and the times.
 
     Candidates are interleaved within each repeat (drift hits all alike) and the fastest of
-    ``repeats`` passes is kept.
+    ``repeats`` passes is kept. A kernel is timed only for the row counts it handles itself
+    (:data:`MAX_ROWS`; past them it would only time oneDNN again).
 
     Returns:
         ``(table, times)``: ``table[r-1]`` the kernel for r rows; ``times[kernel]`` the list of
-        seconds per pass for r = 1..rows_max.
+        seconds per pass for r = 1..rows_max (``inf`` where not timed).
     """
     d_in = {w.shape[1] for w in weights}
     g = torch.Generator().manual_seed(0)
@@ -190,7 +192,7 @@ def measure_table(weights: Sequence[torch.Tensor], candidates: Sequence[str], ro
                 linear(c, xs[(1, w.shape[1])], w)
         for _ in range(repeats):
             for r in range(1, rows_max + 1):
-                for c in candidates:
+                for c in (c for c in candidates if r <= MAX_ROWS.get(c, rows_max)):  # the others hand over to oneDNN
                     t = time.perf_counter()
                     for w in weights:
                         linear(c, xs[(r, w.shape[1])], w)
@@ -222,6 +224,6 @@ def kernel_table(weights: Sequence[torch.Tensor], device: torch.device, dtype: t
         pass
     table, times = measure_table(weights, cands)
     write_json_atomic(path, {"table": list(table), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "unit": "seconds per pass over the weights",
-                             "times": times})
+                             "torch": torch.__version__, "unit": "seconds per pass over the weights (null: not timed)",
+                             "times": {c: [t if t != float("inf") else None for t in ts] for c, ts in times.items()}})
     return table

@@ -361,6 +361,7 @@ def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
 
 
 from .kernels import KERNELS, KERNELS_VERSION, TABLE_ROWS  # noqa: E402,F401  (re-exported)
+from .kernels import linear as _kernel_linear  # noqa: E402
 
 
 @dataclass
@@ -436,11 +437,9 @@ class LayerStack:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x @ weight.T + bias`` with this stack's kernel for the number of rows.
         [..., in] x [out, in] -> [..., out]."""
-        from .kernels import linear
-
         rows = x.numel() // x.shape[-1]
         kernel = self.kernel_table[rows - 1] if rows <= len(self.kernel_table) else self._large
-        return linear(kernel, x, weight, bias)
+        return _kernel_linear(kernel, x, weight, bias)
 
     @contextmanager
     def kernels_active(self):
