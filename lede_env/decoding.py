@@ -29,8 +29,7 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
-from .lookup import DEFAULT_NGRAM
-from .lookup import context_draft as context_draft_tokens
+from .lookup import DEFAULT_NGRAM, check_ngram, context_match
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
                   verified_positions)
 from .model import LayerStack
@@ -140,6 +139,8 @@ class DecodeState:
             observations).
         sampler: the sampling state, ``None`` under greedy decoding.
         done: the generation has ended (EOS, budget, or a stop callback).
+        context_at: ``(len(seq), context_match(...))`` computed by :meth:`~SelfSpeculativeDecoder.observe`
+            for the observation's context features, reused by the round at that position.
     """
 
     result: GenerationResult
@@ -153,6 +154,7 @@ class DecodeState:
     taps_at: Optional[dict]
     sampler: Optional[SpeculativeSampler] = None
     done: bool = False
+    context_at: Optional[tuple] = None
 
     @property
     def pending(self) -> int:
@@ -205,8 +207,7 @@ class SelfSpeculativeDecoder:
                  context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
         if context_draft < 0:
             raise ValueError(f"context_draft={context_draft} must be >= 0 (0: no context drafts).")
-        context_draft_tokens([1, 2], 0, context_ngram)  # validates the n-gram range
-        self.context_draft, self.context_ngram = int(context_draft), tuple(context_ngram)
+        self.context_draft, self.context_ngram = int(context_draft), check_ngram(context_ngram)
         self.stack = stack
         self.stop_rule = as_stop_rule(stop_rule)
         self.reuse = reuse
@@ -278,8 +279,10 @@ class SelfSpeculativeDecoder:
         top1, ent, arg = self.heads.feature_stats(hid, len(self._stat_exits))
         agree = (arg == state.pending).float()
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
-        ctx = (context_features(state.seq, self.context_draft, self.context_ngram) if self.observer.config.context
-               else (0.0, 0.0))
+        ctx = (0.0, 0.0)
+        if self.observer.config.context:
+            state.context_at = (len(state.seq), context_match(state.seq, self.context_draft, self.context_ngram))
+            ctx = context_features(state.context_at[1], self.context_draft, self.context_ngram[1])
         return self.observer.build(hidden, top1.cpu().numpy(), ent.cpu().numpy(), agree.cpu().numpy(),
                                    state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens, ctx)
 
@@ -305,7 +308,12 @@ class SelfSpeculativeDecoder:
         if K == 0:  # a plain AR step, or a context draft verified by the full model
             E = 0
             n_ctx = clamp_draft_len(self.context_draft, state.remaining, self.bonus)
-            draft = context_draft_tokens(state.seq, n_ctx, self.context_ngram) if n_ctx else []
+            draft = []
+            if n_ctx:  # the match observe() made for this position, if it made one
+                seen = state.context_at
+                match = seen[1] if seen and seen[0] == len(state.seq) else context_match(state.seq, n_ctx,
+                                                                                       self.context_ngram)
+                draft = list(match[1][:n_ctx])
             if draft and state.sampler is not None:
                 state.sampler.q.extend([None] * len(draft))  # a copied token is a point-mass proposal
             n = verified_positions(len(draft), self.bonus) if draft else 1

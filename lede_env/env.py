@@ -20,6 +20,7 @@ from gymnasium import spaces
 from .costs import CostProfile, analytic_profile, measure_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
+from .lookup import context_match
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, context_features
 from .model import KERNELS_VERSION, cache_dir, describe_model
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
@@ -587,8 +588,8 @@ class LEDEEnv(gym.Env):
         agree = (t.lens_arg[j] == t.generated[j]).astype(np.float32)
         ctx = (0.0, 0.0)
         if self.obs_config.context:
-            ctx = context_features(np.concatenate([t.prompt, t.generated[:g]]), self.rules.context_draft,
-                                   self.rules.context_ngram)
+            cd, ngram = self.rules.context_draft, self.rules.context_ngram
+            ctx = context_features(context_match(np.concatenate([t.prompt, t.generated[:g]]), cd, ngram), cd, ngram[1])
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens, ctx)
 

@@ -25,6 +25,14 @@ import numpy as np
 DEFAULT_NGRAM = (2, 3)
 
 
+def check_ngram(ngram: tuple[int, int]) -> tuple[int, int]:
+    """``ngram`` as ``(shortest, longest)`` ints. Raises ``ValueError`` unless 1 <= shortest <= longest."""
+    lo, hi = int(ngram[0]), int(ngram[1])
+    if not 1 <= lo <= hi:
+        raise ValueError(f"ngram=({lo}, {hi}) must satisfy 1 <= shortest <= longest.")
+    return lo, hi
+
+
 def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM) -> list[int]:
     """The context draft after ``seq``: up to ``max_len`` tokens that followed the most recent
     earlier occurrence of ``seq``'s last ``n`` tokens, for the longest ``n`` in
@@ -44,9 +52,6 @@ def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
     Raises:
         ValueError: a bad ``ngram`` range or a negative ``max_len``.
     """
-    if max_len == 0:
-        context_match(seq, 0, ngram)  # validates the arguments
-        return []
     return context_match(seq, max_len, ngram)[1]
 
 
@@ -55,9 +60,7 @@ def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
     (0: none) and the :func:`context_draft` it proposes (up to ``max_len`` tokens; ``[]`` when
     ``max_len`` is 0). The observation's context features read ``n`` even where no draft is
     wanted. Raises ``ValueError`` as :func:`context_draft`."""
-    lo, hi = int(ngram[0]), int(ngram[1])
-    if not 1 <= lo <= hi:
-        raise ValueError(f"ngram=({lo}, {hi}) must satisfy 1 <= shortest <= longest.")
+    lo, hi = check_ngram(ngram)
     if max_len < 0:
         raise ValueError(f"max_len={max_len} must be >= 0.")
     a = np.asarray(seq, dtype=np.int64)

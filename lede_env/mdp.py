@@ -358,15 +358,13 @@ class ObservationBuilder:
         return flatten_by_layout(obs, self.layout())
 
 
-def context_features(seq: Sequence[int], context_draft: int, ngram: tuple[int, int]) -> tuple[float, float]:
-    """The ``context`` observation's first two features at the end of ``seq`` (prompt and
-    generated ids, pending token last): (longest matched n-gram / ``ngram[1]``, tokens a context
-    draft would copy / ``context_draft``). The same function serves the trace env and the
-    decoder, so both see the same values."""
-    from .lookup import context_match
-
-    n, toks = context_match(seq, context_draft, ngram)
-    return n / ngram[1], (len(toks) / context_draft if context_draft else 0.0)
+def context_features(match: tuple[int, Sequence[int]], context_draft: int, longest: int) -> tuple[float, float]:
+    """The ``context`` observation's first two features from a context match at the end of the
+    sequence (:func:`lede_env.lookup.context_match` with ``max_len=context_draft``): (matched
+    n-gram length / ``longest`` tried, tokens a context draft would copy / ``context_draft``).
+    The same function serves the trace env and the decoder, so both see the same values."""
+    n, toks = match
+    return n / longest, (len(toks) / context_draft if context_draft else 0.0)
 
 
 def flatten_by_layout(obs: dict, layout) -> np.ndarray:

@@ -153,13 +153,17 @@ def test_decoder_sampling_with_context_drafts_matches_plain_sampling():
 
 
 def test_context_features_and_their_running_acceptance():
+    from lede_env.lookup import context_match
     from lede_env.mdp import ObservationBuilder, ObservationConfig, context_features
 
+    def features(seq, context_draft):
+        return context_features(context_match(seq, context_draft, (2, 3)), context_draft, 3)
+
     # (1, 2, 3) matched (3 of at most 3); after its earlier occurrence only 3 tokens follow (of 4)
-    assert context_features([7, 1, 2, 3, 1, 2, 3], 4, (2, 3)) == (1.0, 0.75)
-    assert context_features([1, 2, 3, 9, 8, 1, 2, 3], 4, (2, 3)) == (1.0, 1.0)
-    assert context_features([1, 2, 3, 4], 4, (2, 3)) == (0.0, 0.0)
-    assert context_features([5, 1, 2, 7, 1, 2], 0, (2, 3)) == (2 / 3, 0.0)  # a match, no drafts wanted
+    assert features([7, 1, 2, 3, 1, 2, 3], 4) == (1.0, 0.75)
+    assert features([1, 2, 3, 9, 8, 1, 2, 3], 4) == (1.0, 1.0)
+    assert features([1, 2, 3, 4], 4) == (0.0, 0.0)
+    assert features([5, 1, 2, 7, 1, 2], 0) == (2 / 3, 0.0)  # a match, no drafts wanted
     ob = ObservationBuilder(ObservationConfig(kind="compact", context=True), 8, 2, 4, 4, 16, (1, 2))
     assert ("context", [3]) in ob.layout() and ob.space()["context"].shape == (3,)
     z = np.zeros(2, np.float32)
