@@ -94,8 +94,7 @@ class CostProfile:
         """
         passes = draft_len if passes is None else passes
         if exit_layer == 0:  # an AR step (1 position) or a context draft: all L layers on n positions
-            n = max(int(n_verify), 1)
-            t = self.num_layers * self._k(self.layer, n) + self._k(self.head, n)
+            t = self._verify_time(max(int(n_verify), 1))
         elif passes == 0:
             t = self.ar_step
         else:
@@ -106,9 +105,13 @@ class CostProfile:
             t += (L - E if reuse else L) * self._k(self.layer, n_verify) + self._k(self.head, n_verify)
         return (t + self.overhead) / self.ar_step
 
+    def _verify_time(self, k: int) -> float:
+        """All L layers and the full LM head on k positions, in the profile's unit."""
+        return self.num_layers * self._k(self.layer, k) + self._k(self.head, k)
+
     def verify_cost(self, k: int) -> float:
         """c(k): all L layers and the full LM head on k positions, in AR steps (c(1) = 1)."""
-        return (self.num_layers * self._k(self.layer, k) + self._k(self.head, k)) / self.ar_step
+        return self._verify_time(k) / self.ar_step
 
     def c_table(self) -> dict:
         """c(k) for k = 1..:attr:`max_positions` of one layer, the LM head and the whole verify

@@ -429,20 +429,15 @@ class GuardedPolicy(BasePolicy):
         self._hist.append((record.emitted, record.cost, record.seconds))
         if len(self._hist) < self.window:
             return
-        tokens = sum(t for t, _, _ in self._hist)
         wall = self.clock == "wallclock" or (self.clock == "auto" and all(s > 0 for _, _, s in self._hist))
-        if wall:
-            ref = [(t, s) for t, _, s in self._ref if s > 0]
-            if not ref:  # measure action 0 first; judge this window after
-                self._left = self.probe
-                return
-            rate = tokens / sum(s for _, _, s in self._hist)
-            ref_rate = sum(t for t, _ in ref) / sum(s for _, s in ref)
-        else:
-            total = sum(c for _, c, _ in self._hist)
-            ref = [(t, c) for t, c, _ in self._ref if c > 0]
-            rate = tokens / total if total > 0 else float("inf")
-            ref_rate = sum(t for t, _ in ref) / sum(c for _, c in ref) if ref else 1.0
+        i = 2 if wall else 1  # the rounds' seconds, or their costs
+        ref = [(r[0], r[i]) for r in self._ref if r[i] > 0]
+        if wall and not ref:  # measure action 0 first; judge this window after
+            self._left = self.probe
+            return
+        spent = sum(r[i] for r in self._hist)
+        rate = sum(r[0] for r in self._hist) / spent if spent > 0 else float("inf")
+        ref_rate = sum(t for t, _ in ref) / sum(x for _, x in ref) if ref else 1.0  # cost: AR's 1 per AR step
         self._hist = []
         if rate < self.floor * ref_rate:
             self._left = self._wait
