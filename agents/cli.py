@@ -525,11 +525,16 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
 
 
 def _agent_config(names: list[str]) -> dict:
-    """``policy.json`` of the first exported agent among the policy names (``{}`` if none)."""
+    """``policy.json`` of the first exported agent among the policy names (``{}`` if none; a named
+    folder without one is reported when its policy is built)."""
+    from lede_env.generate import AGENT_PREFIXES, agent_path
+
     for n in names:
-        kind, _, path = n.partition(":")
-        if kind in ("agent", "agent-unguarded") and (Path(path) / "policy.json").exists():
-            return json.loads((Path(path) / "policy.json").read_text())
+        if n.startswith(AGENT_PREFIXES):
+            try:
+                return json.loads((agent_path(n) / "policy.json").read_text())
+            except ValueError:
+                continue
     return {}
 
 

@@ -108,10 +108,11 @@ class Lede:
             self.bundle = bundle_from_model(model, tokenizer, name=name)
         self.tokenizer = self.bundle.tokenizer
         agent_cfg = None
-        if isinstance(policy, str) and _agent_path(policy) is not None:
+        path = agent_path(policy) if isinstance(policy, str) else None
+        if path is not None:
             import json
 
-            agent_cfg = json.loads((_agent_path(policy) / "policy.json").read_text())
+            agent_cfg = json.loads((path / "policy.json").read_text())
             exit_layers = agent_cfg["exit_layers"]  # the agent's own exits, K_max and exit heads
             k_max = int(agent_cfg["k_max"])
             head_kind = agent_cfg.get("heads", {}).get("kind", head_kind)
@@ -151,8 +152,7 @@ class Lede:
             return policy
         from .policies import POLICY_NAMES, policy_from_name
 
-        path = _agent_path(policy)
-        name = f"agent:{path}" if path is not None else policy
+        name = _policy_name(policy)
         pol = policy_from_name(name, self.decoder.actions, self.profile, self.decoder.bonus, self.decoder.reuse,
                                self.decoder.observer)
         if pol is None:
@@ -249,16 +249,31 @@ def generate(model=None, tokenizer=None, prompt: Optional[str] = None, *, messag
 _CACHE: dict = {}
 
 
-def _agent_path(policy: str) -> Optional[Path]:
+#: policy-name prefixes of an exported agent's folder
+AGENT_PREFIXES = ("agent:", "agent-unguarded:")
+
+
+def agent_path(policy: str) -> Optional[Path]:
     """The exported-agent folder named by ``policy`` (``agent:PATH``, ``agent-unguarded:PATH`` or
-    a folder with ``policy.json``), else ``None``."""
-    prefix = next((x for x in ("agent:", "agent-unguarded:") if policy.startswith(x)), "")
+    a folder with ``policy.json``), else ``None``.
+
+    Raises:
+        ValueError: a name with an agent prefix whose folder holds no ``policy.json``.
+    """
+    prefix = next((x for x in AGENT_PREFIXES if policy.startswith(x)), "")
     p = Path(policy[len(prefix):])
     if (p / "policy.json").exists():
         return p
     if prefix:
         raise ValueError(f"No exported agent in {p} (policy.json missing): run `lede export` first.")
     return None
+
+
+def _policy_name(policy: str) -> str:
+    """The name :func:`~lede_env.policies.policy_from_name` gets: a bare agent folder becomes
+    ``agent:PATH`` (guarded); a name with its own prefix (``agent-unguarded:PATH`` too) stays."""
+    path = agent_path(policy)
+    return f"agent:{path}" if path is not None and not policy.startswith(AGENT_PREFIXES) else policy
 
 
 def _first_stop(stops):

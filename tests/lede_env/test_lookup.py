@@ -181,11 +181,15 @@ def test_agent_folder_names(tmp_path):
     """``agent:PATH``, ``agent-unguarded:PATH`` and a bare folder name the same exported agent
     (Lede reads its exits, heads and context drafter from there); a named folder without one
     is an error, any other name is not an agent."""
-    from lede_env.generate import _agent_path
+    from lede_env.generate import _policy_name, agent_path
 
     (tmp_path / "policy.json").write_text("{}")
     for name in (f"agent:{tmp_path}", f"agent-unguarded:{tmp_path}", str(tmp_path)):
-        assert _agent_path(name) == tmp_path
+        assert agent_path(name) == tmp_path
     with pytest.raises(ValueError, match="policy.json missing"):
-        _agent_path(f"agent-unguarded:{tmp_path / 'nothing'}")
-    assert _agent_path("static:2,1") is None
+        agent_path(f"agent-unguarded:{tmp_path / 'nothing'}")
+    assert agent_path("static:2,1") is None
+    # the name that builds the policy: a bare folder is the guarded agent, a prefix is kept
+    assert _policy_name(str(tmp_path)) == f"agent:{tmp_path}"
+    assert _policy_name(f"agent-unguarded:{tmp_path}") == f"agent-unguarded:{tmp_path}"
+    assert _policy_name("del") == "del"
