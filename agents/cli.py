@@ -181,32 +181,49 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
 @app.command()
 def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json"), k_max: int = 8,
             draft_vocab: Optional[int] = 8192, calib_prompts: str = CalibOpt,
+            in_loop: bool = typer.Option(True, help="Fit the times to rounds timed in the real decoding loop "
+                                                    "(what cost_profile='measured' uses; about 30 s more)"),
             compare_kernels: bool = typer.Option(False, help="Also measure every kernel choice alone (blas, "
                                                              "skinny, onednn, default) beside the measured table")):
     """Measure the cost profile (layer, head, draft head, overhead times) on this machine and
     print c(k), the cost of k positions relative to one, for one layer, the LM head and the
-    whole verify pass."""
+    whole verify pass: timed alone, and fitted to rounds of the real decoding loop."""
     import torch
     from rich.table import Table
 
     from lede_env.costs import measure_profile
-    from lede_env.env import overhead_probe
+    from lede_env.env import loop_profile, overhead_probe
     from lede_env.kernels import available, cpu_name
     from lede_env.mdp import ObservationConfig
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
     b = get_bundle(model)
     heads = get_heads(b, HeadSpec(draft_vocab=draft_vocab, calib_prompts=calib_prompts))
-    prof = measure_profile(b.stack, heads, k_max, overhead_fn=overhead_probe(b, heads, k_max, ObservationConfig()))
+    iso = measure_profile(b.stack, heads, k_max, overhead_fn=overhead_probe(b, heads, k_max, ObservationConfig()))
+    profs = {"isolated": iso}
+    if in_loop:
+        profs["in-loop"] = loop_profile(b, heads, k_max, iso)
+    prof = profs["in-loop" if in_loop else "isolated"]
     prof.save(out)
     console.print(f"{cpu_name()}, {torch.get_num_threads()} threads, kernels {b.stack.kernels_tag}")
-    console.print(f"AR step {1000 * prof.ar_step:.2f} ms; layer {1000 * prof.layer[0]:.3f} ms; head "
-                  f"{1000 * prof.head[0]:.2f} ms; draft head {1000 * prof.draft_head:.3f} ms; overhead "
-                  f"{1000 * prof.overhead:.3f} ms -> {out}")
-    c = prof.c_table()
-    t = Table("k (positions)", "c(k) one layer", "c(k) LM head", "c(k) verify pass", title="c(k): cost of k positions / 1")
+    for name, p in profs.items():
+        console.print(f"{name}: AR step {1000 * p.ar_step:.2f} ms; layer {1000 * p.layer[0]:.3f} ms; head "
+                      f"{1000 * p.head[0]:.2f} ms; draft head {1000 * p.draft_head:.3f} ms; overhead "
+                      f"{1000 * p.overhead:.3f} ms")
+    if in_loop:
+        m = prof.meta
+        console.print(f"in-loop fit: {m['rounds']} rounds ({m['outliers']} outliers dropped); median error of the "
+                      f"predicted round time {100 * m['median_rel_error']:.1f} % (isolated profile: "
+                      f"{100 * m['prior_median_rel_error']:.1f} %) -> {out}")
+    cols = [f"{what} {name}" for name in profs for what in ("layer", "head", "verify")]
+    t = Table("k (positions)", *cols, title="c(k): cost of k positions / 1 (one layer, the LM head, the whole verify pass)")
+    cs = [p.c_table() for p in profs.values()]
     for k in range(1, prof.max_positions + 1):
-        t.add_row(str(k), f"{c['layer'][k - 1]:.2f}", f"{c['head'][k - 1]:.2f}", f"{c['verify'][k - 1]:.2f}")
+        t.add_row(str(k), *(f"{c[what][k - 1]:.2f}" for c in cs for what in ("layer", "head", "verify")))
+    console.print(t)
+    t = Table("round", *profs, title="Round cost in AR steps (E, K; K + 1 positions verified)")
+    for e, k in ((0, 0), (2, 1), (2, 2), (4, 1), (4, 2), (6, 3)):
+        t.add_row("AR step" if e == 0 else f"E={e}, K={k}", *(f"{p.round_cost(e, k, k + 1):.3f}" for p in profs.values()))
     console.print(t)
     if compare_kernels:
         t = Table("kernels", "AR ms", "c(2)", "c(4)", "c(8)", "verify(4) ms", "verify(8) ms",

@@ -24,8 +24,9 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .model import LayerStack, write_json_atomic
@@ -41,7 +42,8 @@ class CostProfile:
         head: ``head[k-1]`` = final norm + full LM head on k positions.
         draft_head: one draft-head call for one token (translator + truncated head).
         overhead: per-round observation features + policy forward.
-        source: ``"measured"`` or ``"analytic"``.
+        source: ``"measured"`` (isolated timings), ``"in-loop"`` (fitted to rounds timed in the
+            real decoding loop, :func:`fit_profile`) or ``"analytic"``.
         meta: free-form facts (device, threads, model, context length).
     """
 
@@ -137,6 +139,98 @@ class CostProfile:
             return cls(**d)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path} is not a lede cost profile: {e}") from e
+
+
+def round_terms(num_layers: int, positions: int, exit_layer: int, draft_len: int, n_verify: int,
+                passes: Optional[int] = None, reuse: bool = True) -> "np.ndarray":
+    """The round-time model of :meth:`CostProfile.round_cost` as a linear form in the profile's
+    times: ``t = round_terms(...) @ [layer[0..m-1], head[0..m-1], draft_head]`` (seconds, overhead
+    not included), ``m = positions``.
+
+    Returns:
+        float64 array [2m + 1]: how many times the round pays each layer time (one layer on k
+        positions), each head time (LM head on k positions) and the draft head.
+
+    Raises:
+        ValueError: ``n_verify`` above ``positions`` (the profile has no time for it).
+    """
+    m, L = int(positions), int(num_layers)
+    n = max(int(n_verify), 1)
+    if n > m:
+        raise ValueError(f"n_verify={n_verify} exceeds the profile's {m} positions.")
+    passes = draft_len if passes is None else passes
+    a = np.zeros(2 * m + 1)
+    if exit_layer == 0 or passes == 0:  # AR step or context draft (passes == 0: an AR step)
+        n = n if exit_layer == 0 else 1
+        a[n - 1] += L
+        a[m + n - 1] += 1
+        return a
+    E = exit_layer
+    a[0] += passes * E + (max(n - passes, 0) * E if reuse else 0)
+    a[2 * m] += passes
+    a[n - 1] += L - E if reuse else L
+    a[m + n - 1] += 1
+    return a
+
+
+def fit_profile(rounds: Sequence[tuple[int, int, int, int, float]], prior: CostProfile, reuse: bool = True,
+                prior_weight: float = 0.02, outlier_mads: float = 4.0) -> CostProfile:
+    """Fit a profile's times to rounds timed in the real decoding loop.
+
+    Isolated timings (:func:`measure_profile`) miss what the loop does to them: the draft's
+    layers and the previous round evict the weights the next product reads, and the decoder's
+    own bookkeeping costs time. On 2 CPU cores an E=2, K=1 round took 1.25-1.3 AR steps where
+    the isolated profile says 1.16. This fit keeps the profile's structure (what a round pays,
+    :func:`round_terms`) and finds the layer, head and draft-head times that predict the rounds'
+    measured times best: least squares on relative errors, with a weak pull (``prior_weight``
+    per time) toward ``prior`` for combinations the rounds cannot tell apart (a layer on k
+    positions against the head on k positions), refitted once without rounds further than
+    ``outlier_mads`` median absolute deviations from the fit (pre-emption by the OS).
+
+    Args:
+        rounds: ``(exit_layer, draft_len, n_verify, passes, seconds)`` per round; ``seconds``
+            without the policy's time. Rounds verifying more positions than the prior covers
+            are skipped.
+        prior: the isolated profile (its ``overhead`` is kept as it is).
+        reuse: the rounds reused the draft's layers (:class:`~lede_env.decoding.SelfSpeculativeDecoder`'s ``reuse``).
+
+    Returns:
+        A :class:`CostProfile` with ``source="in-loop"``; ``meta`` adds ``rounds`` (used),
+        ``outliers``, ``median_rel_error`` (of the fit on its rounds) and ``prior_median_rel_error``
+        (the isolated profile on the same rounds).
+
+    Raises:
+        ValueError: fewer rounds than the profile has times.
+    """
+    m, L = prior.max_positions, prior.num_layers
+    rows, ys = [], []
+    for e, k, n, p, sec in rounds:
+        if max(int(n), 1) <= m and sec > 0:
+            rows.append(round_terms(L, m, e, k, n, p, reuse))
+            ys.append(float(sec))
+    A, y = np.array(rows).reshape(-1, 2 * m + 1), np.array(ys)
+    if len(y) < 2 * m + 1:
+        raise ValueError(f"fit_profile needs at least {2 * m + 1} timed rounds, got {len(y)}; time more rounds.")
+    theta0 = np.array(list(prior.layer) + list(prior.head) + [prior.draft_head], dtype=np.float64)
+    P, w = np.diag(np.sqrt(prior_weight) / theta0), np.full(len(theta0), np.sqrt(prior_weight))
+
+    def solve(keep):
+        sol = np.linalg.lstsq(np.vstack([A[keep] / y[keep, None], P]), np.concatenate([np.ones(keep.sum()), w]),
+                              rcond=None)[0]
+        return np.maximum(sol, 0.05 * theta0)  # times stay positive
+
+    keep = np.ones(len(y), bool)
+    rel = A @ solve(keep) / y - 1.0
+    dev = np.abs(rel - np.median(rel))
+    keep = dev <= outlier_mads * 1.4826 * np.median(dev) + 1e-12
+    theta = solve(keep)
+    rel = A @ theta / y - 1.0
+    rel_prior = A @ theta0 / y - 1.0
+    return CostProfile(num_layers=L, layer=theta[:m].tolist(), head=theta[m:2 * m].tolist(), draft_head=float(theta[-1]),
+                       overhead=prior.overhead, source="in-loop",
+                       meta=dict(prior.meta, rounds=int(keep.sum()), outliers=int((~keep).sum()),
+                                 median_rel_error=float(np.median(np.abs(rel[keep]))),
+                                 prior_median_rel_error=float(np.median(np.abs(rel_prior)))))
 
 
 def analytic_profile(stack: LayerStack, k_max: int, draft_vocab: Optional[int] = None,

@@ -35,34 +35,70 @@ BACKENDS = ("trace", "live")
 COST_SOURCES = ("profile", "wallclock")
 
 
-def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> Path:
+#: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
+LOOP_PROFILE_VERSION = 1
+#: Cost-profile names :func:`get_profile` takes (besides a JSON path or a dict).
+PROFILE_KINDS = ("measured", "isolated", "analytic")
+
+
+def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig,
+                 kind: str = "measured") -> Path:
     """Where the measured cost profile of this model, heads, K_max, observation, machine, thread
-    count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``)."""
+    count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``; the in-loop
+    profile, ``kind="measured"``, at ``<key>-loop<version>.json`` beside the isolated one)."""
     tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(), torch.get_num_threads(),
                                bundle.stack.kernels_tag, KERNELS_VERSION,
                                str(bundle.stack.device))).encode()).hexdigest()[:12]
-    return cache_dir() / "profiles" / bundle.slug / f"{tag}.json"
+    suffix = f"-loop{LOOP_PROFILE_VERSION}" if kind == "measured" else ""
+    return cache_dir() / "profiles" / bundle.slug / f"{tag}{suffix}.json"
 
 
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
-    """A cost profile: ``"analytic"``, ``"measured"`` (measured once on this machine and cached),
-    a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
-    (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs)."""
+    """A cost profile, measured once on this machine and cached where measured:
+
+    - ``"measured"``: fitted to rounds timed in the real decoding loop
+      (:func:`~lede_env.loop_profile.measure_loop_profile`, about 30 s more on 2 CPU cores the
+      first time), starting from the isolated profile; what wall clock follows;
+    - ``"isolated"``: each layer, the LM head and the draft head timed alone
+      (:func:`~lede_env.costs.measure_profile`; overrates exit drafts on CPUs, see
+      :mod:`lede_env.loop_profile`);
+    - ``"analytic"``: from parameter counts, nothing timed;
+    - a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
+      (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs).
+
+    Raises:
+        ValueError: a JSON file that is not a profile.
+    """
     if isinstance(kind, dict):
         return CostProfile(**kind)
     if kind == "analytic":
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
-    if kind == "measured":
-        path = profile_path(bundle, heads, k_max, obs)
+    if kind in ("measured", "isolated"):
+        path = profile_path(bundle, heads, k_max, obs, kind)
         if path.exists():
             try:
                 return CostProfile.load(path)
             except ValueError:
                 pass
-        prof = measure_profile(bundle.stack, heads, k_max, overhead_fn=overhead_probe(bundle, heads, k_max, obs))
+        if kind == "isolated":
+            prof = measure_profile(bundle.stack, heads, k_max, overhead_fn=overhead_probe(bundle, heads, k_max, obs))
+        else:
+            prof = loop_profile(bundle, heads, k_max, get_profile("isolated", bundle, heads, k_max, obs))
         prof.save(path)
         return prof
     return CostProfile.load(kind)
+
+
+def loop_profile(bundle: ModelBundle, heads: ExitHeads, k_max: int, prior: CostProfile,
+                 prompts: str = DEFAULT_CALIB, per_category: int = 2) -> CostProfile:
+    """The in-loop profile (:func:`~lede_env.loop_profile.measure_loop_profile`) timed on the
+    first ``per_category`` prompts of each category of ``prompts`` (the exit heads' calibration
+    split by default: disjoint from training and evaluation prompts)."""
+    from .loop_profile import measure_loop_profile
+    from .prompts import first_per_category
+
+    ps = first_per_category(load_prompts(prompts), per_category)
+    return measure_loop_profile(bundle.stack, heads, k_max, encode_prompts(bundle, ps, 64), prior, bundle.eos_ids)
 
 
 def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig):

@@ -1,0 +1,98 @@
+"""Cost profiles fitted to rounds timed in the real decoding loop.
+
+An isolated timing of one layer or of the LM head on k positions (:func:`~lede_env.costs.measure_profile`)
+misses what the decoding loop does around it: the draft's layers and the previous round evict the
+weights the next product reads, and the decoder's bookkeeping (acceptance, cache crop, context
+match) costs time every round. On 2 CPU cores an E=2, K=1 round took 1.25-1.3 AR steps in the
+loop where the isolated profile said 1.16, so every consumer of the profile (trace env rewards,
+λ, DEL's estimates, the oracle, trained agents) overrated exit drafts.
+
+:func:`measure_loop_profile` runs the real :class:`~lede_env.decoding.SelfSpeculativeDecoder`
+on calibration prompts with random actions (AR steps, context drafts of 1..K_max tokens, every
+exit with every K), times each round, and fits the isolated profile's times to them
+(:func:`~lede_env.costs.fit_profile`). The result predicts the loop's round times; it is what
+``cost_profile="measured"`` gives (``"isolated"`` keeps the isolated timings).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .costs import CostProfile, fit_profile
+from .decoding import SelfSpeculativeDecoder
+from .exits import ExitHeads
+from .model import LayerStack
+from .policies import BasePolicy
+
+#: Rounds timed by default: about 30 s on 2 CPU cores with the embedded model.
+DEFAULT_LOOP_ROUNDS = 400
+
+
+class DesignPolicy(BasePolicy):
+    """Random actions for timing rounds: action 0 (an AR step, or a context draft where the
+    context matches) with probability ``p_action0``, else an (E, K) drawn uniformly."""
+
+    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0) -> None:
+        if n_actions < 1:
+            raise ValueError(f"n_actions={n_actions} must be >= 1.")
+        self.n, self.p0 = int(n_actions), float(p_action0)
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs) -> int:
+        if self.n == 1 or self.rng.random() < self.p0:
+            return 0
+        return int(self.rng.integers(1, self.n))
+
+
+def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],
+                eos_ids: Sequence[int] = (), rounds: int = DEFAULT_LOOP_ROUNDS, max_new_tokens: int = 64,
+                seed: int = 0, reuse: bool = True) -> list[tuple[int, int, int, int, float]]:
+    """Time at least ``rounds`` real rounds of random actions (greedy decoding, context drafts of
+    up to ``k_max`` tokens as action 0), cycling through ``prompts``.
+
+    Args:
+        prompts: token ids of each prompt (non-empty).
+        max_new_tokens: tokens generated per prompt.
+
+    Returns:
+        ``(exit_layer, draft_len, n_verify, passes, seconds)`` per round, ``seconds`` without
+        the policy's time (the profile charges it as ``overhead``).
+
+    Raises:
+        ValueError: no prompts, or ``rounds < 1``.
+    """
+    if not prompts or rounds < 1:
+        raise ValueError("time_rounds needs at least one prompt and rounds >= 1.")
+    decoder = SelfSpeculativeDecoder(stack, heads, k_max, eos_ids, bonus=True, reuse=reuse, context_draft=k_max)
+    policy = DesignPolicy(decoder.actions.n, seed=seed)
+    decoder.generate(torch.tensor(prompts[0]), policy, max_new_tokens=8)  # warm-up (kernel build, caches)
+    out: list[tuple[int, int, int, int, float]] = []
+    i = 0
+    while len(out) < rounds:
+        res = decoder.generate(torch.tensor(prompts[i % len(prompts)]), policy, max_new_tokens=max_new_tokens)
+        out += [(r.exit_layer, r.draft_len, r.n_verify, r.passes, r.seconds - r.policy_seconds) for r in res.rounds]
+        i += 1
+    return out
+
+
+def measure_loop_profile(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],
+                         prior: CostProfile, eos_ids: Sequence[int] = (), rounds: int = DEFAULT_LOOP_ROUNDS,
+                         max_new_tokens: int = 64, seed: int = 0, reuse: bool = True,
+                         timed: Optional[list] = None) -> CostProfile:
+    """A profile whose times predict rounds of the real decoding loop: :func:`time_rounds`, then
+    :func:`~lede_env.costs.fit_profile` starting from ``prior`` (the isolated profile).
+
+    Args:
+        timed: a list that receives the timed rounds (for reports and tests).
+
+    Returns:
+        A :class:`~lede_env.costs.CostProfile` with ``source="in-loop"``, in seconds; ``meta``
+        records the rounds fitted and the median relative error of the fit and of the prior.
+    """
+    r = time_rounds(stack, heads, k_max, prompts, eos_ids, rounds, max_new_tokens, seed, reuse)
+    if timed is not None:
+        timed.extend(r)
+    return fit_profile(r, prior, reuse=reuse)
