@@ -32,19 +32,25 @@ DEFAULT_LOOP_ROUNDS = 400
 
 
 class DesignPolicy(BasePolicy):
-    """Random actions for timing rounds: action 0 (an AR step, or a context draft where the
-    context matches) with probability ``p_action0``, else an (E, K) drawn uniformly."""
+    """Random actions for timing rounds, held for runs of 1..``max_run`` rounds (policies repeat
+    actions, and a round after rounds of its own kind runs faster than one after others): each
+    run plays action 0 (an AR step, or a context draft where the context matches) with
+    probability ``p_action0``, else an (E, K) drawn uniformly."""
 
-    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0) -> None:
-        if n_actions < 1:
-            raise ValueError(f"n_actions={n_actions} must be >= 1.")
-        self.n, self.p0 = int(n_actions), float(p_action0)
+    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0, max_run: int = 8) -> None:
+        if n_actions < 1 or max_run < 1:
+            raise ValueError(f"n_actions={n_actions} and max_run={max_run} must be >= 1.")
+        self.n, self.p0, self.max_run = int(n_actions), float(p_action0), int(max_run)
         self.rng = np.random.default_rng(seed)
+        self._action, self._left = 0, 0
 
     def act(self, obs) -> int:
-        if self.n == 1 or self.rng.random() < self.p0:
-            return 0
-        return int(self.rng.integers(1, self.n))
+        if self._left == 0:
+            draw0 = self.n == 1 or self.rng.random() < self.p0
+            self._action = 0 if draw0 else int(self.rng.integers(1, self.n))
+            self._left = int(self.rng.integers(1, self.max_run + 1))
+        self._left -= 1
+        return self._action
 
 
 def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],

@@ -35,8 +35,11 @@ inline float hsum(v16 v) {
 #endif
 
 // rows o0..o1-1 of y[K, n_out] = x[K, n_in] (row stride xs) @ w[n_out, n_in].T, U vectors of
-// 16 weights per step: U * K independent accumulators hide the FMA latency
-template <int K, int U>
+// 16 weights per step: U * K independent accumulators hide the FMA latency. XFIRST loads the K
+// activation vectors before the K products: the compiler then schedules 2 rows 12-18 % faster on
+// 576-wide inputs (AMD EPYC, GCC 12, interleaved A/B), and 3 rows 10-20 % slower, so it is used
+// for 2 rows only.
+template <int K, int U, bool XFIRST = false>
 void rows(const float* __restrict x, int64_t xs, const float* __restrict w, float* __restrict y,
           int64_t n_in, int64_t n_out, int64_t o0, int64_t o1) {
   constexpr int S = 16 * U;
@@ -49,7 +52,13 @@ void rows(const float* __restrict x, int64_t xs, const float* __restrict w, floa
     for (int64_t i = 0; i < nv; ++i) {
       for (int u = 0; u < U; ++u) {
         const v16 wv = *(const v16*)(wr + S * i + 16 * u);
-        for (int k = 0; k < K; ++k) acc[u][k] += wv * *(const v16*)(x + k * xs + S * i + 16 * u);
+        if constexpr (XFIRST) {  // the activations' vectors loaded before the products
+          v16 xv[K];
+          for (int k = 0; k < K; ++k) xv[k] = *(const v16*)(x + k * xs + S * i + 16 * u);
+          for (int k = 0; k < K; ++k) acc[u][k] += wv * xv[k];
+        } else {
+          for (int k = 0; k < K; ++k) acc[u][k] += wv * *(const v16*)(x + k * xs + S * i + 16 * u);
+        }
       }
     }
     for (int k = 0; k < K; ++k) {
@@ -85,7 +94,7 @@ at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& w_) {
   at::parallel_for(0, n_out, 64, [&](int64_t a, int64_t b) {
     switch (n_rows) {
       case 1: rows<1, U1>(xp, xs, wp, yp, n_in, n_out, a, b); break;
-      case 2: rows<2, U2>(xp, xs, wp, yp, n_in, n_out, a, b); break;
+      case 2: rows<2, U2, true>(xp, xs, wp, yp, n_in, n_out, a, b); break;
       case 3: rows<3, U3>(xp, xs, wp, yp, n_in, n_out, a, b); break;
       case 4: rows<4, U4>(xp, xs, wp, yp, n_in, n_out, a, b); break;
       case 5: rows<5, U5>(xp, xs, wp, yp, n_in, n_out, a, b); break;

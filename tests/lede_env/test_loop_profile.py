@@ -80,13 +80,20 @@ def test_fit_needs_enough_rounds():
         fit_profile(_rounds(_profile(), 5, seed=0), _profile())
 
 
-def test_design_policy_draws_action_zero_and_every_exit_action():
-    pol = DesignPolicy(13, p_action0=0.3, seed=0)
-    acts = [pol.act(None) for _ in range(2000)]
+def test_design_policy_draws_action_zero_and_every_exit_action_in_runs():
+    pol = DesignPolicy(13, p_action0=0.3, seed=0, max_run=4)
+    acts = [pol.act(None) for _ in range(8000)]
     assert set(acts) == set(range(13))
-    assert abs(acts.count(0) / len(acts) - 0.3) < 0.04  # 4 standard deviations of 2000 draws
+    # runs of 1..4 rounds (mean 2.5): at least 1 - 1/2.5 of consecutive pairs repeat an action
+    assert np.mean(np.diff(acts) == 0) > 0.58
+    single = DesignPolicy(13, p_action0=0.3, seed=1, max_run=1)
+    acts1 = [single.act(None) for _ in range(8000)]  # independent draws: P(same twice) = 0.3^2 + 0.7^2 / 12
+    assert abs(np.mean(np.diff(acts1) == 0) - (0.09 + 0.49 / 12)) < 0.02
+    assert abs(acts.count(0) / len(acts) - 0.3) < 0.05  # runs of mean 2.5: about 3200 runs drawn
     with pytest.raises(ValueError):
         DesignPolicy(0)
+    with pytest.raises(ValueError):
+        DesignPolicy(3, max_run=0)
 
 
 def test_loop_profile_on_a_tiny_model(tiny):
