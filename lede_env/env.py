@@ -36,7 +36,7 @@ COST_SOURCES = ("profile", "wallclock")
 
 
 #: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
-LOOP_PROFILE_VERSION = 2
+LOOP_PROFILE_VERSION = 3
 #: Cost-profile names :func:`get_profile` takes (besides a JSON path or a dict).
 PROFILE_KINDS = ("measured", "isolated", "analytic")
 

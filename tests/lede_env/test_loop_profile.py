@@ -141,3 +141,12 @@ def test_measured_means_in_loop_and_each_kind_is_cached_once(tmp_path, monkeypat
     assert env_mod.get_profile("isolated", b, heads, 3, obs).source == "measured"
     paths = {env_mod.profile_path(b, heads, 3, obs, kind) for kind in ("measured", "isolated")}
     assert len(paths) == 2 and all(q.exists() for q in paths)
+
+
+def test_fitted_times_never_fall_with_more_positions():
+    # rounds where 4 positions look cheap (noise on a few rounds) must not give c(4) < c(3)
+    true = _profile(c2=1.2)
+    rounds = [r if r[2] != 4 else r[:4] + (r[4] * 0.8,) for r in _rounds(true, 300, seed=3, noise=0.02)]
+    fit = fit_profile(rounds, _profile(c2=1.2))
+    assert all(b >= a for a, b in zip(fit.layer, fit.layer[1:]))
+    assert all(b >= a for a, b in zip(fit.head, fit.head[1:]))
