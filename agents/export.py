@@ -8,7 +8,8 @@ An export folder holds exactly:
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
 - ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
-  ``context_ngram`` (what action 0 copies from the context), ``observation``
+  ``context_ngram`` (what action 0 copies from the context), ``context_lengths`` (the context
+  actions), ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
   was trained with, e.g. ``{"kind": "calibrated", "lambda": 1.1}``; the decoder rebuilds it from
   the exit heads' acceptance calibration and its cost profile), ``reward_lambda``, ``observation_layout`` (keys and shapes
@@ -63,6 +64,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "stop_rule": u.rules.stop.describe(),
             "context_draft": u.rules.context_draft,
             "context_ngram": list(u.rules.context_ngram),
+            "context_lengths": list(u.actions.context_lengths),
             "reward_lambda": u.reward_lambda,
             "observation_layout": u.observer.layout(),
             "model": man["model"],

@@ -195,16 +195,19 @@ class SelfSpeculativeDecoder:
             plain AR step. A context draft costs no layers: the full model verifies the pending
             token and the copied tokens in one pass, charged c(n) (n positions) by the profile.
         context_ngram: (shortest, longest) suffix lengths matched for context drafts.
+        context_lengths: copy lengths of the context actions (see :class:`ActionMap`): with
+            them the policy picks, round by round, how many copied tokens to verify.
 
     Raises:
         ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`), a negative
-            ``context_draft``, a bad ``context_ngram``.
+            ``context_draft``, a bad ``context_ngram`` or ``context_lengths``.
     """
 
     def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
                  bonus: bool = True, profile: Optional[CostProfile] = None,
                  obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None,
-                 context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
+                 context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM,
+                 context_lengths: Sequence[int] = ()) -> None:
         if context_draft < 0:
             raise ValueError(f"context_draft={context_draft} must be >= 0 (0: no context drafts).")
         self.context_draft, self.context_ngram = int(context_draft), check_ngram(context_ngram)
@@ -212,7 +215,7 @@ class SelfSpeculativeDecoder:
         self.stop_rule = as_stop_rule(stop_rule)
         self.reuse = reuse
         self.heads = heads
-        self.actions = ActionMap(heads.exit_layers, k_max)
+        self.actions = ActionMap(heads.exit_layers, k_max, tuple(context_lengths))
         self.eos_ids = tuple(eos_ids)
         self.bonus = bonus
         self.profile = profile
@@ -222,6 +225,12 @@ class SelfSpeculativeDecoder:
         self._stat_exits = heads.exit_layers[: self.observer.stat_exits]  # exits whose head stats are observed
         self._exit_pos = {e: i for i, e in enumerate(heads.exit_layers)}
         self._cuda = stack.device.type == "cuda"
+
+    @property
+    def copy_max(self) -> int:
+        """Most tokens any action copies from the context (action 0's ``context_draft`` or the
+        longest context action): the match length observations and rounds look up."""
+        return max(self.context_draft, self.actions.max_copy)
 
     def clock(self) -> float:
         """Seconds (``time.perf_counter``) once the device's queued kernels are done: on a GPU
@@ -281,8 +290,8 @@ class SelfSpeculativeDecoder:
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
         ctx = (0.0, 0.0)
         if self.observer.config.context:
-            state.context_at = (len(state.seq), context_match(state.seq, self.context_draft, self.context_ngram))
-            ctx = context_features(state.context_at[1], self.context_draft, self.context_ngram[1])
+            state.context_at = (len(state.seq), context_match(state.seq, self.copy_max, self.context_ngram))
+            ctx = context_features(state.context_at[1], self.copy_max, self.context_ngram[1])
         return self.observer.build(hidden, top1.cpu().numpy(), ent.cpu().numpy(), agree.cpu().numpy(),
                                    state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens, ctx)
 
@@ -301,13 +310,14 @@ class SelfSpeculativeDecoder:
         """
         assert not state.done, "the generation has ended: call start() for a new one"
         E, K = self.actions.decode(action)
+        copy = (K or self.context_draft) if E == 0 else self.context_draft  # context draft cap if K ends at 0
         K = clamp_draft_len(K, state.remaining, self.bonus) if E else 0
         taps = {} if state.want_obs else None
         pending, pos = state.pending, state.pos
         passes = 0
         if K == 0:  # a plain AR step, or a context draft verified by the full model
             E = 0
-            n_ctx = clamp_draft_len(self.context_draft, state.remaining, self.bonus)
+            n_ctx = clamp_draft_len(copy, state.remaining, self.bonus)
             draft = []
             if n_ctx:  # the match observe() made for this position, if it made one
                 seen = state.context_at

@@ -156,8 +156,12 @@ class LEDEEnv(gym.Env):
       (both backends).
 
     ## Action Space
-    ``Discrete(1 + n_exits * k_max)``. Action 0: no draft, one plain full-model (AR) step.
-    Action ``1 + i * k_max + (K - 1)``: exit layer ``exit_layers[i]``, speculation length K.
+    ``Discrete(1 + C + n_exits * k_max)``. Action 0: no exit draft, one plain full-model (AR)
+    step, or with ``context_draft`` a context draft of up to that many copied tokens. Actions
+    ``1 .. C`` (``C = len(context_lengths)``, default none): a context draft of up to
+    ``context_lengths[j - 1]`` copied tokens, ``(E, K) = (0, length)``; the policy then picks how
+    many copied tokens to verify. Action ``1 + C + i * k_max + (K - 1)``: exit layer
+    ``exit_layers[i]``, speculation length K.
     ``env.unwrapped.actions`` (:class:`~lede_env.mdp.ActionMap`) maps both ways
     (``decode(a) -> (E, K)``, ``encode(E, K) -> a``). K is clamped so that no token is drafted
     that the ``max_new_tokens`` budget could not emit (K = 0 then means an AR step).
@@ -255,7 +259,9 @@ class LEDEEnv(gym.Env):
     ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     the multi-domain ``DEFAULT_CALIB``, disjoint from the defaults for training and evaluation), ``reward_mode``,
     ``reward_lambda`` (``"auto"`` or a throughput), ``stop_rule`` (``None`` or ``"calibrated"``), ``obs_kind``
-    (``"full"``/``"compact"``), ``obs_stat_exits``, ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
+    (``"full"``/``"compact"``), ``obs_stat_exits``, ``context_draft`` (most tokens action 0 copies from
+    the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
+    ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
     (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
     ``top_p`` (in (0, 1], nucleus sampling when ``temperature > 0``), ``cost``
@@ -305,6 +311,7 @@ class LEDEEnv(gym.Env):
         reward_lambda: "float | str" = "auto",
         stop_rule: Optional[str] = None,
         context_draft: int = 0,
+        context_lengths: tuple = (),
         obs_kind: str = "full",
         obs_stat_exits: int = 1,
         render_mode: Optional[str] = None,
@@ -360,9 +367,12 @@ class LEDEEnv(gym.Env):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
-                                            stat_exits=obs_stat_exits, context=int(context_draft) > 0)
+                                            stat_exits=obs_stat_exits,
+                                            context=int(context_draft) > 0 or bool(context_lengths))
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)
+        self._context_lengths = tuple(context_lengths)
+        ActionMap((), 1, self._context_lengths)  # a bad context_lengths raises here, before anything loads
         self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
         self._oracle_cache: dict[int, np.ndarray] = {}
@@ -410,7 +420,7 @@ class LEDEEnv(gym.Env):
         self.max_new_tokens = max_new_tokens
         self.reward_mode = reward_mode
         self.render_mode = render_mode
-        self.actions = ActionMap(trace_set.exit_layers, k_max)
+        self.actions = ActionMap(trace_set.exit_layers, k_max, self._context_lengths)
         if stop_threshold is not None and not 0.0 < float(stop_threshold) < 1.0:
             raise ValueError(f"stop_threshold={stop_threshold!r} must be a probability in (0, 1), or None.")
         self.rules = ReplayRules(self.actions, profile, bool(bonus), tuple(int(e) for e in eos_ids), bool(reuse),
@@ -496,7 +506,8 @@ class LEDEEnv(gym.Env):
         return SelfSpeculativeDecoder(bundle.stack, heads, self.actions.k_max, self.rules.eos_ids, self.rules.bonus,
                                       self.profile if profile else None, self.obs_config, reuse=self.rules.reuse,
                                       stop_rule=self.rules.stop, context_draft=self.rules.context_draft,
-                                      context_ngram=self.rules.context_ngram)
+                                      context_ngram=self.rules.context_ngram,
+                                      context_lengths=self.actions.context_lengths)
 
     def _reward(self, emitted: int, cost: float) -> float:
         """A round's reward (see the class docstring's Rewards)."""
@@ -537,7 +548,7 @@ class LEDEEnv(gym.Env):
         self.render_mode = render_mode
         # profile=None: the env charges costs itself (its rules may drop the overhead, see charging_overhead)
         self.decoder = SelfSpeculativeDecoder(bundle.stack, heads, k_max, eos_ids, bool(bonus), None,
-                                              self.obs_config, reuse=bool(reuse))
+                                              self.obs_config, reuse=bool(reuse), context_lengths=self._context_lengths)
         self.actions = self.decoder.actions
         self.rules = ReplayRules(self.actions, profile, bool(bonus), eos_ids, bool(reuse),
                                  None if stop_threshold is None else float(stop_threshold))
@@ -624,7 +635,7 @@ class LEDEEnv(gym.Env):
         agree = (t.lens_arg[j] == t.generated[j]).astype(np.float32)
         ctx = (0.0, 0.0)
         if self.obs_config.context:
-            cd, ngram = self.rules.context_draft, self.rules.context_ngram
+            cd, ngram = self.rules.copy_max, self.rules.context_ngram
             ctx = context_features(context_match(np.concatenate([t.prompt, t.generated[:g]]), cd, ngram), cd, ngram[1])
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens, ctx)
@@ -806,6 +817,7 @@ class LEDEEnv(gym.Env):
                "bonus": self.rules.bonus, "reuse": self.rules.reuse,
                "stop_threshold": self.rules.stop_threshold, "stop_rule": self.rules.stop.describe(),
                "context_draft": self.rules.context_draft, "context_ngram": list(self.rules.context_ngram),
+               "context_lengths": list(self.actions.context_lengths),
                "reward_mode": self.reward_mode, "reward_lambda": self.reward_lambda, "max_new_tokens": self.max_new_tokens,
                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                "cost_profile": self.profile.to_json()}

@@ -121,14 +121,16 @@ class Lede:
                                                      draft_vocab, calib_prompts=calib_prompts))
         obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
         self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
-        ngram = DEFAULT_NGRAM
+        ngram, lengths = DEFAULT_NGRAM, ()
         if agent_cfg is not None and obs.context:  # the agent's own context drafter, as it was trained
             context_draft = int(agent_cfg.get("context_draft", context_draft))
             ngram = tuple(agent_cfg.get("context_ngram", ngram))
+            lengths = tuple(agent_cfg.get("context_lengths", ()))
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
                                               profile=self.profile, obs_config=obs,
                                               stop_rule=self._stop_rule(agent_cfg, k_max),
-                                              context_draft=context_draft, context_ngram=ngram)
+                                              context_draft=context_draft, context_ngram=ngram,
+                                              context_lengths=lengths)
         self.policy = self.make_policy(policy)
 
     def _stop_rule(self, agent_cfg: Optional[dict], k_max: int):

@@ -5,8 +5,10 @@ given, an answer quotes its passage, a translation copies names and numbers, a l
 repeats its own phrases. A draft copied from the context costs no layers at all (prompt lookup
 decoding, transformers' ``prompt_lookup_num_tokens``; LLMA, arXiv 2304.04487). lede proposes one
 whenever the last ``n`` tokens (longest ``n`` first, from ``ngram[1]`` down to ``ngram[0]``)
-occurred before: the tokens that followed their most recent earlier occurrence, up to
-``max_len``. The full model verifies them like any draft, so the output does not change.
+occurred before: the tokens that followed their most recent earlier occurrence that is followed
+by ``max_len`` tokens (else the most recent one), up to ``max_len``. In a loop of period p
+(a repeated line, a run of one token) the most recent occurrence is followed by only p tokens
+before the suffix itself; an earlier one copies ``max_len`` tokens of the loop. The full model verifies them like any draft, so the output does not change.
 
 Measured on the greedy continuations of the default evaluation prompts (SmolLM2-135M-Instruct,
 96 tokens; ``ngram=(2, 3)``, 4 tokens at most): a proposal exists at 61 % of code positions
@@ -35,11 +37,13 @@ def check_ngram(ngram: tuple[int, int]) -> tuple[int, int]:
 
 def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM) -> list[int]:
     """The context draft after ``seq``: up to ``max_len`` tokens that followed the most recent
-    earlier occurrence of ``seq``'s last ``n`` tokens, for the longest ``n`` in
-    ``ngram[1] .. ngram[0]`` that occurs; ``[]`` when none does.
+    earlier occurrence of ``seq``'s last ``n`` tokens that has ``max_len`` tokens after it (else
+    the most recent occurrence), for the longest ``n`` in ``ngram[1] .. ngram[0]`` that occurs;
+    ``[]`` when none does.
 
     Occurrences may overlap the suffix itself (in ``a b a b a b`` the suffix ``a b`` matched at
-    position 2 proposes ``a b``); a match near the end proposes only the tokens that exist.
+    position 2 proposes ``a b``; in a longer loop an earlier occurrence copies ``max_len`` tokens
+    of it); a match near the end proposes only the tokens that exist.
 
     Args:
         seq: prompt and generated token ids, the pending token (the newest) last.
@@ -73,6 +77,7 @@ def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
         windows = np.lib.stride_tricks.sliding_window_view(a[: L - 1], n)
         hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
         if hits.size:
-            s = int(hits[-1]) + n
+            full = hits[hits <= L - n - max_len]  # occurrences followed by max_len tokens
+            s = int(full[-1] if full.size else hits[-1]) + n
             return n, a[s: s + max_len].tolist()
     return 0, []

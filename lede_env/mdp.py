@@ -20,24 +20,46 @@ from gymnasium import spaces
 class ActionMap:
     """Maps action indices to (exit layer, speculation length) pairs and back.
 
-    Action 0 = no draft (one plain full-model step). Action ``1 + i * k_max + (K - 1)`` =
-    exit layer ``exit_layers[i]``, speculation length K (1 <= K <= k_max).
+    Action 0 = no exit draft: one plain full-model step, or, in a decoder or env with
+    ``context_draft`` on, a context draft of up to that many tokens (prompt lookup,
+    :mod:`lede_env.lookup`). Actions ``1 .. C`` (``C = len(context_lengths)``) = a context draft
+    of up to ``context_lengths[j - 1]`` copied tokens, ``(E, K) = (0, length)``: the policy
+    picks how many copied tokens to verify (a plain step where the context has no match).
+    Action ``1 + C + i * k_max + (K - 1)`` = exit layer ``exit_layers[i]``, speculation length K
+    (1 <= K <= k_max).
+
+    Raises:
+        ValueError: ``k_max`` outside 1..64, or ``context_lengths`` not strictly increasing
+            integers in 1..64.
     """
 
     exit_layers: tuple[int, ...]
     k_max: int
+    context_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_max, (int, np.integer)) or not 1 <= self.k_max <= 64:
             raise ValueError(f"k_max={self.k_max!r} must be an integer in 1..64 (the paper caps K at 12).")
+        cl = tuple(self.context_lengths)
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= 64 for c in cl) or \
+                any(b <= a for a, b in zip(cl, cl[1:])):
+            raise ValueError(f"context_lengths={self.context_lengths!r} must be strictly increasing integers in "
+                             "1..64 (most copied tokens each context action verifies), e.g. (1, 2, 3, 4, 6, 8).")
+        object.__setattr__(self, "context_lengths", tuple(int(c) for c in cl))
 
     @property
     def n(self) -> int:
         """Number of actions."""
-        return 1 + len(self.exit_layers) * self.k_max
+        return 1 + len(self.context_lengths) + len(self.exit_layers) * self.k_max
+
+    @property
+    def first_exit_action(self) -> int:
+        """Index of the first exit action (after action 0 and the context actions)."""
+        return 1 + len(self.context_lengths)
 
     def decode(self, action) -> tuple[int, int]:
-        """Action index -> ``(E, K)``; ``(0, 0)`` for the AR action.
+        """Action index -> ``(E, K)``: ``(0, 0)`` for action 0, ``(0, length)`` for a context
+        action, ``(exit layer, K)`` for an exit action.
 
         Raises:
             TypeError: a non-integer action.
@@ -49,22 +71,34 @@ class ActionMap:
             raise TypeError(f"Action must be an integer in 0..{self.n - 1}, got {action!r} ({type(action).__name__}).")
         a = int(action)
         if not 0 <= a < self.n:
-            raise ValueError(f"Action {a} is outside 0..{self.n - 1} (1 + {len(self.exit_layers)} exits x "
-                             f"{self.k_max} lengths).")
+            raise ValueError(f"Action {a} is outside 0..{self.n - 1} (1 + {len(self.context_lengths)} context "
+                             f"lengths + {len(self.exit_layers)} exits x {self.k_max} lengths).")
         if a == 0:
             return 0, 0
-        i, k = divmod(a - 1, self.k_max)
+        if a < self.first_exit_action:
+            return 0, self.context_lengths[a - 1]
+        i, k = divmod(a - self.first_exit_action, self.k_max)
         return self.exit_layers[i], k + 1
 
     def encode(self, exit_layer: int, k: int) -> int:
-        """``(E, K)`` -> action index; ``(0, 0)`` -> 0. Raises ``ValueError`` if not in the map."""
+        """``(E, K)`` -> action index; ``(0, 0)`` -> 0, ``(0, length)`` -> that context action.
+        Raises ``ValueError`` if not in the map."""
         if exit_layer == 0 and k == 0:
             return 0
+        if exit_layer == 0:
+            if k not in self.context_lengths:
+                raise ValueError(f"Context-draft length {k} is not one of {self.context_lengths}.")
+            return 1 + self.context_lengths.index(k)
         if exit_layer not in self.exit_layers:
             raise ValueError(f"Exit layer {exit_layer} is not one of {self.exit_layers}.")
         if not 1 <= k <= self.k_max:
             raise ValueError(f"Speculation length K={k} is outside 1..{self.k_max}.")
-        return 1 + self.exit_layers.index(exit_layer) * self.k_max + (k - 1)
+        return self.first_exit_action + self.exit_layers.index(exit_layer) * self.k_max + (k - 1)
+
+    @property
+    def max_copy(self) -> int:
+        """The longest context draft a context action asks for (0 without context actions)."""
+        return max(self.context_lengths, default=0)
 
 
 @dataclass

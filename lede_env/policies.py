@@ -239,7 +239,8 @@ class ExportedPolicy(BasePolicy):
             self.module = lambda x: torch.from_numpy(sess.run(None, {"obs": x.numpy()})[0])
         else:
             raise ValueError(f"runtime={runtime!r}; choose 'torchscript' or 'onnxruntime'.")
-        self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]))
+        self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]),
+                                 tuple(self.config.get("context_lengths", ())))
         self.obs_config = ObservationConfig(**self.config["observation"])
         self.layout = [(k, list(s)) for k, s in self.config["observation_layout"]]
         self.flat_dim = int(sum(np.prod(s) for _, s in self.layout))

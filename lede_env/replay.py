@@ -36,6 +36,8 @@ class ReplayRules:
             decoder's ``context_draft`` (0: action 0 is a plain AR step). The draft follows from
             the prompt and the greedy continuation so far, so a trace replays it exactly.
         context_ngram: (shortest, longest) suffix lengths matched.
+
+    Context actions (``actions.context_lengths``) copy up to their own length instead.
     """
 
     actions: ActionMap
@@ -54,6 +56,12 @@ class ReplayRules:
         if self.stop_rule is not None:
             return self.stop_rule
         return as_stop_rule(self.stop_threshold)
+
+    @property
+    def copy_max(self) -> int:
+        """Most tokens any action copies from the context (see
+        :attr:`~lede_env.decoding.SelfSpeculativeDecoder.copy_max`)."""
+        return max(self.context_draft, self.actions.max_copy)
 
     def without_overhead(self) -> "ReplayRules":
         """The same rules for a policy that computes no observation (static, heuristic, oracle,
@@ -75,17 +83,18 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
 
     Returns:
         ``(outcome, exit_layer, cost)``; ``exit_layer`` is 0 when the round was an AR step or a
-        context draft (action 0, or K clamped to 0 by the budget); a round whose stop rule dropped its first
+        context draft (action 0, a context action, or K clamped to 0 by the budget); a round whose stop rule dropped its first
         draft token keeps its E with ``draft_len`` 0 (it verified the pending token alone).
     """
     E, K = rules.actions.decode(action)
     remaining = limit - g
+    copy = (K or rules.context_draft) if E == 0 else rules.context_draft  # context draft cap if K ends at 0
     K = clamp_draft_len(K, remaining, rules.bonus) if E else 0
     N = trace.n
     passes = 0
     if K == 0:  # an AR step, or a context draft verified by the full model
         E = 0
-        n_ctx = clamp_draft_len(rules.context_draft, remaining, rules.bonus)
+        n_ctx = clamp_draft_len(copy, remaining, rules.bonus)
         draft: list[int] = []
         if n_ctx:
             seq = np.concatenate([trace.prompt, trace.generated[:g]])  # pending token last, as in the decoder

@@ -44,6 +44,21 @@ def test_action_map_round_trip():
         ActionMap((2,), 0)
 
 
+def test_action_map_with_context_lengths():
+    A = ActionMap((2, 4), 3, (1, 2, 4))
+    assert A.n == 1 + 3 + 2 * 3 and A.first_exit_action == 4 and A.max_copy == 4
+    assert [A.decode(a) for a in range(A.n)] == [(0, 0), (0, 1), (0, 2), (0, 4), (2, 1), (2, 2), (2, 3), (4, 1),
+                                                 (4, 2), (4, 3)]
+    for a in range(A.n):
+        assert A.encode(*A.decode(a)) == a
+    with pytest.raises(ValueError, match="Context-draft length 3"):
+        A.encode(0, 3)
+    for bad in ((2, 1), (0, 1), (1, 1), (1, 65), (True,)):
+        with pytest.raises(ValueError, match="context_lengths"):
+            ActionMap((2,), 3, bad)
+    assert ActionMap((2,), 3).max_copy == 0
+
+
 def test_step_before_reset_and_after_end(tiny_env):
     with pytest.raises(RuntimeError, match="reset"):
         tiny_env.step(0)
@@ -77,16 +92,18 @@ def test_same_seed_same_rollout(tiny):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
-       stop=st.one_of(st.none(), st.floats(0.02, 0.98)), ctx=st.sampled_from([0, 1, 4]))
-@example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125, ctx=0)  # found by hypothesis: rejection
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx):  # then off-path
+       stop=st.one_of(st.none(), st.floats(0.02, 0.98)), ctx=st.sampled_from([0, 1, 4]),
+       lengths=st.sampled_from([(), (1, 3), (2, 5, 8)]))
+@example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125, ctx=0, lengths=())  # found by hypothesis:
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx, lengths):
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
-    the real decoder for the same actions, with and without context drafts on action 0; with
+    the real decoder for the same actions, with and without context drafts on action 0 and
+    context actions; with
     confidence-threshold drafting the drafted counts, costs and observations are compared up to
     the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
-                  reuse=reuse, stop_threshold=stop, context_draft=ctx)
+                  reuse=reuse, stop_threshold=stop, context_draft=ctx, context_lengths=lengths)
     acts, infos, observations, rewards = random_rollout(env, seed)
     rounds, info = [i["round"] for i in infos], infos[-1]
     for r, rd in zip(rewards, rounds):

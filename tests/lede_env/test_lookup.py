@@ -37,6 +37,12 @@ def test_overlapping_matches_and_runs():
     assert context_draft([1, 2, 1, 2, 1, 2], 4) == [1, 2]
     # a run of one token repeats itself
     assert context_draft([9, 9, 9, 9], 2) == [9]
+    # in a longer loop an earlier occurrence copies max_len tokens of it (the most recent one
+    # would copy 1 token, resp. the 2 of one period)
+    assert context_draft([3] + [9] * 9, 4) == [9, 9, 9, 9]
+    assert context_draft([1, 2] * 5, 4) == [1, 2, 1, 2]
+    # the most recent occurrence that has max_len tokens after it, not an older one
+    assert context_draft([1, 2, 5, 6, 7, 8, 1, 2, 3, 4, 9, 1, 2], 2, ngram=(2, 2)) == [3, 4]
 
 
 def test_longest_ngram_first_then_most_recent():
@@ -68,25 +74,28 @@ def _model(num_layers, seed):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**decode_cases(max_new=24), ctx=st.integers(1, 6), repeat=st.integers(0, 12), lo=st.integers(1, 3))
+@given(**decode_cases(max_new=24), ctx=st.integers(0, 6), repeat=st.integers(0, 12), lo=st.integers(1, 3),
+       lengths=st.lists(st.integers(1, 9), max_size=4, unique=True).map(sorted))
 def test_output_equals_greedy_with_context_drafts(num_layers, seed, prompt, actions, k_max, bonus, reuse, max_new,
-                                                  data, ctx, repeat, lo):
-    """Every action sequence, with context drafts of up to 1-6 tokens on action 0 and prompts
-    that repeat themselves (so matches happen), emits greedy decoding's tokens."""
+                                                  data, ctx, repeat, lo, lengths):
+    """Every action sequence, with context drafts of up to 0-6 tokens on action 0, context
+    actions of up to 1-9 copied tokens and prompts that repeat themselves (so matches happen),
+    emits greedy decoding's tokens."""
     b = _model(num_layers, seed)
     L = b.stack.num_layers
     exits = data.draw(st.lists(st.integers(1, L - 1), min_size=1, max_size=L - 1, unique=True).map(sorted))
     heads = ExitHeads(b.stack, exits)
     dec = SelfSpeculativeDecoder(b.stack, heads, k_max, b.eos_ids, bonus, reuse=reuse, context_draft=ctx,
-                                 context_ngram=(lo, 3))
+                                 context_ngram=(lo, 3), context_lengths=lengths)
     ids = torch.tensor(prompt + prompt[:repeat])
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
     out = dec.generate(ids, SequencePolicy([a % dec.actions.n for a in actions]), max_new)
     assert out.tokens == ref
     assert sum(r.emitted for r in out.rounds) + 1 == len(out.tokens)
     for r in out.rounds:
-        if r.exit_layer == 0:
-            assert r.draft_len <= ctx and r.passes == 0
+        if r.exit_layer == 0:  # action 0 copies up to ctx, a context action up to its length
+            E, K = dec.actions.decode(r.action)
+            assert r.draft_len <= (K if E == 0 and K else ctx) and r.passes == 0
             assert r.n_verify == (1 if r.draft_len == 0 else r.draft_len + (1 if bonus else 0))
 
 
@@ -106,6 +115,27 @@ def test_context_drafts_are_proposed_and_accepted_on_repetitive_text():
     assert ctx and sum(r.accepted for r in ctx) > 0 and len(out.rounds) < len(out.tokens) - 1
     for r in out.rounds:  # c(n) = (4 layers x layer[n] + head[n]) / (4 x 1 + 2)
         assert r.cost == pytest.approx((4 * prof.layer[r.n_verify - 1] + prof.head[r.n_verify - 1]) / 6.0)
+
+
+def test_context_actions_copy_up_to_their_own_length():
+    """On a looping continuation, the context action of length m verifies at most m copied
+    tokens and reaches m; action 0 without context_draft is a plain AR step; each round costs
+    c(n) of the profile for the positions it verified."""
+    b = _model(4, 0)
+    heads = ExitHeads(b.stack, (1, 2, 3))
+    ids = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6])
+    ref = greedy_reference(b.model, ids, 48, b.eos_ids)
+    prof = CostProfile(num_layers=4, layer=[1.0 + 0.5 * k for k in range(9)], head=[2.0 + k for k in range(9)],
+                       draft_head=0.1)
+    dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, profile=prof, context_lengths=(2, 7))
+    assert dec.actions.n == 1 + 2 + 3 * 4 and dec.copy_max == 7
+    for action, cap in ((0, 0), (1, 2), (2, 7)):
+        out = dec.generate(ids, StaticPolicy(action), 48)
+        assert out.tokens == ref
+        lens = [r.draft_len for r in out.rounds]
+        assert max(lens) == cap and all(r.exit_layer == 0 for r in out.rounds)
+        for r in out.rounds:
+            assert r.cost == pytest.approx((4 * prof.layer[r.n_verify - 1] + prof.head[r.n_verify - 1]) / 6.0)
 
 
 def test_point_mass_proposals_keep_the_target_distribution():
