@@ -396,6 +396,8 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
                                                      "calibrated | none (default: the agent's, else none)."),
              context_draft: Optional[int] = typer.Option(None, help="Tokens action 0 copies from the context "
                                                          "(prompt lookup; default: the agent's, else 0)."),
+             context_lengths: Optional[str] = typer.Option(None, help="Copy lengths of the context actions, e.g. "
+                                                           "1,2,3,4,6,8 (default: the agent's, else none)."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
@@ -415,10 +417,12 @@ def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comm
         stop_rule = agent_cfg.get("stop_rule", {}).get("kind", "none")
     if context_draft is None:
         context_draft = int(agent_cfg.get("context_draft", 0))
+    lengths = (tuple(agent_cfg.get("context_lengths", ())) if context_lengths is None
+               else tuple(int(x) for x in context_lengths.split(",") if x.strip()))
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
                   head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
                   obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule,
-                  context_draft=context_draft)
+                  context_draft=context_draft, context_lengths=lengths)
     try:
         from lede_env.traces import check_disjoint
 

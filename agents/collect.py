@@ -350,7 +350,8 @@ def env_spec_for(env, kwargs):
                "obs_hidden_dim": u.obs_config.hidden_dim, "obs_history": u.obs_config.history,
                "obs_recent_tokens": u.obs_config.recent_tokens, "cost_profile": u.profile.to_json(),
                "reward_lambda": u.reward_lambda, "stop_rule": u._stop_name, "obs_kind": u.obs_config.kind,
-               "obs_stat_exits": u.obs_config.stat_exits, "context_draft": u.rules.context_draft})
+               "obs_stat_exits": u.obs_config.stat_exits, "context_draft": u.rules.context_draft,
+               "context_lengths": list(u.actions.context_lengths)})
     if getattr(u, "backend", "trace") == "live":
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
         return EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw, nondeterministic=True)

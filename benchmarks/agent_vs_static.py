@@ -12,6 +12,7 @@ speedup over lede's AR loop, outputs checked identical to greedy AR.
     python benchmarks/agent_vs_static.py --live 2 --out runs/bench_agent
     python benchmarks/agent_vs_static.py --variants compact/calibrated,full/none --eval-prompts wide
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-draft 4   # action 0 copies
+    python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 --live 2
 
 Variants are OBSERVATION/STOP pairs: observation ``compact`` (running acceptance + the shallowest
 exit's statistics) or ``full`` (hidden-state context + every exit's statistics, the v0 layout);
@@ -47,13 +48,19 @@ def main() -> None:
     ap.add_argument("--live", type=int, default=0, help="held-out prompts per category decoded for real")
     ap.add_argument("--context-draft", type=int, default=0,
                     help="context-draft tokens on action 0 (prompt lookup; 0 = plain AR steps)")
+    ap.add_argument("--context-lengths", default="",
+                    help="copy lengths of the context actions, e.g. 1,2,3,4,6,8 (the agent picks one per round)")
+    ap.add_argument("--obs-stat-exits", type=int, default=1,
+                    help="compact observation: shallowest exits whose head statistics are observed (0: none, "
+                         "no head call per round)")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
     common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
-                  context_draft=args.context_draft)
+                  context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits)
     rows_all, live_all, info = [], [], {}
     for variant in args.variants.split(","):
         obs_kind, stop = variant.split("/")
@@ -69,7 +76,8 @@ def main() -> None:
                          "overhead_ar_steps": train_env.profile.overhead / train_env.profile.ar_step,
                          "train_seconds": round(time.time() - t0, 1), "trace_q": agent.info["iterations"][-1]}
         print(f"[{variant}] lambda {train_env.reward_lambda:.3f}, static E={E} K={K}, {info[variant]}", flush=True)
-        names = ["ar", "static:best", "del", "oracle"]
+        copies = [f"static:0,{m}" for m in lengths]  # every fixed copy length, for reference
+        names = ["ar", "static:best", *copies, "del", "oracle"]
         policies = {f"trace_q ({variant})": GuardedPolicy(policy),
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
         if stop != "none":
@@ -96,7 +104,8 @@ def main() -> None:
             live_env = LEDEEnv(prompts=subset, **kw,
                                reward_lambda=train_env.reward_lambda)
             dec = live_env.make_decoder()
-            rows = live_eval(live_env, dec, ["ar", "hf", "static:best", "del", f"agent:{folder}",
+            fixed = [c for c in copies if c.endswith((",3", ",4"))]
+            rows = live_eval(live_env, dec, ["ar", "hf", "static:best", *fixed, "del", f"agent:{folder}",
                                              f"agent-unguarded:{folder}", "oracle"], static_best, progress=False)
             for r in rows:
                 r["variant"] = variant

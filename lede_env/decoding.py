@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .costs import CostProfile
@@ -139,8 +140,10 @@ class DecodeState:
             observations).
         sampler: the sampling state, ``None`` under greedy decoding.
         done: the generation has ended (EOS, budget, or a stop callback).
-        context_at: ``(len(seq), context_match(...))`` computed by :meth:`~SelfSpeculativeDecoder.observe`
-            for the observation's context features, reused by the round at that position.
+        context_at: ``(len(seq), max_len, context_match(seq, max_len, ...))`` computed by
+            :meth:`~SelfSpeculativeDecoder.observe` for the observation's context features, reused
+            by the round at that position when it copies up to the same ``max_len`` (the matcher
+            picks the occurrence by ``max_len``).
     """
 
     result: GenerationResult
@@ -284,16 +287,20 @@ class SelfSpeculativeDecoder:
         if not state.want_obs:
             return None
         R = self.observer.config.recent_tokens
-        hid = torch.stack([state.taps_at[e] for e in self._stat_exits])  # [n_stat_exits, d]
-        top1, ent, arg = self.heads.feature_stats(hid, len(self._stat_exits))
-        agree = (arg == state.pending).float()
+        if self._stat_exits:
+            hid = torch.stack([state.taps_at[e] for e in self._stat_exits])  # [n_stat_exits, d]
+            top1, ent, arg = self.heads.feature_stats(hid, len(self._stat_exits))
+            top1, ent, agree = top1.cpu().numpy(), ent.cpu().numpy(), (arg == state.pending).float().cpu().numpy()
+        else:  # a compact observation without head statistics: no head call at all
+            top1 = ent = agree = np.zeros(0, np.float32)
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
         ctx = (0.0, 0.0)
         if self.observer.config.context:
-            state.context_at = (len(state.seq), context_match(state.seq, self.copy_max, self.context_ngram))
-            ctx = context_features(state.context_at[1], self.copy_max, self.context_ngram[1])
-        return self.observer.build(hidden, top1.cpu().numpy(), ent.cpu().numpy(), agree.cpu().numpy(),
-                                   state.seq[-R:] or state.seq, len(state.result.tokens) / state.max_new_tokens, ctx)
+            state.context_at = (len(state.seq), self.copy_max, context_match(state.seq, self.copy_max,
+                                                                             self.context_ngram))
+            ctx = context_features(state.context_at[2], self.copy_max, self.context_ngram[1])
+        return self.observer.build(hidden, top1, ent, agree, state.seq[-R:] or state.seq,
+                                   len(state.result.tokens) / state.max_new_tokens, ctx)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.
@@ -319,11 +326,11 @@ class SelfSpeculativeDecoder:
             E = 0
             n_ctx = clamp_draft_len(copy, state.remaining, self.bonus)
             draft = []
-            if n_ctx:  # the match observe() made for this position, if it made one
+            if n_ctx:  # the match observe() made for this position and length, if it made one
                 seen = state.context_at
-                match = seen[1] if seen and seen[0] == len(state.seq) else context_match(state.seq, n_ctx,
-                                                                                       self.context_ngram)
-                draft = list(match[1][:n_ctx])
+                match = seen[2] if seen and seen[:2] == (len(state.seq), n_ctx) else context_match(
+                    state.seq, n_ctx, self.context_ngram)
+                draft = list(match[1])
             if draft and state.sampler is not None:
                 state.sampler.q.extend([None] * len(draft))  # a copied token is a point-mass proposal
             n = verified_positions(len(draft), self.bonus) if draft else 1
