@@ -202,7 +202,7 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     iso = measure_profile(b.stack, heads, k_max, overhead_fn=overhead_probe(b, heads, k_max, ObservationConfig()))
     profs = {"isolated": iso}
     if in_loop:
-        profs["in-loop"] = loop_profile(b, heads, k_max, iso)
+        profs["in-loop"] = loop_profile(b, heads, k_max, iso, obs=ObservationConfig())
     prof = profs["in-loop" if in_loop else "isolated"]
     prof.save(out)
     console.print(f"{cpu_name()}, {torch.get_num_threads()} threads, kernels {b.stack.kernels_tag}")
@@ -531,9 +531,11 @@ def tiny_model(out: Path = typer.Argument(..., help="Folder to write the model t
 @app.command()
 def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL,
          calib_prompts: str = DEFAULT_CALIB, max_new_tokens: int = DEFAULT_MAX_NEW, episodes: int = 300,
-         steps: int = 6000, reward_mode: str = "net", gamma: float = 0.5, seed: int = 0,
+         steps: int = 6000, reward_mode: str = "relative", gamma: float = 0.5, seed: int = 0,
          wandb: str = "offline", live: bool = True, model: Optional[str] = ModelOpt,
-         head_kind: str = typer.Option("affine-kl", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl.")):
+         head_kind: str = typer.Option("affine-kl", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl."),
+         context_lengths: str = typer.Option("1,2,3,4,6,8", help="Copy lengths of the context actions (prompt "
+                                                                  "lookup), comma-separated; '' for none.")):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""
     from agents.pipeline import DemoConfig, run_demo
@@ -542,7 +544,8 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
     run_demo(DemoConfig(model=model, head_kind=head_kind, train_prompts=train_prompts, eval_prompts=eval_prompts, calib_prompts=calib_prompts,
                         max_new_tokens=max_new_tokens,
                         episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
-                        out_dir=str(out), wandb=wandb, live=live))
+                        out_dir=str(out), wandb=wandb, live=live,
+                        context_lengths=tuple(int(x) for x in context_lengths.split(",") if x.strip())))
 
 
 def _agent_config(names: list[str]) -> dict:

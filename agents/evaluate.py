@@ -115,7 +115,9 @@ def label(name: str, env, static_best: Optional[int]) -> str:
         return f"transformers prompt_lookup_num_tokens={name.split(':', 1)[1]}"
     if name == "static:best" and static_best is not None:
         E, K = env.unwrapped.actions.decode(static_best)
-        return f"static best (E={E}, K={K})" if E else "static best (AR)"
+        if E:
+            return f"static best (E={E}, K={K})"
+        return f"static best (context draft <= {K})" if K else "static best (AR)"
     return name
 
 

@@ -39,6 +39,11 @@ class DemoConfig:
         obs_kind: the observation (``compact``: what the rounds computed plus running acceptance;
             ``full``: hidden-state context and every exit's statistics).
         stop_rule: the in-round stop rule (``calibrated`` or ``None``).
+        context_lengths: copy lengths of the context actions (prompt lookup: the agent picks how
+            many tokens copied from the context to verify, or an exit draft, or a plain AR step).
+        obs_stat_exits: shallowest exits whose head statistics the compact observation carries
+            (0: none; each costs a head call per round, about 1 ms in the decoding loop on 2 CPU
+            cores).
         episodes: dataset episodes.
         algos: offline algorithms to train; the best on training traces is exported.
         steps: gradient steps per algorithm.
@@ -63,6 +68,8 @@ class DemoConfig:
     gamma: float = 0.5
     obs_kind: str = "compact"
     stop_rule: Optional[str] = "calibrated"
+    context_lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    obs_stat_exits: int = 0
     episodes: int = 300
     algos: tuple[str, ...] = ("trace_q", "discrete_cql")
     steps: int = 6000
@@ -80,7 +87,8 @@ class DemoConfig:
         return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
                 "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
                 "reward_mode": self.reward_mode, "cost_profile": self.cost_profile, "obs_kind": self.obs_kind,
-                "stop_rule": self.stop_rule, **spec_dtype()}
+                "stop_rule": self.stop_rule, "context_lengths": list(self.context_lengths),
+                "obs_stat_exits": self.obs_stat_exits, **spec_dtype()}
 
 
 class _Stage:
@@ -156,7 +164,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         policy_dir = export_policy(best[2], train_env, out / "policy", algo_name=best[1], gamma=cfg.gamma)
         console.print(f"exported {best[1]} to {policy_dir}")
 
-    names = ["ar", "static:best", "del", f"agent:{policy_dir}", "oracle"]
+    # static:0,4 = a context draft of up to 4 copied tokens every round: `lede generate`'s default
+    copy4 = ["static:0,4"] if 4 in cfg.context_lengths else []
+    names = ["ar", "static:best", *copy4, "del", f"agent:{policy_dir}", "oracle"]
     with _Stage(cfg, "evaluate (trace env, held-out)"):
         trace_rows = trace_eval(eval_env, names, static_best)
         _rename_agent(trace_rows, best[1])

@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--obs-stat-exits", type=int, default=1,
                     help="compact observation: shallowest exits whose head statistics are observed (0: none, "
                          "no head call per round)")
+    ap.add_argument("--horizon", type=int, default=None,
+                    help="trace_q targets over this many tokens (the action, then the best static; default: "
+                         "trace_q's own)")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
@@ -69,7 +72,8 @@ def main() -> None:
         train_env = LEDEEnv(prompts=args.train_prompts, **kw)
         eval_env = LEDEEnv(prompts=eval_prompts, **kw, reward_lambda=train_env.reward_lambda)
         static_best, static_tp = best_static_action(train_env)
-        agent = train_trace_q(train_env, steps=args.steps)
+        agent = train_trace_q(train_env, steps=args.steps,
+                              **({} if args.horizon is None else {"horizon": args.horizon}))
         policy = greedy_q_policy(agent, train_env.observer.layout())
         E, K = train_env.actions.decode(static_best)
         info[variant] = {"lambda": train_env.reward_lambda, "static": [E, K], "static_train_tp": static_tp,

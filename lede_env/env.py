@@ -36,7 +36,7 @@ COST_SOURCES = ("profile", "wallclock")
 
 
 #: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
-LOOP_PROFILE_VERSION = 3
+LOOP_PROFILE_VERSION = 4
 #: Cost-profile names :func:`get_profile` takes (besides a JSON path or a dict).
 PROFILE_KINDS = ("measured", "isolated", "analytic")
 
@@ -83,22 +83,25 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
         if kind == "isolated":
             prof = measure_profile(bundle.stack, heads, k_max, overhead_fn=overhead_probe(bundle, heads, k_max, obs))
         else:
-            prof = loop_profile(bundle, heads, k_max, get_profile("isolated", bundle, heads, k_max, obs))
+            prof = loop_profile(bundle, heads, k_max, get_profile("isolated", bundle, heads, k_max, obs), obs=obs)
         prof.save(path)
         return prof
     return CostProfile.load(kind)
 
 
 def loop_profile(bundle: ModelBundle, heads: ExitHeads, k_max: int, prior: CostProfile,
-                 prompts: str = DEFAULT_CALIB, per_category: int = 2) -> CostProfile:
+                 prompts: str = DEFAULT_CALIB, per_category: int = 2,
+                 obs: Optional[ObservationConfig] = None) -> CostProfile:
     """The in-loop profile (:func:`~lede_env.loop_profile.measure_loop_profile`) timed on the
     first ``per_category`` prompts of each category of ``prompts`` (the exit heads' calibration
-    split by default: disjoint from training and evaluation prompts)."""
+    split by default: disjoint from training and evaluation prompts); with ``obs``, its overhead
+    is observation ``obs`` plus a typical Q-network's forward pass timed inside the loop."""
     from .loop_profile import measure_loop_profile
     from .prompts import first_per_category
 
     ps = first_per_category(load_prompts(prompts), per_category)
-    return measure_loop_profile(bundle.stack, heads, k_max, encode_prompts(bundle, ps, 64), prior, bundle.eos_ids)
+    return measure_loop_profile(bundle.stack, heads, k_max, encode_prompts(bundle, ps, 64), prior, bundle.eos_ids,
+                                obs_config=obs, probe=None if obs is None else loop_probe())
 
 
 def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig):
@@ -109,10 +112,7 @@ def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Obser
                                  bundle.stack.head_weight.shape[0], tuple(heads.exit_layers))
     n_stat = builder.stat_exits
     hid = torch.randn(n_stat, bundle.stack.hidden_size, dtype=bundle.stack.dtype, device=bundle.stack.device)
-    n_actions = 1 + n_ex * k_max
-    width = 64 if builder.compact else 256  # the compact observation's agents are small MLPs
-    mlp = torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                              torch.nn.ReLU(), torch.nn.Linear(width, n_actions))
+    mlp = _probe_net(builder, 1 + n_ex * k_max)
 
     @torch.no_grad()
     def probe():
@@ -120,6 +120,30 @@ def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Obser
         o = builder.build(None if builder.compact else hid[-1].float().cpu().numpy(), top1.cpu().numpy(),
                           ent.cpu().numpy(), (arg == 0).float().cpu().numpy(), [1, 2, 3], 0.5)
         mlp(torch.from_numpy(builder.flatten(o)).unsqueeze(0)).argmax(-1)
+
+    return probe
+
+
+def _probe_net(builder: ObservationBuilder, n_actions: int) -> torch.nn.Module:
+    """A typical agent's Q-network for this observation: 2 hidden layers of 64 (compact
+    observation) or 256 (full)."""
+    width = 64 if builder.compact else 256  # the compact observation's agents are small MLPs
+    return torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, n_actions))
+
+
+def loop_probe():
+    """``probe(decoder, obs)`` for :func:`~lede_env.loop_profile.measure_loop_profile`: flatten the
+    decoder's observation and run a typical Q-network's greedy forward pass on it (built at the
+    first call for the decoder's observation layout)."""
+    nets: dict = {}
+
+    @torch.no_grad()
+    def probe(decoder, obs):
+        key = id(decoder)
+        if key not in nets:
+            nets[key] = _probe_net(decoder.observer, decoder.actions.n)
+        nets[key](torch.from_numpy(decoder.observer.flatten(obs)).unsqueeze(0)).argmax(-1)
 
     return probe
 

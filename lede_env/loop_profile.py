@@ -24,6 +24,7 @@ import torch
 from .costs import CostProfile, fit_profile
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
+from .mdp import ObservationConfig
 from .model import LayerStack
 from .policies import BasePolicy
 
@@ -35,16 +36,25 @@ class DesignPolicy(BasePolicy):
     """Random actions for timing rounds, held for runs of 1..``max_run`` rounds (policies repeat
     actions, and a round after rounds of its own kind runs faster than one after others): each
     run plays action 0 (an AR step, or a context draft where the context matches) with
-    probability ``p_action0``, else an (E, K) drawn uniformly."""
+    probability ``p_action0``, else an (E, K) drawn uniformly.
 
-    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0, max_run: int = 8) -> None:
+    With ``probe`` (a callable on the observation, e.g. a Q-network's forward pass on the
+    flattened observation) the decoder computes observations and the probe runs every round, so
+    the rounds' ``policy_seconds`` time an agent's per-round overhead inside the loop."""
+
+    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0, max_run: int = 8,
+                 probe=None) -> None:
         if n_actions < 1 or max_run < 1:
             raise ValueError(f"n_actions={n_actions} and max_run={max_run} must be >= 1.")
         self.n, self.p0, self.max_run = int(n_actions), float(p_action0), int(max_run)
         self.rng = np.random.default_rng(seed)
         self._action, self._left = 0, 0
+        self.probe = probe
+        self.needs_observation = probe is not None
 
     def act(self, obs) -> int:
+        if self.probe is not None:
+            self.probe(obs)
         if self._left == 0:
             draw0 = self.n == 1 or self.rng.random() < self.p0
             self._action = 0 if draw0 else int(self.rng.integers(1, self.n))
@@ -55,13 +65,17 @@ class DesignPolicy(BasePolicy):
 
 def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],
                 eos_ids: Sequence[int] = (), rounds: int = DEFAULT_LOOP_ROUNDS, max_new_tokens: int = 64,
-                seed: int = 0, reuse: bool = True) -> list[tuple[int, int, int, int, float]]:
+                seed: int = 0, reuse: bool = True, obs_config: Optional[ObservationConfig] = None,
+                probe=None, policy_seconds: Optional[list] = None) -> list[tuple[int, int, int, int, float]]:
     """Time at least ``rounds`` real rounds of random actions (greedy decoding, context drafts of
     up to ``k_max`` tokens as action 0), cycling through ``prompts``.
 
     Args:
         prompts: token ids of each prompt (non-empty).
         max_new_tokens: tokens generated per prompt.
+        obs_config, probe: observations of this layout are computed every round and given to
+            ``probe(decoder, obs)`` (see :class:`DesignPolicy`); ``policy_seconds`` receives each
+            round's observation + probe time.
 
     Returns:
         ``(exit_layer, draft_len, n_verify, passes, seconds)`` per round, ``seconds`` without
@@ -72,14 +86,18 @@ def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequen
     """
     if not prompts or rounds < 1:
         raise ValueError("time_rounds needs at least one prompt and rounds >= 1.")
-    decoder = SelfSpeculativeDecoder(stack, heads, k_max, eos_ids, bonus=True, reuse=reuse, context_draft=k_max)
-    policy = DesignPolicy(decoder.actions.n, seed=seed)
+    decoder = SelfSpeculativeDecoder(stack, heads, k_max, eos_ids, bonus=True, reuse=reuse, context_draft=k_max,
+                                     obs_config=obs_config)
+    policy = DesignPolicy(decoder.actions.n, seed=seed,
+                          probe=None if probe is None else (lambda obs: probe(decoder, obs)))
     decoder.generate(torch.tensor(prompts[0]), policy, max_new_tokens=8)  # warm-up (kernel build, caches)
     out: list[tuple[int, int, int, int, float]] = []
     i = 0
     while len(out) < rounds:
         res = decoder.generate(torch.tensor(prompts[i % len(prompts)]), policy, max_new_tokens=max_new_tokens)
         out += [(r.exit_layer, r.draft_len, r.n_verify, r.passes, r.seconds - r.policy_seconds) for r in res.rounds]
+        if policy_seconds is not None:
+            policy_seconds += [r.policy_seconds for r in res.rounds]
         i += 1
     return out
 
@@ -87,18 +105,30 @@ def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequen
 def measure_loop_profile(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],
                          prior: CostProfile, eos_ids: Sequence[int] = (), rounds: int = DEFAULT_LOOP_ROUNDS,
                          max_new_tokens: int = 64, seed: int = 0, reuse: bool = True,
-                         timed: Optional[list] = None) -> CostProfile:
+                         timed: Optional[list] = None, obs_config: Optional[ObservationConfig] = None,
+                         probe=None) -> CostProfile:
     """A profile whose times predict rounds of the real decoding loop: :func:`time_rounds`, then
     :func:`~lede_env.costs.fit_profile` starting from ``prior`` (the isolated profile).
 
     Args:
         timed: a list that receives the timed rounds (for reports and tests).
+        obs_config, probe: with both, the per-round overhead is the median time of computing
+            this observation and running ``probe(decoder, obs)`` (a policy's forward pass) inside
+            the loop, instead of the prior's isolated timing (on 2 CPU cores the loop's own
+            layers evict what the observation reads: about 3x the isolated time).
 
     Returns:
         A :class:`~lede_env.costs.CostProfile` with ``source="in-loop"``, in seconds; ``meta``
-        records the rounds fitted and the median relative error of the fit and of the prior.
+        records the rounds fitted, the median relative error of the fit and of the prior, and
+        where the overhead comes from.
     """
-    r = time_rounds(stack, heads, k_max, prompts, eos_ids, rounds, max_new_tokens, seed, reuse)
+    pol: list = []
+    r = time_rounds(stack, heads, k_max, prompts, eos_ids, rounds, max_new_tokens, seed, reuse,
+                    obs_config if probe is not None else None, probe, pol)
     if timed is not None:
         timed.extend(r)
-    return fit_profile(r, prior, reuse=reuse)
+    prof = fit_profile(r, prior, reuse=reuse)
+    if probe is not None and pol:
+        prof.overhead = float(np.median(pol))
+        prof.meta.update(overhead="in-loop", prior_overhead=prior.overhead)
+    return prof

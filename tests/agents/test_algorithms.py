@@ -139,3 +139,31 @@ def test_algorithms_train_on_the_compact_observation(algo, tiny, tmp_path):
     assert pol.config["stop_rule"]["kind"] == "calibrated" and pol.config["observation"]["kind"] == "compact"
     obs = _flat(env, ds)
     np.testing.assert_array_equal(pol.module(torch.from_numpy(obs)).numpy(), np.asarray(agent.predict(obs)))
+
+
+def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
+    """With a horizon, an action's target is its round followed by the reference action's rounds
+    until ``horizon`` tokens past the state, tokens - lambda * cost, as stepping the env gives."""
+    from lede_env.env import LEDEEnv
+    from agents.trace_q import _targets
+
+    b, _, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, context_lengths=(2, 4))
+    u = env.unwrapped
+    lam, follow, H = 1.3, u.actions.encode(2, 1), 8
+    u.reset(seed=0, options={"prompt_index": 1})
+    u.step(0)  # a state after one round
+    actions = list(range(u.actions.n))
+    got = _targets(u, lam, actions, H, follow)
+    assert np.allclose(_targets(u, lam, actions), [_targets(u, lam, [a])[0] for a in actions])
+    g0 = u._g
+    for j, a in enumerate(actions):
+        u.reset(seed=0, options={"prompt_index": 1})
+        u.step(0)
+        tok = cost = 0.0
+        act, first, done = a, True, False
+        while not done and (first or u._g < g0 + H):
+            _, _, te, tr, info = u.step(act)
+            tok, cost, done = tok + info["round"]["emitted"], cost + info["round"]["cost"], te or tr
+            act, first = follow, False
+        assert got[j] == pytest.approx(tok - lam * cost, rel=1e-5), a

@@ -129,8 +129,9 @@ def test_measured_means_in_loop_and_each_kind_is_cached_once(tmp_path, monkeypat
     heads = ExitHeads(b.stack, (1, 2))
     calls = []
 
-    def fake_loop(bundle, hs, k_max, prior):  # the real one decodes DEFAULT_CALIB prompts (a tokenizer)
+    def fake_loop(bundle, hs, k_max, prior, obs=None):  # the real one decodes DEFAULT_CALIB prompts (a tokenizer)
         calls.append(prior.source)
+        assert obs == ObservationConfig()  # the overhead is timed for the env's own observation
         return CostProfile(**(prior.to_json() | {"source": "in-loop"}))
 
     monkeypatch.setattr(env_mod, "loop_profile", fake_loop)
@@ -150,3 +151,25 @@ def test_fitted_times_never_fall_with_more_positions():
     fit = fit_profile(rounds, _profile(c2=1.2))
     assert all(b >= a for a, b in zip(fit.layer, fit.layer[1:]))
     assert all(b >= a for a, b in zip(fit.head, fit.head[1:]))
+
+
+def test_loop_overhead_is_the_observation_and_probe_timed_in_the_loop(tiny):
+    from lede_env.env import loop_probe
+    from lede_env.mdp import ObservationConfig
+
+    b, heads, ts, prior = tiny
+    seen = []
+    probe = loop_probe()
+
+    def counting(decoder, obs):
+        seen.append(sorted(obs))
+        probe(decoder, obs)
+
+    obs = ObservationConfig(kind="compact", stat_exits=0, context=True)
+    prof = measure_loop_profile(b.stack, heads, 3, [[5, 6, 7, 5, 6, 7, 5, 6]], prior, b.eos_ids, rounds=30,
+                                max_new_tokens=16, obs_config=obs, probe=counting)
+    assert len(seen) >= 30 and seen[0] == ["context", "exit_stats", "experience", "history", "progress"]
+    assert prof.meta["overhead"] == "in-loop" and prof.meta["prior_overhead"] == prior.overhead
+    assert 0 < prof.overhead < 0.1  # seconds: the median observation + probe time of a round
+    plain = measure_loop_profile(b.stack, heads, 3, [[5, 6, 7]], prior, b.eos_ids, rounds=20, max_new_tokens=8)
+    assert plain.overhead == prior.overhead and "overhead" not in plain.meta
