@@ -9,7 +9,8 @@ An export folder holds exactly:
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
 - ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
   ``context_ngram`` (what action 0 copies from the context), ``context_lengths`` (the context
-  actions), ``observation``
+  actions), ``fallback_action`` (what ``agent:PATH``'s safety net plays when the agent loses: the
+  best static action on the training traces), ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
   was trained with, e.g. ``{"kind": "calibrated", "lambda": 1.1}``; the decoder rebuilds it from
   the exit heads' acceptance calibration and its cost profile), ``reward_lambda``, ``observation_layout`` (keys and shapes
@@ -65,6 +66,8 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "context_draft": u.rules.context_draft,
             "context_ngram": list(u.rules.context_ngram),
             "context_lengths": list(u.actions.context_lengths),
+            # what the safety net falls back to: the best static action of the training traces
+            "fallback_action": int(u.best_static()[0]) if u.backend == "trace" else 0,
             "reward_lambda": u.reward_lambda,
             "observation_layout": u.observer.layout(),
             "model": man["model"],

@@ -82,7 +82,7 @@ def main() -> None:
         print(f"[{variant}] lambda {train_env.reward_lambda:.3f}, static E={E} K={K}, {info[variant]}", flush=True)
         copies = [f"static:0,{m}" for m in lengths]  # every fixed copy length, for reference
         names = ["ar", "static:best", *copies, "del", "oracle"]
-        policies = {f"trace_q ({variant})": GuardedPolicy(policy),
+        policies = {f"trace_q ({variant})": GuardedPolicy(policy, fallback=static_best),
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
         if stop != "none":
             policies[f"static best + {stop} stop"] = StaticPolicy(static_best, stop_rule=eval_env.rules.stop)

@@ -347,15 +347,16 @@ class ConfidencePolicy(StaticPolicy):
 
 class GuardedPolicy(BasePolicy):
     """A safety net around another policy: when the base policy's realised throughput over its
-    last ``window`` rounds falls below plain AR decoding's, play AR for a while, then try the base
+    last ``window`` rounds falls below that of the ``fallback`` action (default action 0: plain AR
+    decoding, or context drafts where the decoder has them on; an exported agent's is the best
+    static action of its training traces), play the fallback for a while, then try the base
     again (waits double after each failure, up to ``max_wait`` rounds; a good window resets them).
     In the spirit of TapOut (arXiv 2511.02017) and BanditSpec (arXiv 2505.15141), which switch
-    between speculation strategies online; here the arms are the learned policy and AR. It only
-    chooses actions, so the output is unchanged.
+    between speculation strategies online; here the arms are the learned policy and the
+    fallback. It only chooses actions, so the output is unchanged.
 
     Throughput is tokens emitted per unit of time, compared with that of the last 16 rounds
-    that played action 0 (AR steps, or context drafts where the decoder has them on), measured
-    one of two ways (``clock``):
+    that played the fallback action, measured one of two ways (``clock``):
 
     - ``"wallclock"``: measured seconds of each round (policy included). When a window ends and
       no action-0 round has been seen yet, the guard plays ``probe`` of them to measure it. This
@@ -374,10 +375,11 @@ class GuardedPolicy(BasePolicy):
         wait: AR rounds after the first failure.
         max_wait: the longest wait.
         clock: ``"auto"``, ``"wallclock"`` or ``"cost"``.
-        probe: AR rounds played to measure AR's time when none has been seen (wall clock).
+        probe: fallback rounds played to measure its time when none has been seen (wall clock).
+        fallback: the action played when the base falls back (and whose rounds are the reference).
 
     Attributes:
-        fallback_rounds: AR rounds played by the guard in the current generation (probes
+        fallback_rounds: fallback rounds played by the guard in the current generation (probes
             included).
 
     Raises:
@@ -388,14 +390,14 @@ class GuardedPolicy(BasePolicy):
     CLOCKS = ("auto", "wallclock", "cost")
 
     def __init__(self, base, window: int = 16, floor: float = 1.0, wait: int = 8, max_wait: int = 64,
-                 clock: str = "auto", probe: int = 3) -> None:
+                 clock: str = "auto", probe: int = 3, fallback: int = 0) -> None:
         if window < 1 or wait < 1 or max_wait < wait or not floor > 0 or probe < 1:
             raise ValueError(f"GuardedPolicy needs window >= 1, 1 <= wait <= max_wait, floor > 0 and probe >= 1; "
                              f"got {window}, {wait}, {max_wait}, {floor}, {probe}.")
         if clock not in self.CLOCKS:
             raise ValueError(f"GuardedPolicy clock={clock!r}; choose one of {self.CLOCKS}.")
         self.base, self.window, self.floor, self.wait0, self.max_wait = base, window, float(floor), wait, max_wait
-        self.clock, self.probe = clock, probe
+        self.clock, self.probe, self.fallback = clock, probe, int(fallback)
         self.needs_observation = bool(getattr(base, "needs_observation", False))
         self.reset()
 
@@ -416,12 +418,12 @@ class GuardedPolicy(BasePolicy):
     def act(self, obs: Optional[dict]) -> int:
         a = self.base.act(obs)
         if self._left > 0:
-            return 0
+            return self.fallback
         return a
 
     def update(self, record: "RoundRecord") -> None:
         self.base.update(record)
-        if record.exit_layer == 0:  # action 0's own record: an AR step, or a context draft
+        if record.action == self.fallback:  # the fallback's own record (action 0: an AR step or a context draft)
             self._ref = (self._ref + [(record.emitted, record.cost, record.seconds)])[-16:]
         if self._left > 0:
             self._left -= 1
@@ -439,6 +441,7 @@ class GuardedPolicy(BasePolicy):
         spent = sum(r[i] for r in self._hist)
         rate = sum(r[0] for r in self._hist) / spent if spent > 0 else float("inf")
         ref_rate = sum(t for t, _ in ref) / sum(x for _, x in ref) if ref else 1.0  # cost: AR's 1 per AR step
+        # (before any fallback round in cost mode; a context fallback only does better)
         self._hist = []
         if rate < self.floor * ref_rate:
             self._left = self._wait
@@ -495,7 +498,7 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
             p = ExportedPolicy(arg)
             if observer is not None:
                 p.check_compatible(observer, actions)
-            return GuardedPolicy(p) if kind == "agent" else p
+            return GuardedPolicy(p, fallback=int(p.config.get("fallback_action", 0))) if kind == "agent" else p
     except (TypeError, ValueError) as e:
         raise ValueError(f"Bad policy {name!r} ({e}).") from None
     if kind in _USAGE:

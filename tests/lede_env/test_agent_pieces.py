@@ -226,6 +226,25 @@ def test_guard_compares_with_what_action_0_achieves():
     assert _rounds(g, 2, 1.0, 2) == [0, 0]
 
 
+def test_guard_falls_back_to_its_fallback_action_and_compares_with_it():
+    """With fallback=3 (say a context action), the guard probes and plays action 3, and only
+    action 3's rounds are the reference (action 0's slow rounds are not)."""
+    from lede_env.decoding import RoundRecord
+
+    g = GuardedPolicy(StaticPolicy(7), window=4, wait=2, probe=2, fallback=3)
+    for _ in range(3):  # slow AR rounds (1 token/s) are no reference for fallback 3
+        g._ref.clear()
+        g.update(RoundRecord(action=0, exit_layer=0, draft_len=0, accepted=0, emitted=1, seconds=1.0))
+        assert not g._ref
+    g._hist.clear()
+    _rounds(g, 4, 1.0, 2)  # the base: 2 tokens/s; action 3 has not been measured: probe it
+    for _ in range(2):
+        assert g.act(None) == 3
+        g.update(RoundRecord(action=3, exit_layer=0, draft_len=3, accepted=3, emitted=4, seconds=1.0))
+    _rounds(g, 1, 1.0, 2)  # the window is judged: 2 tokens/s against action 3's 4
+    assert _rounds(g, 2, 1.0, 2) == [3, 3]  # fall back to action 3
+
+
 def test_guarded_policy_name():
     from lede_env.mdp import ActionMap
     from lede_env.policies import policy_from_name
