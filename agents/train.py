@@ -114,13 +114,23 @@ COMPACT_KEYS = ("exit_stats", "experience", "history", "progress")
 
 def flat_layout(dataset) -> list[tuple[str, list[int]]]:
     """The flat observation layout of a lede dataset (same order as ``ObservationBuilder.layout``:
-    :data:`FLAT_KEYS` for the full observation, :data:`COMPACT_KEYS` for the compact one)."""
+    :data:`FLAT_KEYS` for the full observation, :data:`COMPACT_KEYS` for the compact one, then
+    ``context`` where the env has context drafts; a compact observation without head statistics
+    has no ``exit_stats``).
+
+    Raises:
+        ValueError: observations without the keys of either layout.
+    """
     space = dataset.observation_space
-    keys = COMPACT_KEYS if "experience" in space.spaces else FLAT_KEYS
-    missing = [k for k in keys if k not in space.spaces]
+    compact = "experience" in space.spaces
+    keys = COMPACT_KEYS if compact else FLAT_KEYS
+    # optional: the compact observation's head statistics (obs_stat_exits=0 has none) and the
+    # context drafter's features (envs with context drafts or context actions)
+    optional = ("exit_stats", "context") if compact else ("context",)
+    missing = [k for k in keys if k not in space.spaces and k not in optional]
     if missing:
         raise ValueError(f"Dataset observations lack {missing}: not a LEDE-Llama3-v0 dataset.")
-    return [(k, list(space[k].shape)) for k in keys]
+    return [(k, list(space[k].shape)) for k in keys + ("context",) if k in space.spaces]
 
 
 def to_mdp_dataset(dataset):

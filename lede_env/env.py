@@ -207,7 +207,7 @@ class LEDEEnv(gym.Env):
     ========== ============== ======= ==============================================================
 
     With ``obs_kind="compact"`` the observation is instead ``exit_stats`` (S, 3) of the S =
-    ``obs_stat_exits`` shallowest exits only, ``experience`` (n_exits, 2) float32 (per exit:
+    ``obs_stat_exits`` shallowest exits only (no such key when S = 0), ``experience`` (n_exits, 2) float32 (per exit:
     running per-token acceptance of its drafts in this episode, prior 0.3, and the evidence it
     rests on, judged / (judged + 8)), ``history`` and ``progress`` (see
     :class:`~lede_env.mdp.ObservationBuilder`): what the rounds already computed, about 0.3 ms a

@@ -297,8 +297,8 @@ class ObservationBuilder:
         inf = np.inf
         ctx = {"context": spaces.Box(0.0, 1.0, (3,), np.float32)} if self.config.context else {}
         if self.compact:
-            return spaces.Dict({
-                "exit_stats": spaces.Box(0.0, inf, (self.stat_exits, 3), np.float32),
+            stats = {"exit_stats": spaces.Box(0.0, inf, (self.stat_exits, 3), np.float32)} if self.stat_exits else {}
+            return spaces.Dict(stats | {
                 "experience": spaces.Box(0.0, 1.0, (self.n_exits, 2), np.float32),
                 "history": spaces.Box(0.0, 1.0, (H, 4), np.float32),
                 "progress": spaces.Box(0.0, 1.0, (1,), np.float32),
@@ -315,8 +315,9 @@ class ObservationBuilder:
         """Keys and shapes concatenated (in this order) by :meth:`flatten`; ``tokens`` is left out."""
         ctx = [("context", [3])] if self.config.context else []
         if self.compact:
-            return [("exit_stats", [self.stat_exits, 3]), ("experience", [self.n_exits, 2]),
-                    ("history", [self.config.history, 4]), ("progress", [1])] + ctx
+            stats = [("exit_stats", [self.stat_exits, 3])] if self.stat_exits else []
+            return stats + [("experience", [self.n_exits, 2]), ("history", [self.config.history, 4]),
+                            ("progress", [1])] + ctx
         return [("hidden", [self.hidden_width]), ("exit_stats", [self.n_exits, 3]),
                 ("history", [self.config.history, 4]), ("progress", [1])] + ctx
 
@@ -374,8 +375,8 @@ class ObservationBuilder:
                if self.config.context else {})
         if self.compact:
             exp = np.stack([self._alpha, self._judged / (self._judged + 8.0)], -1).astype(np.float32)
-            return {"exit_stats": stats[: self.stat_exits], "experience": exp, "history": hist,
-                    "progress": progress} | ctx
+            out = {"exit_stats": stats[: self.stat_exits]} if self.stat_exits else {}
+            return out | {"experience": exp, "history": hist, "progress": progress} | ctx
         hidden = np.asarray(hidden, dtype=np.float32)
         if self._proj is not None:
             hidden = hidden @ self._proj

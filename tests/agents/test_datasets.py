@@ -490,3 +490,18 @@ def test_cli_dataset_commands_and_bad_input(good, fake_remote, monkeypatch):
     monkeypatch.delenv("MINARI_REMOTE")
     out = r.invoke(app, ["dataset", "publish", "lede/tiny/rt-mixed-v0"])
     assert out.exit_code == 2 and "MINARI_REMOTE" in out.output
+
+
+def test_flat_layout_of_a_dataset_is_the_env_layout_with_context_and_without_head_stats(tiny):
+    """A dataset of a compact env without head statistics and with context actions trains agents
+    on exactly the env's flat layout (the d3rlpy and sb3 agents read it; exports check it)."""
+    from agents.collect import CollectConfig, collect
+    from agents.train import flat_layout
+    from lede_env.env import LEDEEnv
+
+    b, _, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, obs_kind="compact",
+                  obs_stat_exits=0, context_lengths=(2, 4))
+    ds = collect(env, CollectConfig(dataset_id="lede/tiny/ctx-layout-v0", episodes=2, seed=0), progress=False)
+    assert flat_layout(ds) == [(k, list(s)) for k, s in env.observer.layout()]
+    assert [k for k, _ in flat_layout(ds)] == ["experience", "history", "progress", "context"]

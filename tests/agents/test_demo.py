@@ -1,6 +1,6 @@
 """``lede demo``'s pipeline runs end to end at a tiny budget on a tiny model, in its default
-setting (relative reward, calibrated in-round stop, compact observation, trace_q and DiscreteCQL,
-multi-category evaluation with a live subset), so the verb never rots."""
+setting (relative reward, calibrated in-round stop, context actions, compact observation, trace_q
+and DiscreteCQL, multi-category evaluation with a live subset), so the verb never rots."""
 
 from __future__ import annotations
 
@@ -25,4 +25,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert all(r["identical_to_ar"] for r in out["live"])  # every method lossless
     policy = json.loads((tmp_path / "demo" / "policy" / "policy.json").read_text())
     assert policy["observation"]["kind"] == "compact" and policy["stop_rule"]["kind"] == "calibrated"
+    # context actions, and a compact observation without head statistics but with the context
+    # drafter's features (every learner reads the same layout as the env: flat_layout)
+    assert policy["context_lengths"] == [1, 2, 3, 4, 6, 8] and policy["fallback_action"] >= 0
+    assert [k for k, _ in policy["observation_layout"]] == ["experience", "history", "progress", "context"]
     assert (tmp_path / "demo" / "results.md").exists()

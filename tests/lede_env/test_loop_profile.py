@@ -168,7 +168,7 @@ def test_loop_overhead_is_the_observation_and_probe_timed_in_the_loop(tiny):
     obs = ObservationConfig(kind="compact", stat_exits=0, context=True)
     prof = measure_loop_profile(b.stack, heads, 3, [[5, 6, 7, 5, 6, 7, 5, 6]], prior, b.eos_ids, rounds=30,
                                 max_new_tokens=16, obs_config=obs, probe=counting)
-    assert len(seen) >= 30 and seen[0] == ["context", "exit_stats", "experience", "history", "progress"]
+    assert len(seen) >= 30 and seen[0] == ["context", "experience", "history", "progress"]
     assert prof.meta["overhead"] == "in-loop" and prof.meta["prior_overhead"] == prior.overhead
     assert 0 < prof.overhead < 0.1  # seconds: the median observation + probe time of a round
     plain = measure_loop_profile(b.stack, heads, 3, [[5, 6, 7]], prior, b.eos_ids, rounds=20, max_new_tokens=8)
