@@ -165,7 +165,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         console.print(f"exported {best[1]} to {policy_dir}")
 
     # static:0,4 = a context draft of up to 4 copied tokens every round: `lede generate`'s default
-    copy4 = ["static:0,4"] if 4 in cfg.context_lengths else []
+    copy4 = ["static:0,4"] if 4 in cfg.context_lengths and (E, K) != (0, 4) else []  # unless it is static:best
     names = ["ar", "static:best", *copy4, "del", f"agent:{policy_dir}", "oracle"]
     with _Stage(cfg, "evaluate (trace env, held-out)"):
         trace_rows = trace_eval(eval_env, names, static_best)
