@@ -30,7 +30,7 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
-from .lookup import DEFAULT_NGRAM, check_ngram, context_match
+from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
                   verified_positions)
 from .model import LayerStack
@@ -144,6 +144,8 @@ class DecodeState:
             :meth:`~SelfSpeculativeDecoder.observe` for the observation's context features, reused
             by the round at that position when it copies up to the same ``max_len`` (the matcher
             picks the occurrence by ``max_len``).
+        context_index: the n-gram index of ``seq`` context drafts are matched with
+            (:class:`~lede_env.lookup.ContextIndex`; ``None`` without context drafts).
     """
 
     result: GenerationResult
@@ -158,6 +160,7 @@ class DecodeState:
     sampler: Optional[SpeculativeSampler] = None
     done: bool = False
     context_at: Optional[tuple] = None
+    context_index: Optional[ContextIndex] = None
 
     @property
     def pending(self) -> int:
@@ -279,7 +282,8 @@ class SelfSpeculativeDecoder:
         result.eos = first in eos
         return DecodeState(result, max_new_tokens, eos, want_obs, cache, ids.tolist() + [first], ids.numel(),
                            normed[-1], {e: t[0, -1] for e, t in taps.items()} if want_obs else None, sampler,
-                           done=result.eos or max_new_tokens == 1)
+                           done=result.eos or max_new_tokens == 1,
+                           context_index=ContextIndex(self.context_ngram) if self.copy_max else None)
 
     def observe(self, state: DecodeState) -> Optional[dict]:
         """The observation at the last verified position (``None`` without ``want_obs``): the
@@ -296,11 +300,16 @@ class SelfSpeculativeDecoder:
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
         ctx = (0.0, 0.0)
         if self.observer.config.context:
-            state.context_at = (len(state.seq), self.copy_max, context_match(state.seq, self.copy_max,
-                                                                             self.context_ngram))
+            state.context_at = (len(state.seq), self.copy_max, self._match(state, self.copy_max))
             ctx = context_features(state.context_at[2], self.copy_max, self.context_ngram[1])
         return self.observer.build(hidden, top1, ent, agree, state.seq[-R:] or state.seq,
                                    len(state.result.tokens) / state.max_new_tokens, ctx)
+
+    def _match(self, state: DecodeState, max_len: int) -> tuple[int, list[int]]:
+        """:func:`~lede_env.lookup.context_match` of the generation's sequence, from its index."""
+        if state.context_index is None:
+            return context_match(state.seq, max_len, self.context_ngram)
+        return state.context_index.match(state.seq, max_len)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.
@@ -328,8 +337,7 @@ class SelfSpeculativeDecoder:
             draft = []
             if n_ctx:  # the match observe() made for this position and length, if it made one
                 seen = state.context_at
-                match = seen[2] if seen and seen[:2] == (len(state.seq), n_ctx) else context_match(
-                    state.seq, n_ctx, self.context_ngram)
+                match = seen[2] if seen and seen[:2] == (len(state.seq), n_ctx) else self._match(state, n_ctx)
                 draft = list(match[1])
             if draft and state.sampler is not None:
                 state.sampler.q.extend([None] * len(draft))  # a copied token is a point-mass proposal

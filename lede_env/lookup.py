@@ -19,6 +19,7 @@ shallow exit heads agree 0.10-0.35 there.
 
 from __future__ import annotations
 
+import bisect
 from typing import Sequence
 
 import numpy as np
@@ -81,3 +82,59 @@ def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
             s = int(full[-1] if full.size else hits[-1]) + n
             return n, a[s: s + max_len].tolist()
     return 0, []
+
+
+class ContextIndex:
+    """:func:`context_match` for a growing sequence, in time independent of its length.
+
+    :func:`context_match` scans the whole sequence for every n-gram length each round (about
+    0.2 ms a round at a few hundred tokens on 2 CPU cores, inside the decoding loop). This index
+    keeps, for every n-gram length in ``ngram``, the start positions of each n-gram that is
+    followed by at least one token, and adds the new ones as the sequence grows: a match is a
+    dictionary look-up and a bisection. It returns exactly what :func:`context_match` returns
+    for the same sequence (tested).
+
+    Args:
+        ngram: (shortest, longest) suffix lengths matched.
+
+    Raises:
+        ValueError: a bad ``ngram``.
+    """
+
+    def __init__(self, ngram: tuple[int, int] = DEFAULT_NGRAM) -> None:
+        self.lo, self.hi = check_ngram(ngram)
+        self._seq: list[int] = []
+        self._starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> ascending start positions
+
+    def sync(self, seq: Sequence[int]) -> None:
+        """Index ``seq``, which extends the sequence indexed so far (a shorter ``seq``, e.g. after
+        a stop string cut it, is indexed afresh)."""
+        if len(seq) < len(self._seq) or (self._seq and seq[len(self._seq) - 1] != self._seq[-1]):
+            self._seq, self._starts = [], {}
+        old = len(self._seq)
+        self._seq.extend(int(t) for t in seq[old:])
+        s = self._seq
+        # an n-gram starting at p is indexed once a token follows it: p + n <= len - 1
+        for n in range(self.lo, self.hi + 1):
+            for p in range(max(old - n, 0), len(s) - n):
+                self._starts.setdefault(tuple(s[p:p + n]), []).append(p)
+
+    def match(self, seq: Sequence[int], max_len: int) -> tuple[int, list[int]]:
+        """``context_match(seq, max_len, ngram)`` (``seq`` as for :meth:`sync`, which it calls).
+
+        Raises:
+            ValueError: a negative ``max_len``.
+        """
+        if max_len < 0:
+            raise ValueError(f"max_len={max_len} must be >= 0.")
+        self.sync(seq)
+        s, L = self._seq, len(self._seq)
+        if L < 2:
+            return 0, []
+        for n in range(min(self.hi, L - 1), self.lo - 1, -1):
+            hits = self._starts.get(tuple(s[L - n:]))
+            if hits:
+                i = bisect.bisect_right(hits, L - n - max_len)  # occurrences followed by max_len tokens
+                start = (hits[i - 1] if i else hits[-1]) + n
+                return n, s[start: start + max_len]
+        return 0, []

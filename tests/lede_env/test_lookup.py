@@ -223,3 +223,20 @@ def test_agent_folder_names(tmp_path):
     assert _policy_name(str(tmp_path)) == f"agent:{tmp_path}"
     assert _policy_name(f"agent-unguarded:{tmp_path}") == f"agent-unguarded:{tmp_path}"
     assert _policy_name("del") == "del"
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.lists(st.integers(0, 5), min_size=0, max_size=60), cuts=st.lists(st.integers(1, 60), max_size=4),
+       max_len=st.integers(0, 9), lo=st.integers(1, 3), extra=st.integers(0, 2))
+def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq, cuts, max_len, lo, extra):
+    """Grown token by token, chunk by chunk, and cut shorter (stop strings), the index proposes
+    exactly what a scan of the whole sequence does."""
+    from lede_env.lookup import ContextIndex, context_match
+
+    ngram = (lo, lo + extra)
+    index = ContextIndex(ngram)
+    for end in sorted(set(cuts + [len(seq)])) + [len(seq) // 2, len(seq)]:  # the last two: a cut, then regrowth
+        part = seq[:end]
+        assert index.match(part, max_len) == context_match(part, max_len, ngram)
+    with pytest.raises(ValueError):
+        index.match(seq, -1)
