@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from lede_env.model import crash_point
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 from .policies import OraclePolicy
@@ -325,7 +326,9 @@ def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str, extra: di
     m.update(extra)
     meta.write_text(json.dumps(m))
     final_path.parent.mkdir(parents=True, exist_ok=True)
+    crash_point()
     os.rename(tmp_path, final_path)
+    crash_point()
 
 
 def env_spec_for(env, kwargs):

@@ -1,0 +1,149 @@
+"""Killed at any moment, nothing is lost or half-written (crash testing in the style of SQLite's).
+
+Each long command runs on a tiny model as a subprocess and SIGKILLs itself at chosen crash points
+(``$LEDE_CRASH_AT``: every publication of a file, folder or Minari dataset has one before and one
+after its rename, see :func:`lede_env.model.crash_point`). After each kill:
+
+- every file that a command would later read is whole: JSON parses, safetensors and npz arrays
+  load, every Minari dataset listed passes ``lede dataset validate``'s checks;
+- the same command run again completes, and its files equal those of an uninterrupted run;
+- no temporary (``.NAME.lede-<host>-<pid>-*``) or partial dataset (``partial-*``) is left.
+
+The suite runs a few kill points per command (seeded, printed); ``LEDE_KILL_TEST=full`` runs every
+crash point of every command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LEDE = [sys.executable, "-c", "from agents.cli import main; main()"]
+TINY = ["--model", "{model}", "--max-new-tokens", "8", "--calib-prompts", "humaneval[100:103]", "--head-kind", "affine",
+        "--draft-vocab", "64"]
+COMMANDS = {
+    "traces build": ["traces", "build", *TINY, "--prompts", "humaneval[0:3]"],
+    "collect": ["collect", *TINY, "--prompts", "humaneval[0:3]", "--episodes", "4", "--cost-profile", "analytic",
+                "--dataset-id", "lede/tiny/kill-v0"],
+}
+FULL = os.environ.get("LEDE_KILL_TEST") == "full"
+POINTS_PER_COMMAND = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from lede_env.model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", num_layers=4)
+
+
+def _run(args, root: Path, model: Path, crash_at=None, count_file=None):
+    env = dict(os.environ, LEDE_CACHE_DIR=str(root / "cache"), MINARI_DATASETS_PATH=str(root / "minari"),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env.pop("LEDE_CRASH_AT", None)
+    if crash_at is not None:
+        env["LEDE_CRASH_AT"] = str(crash_at)
+    if count_file is not None:
+        env["LEDE_CRASH_COUNT"] = str(count_file)
+    cmd = LEDE + [a.replace("{model}", str(model)) for a in args]
+    return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+
+
+#: measurements of the machine (kernel table, compiled kernel, cost profiles): checked whole, not
+#: compared with another run's
+MEASURED = ("kernels", "profiles")
+
+
+def _content(root: Path, compare: bool = True) -> dict[str, str]:
+    """A digest of every file a command publishes, by path (temporaries excluded), from its
+    loaded content: JSON without its volatile keys, arrays by value, anything else by bytes;
+    with ``compare``, measurements (:data:`MEASURED`) are loaded but left out of the digest."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or any(part.startswith(".") or part.startswith("partial-") for part in rel.parts):
+            continue
+        if "kernels" in rel.parts and "build" in str(rel):
+            continue  # the compiler's and torch's files (their own locking), not lede's
+        if p.suffix == ".json":
+            obj = json.loads(p.read_text())  # raises on a half-written file
+            blob = json.dumps(_strip_volatile(obj), sort_keys=True).encode()
+        elif p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            blob = b"".join(k.encode() + v.tobytes() for k, v in sorted(load_file(str(p)).items()))
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                blob = b"".join(k.encode() + z[k].tobytes() for k in sorted(z.files))
+        else:
+            blob = p.read_bytes()
+        if not (compare and any(m in rel.parts for m in MEASURED)):
+            out[str(rel)] = hashlib.sha256(blob).hexdigest()
+    return out
+
+
+_VOLATILE = {"seconds", "created", "date", "timestamp", "time", "timings", "minari_version", "data_path"}
+
+
+def _strip_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+def _check_whole(root: Path) -> None:
+    _content(root, compare=False)  # every JSON, safetensors and npz file loads
+    minari_root = root / "minari"
+    if minari_root.exists():
+        from agents.datasets_tool import validate
+
+        os.environ["MINARI_DATASETS_PATH"] = str(minari_root)
+        for meta in minari_root.rglob("metadata.json"):
+            ds_dir = meta.parent.parent
+            if not ds_dir.name.startswith("partial-"):
+                assert validate(str(ds_dir.relative_to(minari_root)), replay=False) == []
+
+
+def _temporaries(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if ".lede-" in p.name or p.name.startswith("partial-")]
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_killed_command_leaves_nothing_half_written_and_reruns_to_the_same_result(name, tiny_model, tmp_path):
+    args = COMMANDS[name]
+    ref = tmp_path / "ref"
+    count = tmp_path / "count"
+    r = _run(args, ref, tiny_model, count_file=count)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_points = int(count.read_text())
+    reference = _content(ref)
+    assert reference and n_points >= 4
+    seed = int(os.environ.get("LEDE_KILL_SEED", "0"))
+    points = list(range(1, n_points + 1)) if FULL else sorted(random.Random(seed).sample(range(1, n_points + 1),
+                                                                                          min(POINTS_PER_COMMAND, n_points)))
+    print(f"{name}: {n_points} crash points; killing at {points} (LEDE_KILL_SEED={seed})")
+    for at in points:
+        root = tmp_path / f"kill-{at}"
+        # the compiled kernel and its table come along (building it takes 10 s; not under test)
+        shutil.copytree(ref / "cache" / "kernels", root / "cache" / "kernels")
+        r = _run(args, root, tiny_model, crash_at=at)
+        assert r.returncode == -signal.SIGKILL, f"{name} at crash point {at}: exit {r.returncode}\n{r.stderr[-2000:]}"
+        _check_whole(root)
+        r = _run(args, root, tiny_model)
+        assert r.returncode == 0, f"{name} re-run after crash point {at}:\n{r.stderr[-2000:]}"
+        assert _content(root) == reference, f"{name}: re-run after crash point {at} differs"
+        assert _temporaries(root) == [], f"{name}: left after the re-run of crash point {at}"
+        shutil.rmtree(root)
