@@ -37,8 +37,6 @@ COST_SOURCES = ("profile", "wallclock")
 
 #: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
 LOOP_PROFILE_VERSION = 4
-#: Cost-profile names :func:`get_profile` takes (besides a JSON path or a dict).
-PROFILE_KINDS = ("measured", "isolated", "analytic")
 
 
 def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig,
@@ -57,7 +55,7 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
     """A cost profile, measured once on this machine and cached where measured:
 
     - ``"measured"``: fitted to rounds timed in the real decoding loop
-      (:func:`~lede_env.loop_profile.measure_loop_profile`, about 30 s more on 2 CPU cores the
+      (:func:`~lede_env.loop_profile.measure_loop_profile`, about 40 s more on 2 CPU cores the
       first time), starting from the isolated profile; what wall clock follows;
     - ``"isolated"``: each layer, the LM head and the draft head timed alone
       (:func:`~lede_env.costs.measure_profile`; overrates exit drafts on CPUs, see
