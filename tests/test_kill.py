@@ -6,7 +6,8 @@ after its rename, see :func:`lede_env.model.crash_point`). After each kill:
 
 - every file that a command would later read is whole: JSON parses, safetensors and npz arrays
   load, every Minari dataset listed passes ``lede dataset validate``'s checks;
-- the same command run again completes, and its files equal those of an uninterrupted run;
+- the same command run again completes (or, killed after its last publication, refuses to
+  overwrite it with a clear message), and its files equal those of an uninterrupted run;
 - no temporary (``.NAME.lede-<host>-<pid>-*``) or partial dataset (``partial-*``) is left.
 
 The suite runs a few kill points per command (seeded, printed); ``LEDE_KILL_TEST=full`` runs every
@@ -124,26 +125,35 @@ def _temporaries(root: Path) -> list[str]:
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_a_killed_command_leaves_nothing_half_written_and_reruns_to_the_same_result(name, tiny_model, tmp_path):
     args = COMMANDS[name]
-    ref = tmp_path / "ref"
+    ref = tmp_path / "ref"  # builds the compiled kernel and its table once (10 s; not under test)
+    r = _run(args, ref, tiny_model)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def fresh(root: Path) -> Path:
+        shutil.copytree(ref / "cache" / "kernels", root / "cache" / "kernels")
+        return root
+
     count = tmp_path / "count"
-    r = _run(args, ref, tiny_model, count_file=count)
+    r = _run(args, fresh(tmp_path / "counted"), tiny_model, count_file=count)  # as the killed runs start
     assert r.returncode == 0, r.stderr[-2000:]
     n_points = int(count.read_text())
-    reference = _content(ref)
-    assert reference and n_points >= 4
+    reference = _content(tmp_path / "counted")
+    assert reference == _content(ref) and n_points >= 4
     seed = int(os.environ.get("LEDE_KILL_SEED", "0"))
     points = list(range(1, n_points + 1)) if FULL else sorted(random.Random(seed).sample(range(1, n_points + 1),
                                                                                           min(POINTS_PER_COMMAND, n_points)))
     print(f"{name}: {n_points} crash points; killing at {points} (LEDE_KILL_SEED={seed})")
     for at in points:
-        root = tmp_path / f"kill-{at}"
-        # the compiled kernel and its table come along (building it takes 10 s; not under test)
-        shutil.copytree(ref / "cache" / "kernels", root / "cache" / "kernels")
+        root = fresh(tmp_path / f"kill-{at}")
         r = _run(args, root, tiny_model, crash_at=at)
         assert r.returncode == -signal.SIGKILL, f"{name} at crash point {at}: exit {r.returncode}\n{r.stderr[-2000:]}"
         _check_whole(root)
+        published = _content(root) == reference  # killed after its last publication: the work is whole
         r = _run(args, root, tiny_model)
-        assert r.returncode == 0, f"{name} re-run after crash point {at}:\n{r.stderr[-2000:]}"
+        if published and r.returncode != 0:  # a command may refuse to overwrite what it published, clearly
+            assert "already exists" in r.stdout + r.stderr, f"{name} re-run after crash point {at}:\n{r.stdout}"
+        else:
+            assert r.returncode == 0, f"{name} re-run after crash point {at}:\n{r.stdout[-1000:]}{r.stderr[-2000:]}"
         assert _content(root) == reference, f"{name}: re-run after crash point {at} differs"
         assert _temporaries(root) == [], f"{name}: left after the re-run of crash point {at}"
         shutil.rmtree(root)
