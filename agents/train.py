@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lede_env.mdp import flatten_by_layout
+from lede_env.model import atomic_folder
 
 D3RLPY_ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
 ALGOS = D3RLPY_ALGOS + ("sb3_offline_dqn", "ppo", "online_dqn", "trace_q")
@@ -246,24 +247,31 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
         ``(agent, layout)``: the trained agent (a d3rlpy algorithm or an
         :class:`agents.sb3.SB3Agent`) and the flat observation layout. ``cfg.out_dir`` gets the
         model (``model.d3`` or ``model.zip`` + ``obs_stats.json``), ``train_config.json``, the
-        library's logs, and ``eval.json`` (training seconds; held-out metrics when evaluated).
+        library's logs, and ``eval.json`` (training seconds; held-out metrics when evaluated),
+        published whole when training ends (an existing folder there is replaced).
 
     Raises:
         ValueError: a dataset that is not lede's, or held-out prompts shared with the dataset's.
     """
     import logging
 
-    import minari
     import structlog
-
-    from .sb3 import train_sb3
 
     # d3rlpy prints every parameter and metric through structlog at INFO; they are in the log
     # files and W&B already.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     seed_everything(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the run folder is written under a temporary name and published whole at the end (a killed
+    # run never leaves a half-written model.d3 / model.pt where `lede export` would read it)
+    with atomic_folder(Path(cfg.out_dir)) as out:
+        return _train_into(cfg, out, progress, dataset, on_epoch, env, eval_env, wandb_run)
+
+
+def _train_into(cfg: TrainConfig, out: Path, progress: bool, dataset, on_epoch, env, eval_env, wandb_run):
+    import minari
+
+    from .sb3 import train_sb3
+
     dataset = dataset or minari.load_dataset(cfg.dataset_id)
     mdp, layout = to_mdp_dataset(dataset)
     if cfg.eval_prompts and eval_env is None:
