@@ -117,11 +117,18 @@ def _check_whole(root: Path) -> None:
     if minari_root.exists():
         from agents.datasets_tool import validate
 
+        old = os.environ.get("MINARI_DATASETS_PATH")
         os.environ["MINARI_DATASETS_PATH"] = str(minari_root)
-        for meta in minari_root.rglob("metadata.json"):
-            ds_dir = meta.parent.parent
-            if not ds_dir.name.startswith("partial-"):
-                assert validate(str(ds_dir.relative_to(minari_root)), replay=False) == []
+        try:
+            for meta in minari_root.rglob("metadata.json"):
+                ds_dir = meta.parent.parent
+                if not ds_dir.name.startswith("partial-"):
+                    assert validate(str(ds_dir.relative_to(minari_root)), replay=False) == []
+        finally:  # the other tests' Minari folder (conftest) comes back
+            if old is None:
+                os.environ.pop("MINARI_DATASETS_PATH", None)
+            else:
+                os.environ["MINARI_DATASETS_PATH"] = old
 
 
 def _temporaries(root: Path) -> list[str]:
