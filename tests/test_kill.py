@@ -1,7 +1,7 @@
 """Killed at any moment, nothing is lost or half-written (crash testing in the style of SQLite's).
 
-Each long command (``lede traces build``, ``lede collect``, ``lede train`` on the collected
-dataset) runs on a tiny model as a subprocess and SIGKILLs itself at chosen crash points
+Each long command (``lede traces build``, ``lede exits fit``, ``lede collect``, ``lede train`` on
+the collected dataset) runs on a tiny model as a subprocess and SIGKILLs itself at chosen crash points
 (``$LEDE_CRASH_AT``: every publication of a file, folder or Minari dataset has one before and one
 after its rename, see :func:`lede_env.model.crash_point`). After each kill:
 
@@ -38,6 +38,9 @@ COLLECT = ["collect", *TINY, "--prompts", "humaneval[0:3]", "--episodes", "4", "
 #: name -> (the command, the command run once before it whose files it starts from, or None)
 COMMANDS = {
     "traces build": (["traces", "build", *TINY, "--prompts", "humaneval[0:3]"], None),
+    "exits fit": (["exits", "fit", "--model", "{model}", "--max-new-tokens", "8", "--calib-prompts",
+                   "humaneval[100:103]", "--heldout-prompts", "humaneval[0:2]", "--draft-vocab", "64", "--kinds",
+                   "affine,affine-kl", "--kl-steps", "5"], None),
     "collect": (COLLECT, None),
     "train": (["train", "--dataset-id", "lede/tiny/kill-v0", "--algo", "discrete_cql", "--steps", "20",
                "--batch-size", "16", "--eval-prompts", "", "--out", "{root}/run", "--wandb", "disabled"], COLLECT),
