@@ -30,9 +30,7 @@ left by a killed process is removed by the next collection on the same host.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from lede_env.model import crash_point
+from lede_env.model import crash_point, host_tag
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 from .policies import OraclePolicy
@@ -304,15 +302,11 @@ def episode_plan(env, config: CollectConfig, episode_index: int, kinds: list[str
 PARTIAL_PREFIX = "partial-"
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-
-
 def _tmp_id(dataset_id: str) -> str:
     """``<ns>/partial-<host>-<pid>-<name>-v<N>``: where a dataset is written before it is whole."""
     ns, _, name = dataset_id.rpartition("/")
     base, _, ver = name.rpartition("-v")
-    tmp = f"{PARTIAL_PREFIX}{_host_tag()}-{os.getpid()}-{base}-v{ver}"
+    tmp = f"{PARTIAL_PREFIX}{host_tag()}-{os.getpid()}-{base}-v{ver}"
     return f"{ns}/{tmp}" if ns else tmp
 
 

@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .collect import PARTIAL_PREFIX, _host_tag, _rename_dataset, _tmp_id, describe_collection, minari_root, reference_scores
+from lede_env.model import host_tag, pid_alive
+
+from .collect import PARTIAL_PREFIX, _rename_dataset, _tmp_id, describe_collection, minari_root, reference_scores
 
 ID_RE = re.compile(r"^lede/[-_\w]+/[-_\w]+-v\d+$")  # Minari ids allow no dots
 REWARD_RTOL, REWARD_ATOL = 1e-5, 1e-6
@@ -76,16 +78,6 @@ def is_partial(dataset_id: str) -> bool:
     return dataset_id.rpartition("/")[2].startswith(PARTIAL_PREFIX)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
 def clean_stale_partials(root: Optional[Path] = None) -> list[str]:
     """Remove ``partial-<host>-<pid>-*`` dataset folders of this host whose process has ended
     (a collection or merge that was killed). Folders of live processes and of other hosts
@@ -95,14 +87,14 @@ def clean_stale_partials(root: Optional[Path] = None) -> list[str]:
         The relative paths removed.
     """
     root = Path(root or minari_root())
-    host, removed = _host_tag(), []
+    host, removed = host_tag(), []
     if not root.exists():
         return removed
     for p in root.rglob(f"{PARTIAL_PREFIX}*"):
         if not p.is_dir():
             continue
         m = re.match(rf"^{PARTIAL_PREFIX}([A-Za-z0-9]+)-(\d+)-", p.name)
-        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(str(p.relative_to(root)))
     return removed

@@ -94,14 +94,30 @@ def crash_point() -> None:
         atexit.register(lambda: Path(os.environ["LEDE_CRASH_COUNT"]).write_text(str(_CRASH["n"])))
 
 
-def _temp_prefix(name: str) -> str:
-    """``.<name>.lede-<host>-<pid>-``: temporaries name their process, so a later writer can tell
-    a dead process's leftovers (SIGKILL runs no clean-up) from a live writer's work."""
+def host_tag() -> str:
+    """This machine's name reduced to letters and digits (at most 24): temporaries and partial
+    datasets carry it with their process id, so only this host's dead writers are cleaned up."""
     import re
     import socket
 
-    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-    return f".{name}.lede-{host}-{os.getpid()}-"
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _temp_prefix(name: str) -> str:
+    """``.<name>.lede-<host>-<pid>-``: temporaries name their process, so a later writer can tell
+    a dead process's leftovers (SIGKILL runs no clean-up) from a live writer's work."""
+    return f".{name}.lede-{host_tag()}-{os.getpid()}-"
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:
@@ -111,28 +127,18 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     import re
 
     final = Path(final)
-    host = _temp_prefix("x").split("-")[1]
+    host = host_tag()
     removed = []
     if not final.parent.is_dir():
         return removed
     for name in (final.stem, final.name):
         for p in final.parent.glob(f".{name}.lede-*"):
             m = re.match(rf"^\.{re.escape(name)}\.lede-([A-Za-z0-9]+)-(\d+)-", p.name)
-            if not m or m.group(1) != host or _alive(int(m.group(2))):
+            if not m or m.group(1) != host or pid_alive(int(m.group(2))):
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

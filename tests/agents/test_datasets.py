@@ -420,7 +420,7 @@ def test_stale_partial_folder_is_hidden_and_cleaned(good, env):
     root = Path(minari.storage.datasets_root_dir.get_dataset_path())
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # a pid that no longer runs: the "killed collection"
-    tmp_id = f"lede/tiny/partial-{dt._host_tag()}-{p.pid}-stale-mixed-v0"
+    tmp_id = f"lede/tiny/partial-{dt.host_tag()}-{p.pid}-stale-mixed-v0"
     shutil.copytree(root / "lede/tiny/rt-mixed-v0", root / tmp_id)
     meta = root / tmp_id / "data" / "metadata.json"
     meta.write_text(json.dumps(json.loads(meta.read_text()) | {"dataset_id": tmp_id}))
@@ -428,7 +428,7 @@ def test_stale_partial_folder_is_hidden_and_cleaned(good, env):
     assert tmp_id not in dt.list_datasets()  # ...lede does not
     with pytest.raises(FileNotFoundError, match="partial"):
         dt.load(tmp_id)
-    live = root / f"lede/tiny/partial-{dt._host_tag()}-{os.getppid()}-live-mixed-v0"
+    live = root / f"lede/tiny/partial-{dt.host_tag()}-{os.getppid()}-live-mixed-v0"
     live.mkdir()  # a running collection's folder is kept
     collect(env, CollectConfig(dataset_id="lede/tiny/after-mixed-v0", episodes=1), progress=False)
     assert not (root / tmp_id).exists() and live.exists()
