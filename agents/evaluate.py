@@ -17,10 +17,12 @@ Policies are named by strings:
 - ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
 - ``agent:PATH`` - an exported policy folder.
 
-Trace-env metrics: throughput = total tokens / total cost (AR-step units), its share of the
-oracle's, mean return. Decoder metrics: wall-clock tokens/s, speedup vs ``ar`` (ratio of
-total times over the same prompts, methods interleaved prompt by prompt), accepted tokens
-per round, acceptance rate, exit-layer histogram, and whether the tokens equal greedy AR's.
+Every metric is defined once, in :mod:`lede_env.metrics`. Trace-env metrics: throughput = round
+tokens / round cost (AR-step units), its share of the oracle's, mean return, tokens per round,
+acceptance. Decoder metrics: wall-clock tokens/s, speedup vs ``ar`` (tokens/s ratio over the same
+prompts, methods interleaved prompt by prompt), tokens per round, acceptance, the mean round cost
+predicted by the cost profile and measured (AR-step units), exit-layer histogram, and whether
+the tokens equal greedy AR's. Undefined values (AR's acceptance) are NaN, printed ``-``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
+from lede_env.metrics import RoundTotals, format_metric, speedup, tokens_per_second
 from lede_env.model import synchronize
 from lede_env.replay import oracle_plan, rollout, throughput
 
@@ -134,7 +137,7 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
         one row per policy (``category == "all"``), then per policy and category:
         ``policy``, ``category``, ``throughput`` (tokens per AR-step unit), ``oracle_share``
         (throughput / the oracle's on the same traces), ``mean_return``, ``tokens_per_round``,
-        ``acceptance``.
+        ``acceptance`` (NaN when nothing was drafted), as :mod:`lede_env.metrics` defines them.
     """
     u = env.unwrapped
     cats = [u.trace_set.traces[i].category for i in u.playable]
@@ -160,11 +163,13 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
     for cat, idx in groups.items():
         for lab, (results, returns) in per_policy.items():
             res = [results[j] for j in idx]
-            rows.append({"policy": lab, "category": cat, "throughput": throughput(res),
-                         "oracle_share": throughput(res) / throughput([oracle[j] for j in idx]),
+            tot = RoundTotals(rounds=sum(r["rounds"] for r in res), tokens=sum(r["tokens"] for r in res),
+                              drafted=sum(r["drafted"] for r in res), accepted=sum(r["accepted"] for r in res),
+                              cost=sum(r["cost"] for r in res))
+            rows.append({"policy": lab, "category": cat, "throughput": tot.throughput,
+                         "oracle_share": tot.throughput / throughput([oracle[j] for j in idx]),
                          "mean_return": float(np.mean([returns[j] for j in idx])),
-                         "tokens_per_round": sum(r["tokens"] for r in res) / max(sum(r["rounds"] for r in res), 1),
-                         "acceptance": sum(r["accepted"] for r in res) / max(sum(r["drafted"] for r in res), 1)})
+                         "tokens_per_round": tot.tokens_per_round, "acceptance": tot.acceptance})
     return rows
 
 
@@ -173,15 +178,15 @@ def run_episodes(u, pol):
 
     Returns:
         ``(results, returns)``: per episode ``{"tokens", "cost", "rounds", "accepted", "drafted"}``
-        and the undiscounted return.
+        (:class:`lede_env.metrics.RoundTotals`' sums: ``tokens`` are the rounds', the prefill's
+        token excluded) and the undiscounted return.
     """
     results, returns = [], []
     for i in u.playable:
         obs, _ = u.reset(seed=0, options={"prompt_index": i})
         if pol is not None:
             pol.reset()
-        ret, done = 0.0, False
-        tok = cost = acc = drafted = rounds = 0
+        ret, done, tot = 0.0, False, RoundTotals()
         while not done:
             a = u.oracle_action() if pol is None else pol.act(obs if pol.needs_observation else None)
             obs, r, te, tr, info = u.step(a)
@@ -189,26 +194,28 @@ def run_episodes(u, pol):
             if pol is not None:
                 pol.update(RoundRecord(**rd))
             ret += r
-            tok += rd["emitted"]
-            cost += rd["cost"]
-            acc += rd["accepted"]
-            drafted += rd["draft_len"]
-            rounds += 1
+            tot.add(rd)
             done = te or tr
-        results.append({"tokens": tok, "cost": cost, "rounds": rounds, "accepted": acc, "drafted": drafted})
+        results.append({"tokens": tot.tokens, "cost": tot.cost, "rounds": tot.rounds, "accepted": tot.accepted,
+                        "drafted": tot.drafted})
         returns.append(ret)
     return results, returns
 
 
 @dataclass
 class LiveResult:
-    """Accumulated wall-clock results of one method."""
+    """Accumulated wall-clock results of one method.
+
+    Attributes:
+        seconds: total wall-clock seconds, prefill included.
+        tokens: all generated tokens (the prefill's included).
+        totals: the rounds' sums (:class:`lede_env.metrics.RoundTotals`; empty for transformers
+            baselines but ``hf``, whose rounds lede cannot see).
+    """
 
     seconds: float = 0.0
     tokens: int = 0
-    rounds: int = 0
-    accepted: int = 0
-    drafted: int = 0
+    totals: RoundTotals = field(default_factory=RoundTotals)
     identical: bool = True
     exits: Counter = field(default_factory=Counter)
     policy_seconds: float = 0.0
@@ -227,9 +234,14 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
 
     Returns:
         one row per method (``category == "all"``), then per method and category: ``policy``,
-        ``category``, ``tokens_per_s``, ``speedup_vs_ar`` (ratio of total wall-clock times to
-        ``ar``'s on the same prompts), ``tokens_per_round``, ``acceptance``, ``identical_to_ar``,
-        ``exit_histogram``, ``policy_ms_per_round``.
+        ``category``, ``tokens_per_s``, ``speedup_vs_ar`` (tokens/s over ``ar``'s on the same
+        prompts), ``tokens_per_round``, ``acceptance``, ``cost_per_round_predicted`` (mean round
+        cost of the cost profile, AR-step units), ``cost_per_round_measured`` (mean round seconds
+        over the seconds of ``ar``'s plain steps in the same rows), ``identical_to_ar``,
+        ``exit_histogram``, ``policy_ms_per_round``; metrics as :mod:`lede_env.metrics` defines
+        them, NaN where undefined (acceptance without drafts; round metrics of transformers
+        baselines other than ``hf``, whose rounds lede cannot see; predicted costs without a
+        cost profile).
     """
     from tqdm.auto import tqdm
 
@@ -262,7 +274,9 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
                 for r in rs:
                     r.seconds += dt
                     r.tokens += len(toks)
-                    r.rounds += len(toks)
+                    if n == "hf":  # plain greedy: one AR round per token after the prefill's, untimed
+                        r.totals += RoundTotals(rounds=max(len(toks) - 1, 0), tokens=max(len(toks) - 1, 0),
+                                                cost=float("nan"), seconds=float("nan"))
             else:
                 pol = PlanPolicy(plans[t.id]) if n == "oracle" else pols[n]
                 out = decoder.generate(prompt, pol, u.max_new_tokens)
@@ -270,9 +284,7 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
                 for r in rs:
                     r.seconds += out.seconds
                     r.tokens += len(toks)
-                    r.rounds += len(out.rounds) + 1  # + the prefill token
-                    r.accepted += out.accepted
-                    r.drafted += out.drafted
+                    r.totals += out.totals
                     r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
                     r.exits.update(x.exit_layer for x in out.rounds)
                 if records is not None:
@@ -286,23 +298,28 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     rows = []
     for c in groups:
         ar = res[("ar", c)]
+        ar_step = ar.totals.ar_step_seconds  # lede's plain AR step on these prompts, measured alongside
         for n in names:
             r = res[(n, c)]
-            rows.append({"policy": label(n, env, static_best), "category": c, "tokens_per_s": r.tokens / r.seconds,
-                         "speedup_vs_ar": ar.seconds / r.seconds,
-                         "tokens_per_round": r.tokens / max(r.rounds, 1),
-                         "acceptance": r.accepted / r.drafted if r.drafted else float("nan"),
+            t = r.totals
+            rows.append({"policy": label(n, env, static_best), "category": c,
+                         "tokens_per_s": tokens_per_second(r.tokens, r.seconds),
+                         "speedup_vs_ar": speedup(r.tokens, r.seconds, ar.tokens, ar.seconds),
+                         "tokens_per_round": t.tokens_per_round, "acceptance": t.acceptance,
+                         "cost_per_round_predicted": t.cost_per_round if decoder.profile is not None else float("nan"),
+                         "cost_per_round_measured": t.measured_cost_per_round(ar_step),
                          "identical_to_ar": r.identical,
                          "exit_histogram": dict(sorted(r.exits.items())),
-                         "policy_ms_per_round": 1000 * r.policy_seconds / max(r.rounds, 1)})
+                         "policy_ms_per_round": 1000 * r.policy_seconds / t.rounds if t.rounds else float("nan")})
     return rows
 
 
 def format_cell(v, floatfmt: str = ".3f") -> str:
-    """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``),
-    dicts as ``key:value`` pairs."""
+    """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``;
+    an undefined metric, NaN, as ``-``: :func:`lede_env.metrics.format_metric`), dicts as
+    ``key:value`` pairs."""
     if isinstance(v, float):
-        return format(v, ".3g" if v and abs(v) < 0.01 else floatfmt)
+        return format_metric(v, ".3g" if v and abs(v) < 0.01 else floatfmt)
     if isinstance(v, dict):
         return " ".join(f"{k}:{c}" for k, c in v.items())
     return str(v)

@@ -33,6 +33,7 @@ from .exits import ExitHeads
 from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
                   verified_positions)
+from .metrics import RoundTotals, acceptance, tokens_per_round
 from .model import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
@@ -104,14 +105,21 @@ class GenerationResult:
         return sum(r.accepted for r in self.rounds)
 
     @property
+    def totals(self) -> RoundTotals:
+        """The rounds' sums (:class:`~lede_env.metrics.RoundTotals`) every metric follows from."""
+        return RoundTotals.of(self.rounds)
+
+    @property
     def acceptance_rate(self) -> float:
-        """Accepted draft tokens / drafted tokens (nan when nothing was drafted)."""
-        return self.accepted / self.drafted if self.drafted else float("nan")
+        """Accepted draft tokens / drafted tokens (:func:`lede_env.metrics.acceptance`; NaN when
+        nothing was drafted)."""
+        return acceptance(self.accepted, self.drafted)
 
     @property
     def tokens_per_round(self) -> float:
-        """Mean tokens emitted per round (1.0 for AR)."""
-        return len(self.tokens) / max(len(self.rounds), 1)
+        """Tokens emitted by rounds / rounds, the prefill's token excluded
+        (:func:`lede_env.metrics.tokens_per_round`: 1.0 for AR, NaN without rounds)."""
+        return tokens_per_round(sum(r.emitted for r in self.rounds), len(self.rounds))
 
     @property
     def cost(self) -> float:

@@ -50,16 +50,20 @@ class LedeOutput:
     stopped_by: str
 
     def summary(self) -> str:
-        """One line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
+        """One line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time (the
+        metrics of :mod:`lede_env.metrics`; an undefined one, e.g. AR's acceptance, shows as ``-``)."""
+        from .metrics import format_metric, tokens_per_second
+
         r = self.result
         exits: dict[int, int] = {}
         for x in r.rounds:
             exits[x.exit_layer] = exits.get(x.exit_layer, 0) + 1
         ex = " ".join(f"{'AR' if e == 0 else f'E{e}'}:{c}" for e, c in sorted(exits.items()))
         pol_ms = 1000 * sum(x.policy_seconds for x in r.rounds) / max(len(r.rounds), 1)
-        return (f"{len(self.tokens)} tokens in {r.seconds:.2f} s ({len(self.tokens) / max(r.seconds, 1e-9):.1f} "
-                f"tokens/s), {r.tokens_per_round:.2f} tokens per round, acceptance "
-                f"{r.acceptance_rate:.2f}, exits {ex or '-'}, policy {pol_ms:.2f} ms/round, "
+        return (f"{len(self.tokens)} tokens in {r.seconds:.2f} s "
+                f"({format_metric(tokens_per_second(len(self.tokens), r.seconds), '.1f')} "
+                f"tokens/s), {format_metric(r.tokens_per_round, '.2f')} tokens per round, acceptance "
+                f"{format_metric(r.acceptance_rate, '.2f')}, exits {ex or '-'}, policy {pol_ms:.2f} ms/round, "
                 f"stopped by {self.stopped_by}")
 
 

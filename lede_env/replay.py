@@ -10,6 +10,7 @@ import numpy as np
 from .costs import CostProfile
 from .lookup import DEFAULT_NGRAM, context_draft
 from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
+from .metrics import throughput as metric_throughput
 from .stopping import StopRule, as_stop_rule
 from .traces import Trace
 
@@ -172,9 +173,9 @@ def rollout(trace: Trace, rules: ReplayRules, max_new_tokens: int, choose) -> di
 
 
 def throughput(results: Sequence[dict]) -> float:
-    """Total tokens / total cost (tokens per AR-step unit) over several episodes."""
-    c = sum(r["cost"] for r in results)
-    return sum(r["tokens"] for r in results) / c if c else float("nan")
+    """Total round tokens / total cost (tokens per AR-step unit) over several episodes
+    (:func:`lede_env.metrics.throughput`; NaN at zero cost)."""
+    return metric_throughput(sum(r["tokens"] for r in results), sum(r["cost"] for r in results))
 
 
 def useful_actions(rules: ReplayRules) -> list[int]:
