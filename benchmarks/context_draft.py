@@ -42,6 +42,7 @@ def main() -> None:
     from agents.evaluate import to_markdown
     from lede_env.generate import Lede
     from lede_env.kernels import cpu_name
+    from lede_env.metrics import RoundTotals, tokens_per_second
     from lede_env.prompts import WIDE_EVAL, first_per_category, load_prompts
     from lede_env.traces import encode_prompts, get_bundle
 
@@ -54,7 +55,8 @@ def main() -> None:
         ledes[m] = Lede(None, policy=policy, context_draft=int(ctx or 0))
     hf = {"transformers generate": {}} | {f"transformers prompt lookup {n}": {"prompt_lookup_num_tokens": int(n)}
                                           for n in args.hf_lookup.split(",") if n}
-    secs, toks, rounds, same = defaultdict(float), defaultdict(int), defaultdict(int), defaultdict(lambda: True)
+    secs, toks, same = defaultdict(float), defaultdict(int), defaultdict(lambda: True)
+    rounds = defaultdict(RoundTotals)
 
     def run_hf(x, kw):
         t0 = time.perf_counter()
@@ -83,12 +85,12 @@ def main() -> None:
             for cat in (p.category, "all"):
                 secs[(label, cat)] += out.result.seconds
                 toks[(label, cat)] += len(out.tokens)
-                rounds[(label, cat)] += len(out.result.rounds) + 1
+                rounds[(label, cat)] += out.result.totals
             same[label] &= out.tokens == ref
     cats = sorted({c for _, c in secs if c != "all"}) + ["all"]
 
     def tps(m, c):
-        return toks[(m, c)] / secs[(m, c)]
+        return tokens_per_second(toks[(m, c)], secs[(m, c)])
 
     rows = []
     for m in dict.fromkeys(m for m, _ in secs):
@@ -97,7 +99,7 @@ def main() -> None:
             row[f"{c} vs AR"] = tps(m, c) / tps("lede ar", c) if ("lede ar", c) in secs else float("nan")
         row["all tok/s"] = tps(m, "all")
         row["vs transformers"] = tps(m, "all") / tps("transformers generate", "all")
-        row["tokens/round"] = toks[(m, "all")] / rounds[(m, "all")] if rounds[(m, "all")] else float("nan")
+        row["tokens/round"] = rounds[(m, "all")].tokens_per_round  # NaN (-) for transformers: rounds unseen
         row["identical"] = same[m]
         rows.append(row)
     md = to_markdown(rows)

@@ -41,6 +41,7 @@ def main() -> None:
     from agents.evaluate import to_markdown
     from lede_env.policies import split_policies
     from lede_env.generate import Lede
+    from lede_env.metrics import RoundTotals, speedup, tokens_per_second
     from lede_env.prompts import load_prompts
     from lede_env.traces import encode_prompts, get_bundle
 
@@ -51,15 +52,14 @@ def main() -> None:
     model = b.model
     stats = {}
 
-    def add(name, mode, seconds, tokens, rounds=None, out=None, same=None):
-        s = stats.setdefault((name, mode), {"s": 0.0, "tok": 0, "rounds": 0, "acc": 0, "dr": 0, "pol": 0.0,
-                                            "same": True})
+    def add(name, mode, seconds, tokens, out=None, same=None):
+        """Count one generation; without ``out`` (transformers) one round per token after the prefill's."""
+        s = stats.setdefault((name, mode), {"s": 0.0, "tok": 0, "rounds": RoundTotals(), "pol": 0.0, "same": True})
         s["s"] += seconds
         s["tok"] += tokens
-        s["rounds"] += rounds if rounds is not None else tokens
+        s["rounds"] += out.result.totals if out is not None else RoundTotals(rounds=max(tokens - 1, 0),
+                                                                             tokens=max(tokens - 1, 0))
         if out is not None:
-            s["acc"] += out.result.accepted
-            s["dr"] += out.result.drafted
             s["pol"] += sum(r.policy_seconds for r in out.result.rounds)
         if same is not None:
             s["same"] &= same
@@ -82,7 +82,7 @@ def main() -> None:
             for p, lede in ledes.items():
                 out = lede.generate(input_ids=torch.tensor(ids), max_new_tokens=args.max_new_tokens,
                                     temperature=0.0 if mode == "greedy" else args.temperature, seed=i)
-                add(f"lede {p}", mode, out.result.seconds, len(out.tokens), len(out.result.rounds) + 1, out,
+                add(f"lede {p}", mode, out.result.seconds, len(out.tokens), out,
                     out.tokens == ref if mode == "greedy" else None)
     rows = []
     for mode in ("greedy", "sampled"):
@@ -90,11 +90,11 @@ def main() -> None:
         for (name, m), s in stats.items():
             if m != mode:
                 continue
-            rows.append({"method": name, "mode": mode, "tokens_per_s": s["tok"] / s["s"],
-                         "speedup_vs_transformers": ref["s"] / s["s"] * (s["tok"] / max(ref["tok"], 1)),
-                         "tokens_per_round": s["tok"] / max(s["rounds"], 1),
-                         "acceptance": s["acc"] / s["dr"] if s["dr"] else float("nan"),
-                         "policy_ms_per_round": 1000 * s["pol"] / max(s["rounds"], 1),
+            t = s["rounds"]
+            rows.append({"method": name, "mode": mode, "tokens_per_s": tokens_per_second(s["tok"], s["s"]),
+                         "speedup_vs_transformers": speedup(s["tok"], s["s"], ref["tok"], ref["s"]),
+                         "tokens_per_round": t.tokens_per_round, "acceptance": t.acceptance,
+                         "policy_ms_per_round": 1000 * s["pol"] / t.rounds if t.rounds else float("nan"),
                          "identical_to_greedy": s["same"] if mode == "greedy" else "-"})
     md = to_markdown(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ def device_facts(model: str) -> dict:
 
 
 def main(argv=None) -> dict:
+    from lede_env.metrics import format_metric
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="The folder gpu_check.sh wrote (OUT).")
     ap.add_argument("--model", required=True)
@@ -86,8 +88,9 @@ def main(argv=None) -> dict:
     summary = {
         "facts": device_facts(args.model),
         "prompts": {"eval": opt["--prompts"], "train": opt["--train-prompts"], "max_new_tokens": int(opt["--max-new-tokens"])},
-        "wall_clock": [{k: r[k] for k in ("policy", "speedup_vs_ar", "tokens_per_s", "tokens_per_round", "acceptance",
-                                         "identical_to_ar", "policy_ms_per_round")} for r in rows],
+        "wall_clock": [{k: r.get(k) for k in ("policy", "speedup_vs_ar", "tokens_per_s", "tokens_per_round", "acceptance",
+                                             "cost_per_round_predicted", "cost_per_round_measured", "identical_to_ar",
+                                             "policy_ms_per_round")} for r in rows],
         "trace_env": [{k: r[k] for k in ("policy", "throughput", "oracle_share", "tokens_per_round")}
                       for r in trace if r["category"] == "all"],
         "greedy_equivalence": eq,
@@ -98,11 +101,15 @@ def main(argv=None) -> dict:
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(out / "gpu_check.json")
     print(f"\n{summary['facts']}\n")
-    print("| method | speedup vs AR | tokens/s | tokens/round | acceptance | identical to AR |")
-    print("|---|---|---|---|---|---|")
+    # metrics as lede_env.metrics defines them; an undefined one (AR's acceptance) prints "-"
+    print("| method | speedup vs AR | tokens/s | tokens/round | acceptance | round cost predicted | round cost measured "
+          "| identical to AR |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in summary["wall_clock"]:
-        print(f"| {r['policy']} | {r['speedup_vs_ar']:.3f} | {r['tokens_per_s']:.1f} | {r['tokens_per_round']:.2f} | "
-              f"{r['acceptance']:.2f} | {r['identical_to_ar']} |")
+        print(f"| {r['policy']} | {format_metric(r['speedup_vs_ar'])} | {format_metric(r['tokens_per_s'], '.1f')} | "
+              f"{format_metric(r['tokens_per_round'], '.2f')} | {format_metric(r['acceptance'], '.2f')} | "
+              f"{format_metric(r['cost_per_round_predicted'], '.2f')} | "
+              f"{format_metric(r['cost_per_round_measured'], '.2f')} | {r['identical_to_ar']} |")
     bad = {p: e for p, e in eq.items() if not e["ok"]}
     print(f"\nteacher-forced greedy check: {'every emitted token is the greedy choice' if not bad else bad}")
     print(f"stage seconds: {summary['stages']}; total {args.seconds} s -> {out / 'gpu_check.json'}")

@@ -65,6 +65,7 @@ def main() -> None:
     from agents.evaluate import to_markdown
     from lede_env.policies import policy_from_name
     from lede_env.generate import Lede
+    from lede_env.metrics import RoundTotals, speedup, tokens_per_second
     from lede_env.prompts import load_prompts
     from lede_env.traces import encode_prompts, get_bundle
 
@@ -99,7 +100,7 @@ def main() -> None:
         lede = Lede(None, policy=agent)
         names = {"sampled AR (lede loop)": "ar", f"static E={E},K={K}": f"static:{E},{K}", f"agent {agent}": agent}
         pols = {n: lede.make_policy(p) for n, p in names.items()}
-        stats = {n: {"s": 0.0, "tok": 0, "rounds": 0, "acc": 0, "dr": 0} for n in [*pols, "transformers sampled"]}
+        stats = {n: {"s": 0.0, "tok": 0, "rounds": RoundTotals()} for n in [*pols, "transformers sampled"]}
         lede.generate(input_ids=torch.tensor(prompts[0]), max_new_tokens=4)  # warm-up
         x0 = torch.tensor(prompts[0]).view(1, -1).to(b.stack.device)
         b.model.generate(x0, attention_mask=torch.ones_like(x0), max_new_tokens=4, do_sample=False)
@@ -110,9 +111,7 @@ def main() -> None:
                 s = stats[n]
                 s["s"] += out.result.seconds
                 s["tok"] += len(out.tokens)
-                s["rounds"] += len(out.result.rounds) + 1
-                s["acc"] += out.result.accepted
-                s["dr"] += out.result.drafted
+                s["rounds"] += out.result.totals
             x = torch.tensor(ids).view(1, -1).to(b.stack.device)
             torch.manual_seed(i)
             synchronize(b.stack.device)
@@ -124,12 +123,13 @@ def main() -> None:
             s = stats["transformers sampled"]
             s["s"] += time.perf_counter() - t0
             s["tok"] += int(ref.numel())
-            s["rounds"] += int(ref.numel())
+            n_rounds = max(int(ref.numel()) - 1, 0)  # plain sampling: one round a token after the prefill's
+            s["rounds"] += RoundTotals(rounds=n_rounds, tokens=n_rounds)
         ar = stats["sampled AR (lede loop)"]
-        rows2 = [{"method": n, "tokens_per_s": s["tok"] / s["s"],
-                  "speedup_vs_sampled_ar": (s["tok"] / s["s"]) / (ar["tok"] / ar["s"]),
-                  "tokens_per_round": s["tok"] / max(s["rounds"], 1),
-                  "acceptance": s["acc"] / s["dr"] if s["dr"] else float("nan")} for n, s in stats.items()]
+        rows2 = [{"method": n, "tokens_per_s": tokens_per_second(s["tok"], s["s"]),
+                  "speedup_vs_sampled_ar": speedup(s["tok"], s["s"], ar["tok"], ar["s"]),
+                  "tokens_per_round": s["rounds"].tokens_per_round,
+                  "acceptance": s["rounds"].acceptance} for n, s in stats.items()]
         md2 = to_markdown(rows2)
         print(md2)
 
@@ -144,7 +144,7 @@ def main() -> None:
             for n, p in names.items():
                 pol = policy_from_name("agent:" + p if p == agent else p, u.actions, u.profile, u.rules.bonus,
                                        u.rules.reuse, u.observer)
-                tok = cst = 0.0
+                tot = RoundTotals()
                 with u.playing(pol):
                     for i in u.playable:
                         obs, _ = u.reset(seed=i, options={"prompt_index": i})
@@ -152,10 +152,9 @@ def main() -> None:
                         done = False
                         while not done:
                             obs, r, te, tr, info = u.step(pol.act(obs if pol.needs_observation else None))
-                            cst += info["round"]["cost"]
-                            tok += info["round"]["emitted"]
+                            tot.add(info["round"])
                             done = te or tr
-                rows3.append({"cost": cost, "policy": n, "throughput_tokens_per_ar_step": tok / cst})
+                rows3.append({"cost": cost, "policy": n, "throughput_tokens_per_ar_step": tot.throughput})
             env.close()
         md3 = to_markdown(rows3)
         print(md3)

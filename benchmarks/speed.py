@@ -17,8 +17,9 @@ Methods, all greedy, on held-out prompts (not used for fitting exit heads or cho
   the real decoder.
 
 Statics are chosen on the training traces. For each method the table gives wall-clock tokens/s,
-the speedup over AR measured in this run (ratio of total times over the same prompts, methods
-interleaved prompt by prompt), accepted tokens per round, and the speedup the trace env
+the speedup over AR measured in this run (tokens/s ratio over the same prompts, methods
+interleaved prompt by prompt), tokens per round (metrics as :mod:`lede_env.metrics` defines them:
+the prefill's token is no round's), and the speedup the trace env
 predicts for the same actions (AR cost / method cost under the measured cost profile).
 
     python benchmarks/speed.py --out runs/bench/speed.md
@@ -58,6 +59,7 @@ def main() -> None:
     from agents.policies import best_static_action
     from lede_env.decoding import PlanPolicy, StaticPolicy, greedy_reference
     from lede_env.env import LEDEEnv
+    from lede_env.metrics import speedup, tokens_per_round, tokens_per_second
     from lede_env.replay import oracle_plan, rollout
     from lede_env.traces import HeadSpec, get_bundle, get_heads
 
@@ -90,7 +92,8 @@ def main() -> None:
         "oracle replay": ("learned", lambda t: PlanPolicy(plans["learned"][t.id])),
         "oracle replay, no bonus": ("learned, no bonus", lambda t: PlanPolicy(plans["learned, no bonus"][t.id])),
     }
-    res = {m: {"s": 0.0, "tok": 0, "rounds": 0, "pred_cost": 0.0, "same": True} for m in list(methods) + ["hf"]}
+    res = {m: {"s": 0.0, "tok": 0, "round_tok": 0, "rounds": 0, "pred_cost": 0.0, "same": True}
+           for m in list(methods) + ["hf"]}
     decs["learned"].generate(torch.tensor(traces[0].prompt), StaticPolicy(0), 4)  # warm-up
     for i, t in zip(env.playable, traces):
         p = torch.tensor(t.prompt)
@@ -100,7 +103,8 @@ def main() -> None:
             r = res[m]
             r["s"] += out.seconds
             r["tok"] += len(out.tokens)
-            r["rounds"] += len(out.rounds) + 1  # + the prefill, which emits the first token
+            r["round_tok"] += out.totals.tokens  # the prefill's token is no round's (lede_env.metrics)
+            r["rounds"] += len(out.rounds)
             ref = out.tokens if m == "AR" else ref
             r["same"] &= out.tokens == ref
             # what the trace env predicts for the same actions
@@ -115,15 +119,18 @@ def main() -> None:
         synchronize(b.stack.device)
         res["hf"]["s"] += time.perf_counter() - t0
         res["hf"]["tok"] += len(hf)
-        res["hf"]["rounds"] += len(hf)
+        res["hf"]["round_tok"] += max(len(hf) - 1, 0)  # one AR round per token after the prefill's
+        res["hf"]["rounds"] += max(len(hf) - 1, 0)
         res["hf"]["same"] &= hf == ref
     ar = res["AR"]
     rows = []
     for m in ["AR", "hf"] + list(methods)[1:]:
         r = res[m]
         pred = ar["pred_cost"] / r["pred_cost"] if r["pred_cost"] else float("nan")
-        rows.append({"method": "transformers generate" if m == "hf" else m, "tokens_per_s": r["tok"] / r["s"],
-                     "speedup_vs_ar": ar["s"] / r["s"], "tokens_per_round": r["tok"] / max(r["rounds"], 1),
+        rows.append({"method": "transformers generate" if m == "hf" else m,
+                     "tokens_per_s": tokens_per_second(r["tok"], r["s"]),
+                     "speedup_vs_ar": speedup(r["tok"], r["s"], ar["tok"], ar["s"]),
+                     "tokens_per_round": tokens_per_round(r["round_tok"], r["rounds"]),
                      "predicted_speedup": pred if m != "hf" else float("nan"), "identical_to_ar": r["same"]})
     # transformers' assistant_early_exit: slow, so a few prompts and tokens, per-token comparison
     def early_exit(t, E):
@@ -147,8 +154,8 @@ def main() -> None:
         o = decs["learned"].generate(torch.tensor(t.prompt), StaticPolicy(0), args.ee_tokens)
         s_ar += o.seconds
         tok_ar += len(o.tokens)
-    rows.append({"method": f"transformers assistant_early_exit={E}", "tokens_per_s": tok_ee / s_ee,
-                 "speedup_vs_ar": (tok_ee / s_ee) / (tok_ar / s_ar), "tokens_per_round": float("nan"),
+    rows.append({"method": f"transformers assistant_early_exit={E}", "tokens_per_s": tokens_per_second(tok_ee, s_ee),
+                 "speedup_vs_ar": speedup(tok_ee, s_ee, tok_ar, s_ar), "tokens_per_round": float("nan"),
                  "predicted_speedup": float("nan"), "identical_to_ar": None})
     md = to_markdown(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
