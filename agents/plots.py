@@ -214,13 +214,15 @@ def plot_acceptance(records_by_policy: dict, path: Path, bins: int = 24) -> Path
     Raises:
         ValueError: no drafting round in any record.
     """
+    from lede_env.metrics import acceptance
+
     series = {}
     for lab, recs in records_by_policy.items():
         for rec in recs:
             pos, pts = 1, []
             for r in rec["rounds"]:
                 if r["draft_len"]:
-                    pts.append((pos, r["accepted"] / r["draft_len"]))
+                    pts.append((pos, acceptance(r["accepted"], r["draft_len"])))
                 pos += r["emitted"]
             series.setdefault((lab, rec.get("category", "all")), []).extend(pts)
     series = {k: v for k, v in series.items() if v}
