@@ -54,7 +54,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
     u = env.unwrapped
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
-        algo.save_policy(str(tmp / "policy.pt"))
+        save_policy_quietly(algo, tmp / "policy.pt")
         man = u.manifest  # the trace set's manifest, or the live backend's description
         cfg = {
             "format": EXPORT_FORMAT,
@@ -80,6 +80,37 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
         if onnx:
             write_onnx(tmp / "policy.pt", tmp / "policy.onnx", int(u.observer.flat_dim))
     return out
+
+
+def save_policy_quietly(algo, path: Path) -> None:
+    """``algo.save_policy(path)`` (TorchScript by ``torch.jit.trace``) without the tracer
+    warnings known to be harmless.
+
+    The tracer warns "Converting a tensor to a Python boolean might cause the trace to be
+    incorrect" wherever traced code turns a tensor into a Python bool. Two such places run while a
+    d3rlpy policy is traced, and neither decides anything the traced graph computes:
+
+    - d3rlpy's observation scaler asserts ``x.shape == target.shape[dim_diff:]``
+      (``d3rlpy/preprocessing/base.py``, ``add_leading_dims``): the scaler's mean/std shape
+      against the observation's feature dimensions, which the observation layout fixes; the graph
+      keeps only the broadcast, right for every batch size;
+    - ``torch.distributions``' argument validation (``distribution.py``; DiscreteBCQ's imitator
+      builds a ``Categorical``) checks that the logits are finite reals and raises otherwise; the
+      graph keeps the logits' computation, not the check.
+
+    ``tests/agents/test_algorithms.py`` checks every algorithm's export against the agent on a
+    batch of 48. Only that message from those two modules is silenced; any other tracer warning
+    still shows.
+    """
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        for module in (r"d3rlpy\.preprocessing\.base", r"torch\.distributions\.distribution"):
+            warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean",
+                                    category=torch.jit.TracerWarning, module=module)
+        algo.save_policy(str(path))
 
 
 def write_onnx(pt: Path, dest: Path, flat_dim: int) -> Path:

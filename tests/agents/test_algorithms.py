@@ -3,6 +3,8 @@ traces, exports, and its export acts like the trained agent."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,8 +52,12 @@ def test_every_algorithm_trains_evaluates_and_exports(algo, data, tmp_path):
     # the saved run folder reloads to the same greedy actions, and the export matches them
     again = load_algo(tmp_path / algo)
     np.testing.assert_array_equal(np.asarray(again.predict(obs)), acts)
-    pol = ExportedPolicy(export_policy(again, env, tmp_path / f"{algo}-policy", algo, 0.5))
+    with warnings.catch_warnings(record=True) as caught:  # lede export prints no tracer warning (issue 22)
+        warnings.simplefilter("always")
+        pol = ExportedPolicy(export_policy(again, env, tmp_path / f"{algo}-policy", algo, 0.5))
+    assert not [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     pol.check_compatible(env.observer, env.actions)
+    # the trace (batch 1) is right for a batch of 48: the silenced shape check was harmless
     np.testing.assert_array_equal(pol.module(torch.from_numpy(obs)).numpy(), acts)
 
 
