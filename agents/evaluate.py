@@ -336,16 +336,19 @@ def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
 
 
 def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:
-    """Write ``rows`` as ``NAME.csv``, ``NAME.md`` and ``NAME.json`` in ``out_dir``."""
+    """Write ``rows`` as ``NAME.csv``, ``NAME.md`` and ``NAME.json`` in ``out_dir``, each through
+    :func:`lede_env.model.atomic_file` (a killed process leaves each file old or new, whole)."""
+    from lede_env.model import write_text_atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(rows, indent=2, default=str))
-    (out_dir / f"{name}.md").write_text(to_markdown(rows) + "\n")
+    write_text_atomic(out_dir / f"{name}.json", json.dumps(rows, indent=2, default=str))
+    write_text_atomic(out_dir / f"{name}.md", to_markdown(rows) + "\n")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     for r in rows:
         w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
-    (out_dir / f"{name}.csv").write_text(buf.getvalue())
+    write_text_atomic(out_dir / f"{name}.csv", buf.getvalue())
 
 
 def log_to_wandb(mode: str, project: str, name: str, config: dict, tables: dict[str, list[dict]],

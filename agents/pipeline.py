@@ -16,6 +16,7 @@ from typing import Optional
 
 from rich.console import Console
 
+from lede_env.model import write_text_atomic
 from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 
 console = Console()
@@ -205,8 +206,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         write_results(out, "live_eval", live_rows)
     summary = {"config": asdict(cfg), "static_best": [E, K], "agent": best[1], "trace": trace_rows,
                "live": live_rows, "timings": cfg.timings}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "results.md").write_text(
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(out / "results.md",
         f"# lede demo\n\nTrace env (held-out `{cfg.eval_prompts}`, throughput in tokens per AR-step cost):\n\n"
         f"{to_markdown(trace_rows)}\n\nReal decoder (wall clock, same process):\n\n{to_markdown(live_rows)}\n\n"
         f"Stage times (s): {json.dumps(cfg.timings)}\n")

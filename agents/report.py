@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lede_env.model import write_json_atomic
+from lede_env.model import write_json_atomic, write_text_atomic
 
 RECORDS_FORMAT = 1
 
@@ -116,8 +116,8 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
             page.append(f"<img src='{img}' alt='{html.escape(title)}'>")
         page.append(extra)
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
-    (out / "report.html").write_text("\n".join(page))
+    write_text_atomic(md_path, "\n".join(md))
+    write_text_atomic(out / "report.html", "\n".join(page))
     return md_path
 
 

@@ -712,3 +712,10 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`: a reader (or a process
+    killed mid-write) sees the old file or the new one whole, never a truncated one."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
