@@ -259,6 +259,7 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
                                                       "sampling, wall-clock cost; no oracle behaviour)."),
             temperature: float = typer.Option(0.0, help="Live backend: sampling temperature (0 = greedy)."),
             top_p: float = typer.Option(1.0, help="Live backend: nucleus sampling mass."),
+            top_k: int = typer.Option(0, help="Live backend: keep the k most likely tokens when sampling (0 = off)."),
             cost: str = typer.Option("profile", help="Live backend: profile or wallclock round costs.")):
     """Run behaviour policies in LEDE-Llama3-v0 (or LEDE-Llama3-Live-v0) and write a Minari dataset."""
     from agents.collect import CollectConfig, collect as run_collect
@@ -283,8 +284,10 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
         from agents.datasets_tool import check_dataset_id
 
         mix = parse_mixture(mixture)
-        if (backend, temperature, top_p, cost) != ("trace", 0.0, 1.0, "profile"):  # recorded in the env spec
+        if (backend, temperature, top_p, top_k, cost) != ("trace", 0.0, 1.0, 0, "profile"):  # recorded in the env spec
             kw.update(backend=backend, temperature=temperature, top_p=top_p, cost=cost)
+            if top_k:
+                kw.update(top_k=top_k)
             if backend == "live" and mixture == _DEFAULT_MIXTURE and mix.pop("oracle", None):
                 console.print(f"live backend: no oracle behaviour (it needs traces); mixture {mix}")
         cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)

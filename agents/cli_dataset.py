@@ -53,13 +53,17 @@ def validate_cmd(dataset_id: str = typer.Argument(..., help="Local dataset id.")
                  replay: bool = typer.Option(True, help="Re-compute rewards by replay in the env recovered from "
                                                         "the dataset's spec (loads the model).")):
     """Check T+1 observations per episode, actions in range, episode ends, spaces, metadata and
-    (with --replay) rewards against a replay in the env. Exit code 1 when a problem is found."""
+    (with --replay) rewards against a replay in the env; prints what could not be checked and why
+    (e.g. the measured rewards of a wall-clock dataset). Exit code 1 when a problem is found."""
     from agents.datasets_tool import validate
 
+    notes: list[str] = []
     try:
-        problems = validate(dataset_id, replay=replay)
+        problems = validate(dataset_id, replay=replay, notes=notes)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
+    for n in notes:
+        console.print(f"[yellow]skipped:[/] {n}", highlight=False)
     if problems:
         for p in problems:
             console.print(f"[red]-[/] {p}", highlight=False)
@@ -75,7 +79,8 @@ def merge_cmd(new_id: str = typer.Argument(..., help="Id of the merged dataset (
                                                               "(`lede collect --shard k/N`) instead of listing ids."),
               replay: bool = typer.Option(True, help="Validate the result by replay (loads the model).")):
     """Combine datasets (minari.combine_datasets), typically the shards of one collection, into one
-    dataset with fixed metadata (episode options, description, counts, reference scores)."""
+    dataset with fixed metadata (episode options, description, counts, reference scores); prints
+    what validation could not check and why."""
     from agents.datasets_tool import merge, shard_dataset_id
 
     sources = list(ids or [])
@@ -85,10 +90,13 @@ def merge_cmd(new_id: str = typer.Argument(..., help="Id of the merged dataset (
         sources += [shard_dataset_id(new_id, k, shards) for k in range(1, shards + 1)]
     if not sources:
         fail(ValueError("nothing to merge: list the source ids after NEW_ID, or pass --shards N."))
+    notes: list[str] = []
     try:
-        ds = merge(sources, new_id, validate_replay=replay)
+        ds = merge(sources, new_id, validate_replay=replay, notes=notes)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
+    for n in notes:
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
     console.print(f"{new_id}: {ds.total_episodes} episodes, {ds.total_steps} steps from {len(sources)} datasets")
 
 

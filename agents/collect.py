@@ -332,7 +332,7 @@ def env_spec_for(env, kwargs):
     is the same one even where the given kwargs relied on defaults: the exit layers, ``k_max``,
     ``max_new_tokens``, reward mode, replay rules, observation settings, and the cost profile
     itself (a dict, so a ``"measured"`` profile is not re-measured on another machine); for the
-    live backend also ``backend``, ``temperature``, ``top_p`` and ``cost`` (id
+    live backend also ``backend``, ``temperature``, ``top_p``, ``top_k`` (when on) and ``cost`` (id
     ``LEDE-Llama3-Live-v0``). ``None`` gives ``None``; an ``EnvSpec`` is returned as is.
     """
     from gymnasium.envs.registration import EnvSpec
@@ -351,6 +351,8 @@ def env_spec_for(env, kwargs):
                "context_lengths": list(u.actions.context_lengths)})
     if getattr(u, "backend", "trace") == "live":
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
+        if getattr(u, "top_k", None):  # (absent when off: specs written before top_k recover as before)
+            kw["top_k"] = int(u.top_k)
         return EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw, nondeterministic=True)
     return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
 
@@ -397,6 +399,7 @@ def _requirements() -> list[str]:
 def _describe_env(u) -> str:
     if getattr(u, "backend", "trace") == "live":
         how = (f"LEDE-Llama3-Live-v0, live backend, temperature {u.temperature}, top_p {u.top_p}, "
+               + (f"top_k {u.top_k}, " if getattr(u, "top_k", None) else "") +
                f"{'wall-clock' if u.cost == 'wallclock' else 'cost-profile'} costs")
     else:
         how = "LEDE-Llama3-v0, trace backend"

@@ -181,8 +181,32 @@ def _same_obs(a, b) -> bool:
     return la.keys() == lb.keys() and all(np.allclose(la[k], lb[k], rtol=1e-5, atol=1e-6) for k in la)
 
 
+def collection_costs(dataset, env=None) -> str:
+    """How the dataset's round costs were made: ``"wallclock"`` (measured times of the live
+    backend, ``cost="wallclock"``) or ``"profile"`` (the cost profile, deterministic).
+
+    Read from the stored env spec's ``cost``, else the collection's env description (datasets of
+    in-memory envs have no spec), else ``env``'s ``cost`` attribute; ``"profile"`` when none says.
+    """
+    spec = dataset.spec.env_spec
+    if spec is not None and spec.kwargs.get("cost"):
+        return str(spec.kwargs["cost"])
+    desc = str((dataset.storage.metadata.get("lede_collection") or {}).get("env", ""))
+    if "wall-clock costs" in desc:
+        return "wallclock"
+    if "cost-profile costs" in desc or "trace backend" in desc:
+        return "profile"
+    return str(getattr(getattr(env, "unwrapped", None), "cost", "profile") or "profile")
+
+
+#: what validation cannot re-compute for a dataset of measured (wall-clock) round costs, and why
+WALLCLOCK_NOTE = ("rewards and infos['cost'] not re-computed by replay: they are measured wall-clock times "
+                  "(cost='wallclock'), which no replay reproduces; each reward is checked against its round's "
+                  "stored tokens and measured cost instead")
+
+
 def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
-             require_env_spec: bool = True) -> list[str]:
+             require_env_spec: bool = True, notes: Optional[list[str]] = None) -> list[str]:
     """Check a dataset and list its defects (empty list = valid).
 
     Checks: the metadata (id form, author, code permalink, description, requirements, env spec,
@@ -194,6 +218,14 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     options and actions in the env gives the stored observations, rewards (rtol 1e-5), infos and
     episode ends.
 
+    Datasets with wall-clock costs (``cost="wallclock"``, :func:`collection_costs`) are checked
+    as far as they can be: everything above but the measured quantities, whose replay gives other
+    times (rewards and ``infos["cost"]``); each stored reward must instead equal the env's reward
+    of its round's stored tokens and measured cost. Tokens, accepted counts and observations are
+    replayed exactly under greedy decoding, and under sampling from the stored seed on a machine
+    that computes the same logits (the collecting one). What was skipped, and why, goes to
+    ``notes``.
+
     Args:
         dataset: a ``MinariDataset`` or a local dataset id.
         env: the env to replay in; ``None`` recovers it from the stored env spec (which, for the
@@ -202,6 +234,7 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
         max_problems: stop after this many problems.
         require_env_spec: a missing env spec is a problem (off for datasets of envs that have
             no spec, e.g. built around an in-memory test model).
+        notes: if given, filled with the checks skipped and why (one line each).
 
     Raises:
         FileNotFoundError: ``dataset`` is an id with no local dataset.
@@ -211,10 +244,18 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     # re-opened: a MinariDataset object keeps the env spec it was opened with
     ds = load(dataset) if isinstance(dataset, str) else minari.MinariDataset(dataset.storage.data_path)
     problems: list[str] = []
+    notes = [] if notes is None else notes
 
     def bad(msg: str) -> bool:
         problems.append(msg)
         return len(problems) >= max_problems
+
+    measured = collection_costs(ds, env) == "wallclock"
+    if measured:
+        notes.append(WALLCLOCK_NOTE)
+    if not replay:
+        notes.append("replay skipped (replay=False, --no-replay, or no env to replay in): observations, rewards "
+                     "and infos are checked for structure only, not re-computed in the env")
 
     m = ds.storage.metadata
     ds_id = m.get("dataset_id", "")
@@ -307,7 +348,8 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
             if bad(f"{where}: no options['prompt_index'] stored: it cannot be replayed"):
                 return problems
             continue
-        msg = _replay_mismatch(env, em.get("seed"), {k: int(v) for k, v in opts.items()}, ep, acts, te, tr)
+        msg = _replay_mismatch(env, em.get("seed"), {k: int(v) for k, v in opts.items()}, ep, acts, te, tr,
+                               measured)
         if msg and bad(f"{where} (seed {em.get('seed')}, prompt {opts['prompt_index']}): {msg}"):
             return problems
     if m.get("total_episodes") != N or m.get("total_steps") != steps:
@@ -339,7 +381,11 @@ def _infos_problem(infos, acts: np.ndarray) -> Optional[str]:
     return None
 
 
-def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
+def _replay_mismatch(env, seed, options, ep, acts, te, tr, measured: bool = False) -> Optional[str]:
+    """The first difference between an episode's stored data and its replay in ``env`` (``None``:
+    none). ``measured``: the stored costs are wall-clock times: rewards and ``infos["cost"]`` are
+    not compared with the replay's; each reward must equal the env's reward of the stored round
+    (its stored emitted tokens and measured cost)."""
     try:
         obs, _ = env.reset(seed=None if seed is None else int(seed), options=options)
     except Exception as e:  # noqa: BLE001
@@ -349,9 +395,15 @@ def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
     infos = ep.get("infos") or {}
     for t, a in enumerate(acts):
         obs, r, e_te, e_tr, info = env.step(int(a))
+        if measured:  # the reward of the stored round, not of the replay's timing
+            r = env.unwrapped.round_reward(int(np.asarray(infos["emitted"])[t + 1]),
+                                           float(np.asarray(infos["cost"])[t + 1]))
         if not np.isclose(r, ep["rewards"][t], rtol=REWARD_RTOL, atol=REWARD_ATOL):
-            return f"reward {float(ep['rewards'][t]):.6g} at step {t}, the env gives {r:.6g} for action {int(a)}"
+            what = "its stored round's reward is" if measured else "the env gives"
+            return f"reward {float(ep['rewards'][t]):.6g} at step {t}, {what} {r:.6g} for action {int(a)}"
         for k, stored in infos.items():
+            if measured and k == "cost":
+                continue
             got = info["tokens_generated"] if k == "tokens_generated" else info["round"].get(k)
             if got is None or not np.isclose(float(np.asarray(stored)[t + 1]), float(got), rtol=REWARD_RTOL,
                                              atol=REWARD_ATOL):
@@ -366,16 +418,19 @@ def _replay_mismatch(env, seed, options, ep, acts, te, tr) -> Optional[str]:
     return None
 
 
-def check(dataset, env=None, replay: bool = True, require_env_spec: bool = True) -> None:
-    """:func:`validate`, raising :class:`DatasetInvalid` (a ``ValueError``) listing every problem."""
+def check(dataset, env=None, replay: bool = True, require_env_spec: bool = True,
+          notes: Optional[list[str]] = None) -> None:
+    """:func:`validate`, raising :class:`DatasetInvalid` (a ``ValueError``) listing every problem;
+    ``notes`` as in :func:`validate`."""
     ds = load(dataset) if isinstance(dataset, str) else dataset
-    problems = validate(ds, env, replay, require_env_spec=require_env_spec)
+    problems = validate(ds, env, replay, require_env_spec=require_env_spec, notes=notes)
     if problems:
         raise DatasetInvalid(ds.storage.metadata.get("dataset_id", "?"), problems)
 
 
 # ---- merge ----------------------------------------------------------------------------------
-def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = True):
+def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = True,
+          notes: Optional[list[str]] = None):
     """Combine datasets (typically the shards of one collection) into ``new_id`` with
     ``minari.combine_datasets``, then fix what it drops or leaves stale: each episode's options
     (``prompt_index``), episode index and behaviour; the description, algorithm name, code
@@ -392,6 +447,9 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
         new_id: ``lede/<model>/<prompt-set>-<policy-mix>-v<N>``, not existing yet.
         env: replay env for validation and reference scores (``None``: recovered from the spec
             when ``validate_replay``, else structural validation only).
+        notes: if given, filled with what validation skipped and why (see :func:`validate`) and,
+            for sources with wall-clock costs whose measured reference scores differ, how the
+            merged ones were made (the mean of the sources').
 
     Returns:
         The merged ``minari.MinariDataset``.
@@ -430,10 +488,18 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
     idx = [em.get("episode_index") for em in ep_metas]
     if all(i is not None for i in idx) and len(set(map(int, idx))) != len(idx):
         raise ValueError("The sources share episodes (the same episode_index twice): each shard must be merged once.")
+    notes = [] if notes is None else notes
+    measured = all(collection_costs(s, env) == "wallclock" for s in srcs)
+    refs = {(m.get("ref_min_score"), m.get("ref_max_score")) for m in metas}
     if env is not None:
         ref_min, ref_max = reference_scores(env)
+    elif measured and len(refs) > 1 and all(None not in r for r in refs):
+        # each source measured the same reference policies on the same prompts: average the measurements
+        ref_min = float(np.mean([float(m["ref_min_score"]) for m in metas]))
+        ref_max = float(np.mean([float(m["ref_max_score"]) for m in metas]))
+        notes.append(f"reference scores: the sources' wall-clock measurements differ ({sorted(map(str, refs))}); "
+                     f"the merged dataset holds their mean ({ref_min:.6g}, {ref_max:.6g})")
     else:
-        refs = {(m.get("ref_min_score"), m.get("ref_max_score")) for m in metas}
         if len(refs) != 1 or None in next(iter(refs)):
             raise ValueError(f"The sources' reference scores differ or are missing ({sorted(map(str, refs))}): "
                              "pass the env to re-compute them.")
@@ -476,7 +542,7 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
         ds.storage.update_metadata({k: v for k, v in update.items() if v is not None})
         has_spec = ds.spec.env_spec is not None
         check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay and (env is not None or has_spec),
-              require_env_spec=has_spec)
+              require_env_spec=has_spec, notes=notes)
         _rename_dataset(tmp_path, root / new_id, new_id, {})
     finally:
         if tmp_path.exists():

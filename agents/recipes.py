@@ -14,7 +14,7 @@ A recipe names everything that determines the dataset::
       max_new_tokens: 96
       k_max: 8
       ...
-    backend: trace            # or live: the real decoder (env: may add temperature, top_p, cost;
+    backend: trace            # or live: the real decoder (env: may add temperature, top_p, top_k, cost;
                               # the mixture may not hold oracle)
     behaviour:                # one behaviour policy per episode, drawn with these weights
       mixture: {random: 0.2, static: 0.3, heuristic: 0.1, oracle: 0.4}

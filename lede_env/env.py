@@ -286,7 +286,9 @@ class LEDEEnv(gym.Env):
     ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
     (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
-    ``top_p`` (in (0, 1], nucleus sampling when ``temperature > 0``), ``cost``
+    ``top_p`` (in (0, 1], nucleus sampling when ``temperature > 0``), ``top_k`` (keep the k most
+    likely tokens when ``temperature > 0``, ties kept, as :class:`~lede_env.sampling.Sampling`;
+    ``None`` or 0: off), ``cost``
     (``"profile"``/``"wallclock"``; wall-clock needs the live backend). All JSON-serialisable;
     with the live backend ``prompts`` may also be a list of prompts as token-id lists.
     ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models);
@@ -298,7 +300,8 @@ class LEDEEnv(gym.Env):
 
     Raises:
         ValueError: an unknown ``reward_mode``, ``backend`` or ``cost``; ``temperature < 0``,
-            ``top_p`` outside (0, 1]; sampling or wall-clock cost with the trace backend; bad
+            ``top_p`` outside (0, 1], ``top_k`` not a non-negative integer; sampling or wall-clock
+            cost with the trace backend; bad
             ``max_new_tokens``, ``k_max``, ``stop_threshold``; an empty prompt set.
 
     ## Example
@@ -344,6 +347,7 @@ class LEDEEnv(gym.Env):
         backend: str = "trace",
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: Optional[int] = None,
         cost: str = "profile",
         bundle: Optional[ModelBundle] = None,
         heads: Optional[ExitHeads] = None,
@@ -378,6 +382,10 @@ class LEDEEnv(gym.Env):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}.")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+            raise ValueError(f"top_k must be an integer >= 0 (the most likely tokens kept when sampling; 0 or None: "
+                             f"off), got {top_k!r}.")
+        self.top_k = int(top_k) if top_k else None  # 0 and None both mean off
         if backend == "trace" and temperature > 0:
             raise ValueError(f"temperature={temperature}: traces replay greedy decoding only; use backend='live' "
                              "(or gym.make('LEDE-Llama3-Live-v0', ...)) to sample.")
@@ -531,6 +539,12 @@ class LEDEEnv(gym.Env):
                                       context_ngram=self.rules.context_ngram,
                                       context_lengths=self.actions.context_lengths)
 
+    def round_reward(self, emitted: int, cost: float) -> float:
+        """The reward :meth:`step` gives a round that emitted ``emitted`` tokens at ``cost``
+        (AR-step units), under this env's reward mode and lambda; used to check recorded rounds
+        whose costs no replay reproduces (wall-clock datasets)."""
+        return self._reward(emitted, cost)
+
     def _reward(self, emitted: int, cost: float) -> float:
         """A round's reward (see the class docstring's Rewards)."""
         if self.reward_mode == "relative":
@@ -583,7 +597,7 @@ class LEDEEnv(gym.Env):
                          "prompts": prompts if isinstance(prompts, str) else "token ids",
                          "prompt_ids": [p[0] for p in self.prompts], "max_new_tokens": max_new_tokens,
                          "eos_ids": list(eos_ids), "temperature": self.temperature, "top_p": self.top_p,
-                         "cost": self.cost}
+                         "top_k": self.top_k, "cost": self.cost}
         self.action_space = spaces.Discrete(self.actions.n)
         self.observation_space = self.observer.space()
         self._prompt_index: Optional[int] = None
@@ -592,7 +606,7 @@ class LEDEEnv(gym.Env):
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 
     def _sampling(self, seed: int) -> Optional[Sampling]:
-        return Sampling(self.temperature, self.top_p, seed) if self.temperature > 0 else None
+        return Sampling(self.temperature, self.top_p, seed, self.top_k) if self.temperature > 0 else None
 
     @contextmanager
     def _decoding(self):
@@ -846,6 +860,6 @@ class LEDEEnv(gym.Env):
         if self.backend == "trace":
             out["trace_manifest"] = {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)}
         else:
-            out.update(backend="live", temperature=self.temperature, top_p=self.top_p, cost=self.cost,
+            out.update(backend="live", temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, cost=self.cost,
                        ar_seconds=self.ar_seconds, manifest=self.manifest)
         return out

@@ -34,10 +34,21 @@ def make_tiny_env(k_max: int = 4, max_new_tokens: int = 32, **ignored):
     if not _TINY:
         b = make_tiny()
         heads = ExitHeads(b.stack, (1, 2, 3), "lens")
-        _TINY.update(b=b, ts=build_traces(b, heads, tiny_continuations(b), progress=False),
+        _TINY.update(b=b, heads=heads, ts=build_traces(b, heads, tiny_continuations(b), progress=False),
                      prof=analytic_profile(b.stack, 4, None, False))
     return LEDEEnv(trace_set=_TINY["ts"], profile=_TINY["prof"], eos_ids=_TINY["b"].eos_ids, k_max=k_max,
                    max_new_tokens=max_new_tokens, progress=False)
+
+
+def make_tiny_live_env(cost: str = "wallclock", max_new_tokens: int = 8, reward_mode: str = "relative",
+                       **ignored):
+    """Entry point of a wall-clock (or profile-cost) live env on the tiny model and its prompts."""
+    from lede_env.env import LEDEEnv
+
+    make_tiny_env()  # the tiny model, heads and profile
+    return LEDEEnv(backend="live", bundle=_TINY["b"], heads=_TINY["heads"], profile=_TINY["prof"], k_max=4,
+                   prompts=[t.prompt.tolist() for t in _TINY["ts"].traces], max_new_tokens=max_new_tokens,
+                   cost=cost, reward_mode=reward_mode, progress=False)
 
 
 def tiny_spec():
@@ -270,6 +281,52 @@ def test_merge_of_shards_equals_unsharded_collection(good, env):
     with pytest.raises(ValueError, match="different collections"):
         dt.merge([ids[0], good.spec.dataset_id], "lede/tiny/mg3-mixed-v0")
     assert not any("partial" in k for k in dt.list_datasets())
+
+
+def test_wall_clock_datasets_are_validated_and_merged_as_far_as_they_can_be():
+    """Issue 22: a dataset of measured round costs (cost="wallclock") is validated by replay of
+    everything but the measured times (tokens, accepted counts, observations, episode ends under
+    greedy decoding; each reward against its stored round), merged, and the CLI says what was
+    skipped and why instead of refusing."""
+    from gymnasium.envs.registration import EnvSpec
+    from typer.testing import CliRunner
+
+    from agents.cli import app
+
+    spec = EnvSpec(id="LEDE-Llama3-Live-v0", entry_point="tests.agents.test_datasets:make_tiny_live_env",
+                   kwargs={"cost": "wallclock", "max_new_tokens": 8}, nondeterministic=True)
+    wall = make_tiny_live_env()
+    cfg = dict(episodes=4, seed=5, mixture={"random": 0.5, "static": 0.5})
+    parts = [collect(wall, CollectConfig(dataset_id="lede/tiny/wall-mixed-v0", shard=f"{k}/2", **cfg), progress=False,
+                     env_spec=spec) for k in (1, 2)]
+    ids = [p.spec.dataset_id for p in parts]
+    assert dt.collection_costs(parts[0]) == "wallclock"
+    notes: list[str] = []
+    assert dt.validate(ids[0], notes=notes) == []  # replayed in the env recovered from the spec
+    assert notes == [dt.WALLCLOCK_NOTE]
+    # what can be checked still is: another reward mode gives other rewards for the stored rounds,
+    # and other prompts other tokens
+    bad = dt.validate(ids[0], make_tiny_live_env(reward_mode="ratio"))
+    assert bad and "its stored round's reward is" in bad[0]
+    ep0 = next(parts[0].iterate_episodes())
+    stored = np.asarray(ep0.infos["cost"])[1:]
+    assert (stored > 0).all() and np.allclose(ep0.rewards, np.asarray(ep0.infos["emitted"])[1:] - stored)
+
+    r = CliRunner()
+    out = r.invoke(app, ["dataset", "validate", ids[1]])
+    assert out.exit_code == 0 and f"{ids[1]}: valid" in out.output, out.output
+    assert "skipped:" in out.output and "wall-clock times" in out.output
+    out = r.invoke(app, ["dataset", "merge", "lede/tiny/wall-mixed-v0", "--shards", "2"])
+    assert out.exit_code == 0 and "4 episodes" in out.output, out.output
+    assert "wall-clock times" in " ".join(out.output.split())
+    merged = dt.load("lede/tiny/wall-mixed-v0")
+    refs = [(p.storage.metadata["ref_min_score"], p.storage.metadata["ref_max_score"]) for p in parts]
+    m = merged.storage.metadata
+    if refs[0] != refs[1]:  # measured on each shard: the merge holds their mean
+        assert m["ref_min_score"] == pytest.approx(np.mean([a for a, _ in refs]))
+        assert m["ref_max_score"] == pytest.approx(np.mean([b for _, b in refs]))
+        assert "reference scores" in out.output
+    assert dt.validate(merged) == []
 
 
 # ---- publish --------------------------------------------------------------------------------

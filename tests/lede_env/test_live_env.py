@@ -108,6 +108,32 @@ def test_sampling_seed_reproduces_an_episode(tiny):
     assert any(r[2] > r[3] for r in rounds if r[1])  # random acceptance: some draft rejected
 
 
+def test_top_k_sampling_setting(tiny):
+    """The live env takes ``top_k`` as :class:`lede_env.sampling.Sampling` does (issue 22): top_k=1
+    keeps only the most likely token of p and of q, so sampling at any temperature plays exactly
+    the greedy episode (same tokens, drafts, acceptances and rewards as the trace env); the
+    setting is in the env's config and dataset env spec; a bad value names the fix."""
+    from agents.collect import env_spec_for
+
+    b, heads, ts, prof = tiny
+    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_mode="net")
+    top1 = live_env(tiny, temperature=0.9, top_k=1, max_new_tokens=16, reward_mode="net")
+    acts = [5, 0, 9, 2, 12, 1]
+    for idx in trace.playable[:3]:
+        st, sl = play(trace, acts, prompt_index=idx), play(top1, acts, seed=7, prompt_index=idx)
+        assert top1.generated == trace.generated
+        assert [_round(s[5]) for s in sl[1:]] == [_round(s[5]) for s in st[1:]]
+        assert [s[2] for s in sl] == pytest.approx([s[2] for s in st])
+    assert top1.top_k == 1 and top1.config()["top_k"] == 1 and top1._sampling(0).top_k == 1
+    assert env_spec_for(top1, {"model": None}).kwargs["top_k"] == 1
+    assert live_env(tiny, temperature=0.7, top_k=0).top_k is None  # 0 = off, as for Sampling
+    wide = live_env(tiny, temperature=0.9, top_k=50, max_new_tokens=16)  # more than one token kept: sampled
+    assert play(wide, acts, seed=7, prompt_index=trace.playable[0]) and wide._sampling(0).top_k == 50
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+            live_env(tiny, temperature=0.7, top_k=bad)
+
+
 def test_check_env_under_sampling(tiny):
     env = live_env(tiny, temperature=0.7, max_new_tokens=8)
     with warnings.catch_warnings(record=True) as w:
