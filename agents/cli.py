@@ -502,7 +502,7 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                  context_draft: int = typer.Option(4, help="Most tokens copied from the context (prompt "
                                                            "lookup) that a plain step verifies; 0 = off.")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
-    then one line: tokens, tokens/s, accepted tokens per round, exits used, policy time."""
+    then one line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time."""
     from transformers import TextStreamer
 
     from lede_env.generate import Lede

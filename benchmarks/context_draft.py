@@ -10,8 +10,8 @@ Wall clock in one process, methods interleaved prompt by prompt, all greedy:
   (:mod:`lede_env.lookup`), e.g. ``ar+ctx4`` (prompt lookup alone), ``static:2,1+ctx4``.
 
 Reported per category and overall: tokens/s, speedup over lede AR and over transformers'
-``generate``, accepted tokens per round, and whether every output equals transformers' greedy
-tokens. Prompts: the held-out ``WIDE_EVAL`` categories (a few per category) and the packaged
+``generate``, tokens per round (:mod:`lede_env.metrics`: the prefill's token is no round's), and
+whether every output equals transformers' greedy tokens. Prompts: the held-out ``WIDE_EVAL`` categories (a few per category) and the packaged
 context-heavy prompts (``context``: summaries, answers over a passage, code edits).
 
     python benchmarks/context_draft.py --out runs/bench/context_draft.md
