@@ -11,8 +11,9 @@ Wall clock in one process, methods interleaved prompt by prompt, all greedy:
 
 Reported per category and overall: tokens/s, speedup over lede AR and over transformers'
 ``generate``, tokens per round (:mod:`lede_env.metrics`: the prefill's token is no round's), and
-whether every output equals transformers' greedy tokens. Prompts: the held-out ``WIDE_EVAL`` categories (a few per category) and the packaged
-context-heavy prompts (``context``: summaries, answers over a passage, code edits).
+whether every output equals transformers' greedy tokens. Prompts: the held-out ``WIDE_EVAL``
+categories (a few per category) and the packaged context-heavy prompts (``context``: summaries,
+answers over a passage, code edits).
 
     python benchmarks/context_draft.py --out runs/bench/context_draft.md
 """
