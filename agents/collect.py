@@ -349,6 +349,8 @@ def env_spec_for(env, kwargs):
                "reward_lambda": u.reward_lambda, "stop_rule": u._stop_name, "obs_kind": u.obs_config.kind,
                "obs_stat_exits": u.obs_config.stat_exits, "context_draft": u.rules.context_draft,
                "context_lengths": list(u.actions.context_lengths)})
+    if u.obs_config.context_agreement:  # (absent when off: specs written before it recover as before)
+        kw["obs_context_agreement"] = True
     if getattr(u, "backend", "trace") == "live":
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
         if getattr(u, "top_k", None):  # (absent when off: specs written before top_k recover as before)

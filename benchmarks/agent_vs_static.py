@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--obs-stat-exits", type=int, default=1,
                     help="compact observation: shallowest exits whose head statistics are observed (0: none, "
                          "no head call per round)")
+    ap.add_argument("--context-agreement", type=int, default=0,
+                    help="1: the context features also hold the matched n-gram's occurrences and how far their "
+                         "continuations agree (lede_env.lookup.match_agreement)")
     ap.add_argument("--horizon", type=int, default=None,
                     help="trace_q targets over this many tokens (the action, then the best static; default: "
                          "trace_q's own)")
@@ -63,7 +66,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
     common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
-                  context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits)
+                  context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits,
+                  obs_context_agreement=bool(args.context_agreement))
     rows_all, live_all, info = [], [], {}
     for variant in args.variants.split(","):
         obs_kind, stop = variant.split("/")

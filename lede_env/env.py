@@ -20,7 +20,7 @@ from gymnasium import spaces
 from .costs import CostProfile, analytic_profile, measure_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
-from .lookup import context_match
+from .lookup import context_match, match_agreement
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, context_features
 from .model import KERNELS_VERSION, cache_dir, describe_model
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
@@ -43,8 +43,11 @@ def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Observa
                  kind: str = "measured") -> Path:
     """Where the measured cost profile of this model, heads, K_max, observation, machine, thread
     count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``; the in-loop
-    profile, ``kind="measured"``, at ``<key>-loop<version>.json`` beside the isolated one)."""
-    tag = hashlib.sha256(repr((heads.fingerprint(), k_max, asdict(obs), platform.node(), torch.get_num_threads(),
+    profile, ``kind="measured"``, at ``<key>-loop<version>.json`` beside the isolated one). The
+    context matches' agreement features are left out of the key: they cost a few microseconds a
+    round (a common prefix of at most 8 tokens), far below what the profile can resolve."""
+    layout = {k: v for k, v in asdict(obs).items() if k != "context_agreement"}
+    tag = hashlib.sha256(repr((heads.fingerprint(), k_max, layout, platform.node(), torch.get_num_threads(),
                                bundle.stack.kernels_tag, KERNELS_VERSION,
                                str(bundle.stack.device))).encode()).hexdigest()[:12]
     suffix = f"-loop{LOOP_PROFILE_VERSION}" if kind == "measured" else ""
@@ -281,7 +284,9 @@ class LEDEEnv(gym.Env):
     ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     the multi-domain ``DEFAULT_CALIB``, disjoint from the defaults for training and evaluation), ``reward_mode``,
     ``reward_lambda`` (``"auto"`` or a throughput), ``stop_rule`` (``None`` or ``"calibrated"``), ``obs_kind``
-    (``"full"``/``"compact"``), ``obs_stat_exits``, ``context_draft`` (most tokens action 0 copies from
+    (``"full"``/``"compact"``), ``obs_stat_exits``, ``obs_context_agreement`` (with context drafts: the
+    ``context`` key also holds the matched n-gram's occurrences and how far their continuations
+    agree, :func:`lede_env.lookup.match_agreement`), ``context_draft`` (most tokens action 0 copies from
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
     ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
@@ -339,6 +344,7 @@ class LEDEEnv(gym.Env):
         context_lengths: tuple = (),
         obs_kind: str = "full",
         obs_stat_exits: int = 1,
+        obs_context_agreement: bool = False,
         render_mode: Optional[str] = None,
         trace_set: Optional[TraceSet] = None,
         profile: Optional[CostProfile] = None,
@@ -398,7 +404,9 @@ class LEDEEnv(gym.Env):
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
         self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
                                             stat_exits=obs_stat_exits,
-                                            context=int(context_draft) > 0 or bool(context_lengths))
+                                            context=int(context_draft) > 0 or bool(context_lengths),
+                                            context_agreement=bool(obs_context_agreement)
+                                            and (int(context_draft) > 0 or bool(context_lengths)))
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)
         self._context_lengths = tuple(context_lengths)
@@ -672,7 +680,9 @@ class LEDEEnv(gym.Env):
         ctx = (0.0, 0.0)
         if self.obs_config.context:
             cd, ngram = self.rules.copy_max, self.rules.context_ngram
-            ctx = context_features(context_match(np.concatenate([t.prompt, t.generated[:g]]), cd, ngram), cd, ngram[1])
+            seq = np.concatenate([t.prompt, t.generated[:g]])
+            ctx_agree = match_agreement(seq, cd, ngram) if self.obs_config.context_agreement else (0, 0)
+            ctx = context_features(context_match(seq, cd, ngram), cd, ngram[1], ctx_agree)
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens, ctx)
 

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 from gymnasium import spaces
 
+from .lookup import AGREE_DEPTH
+
 
 @dataclass(frozen=True)
 class ActionMap:
@@ -194,6 +196,9 @@ class ObservationConfig:
         decay: ``"compact"`` only: per-round decay of the running acceptance estimates.
         context: add the ``context`` key (features of the context drafter, see
             :class:`ObservationBuilder`); envs with context drafts turn it on.
+        context_agreement: the ``context`` key also holds how many earlier occurrences the
+            matched n-gram has and how far their continuations agree
+            (:func:`lede_env.lookup.match_agreement`); 5 features instead of 3.
     """
 
     hidden_dim: int = 64
@@ -204,6 +209,7 @@ class ObservationConfig:
     stat_exits: int = 1
     decay: float = 0.8
     context: bool = False
+    context_agreement: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "history", "recent_tokens", "stat_exits"):
@@ -256,6 +262,11 @@ class ObservationBuilder:
                                     step); tokens action 0 would copy / the context-draft
                                     maximum; running per-token acceptance of context drafts
                                     in this generation (as ``experience``, prior 0.3)
+    context    [5]                  with :attr:`ObservationConfig.context_agreement`, also:
+                                    (earlier occurrences of the matched n-gram - 1, at most
+                                    3) / 3; tokens on which the copied occurrence's
+                                    continuation agrees with the most recent other one's
+                                    / ``lede_env.lookup.AGREE_DEPTH`` (0 for one occurrence)
     ========== ==================== =========================================================
     """
 
@@ -291,11 +302,16 @@ class ObservationBuilder:
         """Exits whose head statistics the observation holds (the first ones of the candidates)."""
         return min(self.config.stat_exits, self.n_exits) if self.compact else self.n_exits
 
+    @property
+    def context_width(self) -> int:
+        """Features in the ``context`` key (3, or 5 with ``context_agreement``)."""
+        return 5 if self.config.context_agreement else 3
+
     def space(self) -> spaces.Dict:
         """The gymnasium Dict observation space."""
         H, R = self.config.history, self.config.recent_tokens
         inf = np.inf
-        ctx = {"context": spaces.Box(0.0, 1.0, (3,), np.float32)} if self.config.context else {}
+        ctx = {"context": spaces.Box(0.0, 1.0, (self.context_width,), np.float32)} if self.config.context else {}
         if self.compact:
             stats = {"exit_stats": spaces.Box(0.0, inf, (self.stat_exits, 3), np.float32)} if self.stat_exits else {}
             return spaces.Dict(stats | {
@@ -313,7 +329,7 @@ class ObservationBuilder:
 
     def layout(self) -> list[tuple[str, list[int]]]:
         """Keys and shapes concatenated (in this order) by :meth:`flatten`; ``tokens`` is left out."""
-        ctx = [("context", [3])] if self.config.context else []
+        ctx = [("context", [self.context_width])] if self.config.context else []
         if self.compact:
             stats = [("exit_stats", [self.stat_exits, 3])] if self.stat_exits else []
             return stats + [("experience", [self.n_exits, 2]), ("history", [self.config.history, 4]),
@@ -349,7 +365,7 @@ class ObservationBuilder:
                 self._judged[i] += judged
 
     def build(self, hidden: np.ndarray, top1: np.ndarray, entropy: np.ndarray, agree: np.ndarray,
-              recent: Sequence[int], progress: float, context: tuple[float, float] = (0.0, 0.0)
+              recent: Sequence[int], progress: float, context: Sequence[float] = (0.0, 0.0, 0.0, 0.0)
               ) -> dict[str, np.ndarray]:
         """Assemble one observation.
 
@@ -360,8 +376,10 @@ class ObservationBuilder:
                 reads the first :attr:`stat_exits` of them; it may be given only those).
             recent: token ids, pending token last.
             progress: tokens generated / max_new_tokens.
-            context: (match length / longest n-gram, copyable tokens / context-draft maximum),
-                read with :attr:`ObservationConfig.context` (see :func:`context_features`).
+            context: (match length / longest n-gram, copyable tokens / context-draft maximum,
+                occurrences feature, agreement feature), read with
+                :attr:`ObservationConfig.context` (the last two with ``context_agreement``; see
+                :func:`context_features`).
         """
         H, R = self.config.history, self.config.recent_tokens
         hist = np.zeros((H, 4), np.float32)
@@ -371,8 +389,11 @@ class ObservationBuilder:
                 hist[H - len(rows):] = np.asarray(rows, np.float32)
         stats = np.stack([top1, entropy, agree], -1).astype(np.float32)
         progress = np.array([min(max(progress, 0.0), 1.0)], np.float32)
-        ctx = ({"context": np.array([context[0], context[1], self._ctx_alpha], np.float32).clip(0.0, 1.0)}
-               if self.config.context else {})
+        ctx = {}
+        if self.config.context:
+            feats = [context[0], context[1], self._ctx_alpha] + (list(context[2:4]) if self.config.context_agreement
+                                                                 else [])
+            ctx = {"context": np.array(feats, np.float32).clip(0.0, 1.0)}
         if self.compact:
             exp = np.stack([self._alpha, self._judged / (self._judged + 8.0)], -1).astype(np.float32)
             out = {"exit_stats": stats[: self.stat_exits]} if self.stat_exits else {}
@@ -393,13 +414,18 @@ class ObservationBuilder:
         return flatten_by_layout(obs, self.layout())
 
 
-def context_features(match: tuple[int, Sequence[int]], context_draft: int, longest: int) -> tuple[float, float]:
-    """The ``context`` observation's first two features from a context match at the end of the
-    sequence (:func:`lede_env.lookup.context_match` with ``max_len=context_draft``): (matched
-    n-gram length / ``longest`` tried, tokens a context draft would copy / ``context_draft``).
-    The same function serves the trace env and the decoder, so both see the same values."""
+def context_features(match: tuple[int, Sequence[int]], context_draft: int, longest: int,
+                     agreement: tuple[int, int] = (0, 0)) -> tuple[float, float, float, float]:
+    """The ``context`` observation's features other than the running acceptance, from a context
+    match at the end of the sequence (:func:`lede_env.lookup.context_match` with
+    ``max_len=context_draft``) and its :func:`lede_env.lookup.match_agreement`: (matched n-gram
+    length / ``longest`` tried, tokens a context draft would copy / ``context_draft``,
+    (occurrences - 1, at most 3) / 3, agreement / ``AGREE_DEPTH``). The same function serves the
+    trace env and the decoder, so both see the same values."""
     n, toks = match
-    return n / longest, (len(toks) / context_draft if context_draft else 0.0)
+    occ, agree = agreement
+    return (n / longest, (len(toks) / context_draft if context_draft else 0.0), min(max(occ - 1, 0), 3) / 3.0,
+            agree / AGREE_DEPTH)
 
 
 def flatten_by_layout(obs: dict, layout) -> np.ndarray:

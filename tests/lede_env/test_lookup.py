@@ -190,10 +190,10 @@ def test_context_features_and_their_running_acceptance():
         return context_features(context_match(seq, context_draft, (2, 3)), context_draft, 3)
 
     # (1, 2, 3) matched (3 of at most 3); after its earlier occurrence only 3 tokens follow (of 4)
-    assert features([7, 1, 2, 3, 1, 2, 3], 4) == (1.0, 0.75)
-    assert features([1, 2, 3, 9, 8, 1, 2, 3], 4) == (1.0, 1.0)
-    assert features([1, 2, 3, 4], 4) == (0.0, 0.0)
-    assert features([5, 1, 2, 7, 1, 2], 0) == (2 / 3, 0.0)  # a match, no drafts wanted
+    assert features([7, 1, 2, 3, 1, 2, 3], 4) == (1.0, 0.75, 0.0, 0.0)
+    assert features([1, 2, 3, 9, 8, 1, 2, 3], 4) == (1.0, 1.0, 0.0, 0.0)
+    assert features([1, 2, 3, 4], 4) == (0.0, 0.0, 0.0, 0.0)
+    assert features([5, 1, 2, 7, 1, 2], 0) == (2 / 3, 0.0, 0.0, 0.0)  # a match, no drafts wanted
     ob = ObservationBuilder(ObservationConfig(kind="compact", context=True), 8, 2, 4, 4, 16, (1, 2))
     assert ("context", [3]) in ob.layout() and ob.space()["context"].shape == (3,)
     z = np.zeros(2, np.float32)
@@ -205,6 +205,33 @@ def test_context_features_and_their_running_acceptance():
     ob.record(accepted=0, draft_len=0, exit_layer=0)  # a plain AR step: no evidence
     assert float(ob.build(None, z, z, z, [1], 0.5)["context"][2]) == pytest.approx(after)
     assert "context" not in ObservationBuilder(ObservationConfig(kind="compact"), 8, 2, 4, 4, 16, (1, 2)).space().spaces
+
+
+def test_match_agreement_counts_occurrences_and_where_their_continuations_part():
+    """Occurrences of the matched n-gram and the common prefix of what followed the copied one
+    and the most recent other one, worked out by hand."""
+    from lede_env.lookup import match_agreement
+    from lede_env.mdp import ObservationBuilder, ObservationConfig, context_features
+
+    # (1, 2) occurred at 0 and 4; max_len 4 copies from 4 (3, 5, 1, 2); the one at 0 went on 3, 4: 1 token agrees
+    assert match_agreement([1, 2, 3, 4, 1, 2, 3, 5, 1, 2], 4, (2, 3)) == (2, 1)
+    # (1, 2) at 0 and 3; max_len 2 copies from 3 (3, 1, 2 up to the end); from 0: 3, 1, 2, 3, 1, 2: all 3 agree
+    assert match_agreement([1, 2, 3, 1, 2, 3, 1, 2], 2, (2, 2)) == (2, 3)
+    assert match_agreement([1, 2, 3, 1, 2, 3, 1, 2], 2, (2, 2), depth=2) == (2, 2)
+    assert match_agreement([7, 8, 9, 7, 8], 4, (2, 3)) == (1, 0)  # one occurrence: nothing to agree with
+    assert match_agreement([1, 2, 3], 4, (2, 3)) == (0, 0)  # no match
+    assert match_agreement([1], 4, (2, 3)) == (0, 0)
+    with pytest.raises(ValueError):
+        match_agreement([1, 2, 1, 2], -1)
+    # features: (occurrences - 1, at most 3) / 3 and agreement / AGREE_DEPTH (8)
+    assert context_features((2, [3, 5, 1, 2]), 4, 3, (2, 1)) == (2 / 3, 1.0, 1 / 3, 1 / 8)
+    assert context_features((3, [3]), 4, 3, (9, 8))[2:] == (1.0, 1.0)
+    ob = ObservationBuilder(ObservationConfig(kind="compact", context=True, context_agreement=True), 8, 2, 4, 4, 16,
+                            (1, 2))
+    assert ("context", [5]) in ob.layout() and ob.space()["context"].shape == (5,)
+    z = np.zeros(2, np.float32)
+    np.testing.assert_allclose(ob.build(None, z, z, z, [1], 0.5, (1.0, 0.5, 1 / 3, 0.25))["context"],
+                               [1.0, 0.5, 0.3, 1 / 3, 0.25])
 
 
 def test_agent_folder_names(tmp_path):
@@ -231,12 +258,15 @@ def test_agent_folder_names(tmp_path):
 def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq, cuts, max_len, lo, extra):
     """Grown token by token, chunk by chunk, and cut shorter (stop strings), the index proposes
     exactly what a scan of the whole sequence does."""
-    from lede_env.lookup import ContextIndex, context_match
+    from lede_env.lookup import ContextIndex, context_match, match_agreement
 
     ngram = (lo, lo + extra)
     index = ContextIndex(ngram)
     for end in sorted(set(cuts + [len(seq)])) + [len(seq) // 2, len(seq)]:  # the last two: a cut, then regrowth
         part = seq[:end]
         assert index.match(part, max_len) == context_match(part, max_len, ngram)
+        assert index.agreement(part, max_len) == match_agreement(part, max_len, ngram)
     with pytest.raises(ValueError):
         index.match(seq, -1)
+    with pytest.raises(ValueError):
+        index.agreement(seq, -1)
