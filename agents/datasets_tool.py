@@ -59,8 +59,9 @@ def check_dataset_id(dataset_id: str) -> None:
                          f"{PARTIAL_PREFIX!r}.")
 
 
-def model_slug(name: str) -> str:
-    """The ``<model>`` part of a dataset id for a model name or path: its last path component,
+def dataset_model_name(name: str) -> str:
+    """The ``<model>`` part of a dataset id for a model name or path (not a cache key: that is
+    :func:`lede_env.model.model_slug`): its last path component,
     lower-cased, with every character Minari refuses replaced (``meta-llama/Llama-3.2-1B`` ->
     ``llama-3_2-1b``)."""
     base = str(name).rstrip("/").rpartition("/")[2].lower().replace(".", "_")

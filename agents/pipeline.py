@@ -144,9 +144,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     console.print(f"best static action on training traces: E={E}, K={K} (throughput {static_tp:.3f})")
 
     with _Stage(cfg, "collect (Minari)"):
-        from .datasets_tool import model_slug
+        from .datasets_tool import dataset_model_name
 
-        ds_id = f"lede/{model_slug(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
+        ds_id = f"lede/{dataset_model_name(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
         dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),
                           progress=progress, env_spec=cfg.env_kwargs(cfg.train_prompts))
         console.print(f"dataset {ds_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")

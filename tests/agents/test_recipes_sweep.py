@@ -166,9 +166,9 @@ def test_bad_mixture_strings_name_the_form(text, match):
 
 
 def test_model_slug_makes_valid_dataset_ids():
-    from agents.datasets_tool import check_dataset_id, model_slug
+    from agents.datasets_tool import check_dataset_id, dataset_model_name
 
-    assert model_slug("meta-llama/Llama-3.2-1B") == "llama-3_2-1b"
-    assert model_slug("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert dataset_model_name("meta-llama/Llama-3.2-1B") == "llama-3_2-1b"
+    assert dataset_model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
     for name in ("facebook/layerskip-llama3.2-1B", "/models/My Model v2/", "Qwen/Qwen3-0.6B"):
-        check_dataset_id(f"lede/{model_slug(name)}/humaneval-mixed-v0")
+        check_dataset_id(f"lede/{dataset_model_name(name)}/humaneval-mixed-v0")
