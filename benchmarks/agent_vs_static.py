@@ -14,6 +14,11 @@ speedup over lede's AR loop, outputs checked identical to greedy AR.
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-draft 4   # action 0 copies
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 --live 2
 
+With context drafts the trace table adds the oracle over the action set without them, and every
+table has the best static exit draft (E >= 1, chosen on training traces) beside the best static
+overall; the wall-clock table times transformers' prompt lookup (``prompt_lookup_num_tokens=10``)
+beside lede's AR loop.
+
 Variants are OBSERVATION/STOP pairs: observation ``compact`` (running acceptance + the shallowest
 exit's statistics) or ``full`` (hidden-state context + every exit's statistics, the v0 layout);
 stop ``calibrated`` (in-round stop from calibrated draft probabilities) or ``none``.
@@ -85,22 +90,33 @@ def main() -> None:
                          "train_seconds": round(time.time() - t0, 1), "trace_q": agent.info["iterations"][-1]}
         print(f"[{variant}] lambda {train_env.reward_lambda:.3f}, static E={E} K={K}, {info[variant]}", flush=True)
         copies = [f"static:0,{m}" for m in lengths]  # every fixed copy length, for reference
-        names = ["ar", "static:best", *copies, "del", "oracle"]
+        # the best static exit draft (E >= 1, whole K; LayerSkip's setting), chosen on training traces
+        from lede_env.replay import best_static
+
+        train_traces = [train_env.trace_set.traces[i] for i in train_env.playable]
+        exit_best, exit_tp = best_static(train_traces, train_env.rules.without_overhead(), train_env.max_new_tokens,
+                                         candidates=range(train_env.actions.first_exit_action, train_env.actions.n))
+        Ex, Kx = train_env.actions.decode(exit_best)
+        info[variant]["static_exit"] = [Ex, Kx, exit_tp]
+        exit_name = f"static:{Ex},{Kx}"
+        names = ["ar", "static:best", *copies, exit_name, "del", "oracle"]
         policies = {f"trace_q ({variant})": GuardedPolicy(policy, fallback=static_best),
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
         if stop != "none":
             policies[f"static best + {stop} stop"] = StaticPolicy(static_best, stop_rule=eval_env.rules.stop)
             # the best static (E, K cap) when every round follows the stop rule, chosen on training traces
-            from lede_env.replay import best_static
-
-            rules = train_env.rules.without_overhead()
-            capped, capped_tp = best_static([train_env.trace_set.traces[i] for i in train_env.playable], rules,
+            capped, capped_tp = best_static(train_traces, train_env.rules.without_overhead(),
                                             train_env.max_new_tokens)
             Ec, Kc = train_env.actions.decode(capped)
             info[variant]["static_with_stop"] = [Ec, Kc, capped_tp]
             policies[f"static best with {stop} stop (E={Ec}, K<={Kc})"] = StaticPolicy(capped,
                                                                                       stop_rule=eval_env.rules.stop)
         rows = trace_eval(eval_env, names, static_best, policies=policies)
+        if lengths or args.context_draft:  # the oracle over the action set without context drafts, beside
+            plain = LEDEEnv(prompts=eval_prompts, **dict(kw, context_draft=0, context_lengths=()),
+                            reward_lambda=train_env.reward_lambda)
+            for r in trace_eval(plain, ["oracle"], None, by_category=True):
+                rows.append(r | {"policy": "oracle without context drafts"})
         for r in rows:
             r["variant"] = variant
         rows_all += rows
@@ -113,7 +129,8 @@ def main() -> None:
                                reward_lambda=train_env.reward_lambda)
             dec = live_env.make_decoder()
             fixed = [c for c in copies if c.endswith((",3", ",4"))]
-            rows = live_eval(live_env, dec, ["ar", "hf", "static:best", *fixed, "del", f"agent:{folder}",
+            rows = live_eval(live_env, dec, ["ar", "hf", "hf-lookup:10", "static:best", *fixed, exit_name, "del",
+                                             f"agent:{folder}",
                                              f"agent-unguarded:{folder}", "oracle"], static_best, progress=False)
             for r in rows:
                 r["variant"] = variant
