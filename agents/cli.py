@@ -55,7 +55,7 @@ def _main(device: Optional[str] = typer.Option(None, "--device", envvar="LEDE_DE
                                               help="Weight dtype: fp32, bf16, fp16 or auto (default: bf16 on CUDA, "
                                                    "fp32 on CPU, where greedy equivalence is exact).")):
     """Global options, given before the command: ``lede --device cuda --dtype bf16 evaluate ...``."""
-    from lede_env.model import set_default_device
+    from lede_env.device import set_default_device
 
     try:
         set_default_device(device, dtype)
@@ -89,7 +89,7 @@ def _exits(s: Optional[str]) -> Optional[list[int]]:
 
 def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
                 cost_profile) -> dict:
-    from lede_env.model import spec_dtype
+    from lede_env.device import spec_dtype
 
     return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
             "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
@@ -382,11 +382,10 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 
 
 @app.command()
-def evaluate(policies: str = typer.Option("ar,hf,static:best,oracle", help="Comma-separated policy names "
-                                                                            "(ar, hf, hf-lookup:N, hf-early-exit:E, static:E,K, "
-                                                                            "static:best, "
-                                                                            "heuristic:E, confidence:E,K,THRESHOLD, "
-                                                                            "del, oracle, agent:PATH)."),
+def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle",
+                                          help="Comma-separated policy names (ar, hf, hf-lookup:N, hf-early-exit:E, "
+                                               "static:E,K, static:best, heuristic:E, confidence:E,K,THRESHOLD, del, "
+                                               "oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
              calib_prompts: str = CalibOpt,

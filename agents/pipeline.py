@@ -16,7 +16,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from lede_env.model import write_text_atomic
+from lede_env.storage import write_text_atomic
 from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 
 console = Console()
@@ -83,7 +83,7 @@ class DemoConfig:
 
     def env_kwargs(self, prompts: str) -> dict:
         """JSON-serialisable ``LEDE-Llama3-v0`` kwargs for a prompt set."""
-        from lede_env.model import spec_dtype
+        from lede_env.device import spec_dtype
 
         return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
                 "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
@@ -184,7 +184,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                                       | {"reward_lambda": eval_env.reward_lambda}), progress=progress)
             dec = live_env.make_decoder(bundle, heads)
             records: dict = {}
-            live_rows = live_eval(live_env, dec, ["ar", "hf"] + names[1:], static_best, progress=progress,
+            live_rows = live_eval(live_env, dec, ["ar", "hf", "hf-lookup:10"] + names[1:], static_best, progress=progress,
                                   records=records)
             _rename_agent(live_rows, best[1])
             if bundle.tokenizer is not None:
