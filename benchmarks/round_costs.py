@@ -28,7 +28,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agent", required=True, help="an exported agent folder (policy.json + policy.pt)")
-    ap.add_argument("--eval-prompts", default=DEFAULT_EVAL + "+context")
+    ap.add_argument("--eval-prompts", default=DEFAULT_EVAL)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
     ap.add_argument("--context-lengths", default="1,2,3,4,6,8")

@@ -29,11 +29,12 @@ import torch
 #: instructions, math word problems, translation), the agent's training traces (other prompts of
 #: the same sources), and held-out evaluation: HumanEval problems neither saw, plus MT-bench
 #: categories that no calibration or training prompt comes from (writing, roleplay, math) and
-#: unseen translation prompts.
+#: unseen translation prompts, and the packaged context-heavy prompts (summaries, passage QA, code
+#: edits: where context drafts pay).
 DEFAULT_CALIB = "humaneval[100:164]+instructions[0:160]+gsm8k[0:96]+specbench{translation}[0:32]"
 DEFAULT_TRAIN = "humaneval[0:24]+instructions[300:316]+gsm8k[300:316]+specbench{translation}[40:48]"
 DEFAULT_EVAL = ("humaneval[24:32]+specbench{writing}[0:4]+specbench{roleplay}[0:4]+specbench{math}[0:4]"
-                "+specbench{translation}[72:76]")
+                "+specbench{translation}[72:76]+context")
 #: A wider held-out set for benchmarks: 16 HumanEval problems, all 80 MT-bench questions
 #: (8 categories) and 16 translation prompts, none in the calibration or training splits.
 WIDE_EVAL = ("humaneval[24:40]+specbench{writing,roleplay,reasoning,math,coding,extraction,stem,humanities}"
@@ -143,7 +144,7 @@ def write_prompt_file(prompts: list[Prompt], path: Path) -> str:
     """Write ``prompts`` as a Spec-Bench-format JSONL file (atomically) and return its path as a
     prompt spec; the prompts' texts, ids and categories are kept, so their greedy continuations
     come from the same cache entries."""
-    from .model import atomic_file
+    from .storage import atomic_file
 
     path = Path(path)
     with atomic_file(path) as tmp:

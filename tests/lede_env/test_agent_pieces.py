@@ -266,6 +266,8 @@ def test_default_splits_are_disjoint():
     cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
     assert {"code", "instructions", "math_word_problems", "translation"} <= cats
     assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw
+    # evaluation rows for the context-heavy categories too (where context drafts pay)
+    assert {"summarization", "passage_qa", "code_editing"} <= {p.category for p in load_prompts(DEFAULT_EVAL)}
     with pytest.raises(ValueError, match="both the calibration and the held_out"):
         check_disjoint(calibration="humaneval[0:10]", held_out="humaneval[5:8]")
 
