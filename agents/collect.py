@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from lede_env.model import crash_point, host_tag
+from lede_env.storage import crash_point, host_tag
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 from .policies import OraclePolicy

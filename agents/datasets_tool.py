@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lede_env.model import host_tag, pid_alive
+from lede_env.storage import host_tag, pid_alive
 
 from .collect import PARTIAL_PREFIX, _rename_dataset, _tmp_id, describe_collection, minari_root, reference_scores
 

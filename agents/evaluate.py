@@ -41,7 +41,7 @@ import torch
 
 from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.metrics import RoundTotals, format_metric, speedup, tokens_per_second
-from lede_env.model import synchronize
+from lede_env.device import synchronize
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from lede_env.policies import POLICY_NAMES, policy_from_name
@@ -337,8 +337,8 @@ def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
 
 def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:
     """Write ``rows`` as ``NAME.csv``, ``NAME.md`` and ``NAME.json`` in ``out_dir``, each through
-    :func:`lede_env.model.atomic_file` (a killed process leaves each file old or new, whole)."""
-    from lede_env.model import write_text_atomic
+    :func:`lede_env.storage.atomic_file` (a killed process leaves each file old or new, whole)."""
+    from lede_env.storage import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / f"{name}.json", json.dumps(rows, indent=2, default=str))

@@ -27,7 +27,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from lede_env.model import atomic_file, atomic_folder
+from lede_env.storage import atomic_file, atomic_folder
 
 EXPORT_FORMAT = 1
 

@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lede_env.model import atomic_file  # noqa: E402
+from lede_env.storage import atomic_file  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

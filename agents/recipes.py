@@ -206,7 +206,7 @@ def build(recipe: Recipe, progress: bool = True, env=None, write_card: bool = Tr
         env = LEDEEnv(**recipe.env, progress=progress)
     ds = collect(env, recipe.collect_config(), progress=progress, env_spec=recipe.env)
     if write_card and recipe.card_path is not None:
-        from lede_env.model import atomic_file
+        from lede_env.storage import atomic_file
 
         with atomic_file(recipe.card_path, suffix=".md") as tmp:
             Path(tmp).write_text(dataset_card(ds, recipe))

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lede_env.model import write_json_atomic, write_text_atomic
+from lede_env.storage import write_json_atomic, write_text_atomic
 
 RECORDS_FORMAT = 1
 

@@ -127,7 +127,7 @@ def run_trial(params: dict, out_dir: Path, wandb_mode: str = "offline", wandb_ru
     train(cfg, progress=progress, wandb_run=wandb_run, **(train_kwargs or {}))
     summary = json.loads((out_dir / "eval.json").read_text())
     row = {"trial": out_dir.name, **{k: v for k, v in params.items()}, **{k: summary.get(k) for k in METRICS}}
-    from lede_env.model import write_text_atomic
+    from lede_env.storage import write_text_atomic
 
     write_text_atomic(out_dir / "trial.json", json.dumps(row, indent=2))  # the run folder is already published
     return row

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lede_env.mdp import flatten_by_layout
-from lede_env.model import atomic_folder
+from lede_env.storage import atomic_folder
 
 D3RLPY_ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
 ALGOS = D3RLPY_ALGOS + ("sb3_offline_dqn", "ppo", "online_dqn", "trace_q")

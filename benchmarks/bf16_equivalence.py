@@ -138,7 +138,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # rows appear as each dtype finishes
 
-    from lede_env.model import load_model, resolve_device, tiny_llama
+    from lede_env.device import resolve_device
+    from lede_env.model import load_model, tiny_llama
     from lede_env.prompts import load_prompts
     from lede_env.traces import bundle_from_model, encode_prompts
 

@@ -52,7 +52,7 @@ def device_facts(model: str) -> dict:
     """Device, dtype and library versions of this run."""
     import transformers
 
-    from lede_env.model import resolve_device, resolve_dtype
+    from lede_env.device import resolve_device, resolve_dtype
 
     dev = resolve_device(None)
     facts = {"device": str(dev), "dtype": str(resolve_dtype(None, dev)).replace("torch.", ""), "model": model,

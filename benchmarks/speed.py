@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $LEDE_DEVICE, else cpu)")
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
-    from lede_env.model import set_default_device, synchronize
+    from lede_env.device import set_default_device, synchronize
 
     set_default_device(args.device, args.dtype)
 

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .model import LayerStack, write_json_atomic
+from .layers import LayerStack
+from .storage import write_json_atomic
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match, mat
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
                   verified_positions)
 from .metrics import RoundTotals, acceptance, tokens_per_round
-from .model import LayerStack
+from .layers import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
 from .stopping import StopRule, as_stop_rule
@@ -191,7 +191,7 @@ class SelfSpeculativeDecoder:
     decoder serves any number of generations, one after another or interleaved.
 
     Args:
-        stack: the model's :class:`~lede_env.model.LayerStack`.
+        stack: the model's :class:`~lede_env.layers.LayerStack`.
         heads: exit heads for the candidate exits.
         k_max: largest speculation length.
         eos_ids: tokens that end generation (a generation may override them, see :meth:`start`).

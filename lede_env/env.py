@@ -22,7 +22,9 @@ from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .lookup import context_match, match_agreement
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, context_features
-from .model import KERNELS_VERSION, cache_dir, describe_model
+from .kernels import KERNELS_VERSION
+from .model import describe_model
+from .storage import cache_dir
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
 from .stopping import NO_STOP, CalibratedStop

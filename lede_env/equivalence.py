@@ -71,7 +71,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .model import LayerStack
+from .layers import LayerStack
 
 #: How many "ulps" of a position's largest |logit| (units of ``eps(dtype) * max|z|``) a margin may
 #: reach and still count as a near-tie, per dtype (the module docstring gives the measurements).

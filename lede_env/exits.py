@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .model import LayerStack
+from .layers import LayerStack
 from .stopping import AcceptanceCalibration
 
 HEAD_KINDS = ("lens", "affine", "affine-kl")
@@ -55,7 +55,7 @@ class ExitHeads(nn.Module):
     """Draft heads for a set of exit layers, sharing the model's final norm and LM head.
 
     Args:
-        stack: the model's :class:`~lede_env.model.LayerStack`.
+        stack: the model's :class:`~lede_env.layers.LayerStack`.
         exit_layers: candidate exit layers, strictly increasing, each in ``1 .. L-1``.
         kind: one of :data:`HEAD_KINDS`; ``"affine"`` and ``"affine-kl"`` use translators.
         vocab_rank: [V] int64 frequency ranking of the vocabulary (see :func:`rank_vocabulary`);

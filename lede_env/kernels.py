@@ -96,7 +96,7 @@ def skinny_op() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     Built once per machine and torch version with ``torch.utils.cpp_extension`` into
     ``~/.cache/lede/kernels/build-<tag>`` (about 10 s on 2 cores); later processes load it.
     """
-    from .model import cache_dir
+    from .storage import cache_dir
 
     tag = hashlib.sha256(repr((_cpu_fingerprint(), torch.__version__, KERNELS_VERSION,
                                _SOURCE.read_bytes())).encode()).hexdigest()[:10]
@@ -207,7 +207,7 @@ def kernel_table(weights: Sequence[torch.Tensor], device: torch.device, dtype: t
     (:func:`measure_table`, about 3 s for the embedded model) and cached in
     ``~/.cache/lede/kernels/table-<key>.json``, keyed by CPU, threads, torch version, the weights'
     shapes and :data:`KERNELS_VERSION`. ``("default",)`` off the fp32 CPU."""
-    from .model import cache_dir, write_json_atomic
+    from .storage import cache_dir, write_json_atomic
 
     cands = tuple(c for c in available(device, dtype) if c != "default")  # torch's own: slowest measured
     if not cands:

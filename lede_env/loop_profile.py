@@ -25,7 +25,7 @@ from .costs import CostProfile, fit_profile
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ObservationConfig
-from .model import LayerStack
+from .layers import LayerStack
 from .policies import BasePolicy
 
 #: Rounds timed by default: about 30 s on 2 CPU cores with the embedded model.

@@ -6,7 +6,7 @@ i. A trace therefore tells the accepted run length of any (E, K) at any position
 and the trace environment replays greedy self-speculative decoding at microseconds a round
 (the module docstring of :mod:`lede_env.replay` and the README's env section).
 
-Everything built here is cached under :func:`~lede_env.model.cache_dir`, written under a
+Everything built here is cached under :func:`~lede_env.storage.cache_dir`, written under a
 temporary name and renamed when whole:
 
 - ``continuations/<model>/<prompts>-<max_new>.json`` - greedy continuations;
@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .exits import (ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary,
                     teacher_forced)
-from .model import (LayerStack, atomic_file, atomic_folder, cache_dir, describe_model, dtype_tag, eos_token_ids,
-                    load_model, model_slug, resolve_device, resolve_dtype, write_json_atomic)
+from .device import dtype_tag, resolve_device, resolve_dtype
+from .layers import LayerStack
+from .model import describe_model, eos_token_ids, load_model, model_slug
+from .storage import atomic_file, atomic_folder, cache_dir, write_json_atomic
 from .prompts import (DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
                       prompts_fingerprint)
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
@@ -68,7 +70,7 @@ def get_bundle(name: Optional[str] = None, device: Optional[str] = None, dtype: 
 
     Args:
         device: torch device (``None``: ``$LEDE_DEVICE`` or cpu; see
-            :func:`~lede_env.model.resolve_device`).
+            :func:`~lede_env.device.resolve_device`).
         dtype: weight dtype (``None``: ``$LEDE_DTYPE``, else bf16 on CUDA, fp32 on CPU).
 
     Raises:

@@ -37,7 +37,7 @@ def test_decoding_with_an_exported_agent_needs_only_core_dependencies(tmp_path):
         from transformers import LlamaConfig, LlamaForCausalLM
         from lede_env.decoding import SelfSpeculativeDecoder, greedy_reference
         from lede_env.exits import ExitHeads
-        from lede_env.model import LayerStack
+        from lede_env.layers import LayerStack
         from lede_env.policies import ExportedPolicy
 
         torch.manual_seed(0)

@@ -5,7 +5,7 @@ merge`` of two shards, ``lede train`` with a d3rlpy (``discrete_cql``) and a sta
 (``ppo``) algorithm, ``lede export``, ``lede evaluate`` of the exported agent, ``lede sweep`` of two
 trials) runs on a tiny model as a subprocess, in its own folder, and SIGKILLs itself at chosen crash
 points (``$LEDE_CRASH_AT``: every publication of a file, folder or Minari dataset has one before and
-one after its rename, see :func:`lede_env.model.crash_point`). After each kill:
+one after its rename, see :func:`lede_env.storage.crash_point`). After each kill:
 
 - every file that a command would later read is whole: JSON parses, safetensors and npz arrays
   load, zip archives (sb3's ``model.zip``) pass their CRC check, CSV and Markdown tables have

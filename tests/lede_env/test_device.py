@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lede_env.model import (dtype_tag, layerskip_card, resolve_device, resolve_dtype, save_tiny_model,
-                            synchronize)
+from lede_env.device import dtype_tag, resolve_device, resolve_dtype, synchronize
+from lede_env.model import layerskip_card, save_tiny_model
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_environment_and_spellings(no_env):
 
 def test_non_fp32_dtype_is_recorded_in_env_specs(no_env):
     from agents.pipeline import DemoConfig
-    from lede_env.model import spec_dtype
+    from lede_env.device import spec_dtype
 
     assert spec_dtype() == {} and "dtype" not in DemoConfig().env_kwargs("humaneval[0:2]")
     no_env.setenv("LEDE_DTYPE", "bf16")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lede_env import kernels as K
-from lede_env.model import LayerStack
+from lede_env.layers import LayerStack
 
 from ..conftest import make_tiny
 

@@ -1,4 +1,5 @@
-"""Model adapter: kernels are restored after decoding (even on error), atomic folders."""
+"""LayerStack, the adapter to transformers internals: its fast kernels agree with the default
+ones and are restored after decoding, even on error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from lede_env.decoding import SelfSpeculativeDecoder, StaticPolicy
 from lede_env.exits import ExitHeads
 from lede_env.kernels import available
-from lede_env.model import LayerStack, atomic_folder
+from lede_env.layers import LayerStack
 
 from ..conftest import make_tiny
 
@@ -48,68 +49,3 @@ def test_fast_kernels_agree_with_default():
                     torch.testing.assert_close(y, ref.linear(x, w, bb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernels"):
         LayerStack(b.model, kernels="cuda-magic")
-
-
-def test_atomic_folder(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(target) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise KeyboardInterrupt
-    assert not target.exists() and list(tmp_path.iterdir()) == []
-    with atomic_folder(target) as tmp:
-        (tmp / "whole.bin").write_bytes(b"y")
-    assert (target / "whole.bin").read_bytes() == b"y"
-    with atomic_folder(target, replace=False) as tmp:
-        (tmp / "other.bin").write_bytes(b"z")
-    assert sorted(p.name for p in target.iterdir()) == ["whole.bin"]
-
-
-def _hammer(path, value, n):
-    from lede_env.model import write_json_atomic
-
-    for i in range(n):
-        write_json_atomic(path, {"writer": value, "i": i, "pad": "x" * 20_000})
-
-
-def test_concurrent_writers_leave_one_whole_file(tmp_path):
-    """Two processes rewriting the same cache file: every read sees a whole JSON from one of them."""
-    import json
-    import multiprocessing as mp
-
-    path = tmp_path / "cache.json"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(path, w, 150)) for w in ("a", "b")]
-    for p in procs:
-        p.start()
-    reads = 0
-    while any(p.is_alive() for p in procs):
-        if path.exists():
-            d = json.loads(path.read_text())  # never a mix or a truncated file
-            assert d["writer"] in ("a", "b") and len(d["pad"]) == 20_000
-            reads += 1
-    for p in procs:
-        p.join()
-        assert p.exitcode == 0
-    assert json.loads(path.read_text())["i"] == 149
-    assert [f.name for f in tmp_path.iterdir()] == ["cache.json"]  # no temporary files left
-
-
-def test_full_disk_gives_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    import errno
-    import json
-
-    from lede_env.model import write_json_atomic
-
-    path = tmp_path / "x.json"
-    write_json_atomic(path, {"old": True})
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(json, "dump", full)
-    with pytest.raises(OSError, match="No space left"):
-        write_json_atomic(path, {"new": True})
-    monkeypatch.undo()
-    assert json.loads(path.read_text()) == {"old": True}  # the previous whole file is kept
-    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]

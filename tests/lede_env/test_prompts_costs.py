@@ -104,7 +104,8 @@ def test_trace_files_round_trip_and_errors(tmp_path, tiny):
 
 
 def test_model_path_errors():
-    from lede_env.model import check_llama_family, resolve_model_path
+    from lede_env.layers import check_llama_family
+    from lede_env.model import resolve_model_path
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path("/no/such/model")

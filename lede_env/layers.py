@@ -1,0 +1,224 @@
+"""The one adapter to transformers' internals: :class:`LayerStack`.
+
+Every call that depends on the transformers version (a decoder layer's ``cache=`` keyword,
+how a cache layer is cropped, the rotary-embedding call, the 4-D attention mask) lives here.
+Tested with transformers 5.24; the range is pinned in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .kernels import KERNELS
+from .kernels import linear as _kernel_linear
+
+
+#: ``config.model_type`` values whose decoder layers follow Llama's interface
+#: (pre-norm layers taking ``position_embeddings`` and ``cache``, a final ``norm``, an ``lm_head``).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_llama_family(config) -> None:
+    """Raise ``ValueError`` unless ``config`` describes a Llama-family decoder-only model."""
+    mt = getattr(config, "model_type", None)
+    if mt not in LLAMA_FAMILY:
+        raise ValueError(
+            f"Model type {mt!r} is not Llama-family; lede supports {', '.join(LLAMA_FAMILY)} "
+            "(decoder layers with rotary position embeddings, a final norm and an LM head)."
+        )
+
+
+@dataclass
+class LayerStack:
+    """Runs slices of a Llama-family model's layers against one shared KV cache.
+
+    This is the only place that touches transformers internals; everything else calls
+    :meth:`embed`, :meth:`run`, :meth:`norm`, :meth:`lm_head`, :meth:`new_cache` and
+    :meth:`crop`.
+
+    Attributes:
+        model: a ``LlamaForCausalLM``-like model (``model.model.layers``, ``model.model.norm``,
+            ``model.lm_head``, ``model.model.rotary_emb``).
+        kernels: matrix-product kernels of the decoder and LM head (:mod:`lede_env.kernels`):
+            ``"auto"`` (default) uses, for each number of rows (positions), the kernel measured
+            fastest on this machine for this model's weights (:func:`lede_env.kernels.kernel_table`,
+            measured once and cached); or one named kernel for every call: ``"blas"``,
+            ``"skinny"``, ``"onednn"``, ``"default"``. Off the fp32 CPU every choice is
+            ``"default"``. Kernels agree to fp32 rounding (about 1e-6 relative), so greedy tokens
+            can differ between them only on exact near-ties; every part of lede uses the same
+            stack, hence the same kernels.
+        kernel_table: after construction, ``kernel_table[r-1]`` is the kernel used for ``r``
+            rows (r = 1..:data:`~lede_env.kernels.TABLE_ROWS`; more rows use oneDNN).
+    """
+
+    model: torch.nn.Module
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_llama_family(self.model.config)
+        inner = self.model.model
+        self.layers = inner.layers[: self.model.config.num_hidden_layers]
+        self.num_layers = len(self.layers)
+        self.hidden_size = self.model.config.hidden_size
+        self._embed = inner.embed_tokens
+        self._norm = inner.norm
+        self._rotary = inner.rotary_emb
+        self._head = self.model.lm_head
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.set_kernels(self.kernels)
+
+    def set_kernels(self, kernels: str) -> None:
+        """Choose the matrix-product kernels (see the class docstring); ``"auto"`` reads
+        ``$LEDE_KERNELS`` first (e.g. ``LEDE_KERNELS=blas`` to compare with BLAS alone).
+
+        Raises:
+            ValueError: an unknown kernel name (in the argument or ``$LEDE_KERNELS``).
+        """
+        from . import kernels as K
+
+        if kernels == "auto":
+            kernels = os.environ.get("LEDE_KERNELS", "auto") or "auto"
+        if kernels not in KERNELS + ("auto",):
+            raise ValueError(f"kernels={kernels!r}; choose 'auto' or one of {KERNELS} (argument or $LEDE_KERNELS).")
+        self.kernels = kernels
+        avail = K.available(self.device, self.dtype)
+        if kernels == "auto":
+            weights = [m.weight for m in self.layers.modules() if isinstance(m, torch.nn.Linear)]
+            self.kernel_table = K.kernel_table(weights + [self._head.weight], self.device, self.dtype)
+        else:
+            if kernels not in avail:
+                print(f"lede: kernel {kernels!r} is not available for {self.dtype} on {self.device}; "
+                      f"using {avail[0]!r}.", file=sys.stderr)
+            self.kernel_table = (kernels if kernels in avail else avail[0],) * K.TABLE_ROWS
+        self._large = avail[0]  # oneDNN where present
+
+    @property
+    def kernels_tag(self) -> str:
+        """The kernel per row count, e.g. ``"blas,blas,skinny,...|onednn"`` (cache keys, profile meta)."""
+        return ",".join(self.kernel_table) + "|" + self._large
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` with this stack's kernel for the number of rows.
+        [..., in] x [out, in] -> [..., out]."""
+        rows = x.numel() // x.shape[-1]
+        kernel = self.kernel_table[rows - 1] if rows <= len(self.kernel_table) else self._large
+        return _kernel_linear(kernel, x, weight, bias)
+
+    @contextmanager
+    def kernels_active(self):
+        """Within this block the decoder layers' linear layers use :attr:`kernel_table`, and on the
+        CPU attention over several new positions runs grouped-query attention on the cached
+        key/value heads as they are (transformers' ``TRANSFORMERS_SDPA_FORCE_GQA``; with a causal
+        mask it would otherwise copy every cached key and value for each query head: all 30 layers
+        of the embedded model on 2 / 3 positions after 256 cached ones, 27.8 / 31.1 ms -> 26.3 /
+        28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model
+        is shared with callers, e.g. transformers' ``generate``)."""
+        gqa_key = "TRANSFORMERS_SDPA_FORCE_GQA"
+        set_gqa = self.device.type == "cpu" and gqa_key not in os.environ
+        patched = []
+        try:
+            if set_gqa:
+                os.environ[gqa_key] = "1"
+            if set(self.kernel_table) != {"default"}:
+                for m in self.layers.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.forward = functools.partial(self.linear, weight=m.weight, bias=m.bias)
+                        patched.append(m)
+            yield
+        finally:
+            for m in patched:
+                del m.forward
+            if set_gqa:
+                os.environ.pop(gqa_key, None)
+
+    def new_cache(self):
+        """An empty KV cache with one croppable layer per decoder layer."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def cache_length(cache, layer: int = 0) -> int:
+        """Number of cached positions of decoder layer ``layer`` (0-based)."""
+        return cache.layers[layer].get_seq_length() if layer < len(cache.layers) else 0
+
+    def crop(self, cache, length: int) -> None:
+        """Trim every layer's cache to its first ``length`` positions (layers may differ in length)."""
+        for layer in cache.layers:
+            n = layer.get_seq_length()
+            if n > length:
+                layer.crop(length - n)  # transformers 5.x: a negative count of positions to drop
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings. ``input_ids`` [1, q] int64 -> [1, q, d] float."""
+        return self._embed(input_ids)
+
+    def positions(self, hidden: torch.Tensor, start: int):
+        """Rotary (cos, sin) for positions ``start .. start+q-1`` of ``hidden`` [1, q, d]."""
+        q = hidden.shape[1]
+        pos = torch.arange(start, start + q, device=hidden.device).unsqueeze(0)
+        return pos, self._rotary(hidden, position_ids=pos)
+
+    @staticmethod
+    def causal_mask(q: int, start: int, device) -> Optional[torch.Tensor]:
+        """Boolean mask [1, 1, q, start+q] (True = attend) for q new positions after ``start``
+        cached ones; ``None`` for q == 1 (attend to everything cached)."""
+        if q == 1:
+            return None
+        kv = start + q
+        i = torch.arange(q, device=device).unsqueeze(1) + start
+        j = torch.arange(kv, device=device).unsqueeze(0)
+        return (j <= i).view(1, 1, q, kv)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int, cache, start: int, rope=None) -> torch.Tensor:
+        """Run decoder layers ``first+1 .. last`` (1-based, inclusive) on ``hidden``.
+
+        Args:
+            hidden: [1, q, d] input to layer ``first+1`` (the output of layer ``first``; the
+                embeddings when ``first == 0``).
+            first, last: 0 <= first <= last <= L.
+            cache: the shared KV cache; each of these layers must hold exactly ``start``
+                positions, and gains ``q``.
+            start: position index of ``hidden[:, 0]``.
+            rope: ``(position_ids, (cos, sin))`` from :meth:`positions`, to reuse across calls.
+
+        Returns:
+            [1, q, d] output of layer ``last``.
+        """
+        if first == last:
+            return hidden
+        pos, pe = rope if rope is not None else self.positions(hidden, start)
+        mask = self.causal_mask(hidden.shape[1], start, hidden.device)
+        for layer in self.layers[first:last]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+                           cache=cache, use_cache=True)
+        return hidden
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm. [..., d] -> [..., d]."""
+        return self._norm(hidden)
+
+    def lm_head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits. [..., d] -> [..., V]."""
+        return self._head(normed)
+
+    def head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits with this stack's kernels. [q, d] -> [q, V]."""
+        return self.linear(normed, self._head.weight, getattr(self._head, "bias", None))
+
+    def greedy_tokens(self, normed: torch.Tensor) -> torch.Tensor:
+        """Argmax of the full LM head. [q, d] -> [q] int64 (ties go to the lowest id)."""
+        return self.head_logits(normed).argmax(-1)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """LM head weight [V, d]."""
+        return self._head.weight

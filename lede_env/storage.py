@@ -1,0 +1,171 @@
+"""Storage: lede's cache folder and the one way files and folders are published.
+
+Every file or folder another process may read (converted models, traces, exit heads, cost
+profiles, datasets, runs, results) is written under a temporary name beside its final path and
+renamed when whole (:func:`atomic_file`, :func:`atomic_folder`); temporaries name their host and
+process, so a killed writer's leftovers go with the next write (:func:`remove_stale_temporaries`).
+Each publication passes two crash points (:func:`crash_point`), where ``tests/test_kill.py``
+SIGKILLs the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root folder of lede's caches (converted models, traces, exit heads, cost profiles).
+
+    ``$LEDE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lede``, else ``~/.cache/lede``.
+    """
+    if os.environ.get("LEDE_CACHE_DIR"):
+        return Path(os.environ["LEDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lede"
+
+
+#: Crash testing (SQLite-style): with ``$LEDE_CRASH_AT=N`` the process SIGKILLs itself at the N-th
+#: crash point (every publication of a file or folder has one before and one after its rename);
+#: with ``$LEDE_CRASH_COUNT=PATH`` it writes the number of crash points it passed to PATH at exit.
+#: ``tests/test_kill.py`` uses both; nothing else sets them.
+_CRASH = {"n": 0}
+
+
+def crash_point() -> None:
+    """Count a crash point; SIGKILL this process if it is the one ``$LEDE_CRASH_AT`` names."""
+    _CRASH["n"] += 1
+    at = os.environ.get("LEDE_CRASH_AT")
+    if at and _CRASH["n"] == int(at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _CRASH["n"] == 1 and os.environ.get("LEDE_CRASH_COUNT"):
+        import atexit
+
+        atexit.register(lambda: Path(os.environ["LEDE_CRASH_COUNT"]).write_text(str(_CRASH["n"])))
+
+
+def host_tag() -> str:
+    """This machine's name reduced to letters and digits (at most 24): temporaries and partial
+    datasets carry it with their process id, so only this host's dead writers are cleaned up."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _temp_prefix(name: str) -> str:
+    """``.<name>.lede-<host>-<pid>-``: temporaries name their process, so a later writer can tell
+    a dead process's leftovers (SIGKILL runs no clean-up) from a live writer's work."""
+    return f".{name}.lede-{host_tag()}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove the temporaries of ``final`` (files or folders named by :func:`_temp_prefix`) whose
+    process on this host has ended; return what was removed. Every atomic write calls it first:
+    one rule, so a killed writer's leftovers go with the next write of the same file."""
+    import re
+
+    final = Path(final)
+    host = host_tag()
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for name in (final.stem, final.name):
+        for p in final.parent.glob(f".{name}.lede-*"):
+            m = re.match(rf"^\.{re.escape(name)}\.lede-([A-Za-z0-9]+)-(\d+)-", p.name)
+            if not m or m.group(1) != host or pid_alive(int(m.group(2))):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def atomic_file(final: Path, suffix: str = ""):
+    """Yield a temporary file path beside ``final``; when the block ends without error it is
+    renamed to ``final``. On any error (a full disk, Ctrl-C) it is removed, so neither a
+    partial ``final`` nor the temporary file is left behind; a process killed outright (SIGKILL,
+    the OOM killer) leaves its temporary, which the next write of ``final`` removes
+    (:func:`remove_stale_temporaries`).
+
+    Args:
+        suffix: ending of the temporary name (for writers that infer the format from it).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final.stem), suffix=suffix, dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        crash_point()
+        os.replace(tmp, final)
+        crash_point()
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(final: Path, replace: bool = True):
+    """Yield a fresh temporary folder beside ``final``; when the block ends without error it is
+    renamed to ``final`` (replacing an existing one if ``replace``, else keeping the existing
+    one, e.g. written by a concurrent process). On error it is removed: a half-written folder
+    is never left where it would be read as whole. An existing ``final`` is first renamed aside
+    (then deleted), so a kill at any moment leaves either the old folder or the new one whole,
+    never a half-deleted one; leftovers of killed writers go with the next write.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), dir=final.parent))
+    old = None
+    try:
+        yield tmp
+        crash_point()
+        if final.exists():
+            if not replace:
+                return
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name), dir=final.parent))
+            os.rename(final, old / "old")  # aside, whole; deleted below
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():  # lost a race: another process published it first
+                raise
+        crash_point()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`: a reader (or a process
+    killed mid-write) sees the old file or the new one whole, never a truncated one."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
