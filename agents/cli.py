@@ -104,7 +104,8 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
     """Greedy continuations + one teacher-forced pass per prompt, cached under the lede cache.
     With --shard K/N only part K of the greedy continuations (trace and calibration prompts) is
     built; a final run without --shard reuses all N parts and builds the traces."""
-    from lede_env.traces import HeadSpec, TraceSpec, build_continuation_shard, get_traces
+    from lede_env.calibration import HeadSpec
+    from lede_env.traces import TraceSpec, build_continuation_shard, get_traces
 
     spec = TraceSpec(model, prompts, max_new_tokens,
                      HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
@@ -139,8 +140,10 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
     from lede_env.costs import min_time
     from lede_env.exits import HEAD_KINDS, ExitHeads
     from lede_env.prompts import load_prompts
-    from lede_env.traces import (HeadSpec, agreement_by_category, check_disjoint, get_bundle, get_continuations,
-                                 get_heads)
+    from lede_env.calibration import HeadSpec, agreement_by_category, get_heads
+    from lede_env.continuations import get_continuations
+    from lede_env.model import get_bundle
+    from lede_env.prompts import check_disjoint
 
     b = get_bundle(model)
     names = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -195,7 +198,8 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     from lede_env.env import loop_profile, overhead_probe
     from lede_env.kernels import available, cpu_name
     from lede_env.mdp import ObservationConfig
-    from lede_env.traces import HeadSpec, get_bundle, get_heads
+    from lede_env.calibration import HeadSpec, get_heads
+    from lede_env.model import get_bundle
 
     b = get_bundle(model)
     heads = get_heads(b, HeadSpec(draft_vocab=draft_vocab, calib_prompts=calib_prompts))
@@ -409,7 +413,8 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
     from agents.policies import best_static_action
 
     from lede_env.env import LEDEEnv
-    from lede_env.traces import HeadSpec, get_bundle, get_heads
+    from lede_env.calibration import HeadSpec, get_heads
+    from lede_env.model import get_bundle
 
     names = [p for p in split_policies(policies)]
     agent_cfg = _agent_config(names)
@@ -426,7 +431,7 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
                   obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule,
                   context_draft=context_draft, context_lengths=lengths)
     try:
-        from lede_env.traces import check_disjoint
+        from lede_env.prompts import check_disjoint
 
         check_disjoint(training=train_prompts, held_out=prompts)
     except ValueError as e:

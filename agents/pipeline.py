@@ -113,7 +113,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         ``{"trace": rows, "live": rows, "timings": {...}, "static_best": (E, K), "agent": algo}``.
     """
     from lede_env.env import LEDEEnv
-    from lede_env.traces import get_bundle, get_heads, HeadSpec
+    from lede_env.calibration import HeadSpec, get_heads
+    from lede_env.model import get_bundle
 
     from .collect import CollectConfig, collect
     from .evaluate import live_eval, policy_throughput, to_markdown, trace_eval, write_results

@@ -141,7 +141,8 @@ def main() -> None:
     from lede_env.device import resolve_device
     from lede_env.model import load_model, tiny_llama
     from lede_env.prompts import load_prompts
-    from lede_env.traces import bundle_from_model, encode_prompts
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import bundle_from_model
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)

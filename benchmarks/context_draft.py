@@ -45,7 +45,8 @@ def main() -> None:
     from lede_env.kernels import cpu_name
     from lede_env.metrics import RoundTotals, tokens_per_second
     from lede_env.prompts import WIDE_EVAL, first_per_category, load_prompts
-    from lede_env.traces import encode_prompts, get_bundle
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import get_bundle
 
     b = get_bundle(None)
     prompts = first_per_category(load_prompts(args.prompts or WIDE_EVAL + "+context"), args.per_category)

@@ -43,7 +43,8 @@ def main() -> None:
     from lede_env.generate import Lede
     from lede_env.metrics import RoundTotals, speedup, tokens_per_second
     from lede_env.prompts import load_prompts
-    from lede_env.traces import encode_prompts, get_bundle
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import get_bundle
 
     b = get_bundle(None)
     prompts = encode_prompts(b, load_prompts(args.prompts), args.max_new_tokens)

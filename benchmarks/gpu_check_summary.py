@@ -23,7 +23,8 @@ def equivalence(out: Path, model: str, eval_prompts: str, max_new_tokens: int) -
     """Teacher-forced check of every recorded generation: ``{policy: totals}``."""
     from lede_env.equivalence import teacher_forced_check
     from lede_env.prompts import load_prompts
-    from lede_env.traces import encode_prompts, get_bundle
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import get_bundle
 
     recs = json.loads((out / "eval" / "records.json").read_text())["records"]
     b = get_bundle(model)

@@ -28,7 +28,9 @@ def main() -> None:
     from lede_env.costs import min_time
     from lede_env.exits import ExitHeads, fit_affine, teacher_forced
     from lede_env.prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, DEFAULT_EVAL, load_prompts
-    from lede_env.traces import HOLDOUT, HeadSpec, get_bundle, get_continuations, get_heads
+    from lede_env.calibration import HOLDOUT, HeadSpec, get_heads
+    from lede_env.continuations import get_continuations
+    from lede_env.model import get_bundle
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exits", default="2,4")

@@ -67,7 +67,8 @@ def main() -> None:
     from lede_env.generate import Lede
     from lede_env.metrics import RoundTotals, speedup, tokens_per_second
     from lede_env.prompts import load_prompts
-    from lede_env.traces import encode_prompts, get_bundle
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import get_bundle
 
     E, K = (int(x) for x in args.static.split(","))
     base = dict(prompts=args.prompts, max_new_tokens=args.max_new_tokens, progress=False)

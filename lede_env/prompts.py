@@ -183,3 +183,16 @@ def encode_prompt(tokenizer, text: str, chat: bool = True, max_length: int | Non
         raise ValueError(f"The prompt has {ids.shape[0]} tokens, more than the {max_length} allowed "
                          "(model context minus max_new_tokens): shorten it or lower max_new_tokens.")
     return ids.to(torch.long)
+
+
+def check_disjoint(**specs: str) -> None:
+    """Raise ``ValueError`` naming the shared prompts if any two of the named prompt specs share a
+    prompt text (calibration, training and evaluation prompts must be disjoint)."""
+    texts = {name: {p.text: p.id for p in load_prompts(spec)} for name, spec in specs.items()}
+    names = list(texts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = [texts[a][t] for t in texts[a].keys() & texts[b].keys()]
+            if shared:
+                raise ValueError(f"{len(shared)} prompt(s) are in both the {a} and the {b} prompts (e.g. "
+                                 f"{sorted(shared)[:3]}): keep calibration, training and evaluation prompts disjoint.")

@@ -6,22 +6,18 @@ i. A trace therefore tells the accepted run length of any (E, K) at any position
 and the trace environment replays greedy self-speculative decoding at microseconds a round
 (the module docstring of :mod:`lede_env.replay` and the README's env section).
 
-Everything built here is cached under :func:`~lede_env.storage.cache_dir`, written under a
-temporary name and renamed when whole:
-
-- ``continuations/<model>/<prompts>-<max_new>.json`` - greedy continuations;
-- ``exits/<model>/<kind>-<hash>.safetensors`` - fitted exit heads (the hash covers the head spec and
-  the calibration prompts' content);
-- ``traces/<model>/<prompts>-<max_new>-<heads>/{traces.safetensors,manifest.json}``.
+A trace is built from a greedy continuation (:mod:`lede_env.continuations`) under a set of exit
+heads (:mod:`lede_env.calibration`). Trace sets are cached under
+:func:`~lede_env.storage.cache_dir` as
+``traces/<model>/<prompts>-<max_new>-<heads>/{traces.safetensors,manifest.json}``, written under
+a temporary name and renamed when whole.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,274 +27,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .exits import (ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary,
-                    teacher_forced)
-from .device import dtype_tag, resolve_device, resolve_dtype
+from .calibration import HeadSpec, get_heads
+from .continuations import Continuation, get_continuations
+from .exits import ExitHeads, teacher_forced
 from .layers import LayerStack
-from .model import describe_model, eos_token_ids, load_model, model_slug
-from .storage import atomic_file, atomic_folder, cache_dir, write_json_atomic
-from .prompts import (DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, DEFAULT_MAX_NEW, DEFAULT_TRAIN, Prompt, encode_prompt, load_prompts,
-                      prompts_fingerprint)
-from .decoding import SelfSpeculativeDecoder, StaticPolicy
+from .model import ModelBundle, describe_model, get_bundle
+from .prompts import DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts, prompts_fingerprint
+from .storage import atomic_folder, cache_dir
 
 TRACE_FORMAT = 2
 
 
-@dataclass
-class ModelBundle:
-    """A loaded model with everything the pipeline needs next to it."""
-
-    name: str
-    model: torch.nn.Module
-    tokenizer: object
-    stack: LayerStack
-    eos_ids: tuple[int, ...]
-
-    @property
-    def slug(self) -> str:
-        """Cache key of the model and its weight dtype: greedy continuations, exit heads, traces
-        and cost profiles differ between fp32 and bf16 (``<model>`` for fp32, ``<model>@bf16``)."""
-        tag = dtype_tag(self.stack.dtype)
-        return model_slug(self.name) + ("" if tag == "fp32" else f"@{tag}")
-
-
-_BUNDLES: dict[tuple, ModelBundle] = {}
-
-
-def get_bundle(name: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None) -> ModelBundle:
-    """Load (once per process) the model named ``name`` (``None`` = embedded default).
-
-    Args:
-        device: torch device (``None``: ``$LEDE_DEVICE`` or cpu; see
-            :func:`~lede_env.device.resolve_device`).
-        dtype: weight dtype (``None``: ``$LEDE_DTYPE``, else bf16 on CUDA, fp32 on CPU).
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`~lede_env.model.load_model`.
-    """
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    key = (model_slug(name), str(dev), dt)
-    if key not in _BUNDLES:
-        model, tok = load_model(name, dtype=dt, device=dev)
-        _BUNDLES[key] = ModelBundle(model_slug(name), model, tok, LayerStack(model), eos_token_ids(model, tok))
-    return _BUNDLES[key]
-
-
-def bundle_from_model(model, tokenizer=None, name: str = "custom") -> ModelBundle:
-    """Wrap an already loaded model (e.g. a tiny test model) as a :class:`ModelBundle`."""
-    return ModelBundle(name, model, tokenizer, LayerStack(model), eos_token_ids(model, tokenizer))
-
-
-# ---- continuations --------------------------------------------------------------------------
-@dataclass
-class Continuation:
-    """A prompt and the model's greedy continuation of it."""
-
-    id: str
-    category: str
-    prompt_ids: list[int]
-    generated: list[int]
-    eos: bool
-
-
-def encode_prompts(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
-    """Token ids of each prompt (chat template when the tokenizer has one)."""
-    ctx = getattr(bundle.model.config, "max_position_embeddings", None)
-    limit = None if ctx is None else ctx - max_new_tokens - 16
-    return [encode_prompt(bundle.tokenizer, p.text, max_length=limit).tolist() for p in prompts]
-
-
-def greedy_decode(bundle: ModelBundle, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-    """Plain greedy continuation with lede's own loop (action 0 every round, the decoder's
-    kernels), so traces share the live decoder's numerics. Equal to transformers'
-    ``generate(do_sample=False)`` up to float rounding on exact near-ties (checked by the tests
-    and reported by ``lede evaluate``)."""
-    heads = ExitHeads(bundle.stack, (1,), "lens")
-    dec = SelfSpeculativeDecoder(bundle.stack, heads, 1, bundle.eos_ids)
-    return dec.generate(torch.tensor(list(ids)), StaticPolicy(0), max_new_tokens).tokens
-
-
-def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int,
-                      prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
-                      use_cache: bool = True) -> list[Continuation]:
-    """Greedy continuations (:func:`greedy_decode`), cached on disk one file per prompt (keyed
-    by the prompt's token ids and ``max_new_tokens``), so any prompt set reuses every
-    continuation computed before for another set.
-
-    Args:
-        prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
-        use_cache: read/write the on-disk cache (off for throw-away test models).
-    """
-    if prompt_ids is None:
-        prompt_ids = encode_prompts(bundle, prompts, max_new_tokens)
-    folder = cache_dir() / "continuations" / bundle.slug / str(max_new_tokens)
-    out = []
-    for p, ids in tqdm(list(zip(prompts, prompt_ids)), desc="greedy continuations", disable=not progress):
-        k = hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
-        path = folder / f"{k}.json"
-        gen = None
-        if use_cache and path.exists():
-            try:
-                gen = [int(t) for t in json.loads(path.read_text())["generated"]]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
-        if gen is None:
-            gen = greedy_decode(bundle, ids, max_new_tokens)
-            if use_cache:
-                write_json_atomic(path, {"id": p.id, "generated": list(map(int, gen))})
-        eos = bool(gen) and gen[-1] in bundle.eos_ids
-        out.append(Continuation(p.id, p.category, list(map(int, ids)), list(map(int, gen)), eos))
-    return out
-
-
-# ---- exit heads -----------------------------------------------------------------------------
-@dataclass
-class HeadSpec:
-    """What determines a set of exit heads (the cache key).
-
-    Attributes:
-        exit_layers: candidate exits (``None`` = every 2nd layer below L).
-        kind: ``"lens"``, ``"affine"`` or ``"affine-kl"`` (see :mod:`lede_env.exits`).
-        draft_vocab: truncated draft vocabulary size (``None`` = full vocabulary).
-        feature_vocab: vocabulary of the observation features.
-        calib_prompts: prompt spec whose greedy continuations fit the heads and rank the vocabulary.
-        calib_max_new_tokens: continuation length for calibration.
-        ridge: relative ridge strength of the affine fit.
-        kl_steps: Adam steps of the KL fine-tune per exit (kind ``"affine-kl"`` only).
-    """
-
-    exit_layers: Optional[tuple[int, ...]] = None
-    kind: str = "affine-kl"
-    draft_vocab: Optional[int] = 8192
-    feature_vocab: int = 1024
-    calib_prompts: str = DEFAULT_CALIB
-    calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
-    ridge: float = 0.01
-    kl_steps: int = 600
-
-
-#: Version of the exit-head files (2: with the acceptance calibration); part of the cache key.
-HEADS_FORMAT = 2
-#: Exit heads shipped with the package (the embedded model's default heads; see
-#: ``scripts/fit_default_heads.py``), listed with their checksums in ``MANIFEST.json``.
-PACKAGED_HEADS = Path(__file__).parent / "data" / "heads"
-#: Every ``HOLDOUT``-th calibration continuation is kept out of the head fit and calibrates the
-#: acceptance estimate instead (a fit's own positions would make it overconfident).
-HOLDOUT = 8
-
-
-def heads_key(bundle: ModelBundle, spec: HeadSpec) -> tuple[str, tuple[int, ...]]:
-    """``(key, exits)``: the cache key of the heads ``spec`` gives for ``bundle``
-    (``<model>/<kind>-<hash>``; the hash covers every field of the spec, the calibration prompts'
-    ids and texts (their fingerprint) and the file format)."""
-    exits = tuple(spec.exit_layers) if spec.exit_layers else default_exit_layers(bundle.stack.num_layers)
-    calib = prompts_fingerprint(load_prompts(spec.calib_prompts))
-    tag = hashlib.sha256(repr((asdict(spec) | {"exit_layers": exits}, calib, HEADS_FORMAT)).encode()).hexdigest()[:12]
-    return f"{bundle.slug}/{spec.kind}-{tag}", exits
-
-
-def packaged_heads(key: str) -> Optional[Path]:
-    """The shipped head file for cache key ``key``, if the package has one whose checksum matches
-    its manifest (a mismatch warns and is ignored: the heads are then refitted)."""
-    man = PACKAGED_HEADS / "MANIFEST.json"
-    if not man.exists():
-        return None
-    entry = json.loads(man.read_text()).get(key)
-    if entry is None:
-        return None
-    path = PACKAGED_HEADS / entry["file"]
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-        warnings.warn(f"Shipped exit heads {path} are missing or fail their checksum; refitting them.")
-        return None
-    return path
-
-
-def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,
-              calibration: Optional[Sequence[Continuation]] = None) -> ExitHeads:
-    """Exit heads for ``spec``: the shipped ones when the package has them (the embedded model's
-    defaults), else fitted on calibration continuations once and loaded from the cache after.
-
-    The fit: the draft vocabulary is ranked on every calibration continuation; translators are
-    fitted on all but every :data:`HOLDOUT`-th continuation, which calibrates the acceptance
-    estimate (:func:`~lede_env.exits.calibrate_acceptance`) used to stop drafts inside a round.
-
-    Args:
-        calibration: continuations to fit on instead of ``spec.calib_prompts`` (tests).
-    """
-    key, exits = heads_key(bundle, spec)
-    V = bundle.stack.head_weight.shape[0]
-    draft_vocab = None if spec.draft_vocab is None or spec.draft_vocab >= V else spec.draft_vocab
-    heads = ExitHeads(bundle.stack, exits, spec.kind, None, draft_vocab, spec.feature_vocab)
-    needs_calib = spec.kind != "lens" or draft_vocab is not None or spec.feature_vocab < V
-    if not needs_calib:
-        return heads
-    path = cache_dir() / "exits" / f"{key}.safetensors"
-    if use_cache and calibration is None:
-        for p in (packaged_heads(key), path):
-            if p is None or not p.exists():
-                continue
-            try:
-                heads.load_state(load_file(str(p)))
-                return heads
-            except Exception as e:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
-                warnings.warn(f"Ignoring unreadable exit-head file {p} ({e}); refitting.")
-    if calibration is None:
-        calibration = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
-                                        progress=progress, use_cache=use_cache)
-    heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
-    heads._refresh_vocab()
-    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration]
-    held = seqs[HOLDOUT - 1::HOLDOUT] if len(seqs) >= HOLDOUT else []
-    fit = [q for j, q in enumerate(seqs) if j % HOLDOUT != HOLDOUT - 1] if held else seqs
-    if heads.translated:
-        fit_affine(heads, fit, ridge=spec.ridge)
-        if spec.kind == "affine-kl":
-            finetune_kl(heads, fit, steps=spec.kl_steps)
-    calibrate_acceptance(heads, held or seqs)
-    if use_cache:
-        _save_tensors_atomic(path, heads.state())
-    return heads
-
-
-def agreement_by_category(heads: ExitHeads, continuations: Sequence[Continuation]) -> dict[str, dict[int, float]]:
-    """Top-1 agreement of each exit's draft token with the full model's greedy continuation,
-    per prompt category (and ``"all"``), over continuation positions.
-
-    Returns:
-        ``{category: {exit_layer: agreement in [0, 1]}}``, categories in first-seen order.
-    """
-    groups: dict[str, list] = {}
-    for c in continuations:
-        groups.setdefault(c.category, []).append((torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)))
-    out = {cat: agreement(heads, seqs) for cat, seqs in groups.items()}
-    # "all" weighs each category by its positions (one per generated token), so no sequence is
-    # run through the model twice
-    n = {cat: sum(ids.shape[0] - n_prompt for ids, n_prompt in seqs) for cat, seqs in groups.items()}
-    total = sum(n.values())
-    out["all"] = {e: (sum(out[c][e] * n[c] for c in groups) / total if total else math.nan) for e in heads.exit_layers}
-    return out
-
-
-def check_disjoint(**specs: str) -> None:
-    """Raise ``ValueError`` naming the shared prompts if any two of the named prompt specs share a
-    prompt text (calibration, training and evaluation prompts must be disjoint)."""
-    texts = {name: {p.text: p.id for p in load_prompts(spec)} for name, spec in specs.items()}
-    names = list(texts)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = [texts[a][t] for t in texts[a].keys() & texts[b].keys()]
-            if shared:
-                raise ValueError(f"{len(shared)} prompt(s) are in both the {a} and the {b} prompts (e.g. "
-                                 f"{sorted(shared)[:3]}): keep calibration, training and evaluation prompts disjoint.")
-
-
-def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-# ---- traces ---------------------------------------------------------------------------------
 @dataclass
 class Trace:
     """One prompt's greedy continuation with, at each continuation position, what every exit
@@ -473,7 +212,7 @@ class TraceSpec:
         max_new_tokens: continuation length.
         heads: the exit heads.
         device, dtype: where and in which weight dtype the model runs (``None``: see
-            :func:`get_bundle`); the dtype is part of the cache key, the device is not.
+            :func:`~lede_env.model.get_bundle`); the dtype is part of the cache key, the device is not.
     """
 
     model: Optional[str] = None

@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 
 from lede_env.storage import atomic_file, write_json_atomic
 from lede_env.prompts import load_prompts
-from lede_env.traces import PACKAGED_HEADS, HeadSpec, get_bundle, get_continuations, get_heads, heads_key
+from lede_env.calibration import PACKAGED_HEADS, HeadSpec, get_heads, heads_key
+from lede_env.continuations import get_continuations
+from lede_env.model import get_bundle
 
 
 def main() -> None:

@@ -30,14 +30,14 @@ def _isolated_dirs(tmp_path_factory):
 
 def make_tiny(num_layers=4, hidden=64, vocab=128, seed=0):
     from lede_env.model import tiny_llama
-    from lede_env.traces import bundle_from_model
+    from lede_env.model import bundle_from_model
 
     return bundle_from_model(tiny_llama(num_layers, hidden, vocab, seed), name=f"tiny-{num_layers}-{seed}")
 
 
 def tiny_continuations(bundle, n=6, max_new=32, seed=0, prompt_len=(2, 10)):
     from lede_env.decoding import greedy_reference
-    from lede_env.traces import Continuation
+    from lede_env.continuations import Continuation
 
     g = torch.Generator().manual_seed(seed)
     V = bundle.stack.head_weight.shape[0]

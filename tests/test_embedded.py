@@ -14,7 +14,7 @@ PROMPTS = "humaneval[0:2]"
 
 @pytest.fixture(scope="module")
 def bundle():
-    from lede_env.traces import get_bundle
+    from lede_env.model import get_bundle
 
     return get_bundle(None)
 
@@ -29,7 +29,7 @@ def test_decoder_equals_greedy_on_embedded_model(bundle):
     from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, greedy_reference
     from lede_env.exits import ExitHeads
     from lede_env.prompts import load_prompts
-    from lede_env.traces import encode_prompts
+    from lede_env.continuations import encode_prompts
 
     heads = ExitHeads(bundle.stack, (4, 12, 24), "lens", draft_vocab=None)
     dec = SelfSpeculativeDecoder(bundle.stack, heads, 6, bundle.eos_ids)

@@ -34,13 +34,13 @@ def test_oracle_cost_is_at_most_any_action_sequence(tiny_env, actions, which):
 def test_interrupted_trace_building_resumes(tmp_path, monkeypatch):
     """Ctrl-C while greedy continuations are built keeps every finished prompt's cache file,
     leaves no temporary file, and a re-run decodes only what is missing."""
-    import lede_env.traces as tr
+    import lede_env.continuations as cont
     from lede_env.prompts import Prompt
 
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path))
     b = make_tiny()
     calls = []
-    real = tr.greedy_decode
+    real = cont.greedy_decode
 
     def interrupting(bundle, ids, n):
         calls.append(list(ids))
@@ -48,14 +48,14 @@ def test_interrupted_trace_building_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(bundle, ids, n)
 
-    monkeypatch.setattr(tr, "greedy_decode", interrupting)
+    monkeypatch.setattr(cont, "greedy_decode", interrupting)
     ps = [Prompt(str(i), "c", "") for i in range(3)]
     ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     with pytest.raises(KeyboardInterrupt):
-        tr.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
+        cont.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
     files = [f for f in (tmp_path / "continuations").rglob("*") if f.is_file()]
     assert len(files) == 1 and not any(f.name.startswith(".") for f in files)
-    done = tr.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
+    done = cont.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
     assert calls[2:] == [ids[1], ids[2]]  # the first prompt was not decoded again
     assert [c.generated for c in done] == [real(b, i, 8) for i in ids]
 

@@ -494,25 +494,27 @@ def test_stale_partial_folder_is_hidden_and_cleaned(good, env):
 
 # ---- sharded traces -------------------------------------------------------------------------
 def test_trace_shards_build_every_continuation_once(monkeypatch, tmp_path):
-    import lede_env.traces as tr
+    import lede_env.continuations as cont
     from lede_env.prompts import load_prompts
-    from lede_env.traces import HeadSpec, TraceSpec, build_continuation_shard, get_continuations
+    from lede_env.calibration import HeadSpec
+    from lede_env.continuations import get_continuations
+    from lede_env.traces import TraceSpec, build_continuation_shard
 
     make_tiny_env()
     b = _TINY["b"]
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(tr, "encode_prompts", lambda bundle, ps, m: [
+    monkeypatch.setattr(cont, "encode_prompts", lambda bundle, ps, m: [
         [3 + x % 100 for x in hashlib.sha256(p.text.encode()).digest()[:6]] for p in ps])
     built = []
-    real = tr.greedy_decode
-    monkeypatch.setattr(tr, "greedy_decode", lambda bundle, ids, m: built.append(list(ids)) or real(bundle, ids, m))
+    real = cont.greedy_decode
+    monkeypatch.setattr(cont, "greedy_decode", lambda bundle, ids, m: built.append(list(ids)) or real(bundle, ids, m))
     spec = TraceSpec(None, "humaneval[0:5]", 8, HeadSpec((1, 2, 3), "lens", None))  # lens heads: no calibration
     assert build_continuation_shard(spec, (1, 2), progress=False, bundle=b) == \
         {"trace_prompts": 3, "calib_prompts": 0, "total": 5}
     assert build_continuation_shard(spec, (2, 2), progress=False, bundle=b)["trace_prompts"] == 2
     assert len(built) == 5 and len({tuple(x) for x in built}) == len(built)
     # the unsharded build reuses every shard's continuation and decodes nothing
-    monkeypatch.setattr(tr, "greedy_decode", lambda *a: pytest.fail("continuation rebuilt"))
+    monkeypatch.setattr(cont, "greedy_decode", lambda *a: pytest.fail("continuation rebuilt"))
     conts = get_continuations(b, load_prompts("humaneval[0:5]"), 8, progress=False)
     assert len(conts) == 5 and all(c.generated for c in conts)
 

@@ -259,7 +259,7 @@ def test_guarded_policy_name():
 # ---- prompt splits and exit-head files --------------------------------------------------------
 def test_default_splits_are_disjoint():
     from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
-    from lede_env.traces import check_disjoint
+    from lede_env.prompts import check_disjoint
 
     check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL)
     check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL)
@@ -274,8 +274,8 @@ def test_default_splits_are_disjoint():
 
 def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calibrated_heads, tmp_path,
                                                                        monkeypatch):
-    from lede_env import traces
-    from lede_env.traces import HeadSpec, heads_key
+    from lede_env import calibration
+    from lede_env.calibration import HeadSpec, heads_key
 
     b = tiny[0]
     again = ExitHeads(b.stack, (1, 2, 3), "lens")
@@ -287,10 +287,10 @@ def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calib
     key = heads_key(b, HeadSpec((1, 2, 3), "lens", 64, calib_prompts="humaneval[0:2]"))[0]
     (tmp_path / "h.safetensors").write_bytes(b"not the file")
     (tmp_path / "MANIFEST.json").write_text(json.dumps({key: {"file": "h.safetensors", "sha256": "0" * 64}}))
-    monkeypatch.setattr(traces, "PACKAGED_HEADS", tmp_path)
+    monkeypatch.setattr(calibration, "PACKAGED_HEADS", tmp_path)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert traces.packaged_heads(key) is None
+        assert calibration.packaged_heads(key) is None
     assert any("checksum" in str(x.message) for x in w)
 
 
@@ -298,7 +298,7 @@ def test_agreement_by_category_weighs_categories_by_positions(tiny):
     """Per category, the agreement of its own continuations; "all", the agreement over every
     position (what :func:`lede_env.exits.agreement` gives on all of them at once)."""
     from lede_env.exits import agreement
-    from lede_env.traces import agreement_by_category
+    from lede_env.calibration import agreement_by_category
 
     b, heads, _, _ = tiny
     cs = tiny_continuations(b, 6, seed=3)

@@ -36,7 +36,7 @@ def _one_thread(request):
 def model(num_layers, seed, dtype):
     """A tiny random Llama (tests/conftest.py's make_tiny) with its weights cast to ``dtype``."""
     from lede_env.model import tiny_llama
-    from lede_env.traces import bundle_from_model
+    from lede_env.model import bundle_from_model
 
     key = (num_layers, seed, dtype)
     if key not in MODELS:
@@ -167,7 +167,8 @@ def test_bf16_on_embedded_model():
     the teacher-forced check."""
     from lede_env.model import load_model
     from lede_env.prompts import load_prompts
-    from lede_env.traces import bundle_from_model, encode_prompts
+    from lede_env.continuations import encode_prompts
+    from lede_env.model import bundle_from_model
 
     m, tok = load_model(None, dtype=torch.bfloat16)
     b = bundle_from_model(m, tok, name="smollm2-135m-instruct-bf16")

@@ -68,7 +68,7 @@ def test_kl_finetune_lowers_its_objective():
 
 
 def test_get_heads_affine_kl_differs_from_ridge():
-    from lede_env.traces import HeadSpec, get_heads
+    from lede_env.calibration import HeadSpec, get_heads
 
     b = make_tiny()
     cal = tiny_continuations(b, n=4)

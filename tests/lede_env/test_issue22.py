@@ -339,7 +339,8 @@ def _trace_set(cut_one: bool):
     (EOS = one token each of them generates), or, with ``cut_one``, one stopped at 12 tokens
     without EOS."""
     from lede_env.decoding import greedy_reference
-    from lede_env.traces import Continuation, build_traces
+    from lede_env.continuations import Continuation
+    from lede_env.traces import build_traces
 
     from ..conftest import tiny_continuations
 

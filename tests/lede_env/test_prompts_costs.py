@@ -120,19 +120,19 @@ def test_model_path_errors():
 def test_continuations_are_cached_per_prompt_and_resume(tmp_path, monkeypatch):
     """A second prompt set reuses every continuation already computed; a corrupt cache file is
     rebuilt, not trusted; nothing half-written is left beside the cache files."""
-    import lede_env.traces as tr
+    import lede_env.continuations as cont
     from lede_env.prompts import Prompt
 
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path))
     b = make_tiny()
     calls = []
-    real = tr.greedy_decode
-    monkeypatch.setattr(tr, "greedy_decode", lambda bundle, ids, n: calls.append(list(ids)) or real(bundle, ids, n))
+    real = cont.greedy_decode
+    monkeypatch.setattr(cont, "greedy_decode", lambda bundle, ids, n: calls.append(list(ids)) or real(bundle, ids, n))
     ps = [Prompt(str(i), "c", "") for i in range(3)]
     ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    first = tr.get_continuations(b, ps[:2], 8, prompt_ids=ids[:2], progress=False)
+    first = cont.get_continuations(b, ps[:2], 8, prompt_ids=ids[:2], progress=False)
     assert len(calls) == 2
-    again = tr.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
+    again = cont.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
     assert calls[2:] == [ids[2]]  # only the new prompt was decoded
     assert [c.generated for c in again[:2]] == [c.generated for c in first]
     files = sorted((tmp_path / "continuations").rglob("*"))
@@ -140,5 +140,5 @@ def test_continuations_are_cached_per_prompt_and_resume(tmp_path, monkeypatch):
     victim = next(f for f in files if f.suffix == ".json")
     victim.write_text("{truncated")
     with pytest.warns(UserWarning, match="unreadable continuation cache"):
-        tr.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
+        cont.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
     assert len(calls) == 4
