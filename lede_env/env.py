@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import platform
 import statistics
 import warnings
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any, Optional
@@ -17,14 +14,12 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .costs import CostProfile, analytic_profile, measure_profile
+from .costs import CostProfile, get_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .lookup import context_match, match_agreement
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, context_features
-from .kernels import KERNELS_VERSION
 from .model import describe_model
-from .storage import cache_dir
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
 from .stopping import NO_STOP, CalibratedStop
@@ -38,120 +33,6 @@ REWARD_MODES = ("relative", "net", "ratio")
 STOP_RULES = ("calibrated",)
 BACKENDS = ("trace", "live")
 COST_SOURCES = ("profile", "wallclock")
-
-
-#: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
-LOOP_PROFILE_VERSION = 4
-
-
-def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig,
-                 kind: str = "measured") -> Path:
-    """Where the measured cost profile of this model, heads, K_max, observation, machine, thread
-    count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``; the in-loop
-    profile, ``kind="measured"``, at ``<key>-loop<version>.json`` beside the isolated one). The
-    context matches' agreement features are left out of the key: they cost a few microseconds a
-    round (a common prefix of at most 8 tokens), far below what the profile can resolve."""
-    layout = {k: v for k, v in asdict(obs).items() if k != "context_agreement"}
-    tag = hashlib.sha256(repr((heads.fingerprint(), k_max, layout, platform.node(), torch.get_num_threads(),
-                               bundle.stack.kernels_tag, KERNELS_VERSION,
-                               str(bundle.stack.device))).encode()).hexdigest()[:12]
-    suffix = f"-loop{LOOP_PROFILE_VERSION}" if kind == "measured" else ""
-    return cache_dir() / "profiles" / bundle.slug / f"{tag}{suffix}.json"
-
-
-def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
-    """A cost profile, measured once on this machine and cached where measured:
-
-    - ``"measured"``: fitted to rounds timed in the real decoding loop
-      (:func:`~lede_env.loop_profile.measure_loop_profile`, about 40 s more on 2 CPU cores the
-      first time), starting from the isolated profile; what wall clock follows;
-    - ``"isolated"``: each layer, the LM head and the draft head timed alone
-      (:func:`~lede_env.costs.measure_profile`; overrates exit drafts on CPUs, see
-      :mod:`lede_env.loop_profile`);
-    - ``"analytic"``: from parameter counts, nothing timed;
-    - a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
-      (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs).
-
-    Raises:
-        ValueError: a JSON file that is not a profile.
-    """
-    if isinstance(kind, dict):
-        return CostProfile(**kind)
-    if kind == "analytic":
-        return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
-    if kind in ("measured", "isolated"):
-        path = profile_path(bundle, heads, k_max, obs, kind)
-        if path.exists():
-            try:
-                return CostProfile.load(path)
-            except ValueError:
-                pass
-        if kind == "isolated":
-            prof = measure_profile(bundle.stack, heads, k_max, overhead_fn=overhead_probe(bundle, heads, k_max, obs))
-        else:
-            prof = loop_profile(bundle, heads, k_max, get_profile("isolated", bundle, heads, k_max, obs), obs=obs)
-        prof.save(path)
-        return prof
-    return CostProfile.load(kind)
-
-
-def loop_profile(bundle: ModelBundle, heads: ExitHeads, k_max: int, prior: CostProfile,
-                 prompts: str = DEFAULT_CALIB, per_category: int = 2,
-                 obs: Optional[ObservationConfig] = None) -> CostProfile:
-    """The in-loop profile (:func:`~lede_env.loop_profile.measure_loop_profile`) timed on the
-    first ``per_category`` prompts of each category of ``prompts`` (the exit heads' calibration
-    split by default: disjoint from training and evaluation prompts); with ``obs``, its overhead
-    is observation ``obs`` plus a typical Q-network's forward pass timed inside the loop."""
-    from .loop_profile import measure_loop_profile
-    from .prompts import first_per_category
-
-    ps = first_per_category(load_prompts(prompts), per_category)
-    return measure_loop_profile(bundle.stack, heads, k_max, encode_prompts(bundle, ps, 64), prior, bundle.eos_ids,
-                                obs_config=obs, probe=None if obs is None else loop_probe())
-
-
-def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig):
-    """A zero-argument callable doing one round's observation work and a typical policy forward
-    (a 2 x 256 MLP Q-network), for :func:`~lede_env.costs.measure_profile`."""
-    n_ex = len(heads.exit_layers)
-    builder = ObservationBuilder(obs, bundle.stack.hidden_size, n_ex, bundle.stack.num_layers, k_max,
-                                 bundle.stack.head_weight.shape[0], tuple(heads.exit_layers))
-    n_stat = builder.stat_exits
-    hid = torch.randn(n_stat, bundle.stack.hidden_size, dtype=bundle.stack.dtype, device=bundle.stack.device)
-    mlp = _probe_net(builder, 1 + n_ex * k_max)
-
-    @torch.no_grad()
-    def probe():
-        top1, ent, arg = heads.feature_stats(hid, n_stat)
-        o = builder.build(None if builder.compact else hid[-1].float().cpu().numpy(), top1.cpu().numpy(),
-                          ent.cpu().numpy(), (arg == 0).float().cpu().numpy(), [1, 2, 3], 0.5)
-        mlp(torch.from_numpy(builder.flatten(o)).unsqueeze(0)).argmax(-1)
-
-    return probe
-
-
-def _probe_net(builder: ObservationBuilder, n_actions: int) -> torch.nn.Module:
-    """A typical agent's Q-network for this observation: 2 hidden layers of 64 (compact
-    observation) or 256 (full)."""
-    width = 64 if builder.compact else 256  # the compact observation's agents are small MLPs
-    return torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                               torch.nn.ReLU(), torch.nn.Linear(width, n_actions))
-
-
-def loop_probe():
-    """``probe(decoder, obs)`` for :func:`~lede_env.loop_profile.measure_loop_profile`: flatten the
-    decoder's observation and run a typical Q-network's greedy forward pass on it (built at the
-    first call for the decoder's observation layout)."""
-    nets: dict = {}
-
-    @torch.no_grad()
-    def probe(decoder, obs):
-        key = id(decoder)
-        if key not in nets:
-            nets[key] = _probe_net(decoder.observer, decoder.actions.n)
-        nets[key](torch.from_numpy(decoder.observer.flatten(obs)).unsqueeze(0)).argmax(-1)
-
-    return probe
 
 
 class LEDEEnv(gym.Env):

@@ -99,7 +99,7 @@ class Lede:
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
                  cost_profile: str = "analytic", device: Optional[str] = None,
                  dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT) -> None:
-        from .env import get_profile
+        from .costs import get_profile
         from .mdp import ObservationConfig
         from .calibration import HeadSpec, get_heads
         from .model import bundle_from_model, get_bundle

@@ -74,7 +74,7 @@ def test_lede_kernels_environment_variable(monkeypatch):
 
 
 def test_the_kernel_table_is_in_the_cost_profile_key(tmp_path, monkeypatch):
-    from lede_env.env import profile_path
+    from lede_env.costs import profile_path
     from lede_env.exits import ExitHeads
     from lede_env.mdp import ObservationConfig
 

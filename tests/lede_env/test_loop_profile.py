@@ -117,7 +117,7 @@ def test_loop_profile_on_a_tiny_model(tiny):
 
 
 def test_measured_means_in_loop_and_each_kind_is_cached_once(tmp_path, monkeypatch):
-    import lede_env.env as env_mod
+    import lede_env.costs as costs_mod
     from lede_env.exits import ExitHeads
     from lede_env.mdp import ObservationConfig
 
@@ -133,13 +133,13 @@ def test_measured_means_in_loop_and_each_kind_is_cached_once(tmp_path, monkeypat
         assert obs == ObservationConfig()  # the overhead is timed for the env's own observation
         return CostProfile(**(prior.to_json() | {"source": "in-loop"}))
 
-    monkeypatch.setattr(env_mod, "loop_profile", fake_loop)
+    monkeypatch.setattr(costs_mod, "loop_profile", fake_loop)
     obs = ObservationConfig()
-    p = env_mod.get_profile("measured", b, heads, 3, obs)
+    p = costs_mod.get_profile("measured", b, heads, 3, obs)
     assert p.source == "in-loop" and calls == ["measured"]  # fitted from the isolated profile
-    assert env_mod.get_profile("measured", b, heads, 3, obs) == p and len(calls) == 1  # cached
-    assert env_mod.get_profile("isolated", b, heads, 3, obs).source == "measured"
-    paths = {env_mod.profile_path(b, heads, 3, obs, kind) for kind in ("measured", "isolated")}
+    assert costs_mod.get_profile("measured", b, heads, 3, obs) == p and len(calls) == 1  # cached
+    assert costs_mod.get_profile("isolated", b, heads, 3, obs).source == "measured"
+    paths = {costs_mod.profile_path(b, heads, 3, obs, kind) for kind in ("measured", "isolated")}
     assert len(paths) == 2 and all(q.exists() for q in paths)
 
 
@@ -153,7 +153,7 @@ def test_fitted_times_never_fall_with_more_positions():
 
 
 def test_loop_overhead_is_the_observation_and_probe_timed_in_the_loop(tiny):
-    from lede_env.env import loop_probe
+    from lede_env.costs import loop_probe
     from lede_env.mdp import ObservationConfig
 
     b, heads, ts, prior = tiny
