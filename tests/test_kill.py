@@ -296,6 +296,8 @@ def test_a_killed_command_leaves_nothing_half_written_and_reruns_to_the_same_res
             assert "already exists" in r.stdout + r.stderr, f"{name} re-run after crash point {at}:\n{r.stdout}"
         else:
             assert r.returncode == 0, f"{name} re-run after crash point {at}:\n{r.stdout[-1000:]}{r.stderr[-2000:]}"
-        assert _content(root) == reference, f"{name}: re-run after crash point {at} differs"
+        got = _content(root)
+        assert got == reference, (f"{name}: re-run after crash point {at} differs in "
+                                  f"{sorted(k for k in got.keys() | reference.keys() if got.get(k) != reference.get(k))}")
         assert _temporaries(root) == [], f"{name}: left after the re-run of crash point {at}"
         shutil.rmtree(root)
