@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from lede_env.live_env import LiveEnv
 from lede_env.storage import crash_point, host_tag
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
 
@@ -225,7 +226,7 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
         raise ValueError(f"Dataset {dataset_id!r} already exists under {root}: choose a new version "
                          f"(-vN) or delete it (`minari delete {dataset_id}`).")
     u = env.unwrapped
-    live = getattr(u, "backend", "trace") == "live"
+    live = isinstance(u, LiveEnv)
     if live and config.mixture.get("oracle", 0) > 0:
         raise ValueError("The oracle behaviour needs greedy traces, which the live backend has none of: drop oracle "
                          "from the mixture (e.g. --mixture random=0.3,static=0.5,heuristic=0.2) or collect with "
@@ -333,7 +334,9 @@ def env_spec_for(env, kwargs):
     ``max_new_tokens``, reward mode, replay rules, observation settings, and the cost profile
     itself (a dict, so a ``"measured"`` profile is not re-measured on another machine); for the
     live backend also ``backend``, ``temperature``, ``top_p``, ``top_k`` (when on) and ``cost`` (id
-    ``LEDE-Llama3-Live-v0``). ``None`` gives ``None``; an ``EnvSpec`` is returned as is.
+    ``LEDE-Llama3-Live-v0``). ``None`` gives ``None``; an ``EnvSpec`` is returned as is. The entry
+    point is ``lede_env.env:LEDEEnv`` for both backends: it makes the env the ``backend`` keyword
+    names, as for every dataset written before the two envs had classes of their own.
     """
     from gymnasium.envs.registration import EnvSpec
 
@@ -351,7 +354,7 @@ def env_spec_for(env, kwargs):
                "context_lengths": list(u.actions.context_lengths)})
     if u.obs_config.context_agreement:  # (absent when off: specs written before it recover as before)
         kw["obs_context_agreement"] = True
-    if getattr(u, "backend", "trace") == "live":
+    if isinstance(u, LiveEnv):
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
         if getattr(u, "top_k", None):  # (absent when off: specs written before top_k recover as before)
             kw["top_k"] = int(u.top_k)
@@ -368,7 +371,7 @@ def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, floa
     """
     u = env.unwrapped
     mins, maxs = [], []
-    if getattr(u, "backend", "trace") == "live":
+    if isinstance(u, LiveEnv):
         for i in u.playable:
             u.reset(seed=0, options={"prompt_index": i})
             ret, done = 0.0, False
@@ -399,7 +402,7 @@ def _requirements() -> list[str]:
 
 
 def _describe_env(u) -> str:
-    if getattr(u, "backend", "trace") == "live":
+    if isinstance(u, LiveEnv):
         how = (f"LEDE-Llama3-Live-v0, live backend, temperature {u.temperature}, top_p {u.top_p}, "
                + (f"top_k {u.top_k}, " if getattr(u, "top_k", None) else "") +
                f"{'wall-clock' if u.cost == 'wallclock' else 'cost-profile'} costs")

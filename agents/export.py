@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lede_env.storage import atomic_file, atomic_folder
+from lede_env.trace_env import TraceEnv
 
 EXPORT_FORMAT = 1
 
@@ -67,7 +68,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "context_ngram": list(u.rules.context_ngram),
             "context_lengths": list(u.actions.context_lengths),
             # what the safety net falls back to: the best static action of the training traces
-            "fallback_action": int(u.best_static()[0]) if u.backend == "trace" else 0,
+            "fallback_action": int(u.best_static()[0]) if isinstance(u, TraceEnv) else 0,
             "reward_lambda": u.reward_lambda,
             "observation_layout": u.observer.layout(),
             "model": man["model"],

@@ -17,7 +17,7 @@ __all__ = ["OraclePolicy", "best_static_action"]
 class OraclePolicy(BasePolicy):
     """Asks a trace env for its oracle action (best action sequence by dynamic programming).
 
-    Only valid inside :class:`lede_env.env.LEDEEnv`; to replay the oracle in the real decoder,
+    Only valid inside :class:`lede_env.trace_env.TraceEnv`; to replay the oracle in the real decoder,
     use the plan from :func:`lede_env.replay.oracle_plan` with a ``SequencePolicy``.
     """
 
@@ -31,7 +31,7 @@ class OraclePolicy(BasePolicy):
 def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, float]:
     """The static action with the best throughput on ``env``'s traces (LayerSkip's setting,
     chosen on training traces: the whole K drafted every round, whatever the env's stop rule);
-    :meth:`lede_env.env.LEDEEnv.best_static`, computed once per env, or on the first
+    :meth:`lede_env.trace_env.TraceEnv.best_static`, computed once per env, or on the first
     ``max_episodes`` traces only.
 
     Returns:

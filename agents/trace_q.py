@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from lede_env.replay import replay_round, useful_actions
+from lede_env.trace_env import TraceEnv
 
 
 class _Greedy(nn.Module):
@@ -153,7 +154,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
         ValueError: a live-backend env (no traces to replay every action on).
     """
     u = env.unwrapped
-    if u.backend != "trace":
+    if not isinstance(u, TraceEnv):
         raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,187 @@
+"""``LEDE-Llama3-v0``: the LEDE MDP replayed exactly from traces (:class:`TraceEnv`).
+
+Greedy decoding only; a round costs what the cost profile says. Arguments, spaces, reward and
+rendering are :class:`lede_env.env.LEDEEnv`'s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Optional
+
+import numpy as np
+
+from .calibration import get_heads
+from .costs import get_profile
+from .env import LEDEEnv
+from .lookup import context_match, match_agreement
+from .mdp import ActionMap, ObservationBuilder, context_features
+from .model import get_bundle
+from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
+from .stopping import NO_STOP
+from .traces import TraceSpec, get_traces
+
+
+class TraceEnv(LEDEEnv):
+    """The trace backend of :class:`~lede_env.env.LEDEEnv` (``LEDE-Llama3-v0``): each step replays
+    one round from the episode's trace (greedy continuation + one teacher-forced pass), at
+    microseconds a step; every output is greedy decoding's. ``trace_set=`` (with ``profile=``
+    and ``eos_ids=``) plays prebuilt traces instead of building them for ``model``/``prompts``;
+    ``heads=`` then gives the exit heads (for ``stop_rule="calibrated"`` and
+    :meth:`make_decoder`).
+
+    Raises:
+        ValueError: as :class:`~lede_env.env.LEDEEnv`; sampling (``temperature > 0``) or
+            wall-clock cost (they need :class:`~lede_env.live_env.LiveEnv`); ``bundle=``; a
+            prebuilt ``trace_set`` without ``profile`` or ``eos_ids``; no trace with room for a
+            round.
+    """
+
+    backend = "trace"
+
+    def _check_sampling(self, temperature: float, cost: str) -> None:
+        if temperature > 0:
+            raise ValueError(f"temperature={temperature}: traces replay greedy decoding only; use backend='live' "
+                             "(or gym.make('LEDE-Llama3-Live-v0', ...)) to sample.")
+        if cost != "profile":
+            raise ValueError("cost='wallclock' measures real rounds: use backend='live' (LEDE-Llama3-Live-v0).")
+
+    def _load(self, *, model, prompts, exit_layers, k_max, head_spec, bonus, reuse, stop_threshold, cost_profile,
+              trace_set, profile, eos_ids, progress, bundle, heads, device, dtype) -> None:
+        self.bundle, self.heads = None, heads
+        if bundle is not None or (heads is not None and trace_set is None):
+            raise ValueError("bundle/heads are for the live backend; the trace backend takes trace_set=... instead "
+                             "(with heads=... only for stop_rule='calibrated').")
+        if trace_set is None:
+            spec = TraceSpec(model, prompts, self.max_new_tokens, head_spec, device, dtype)
+            bundle = get_bundle(model, device, dtype)
+            heads = get_heads(bundle, spec.heads, progress=progress)
+            trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)
+            self.bundle, self.heads = bundle, heads
+            if profile is None:
+                profile = get_profile(cost_profile, bundle, heads, k_max, self.obs_config)
+            eos_ids = bundle.eos_ids if eos_ids is None else eos_ids
+        if profile is None:
+            raise ValueError("A prebuilt trace_set needs a cost profile: pass profile=CostProfile(...).")
+        if eos_ids is None:
+            raise ValueError("A prebuilt trace_set needs eos_ids.")
+        man = trace_set.manifest
+        cut = [t.n for t in trace_set.traces if not t.eos and t.n < self.max_new_tokens]  # stopped by their length limit
+        if cut:
+            warnings.warn(f"Traces hold at most {max(cut)} new tokens for {len(cut)} prompts that had not ended; "
+                          "episodes are truncated there.")
+        self.trace_set = trace_set
+        self.profile = profile
+        self.actions = ActionMap(trace_set.exit_layers, k_max, self._context_lengths)
+        self.rules = ReplayRules(self.actions, profile, bonus, tuple(int(e) for e in eos_ids), reuse,
+                                 self._stop_threshold(stop_threshold))
+        d = trace_set.traces[0].hidden.shape[1]
+        self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
+                                           trace_set.num_layers, k_max, int(man["model"]["vocab_size"]),
+                                           tuple(self.actions.exit_layers))
+        self.playable = [i for i, t in enumerate(trace_set.traces) if budget(t, self.max_new_tokens) >= 2
+                         and not (t.eos and t.n <= 1)]
+        if not self.playable:
+            raise ValueError("No trace has room for a round (every continuation is 1 token): "
+                             "use other prompts or a larger max_new_tokens.")
+        self._trace_index: Optional[int] = None
+
+    def _default_lambda(self) -> float:
+        # a per-round reward of tokens - lambda * cost then favours exactly the rounds that beat
+        # the best static (E, K) on the env's own traces
+        return max(1.0, self.best_static()[1])
+
+    def best_static(self) -> tuple[int, float]:
+        """The static action with the best throughput over this env's playable traces, as a static
+        (E, K) is defined (whole K drafted, no feature/policy overhead; LayerSkip's setting): the
+        baseline of the relative reward's lambda, of ``trace_q`` and of ``static:best``. Computed
+        once (only actions that can beat AR are tried, which changes nothing: the others never
+        do).
+
+        Returns:
+            ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
+        """
+        if self._best_static is None:
+            rules = replace(self.rules.without_overhead(), stop_rule=NO_STOP)
+            traces = [self.trace_set.traces[i] for i in self.playable]
+            self._best_static = best_static(traces, rules, self.max_new_tokens, useful_actions(rules))
+        return self._best_static
+
+    # ---- the episode -----------------------------------------------------------------------
+    @property
+    def trace(self):
+        """The current episode's trace (``None`` before the first reset)."""
+        return None if self._trace_index is None else self.trace_set.traces[self._trace_index]
+
+    @property
+    def manifest(self) -> dict:
+        """What the env plays: the trace set's manifest."""
+        return self.trace_set.manifest
+
+    @property
+    def prompt_id(self) -> Optional[str]:
+        return None if self.trace is None else self.trace.id
+
+    @property
+    def generated(self) -> list[int]:
+        return [] if self.trace is None else self.trace.generated[: self._g].tolist()
+
+    def _obs(self) -> dict:
+        t, g = self.trace, self._g
+        j = g - 1  # last verified local position: its output is the pending token generated[g-1]
+        seq_tail = np.concatenate([t.prompt[-self.obs_config.recent_tokens:], t.generated[:g]])
+        agree = (t.lens_arg[j] == t.generated[j]).astype(np.float32)
+        ctx = (0.0, 0.0)
+        if self.obs_config.context:
+            cd, ngram = self.rules.copy_max, self.rules.context_ngram
+            seq = np.concatenate([t.prompt, t.generated[:g]])
+            ctx_agree = match_agreement(seq, cd, ngram) if self.obs_config.context_agreement else (0, 0)
+            ctx = context_features(context_match(seq, cd, ngram), cd, ngram[1], ctx_agree)
+        return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
+                                   g / self.max_new_tokens, ctx)
+
+    def oracle_action(self) -> int:
+        """The oracle's action in the current state (best action sequence for this trace by
+        dynamic programming; an upper bound no causal policy can pass)."""
+        if self._done:
+            raise RuntimeError("oracle_action() needs a running episode: call reset() first.")
+        i = self._trace_index
+        if i not in self._oracle_cache:
+            self._oracle_cache[i] = oracle_plan(self.trace, self.rules, self.max_new_tokens)[0]
+        return int(self._oracle_cache[i][self._g])
+
+    def _reset(self, options: dict):
+        if "prompt_index" in options:
+            idx = int(options["prompt_index"])
+            if idx not in self.playable:
+                raise ValueError(f"prompt_index {idx} is not a playable trace (0..{len(self.trace_set) - 1}, "
+                                 "with room for at least one round).")
+        else:
+            idx = int(self.playable[self.np_random.integers(len(self.playable))])
+        self._trace_index = idx
+        self._limit = budget(self.trace, self.max_new_tokens)
+        self._g = 1
+        self._done = False
+        self._last_round = None
+        self.observer.reset()
+        return self._obs(), {"prompt_id": self.trace.id, "prompt_index": idx, "category": self.trace.category}
+
+    def _step(self, action):
+        oc, E, cost = replay_round(self.trace, self._g, action, self.rules, self._limit)
+        n = len(oc.emitted)
+        self._g += n
+        reward = self._reward(n, cost)
+        terminated = oc.eos
+        truncated = oc.done and not oc.eos
+        self._done = oc.done
+        self.observer.record(oc.accepted, oc.draft_len, E)
+        rnd = self._round_info(action, E, oc.draft_len, oc.accepted, n, oc.n_verify, cost)
+        obs = self._obs()  # g <= trace length always, so the last verified position exists
+        info = {"round": rnd, "tokens_generated": self._g, "prompt_id": self.trace.id}
+        return obs, float(reward), terminated, truncated, info
+
+    def config(self) -> dict:
+        out = super().config()
+        out["trace_manifest"] = {k: v for k, v in self.trace_set.manifest.items() if k not in ("categories",)}
+        return out
