@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from lede_env.episodes import play_episode
 from lede_env.live_env import LiveEnv
 from lede_env.storage import crash_point, host_tag
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
@@ -157,27 +158,10 @@ def step_infos(reset_info: dict, step_infos_: list[dict]) -> dict[str, np.ndarra
 
 
 def run_episode(env, policy, seed: int, options: Optional[dict] = None):
-    """Play one episode; return observations (list of T+1 dicts), actions, rewards, terminations,
-    truncations, the reset info and the T step infos."""
-    from lede_env.decoding import RoundRecord
-
-    obs, info = env.reset(seed=seed, options=options)
-    policy.reset()
-    observations, actions, rewards, terms, truncs, infos = [obs], [], [], [], [], []
-    done = False
-    while not done:
-        a = policy.act(obs if getattr(policy, "needs_observation", False) else None)
-        obs, r, te, tr, step_info = env.step(a)
-        policy.update(RoundRecord(**{k: step_info["round"][k] for k in
-                                     ("action", "exit_layer", "draft_len", "accepted", "emitted", "cost")}))
-        observations.append(obs)
-        actions.append(a)
-        rewards.append(r)
-        terms.append(te)
-        truncs.append(tr)
-        infos.append(step_info)
-        done = te or tr
-    return observations, actions, rewards, terms, truncs, info, infos
+    """Play one episode (:func:`lede_env.episodes.play_episode`); return observations (list of
+    T+1 dicts), actions, rewards, terminations, truncations, the reset info and the T step infos."""
+    ep = play_episode(env, policy, seed, options)
+    return ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations, ep.reset_info, ep.step_infos
 
 
 def _stack(observations: list[dict]) -> dict[str, np.ndarray]:
@@ -373,25 +357,13 @@ def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, floa
     mins, maxs = [], []
     if isinstance(u, LiveEnv):
         for i in u.playable:
-            u.reset(seed=0, options={"prompt_index": i})
-            ret, done = 0.0, False
-            while not done:
-                _, r, te, tr, _ = u.step(0)
-                ret += r
-                done = te or tr
+            ret = play_episode(u, StaticPolicy(0), seed=0, options={"prompt_index": i}).ret
             mins.append(ret)
             maxs.append(max(ret, (best_seen or {}).get(i, -np.inf)))
         return float(np.mean(mins)), float(np.mean(maxs))
     for i in u.playable:
-        for which, out in (("ar", mins), ("oracle", maxs)):
-            u.reset(seed=0, options={"prompt_index": i})
-            ret, done = 0.0, False
-            while not done:
-                a = 0 if which == "ar" else u.oracle_action()
-                _, r, te, tr, _ = u.step(a)
-                ret += r
-                done = te or tr
-            out.append(ret)
+        for pol, out in ((StaticPolicy(0), mins), (None, maxs)):  # always-AR, then the oracle (None)
+            out.append(play_episode(u, pol, seed=0, options={"prompt_index": i}).ret)
     return float(np.mean(mins)), float(np.mean(maxs))
 
 

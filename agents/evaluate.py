@@ -39,9 +39,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lede_env.decoding import PlanPolicy, RoundRecord, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
+from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.metrics import RoundTotals, format_metric, speedup, tokens_per_second
 from lede_env.device import synchronize
+from lede_env.episodes import play_episode
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from lede_env.policies import POLICY_NAMES, policy_from_name
@@ -174,7 +175,8 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
 
 
 def run_episodes(u, pol):
-    """One episode per playable trace of env ``u`` with ``pol`` (``None`` = the env's oracle).
+    """One episode per playable trace of env ``u`` with ``pol`` (``None`` = the env's oracle),
+    each reset with ``seed=0`` (:func:`lede_env.episodes.play_episode`).
 
     Returns:
         ``(results, returns)``: per episode ``{"tokens", "cost", "rounds", "accepted", "drafted"}``
@@ -183,22 +185,11 @@ def run_episodes(u, pol):
     """
     results, returns = [], []
     for i in u.playable:
-        obs, _ = u.reset(seed=0, options={"prompt_index": i})
-        if pol is not None:
-            pol.reset()
-        ret, done, tot = 0.0, False, RoundTotals()
-        while not done:
-            a = u.oracle_action() if pol is None else pol.act(obs if pol.needs_observation else None)
-            obs, r, te, tr, info = u.step(a)
-            rd = info["round"]
-            if pol is not None:
-                pol.update(RoundRecord(**rd))
-            ret += r
-            tot.add(rd)
-            done = te or tr
+        ep = play_episode(u, pol, seed=0, options={"prompt_index": i})
+        tot = ep.totals
         results.append({"tokens": tot.tokens, "cost": tot.cost, "rounds": tot.rounds, "accepted": tot.accepted,
                         "drafted": tot.drafted})
-        returns.append(ret)
+        returns.append(ep.ret)
     return results, returns
 
 

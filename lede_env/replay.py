@@ -157,7 +157,14 @@ def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[
 
 def rollout(trace: Trace, rules: ReplayRules, max_new_tokens: int, choose) -> dict:
     """Play a whole episode on ``trace`` with ``choose(g) -> action``; return totals
-    (``tokens``, ``cost``, ``rounds``, ``accepted``, ``drafted``)."""
+    (``tokens``, ``cost``, ``rounds``, ``accepted``, ``drafted``).
+
+    This is the trace-only fast path of the oracle and the best-static search (one rollout per
+    candidate action and trace), kept apart from the gym episode loop
+    (:func:`lede_env.episodes.play_episode`) on purpose: it plays :func:`replay_round` directly,
+    without the env's observations, rewards and infos, which cost more than the round itself.
+    Its totals equal that loop's on the trace env for the same actions (overhead not charged).
+    """
     limit = budget(trace, max_new_tokens)
     g, cost, rounds, acc, drafted = 1, 0.0, 0, 0, 0
     done = limit <= 1 or (trace.eos and trace.n == 1)

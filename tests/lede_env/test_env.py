@@ -216,6 +216,30 @@ def test_oracle_beats_every_static_policy(tiny_env):
             assert best["cost"] <= other["cost"] + 1e-9
 
 
+def test_episode_loop_matches_rollout(tiny_env):
+    """The gym episode loop (play_episode) and the trace-only rollout agree round for round."""
+    from lede_env.episodes import play_episode
+    from lede_env.policies import StaticPolicy
+
+    u = tiny_env
+    rules = u.rules.without_overhead()
+    for i in u.playable:
+        t = u.trace_set.traces[i]
+        plan = oracle_plan(t, rules, u.max_new_tokens)[0]  # the env's oracle when no overhead is charged
+        for a in (None, 0, u.actions.n - 1):  # the oracle, AR, the longest draft
+            pol = None if a is None else StaticPolicy(a)
+            with u.playing(pol):
+                ep = play_episode(u, pol, seed=0, options={"prompt_index": i})
+            ref = rollout(t, rules, u.max_new_tokens, (lambda g: int(plan[g])) if a is None else (lambda g, a=a: a))
+            tot = ep.totals
+            assert (tot.tokens, tot.rounds, tot.accepted, tot.drafted) == \
+                (ref["tokens"], ref["rounds"], ref["accepted"], ref["drafted"])
+            assert tot.cost == pytest.approx(ref["cost"])
+            assert len(ep.observations) == len(ep.actions) + 1 == len(ep.step_infos) + 1
+            assert ep.ret == pytest.approx(sum(ep.rewards))
+            assert ep.reset_info["prompt_index"] == i and (ep.terminations[-1] or ep.truncations[-1])
+
+
 def test_bad_arguments(tiny):
     b, heads, ts, prof = tiny
     with pytest.raises(ValueError, match="reward_mode"):
