@@ -409,12 +409,7 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
              out: Path = Path("runs/eval"),
              wandb: str = typer.Option("offline", help="Log the results to W&B: offline | online | disabled.")):
     """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
-    from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
-    from agents.policies import best_static_action
-
-    from lede_env.env import LEDEEnv
-    from lede_env.calibration import HeadSpec, get_heads
-    from lede_env.model import get_bundle
+    from agents.evaluate import evaluate_held_out, held_out_envs
 
     names = [p for p in split_policies(policies)]
     agent_cfg = _agent_config(names)
@@ -436,28 +431,12 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
         check_disjoint(training=train_prompts, held_out=prompts)
     except ValueError as e:
         fail(e)
-    train_env = LEDEEnv(prompts=train_prompts, **common)  # lambda and static:best come from training traces
-    eval_env = LEDEEnv(prompts=prompts, reward_lambda=train_env.reward_lambda, **common)
-    static_best = None
-    if "static:best" in names:
-        static_best, _ = best_static_action(train_env)
-    trace_rows = rows = trace_eval(eval_env, names, static_best)
-    write_results(out, "trace_eval", rows)
-    console.print(to_markdown(rows))
-    plot_rows, records = rows, {}
-    if live:
-        b = get_bundle(model)
-        heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
-                                      calib_prompts=calib_prompts))
-        dec = eval_env.make_decoder(b, heads)
-        rows = live_eval(eval_env, dec, names, static_best, records=records)
-        write_results(out, "live_eval", rows)
-        console.print(to_markdown(rows))
-        plot_rows = rows
-        if b.tokenizer is not None:
-            from agents.report import save_records
-
-            save_records(out, records, b.tokenizer, eval_env.actions.exit_layers, k_max, prompts)
+    # lambda and static:best come from training traces
+    train_env, eval_env = held_out_envs(common, train_prompts, prompts)
+    res = evaluate_held_out(train_env, eval_env, names, out, prompts, live=live, show=console.print)
+    trace_rows, records = res.trace, res.records
+    rows = res.live if live else trace_rows
+    plot_rows = rows
     from agents.evaluate import log_to_wandb
 
     log_to_wandb(wandb, "lede", f"evaluate-{prompts}", {"policies": names, "prompts": prompts, **common},

@@ -305,6 +305,116 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     return rows
 
 
+def held_out_envs(env_kwargs: dict, train_prompts: str, eval_prompts: str, progress: bool = True,
+                  stage=None) -> tuple:
+    """The training env and the held-out evaluation env of ``lede evaluate`` and ``lede demo``.
+
+    Args:
+        env_kwargs: ``LEDEEnv`` keyword arguments shared by both (any ``prompts`` is replaced).
+        train_prompts: prompts whose traces choose lambda (reward and stop rule) and ``static:best``.
+        eval_prompts: the held-out prompts (the caller checks they are disjoint from the others:
+            :func:`lede_env.prompts.check_disjoint`).
+        stage: ``stage(name) -> context manager`` around building each env (the demo times them:
+            ``"traces + env (train)"``, ``"traces + env (eval)"``); ``None`` for none.
+
+    Returns:
+        ``(train_env, eval_env)``; the evaluation env takes the training env's ``reward_lambda``,
+        never one from held-out traces.
+    """
+    from contextlib import nullcontext
+
+    from lede_env.env import LEDEEnv
+
+    stage = stage or (lambda name: nullcontext())
+    with stage("traces + env (train)"):
+        train_env = LEDEEnv(**(env_kwargs | {"prompts": train_prompts}), progress=progress)
+    with stage("traces + env (eval)"):
+        eval_env = LEDEEnv(**(env_kwargs | {"prompts": eval_prompts}), reward_lambda=train_env.reward_lambda,
+                           progress=progress)
+    return train_env, eval_env
+
+
+@dataclass
+class HeldOutEvaluation:
+    """What :func:`evaluate_held_out` produced.
+
+    Attributes:
+        trace: :func:`trace_eval`'s rows.
+        live: :func:`live_eval`'s rows (empty when not run).
+        records: :func:`live_eval`'s per-prompt round records, keyed by the policies' labels
+            before ``relabel`` (empty when not run).
+        static_best: the action ``static:best`` played (``None`` if not asked for).
+    """
+
+    trace: list[dict]
+    live: list[dict] = field(default_factory=list)
+    records: dict = field(default_factory=dict)
+    static_best: Optional[int] = None
+
+
+def evaluate_held_out(train_env, eval_env, names: list[str], out: Path, prompts: str, *,
+                      static_best: Optional[int] = None, live: bool = False, live_names: Optional[list[str]] = None,
+                      live_env=None, bundle=None, heads=None, relabel=None, progress: bool = True, stage=None,
+                      show=None) -> HeldOutEvaluation:
+    """The evaluation of ``lede evaluate`` and ``lede demo``: ``static:best`` chosen on the
+    training traces, every policy in the held-out trace env (:func:`trace_eval`), then, if
+    ``live``, on the real decoder (:func:`live_eval`); tables written to ``out`` as they come
+    (:func:`write_results`: ``trace_eval`` and ``live_eval`` ``.csv/.md/.json``), and the live
+    rounds with their text (``records.json``, :func:`agents.report.save_records`) when the model
+    has a tokenizer.
+
+    Args:
+        train_env, eval_env: from :func:`held_out_envs`.
+        names: policy names (see the module docstring) for the trace env.
+        prompts: the held-out prompt spec (named in ``records.json``).
+        static_best: the action of ``static:best`` (default: chosen here on ``train_env``'s
+            traces, :func:`agents.policies.best_static_action`, when ``names`` asks for it).
+        live_names: the methods decoded for real (default: ``names``).
+        live_env: the env whose prompts are decoded for real, or a function making it (called
+            inside the live stage; default: ``eval_env``).
+        bundle, heads: the model and exit heads of the decoder (``live_env.make_decoder``;
+            default: those the env loaded).
+        relabel: ``relabel(rows)`` edits the rows' policy labels in place before they are shown
+            and written (the demo names its agent).
+        stage: ``stage(name) -> context manager`` around the two evaluations
+            (``"evaluate (trace env, held-out)"``, ``"evaluate (real decoder, held-out)"``).
+        show: ``show(text)`` prints each table (Markdown); ``None`` prints nothing.
+
+    Raises:
+        ValueError: an unknown policy name or bad arguments (:func:`make_policy`).
+    """
+    from contextlib import nullcontext
+
+    stage = stage or (lambda name: nullcontext())
+    show = show or (lambda text: None)
+    relabel = relabel or (lambda rows: None)
+    if static_best is None and "static:best" in names + list(live_names or []):
+        from .policies import best_static_action
+
+        static_best, _ = best_static_action(train_env)
+    res = HeldOutEvaluation(trace=[], static_best=static_best)
+    with stage("evaluate (trace env, held-out)"):
+        res.trace = trace_eval(eval_env, names, static_best)
+        relabel(res.trace)
+        write_results(out, "trace_eval", res.trace)
+        show(to_markdown(res.trace))
+    if not live:
+        return res
+    with stage("evaluate (real decoder, held-out)"):
+        env = live_env() if callable(live_env) else (live_env or eval_env)
+        dec = env.make_decoder(bundle, heads)
+        res.live = live_eval(env, dec, live_names or names, static_best, progress=progress, records=res.records)
+        relabel(res.live)
+        write_results(out, "live_eval", res.live)
+        tokenizer = (bundle or env.bundle).tokenizer
+        if tokenizer is not None:
+            from .report import save_records
+
+            save_records(out, res.records, tokenizer, eval_env.actions.exit_layers, eval_env.actions.k_max, prompts)
+        show(to_markdown(res.live))
+    return res
+
+
 def format_cell(v, floatfmt: str = ".3f") -> str:
     """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``;
     an undefined metric, NaN, as ``-``: :func:`lede_env.metrics.format_metric`), dicts as

@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from lede_env.model import get_bundle
 
     from .collect import CollectConfig, collect
-    from .evaluate import live_eval, policy_throughput, to_markdown, trace_eval, write_results
+    from .evaluate import evaluate_held_out, held_out_envs, policy_throughput, to_markdown
     from .export import export_policy
     from .plots import plot_choices
     from .policies import best_static_action
@@ -135,11 +135,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         bundle = get_bundle(cfg.model)
         heads = get_heads(bundle, HeadSpec(None, cfg.head_kind, cfg.draft_vocab, calib_prompts=cfg.calib_prompts),
                           progress=progress)
-    with _Stage(cfg, "traces + env (train)"):
-        train_env = LEDEEnv(**cfg.env_kwargs(cfg.train_prompts), progress=progress)
-    with _Stage(cfg, "traces + env (eval)"):
-        # lambda (reward and stop rule) from the training traces, never from held-out ones
-        eval_env = LEDEEnv(**cfg.env_kwargs(cfg.eval_prompts), reward_lambda=train_env.reward_lambda, progress=progress)
+    # lambda (reward and stop rule) from the training traces, never from held-out ones
+    train_env, eval_env = held_out_envs(cfg.env_kwargs(cfg.train_prompts), cfg.train_prompts, cfg.eval_prompts,
+                                        progress=progress, stage=lambda name: _Stage(cfg, name))
     static_best, static_tp = best_static_action(train_env)
     E, K = train_env.actions.decode(static_best)
     console.print(f"best static action on training traces: E={E}, K={K} (throughput {static_tp:.3f})")
@@ -169,42 +167,32 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     # static:0,4 = a context draft of up to 4 copied tokens every round: `lede generate`'s default
     copy4 = ["static:0,4"] if 4 in cfg.context_lengths and (E, K) != (0, 4) else []  # unless it is static:best
     names = ["ar", "static:best", *copy4, "del", f"agent:{policy_dir}", "oracle"]
-    with _Stage(cfg, "evaluate (trace env, held-out)"):
-        trace_rows = trace_eval(eval_env, names, static_best)
-        _rename_agent(trace_rows, best[1])
-        console.print(to_markdown(trace_rows))
-    live_rows = []
+
+    def live_subset():
+        """The held-out env of the prompts decoded for real: the first ``live_per_category`` of
+        each category (all of them: ``eval_env``)."""
+        if cfg.live_per_category is None:
+            return eval_env
+        from lede_env.prompts import first_per_category, load_prompts, write_prompt_file
+
+        subset = first_per_category(load_prompts(cfg.eval_prompts), cfg.live_per_category)
+        return LEDEEnv(**(cfg.env_kwargs(write_prompt_file(subset, out / "live_prompts.jsonl"))
+                          | {"reward_lambda": eval_env.reward_lambda}), progress=progress)
+
+    res = evaluate_held_out(train_env, eval_env, names, out, cfg.eval_prompts, static_best=static_best,
+                            live=cfg.live, live_names=["ar", "hf", "hf-lookup:10"] + names[1:], live_env=live_subset,
+                            bundle=bundle, heads=heads, relabel=lambda rows: _rename_agent(rows, best[1]),
+                            progress=progress, stage=lambda name: _Stage(cfg, name), show=console.print)
+    trace_rows, live_rows = res.trace, res.live
     if cfg.live:
-        with _Stage(cfg, "evaluate (real decoder, held-out)"):
-            live_env = eval_env
-            if cfg.live_per_category is not None:
-                from lede_env.prompts import first_per_category, load_prompts, write_prompt_file
-
-                subset = first_per_category(load_prompts(cfg.eval_prompts), cfg.live_per_category)
-                live_env = LEDEEnv(**(cfg.env_kwargs(write_prompt_file(subset, out / "live_prompts.jsonl"))
-                                      | {"reward_lambda": eval_env.reward_lambda}), progress=progress)
-            dec = live_env.make_decoder(bundle, heads)
-            records: dict = {}
-            live_rows = live_eval(live_env, dec, ["ar", "hf", "hf-lookup:10"] + names[1:], static_best, progress=progress,
-                                  records=records)
-            _rename_agent(live_rows, best[1])
-            if bundle.tokenizer is not None:
-                from .report import save_records
-
-                save_records(out, records, bundle.tokenizer, eval_env.actions.exit_layers, cfg.k_max,
-                             cfg.eval_prompts)
-            agent_records = next((v for k, v in records.items() if k.startswith("agent:")), [])
-            if agent_records:
-                plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
-                             title=f"LEDE agent ({best[1]}) on {cfg.eval_prompts}")
-            console.print(to_markdown(live_rows))
-            same = all(r["identical_to_ar"] for r in live_rows)
-            console.print("[bold green]every method's output is identical to greedy AR[/]" if same else
-                          "[bold red]OUTPUT MISMATCH: some method differs from greedy AR[/]")
+        agent_records = next((v for k, v in res.records.items() if k.startswith("agent:")), [])
+        if agent_records:
+            plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
+                         title=f"LEDE agent ({best[1]}) on {cfg.eval_prompts}")
+        same = all(r["identical_to_ar"] for r in live_rows)
+        console.print("[bold green]every method's output is identical to greedy AR[/]" if same else
+                      "[bold red]OUTPUT MISMATCH: some method differs from greedy AR[/]")
     cfg.timings["total"] = round(time.perf_counter() - t_all, 1)
-    write_results(out, "trace_eval", trace_rows)
-    if live_rows:
-        write_results(out, "live_eval", live_rows)
     summary = {"config": asdict(cfg), "static_best": [E, K], "agent": best[1], "trace": trace_rows,
                "live": live_rows, "timings": cfg.timings}
     write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
