@@ -285,7 +285,7 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
                      reward_mode, cost_profile)
     try:  # settings are checked before the env (and model) is loaded
         from agents.collect import parse_mixture
-        from agents.datasets_tool import check_dataset_id
+        from agents.store import check_dataset_id
 
         mix = parse_mixture(mixture)
         if (backend, temperature, top_p, top_k, cost) != ("trace", 0.0, 1.0, 0, "profile"):  # recorded in the env spec

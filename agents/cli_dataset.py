@@ -81,7 +81,8 @@ def merge_cmd(new_id: str = typer.Argument(..., help="Id of the merged dataset (
     """Combine datasets (minari.combine_datasets), typically the shards of one collection, into one
     dataset with fixed metadata (episode options, description, counts, reference scores); prints
     what validation could not check and why."""
-    from agents.datasets_tool import merge, shard_dataset_id
+    from agents.datasets_tool import merge
+    from agents.store import shard_dataset_id
 
     sources = list(ids or [])
     if shards is not None:

@@ -21,19 +21,17 @@ the same machine, so validation replays them as for traces, except with ``cost="
 whose rewards are measured times: those datasets are validated without replay.
 
 Datasets are written through ``minari.create_dataset_from_buffers`` (no jax needed) under a
-temporary id (``partial-<host>-<pid>-...``), validated (:func:`agents.datasets_tool.validate`,
-rewards re-computed by replay) and renamed into place when whole, so an interrupted collection
-never leaves a dataset ``minari.load_dataset`` would read as complete; a ``partial-*`` folder
-left by a killed process is removed by the next collection on the same host.
+temporary id (``partial-<host>-<pid>-...``, :func:`agents.store.partial_id`), validated
+(:func:`agents.datasets_tool.validate`, rewards re-computed by replay) and renamed into place when
+whole (:func:`agents.store.move_into_place`), so an interrupted collection never leaves a dataset
+``minari.load_dataset`` would read as complete; a ``partial-*`` folder left by a killed process
+is removed by the next collection on the same host (:func:`agents.store.clean_stale_partials`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -41,10 +39,11 @@ from tqdm.auto import tqdm
 
 from lede_env.episodes import play_episode
 from lede_env.live_env import LiveEnv
-from lede_env.storage import crash_point, host_tag
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
 
 from .policies import OraclePolicy
+from .store import (STEP_INFO_KEYS, check_dataset_id, check_new, clean_stale_partials, describe_collection,
+                    minari_root, move_into_place, reference_scores, shard_dataset_id, writing_partial)
 
 DEFAULT_MIX = {"random": 0.2, "static": 0.3, "heuristic": 0.1, "oracle": 0.4}
 
@@ -61,7 +60,7 @@ class CollectConfig:
         seed: seeds episode draws and behaviour policies (episode i uses ``default_rng([seed, i])``).
         author, code_permalink, description: dataset metadata.
         shard: ``"k/n"`` (or ``(k, n)``): collect only episodes ``i % n == k - 1``, into the dataset
-            :func:`agents.datasets_tool.shard_dataset_id` (``...-shard<k>of<n>-v<N>``); ``None``
+            :func:`agents.store.shard_dataset_id` (``...-shard<k>of<n>-v<N>``); ``None``
             collects all of them into ``dataset_id``. ``"auto"`` is the launcher's shard
             (``RANK+1``/``WORLD_SIZE`` of torchrun or accelerate launch), resolved to ``"k/n"``
             when the config is made.
@@ -136,13 +135,6 @@ def make_behaviour(kind: str, env, rng: np.random.Generator, eps: float):
     raise ValueError(kind)
 
 
-#: per-step infos every dataset records (Minari ``infos``; the same keys at every step, so
-#: Minari's known pitfalls with keys that vary between steps cannot arise): what each round did.
-#: Index 0 is the reset (no round: -1 in the round fields, cost 0, the 1 token of the prefill).
-STEP_INFO_KEYS = {"action": np.int64, "exit_layer": np.int64, "draft_len": np.int64, "accepted": np.int64,
-                  "emitted": np.int64, "n_verify": np.int64, "cost": np.float64, "tokens_generated": np.int64}
-
-
 def step_infos(reset_info: dict, step_infos_: list[dict]) -> dict[str, np.ndarray]:
     """Minari ``infos`` of one episode: each :data:`STEP_INFO_KEYS` entry as a [T+1] array from
     the reset info and the T step infos of ``env.step`` (their ``round`` and ``tokens_generated``)."""
@@ -166,13 +158,6 @@ def run_episode(env, policy, seed: int, options: Optional[dict] = None):
 
 def _stack(observations: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
-
-
-def minari_root() -> Path:
-    """Minari's local datasets folder (``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``)."""
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    return Path(get_dataset_path())
 
 
 def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
@@ -199,16 +184,14 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
 
     from lede_env.sharding import parse_shard, shard_indices
 
-    from .datasets_tool import check, check_dataset_id, clean_stale_partials, shard_dataset_id
+    from .datasets_tool import check
 
     check_dataset_id(config.dataset_id)
     shard = parse_shard(config.shard)
     dataset_id = config.dataset_id if shard is None else shard_dataset_id(config.dataset_id, *shard)
     root = minari_root()
     clean_stale_partials()
-    if (root / dataset_id).exists():
-        raise ValueError(f"Dataset {dataset_id!r} already exists under {root}: choose a new version "
-                         f"(-vN) or delete it (`minari delete {dataset_id}`).")
+    check_new(dataset_id, root)
     u = env.unwrapped
     live = isinstance(u, LiveEnv)
     if live and config.mixture.get("oracle", 0) > 0:
@@ -230,15 +213,12 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
         extra_meta.append({"episode_index": ep, "behaviour": kind})
         best[idx] = max(best.get(idx, -np.inf), float(np.sum(rews)))
     ref_min, ref_max = reference_scores(env, best if live else None)
-    tmp_id = _tmp_id(dataset_id)
-    tmp_path = root / tmp_id
-    final_path = root / dataset_id
     collection = {"seed": config.seed, "episodes": config.episodes, "mixture": dict(config.mixture),
                   "oracle_epsilon": config.oracle_epsilon, "shard": None if shard is None else list(shard),
                   "episode_indices": len(episodes), "behaviour_counts": counts,
                   "env": _describe_env(u)}
     spec = env_spec_for(env, env_spec)
-    try:
+    with writing_partial(dataset_id, root) as tmp_id:
         with warnings.catch_warnings():  # the spec is stored below; no author e-mail, no eval env
             warnings.filterwarnings("ignore", message=r".*(env_spec is None|`eval_env` is set|`author_email`)")
             ds = minari.create_dataset_from_buffers(
@@ -265,10 +245,7 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
         replayable = getattr(u, "cost", "profile") != "wallclock"  # measured times do not replay
         check(minari.MinariDataset(ds.storage.data_path), env if replayable else None, replay=replayable,
               require_env_spec=spec is not None)
-        _rename_dataset(tmp_path, final_path, dataset_id, {})
-    finally:
-        if tmp_path.exists():
-            shutil.rmtree(tmp_path, ignore_errors=True)
+        move_into_place(tmp_id, dataset_id, root)
     return minari.load_dataset(dataset_id)
 
 
@@ -282,32 +259,6 @@ def episode_plan(env, config: CollectConfig, episode_index: int, kinds: list[str
     seed = int(rng.integers(2**31))
     idx = int(u.playable[int(rng.integers(len(u.playable)))])
     return kind, policy, seed, idx
-
-
-PARTIAL_PREFIX = "partial-"
-
-
-def _tmp_id(dataset_id: str) -> str:
-    """``<ns>/partial-<host>-<pid>-<name>-v<N>``: where a dataset is written before it is whole."""
-    ns, _, name = dataset_id.rpartition("/")
-    base, _, ver = name.rpartition("-v")
-    tmp = f"{PARTIAL_PREFIX}{host_tag()}-{os.getpid()}-{base}-v{ver}"
-    return f"{ns}/{tmp}" if ns else tmp
-
-
-def _rename_dataset(tmp_path: Path, final_path: Path, dataset_id: str, extra: dict) -> None:
-    """Move a finished dataset folder into place, fixing the id and adding ``extra`` to its metadata."""
-    import json
-
-    meta = tmp_path / "data" / "metadata.json"
-    m = json.loads(meta.read_text())
-    m["dataset_id"] = dataset_id
-    m.update(extra)
-    meta.write_text(json.dumps(m))
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    crash_point()
-    os.rename(tmp_path, final_path)
-    crash_point()
 
 
 def env_spec_for(env, kwargs):
@@ -346,27 +297,6 @@ def env_spec_for(env, kwargs):
     return EnvSpec(id="LEDE-Llama3-v0", entry_point="lede_env.env:LEDEEnv", kwargs=kw)
 
 
-def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, float]:
-    """Mean undiscounted return of always-AR (``ref_min_score``) and of the oracle
-    (``ref_max_score``) over the env's traces, in its reward mode.
-
-    Live backend (no oracle): ``ref_max_score`` is the mean over prompts of the larger of the
-    always-AR return and ``best_seen[prompt_index]`` (the best collected return on it, if any).
-    """
-    u = env.unwrapped
-    mins, maxs = [], []
-    if isinstance(u, LiveEnv):
-        for i in u.playable:
-            ret = play_episode(u, StaticPolicy(0), seed=0, options={"prompt_index": i}).ret
-            mins.append(ret)
-            maxs.append(max(ret, (best_seen or {}).get(i, -np.inf)))
-        return float(np.mean(mins)), float(np.mean(maxs))
-    for i in u.playable:
-        for pol, out in ((StaticPolicy(0), mins), (None, maxs)):  # always-AR, then the oracle (None)
-            out.append(play_episode(u, pol, seed=0, options={"prompt_index": i}).ret)
-    return float(np.mean(mins)), float(np.mean(maxs))
-
-
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
@@ -384,14 +314,3 @@ def _describe_env(u) -> str:
             f"Model {u.manifest['model'].get('name')}, prompts {u.manifest.get('prompts')}, "
             f"exits {list(u.actions.exit_layers)}, k_max {u.actions.k_max}, reward {u.reward_mode}, "
             f"bonus={u.rules.bonus}, cost profile {u.profile.source}.")
-
-
-def describe_collection(collection: dict, dataset_id: str) -> str:
-    """The dataset description: the env, then what was collected (from the ``lede_collection``
-    metadata entry)."""
-    c = collection
-    part = "" if not c.get("shard") else f" Shard {c['shard'][0]}/{c['shard'][1]} of the collection."
-    merged = "" if not c.get("merged_from") else f" Merged from {', '.join(c['merged_from'])}."
-    return (f"{c['env']} {c['episode_indices']} episodes (of a collection of {c['episodes']}, seed {c['seed']}, "
-            f"episode i drawn from default_rng([seed, i])); behaviour episodes {c['behaviour_counts']} from the "
-            f"mixture {c['mixture']}, oracle epsilon {c['oracle_epsilon']}.{part}{merged}")

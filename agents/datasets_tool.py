@@ -1,31 +1,28 @@
 """Local Minari datasets of lede: list, show, validate, merge shards, publish.
 
-The ``lede dataset`` commands (``agents/cli_dataset.py``) wrap these functions. Ids follow
-``lede/<model>/<prompt-set>-<policy-mix>-v<N>``; a shard ``k/n`` of a collection is the dataset
-``lede/<model>/<prompt-set>-<policy-mix>-shard<k>of<n>-v<N>`` (:func:`shard_dataset_id`), and
-:func:`merge` combines the shards into the dataset of the plain id.
+The ``lede dataset`` commands (``agents/cli_dataset.py``) wrap these functions. Ids, shard ids,
+the step-info format, partial folders and the publication of a whole dataset into place are
+:mod:`agents.store`'s (shared with collection); :func:`merge` combines the shards of a collection
+(:func:`agents.store.shard_dataset_id`) into the dataset of the plain id.
 
-Folders named ``partial-*`` hold datasets being written (see :mod:`agents.collect`); they are
-never listed here and are removed by :func:`clean_stale_partials` once their process is gone.
+Folders named ``partial-*`` hold datasets being written (see :mod:`agents.store`); they are
+never listed here and are removed by :func:`agents.store.clean_stale_partials` once their
+process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from lede_env.storage import host_tag, pid_alive
+from .store import (STEP_INFO_KEYS, check_dataset_id, check_new, clean_stale_partials, describe_collection,
+                    is_partial, minari_root, move_into_place, reference_scores, writing_partial)
 
-from .collect import PARTIAL_PREFIX, _rename_dataset, _tmp_id, describe_collection, minari_root, reference_scores
-
-ID_RE = re.compile(r"^lede/[-_\w]+/[-_\w]+-v\d+$")  # Minari ids allow no dots
 REWARD_RTOL, REWARD_ATOL = 1e-5, 1e-6
 # minari's remote kinds; "gcs://" is accepted as another name for minari's "gcp://" (Google Cloud Storage)
 _REMOTE_ALIASES = {"gcs": "gcp"}
@@ -43,62 +40,6 @@ class DatasetInvalid(ValueError):
 
 class PublishError(RuntimeError):
     """Publishing could not start or failed (no remote, no credentials, no network, id taken)."""
-
-
-# ---- ids ------------------------------------------------------------------------------------
-def check_dataset_id(dataset_id: str) -> None:
-    """Check ``dataset_id`` is ``lede/<model>/<prompt-set>-<policy-mix>-v<N>``.
-
-    Raises:
-        ValueError: it is not (the message shows the expected form).
-    """
-    if not isinstance(dataset_id, str) or not ID_RE.match(dataset_id) or is_partial(dataset_id):
-        raise ValueError(f"Dataset id {dataset_id!r} is not of the form lede/<model>/<prompt-set>-<policy-mix>-v<N> "
-                         "(e.g. lede/smollm2-135m-instruct/humaneval-mixed-v0): letters, digits, '-' and '_' only "
-                         f"(Minari allows no '.': Llama-3.2-1B -> Llama-3_2-1B), names not starting with "
-                         f"{PARTIAL_PREFIX!r}.")
-
-
-def dataset_model_name(name: str) -> str:
-    """The ``<model>`` part of a dataset id for a model name or path (not a cache key: that is
-    :func:`lede_env.model.model_slug`): its last path component,
-    lower-cased, with every character Minari refuses replaced (``meta-llama/Llama-3.2-1B`` ->
-    ``llama-3_2-1b``)."""
-    base = str(name).rstrip("/").rpartition("/")[2].lower().replace(".", "_")
-    return re.sub(r"[^a-z0-9_-]", "-", base) or "model"
-
-
-def shard_dataset_id(dataset_id: str, k: int, n: int) -> str:
-    """The id of shard ``k`` of ``n`` of ``dataset_id``: ``.../<name>-shard<k>of<n>-v<N>``."""
-    head, _, ver = dataset_id.rpartition("-v")
-    return f"{head}-shard{k}of{n}-v{ver}"
-
-
-def is_partial(dataset_id: str) -> bool:
-    """True for the temporary id of a dataset still being written (or left by a killed process)."""
-    return dataset_id.rpartition("/")[2].startswith(PARTIAL_PREFIX)
-
-
-def clean_stale_partials(root: Optional[Path] = None) -> list[str]:
-    """Remove ``partial-<host>-<pid>-*`` dataset folders of this host whose process has ended
-    (a collection or merge that was killed). Folders of live processes and of other hosts
-    (a shared folder) are kept.
-
-    Returns:
-        The relative paths removed.
-    """
-    root = Path(root or minari_root())
-    host, removed = host_tag(), []
-    if not root.exists():
-        return removed
-    for p in root.rglob(f"{PARTIAL_PREFIX}*"):
-        if not p.is_dir():
-            continue
-        m = re.match(rf"^{PARTIAL_PREFIX}([A-Za-z0-9]+)-(\d+)-", p.name)
-        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(str(p.relative_to(root)))
-    return removed
 
 
 # ---- local datasets -------------------------------------------------------------------------
@@ -214,7 +155,7 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     ``ref_min_score <= ref_max_score``, episode and step totals); per episode, T+1 observations
     for T actions, T rewards/terminations/truncations, actions in the action space, exactly one
     episode end (termination or truncation) and only at the last step, the per-step infos
-    (:data:`agents.collect.STEP_INFO_KEYS`, T+1 entries, counters that add up); the dataset's
+    (:data:`agents.store.STEP_INFO_KEYS`, T+1 entries, counters that add up); the dataset's
     spaces equal the env's; and, with ``replay``, that replaying each episode's stored seed,
     options and actions in the env gives the stored observations, rewards (rtol 1e-5), infos and
     episode ends.
@@ -361,10 +302,8 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
 
 def _infos_problem(infos, acts: np.ndarray) -> Optional[str]:
     """What is wrong with one episode's per-step infos (``None``: nothing): the fixed keys of
-    :data:`agents.collect.STEP_INFO_KEYS`, T+1 entries each, the stored actions, counters that
+    :data:`agents.store.STEP_INFO_KEYS`, T+1 entries each, the stored actions, counters that
     add up (accepted <= drafted, tokens_generated grows by what each round emitted)."""
-    from .collect import STEP_INFO_KEYS
-
     if not infos:
         return "no per-step infos (datasets record what each round did since the step-info format: recollect it)"
     if set(infos) != set(STEP_INFO_KEYS):
@@ -471,9 +410,7 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
         raise ValueError(f"merge sources repeat an id: {ids}.")
     check_dataset_id(new_id)
     root = minari_root()
-    if (root / new_id).exists():
-        raise ValueError(f"Dataset {new_id!r} already exists under {root}: choose a new version (-vN) or delete it "
-                         f"(`minari delete {new_id}`).")
+    check_new(new_id, root)
     srcs = [load(i) for i in ids]
     metas = [s.storage.metadata for s in srcs]
     for s, m in zip(srcs[1:], metas[1:]):
@@ -505,10 +442,8 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
             raise ValueError(f"The sources' reference scores differ or are missing ({sorted(map(str, refs))}): "
                              "pass the env to re-compute them.")
         ref_min, ref_max = next(iter(refs))
-    tmp_id = _tmp_id(new_id)
-    tmp_path = root / tmp_id
     clean_stale_partials(root)
-    try:
+    with writing_partial(new_id, root) as tmp_id:
         _ensure_namespace(new_id)
         ds = minari.combine_datasets(srcs, tmp_id)
         # combine_datasets keeps seeds but not options nor our per-episode entries
@@ -544,10 +479,7 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
         has_spec = ds.spec.env_spec is not None
         check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay and (env is not None or has_spec),
               require_env_spec=has_spec, notes=notes)
-        _rename_dataset(tmp_path, root / new_id, new_id, {})
-    finally:
-        if tmp_path.exists():
-            shutil.rmtree(tmp_path, ignore_errors=True)
+        move_into_place(tmp_id, new_id, root)
     return minari.load_dataset(new_id)
 
 

@@ -143,7 +143,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     console.print(f"best static action on training traces: E={E}, K={K} (throughput {static_tp:.3f})")
 
     with _Stage(cfg, "collect (Minari)"):
-        from .datasets_tool import dataset_model_name
+        from .store import dataset_model_name
 
         ds_id = f"lede/{dataset_model_name(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
         dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),

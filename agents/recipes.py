@@ -115,7 +115,7 @@ def parse_recipe(data: Any, src: str = "<recipe>", path: Optional[Path] = None) 
             raise RecipeError(f"{src}: missing key {k!r} (see datasets/README.md for a complete recipe).")
     did = data["id"]
     try:
-        from .datasets_tool import check_dataset_id
+        from .store import check_dataset_id
 
         check_dataset_id(did)
     except ValueError as e:
@@ -251,7 +251,7 @@ def dataset_card(dataset, recipe: Optional[Recipe] = None) -> str:
         lines.append("")
     import numpy as np
 
-    from .collect import STEP_INFO_KEYS
+    from .store import STEP_INFO_KEYS
 
     lines += ["Per-step infos (Minari `infos`, T+1 entries per episode, the same keys at every step; entry 0 is "
               "the reset: -1 in the round fields, cost 0): what each round did:", ""]

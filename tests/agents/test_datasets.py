@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from agents import datasets_tool as dt
-from agents.collect import CollectConfig, collect, env_spec_for, reference_scores
+from agents import store
+from agents.collect import CollectConfig, collect, env_spec_for
+from agents.store import reference_scores
 from lede_env.sharding import parse_shard, shard_indices
 
 _TINY: dict = {}
@@ -103,7 +105,7 @@ def test_round_trip_and_recover_environment(good, env):
         steps = [rec.step(int(a)) for a in ep.actions]
         np.testing.assert_allclose([s[1] for s in steps], ep.rewards, rtol=1e-6)
         # per-step infos: fixed keys, the reset first, then what each round did
-        from agents.collect import STEP_INFO_KEYS
+        from agents.store import STEP_INFO_KEYS
 
         assert set(ep.infos) == set(STEP_INFO_KEYS) and all(len(v) == len(ep.actions) + 1 for v in ep.infos.values())
         assert ep.infos["action"][0] == -1 and ep.infos["tokens_generated"][0] == 1
@@ -455,7 +457,7 @@ def test_interrupted_collection_leaves_nothing_readable(env, monkeypatch):
 
     # interrupted while the dataset is being written: the temporary folder goes too
     def interrupt(ds, *a, **k):
-        assert dt.is_partial(ds.spec.dataset_id) and Path(ds.storage.data_path).exists()
+        assert store.is_partial(ds.spec.dataset_id) and Path(ds.storage.data_path).exists()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dt, "check", interrupt)
@@ -477,7 +479,7 @@ def test_stale_partial_folder_is_hidden_and_cleaned(good, env):
     root = Path(minari.storage.datasets_root_dir.get_dataset_path())
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # a pid that no longer runs: the "killed collection"
-    tmp_id = f"lede/tiny/partial-{dt.host_tag()}-{p.pid}-stale-mixed-v0"
+    tmp_id = f"lede/tiny/partial-{store.host_tag()}-{p.pid}-stale-mixed-v0"
     shutil.copytree(root / "lede/tiny/rt-mixed-v0", root / tmp_id)
     meta = root / tmp_id / "data" / "metadata.json"
     meta.write_text(json.dumps(json.loads(meta.read_text()) | {"dataset_id": tmp_id}))
@@ -485,7 +487,7 @@ def test_stale_partial_folder_is_hidden_and_cleaned(good, env):
     assert tmp_id not in dt.list_datasets()  # ...lede does not
     with pytest.raises(FileNotFoundError, match="partial"):
         dt.load(tmp_id)
-    live = root / f"lede/tiny/partial-{dt.host_tag()}-{os.getppid()}-live-mixed-v0"
+    live = root / f"lede/tiny/partial-{store.host_tag()}-{os.getppid()}-live-mixed-v0"
     live.mkdir()  # a running collection's folder is kept
     collect(env, CollectConfig(dataset_id="lede/tiny/after-mixed-v0", episodes=1), progress=False)
     assert not (root / tmp_id).exists() and live.exists()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.collect import CollectConfig, collect, reference_scores
+from agents.collect import CollectConfig, collect
+from agents.store import reference_scores
 from agents.export import export_policy
 from agents.policies import best_static_action
 from lede_env.policies import ExportedPolicy, HeuristicPolicy

@@ -166,7 +166,7 @@ def test_bad_mixture_strings_name_the_form(text, match):
 
 
 def test_model_slug_makes_valid_dataset_ids():
-    from agents.datasets_tool import check_dataset_id, dataset_model_name
+    from agents.store import check_dataset_id, dataset_model_name
 
     assert dataset_model_name("meta-llama/Llama-3.2-1B") == "llama-3_2-1b"
     assert dataset_model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"

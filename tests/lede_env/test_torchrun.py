@@ -184,7 +184,7 @@ def test_collect_shard_auto_is_resolved_when_configured(monkeypatch):
     launcher's shard whatever happens to the environment later (``collect`` itself is tested
     with K/N shards in tests/agents/test_datasets.py)."""
     from agents.collect import CollectConfig
-    from agents.datasets_tool import shard_dataset_id
+    from agents.store import shard_dataset_id
 
     _launcher_env(monkeypatch, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
     cfg = CollectConfig(dataset_id="lede/tiny/auto-mixed-v0", episodes=3, seed=1, shard="auto")
