@@ -85,7 +85,7 @@ EOF
 COMMON=(--model "$MODEL" --max-new-tokens "$MAX_NEW_TOKENS" --head-kind "$HEAD_KIND" --draft-vocab "$DRAFT_VOCAB"
         --calib-prompts "$CALIB_PROMPTS")
 [[ -n "$EXITS" ]] && COMMON+=(--exits "$EXITS")
-DATASET_ID="lede/$("$PY" -c 'import sys; from agents.datasets_tool import dataset_model_name; print(dataset_model_name(sys.argv[1]))' "$MODEL")/gpu-check-mixed-v0"
+DATASET_ID="lede/$("$PY" -c 'import sys; from agents.store import dataset_model_name; print(dataset_model_name(sys.argv[1]))' "$MODEL")/gpu-check-mixed-v0"
 
 stage() {  # stage NAME CMD...: run, print and time one stage
   local name=$1; shift
