@@ -108,7 +108,7 @@ def traces_build(model: Optional[str] = ModelOpt, prompts: str = PromptsOpt, max
     from lede_env.traces import TraceSpec, build_continuation_shard, get_traces
 
     spec = TraceSpec(model, prompts, max_new_tokens,
-                     HeadSpec(tuple(_exits(exits)) if exits else None, head_kind, draft_vocab,
+                     HeadSpec(exits, head_kind, draft_vocab,
                               calib_prompts=calib_prompts))
     if shard:
         from lede_env.sharding import parse_shard
@@ -159,7 +159,7 @@ def exits_fit(model: Optional[str] = ModelOpt, calib_prompts: str = CalibOpt,
     V = b.stack.head_weight.shape[0]
     tables, times = {}, {}
     for k in names:
-        heads = get_heads(b, HeadSpec(tuple(_exits(exits)) if exits else None, k, draft_vocab,
+        heads = get_heads(b, HeadSpec(exits, k, draft_vocab,
                                       calib_prompts=calib_prompts, ridge=ridge, kl_steps=kl_steps))
         tables[f"{k} (V_d={heads.draft_vocab})"] = agreement_by_category(heads, held)
         times[f"{k} (V_d={heads.draft_vocab})"] = 1000 * min_time(lambda h=heads: h.draft_tokens(x, 0), 30,

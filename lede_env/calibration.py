@@ -32,6 +32,10 @@ from .storage import atomic_file, cache_dir
 class HeadSpec:
     """What determines a set of exit heads (the cache key).
 
+    The one way an exit list becomes a head spec: ``exit_layers`` may be given as any sequence of
+    layer numbers or a comma-separated string (``"2,4,6"``, as the CLI takes it); it is stored as
+    a tuple of ints (``None`` or empty: the default exits).
+
     Attributes:
         exit_layers: candidate exits (``None`` = every 2nd layer below L).
         kind: ``"lens"``, ``"affine"`` or ``"affine-kl"`` (see :mod:`lede_env.exits`).
@@ -51,6 +55,26 @@ class HeadSpec:
     calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
     ridge: float = 0.01
     kl_steps: int = 600
+
+    def __post_init__(self) -> None:
+        """Normalise ``exit_layers``.
+
+        Raises:
+            ValueError: an exit that is not a positive integer, or exits not strictly increasing.
+        """
+        ex = self.exit_layers
+        if isinstance(ex, str):
+            ex = [x for x in ex.replace(" ", "").split(",") if x]
+        if not ex:
+            self.exit_layers = None
+            return
+        try:
+            ex = tuple(int(x) for x in ex)
+        except (TypeError, ValueError):
+            raise ValueError(f"exit_layers={self.exit_layers!r}: give layer numbers, e.g. (2, 4, 6) or '2,4,6'.") from None
+        if ex[0] < 1 or any(b <= a for a, b in zip(ex, ex[1:])):
+            raise ValueError(f"exit_layers={ex}: exits must be positive and strictly increasing, e.g. (2, 4, 6).")
+        self.exit_layers = ex
 
 
 #: Version of the exit-head files (2: with the acceptance calibration); part of the cache key.

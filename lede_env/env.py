@@ -334,7 +334,7 @@ class LEDEEnv(gym.Env):
         self.reward_mode = reward_mode
         self.render_mode = render_mode
         self._load(model=model, prompts=prompts, exit_layers=exit_layers, k_max=k_max,
-                   head_spec=HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind, draft_vocab,
+                   head_spec=HeadSpec(exit_layers, head_kind, draft_vocab,
                                       feature_vocab, calib_prompts),
                    bonus=bool(bonus), reuse=bool(reuse), stop_threshold=stop_threshold, cost_profile=cost_profile,
                    trace_set=trace_set, profile=profile, eos_ids=eos_ids, progress=progress, bundle=bundle,

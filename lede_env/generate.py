@@ -122,7 +122,7 @@ class Lede:
             k_max = int(agent_cfg["k_max"])
             head_kind = agent_cfg.get("heads", {}).get("kind", head_kind)
             draft_vocab = agent_cfg.get("heads", {}).get("draft_vocab", draft_vocab)
-        self.heads = get_heads(self.bundle, HeadSpec(tuple(exit_layers) if exit_layers else None, head_kind,
+        self.heads = get_heads(self.bundle, HeadSpec(exit_layers, head_kind,
                                                      draft_vocab, calib_prompts=calib_prompts))
         obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
         self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)

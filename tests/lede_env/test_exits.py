@@ -79,3 +79,16 @@ def test_get_heads_affine_kl_differs_from_ridge():
     assert kl.fingerprint() != ridge.fingerprint()
     with pytest.raises(ValueError, match="kind"):
         ExitHeads(b.stack, (1,), "kangaroo")
+
+
+def test_head_spec_is_the_one_way_an_exit_list_becomes_heads():
+    """A list, a tuple and the CLI's comma string give the same spec (and cache key); empty
+    means the default exits; bad exits name the fix."""
+    from lede_env.calibration import HeadSpec
+
+    assert HeadSpec([2, 4, 6]) == HeadSpec((2, 4, 6)) == HeadSpec("2,4,6") == HeadSpec(" 2, 4,6 ")
+    assert HeadSpec([2, 4, 6]).exit_layers == (2, 4, 6)
+    assert HeadSpec(None).exit_layers is None and HeadSpec("").exit_layers is None and HeadSpec([]).exit_layers is None
+    for bad in ("2,x", [0, 2], [4, 2], [2, 2]):
+        with pytest.raises(ValueError, match="exit_layers"):
+            HeadSpec(bad)
