@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--context-agreement", type=int, default=0,
                     help="1: the context features also hold the matched n-gram's occurrences and how far their "
                          "continuations agree (lede_env.lookup.match_agreement)")
+    ap.add_argument("--no-exits", action="store_true",
+                    help="the agent chooses plain steps and context drafts only (trace_q exits=False)")
     ap.add_argument("--horizon", type=int, default=None,
                     help="trace_q targets over this many tokens (the action, then the best static; default: "
                          "trace_q's own)")
@@ -81,7 +83,7 @@ def main() -> None:
         train_env = LEDEEnv(prompts=args.train_prompts, **kw)
         eval_env = LEDEEnv(prompts=eval_prompts, **kw, reward_lambda=train_env.reward_lambda)
         static_best, static_tp = best_static_action(train_env)
-        agent = train_trace_q(train_env, steps=args.steps,
+        agent = train_trace_q(train_env, steps=args.steps, exits=not args.no_exits,
                               **({} if args.horizon is None else {"horizon": args.horizon}))
         policy = greedy_q_policy(agent, train_env.observer.layout())
         E, K = train_env.actions.decode(static_best)

@@ -173,3 +173,19 @@ def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
             tok, cost, done = tok + info["round"]["emitted"], cost + info["round"]["cost"], te or tr
             act, first = follow, False
         assert got[j] == pytest.approx(tok - lam * cost, rel=1e-5), a
+
+
+def test_trace_q_without_exits_chooses_plain_steps_and_context_drafts_only(tiny):
+    """``exits=False``: every action the agent may take, and every one it takes, is action 0 or a
+    context action."""
+    from lede_env.env import LEDEEnv
+    from agents.trace_q import train_trace_q
+
+    b, _, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
+    u = env.unwrapped
+    agent = train_trace_q(env, steps=40, iterations=2, exits=False)
+    assert agent.allowed and max(agent.allowed) < u.actions.first_exit_action
+    obs, _ = u.reset(seed=0, options={"prompt_index": 0})
+    taken = agent.predict(np.stack([u.flatten_observation(obs)] * 3))
+    assert all(int(a) < u.actions.first_exit_action for a in taken)
