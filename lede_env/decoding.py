@@ -144,8 +144,8 @@ class DecodeState:
             in the cache).
         pos: position of the pending token (= positions held by the cache).
         normed_last: [d] final normed hidden state at the last verified position.
-        taps_at: exit layer -> [d] its hidden state at that position (``None`` without
-            observations).
+        taps_at: exit layer -> [d] its hidden state at that position, for the exits whose head
+            statistics the observation reads (``None`` when it reads none).
         sampler: the sampling state, ``None`` under greedy decoding.
         done: the generation has ended (EOS, budget, or a stop callback).
         context_at: ``(len(seq), max_len, context_match(seq, max_len, ...))`` computed by
@@ -237,7 +237,9 @@ class SelfSpeculativeDecoder:
                                            len(heads.exit_layers), stack.num_layers, k_max,
                                            stack.head_weight.shape[0], tuple(heads.exit_layers))
         self._stat_exits = heads.exit_layers[: self.observer.stat_exits]  # exits whose head stats are observed
-        self._exit_pos = {e: i for i, e in enumerate(heads.exit_layers)}
+        # only those exits' hidden states are tapped: a forward pass cut at every exit costs a
+        # call per segment (the compact observation without head statistics taps none)
+        self._tap_exits = frozenset(self._stat_exits)
         self._cuda = stack.device.type == "cuda"
 
     @property
@@ -281,7 +283,7 @@ class SelfSpeculativeDecoder:
         sampler = SpeculativeSampler(sampling, self.heads.draft_ids) if sampling is not None else None
         self.observer.reset()
         cache = self.stack.new_cache()
-        taps = {} if want_obs else None
+        taps = {} if want_obs and self._tap_exits else None
         h = self._forward(self.stack.embed(ids.view(1, -1)), 0, self.stack.num_layers, cache, 0, taps)
         normed, v = self._verifier_tokens(h[:, -1:], sampler)
         first = v[0]
@@ -289,7 +291,7 @@ class SelfSpeculativeDecoder:
         result.tokens.append(first)
         result.eos = first in eos
         return DecodeState(result, max_new_tokens, eos, want_obs, cache, ids.tolist() + [first], ids.numel(),
-                           normed[-1], {e: t[0, -1] for e, t in taps.items()} if want_obs else None, sampler,
+                           normed[-1], {e: t[0, -1] for e, t in taps.items()} if taps is not None else None, sampler,
                            done=result.eos or max_new_tokens == 1,
                            context_index=ContextIndex(self.context_ngram) if self.copy_max else None)
 
@@ -339,7 +341,7 @@ class SelfSpeculativeDecoder:
         E, K = self.actions.decode(action)
         copy = (K or self.context_draft) if E == 0 else self.context_draft  # context draft cap if K ends at 0
         K = clamp_draft_len(K, state.remaining, self.bonus) if E else 0
-        taps = {} if state.want_obs else None
+        taps = {} if state.want_obs and self._tap_exits else None
         pending, pos = state.pending, state.pos
         passes = 0
         if K == 0:  # a plain AR step, or a context draft verified by the full model
@@ -363,7 +365,7 @@ class SelfSpeculativeDecoder:
             K, first = len(draft), E
             if not self.reuse:  # plain SSD: forget the draft's layers 1..E, verify with the full model
                 self.stack.crop(state.cache, pos)
-                taps = {} if state.want_obs else None
+                taps = {} if taps is not None else None
                 n = verified_positions(K, self.bonus)
                 hidden, first = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)), 0
             h = self._forward(hidden, first, self.stack.num_layers, state.cache, pos, taps)
@@ -374,7 +376,7 @@ class SelfSpeculativeDecoder:
         # when the generation ends: an EOS can end a block early)
         last = len(oc.emitted) - 1 if oc.done else oc.advance - 1
         state.normed_last = normed[last]
-        if state.want_obs:
+        if taps is not None:
             state.taps_at = {e: t[0, last] for e, t in taps.items()}
         state.result.tokens.extend(oc.emitted)
         state.seq.extend(oc.emitted)
@@ -480,8 +482,9 @@ class SelfSpeculativeDecoder:
         return cost if want_obs else cost - self.profile.overhead / self.profile.ar_step
 
     def _segments(self, first: int, last: int) -> list[int]:
-        """Layer boundaries in (first, last] at which exit hiddens are tapped, ending with last."""
-        cuts = [e for e in self.heads.exit_layers if first < e < last]
+        """Layer boundaries in (first, last] at which the observed exits' hiddens are tapped,
+        ending with last."""
+        cuts = [e for e in self._stat_exits if first < e < last]
         return cuts + [last]
 
     def _forward(self, hidden, first, last, cache, start, taps: Optional[dict]):
@@ -492,7 +495,7 @@ class SelfSpeculativeDecoder:
         prev = first
         for cut in self._segments(first, last):
             hidden = self.stack.run(hidden, prev, cut, cache, start, rope)
-            if cut in self._exit_pos:
+            if cut in self._tap_exits:
                 taps[cut] = hidden
             prev = cut
         return hidden
