@@ -67,13 +67,20 @@ def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
     (0: none) and the :func:`context_draft` it proposes (up to ``max_len`` tokens; ``[]`` when
     ``max_len`` is 0). The observation's context features read ``n`` even where no draft is
     wanted. Raises ``ValueError`` as :func:`context_draft`."""
+    a, n, hits, chosen = _scan(seq, max_len, ngram)
+    return (n, a[chosen + n: chosen + n + max_len].tolist()) if n else (0, [])
+
+
+def _scan(seq: Sequence[int], max_len: int, ngram: tuple[int, int]) -> tuple[np.ndarray, int, list[int], int]:
+    """``(seq as int64 array, n, ascending start positions of the matched n-gram's earlier
+    occurrences, the one a draft copies)``, the match of :func:`context_match`; ``n = 0``: none."""
     lo, hi = check_ngram(ngram)
     if max_len < 0:
         raise ValueError(f"max_len={max_len} must be >= 0.")
     a = np.asarray(seq, dtype=np.int64)
     L = len(a)
     if L < 2:
-        return 0, []
+        return a, 0, [], -1
     for n in range(min(hi, L - 1), lo - 1, -1):
         # windows starting at 0 .. L-1-n: each is followed by at least one token, and the suffix
         # itself (starting at L-n) is not among them
@@ -81,9 +88,8 @@ def context_match(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEF
         hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
         if hits.size:
             full = hits[hits <= L - n - max_len]  # occurrences followed by max_len tokens
-            s = int(full[-1] if full.size else hits[-1]) + n
-            return n, a[s: s + max_len].tolist()
-    return 0, []
+            return a, n, hits.tolist(), int(full[-1] if full.size else hits[-1])
+    return a, 0, [], -1
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -136,21 +142,8 @@ def match_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = D
     Raises:
         ValueError: as :func:`context_match`.
     """
-    lo, hi = check_ngram(ngram)
-    if max_len < 0:
-        raise ValueError(f"max_len={max_len} must be >= 0.")
-    a = np.asarray(seq, dtype=np.int64)
-    L = len(a)
-    if L < 2:
-        return 0, 0
-    for n in range(min(hi, L - 1), lo - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(a[: L - 1], n)
-        hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
-        if hits.size:
-            full = hits[hits <= L - n - max_len]
-            chosen = int(full[-1] if full.size else hits[-1])
-            return _agreement(a.tolist(), n, hits.tolist(), chosen, depth)
-    return 0, 0
+    a, n, hits, chosen = _scan(seq, max_len, ngram)
+    return _agreement(a.tolist(), n, hits, chosen, depth) if n else (0, 0)
 
 
 class ContextIndex:
