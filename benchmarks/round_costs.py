@@ -4,10 +4,10 @@ The trace env charges each round the cost profile's prediction (AR-step units); 
 spends wall-clock seconds. When a policy wins in the trace env and not on the wall clock, the
 difference is in the rounds it plays: this script decodes the same held-out prompts with each
 policy (interleaved prompt by prompt, one process), groups the rounds by action and prints, per
-group, the rounds' mean predicted cost and mean measured time in AR steps (round seconds over the
-AR loop's seconds per round on the same prompts), the policy's own time per round, and the
-group's excess of measured over predicted cost spread over all of the policy's rounds (the
-groups' excesses add up to the ``all`` row's).
+group, the rounds' mean predicted cost and their mean and median measured time in AR steps
+(round seconds over the AR loop's median round on the same prompts: a machine stall must not set
+the unit), the policy's own time per round, and the group's excess of measured over predicted
+cost spread over all of the policy's rounds (the groups' excesses add up to the ``all`` row's).
 
     python benchmarks/round_costs.py --agent runs/bench_agent_final2/policy-compact-calibrated \\
         --context-lengths 1,2,3,4,6,8 --obs-stat-exits 0 --per-category 2
@@ -20,9 +20,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 
 def main() -> None:
     from agents.evaluate import live_eval, to_markdown, write_results
+    from lede_env.metrics import tokens_per_round
     from lede_env.env import LEDEEnv
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, first_per_category, load_prompts, write_prompt_file
 
@@ -55,11 +58,13 @@ def main() -> None:
     for _ in range(args.repeat):
         rows += live_eval(env, dec, names, progress=True, by_category=False, records=records)
     ar_rounds = [r for g in records["ar"] for r in g["rounds"]]
-    ar_step = sum(r["seconds"] for r in ar_rounds) / len(ar_rounds)
+    # the median AR round: a stall of the machine (seconds, now and then) must not set the unit
+    ar_step = float(np.median([r["seconds"] for r in ar_rounds]))
     acts = env.actions
     table = []
     for pol, gens in records.items():
         groups = defaultdict(lambda: defaultdict(float))
+        secs = defaultdict(list)
         for g in gens:
             for r in g["rounds"]:
                 E, K = acts.decode(r["action"])
@@ -71,18 +76,22 @@ def main() -> None:
                     s["predicted"] += r["cost"]
                     s["measured"] += r["seconds"] / ar_step
                     s["policy"] += r["policy_seconds"] / ar_step
+                    secs[k].append(r["seconds"] / ar_step)
         total = groups["all"]["rounds"]
         for key, s in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
             n = s["rounds"]
-            table.append({"policy": pol, "action": key, "rounds": int(n), "tokens_per_round": s["tokens"] / n,
+            table.append({"policy": pol, "action": key, "rounds": int(n),
+                          "tokens_per_round": tokens_per_round(s["tokens"], n),
                           "predicted_cost": s["predicted"] / n, "measured_cost": s["measured"] / n,
+                          "median_measured_cost": float(np.median(secs[key])),
                           "policy_cost": s["policy"] / n, "measured/predicted": s["measured"] / s["predicted"],
                           # this group's excess of measured over predicted cost, per round of the whole run
                           "excess_per_round": (s["measured"] - s["predicted"]) / total})
     print(to_markdown([r for r in rows if r["category"] == "all"]))
-    print(f"\nAR step {1000 * ar_step:.2f} ms (measured, mean over the AR loop's rounds)\n")
+    print(f"\nAR step {1000 * ar_step:.2f} ms (measured, median of the AR loop's rounds)\n")
     print(to_markdown(table))
     write_results(out, "round_costs", table)
+    (out / "records.json").write_text(json.dumps(records))
     write_results(out, "live", rows)
 
 
