@@ -142,8 +142,18 @@ def match_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = D
     Raises:
         ValueError: as :func:`context_match`.
     """
+    return match_and_agreement(seq, max_len, ngram, depth)[1]
+
+
+def match_and_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM,
+                        depth: int = AGREE_DEPTH) -> tuple[tuple[int, list[int]], tuple[int, int]]:
+    """``(context_match(seq, max_len, ngram), match_agreement(seq, max_len, ngram, depth))`` from
+    one scan of ``seq`` (an observation with the agreement features needs both). Raises
+    ``ValueError`` as :func:`context_match`."""
     a, n, hits, chosen = _scan(seq, max_len, ngram)
-    return _agreement(a.tolist(), n, hits, chosen, depth) if n else (0, 0)
+    if not n:
+        return (0, []), (0, 0)
+    return (n, a[chosen + n: chosen + n + max_len].tolist()), _agreement(a, n, hits, chosen, depth)
 
 
 class ContextIndex:
@@ -196,8 +206,19 @@ class ContextIndex:
         Raises:
             ValueError: a negative ``max_len``.
         """
+        return self.match_and_agreement(seq, max_len, depth)[1]
+
+    def match_and_agreement(self, seq: Sequence[int], max_len: int, depth: int = AGREE_DEPTH
+                            ) -> tuple[tuple[int, list[int]], tuple[int, int]]:
+        """``(self.match(seq, max_len), self.agreement(seq, max_len, depth))`` from one look-up.
+
+        Raises:
+            ValueError: a negative ``max_len``.
+        """
         n, hits, chosen = self._find(seq, max_len)
-        return _agreement(self._seq, n, hits, chosen, depth) if n else (0, 0)
+        if not n:
+            return (0, []), (0, 0)
+        return (n, self._seq[chosen + n: chosen + n + max_len]), _agreement(self._seq, n, hits, chosen, depth)
 
     def _find(self, seq: Sequence[int], max_len: int) -> tuple[int, list[int], int]:
         """``(n, start positions of the matched n-gram, the chosen one)``; ``(0, [], -1)``: none."""

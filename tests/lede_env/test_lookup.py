@@ -258,7 +258,7 @@ def test_agent_folder_names(tmp_path):
 def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq, cuts, max_len, lo, extra):
     """Grown token by token, chunk by chunk, and cut shorter (stop strings), the index proposes
     exactly what a scan of the whole sequence does."""
-    from lede_env.lookup import ContextIndex, context_match, match_agreement
+    from lede_env.lookup import ContextIndex, context_match, match_agreement, match_and_agreement
 
     ngram = (lo, lo + extra)
     index = ContextIndex(ngram)
@@ -266,6 +266,8 @@ def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq,
         part = seq[:end]
         assert index.match(part, max_len) == context_match(part, max_len, ngram)
         assert index.agreement(part, max_len) == match_agreement(part, max_len, ngram)
+        both = (context_match(part, max_len, ngram), match_agreement(part, max_len, ngram))
+        assert index.match_and_agreement(part, max_len) == match_and_agreement(part, max_len, ngram) == both
     with pytest.raises(ValueError):
         index.match(seq, -1)
     with pytest.raises(ValueError):
