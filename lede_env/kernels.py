@@ -17,6 +17,12 @@ per-row-count choice (``~/.cache/lede/kernels``). Kernels:
 - ``"skinny"``: lede's kernel above, compiled at first use for the machine at hand (needs a C++
   compiler and ``ninja``; without them it is skipped with a one-line notice); up to
   :data:`SKINNY_MAX_ROWS` rows.
+- ``"packed"``: the same kernel on a copy of each weight matrix in blocks of
+  :data:`PACK_ROWS` output rows, the order it reads them (built with ``"skinny"``): 4 output rows
+  times up to 6 positions per pass, one prefetched memory stream. It costs a second copy of the
+  weights it runs on (about 540 MB for the embedded model), made at first use and dropped again
+  when the measured table does not pick it. Matrices whose shape does not block (output rows not
+  a multiple of :data:`PACK_ROWS`, input not of 16) use ``"skinny"``.
 - ``"onednn"``: oneDNN's linear (any number of rows).
 - ``"default"``: ``torch.nn.functional.linear`` (GPUs, non-fp32 weights).
 
@@ -41,17 +47,19 @@ from typing import Callable, Optional, Sequence
 import torch
 
 #: named kernels (``LayerStack(kernels=...)`` also takes ``"auto"``: the measured table)
-KERNELS = ("blas", "onednn", "skinny", "default")
+KERNELS = ("blas", "onednn", "skinny", "packed", "default")
 #: most rows the ``"blas"`` kernel computes as ``W @ x.T`` (more go to oneDNN)
 BLAS_MAX_ROWS = 5
 #: most rows of the ``"skinny"`` kernel (more go to oneDNN)
 SKINNY_MAX_ROWS = 8
+#: output rows per block of the ``"packed"`` kernel's weight copy
+PACK_ROWS = 4
 #: most rows each kernel handles itself (more go to oneDNN)
-MAX_ROWS = {"blas": BLAS_MAX_ROWS, "skinny": SKINNY_MAX_ROWS}
+MAX_ROWS = {"blas": BLAS_MAX_ROWS, "skinny": SKINNY_MAX_ROWS, "packed": SKINNY_MAX_ROWS}
 #: row counts the measured table covers (1 .. TABLE_ROWS; more rows use oneDNN)
 TABLE_ROWS = 9
 #: bumped when a kernel's implementation changes (kernel tables and cost profiles are keyed by it)
-KERNELS_VERSION = 4
+KERNELS_VERSION = 5
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
 
@@ -127,16 +135,49 @@ def skinny_op() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return None
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """Whether the ``"packed"`` kernel can block ``weight`` [out, in] (out a multiple of
+    :data:`PACK_ROWS`, in of 16; fp32 on the CPU)."""
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.shape[0] % PACK_ROWS == 0 and weight.shape[1] % 16 == 0)
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The ``"packed"`` kernel's copy of ``weight`` [out, in] fp32, as
+    [out / PACK_ROWS, in / 16, PACK_ROWS, 16]: made at first use and kept on the tensor (made
+    again if the weight is changed in place or moved)."""
+    key = (weight._version, weight.data_ptr())
+    cached = getattr(weight, "_lede_packed", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.ops.lede_kernels.pack_weight(weight.detach()))
+        weight._lede_packed = cached
+    return cached[1]
+
+
+def drop_packed(weights: Sequence[torch.Tensor]) -> None:
+    """Free the ``"packed"`` kernel's copies of ``weights`` (made again at the next use)."""
+    for w in weights:
+        if getattr(w, "_lede_packed", None) is not None:
+            del w._lede_packed
+
+
 def linear(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` with one named kernel. [..., in] x [out, in] -> [..., out].
 
     A kernel asked for more rows than it handles (``"blas"`` > :data:`BLAS_MAX_ROWS`,
-    ``"skinny"`` > :data:`SKINNY_MAX_ROWS`) uses oneDNN for that call.
+    ``"skinny"`` and ``"packed"`` > :data:`SKINNY_MAX_ROWS`) uses oneDNN for that call; ``"packed"``
+    on a matrix it cannot block (:func:`packable`) uses ``"skinny"``.
 
     Raises:
         ValueError: an unknown kernel name.
     """
     rows = x.numel() // x.shape[-1]
+    if kernel == "packed" and rows <= SKINNY_MAX_ROWS:
+        if packable(weight):
+            y = torch.ops.lede_kernels.packed_linear(x, packed_weight(weight))
+            return y + bias if bias is not None else y
+        kernel = "skinny"
     if kernel == "skinny" and rows <= SKINNY_MAX_ROWS:
         y = skinny_op()(x, weight)
         return y + bias if bias is not None else y
@@ -149,7 +190,7 @@ def linear(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
-    if kernel in ("blas", "skinny", "onednn"):
+    if kernel in ("blas", "skinny", "packed", "onednn"):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if kernel == "default":
         return torch.nn.functional.linear(x, weight, bias)
@@ -165,7 +206,7 @@ def available(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     if torch.backends.mkl.is_available():
         names.append("blas")
     if skinny_op() is not None:
-        names.append("skinny")
+        names += ["skinny", "packed"]
     return tuple(names) + ("default",)
 
 
@@ -223,6 +264,8 @@ def kernel_table(weights: Sequence[torch.Tensor], device: torch.device, dtype: t
     except (OSError, ValueError, KeyError, TypeError):
         pass
     table, times = measure_table(weights, cands)
+    if "packed" not in table:
+        drop_packed(weights)
     write_json_atomic(path, {"table": list(table), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                              "torch": torch.__version__, "unit": "seconds per pass over the weights (null: not timed)",
                              "times": {c: [t if t != float("inf") else None for t in ts] for c, ts in times.items()}})

@@ -1,4 +1,5 @@
-// y = x @ w.T for a few rows of x, reading each weight once.
+// y = x @ w.T for a few rows of x, reading each weight once: the "skinny" kernel on weights as
+// they are, and the "packed" kernel on a copy of the weights in blocks of 4 output rows.
 //
 // Decoding is memory-bound: one fp32 decoder layer of the embedded model streams ~14 MB of
 // weights per call, while k <= 8 rows of activations fit in L1. BLAS's matrix-matrix path packs
@@ -106,6 +107,104 @@ at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& w_) {
   return y;
 }
 
+
+// ---- the "packed" kernel -------------------------------------------------------------------
+// One output row at a time (above) leaves each activation vector loaded once per weight vector:
+// at 5-8 rows the loads, not the memory stream, bound the kernel. Here a block of P output rows
+// is multiplied with up to KP activation rows at once (P * KP accumulators: each weight vector
+// is used KP times and each activation vector P times per load). Reading P rows of the
+// original [n_out, n_in] matrix side by side was 1.5x slower than one row at a time on AMD EPYC
+// (P streams 2-6 KiB apart defeat the hardware prefetcher), so the weights are copied once into
+// the order the kernel reads them, [n_out / P][n_in / 16][P][16]: one sequential stream, which
+// the kernel prefetches PF_FLOATS ahead (the hardware prefetcher alone let the core stall on
+// memory while it computes). Measured on 2 AMD EPYC cores, all 30 layers + LM head of the
+// embedded model: 8 rows 36 -> 28 ms, 4 rows 20 -> 17 ms, 1 row 16.5 -> 16 ms.
+constexpr int P = 4;             // output rows per block
+constexpr int KP = 6;            // activation rows per pass over a block (more: a second pass)
+constexpr int PF_FLOATS = 1024;  // software prefetch distance (4 KiB)
+
+template <int K>
+inline void packed_block(const float* __restrict x, int64_t xs, const float* __restrict wb,
+                         float* __restrict y, int64_t nv, int64_t n_out, int64_t o) {
+  v16 acc[P][K];
+  for (int r = 0; r < P; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = (v16){0};
+  for (int64_t i = 0; i < nv; ++i) {
+    v16 wv[P];
+    for (int r = 0; r < P; ++r) {
+      __builtin_prefetch(wb + (i * P + r) * 16 + PF_FLOATS, 0, 0);
+      wv[r] = *(const v16*)(wb + (i * P + r) * 16);
+    }
+    for (int k = 0; k < K; ++k) {
+      const v16 xv = *(const v16*)(x + k * xs + 16 * i);
+      for (int r = 0; r < P; ++r) acc[r][k] += wv[r] * xv;
+    }
+  }
+  for (int r = 0; r < P; ++r)
+    for (int k = 0; k < K; ++k) y[k * n_out + o + r] = hsum(acc[r][k]);
+}
+
+// blocks b0..b1-1 (output rows P*b0 .. P*b1-1) for K activation rows
+template <int K>
+void packed_rows(const float* x, int64_t xs, const float* wp, float* y, int64_t nv, int64_t n_out,
+                 int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* wb = wp + b * nv * P * 16;
+    if constexpr (K <= KP) {
+      packed_block<K>(x, xs, wb, y, nv, n_out, b * P);
+    } else {  // the block is still in L1/L2 for the second pass
+      packed_block<KP>(x, xs, wb, y, nv, n_out, b * P);
+      packed_block<K - KP>(x + KP * xs, xs, wb, y + KP * n_out, nv, n_out, b * P);
+    }
+  }
+}
+
+// w [n_out, n_in] -> [n_out / P, n_in / 16, P, 16]
+at::Tensor pack_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2, "pack_weight: 2-D fp32 CPU weight");
+  const int64_t n_out = w.size(0), n_in = w.size(1);
+  TORCH_CHECK(n_out % P == 0 && n_in % 16 == 0, "pack_weight: out must be a multiple of ", P,
+              " and in of 16, got [", n_out, ", ", n_in, "]");
+  return w.reshape({n_out / P, P, n_in / 16, 16}).transpose(1, 2).contiguous();
+}
+
+at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& wp) {
+  TORCH_CHECK(x_.device().is_cpu() && wp.device().is_cpu() && x_.scalar_type() == at::kFloat &&
+              wp.scalar_type() == at::kFloat, "packed_linear: fp32 CPU tensors only");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == P && wp.size(3) == 16 && wp.is_contiguous(),
+              "packed_linear: w must come from pack_weight");
+  const int64_t nb = wp.size(0), nv = wp.size(1), n_in = nv * 16, n_out = nb * P;
+  TORCH_CHECK(x_.size(-1) == n_in, "packed_linear: x [..., ", n_in, "], got last dim ", x_.size(-1));
+  const int64_t n_rows = x_.numel() / n_in;
+  TORCH_CHECK(n_rows >= 1 && n_rows <= 8, "packed_linear: 1..8 rows, got ", n_rows);
+  const int64_t xs = n_in + 16;  // as above: rows padded against L1 aliasing
+  at::Tensor xb = at::empty({n_rows, xs}, x_.options());
+  xb.narrow(1, 0, n_in).copy_(x_.reshape({n_rows, n_in}));
+  std::vector<int64_t> sizes = x_.sizes().vec();
+  sizes.back() = n_out;
+  at::Tensor y = at::empty(sizes, x_.options());
+  const float* xp = xb.data_ptr<float>();
+  const float* wpp = wp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) {
+    switch (n_rows) {
+      case 1: packed_rows<1>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 2: packed_rows<2>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 3: packed_rows<3>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 4: packed_rows<4>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 5: packed_rows<5>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 6: packed_rows<6>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 7: packed_rows<7>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      default: packed_rows<8>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(lede_kernels, m) { m.def("skinny_linear(Tensor x, Tensor w) -> Tensor", &skinny_linear); }
+TORCH_LIBRARY(lede_kernels, m) {
+  m.def("skinny_linear(Tensor x, Tensor w) -> Tensor", &skinny_linear);
+  m.def("pack_weight(Tensor w) -> Tensor", &pack_weight);
+  m.def("packed_linear(Tensor x, Tensor w) -> Tensor", &packed_linear);
+}

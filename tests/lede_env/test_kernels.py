@@ -97,3 +97,26 @@ def test_attention_runs_grouped_query_heads_inside_the_block_only():
     with b.stack.kernels_active():
         assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1"
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+
+
+def test_packed_copy_follows_the_weight_and_is_dropped_when_not_picked(monkeypatch, tmp_path):
+    """The "packed" kernel's weight copy is remade after an in-place change of the weight (a
+    stale copy would give the old weight's products), and freed when the measured table does not
+    pick the kernel."""
+    if "packed" not in K.available(torch.device("cpu"), torch.float32):
+        pytest.skip("the packed kernel cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(8, 32, generator=g), torch.randn(3, 32, generator=g)
+    torch.testing.assert_close(K.linear("packed", x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    first = K.packed_weight(w)
+    assert K.packed_weight(w) is first  # made once
+    with torch.no_grad():
+        w.mul_(2.0)
+    torch.testing.assert_close(K.linear("packed", x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert K.packed_weight(w) is not first
+    assert not K.packable(torch.randn(6, 32)) and not K.packable(torch.randn(8, 30))
+    # a table without "packed" frees the copies made while measuring it
+    monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(K, "measure_table", lambda ws, cands: (("skinny",) * K.TABLE_ROWS, {}))
+    K.kernel_table([w], torch.device("cpu"), torch.float32)
+    assert getattr(w, "_lede_packed", None) is None
