@@ -54,10 +54,13 @@ BLAS_MAX_ROWS = 5
 SKINNY_MAX_ROWS = 8
 #: output rows per block of the ``"packed"`` kernel's weight copy
 PACK_ROWS = 4
+#: most rows of the ``"packed"`` kernel (more go to oneDNN)
+PACKED_MAX_ROWS = 16
 #: most rows each kernel handles itself (more go to oneDNN)
-MAX_ROWS = {"blas": BLAS_MAX_ROWS, "skinny": SKINNY_MAX_ROWS, "packed": SKINNY_MAX_ROWS}
-#: row counts the measured table covers (1 .. TABLE_ROWS; more rows use oneDNN)
-TABLE_ROWS = 9
+MAX_ROWS = {"blas": BLAS_MAX_ROWS, "skinny": SKINNY_MAX_ROWS, "packed": PACKED_MAX_ROWS}
+#: row counts the measured table covers (1 .. TABLE_ROWS; more rows use oneDNN): a draft of up
+#: to 8 tokens (exit or context) is verified on 9 positions
+TABLE_ROWS = 16
 #: bumped when a kernel's implementation changes (kernel tables and cost profiles are keyed by it)
 KERNELS_VERSION = 5
 
@@ -166,14 +169,14 @@ def linear(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """``x @ weight.T + bias`` with one named kernel. [..., in] x [out, in] -> [..., out].
 
     A kernel asked for more rows than it handles (``"blas"`` > :data:`BLAS_MAX_ROWS`,
-    ``"skinny"`` and ``"packed"`` > :data:`SKINNY_MAX_ROWS`) uses oneDNN for that call; ``"packed"``
+    ``"skinny"`` > :data:`SKINNY_MAX_ROWS`, ``"packed"`` > :data:`PACKED_MAX_ROWS`) uses oneDNN for that call; ``"packed"``
     on a matrix it cannot block (:func:`packable`) uses ``"skinny"``.
 
     Raises:
         ValueError: an unknown kernel name.
     """
     rows = x.numel() // x.shape[-1]
-    if kernel == "packed" and rows <= SKINNY_MAX_ROWS:
+    if kernel == "packed" and rows <= PACKED_MAX_ROWS:
         if packable(weight):
             y = torch.ops.lede_kernels.packed_linear(x, packed_weight(weight))
             return y + bias if bias is not None else y

@@ -144,19 +144,24 @@ inline void packed_block(const float* __restrict x, int64_t xs, const float* __r
     for (int k = 0; k < K; ++k) y[k * n_out + o + r] = hsum(acc[r][k]);
 }
 
+// rows K of x against one block: passes of up to KP activation rows (the block is still in
+// L1/L2 for the later passes)
+template <int K>
+inline void packed_passes(const float* x, int64_t xs, const float* wb, float* y, int64_t nv, int64_t n_out,
+                          int64_t o) {
+  if constexpr (K <= KP) {
+    packed_block<K>(x, xs, wb, y, nv, n_out, o);
+  } else {
+    packed_block<KP>(x, xs, wb, y, nv, n_out, o);
+    packed_passes<K - KP>(x + KP * xs, xs, wb, y + KP * n_out, nv, n_out, o);
+  }
+}
+
 // blocks b0..b1-1 (output rows P*b0 .. P*b1-1) for K activation rows
 template <int K>
 void packed_rows(const float* x, int64_t xs, const float* wp, float* y, int64_t nv, int64_t n_out,
                  int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* wb = wp + b * nv * P * 16;
-    if constexpr (K <= KP) {
-      packed_block<K>(x, xs, wb, y, nv, n_out, b * P);
-    } else {  // the block is still in L1/L2 for the second pass
-      packed_block<KP>(x, xs, wb, y, nv, n_out, b * P);
-      packed_block<K - KP>(x + KP * xs, xs, wb, y + KP * n_out, nv, n_out, b * P);
-    }
-  }
+  for (int64_t b = b0; b < b1; ++b) packed_passes<K>(x, xs, wp + b * nv * P * 16, y, nv, n_out, b * P);
 }
 
 // w [n_out, n_in] -> [n_out / P, n_in / 16, P, 16]
@@ -176,7 +181,7 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& wp) {
   const int64_t nb = wp.size(0), nv = wp.size(1), n_in = nv * 16, n_out = nb * P;
   TORCH_CHECK(x_.size(-1) == n_in, "packed_linear: x [..., ", n_in, "], got last dim ", x_.size(-1));
   const int64_t n_rows = x_.numel() / n_in;
-  TORCH_CHECK(n_rows >= 1 && n_rows <= 8, "packed_linear: 1..8 rows, got ", n_rows);
+  TORCH_CHECK(n_rows >= 1 && n_rows <= 16, "packed_linear: 1..16 rows, got ", n_rows);
   const int64_t xs = n_in + 16;  // as above: rows padded against L1 aliasing
   at::Tensor xb = at::empty({n_rows, xs}, x_.options());
   xb.narrow(1, 0, n_in).copy_(x_.reshape({n_rows, n_in}));
@@ -195,7 +200,15 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& wp) {
       case 5: packed_rows<5>(xp, xs, wpp, yp, nv, n_out, a, b); break;
       case 6: packed_rows<6>(xp, xs, wpp, yp, nv, n_out, a, b); break;
       case 7: packed_rows<7>(xp, xs, wpp, yp, nv, n_out, a, b); break;
-      default: packed_rows<8>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 8: packed_rows<8>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 9: packed_rows<9>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 10: packed_rows<10>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 11: packed_rows<11>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 12: packed_rows<12>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 13: packed_rows<13>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 14: packed_rows<14>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      case 15: packed_rows<15>(xp, xs, wpp, yp, nv, n_out, a, b); break;
+      default: packed_rows<16>(xp, xs, wpp, yp, nv, n_out, a, b); break;
     }
   });
   return y;

@@ -41,7 +41,7 @@ def test_fast_kernels_agree_with_default():
         w, bias = torch.randn(32, d_in, generator=g), torch.randn(32, generator=g)
         for k in kernels:
             fast = LayerStack(b.model, kernels=k)
-            for rows in range(1, 11):  # both sides of every kernel's row limit (5 blas, 8 skinny)
+            for rows in range(1, 18):  # both sides of every kernel's row limit (5 blas, 8 skinny, 16 packed)
                 x = torch.randn(1, rows, d_in, generator=g)
                 for bb in (None, bias):
                     y = fast.linear(x, w, bb)
@@ -49,3 +49,29 @@ def test_fast_kernels_agree_with_default():
                     torch.testing.assert_close(y, ref.linear(x, w, bb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernels"):
         LayerStack(b.model, kernels="cuda-magic")
+
+
+def test_buffered_cache_equals_transformers_dynamic_cache():
+    """The stack's KV cache (a buffer that grows by doubling, cropped by moving its length)
+    gives the same outputs as transformers' DynamicCache through prefill, growth past the
+    first buffer, multi-position passes and crops."""
+    from transformers import DynamicCache
+
+    from lede_env.layers import BufferedLayer
+
+    b = make_tiny()
+    st = b.stack
+    ours, ref = st.new_cache(), DynamicCache(config=b.model.config)
+    assert all(isinstance(layer, BufferedLayer) for layer in ours.layers)
+    g = torch.Generator().manual_seed(0)
+    pos = 0
+    with torch.no_grad():
+        for q, keep in [(200, 200), (1, 201), (5, 203), (3, 203), (90, 290), (4, 291), (1, 292)]:
+            x = st.embed(torch.randint(0, b.model.config.vocab_size, (1, q), generator=g))
+            outs = [st.run(x, 0, st.num_layers, c, pos) for c in (ours, ref)]
+            assert torch.equal(outs[0], outs[1])
+            for c in (ours, ref):
+                st.crop(c, keep)
+            assert {st.cache_length(ours, i) for i in range(st.num_layers)} == {keep}
+            assert torch.equal(ours.layers[0].keys, ref.layers[0].keys)
+            pos = keep
