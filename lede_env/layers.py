@@ -109,7 +109,7 @@ class LayerStack:
         """``x @ weight.T + bias`` with this stack's kernel for the number of rows.
         [..., in] x [out, in] -> [..., out]."""
         rows = x.numel() // x.shape[-1]
-        kernel = self.kernel_table[rows - 1] if rows <= len(self.kernel_table) else self._large
+        kernel = self.kernel_table[rows - 1] if 1 <= rows <= len(self.kernel_table) else self._large
         return _kernel_linear(kernel, x, weight, bias)
 
     @contextmanager

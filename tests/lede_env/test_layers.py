@@ -75,3 +75,12 @@ def test_buffered_cache_equals_transformers_dynamic_cache():
             assert {st.cache_length(ours, i) for i in range(st.num_layers)} == {keep}
             assert torch.equal(ours.layers[0].keys, ref.layers[0].keys)
             pos = keep
+
+
+def test_linear_on_zero_rows_gives_an_empty_result():
+    """No rows (e.g. head statistics of no exit) -> [0, out] with every kernel choice."""
+    b = make_tiny()
+    w = torch.randn(8, 64)
+    for k in available(b.stack.device, b.stack.dtype):
+        stack = LayerStack(b.model, kernels=k)
+        assert stack.linear(torch.zeros(0, 64), w).shape == (0, 8)
