@@ -145,6 +145,17 @@ def test_algorithms_train_on_the_compact_observation(algo, tiny, tmp_path):
     assert pol.config["stop_rule"]["kind"] == "calibrated" and pol.config["observation"]["kind"] == "compact"
     obs = _flat(env, ds)
     np.testing.assert_array_equal(pol.module(torch.from_numpy(obs)).numpy(), np.asarray(agent.predict(obs)))
+    # the runtime act() uses: a numpy twin of trace_q's MLP, TorchScript for the others; same actions
+    assert pol.runtime == ("numpy" if algo == "trace_q" else "torchscript")
+    layout = env.observer.layout()
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    for x in obs:
+        parts = np.split(x, np.cumsum(sizes)[:-1])
+        o = {k: p.reshape(shape) for (k, shape), p in zip(layout, parts)}
+        assert pol.act(o) == int(agent.predict(x[None])[0])
+    if algo != "trace_q":
+        with pytest.raises(ValueError, match="runtime='numpy'"):
+            ExportedPolicy(tmp_path / "policy", runtime="numpy")
 
 
 def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
