@@ -289,6 +289,8 @@ def env_spec_for(env, kwargs):
                "context_lengths": list(u.actions.context_lengths)})
     if u.obs_config.context_agreement:  # (absent when off: specs written before it recover as before)
         kw["obs_context_agreement"] = True
+    if u.obs_config.context_span:  # (absent when off, as above)
+        kw["obs_context_span"] = True
     if isinstance(u, LiveEnv):
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
         if getattr(u, "top_k", None):  # (absent when off: specs written before top_k recover as before)

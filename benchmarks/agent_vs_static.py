@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--context-agreement", type=int, default=0,
                     help="1: the context features also hold the matched n-gram's occurrences and how far their "
                          "continuations agree (lede_env.lookup.match_agreement)")
+    ap.add_argument("--context-span", type=int, default=0,
+                    help="1: the context features also hold the matched span (lede_env.lookup.match_span)")
     ap.add_argument("--no-exits", action="store_true",
                     help="the agent chooses plain steps and context drafts only (trace_q exits=False)")
     ap.add_argument("--horizon", type=int, default=None,
@@ -74,7 +76,7 @@ def main() -> None:
     lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
     common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
                   context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits,
-                  obs_context_agreement=bool(args.context_agreement))
+                  obs_context_agreement=bool(args.context_agreement), obs_context_span=bool(args.context_span))
     rows_all, live_all, info = [], [], {}
     for variant in args.variants.split(","):
         obs_kind, stop = variant.split("/")

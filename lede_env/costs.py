@@ -382,7 +382,7 @@ def _device_name(device: torch.device) -> str:
 
 # ---- profiles by kind, measured once per machine and cached --------------------------------
 #: Version of the in-loop profile measurement (:mod:`lede_env.loop_profile`), in its cache key.
-LOOP_PROFILE_VERSION = 4
+LOOP_PROFILE_VERSION = 5
 
 
 def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig,
@@ -390,9 +390,10 @@ def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Observa
     """Where the measured cost profile of this model, heads, K_max, observation, machine, thread
     count and kernel table is cached (``~/.cache/lede/profiles/<model>/<key>.json``; the in-loop
     profile, ``kind="measured"``, at ``<key>-loop<version>.json`` beside the isolated one). The
-    context matches' agreement features are left out of the key: they cost a few microseconds a
-    round (a common prefix of at most 8 tokens), far below what the profile can resolve."""
-    layout = {k: v for k, v in asdict(obs).items() if k != "context_agreement"}
+    context matches' agreement and span features are left out of the key: they cost a few
+    microseconds a round (a common prefix of at most 8 tokens, a common suffix of at most 32), far
+    below what the profile can resolve."""
+    layout = {k: v for k, v in asdict(obs).items() if k not in ("context_agreement", "context_span")}
     tag = hashlib.sha256(repr((heads.fingerprint(), k_max, layout, platform.node(), torch.get_num_threads(),
                                bundle.stack.kernels_tag, KERNELS_VERSION,
                                str(bundle.stack.device))).encode()).hexdigest()[:12]
@@ -481,15 +482,34 @@ def _probe_net(builder: ObservationBuilder, n_actions: int) -> torch.nn.Module:
 
 def loop_probe():
     """``probe(decoder, obs)`` for :func:`~lede_env.loop_profile.measure_loop_profile`: flatten the
-    decoder's observation and run a typical Q-network's greedy forward pass on it (built at the
-    first call for the decoder's observation layout)."""
+    decoder's observation and run a typical Q-network's greedy action on it (built at the first
+    call for the decoder's observation layout) the way an exported ``trace_q`` agent runs, through
+    its numpy twin (:func:`~lede_env.policies.numpy_mlp_twin`; a TorchScript call costs about
+    0.4 ms a round more inside the loop)."""
+    from .policies import numpy_mlp_twin
+
     nets: dict = {}
 
-    @torch.no_grad()
     def probe(decoder, obs):
         key = id(decoder)
         if key not in nets:
-            nets[key] = _probe_net(decoder.observer, decoder.actions.n)
-        nets[key](torch.from_numpy(decoder.observer.flatten(obs)).unsqueeze(0)).argmax(-1)
+            net = _probe_net(decoder.observer, decoder.actions.n)
+            d = decoder.observer.flat_dim
+            nets[key] = numpy_mlp_twin(_ProbeGreedy(net, d, decoder.actions.n))
+        nets[key](decoder.observer.flatten(obs))
 
     return probe
+
+
+class _ProbeGreedy(torch.nn.Module):
+    """Standardise -> MLP -> masked argmax, the shape of an exported ``trace_q`` policy."""
+
+    def __init__(self, net: torch.nn.Module, d: int, n_actions: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+        self.register_buffer("penalty", torch.zeros(n_actions))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net((x - self.mean) / self.std) + self.penalty).argmax(-1)

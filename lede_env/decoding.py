@@ -30,8 +30,8 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
-from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match, match_and_agreement
-from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_features,
+from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
+from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_observation,
                   verified_positions)
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
@@ -310,14 +310,9 @@ class SelfSpeculativeDecoder:
         hidden = None if self.observer.compact else state.normed_last.float().cpu().numpy()
         ctx = (0.0, 0.0)
         if self.observer.config.context:
-            if not self.observer.config.context_agreement:
-                match, ctx_agree = self._match(state, self.copy_max), (0, 0)
-            elif state.context_index is not None:
-                match, ctx_agree = state.context_index.match_and_agreement(state.seq, self.copy_max)
-            else:
-                match, ctx_agree = match_and_agreement(state.seq, self.copy_max, self.context_ngram)
+            match, ctx = context_observation(state.seq, self.copy_max, self.context_ngram, self.observer.config,
+                                             state.context_index)
             state.context_at = (len(state.seq), self.copy_max, match)
-            ctx = context_features(match, self.copy_max, self.context_ngram[1], ctx_agree)
         return self.observer.build(hidden, top1, ent, agree, state.seq[-R:] or state.seq,
                                    len(state.result.tokens) / state.max_new_tokens, ctx)
 

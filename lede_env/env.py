@@ -194,7 +194,8 @@ class LEDEEnv(gym.Env):
     ``reward_lambda`` (``"auto"`` or a throughput), ``stop_rule`` (``None`` or ``"calibrated"``), ``obs_kind``
     (``"full"``/``"compact"``), ``obs_stat_exits``, ``obs_context_agreement`` (with context drafts: the
     ``context`` key also holds the matched n-gram's occurrences and how far their continuations
-    agree, :func:`lede_env.lookup.match_agreement`), ``context_draft`` (most tokens action 0 copies from
+    agree, :func:`lede_env.lookup.match_agreement`), ``obs_context_span`` (with context drafts: the
+    ``context`` key also holds the matched span, :func:`lede_env.lookup.match_span`), ``context_draft`` (most tokens action 0 copies from
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
     ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
@@ -259,6 +260,7 @@ class LEDEEnv(gym.Env):
         obs_kind: str = "full",
         obs_stat_exits: int = 1,
         obs_context_agreement: bool = False,
+        obs_context_span: bool = False,
         render_mode: Optional[str] = None,
         trace_set: Optional[TraceSet] = None,
         profile: Optional[CostProfile] = None,
@@ -320,6 +322,8 @@ class LEDEEnv(gym.Env):
                                             stat_exits=obs_stat_exits,
                                             context=int(context_draft) > 0 or bool(context_lengths),
                                             context_agreement=bool(obs_context_agreement)
+                                            and (int(context_draft) > 0 or bool(context_lengths)),
+                                            context_span=bool(obs_context_span)
                                             and (int(context_draft) > 0 or bool(context_lengths)))
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)

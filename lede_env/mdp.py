@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from gymnasium import spaces
 
-from .lookup import AGREE_DEPTH
+from .lookup import AGREE_DEPTH, SPAN_CAP
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,10 @@ class ObservationConfig:
             :class:`ObservationBuilder`); envs with context drafts turn it on.
         context_agreement: the ``context`` key also holds how many earlier occurrences the
             matched n-gram has and how far their continuations agree
-            (:func:`lede_env.lookup.match_agreement`); 5 features instead of 3.
+            (:func:`lede_env.lookup.match_agreement`); 2 more features.
+        context_span: the ``context`` key also holds the matched span
+            (:func:`lede_env.lookup.match_span`: how many tokens at the end of the text agree
+            with those before the copied continuation); 1 more feature.
     """
 
     hidden_dim: int = 64
@@ -210,6 +213,7 @@ class ObservationConfig:
     decay: float = 0.8
     context: bool = False
     context_agreement: bool = False
+    context_span: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "history", "recent_tokens", "stat_exits"):
@@ -262,11 +266,13 @@ class ObservationBuilder:
                                     step); tokens action 0 would copy / the context-draft
                                     maximum; running per-token acceptance of context drafts
                                     in this generation (as ``experience``, prior 0.3)
-    context    [5]                  with :attr:`ObservationConfig.context_agreement`, also:
+    context    [+2]                 with :attr:`ObservationConfig.context_agreement`, also:
                                     (earlier occurrences of the matched n-gram - 1, at most
                                     3) / 3; tokens on which the copied occurrence's
                                     continuation agrees with the most recent other one's
                                     / ``lede_env.lookup.AGREE_DEPTH`` (0 for one occurrence)
+    context    [+1]                 with :attr:`ObservationConfig.context_span`, last: the
+                                    matched span / ``lede_env.lookup.SPAN_CAP``
     ========== ==================== =========================================================
     """
 
@@ -304,8 +310,8 @@ class ObservationBuilder:
 
     @property
     def context_width(self) -> int:
-        """Features in the ``context`` key (3, or 5 with ``context_agreement``)."""
-        return 5 if self.config.context_agreement else 3
+        """Features in the ``context`` key (3, + 2 with ``context_agreement``, + 1 with ``context_span``)."""
+        return 3 + 2 * self.config.context_agreement + self.config.context_span
 
     def space(self) -> spaces.Dict:
         """The gymnasium Dict observation space."""
@@ -365,7 +371,7 @@ class ObservationBuilder:
                 self._judged[i] += judged
 
     def build(self, hidden: np.ndarray, top1: np.ndarray, entropy: np.ndarray, agree: np.ndarray,
-              recent: Sequence[int], progress: float, context: Sequence[float] = (0.0, 0.0, 0.0, 0.0)
+              recent: Sequence[int], progress: float, context: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.0)
               ) -> dict[str, np.ndarray]:
         """Assemble one observation.
 
@@ -377,9 +383,9 @@ class ObservationBuilder:
             recent: token ids, pending token last.
             progress: tokens generated / max_new_tokens.
             context: (match length / longest n-gram, copyable tokens / context-draft maximum,
-                occurrences feature, agreement feature), read with
-                :attr:`ObservationConfig.context` (the last two with ``context_agreement``; see
-                :func:`context_features`).
+                occurrences feature, agreement feature, span feature), read with
+                :attr:`ObservationConfig.context` (the 3rd and 4th with ``context_agreement``,
+                the 5th with ``context_span``; see :func:`context_features`).
         """
         H, R = self.config.history, self.config.recent_tokens
         hist = np.zeros((H, 4), np.float32)
@@ -391,8 +397,9 @@ class ObservationBuilder:
         progress = np.array([min(max(progress, 0.0), 1.0)], np.float32)
         ctx = {}
         if self.config.context:
-            feats = [context[0], context[1], self._ctx_alpha] + (list(context[2:4]) if self.config.context_agreement
-                                                                 else [])
+            feats = ([context[0], context[1], self._ctx_alpha]
+                     + (list(context[2:4]) if self.config.context_agreement else [])
+                     + ([context[4]] if self.config.context_span else []))
             ctx = {"context": np.array(feats, np.float32).clip(0.0, 1.0)}
         if self.compact:
             exp = np.stack([self._alpha, self._judged / (self._judged + 8.0)], -1).astype(np.float32)
@@ -415,17 +422,39 @@ class ObservationBuilder:
 
 
 def context_features(match: tuple[int, Sequence[int]], context_draft: int, longest: int,
-                     agreement: tuple[int, int] = (0, 0)) -> tuple[float, float, float, float]:
+                     agreement: tuple[int, int] = (0, 0), span: int = 0) -> tuple[float, ...]:
     """The ``context`` observation's features other than the running acceptance, from a context
     match at the end of the sequence (:func:`lede_env.lookup.context_match` with
-    ``max_len=context_draft``) and its :func:`lede_env.lookup.match_agreement`: (matched n-gram
-    length / ``longest`` tried, tokens a context draft would copy / ``context_draft``,
-    (occurrences - 1, at most 3) / 3, agreement / ``AGREE_DEPTH``). The same function serves the
-    trace env and the decoder, so both see the same values."""
+    ``max_len=context_draft``), its :func:`lede_env.lookup.match_agreement` and
+    :func:`lede_env.lookup.match_span`: (matched n-gram length / ``longest`` tried, tokens a
+    context draft would copy / ``context_draft``, (occurrences - 1, at most 3) / 3,
+    agreement / ``AGREE_DEPTH``, span / ``SPAN_CAP``). The same function serves the trace env and
+    the decoder, so both see the same values."""
     n, toks = match
     occ, agree = agreement
     return (n / longest, (len(toks) / context_draft if context_draft else 0.0), min(max(occ - 1, 0), 3) / 3.0,
-            agree / AGREE_DEPTH)
+            agree / AGREE_DEPTH, min(span, SPAN_CAP) / SPAN_CAP)
+
+
+def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int, int], config: "ObservationConfig",
+                        index=None) -> tuple[tuple[int, list[int]], tuple[float, ...]]:
+    """``(match, features)`` at the end of ``seq``: the context match a draft of up to
+    ``context_draft`` tokens copies, and :func:`context_features` with the agreement and span
+    that ``config`` asks for, computed from one look-up (``index``, a
+    :class:`~lede_env.lookup.ContextIndex` of ``seq``, or a scan of ``seq``). The trace env and
+    the decoder both build the ``context`` key with it."""
+    from .lookup import context_match, match_and_agreement, match_span
+
+    agree, span = (0, 0), 0
+    if config.context_agreement:
+        match, agree = (index.match_and_agreement(seq, context_draft) if index is not None
+                        else match_and_agreement(seq, context_draft, ngram))
+    if config.context_span:
+        match, span = (index.match_and_span(seq, context_draft) if index is not None
+                       else match_span(seq, context_draft, ngram))
+    if not (config.context_agreement or config.context_span):
+        match = index.match(seq, context_draft) if index is not None else context_match(seq, context_draft, ngram)
+    return match, context_features(match, context_draft, ngram[1], agree, span)
 
 
 def flatten_by_layout(obs: dict, layout) -> np.ndarray:

@@ -15,8 +15,7 @@ import numpy as np
 from .calibration import get_heads
 from .costs import get_profile
 from .env import LEDEEnv
-from .lookup import context_match, match_and_agreement
-from .mdp import ActionMap, ObservationBuilder, context_features
+from .mdp import ActionMap, ObservationBuilder, context_observation
 from .model import get_bundle
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
 from .stopping import NO_STOP
@@ -136,9 +135,7 @@ class TraceEnv(LEDEEnv):
         if self.obs_config.context:
             cd, ngram = self.rules.copy_max, self.rules.context_ngram
             seq = np.concatenate([t.prompt, t.generated[:g]])
-            match, ctx_agree = (match_and_agreement(seq, cd, ngram) if self.obs_config.context_agreement
-                                else (context_match(seq, cd, ngram), (0, 0)))
-            ctx = context_features(match, cd, ngram[1], ctx_agree)
+            ctx = context_observation(seq, cd, ngram, self.obs_config)[1]
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens, ctx)
 

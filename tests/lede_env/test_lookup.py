@@ -190,10 +190,10 @@ def test_context_features_and_their_running_acceptance():
         return context_features(context_match(seq, context_draft, (2, 3)), context_draft, 3)
 
     # (1, 2, 3) matched (3 of at most 3); after its earlier occurrence only 3 tokens follow (of 4)
-    assert features([7, 1, 2, 3, 1, 2, 3], 4) == (1.0, 0.75, 0.0, 0.0)
-    assert features([1, 2, 3, 9, 8, 1, 2, 3], 4) == (1.0, 1.0, 0.0, 0.0)
-    assert features([1, 2, 3, 4], 4) == (0.0, 0.0, 0.0, 0.0)
-    assert features([5, 1, 2, 7, 1, 2], 0) == (2 / 3, 0.0, 0.0, 0.0)  # a match, no drafts wanted
+    assert features([7, 1, 2, 3, 1, 2, 3], 4) == (1.0, 0.75, 0.0, 0.0, 0.0)
+    assert features([1, 2, 3, 9, 8, 1, 2, 3], 4) == (1.0, 1.0, 0.0, 0.0, 0.0)
+    assert features([1, 2, 3, 4], 4) == (0.0, 0.0, 0.0, 0.0, 0.0)
+    assert features([5, 1, 2, 7, 1, 2], 0) == (2 / 3, 0.0, 0.0, 0.0, 0.0)  # a match, no drafts wanted
     ob = ObservationBuilder(ObservationConfig(kind="compact", context=True), 8, 2, 4, 4, 16, (1, 2))
     assert ("context", [3]) in ob.layout() and ob.space()["context"].shape == (3,)
     z = np.zeros(2, np.float32)
@@ -224,14 +224,39 @@ def test_match_agreement_counts_occurrences_and_where_their_continuations_part()
     with pytest.raises(ValueError):
         match_agreement([1, 2, 1, 2], -1)
     # features: (occurrences - 1, at most 3) / 3 and agreement / AGREE_DEPTH (8)
-    assert context_features((2, [3, 5, 1, 2]), 4, 3, (2, 1)) == (2 / 3, 1.0, 1 / 3, 1 / 8)
-    assert context_features((3, [3]), 4, 3, (9, 8))[2:] == (1.0, 1.0)
+    assert context_features((2, [3, 5, 1, 2]), 4, 3, (2, 1)) == (2 / 3, 1.0, 1 / 3, 1 / 8, 0.0)
+    assert context_features((3, [3]), 4, 3, (9, 8))[2:4] == (1.0, 1.0)
     ob = ObservationBuilder(ObservationConfig(kind="compact", context=True, context_agreement=True), 8, 2, 4, 4, 16,
                             (1, 2))
     assert ("context", [5]) in ob.layout() and ob.space()["context"].shape == (5,)
     z = np.zeros(2, np.float32)
     np.testing.assert_allclose(ob.build(None, z, z, z, [1], 0.5, (1.0, 0.5, 1 / 3, 0.25))["context"],
                                [1.0, 0.5, 0.3, 1 / 3, 0.25])
+
+
+def test_match_span_extends_the_matched_ngram_backwards_while_the_texts_agree():
+    """The span is the matched n-gram plus the tokens before it that agree with those before the
+    copied occurrence, capped; its feature is span / SPAN_CAP, the last of the context key."""
+    from lede_env.lookup import SPAN_CAP, match_span
+    from lede_env.mdp import ObservationBuilder, ObservationConfig, context_features
+
+    # "9 1 2 3" occurred before "4"; the text ends with "9 1 2 3": trigram 1 2 3 + 9 agree -> 4
+    assert match_span([9, 1, 2, 3, 4, 5, 8, 9, 1, 2, 3], 2, (2, 3)) == ((3, [4, 5]), 4)
+    # the token before the n-gram differs (7 vs 9): the span is the n-gram alone
+    assert match_span([9, 1, 2, 3, 4, 5, 7, 1, 2, 3], 2, (2, 3)) == ((3, [4, 5]), 3)
+    assert match_span([1, 2, 3], 2, (2, 3)) == ((0, []), 0)  # no match
+    # a repeated block: the span runs back to the start of the copy, up to the cap
+    block = list(range(10, 60))
+    (n, toks), span = match_span(block + block[:45], 4, (2, 3))
+    assert (n, toks, span) == (3, [55, 56, 57, 58], SPAN_CAP)
+    assert match_span(block + block[:45], 4, (2, 3), cap=100)[1] == 45
+    assert context_features((3, [4, 5]), 4, 3, span=4)[4] == 4 / SPAN_CAP
+    assert context_features((3, [4, 5]), 4, 3, span=99)[4] == 1.0
+    ob = ObservationBuilder(ObservationConfig(kind="compact", context=True, context_span=True), 8, 2, 4, 4, 16, (1, 2))
+    assert ("context", [4]) in ob.layout()
+    z = np.zeros(2, np.float32)
+    np.testing.assert_allclose(ob.build(None, z, z, z, [1], 0.5, (1.0, 0.5, 0.0, 0.0, 0.25))["context"],
+                               [1.0, 0.5, 0.3, 0.25])
 
 
 def test_agent_folder_names(tmp_path):
@@ -258,7 +283,7 @@ def test_agent_folder_names(tmp_path):
 def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq, cuts, max_len, lo, extra):
     """Grown token by token, chunk by chunk, and cut shorter (stop strings), the index proposes
     exactly what a scan of the whole sequence does."""
-    from lede_env.lookup import ContextIndex, context_match, match_agreement, match_and_agreement
+    from lede_env.lookup import ContextIndex, context_match, match_agreement, match_and_agreement, match_span
 
     ngram = (lo, lo + extra)
     index = ContextIndex(ngram)
@@ -268,6 +293,8 @@ def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq,
         assert index.agreement(part, max_len) == match_agreement(part, max_len, ngram)
         both = (context_match(part, max_len, ngram), match_agreement(part, max_len, ngram))
         assert index.match_and_agreement(part, max_len) == match_and_agreement(part, max_len, ngram) == both
+        assert index.match_and_span(part, max_len) == match_span(part, max_len, ngram)
+        assert match_span(part, max_len, ngram)[0] == context_match(part, max_len, ngram)
     with pytest.raises(ValueError):
         index.match(seq, -1)
     with pytest.raises(ValueError):
