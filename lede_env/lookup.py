@@ -5,10 +5,17 @@ given, an answer quotes its passage, a translation copies names and numbers, a l
 repeats its own phrases. A draft copied from the context costs no layers at all (prompt lookup
 decoding, transformers' ``prompt_lookup_num_tokens``; LLMA, arXiv 2304.04487). lede proposes one
 whenever the last ``n`` tokens (longest ``n`` first, from ``ngram[1]`` down to ``ngram[0]``)
-occurred before: the tokens that followed their most recent earlier occurrence that is followed
-by ``max_len`` tokens (else the most recent one), up to ``max_len``. In a loop of period p
-(a repeated line, a run of one token) the most recent occurrence is followed by only p tokens
-before the suffix itself; an earlier one copies ``max_len`` tokens of the loop. The full model verifies them like any draft, so the output does not change.
+occurred before: the tokens that followed one of their earlier occurrences, up to ``max_len``.
+Of the :data:`CHOOSE_AMONG` most recent occurrences, the draft copies the one followed by the
+most tokens (up to ``max_len``), then the one whose preceding tokens agree longest with the text
+(:func:`match_span`), then the most recent. In a loop of period p (a repeated line, a run of one
+token) the most recent occurrence is followed by only p tokens before the suffix itself; an
+earlier one copies ``max_len`` tokens of the loop. Preferring the longest span (the occurrence in
+the same passage as the text being written, as suffix-tree drafters do: SuffixDecoding, arXiv
+2411.04975) raised the copied tokens accepted per context draft from 3.79 to 4.15 on the greedy
+continuations of the default training prompts and from 4.33 to 4.73 on the held-out ones
+(copies of up to 8 tokens), against copying the most recent occurrence. The full model verifies
+the copy like any draft, so the output does not change.
 
 Measured on the greedy continuations of the default evaluation prompts (SmolLM2-135M-Instruct,
 96 tokens; ``ngram=(2, 3)``, 4 tokens at most): a proposal exists at 61 % of code positions
@@ -19,7 +26,6 @@ shallow exit heads agree 0.10-0.35 there.
 
 from __future__ import annotations
 
-import bisect
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +36,8 @@ DEFAULT_NGRAM = (2, 3)
 AGREE_DEPTH = 8
 #: longest matched span :func:`match_span` measures (tokens)
 SPAN_CAP = 32
+#: most recent occurrences of the matched n-gram compared when choosing the one a draft copies
+CHOOSE_AMONG = 16
 
 
 def check_ngram(ngram: tuple[int, int]) -> tuple[int, int]:
@@ -41,10 +49,11 @@ def check_ngram(ngram: tuple[int, int]) -> tuple[int, int]:
 
 
 def context_draft(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM) -> list[int]:
-    """The context draft after ``seq``: up to ``max_len`` tokens that followed the most recent
-    earlier occurrence of ``seq``'s last ``n`` tokens that has ``max_len`` tokens after it (else
-    the most recent occurrence), for the longest ``n`` in ``ngram[1] .. ngram[0]`` that occurs;
-    ``[]`` when none does.
+    """The context draft after ``seq``: up to ``max_len`` tokens that followed an earlier
+    occurrence of ``seq``'s last ``n`` tokens, for the longest ``n`` in ``ngram[1] .. ngram[0]``
+    that occurs; ``[]`` when none does. Of the :data:`CHOOSE_AMONG` most recent occurrences, the
+    one followed by the most tokens (up to ``max_len``), then with the longest span
+    (:func:`match_span`), then the most recent.
 
     Occurrences may overlap the suffix itself (in ``a b a b a b`` the suffix ``a b`` matched at
     position 2 proposes ``a b``; in a longer loop an earlier occurrence copies ``max_len`` tokens
@@ -89,9 +98,17 @@ def _scan(seq: Sequence[int], max_len: int, ngram: tuple[int, int]) -> tuple[np.
         windows = np.lib.stride_tricks.sliding_window_view(a[: L - 1], n)
         hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
         if hits.size:
-            full = hits[hits <= L - n - max_len]  # occurrences followed by max_len tokens
-            return a, n, hits.tolist(), int(full[-1] if full.size else hits[-1])
+            hits = hits.tolist()
+            return a, n, hits, _choose(a, n, hits, max_len)
     return a, 0, [], -1
+
+
+def _choose(a: Sequence[int], n: int, hits: Sequence[int], max_len: int) -> int:
+    """The occurrence a draft copies, of the ascending start positions ``hits`` of the matched
+    n-gram: among the last :data:`CHOOSE_AMONG`, the one followed by the most tokens (up to
+    ``max_len``), then the longest span, then the most recent."""
+    L = len(a)
+    return max(hits[-CHOOSE_AMONG:], key=lambda h: (min(L - h - n, max_len), _span(a, n, h, SPAN_CAP), h))
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -198,8 +215,8 @@ class ContextIndex:
     0.2 ms a round at a few hundred tokens on 2 CPU cores, inside the decoding loop). This index
     keeps, for every n-gram length in ``ngram``, the start positions of each n-gram that is
     followed by at least one token, and adds the new ones as the sequence grows: a match is a
-    dictionary look-up and a bisection. It returns exactly what :func:`context_match` returns
-    for the same sequence (tested).
+    dictionary look-up and a comparison of at most :data:`CHOOSE_AMONG` occurrences. It returns
+    exactly what :func:`context_match` returns for the same sequence (tested).
 
     Args:
         ngram: (shortest, longest) suffix lengths matched.
@@ -278,6 +295,5 @@ class ContextIndex:
         for n in range(min(self.hi, L - 1), self.lo - 1, -1):
             hits = self._starts.get(tuple(s[L - n:]))
             if hits:
-                i = bisect.bisect_right(hits, L - n - max_len)  # occurrences followed by max_len tokens
-                return n, hits, (hits[i - 1] if i else hits[-1])
+                return n, hits, _choose(s, n, hits, max_len)
         return 0, [], -1

@@ -440,9 +440,9 @@ def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int
                         index=None) -> tuple[tuple[int, list[int]], tuple[float, ...]]:
     """``(match, features)`` at the end of ``seq``: the context match a draft of up to
     ``context_draft`` tokens copies, and :func:`context_features` with the agreement and span
-    that ``config`` asks for, computed from one look-up (``index``, a
-    :class:`~lede_env.lookup.ContextIndex` of ``seq``, or a scan of ``seq``). The trace env and
-    the decoder both build the ``context`` key with it."""
+    that ``config`` asks for, from ``index`` (a :class:`~lede_env.lookup.ContextIndex` of
+    ``seq``) or a scan of ``seq``: one look-up, or two when both the agreement and the span are
+    on. The trace env and the decoder both build the ``context`` key with it."""
     from .lookup import context_match, match_and_agreement, match_span
 
     agree, span = (0, 0), 0

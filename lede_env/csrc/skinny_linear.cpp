@@ -75,6 +75,23 @@ void rows(const float* __restrict x, int64_t xs, const float* __restrict w, floa
 // accumulator sets per row count (2 AMD EPYC cores: 2 sets up to 4 rows; 1 above is as fast)
 constexpr int U1 = 2, U2 = 2, U3 = 2, U4 = 2, U5 = 1, U6 = 1, U7 = 1, U8 = 1;
 
+// activation rows are padded by 16 floats: row starts 2 KiB apart by a multiple of 4 KiB alias in L1
+inline int64_t padded_stride(int64_t n_in) { return n_in + 16; }
+
+// x [..., n_in] copied into n_rows rows of padded_stride(n_in) floats
+at::Tensor padded_rows(const at::Tensor& x, int64_t n_rows, int64_t n_in) {
+  at::Tensor xb = at::empty({n_rows, padded_stride(n_in)}, x.options());
+  xb.narrow(1, 0, n_in).copy_(x.reshape({n_rows, n_in}));
+  return xb;
+}
+
+// an uninitialised [..., n_out] result for x [..., n_in]
+at::Tensor output_like(const at::Tensor& x, int64_t n_out) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n_out;
+  return at::empty(sizes, x.options());
+}
+
 at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& w_) {
   TORCH_CHECK(x_.device().is_cpu() && w_.device().is_cpu(), "skinny_linear: CPU tensors only");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat, "skinny_linear: fp32 only");
@@ -82,13 +99,9 @@ at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& w_) {
   const at::Tensor w = w_.contiguous();
   const int64_t n_in = w.size(1), n_out = w.size(0), n_rows = x_.numel() / n_in;
   TORCH_CHECK(n_rows >= 1 && n_rows <= 8, "skinny_linear: 1..8 rows, got ", n_rows);
-  // rows padded by 16 floats: row starts 2 KiB apart by a multiple of 4 KiB alias in L1
-  const int64_t xs = n_in + 16;
-  at::Tensor xb = at::empty({n_rows, xs}, x_.options());
-  xb.narrow(1, 0, n_in).copy_(x_.reshape({n_rows, n_in}));
-  std::vector<int64_t> sizes = x_.sizes().vec();
-  sizes.back() = n_out;
-  at::Tensor y = at::empty(sizes, x_.options());
+  const int64_t xs = padded_stride(n_in);
+  const at::Tensor xb = padded_rows(x_, n_rows, n_in);
+  at::Tensor y = output_like(x_, n_out);
   const float* xp = xb.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -182,12 +195,9 @@ at::Tensor packed_linear(const at::Tensor& x_, const at::Tensor& wp) {
   TORCH_CHECK(x_.size(-1) == n_in, "packed_linear: x [..., ", n_in, "], got last dim ", x_.size(-1));
   const int64_t n_rows = x_.numel() / n_in;
   TORCH_CHECK(n_rows >= 1 && n_rows <= 16, "packed_linear: 1..16 rows, got ", n_rows);
-  const int64_t xs = n_in + 16;  // as above: rows padded against L1 aliasing
-  at::Tensor xb = at::empty({n_rows, xs}, x_.options());
-  xb.narrow(1, 0, n_in).copy_(x_.reshape({n_rows, n_in}));
-  std::vector<int64_t> sizes = x_.sizes().vec();
-  sizes.back() = n_out;
-  at::Tensor y = at::empty(sizes, x_.options());
+  const int64_t xs = padded_stride(n_in);
+  const at::Tensor xb = padded_rows(x_, n_rows, n_in);
+  at::Tensor y = output_like(x_, n_out);
   const float* xp = xb.data_ptr<float>();
   const float* wpp = wp.data_ptr<float>();
   float* yp = y.data_ptr<float>();

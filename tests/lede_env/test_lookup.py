@@ -45,11 +45,19 @@ def test_overlapping_matches_and_runs():
     assert context_draft([1, 2, 5, 6, 7, 8, 1, 2, 3, 4, 9, 1, 2], 2, ngram=(2, 2)) == [3, 4]
 
 
-def test_longest_ngram_first_then_most_recent():
+def test_longest_ngram_first_then_longest_span_then_most_recent():
     seq = [5, 1, 2, 3, 9, 7, 2, 3, 8, 6, 1, 2, 3]
     assert context_draft(seq, 1) == [9]  # (1, 2, 3) beats the more recent (2, 3)
-    assert context_draft(seq, 1, ngram=(2, 2)) == [8]  # the most recent (2, 3)
+    # of the two (2, 3), the one preceded by 1, as the text's is: span 3 against 2
+    assert context_draft(seq, 1, ngram=(2, 2)) == [9]
+    # equal spans: the most recent
     assert context_draft([1, 2, 4, 1, 2, 5, 1, 2], 1, ngram=(2, 2)) == [5]
+    # a longer span wins over a more recent occurrence, among those followed by max_len tokens
+    assert context_draft([7, 1, 2, 3, 4, 8, 1, 2, 5, 6, 7, 1, 2], 2, ngram=(2, 2)) == [3, 4]
+    # but an occurrence followed by more of the max_len tokens comes first (the one at 9 has the
+    # longer span, 4, and only 5 tokens after it)
+    assert context_draft([5, 1, 2, 7, 7, 7, 7, 3, 9, 1, 2, 8, 3, 9, 1, 2], 6, ngram=(2, 2)) == [7, 7, 7, 7, 3, 9]
+    assert context_draft([5, 1, 2, 7, 7, 7, 7, 3, 9, 1, 2, 8, 3, 9, 1, 2], 5, ngram=(2, 2)) == [8, 3, 9, 1, 2]
 
 
 def test_bad_arguments_are_refused():
