@@ -37,23 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lede_env.policies import GreedyMLP
 from lede_env.replay import replay_round, useful_actions
 from lede_env.trace_env import TraceEnv
-
-
-class _Greedy(nn.Module):
-    """Standardise -> MLP -> masked argmax: the exported policy ([N, D] float32 -> [N] int64)."""
-
-    def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.register_buffer("penalty", torch.where(mask, torch.zeros_like(mask, dtype=torch.float32),
-                                                    torch.full(mask.shape, -1e9)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net((x - self.mean) / self.std) + self.penalty).argmax(-1)
 
 
 class TraceQAgent:
@@ -61,12 +47,12 @@ class TraceQAgent:
     like the d3rlpy and stable-baselines3 agents.
 
     Attributes:
-        policy: the :class:`_Greedy` module (standardisation, MLP, masked argmax).
+        policy: the :class:`~lede_env.policies.GreedyMLP` module (standardisation, MLP, masked argmax).
         allowed: the action indices it may choose.
         info: training summary (states, iterations, lambda, loss).
     """
 
-    def __init__(self, policy: _Greedy, allowed: list[int], info: dict) -> None:
+    def __init__(self, policy: GreedyMLP, allowed: list[int], info: dict) -> None:
         self.policy, self.allowed, self.info = policy.eval(), list(allowed), dict(info)
 
     @torch.no_grad()
@@ -242,7 +228,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     mlp = nn.Sequential(*list(net)[:-1], full)
     mask = torch.zeros(n_act, dtype=torch.bool)
     mask[allowed] = True
-    policy = _Greedy(mlp, torch.from_numpy(mean), torch.from_numpy(std), mask)
+    policy = GreedyMLP(mlp, torch.from_numpy(mean), torch.from_numpy(std), mask)
     if static in allowed and baseline_margin > 0:
         with torch.no_grad():
             policy.penalty[[a for a in allowed if a != static]] -= baseline_margin

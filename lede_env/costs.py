@@ -486,30 +486,17 @@ def loop_probe():
     call for the decoder's observation layout) the way an exported ``trace_q`` agent runs, through
     its numpy twin (:func:`~lede_env.policies.numpy_mlp_twin`; a TorchScript call costs about
     0.4 ms a round more inside the loop)."""
-    from .policies import numpy_mlp_twin
+    from .policies import GreedyMLP, numpy_mlp_twin
 
     nets: dict = {}
 
     def probe(decoder, obs):
         key = id(decoder)
         if key not in nets:
-            net = _probe_net(decoder.observer, decoder.actions.n)
-            d = decoder.observer.flat_dim
-            nets[key] = numpy_mlp_twin(_ProbeGreedy(net, d, decoder.actions.n))
+            d, n_act = decoder.observer.flat_dim, decoder.actions.n
+            nets[key] = numpy_mlp_twin(GreedyMLP(_probe_net(decoder.observer, n_act), torch.zeros(d), torch.ones(d),
+                                                 torch.ones(n_act, dtype=torch.bool)))
         nets[key](decoder.observer.flatten(obs))
 
     return probe
 
-
-class _ProbeGreedy(torch.nn.Module):
-    """Standardise -> MLP -> masked argmax, the shape of an exported ``trace_q`` policy."""
-
-    def __init__(self, net: torch.nn.Module, d: int, n_actions: int) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("std", torch.ones(d))
-        self.register_buffer("penalty", torch.zeros(n_actions))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net((x - self.mean) / self.std) + self.penalty).argmax(-1)

@@ -169,10 +169,27 @@ def match_and_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int]
     """``(context_match(seq, max_len, ngram), match_agreement(seq, max_len, ngram, depth))`` from
     one scan of ``seq`` (an observation with the agreement features needs both). Raises
     ``ValueError`` as :func:`context_match`."""
-    a, n, hits, chosen = _scan(seq, max_len, ngram)
+    match, agreement, _ = match_details(seq, max_len, ngram, depth)
+    return match, agreement
+
+
+def match_details(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAULT_NGRAM,
+                  depth: int = AGREE_DEPTH, cap: int = SPAN_CAP
+                  ) -> tuple[tuple[int, list[int]], tuple[int, int], int]:
+    """``(context_match, match_agreement, span)`` of ``seq`` from one scan (see
+    :func:`match_agreement` and :func:`match_span`). Raises ``ValueError`` as
+    :func:`context_match`."""
+    return _details(*_scan(seq, max_len, ngram), max_len, depth, cap)
+
+
+def _details(a: Sequence[int], n: int, hits: Sequence[int], chosen: int, max_len: int, depth: int, cap: int
+             ) -> tuple[tuple[int, list[int]], tuple[int, int], int]:
+    """``((n, copied tokens), (occurrences, agreement), span)`` of a found match (``n = 0``: none)."""
     if not n:
-        return (0, []), (0, 0)
-    return (n, a[chosen + n: chosen + n + max_len].tolist()), _agreement(a, n, hits, chosen, depth)
+        return (0, []), (0, 0), 0
+    toks = a[chosen + n: chosen + n + max_len]  # an array's slice (a scan) or a list's (the index)
+    toks = toks.tolist() if isinstance(toks, np.ndarray) else toks
+    return (n, toks), _agreement(a, n, hits, chosen, depth), _span(a, n, chosen, cap)
 
 
 def _span(a: Sequence[int], n: int, chosen: int, cap: int) -> int:
@@ -203,10 +220,8 @@ def match_span(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAUL
     Raises:
         ValueError: as :func:`context_match`.
     """
-    a, n, hits, chosen = _scan(seq, max_len, ngram)
-    if not n:
-        return (0, []), 0
-    return (n, a[chosen + n: chosen + n + max_len].tolist()), _span(a, n, chosen, cap)
+    match, _, span = match_details(seq, max_len, ngram, cap=cap)
+    return match, span
 
 
 class ContextIndex:
@@ -268,10 +283,8 @@ class ContextIndex:
         Raises:
             ValueError: a negative ``max_len``.
         """
-        n, hits, chosen = self._find(seq, max_len)
-        if not n:
-            return (0, []), (0, 0)
-        return (n, self._seq[chosen + n: chosen + n + max_len]), _agreement(self._seq, n, hits, chosen, depth)
+        match, agreement, _ = self.details(seq, max_len, depth)
+        return match, agreement
 
     def match_and_span(self, seq: Sequence[int], max_len: int, cap: int = SPAN_CAP
                        ) -> tuple[tuple[int, list[int]], int]:
@@ -280,10 +293,17 @@ class ContextIndex:
         Raises:
             ValueError: a negative ``max_len``.
         """
-        n, hits, chosen = self._find(seq, max_len)
-        if not n:
-            return (0, []), 0
-        return (n, self._seq[chosen + n: chosen + n + max_len]), _span(self._seq, n, chosen, cap)
+        match, _, span = self.details(seq, max_len, cap=cap)
+        return match, span
+
+    def details(self, seq: Sequence[int], max_len: int, depth: int = AGREE_DEPTH, cap: int = SPAN_CAP
+                ) -> tuple[tuple[int, list[int]], tuple[int, int], int]:
+        """:func:`match_details` from the index (one look-up).
+
+        Raises:
+            ValueError: a negative ``max_len``.
+        """
+        return _details(self._seq, *self._find(seq, max_len), max_len, depth, cap)
 
     def _find(self, seq: Sequence[int], max_len: int) -> tuple[int, list[int], int]:
         """``(n, start positions of the matched n-gram, the chosen one)``; ``(0, [], -1)``: none."""

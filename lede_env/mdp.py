@@ -440,20 +440,16 @@ def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int
                         index=None) -> tuple[tuple[int, list[int]], tuple[float, ...]]:
     """``(match, features)`` at the end of ``seq``: the context match a draft of up to
     ``context_draft`` tokens copies, and :func:`context_features` with the agreement and span
-    that ``config`` asks for, from ``index`` (a :class:`~lede_env.lookup.ContextIndex` of
-    ``seq``) or a scan of ``seq``: one look-up, or two when both the agreement and the span are
-    on. The trace env and the decoder both build the ``context`` key with it."""
-    from .lookup import context_match, match_and_agreement, match_span
+    that ``config`` asks for, from one look-up in ``index`` (a
+    :class:`~lede_env.lookup.ContextIndex` of ``seq``) or one scan of ``seq``. The trace env and
+    the decoder both build the ``context`` key with it."""
+    from .lookup import context_match, match_details
 
-    agree, span = (0, 0), 0
-    if config.context_agreement:
-        match, agree = (index.match_and_agreement(seq, context_draft) if index is not None
-                        else match_and_agreement(seq, context_draft, ngram))
-    if config.context_span:
-        match, span = (index.match_and_span(seq, context_draft) if index is not None
-                       else match_span(seq, context_draft, ngram))
     if not (config.context_agreement or config.context_span):
         match = index.match(seq, context_draft) if index is not None else context_match(seq, context_draft, ngram)
+        return match, context_features(match, context_draft, ngram[1])
+    match, agree, span = (index.details(seq, context_draft) if index is not None
+                          else match_details(seq, context_draft, ngram))
     return match, context_features(match, context_draft, ngram[1], agree, span)
 
 

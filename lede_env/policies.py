@@ -281,6 +281,28 @@ class ExportedPolicy(BasePolicy):
         return int(self.module(torch.from_numpy(x).unsqueeze(0)).reshape(-1)[0])
 
 
+class GreedyMLP(torch.nn.Module):
+    """Standardise -> MLP -> masked argmax: the greedy policy ``trace_q`` exports
+    ([N, D] float32 -> [N] int64 actions), and the shape :func:`numpy_mlp_twin` evaluates.
+
+    Args:
+        net: a ``torch.nn.Sequential`` of ``Linear`` and ``ReLU`` layers, [N, D] -> [N, A].
+        mean, std: [D] float32 observation standardisation.
+        mask: [A] bool, the actions it may choose (the others get a -1e9 penalty).
+    """
+
+    def __init__(self, net: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("penalty", torch.where(mask, torch.zeros_like(mask, dtype=torch.float32),
+                                                    torch.full(mask.shape, -1e9)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net((x - self.mean) / self.std) + self.penalty).argmax(-1)
+
+
 def numpy_mlp_twin(module) -> Optional[Callable[[np.ndarray], int]]:
     """A numpy function ``flat [D] float32 -> action`` computing the same greedy action as
     ``module``, where ``module`` is a standardise -> MLP -> masked-argmax network (buffers

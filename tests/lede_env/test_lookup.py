@@ -291,7 +291,8 @@ def test_agent_folder_names(tmp_path):
 def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq, cuts, max_len, lo, extra):
     """Grown token by token, chunk by chunk, and cut shorter (stop strings), the index proposes
     exactly what a scan of the whole sequence does."""
-    from lede_env.lookup import ContextIndex, context_match, match_agreement, match_and_agreement, match_span
+    from lede_env.lookup import (ContextIndex, context_match, match_agreement, match_and_agreement, match_details,
+                                 match_span)
 
     ngram = (lo, lo + extra)
     index = ContextIndex(ngram)
@@ -302,6 +303,7 @@ def test_the_context_index_matches_like_context_match_as_the_sequence_grows(seq,
         both = (context_match(part, max_len, ngram), match_agreement(part, max_len, ngram))
         assert index.match_and_agreement(part, max_len) == match_and_agreement(part, max_len, ngram) == both
         assert index.match_and_span(part, max_len) == match_span(part, max_len, ngram)
+        assert index.details(part, max_len) == match_details(part, max_len, ngram)
         assert match_span(part, max_len, ngram)[0] == context_match(part, max_len, ngram)
     with pytest.raises(ValueError):
         index.match(seq, -1)
