@@ -62,7 +62,7 @@ MAX_ROWS = {"blas": BLAS_MAX_ROWS, "skinny": SKINNY_MAX_ROWS, "packed": PACKED_M
 #: to 8 tokens (exit or context) is verified on 9 positions
 TABLE_ROWS = 16
 #: bumped when a kernel's implementation changes (kernel tables and cost profiles are keyed by it)
-KERNELS_VERSION = 5
+KERNELS_VERSION = 6
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
 

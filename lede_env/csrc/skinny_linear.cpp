@@ -129,12 +129,16 @@ at::Tensor skinny_linear(const at::Tensor& x_, const at::Tensor& w_) {
 // original [n_out, n_in] matrix side by side was 1.5x slower than one row at a time on AMD EPYC
 // (P streams 2-6 KiB apart defeat the hardware prefetcher), so the weights are copied once into
 // the order the kernel reads them, [n_out / P][n_in / 16][P][16]: one sequential stream, which
-// the kernel prefetches PF_FLOATS ahead (the hardware prefetcher alone let the core stall on
-// memory while it computes). Measured on 2 AMD EPYC cores, all 30 layers + LM head of the
-// embedded model: 8 rows 36 -> 28 ms, 4 rows 20 -> 17 ms, 1 row 16.5 -> 16 ms.
+// the kernel prefetches PF_FLOATS ahead into L2 (the hardware prefetcher alone let the core
+// stall on memory while it computes). Measured on 2 AMD EPYC cores, all 30 layers + LM head of
+// the embedded model: 8 rows 36 -> 28 ms, 4 rows 20 -> 17 ms, 1 row 16.5 -> 16 ms with a 4 KiB
+// prefetch into L1 (prefetchnta); a 16 KiB prefetch into L2 (locality 1) then took 8 rows to
+// 19-21 ms, 9 rows 28 -> 20-22 ms, c(8) 1.5 -> 1.1 (same run, 5 repeats; 8-32 KiB at locality
+// 1-2 all within noise; into L1, locality 3, as slow as before: it evicts the activations).
 constexpr int P = 4;             // output rows per block
 constexpr int KP = 6;            // activation rows per pass over a block (more: a second pass)
-constexpr int PF_FLOATS = 1024;  // software prefetch distance (4 KiB)
+constexpr int PF_FLOATS = 4096;  // software prefetch distance (16 KiB)
+constexpr int PF_LOCALITY = 1;   // __builtin_prefetch locality: into L2, not L1
 
 template <int K>
 inline void packed_block(const float* __restrict x, int64_t xs, const float* __restrict wb,
@@ -145,7 +149,7 @@ inline void packed_block(const float* __restrict x, int64_t xs, const float* __r
   for (int64_t i = 0; i < nv; ++i) {
     v16 wv[P];
     for (int r = 0; r < P; ++r) {
-      __builtin_prefetch(wb + (i * P + r) * 16 + PF_FLOATS, 0, 0);
+      __builtin_prefetch(wb + (i * P + r) * 16 + PF_FLOATS, 0, PF_LOCALITY);
       wv[r] = *(const v16*)(wb + (i * P + r) * 16);
     }
     for (int k = 0; k < K; ++k) {
