@@ -158,9 +158,13 @@ def test_algorithms_train_on_the_compact_observation(algo, tiny, tmp_path):
             ExportedPolicy(tmp_path / "policy", runtime="numpy")
 
 
-def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
+@pytest.mark.parametrize("exact", [False, True])
+def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny, exact):
     """With a horizon, an action's target is its round followed by the reference action's rounds
-    until ``horizon`` tokens past the state, tokens - lambda * cost, as stepping the env gives."""
+    until ``horizon`` tokens past the state, tokens - lambda * cost, as stepping the env gives;
+    with ``exact`` the round that crosses the horizon counts only its tokens up to it and that
+    share of its cost, so every stretch holds exactly ``horizon`` tokens (or ends with the
+    episode)."""
     from lede_env.env import LEDEEnv
     from agents.trace_q import _targets
 
@@ -171,7 +175,7 @@ def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
     u.reset(seed=0, options={"prompt_index": 1})
     u.step(0)  # a state after one round
     actions = list(range(u.actions.n))
-    got = _targets(u, lam, actions, H, follow)
+    got = _targets(u, lam, actions, H, follow, exact=exact)
     assert np.allclose(_targets(u, lam, actions), [_targets(u, lam, [a])[0] for a in actions])
     g0 = u._g
     for j, a in enumerate(actions):
@@ -180,10 +184,36 @@ def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny):
         tok = cost = 0.0
         act, first, done = a, True, False
         while not done and (first or u._g < g0 + H):
+            g = u._g
             _, _, te, tr, info = u.step(act)
-            tok, cost, done = tok + info["round"]["emitted"], cost + info["round"]["cost"], te or tr
+            n, c = info["round"]["emitted"], info["round"]["cost"]
+            if exact and g + n > g0 + H:  # the crossing round, pro rata
+                n, c = g0 + H - g, c * (g0 + H - g) / n
+            tok, cost, done = tok + n, cost + c, te or tr
             act, first = follow, False
+        if exact and not done:
+            assert tok == H, a
         assert got[j] == pytest.approx(tok - lam * cost, rel=1e-5), a
+
+
+def test_trace_q_regresses_advantages_over_the_static_action(tiny):
+    """``advantage=True`` (the default) trains on targets minus the static action's: the agent
+    records it, and a network fitted to advantages keeps the static action's own near zero."""
+    from lede_env.env import LEDEEnv
+    from agents.trace_q import train_trace_q
+
+    b, _, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
+    u = env.unwrapped
+    agent = train_trace_q(env, steps=300, iterations=1)
+    assert agent.info["advantage"] and agent.info["exact_horizon"]
+    static = agent.info["static"]
+    obs, _ = u.reset(seed=0, options={"prompt_index": 0})
+    x = torch.from_numpy(np.stack([u.flatten_observation(obs)]))
+    with torch.no_grad():
+        q = agent.policy.net((x - agent.policy.mean) / agent.policy.std)[0]
+    assert abs(float(q[static])) < 0.25  # its target is 0 at every state
+    assert not train_trace_q(env, steps=10, iterations=1, advantage=False).info["advantage"]
 
 
 def test_trace_q_without_exits_chooses_plain_steps_and_context_drafts_only(tiny):
