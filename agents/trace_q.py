@@ -173,7 +173,10 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
             The cost profile predicts exit-draft rounds about 9 % too cheap against the wall
             clock while copies are within 4 % (``lede evaluate``'s cost-per-round columns, one
             thread, 2-core AMD EPYC), so an agent that mixes in E=2 drafts where the context has
-            no match wins in the trace env and loses on the clock.
+            no match wins in the trace env and loses on the clock. (After the packed kernel's L2
+            prefetch, at the contexts of the demo's prompts: copy rounds 1.24x and exit rounds
+            1.06x their profile cost; attention over the context, which the profile times at 256
+            cached positions only, see the README.)
 
     Raises:
         ValueError: a live-backend env (no traces to replay every action on).
