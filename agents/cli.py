@@ -187,7 +187,10 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
             in_loop: bool = typer.Option(True, help="Fit the times to rounds timed in the real decoding loop "
                                                     "(what cost_profile='measured' uses; about 30 s more)"),
             compare_kernels: bool = typer.Option(False, help="Also measure every kernel choice alone (blas, "
-                                                             "skinny, onednn, default) beside the measured table")):
+                                                             "skinny, onednn, default) beside the measured table"),
+            long_context: int = typer.Option(768, help="Also time the whole verify pass alone after this many "
+                                                       "cached positions (the profile's own times use 256): "
+                                                       "attention over the context raises c(k) with it; 0: skip")):
     """Measure the cost profile (layer, head, draft head, overhead times) on this machine and
     print c(k), the cost of k positions relative to one, for one layer, the LM head and the
     whole verify pass: timed alone, and fitted to rounds of the real decoding loop."""
@@ -222,8 +225,13 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     cols = [f"{what} {name}" for name in profs for what in ("layer", "head", "verify")]
     t = Table("k (positions)", *cols, title="c(k): cost of k positions / 1 (one layer, the LM head, the whole verify pass)")
     cs = [p.c_table() for p in profs.values()]
+    long = None
+    if long_context > 0:  # timed alone as the isolated profile is, after more cached positions
+        long = measure_profile(b.stack, heads, k_max, context=long_context).c_table()["verify"]
+        t.add_column(f"verify isolated, {long_context} cached")
     for k in range(1, prof.max_positions + 1):
-        t.add_row(str(k), *(f"{c[what][k - 1]:.2f}" for c in cs for what in ("layer", "head", "verify")))
+        t.add_row(str(k), *(f"{c[what][k - 1]:.2f}" for c in cs for what in ("layer", "head", "verify")),
+                  *([f"{long[k - 1]:.2f}"] if long else []))
     console.print(t)
     t = Table("round", *profs, title="Round cost in AR steps (E, K; K + 1 positions verified)")
     for e, k in ((0, 0), (2, 1), (2, 2), (4, 1), (4, 2), (6, 3)):
