@@ -108,7 +108,10 @@ def _choose(a: Sequence[int], n: int, hits: Sequence[int], max_len: int) -> int:
     n-gram: among the last :data:`CHOOSE_AMONG`, the one followed by the most tokens (up to
     ``max_len``), then the longest span, then the most recent."""
     L = len(a)
-    return max(hits[-CHOOSE_AMONG:], key=lambda h: (min(L - h - n, max_len), _span(a, n, h, SPAN_CAP), h))
+    recent = hits[-CHOOSE_AMONG:]
+    most = max(min(L - h - n, max_len) for h in recent)
+    tied = [h for h in recent if min(L - h - n, max_len) == most]  # spans only where the token count ties
+    return tied[-1] if len(tied) == 1 else max(tied, key=lambda h: (_span(a, n, h, SPAN_CAP), h))
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
