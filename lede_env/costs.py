@@ -401,6 +401,16 @@ def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Observa
     return cache_dir() / "profiles" / bundle.slug / f"{tag}{suffix}.json"
 
 
+def profile_positions(k_max: int, context_lengths: Sequence[int] = (), context_draft: int = 0) -> int:
+    """The speculation length a cost profile must be measured for (it times k = 1 .. that + 1
+    verified positions) to cover every round of a decoder: exit drafts of up to ``k_max`` tokens
+    and context drafts of up to ``context_draft`` or ``max(context_lengths)`` copied tokens.
+    A profile extrapolates linearly past the positions it timed, which made copies longer than
+    ``k_max`` look almost free (c(9) -> c(16) is 1.35 -> 1.6-1.7 on 2 CPU cores, and the
+    17-position pass falls off the packed kernel's table to 2.4-2.6)."""
+    return max(int(k_max), int(context_draft or 0), *(int(c) for c in context_lengths))
+
+
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
     """A cost profile, measured once on this machine and cached where measured:
 

@@ -99,7 +99,7 @@ class Lede:
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
                  cost_profile: str = "analytic", device: Optional[str] = None,
                  dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT) -> None:
-        from .costs import get_profile
+        from .costs import get_profile, profile_positions
         from .mdp import ObservationConfig
         from .calibration import HeadSpec, get_heads
         from .model import bundle_from_model, get_bundle
@@ -125,12 +125,13 @@ class Lede:
         self.heads = get_heads(self.bundle, HeadSpec(exit_layers, head_kind,
                                                      draft_vocab, calib_prompts=calib_prompts))
         obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
-        self.profile = get_profile(cost_profile, self.bundle, self.heads, k_max, obs)
         ngram, lengths = DEFAULT_NGRAM, ()
         if agent_cfg is not None and obs.context:  # the agent's own context drafter, as it was trained
             context_draft = int(agent_cfg.get("context_draft", context_draft))
             ngram = tuple(agent_cfg.get("context_ngram", ngram))
             lengths = tuple(agent_cfg.get("context_lengths", ()))
+        self.profile = get_profile(cost_profile, self.bundle, self.heads,
+                                   profile_positions(k_max, lengths, context_draft), obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
                                               profile=self.profile, obs_config=obs,
                                               stop_rule=self._stop_rule(agent_cfg, k_max),

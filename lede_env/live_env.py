@@ -16,7 +16,7 @@ import torch
 
 from .calibration import get_heads
 from .continuations import encode_prompts
-from .costs import get_profile
+from .costs import get_profile, profile_positions
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .env import LEDEEnv
 from .model import describe_model, get_bundle
@@ -64,7 +64,9 @@ class LiveEnv(LEDEEnv):
         elif exit_layers and tuple(exit_layers) != tuple(heads.exit_layers):
             raise ValueError(f"exit_layers={list(exit_layers)} differ from the given heads' {list(heads.exit_layers)}.")
         if profile is None:
-            profile = get_profile(cost_profile, bundle, heads, k_max, self.obs_config)
+            profile = get_profile(cost_profile, bundle, heads,
+                                  profile_positions(k_max, self._context_lengths, self._context_draft),
+                                  self.obs_config)
         eos_ids = tuple(int(e) for e in (bundle.eos_ids if eos_ids is None else eos_ids))
         stop_threshold = self._stop_threshold(stop_threshold)
         self.bundle, self.heads = bundle, heads

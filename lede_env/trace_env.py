@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from .calibration import get_heads
-from .costs import get_profile
+from .costs import get_profile, profile_positions
 from .env import LEDEEnv
 from .mdp import ActionMap, ObservationBuilder, context_observation
 from .model import get_bundle
@@ -59,7 +59,9 @@ class TraceEnv(LEDEEnv):
             trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)
             self.bundle, self.heads = bundle, heads
             if profile is None:
-                profile = get_profile(cost_profile, bundle, heads, k_max, self.obs_config)
+                profile = get_profile(cost_profile, bundle, heads,
+                                      profile_positions(k_max, self._context_lengths, self._context_draft),
+                                      self.obs_config)
             eos_ids = bundle.eos_ids if eos_ids is None else eos_ids
         if profile is None:
             raise ValueError("A prebuilt trace_set needs a cost profile: pass profile=CostProfile(...).")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lede_env.costs import CostProfile, analytic_profile
+from lede_env.env import LEDEEnv
 from lede_env.prompts import encode_prompt, load_prompts
 from lede_env.traces import load_traces, save_traces
 
@@ -73,6 +74,24 @@ def test_round_cost_accounting():
     # without reuse: no extra pass, all 4 layers on 3 positions
     expect = 2 * (1.0 + 0.5) + 4 * 2.0 + 4.0 + 0.6
     assert prof.round_cost(1, 2, 3, reuse=False) == pytest.approx(expect / ar)
+
+
+def test_profile_covers_context_drafts_longer_than_k_max(tiny):
+    """A profile times k = 1..K+1 positions and extrapolates past them; copies of up to 7 tokens
+    with K_max = 4 need 8 positions timed, not 5 (the extrapolation made long copies look almost
+    free)."""
+    from lede_env.costs import profile_positions
+
+    assert profile_positions(4) == 4
+    assert profile_positions(4, (2, 7)) == 7
+    assert profile_positions(8, (1, 2, 3), context_draft=12) == 12
+    b, heads, ts, _ = tiny
+    env = LEDEEnv(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+                  k_max=4, context_lengths=(2, 7), cost_profile="analytic", progress=False)
+    assert env.profile.max_positions == 8
+    env = LEDEEnv(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+                  k_max=4, cost_profile="analytic", progress=False)
+    assert env.profile.max_positions == 5
 
 
 def test_profile_round_trip(tmp_path, tiny):
