@@ -412,6 +412,9 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
                                                          "(prompt lookup; default: the agent's, else 0)."),
              context_lengths: Optional[str] = typer.Option(None, help="Copy lengths of the context actions, e.g. "
                                                            "1,2,3,4,6,8 (default: the agent's, else none)."),
+             context_datastore: Optional[bool] = typer.Option(None, help="Context drafts fall back to the model's "
+                                                              "datastore where the context has no match (default: "
+                                                              "the agent's, else off)."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
@@ -429,10 +432,13 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
         context_draft = int(agent_cfg.get("context_draft", 0))
     lengths = (tuple(agent_cfg.get("context_lengths", ())) if context_lengths is None
                else tuple(int(x) for x in context_lengths.split(",") if x.strip()))
+    if context_datastore is None:
+        context_datastore = bool(agent_cfg.get("context_datastore"))
     common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
                   head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
                   obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule,
-                  context_draft=context_draft, context_lengths=lengths)
+                  context_draft=context_draft, context_lengths=lengths,
+                  context_datastore=context_datastore and bool(context_draft or lengths))
     try:
         from lede_env.prompts import check_disjoint
 
@@ -491,7 +497,9 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
                  head_kind: str = "affine-kl", calib_prompts: str = CalibOpt,
                  context_draft: int = typer.Option(4, help="Most tokens copied from the context (prompt "
-                                                           "lookup) that a plain step verifies; 0 = off.")):
+                                                           "lookup) that a plain step verifies; 0 = off."),
+                 context_datastore: bool = typer.Option(True, help="Where the context has no match, draft from the "
+                                                        "model's datastore of its own text.")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
     then one line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time."""
     from transformers import TextStreamer
@@ -501,7 +509,7 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         lede = Lede(model, policy=policy, head_kind=head_kind, calib_prompts=calib_prompts,
-                    context_draft=context_draft)
+                    context_draft=context_draft, context_datastore=context_datastore)
         streamer = TextStreamer(lede.tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = lede.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop_strings=stop, streamer=streamer)
@@ -529,7 +537,9 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
          wandb: str = "offline", live: bool = True, model: Optional[str] = ModelOpt,
          head_kind: str = typer.Option("affine-kl", help="Exit heads: lens (LayerSkip checkpoints), affine, affine-kl."),
          context_lengths: str = typer.Option("1,2,3,4,6,8", help="Copy lengths of the context actions (prompt "
-                                                                  "lookup), comma-separated; '' for none.")):
+                                                                  "lookup), comma-separated; '' for none."),
+         context_datastore: bool = typer.Option(True, help="Where the context has no match, context drafts come from "
+                                                "the model's datastore of its own text.")):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (about 10 minutes on 2 CPU cores)."""
     from agents.pipeline import DemoConfig, run_demo
@@ -539,7 +549,8 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
                         max_new_tokens=max_new_tokens,
                         episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
                         out_dir=str(out), wandb=wandb, live=live,
-                        context_lengths=tuple(int(x) for x in context_lengths.split(",") if x.strip())))
+                        context_lengths=tuple(int(x) for x in context_lengths.split(",") if x.strip()),
+                        context_datastore=context_datastore))
 
 
 def _agent_config(names: list[str]) -> dict:

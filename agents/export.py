@@ -8,7 +8,9 @@ An export folder holds exactly:
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
 - ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
-  ``context_ngram`` (what action 0 copies from the context), ``context_lengths`` (the context
+  ``context_ngram`` (what action 0 copies from the context), ``context_datastore`` (fingerprint of
+  the datastore context drafts fall back to where the context has no match, or null),
+  ``context_lengths`` (the context
   actions), ``fallback_action`` (what ``agent:PATH``'s safety net plays when the agent loses: the
   best static action on the training traces), ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
@@ -67,6 +69,8 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "context_draft": u.rules.context_draft,
             "context_ngram": list(u.rules.context_ngram),
             "context_lengths": list(u.actions.context_lengths),
+            # the datastore the context drafts fall back to (its fingerprint; None: none)
+            "context_datastore": None if u.rules.datastore is None else u.rules.datastore.fingerprint(),
             # what the safety net falls back to: the best static action of the training traces
             "fallback_action": int(u.best_static()[0]) if isinstance(u, TraceEnv) else 0,
             "reward_lambda": u.reward_lambda,

@@ -63,6 +63,9 @@ def main() -> None:
                          "continuations agree (lede_env.lookup.match_agreement)")
     ap.add_argument("--context-span", type=int, default=0,
                     help="1: the context features also hold the matched span (lede_env.lookup.match_span)")
+    ap.add_argument("--context-datastore", type=int, default=0,
+                    help="1: where the context has no match, context drafts come from the model's datastore of its "
+                         "own text (lede_env.datastore)")
     ap.add_argument("--no-exits", action="store_true",
                     help="the agent chooses plain steps and context drafts only (trace_q exits=False)")
     ap.add_argument("--horizon", type=int, default=None,
@@ -76,7 +79,8 @@ def main() -> None:
     lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
     common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
                   context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits,
-                  obs_context_agreement=bool(args.context_agreement), obs_context_span=bool(args.context_span))
+                  obs_context_agreement=bool(args.context_agreement), obs_context_span=bool(args.context_span),
+                  context_datastore=bool(args.context_datastore))
     rows_all, live_all, info = [], [], {}
     for variant in args.variants.split(","):
         obs_kind, stop = variant.split("/")
@@ -117,7 +121,7 @@ def main() -> None:
                                                                                       stop_rule=eval_env.rules.stop)
         rows = trace_eval(eval_env, names, static_best, policies=policies)
         if lengths or args.context_draft:  # the oracle over the action set without context drafts, beside
-            plain = LEDEEnv(prompts=eval_prompts, **dict(kw, context_draft=0, context_lengths=()),
+            plain = LEDEEnv(prompts=eval_prompts, **dict(kw, context_draft=0, context_lengths=(), context_datastore=False),
                             reward_lambda=train_env.reward_lambda)
             for r in trace_eval(plain, ["oracle"], None, by_category=True):
                 rows.append(r | {"policy": "oracle without context drafts"})

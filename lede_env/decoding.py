@@ -30,6 +30,7 @@ import torch
 
 from .costs import CostProfile
 from .exits import ExitHeads
+from .datastore import NgramDatastore
 from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_observation,
                   verified_positions)
@@ -211,6 +212,9 @@ class SelfSpeculativeDecoder:
         context_ngram: (shortest, longest) suffix lengths matched for context drafts.
         context_lengths: copy lengths of the context actions (see :class:`ActionMap`): with
             them the policy picks, round by round, how many copied tokens to verify.
+        context_datastore: where the context has no match, context drafts come from this
+            :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text; REST,
+            arXiv 2311.08252); ``None``: no draft there.
 
     Raises:
         ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`), a negative
@@ -221,10 +225,11 @@ class SelfSpeculativeDecoder:
                  bonus: bool = True, profile: Optional[CostProfile] = None,
                  obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None,
                  context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM,
-                 context_lengths: Sequence[int] = ()) -> None:
+                 context_lengths: Sequence[int] = (), context_datastore: Optional[NgramDatastore] = None) -> None:
         if context_draft < 0:
             raise ValueError(f"context_draft={context_draft} must be >= 0 (0: no context drafts).")
         self.context_draft, self.context_ngram = int(context_draft), check_ngram(context_ngram)
+        self.datastore = context_datastore
         self.stack = stack
         self.stop_rule = as_stop_rule(stop_rule)
         self.reuse = reuse
@@ -311,16 +316,21 @@ class SelfSpeculativeDecoder:
         ctx = (0.0, 0.0)
         if self.observer.config.context:
             match, ctx = context_observation(state.seq, self.copy_max, self.context_ngram, self.observer.config,
-                                             state.context_index)
+                                             state.context_index, self.datastore)
             state.context_at = (len(state.seq), self.copy_max, match)
         return self.observer.build(hidden, top1, ent, agree, state.seq[-R:] or state.seq,
                                    len(state.result.tokens) / state.max_new_tokens, ctx)
 
     def _match(self, state: DecodeState, max_len: int) -> tuple[int, list[int]]:
-        """:func:`~lede_env.lookup.context_match` of the generation's sequence, from its index."""
+        """:func:`~lede_env.lookup.context_match` of the generation's sequence, from its index;
+        where the context has no match, ``(0, the datastore's draft)`` (with a datastore)."""
         if state.context_index is None:
-            return context_match(state.seq, max_len, self.context_ngram)
-        return state.context_index.match(state.seq, max_len)
+            match = context_match(state.seq, max_len, self.context_ngram)
+        else:
+            match = state.context_index.match(state.seq, max_len)
+        if not match[0] and self.datastore is not None:
+            return 0, self.datastore.propose(state.seq, max_len)
+        return match
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.

@@ -25,6 +25,7 @@ from gymnasium import spaces
 
 from .calibration import HeadSpec
 from .costs import CostProfile
+from .datastore import NgramDatastore, get_datastore
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationConfig
@@ -197,6 +198,9 @@ class LEDEEnv(gym.Env):
     agree, :func:`lede_env.lookup.match_agreement`), ``obs_context_span`` (with context drafts: the
     ``context`` key also holds the matched span, :func:`lede_env.lookup.match_span`), ``context_draft`` (most tokens action 0 copies from
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
+    ``context_datastore`` (with context drafts: where the context has no match, the draft comes
+    from the model's datastore of its own earlier text, :mod:`lede_env.datastore`; ``True`` loads
+    the model's default store, or give a :class:`~lede_env.datastore.NgramDatastore`),
     ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
     (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
@@ -257,6 +261,7 @@ class LEDEEnv(gym.Env):
         stop_rule: Optional[str] = None,
         context_draft: int = 0,
         context_lengths: tuple = (),
+        context_datastore: "bool | NgramDatastore" = False,
         obs_kind: str = "full",
         obs_stat_exits: int = 1,
         obs_context_agreement: bool = False,
@@ -328,6 +333,10 @@ class LEDEEnv(gym.Env):
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)
         self._context_lengths = tuple(context_lengths)
+        if not isinstance(context_datastore, (bool, NgramDatastore)):
+            raise ValueError(f"context_datastore={context_datastore!r}; give True (the model's default datastore), "
+                             "False, or a lede_env.datastore.NgramDatastore.")
+        self._datastore_arg = context_datastore
         ActionMap((), 1, self._context_lengths)  # a bad context_lengths raises here, before anything loads
         self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
@@ -400,7 +409,17 @@ class LEDEEnv(gym.Env):
 
     def _finish_rules(self, heads: Optional[ExitHeads]) -> None:
         """Turn on context drafts, resolve the reward's lambda and build the named stop rule."""
-        self.rules = replace(self.rules, context_draft=self._context_draft)
+        store = self._datastore_arg
+        if store is True:
+            if self.bundle is None:
+                raise ValueError("context_datastore=True needs the model to load its datastore: give a "
+                                 "lede_env.datastore.NgramDatastore with a prebuilt trace_set.")
+            store = get_datastore(self.bundle, progress=False)
+        store = store or None
+        if store is not None and not (self._context_draft or self._context_lengths):
+            raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts: "
+                             "give context_draft > 0 or context_lengths.")
+        self.rules = replace(self.rules, context_draft=self._context_draft, datastore=store)
         self.reward_lambda = float(self._lambda_arg) if self._lambda_arg != "auto" else self._default_lambda()
         if self._stop_name == "calibrated":
             if heads is None or heads.acceptance is None:
@@ -433,7 +452,8 @@ class LEDEEnv(gym.Env):
                                       self.profile if profile else None, self.obs_config, reuse=self.rules.reuse,
                                       stop_rule=self.rules.stop, context_draft=self.rules.context_draft,
                                       context_ngram=self.rules.context_ngram,
-                                      context_lengths=self.actions.context_lengths)
+                                      context_lengths=self.actions.context_lengths,
+                                      context_datastore=self.rules.datastore)
 
     def round_reward(self, emitted: int, cost: float) -> float:
         """The reward :meth:`step` gives a round that emitted ``emitted`` tokens at ``cost``
@@ -528,6 +548,7 @@ class LEDEEnv(gym.Env):
                "stop_threshold": self.rules.stop_threshold, "stop_rule": self.rules.stop.describe(),
                "context_draft": self.rules.context_draft, "context_ngram": list(self.rules.context_ngram),
                "context_lengths": list(self.actions.context_lengths),
+               "context_datastore": None if self.rules.datastore is None else self.rules.datastore.fingerprint(),
                "reward_mode": self.reward_mode, "reward_lambda": self.reward_lambda, "max_new_tokens": self.max_new_tokens,
                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),
                "cost_profile": self.profile.to_json()}

@@ -17,6 +17,7 @@ reference machine.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -29,6 +30,8 @@ from .prompts import DEFAULT_CALIB, encode_prompt
 
 #: context-draft tokens (prompt lookup) verified on plain steps by default
 DEFAULT_CONTEXT_DRAFT = 4
+#: context drafts fall back to the model's datastore where the context has no match (see :mod:`lede_env.datastore`)
+DEFAULT_CONTEXT_DATASTORE = True
 
 __all__ = ["Lede", "LedeOutput", "generate"]
 
@@ -88,6 +91,9 @@ class Lede:
             ``$LEDE_DEVICE`` or cpu; bf16 on CUDA, fp32 on CPU); a loaded model stays where it is.
         context_draft: most tokens copied from the context (prompt lookup) that a plain step
             verifies when the context has a match (default 4; 0: none; see :mod:`lede_env.lookup`).
+        context_datastore: where the context has no match, context drafts come from the model's
+            datastore of its own text (:mod:`lede_env.datastore`; the embedded model's ships with
+            the package). An exported agent uses the datastore it was trained with.
 
     Raises:
         ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
@@ -98,7 +104,8 @@ class Lede:
                  exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine-kl",
                  draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
                  cost_profile: str = "analytic", device: Optional[str] = None,
-                 dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT) -> None:
+                 dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT,
+                 context_datastore: bool = DEFAULT_CONTEXT_DATASTORE) -> None:
         from .costs import get_profile, profile_positions
         from .mdp import ObservationConfig
         from .calibration import HeadSpec, get_heads
@@ -130,13 +137,24 @@ class Lede:
             context_draft = int(agent_cfg.get("context_draft", context_draft))
             ngram = tuple(agent_cfg.get("context_ngram", ngram))
             lengths = tuple(agent_cfg.get("context_lengths", ()))
+        if agent_cfg is not None:
+            context_datastore = bool(agent_cfg.get("context_datastore"))
+        store = None
+        if context_datastore and (context_draft or lengths):
+            from .datastore import get_datastore
+
+            store = get_datastore(self.bundle)
+            want = (agent_cfg or {}).get("context_datastore")
+            if want and want != store.fingerprint():
+                warnings.warn(f"The agent was trained with datastore {want}; this model's is {store.fingerprint()}. "
+                              "Its context features may differ from training (the output is greedy all the same).")
         self.profile = get_profile(cost_profile, self.bundle, self.heads,
                                    profile_positions(k_max, lengths, context_draft), obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
                                               profile=self.profile, obs_config=obs,
                                               stop_rule=self._stop_rule(agent_cfg, k_max),
                                               context_draft=context_draft, context_ngram=ngram,
-                                              context_lengths=lengths)
+                                              context_lengths=lengths, context_datastore=store)
         self.policy = self.make_policy(policy)
 
     def _stop_rule(self, agent_cfg: Optional[dict], k_max: int):

@@ -96,6 +96,7 @@ class LiveEnv(LEDEEnv):
     def _finish_rules(self, heads) -> None:
         super()._finish_rules(heads)
         self.decoder.context_draft = self._context_draft
+        self.decoder.datastore = self.rules.datastore
         if self._stop_name == "calibrated":
             self.decoder.stop_rule = self.rules.stop_rule
         # the unit of wall-clock costs, timed under the env's finished rules

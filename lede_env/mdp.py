@@ -437,19 +437,26 @@ def context_features(match: tuple[int, Sequence[int]], context_draft: int, longe
 
 
 def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int, int], config: "ObservationConfig",
-                        index=None) -> tuple[tuple[int, list[int]], tuple[float, ...]]:
+                        index=None, datastore=None) -> tuple[tuple[int, list[int]], tuple[float, ...]]:
     """``(match, features)`` at the end of ``seq``: the context match a draft of up to
     ``context_draft`` tokens copies, and :func:`context_features` with the agreement and span
     that ``config`` asks for, from one look-up in ``index`` (a
-    :class:`~lede_env.lookup.ContextIndex` of ``seq``) or one scan of ``seq``. The trace env and
-    the decoder both build the ``context`` key with it."""
+    :class:`~lede_env.lookup.ContextIndex` of ``seq``) or one scan of ``seq``. Where the context
+    has no match, a ``datastore`` (:class:`~lede_env.datastore.NgramDatastore`) proposes the
+    draft instead: the match is then ``(0, its tokens)``, so the features show a draft
+    (tokens / ``context_draft``) with no matched n-gram. The trace env and the decoder both build
+    the ``context`` key with it."""
     from .lookup import context_match, match_details
 
     if not (config.context_agreement or config.context_span):
         match = index.match(seq, context_draft) if index is not None else context_match(seq, context_draft, ngram)
+        if not match[0] and datastore is not None:
+            match = (0, datastore.propose(seq, context_draft))
         return match, context_features(match, context_draft, ngram[1])
     match, agree, span = (index.details(seq, context_draft) if index is not None
                           else match_details(seq, context_draft, ngram))
+    if not match[0] and datastore is not None:
+        match = (0, datastore.propose(seq, context_draft))
     return match, context_features(match, context_draft, ngram[1], agree, span)
 
 

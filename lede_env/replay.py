@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .costs import CostProfile
+from .datastore import NgramDatastore
 from .lookup import DEFAULT_NGRAM, context_draft
 from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
 from .metrics import throughput as metric_throughput
@@ -37,6 +38,9 @@ class ReplayRules:
             decoder's ``context_draft`` (0: action 0 is a plain AR step). The draft follows from
             the prompt and the greedy continuation so far, so a trace replays it exactly.
         context_ngram: (shortest, longest) suffix lengths matched.
+        datastore: where the context has no match, a context draft comes from this
+            :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text), as in the
+            decoder; ``None``: no draft there.
 
     Context actions (``actions.context_lengths``) copy up to their own length instead.
     """
@@ -50,6 +54,7 @@ class ReplayRules:
     stop_rule: Optional[StopRule] = None
     context_draft: int = 0
     context_ngram: tuple[int, int] = DEFAULT_NGRAM
+    datastore: Optional[NgramDatastore] = None
 
     @property
     def stop(self) -> StopRule:
@@ -100,6 +105,8 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         if n_ctx:
             seq = np.concatenate([trace.prompt, trace.generated[:g]])  # pending token last, as in the decoder
             draft = context_draft(seq, n_ctx, rules.context_ngram)
+            if not draft and rules.datastore is not None:
+                draft = rules.datastore.propose(seq, n_ctx)
         n = verified_positions(len(draft), rules.bonus) if draft else 1
         K = len(draft)
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]

@@ -137,7 +137,7 @@ class TraceEnv(LEDEEnv):
         if self.obs_config.context:
             cd, ngram = self.rules.copy_max, self.rules.context_ngram
             seq = np.concatenate([t.prompt, t.generated[:g]])
-            ctx = context_observation(seq, cd, ngram, self.obs_config)[1]
+            ctx = context_observation(seq, cd, ngram, self.obs_config, datastore=self.rules.datastore)[1]
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
                                    g / self.max_new_tokens, ctx)
 

@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from lede_env.datastore import NgramDatastore
 from lede_env.env import LEDEEnv
 from lede_env.mdp import ActionMap
 from lede_env.replay import oracle_plan, rollout
@@ -94,20 +95,25 @@ def test_same_seed_same_rollout(tiny):
 @given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
        stop=st.one_of(st.none(), st.floats(0.02, 0.98)), ctx=st.sampled_from([0, 1, 4]),
        lengths=st.sampled_from([(), (1, 3), (2, 5, 8)]),
-       obs=st.sampled_from([("full", 1, False), ("compact", 1, True), ("compact", 0, False), ("compact", 0, True)]))
+       obs=st.sampled_from([("full", 1, False), ("compact", 1, True), ("compact", 0, False), ("compact", 0, True)]),
+       store=st.booleans())
 @example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125, ctx=0, lengths=(),  # found by hypothesis:
-         obs=("full", 1, False))
-def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx, lengths, obs):
+         obs=("full", 1, False), store=False)
+def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx, lengths, obs,
+                                                    store):
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
     the real decoder for the same actions, with and without context drafts on action 0 and
-    context actions, for the full and compact observations (with and without head statistics, with
+    context actions, with and without a datastore drafting where the context has no match, for the
+    full and compact observations (with and without head statistics, with
     and without the context matches' agreement features); with
     confidence-threshold drafting the drafted counts, costs and observations are compared up to
     the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
+    datastore = (NgramDatastore([t.generated.tolist() for t in ts.traces], ngram=(1, 2), min_count=1)
+                 if store and (ctx or lengths) else False)
     env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop, context_draft=ctx, context_lengths=lengths, obs_kind=obs[0],
-                  obs_stat_exits=obs[1], obs_context_agreement=obs[2])
+                  obs_stat_exits=obs[1], obs_context_agreement=obs[2], context_datastore=datastore)
     acts, infos, observations, rewards = random_rollout(env, seed)
     rounds, info = [i["round"] for i in infos], infos[-1]
     for r, rd in zip(rewards, rounds):

