@@ -15,10 +15,15 @@ model's own greedy continuations of the calibration prompts (:data:`~lede_env.pr
 disjoint from the training and evaluation prompts); for the embedded model it ships with the
 package (``lede_env/data/datastore/``, made by ``scripts/build_datastore.py``).
 
-Measured on the embedded model (SmolLM2-135M-Instruct), a store of the 22.5k tokens of the
-calibration continuations, the default evaluation prompts' greedy continuations (96 tokens, no
-prompt of theirs in the store), at the positions where the context has no match (``ngram=(2, 3)``):
-see ``python benchmarks/datastore_drafts.py``.
+Measured on the embedded model (SmolLM2-135M-Instruct; the store: 22.3k tokens of its
+calibration continuations, 5080 n-grams with a proposed token; ``python
+benchmarks/datastore_drafts.py``): at the positions of the held-out ``DEFAULT_EVAL``
+continuations where the context has no match (48 % of them), the store drafts at 23 %, and the
+first draft token agrees with the full model 66 % of the time (code 0.73, writing 0.71, roleplay
+0.63, math 0.56, translation 0.71), 1.31 tokens accepted per draft of up to 4 (shallow exit heads
+agree 0.23-0.30 at E = 2..8). Wall clock on 2 CPU cores (22 held-out prompts, every category,
+twice each, one process, ``--live 3``): prompt lookup of up to 8 tokens 1.461x the AR loop, with
+the store 1.549x (up to 4 tokens: 1.468 -> 1.530x); writing 0.998 -> 1.067x.
 """
 
 from __future__ import annotations

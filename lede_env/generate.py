@@ -11,8 +11,10 @@ set-up (loading, fitting or loading the exit heads) once. Policies are named lik
 ``del``, or the folder of an exported agent (``agent:PATH`` or just ``PATH``); a
 :class:`~lede_env.decoding.Policy` object also works. By default (``ar`` with
 ``context_draft=4``) every plain step also verifies up to 4 tokens copied from the context where
-it repeats (prompt lookup, :mod:`lede_env.lookup`): the fastest choice measured on the CPU
-reference machine.
+it repeats (prompt lookup, :mod:`lede_env.lookup`), and where it does not, up to 4 tokens the
+model's datastore of its own text proposes (:mod:`lede_env.datastore`): 1.53x lede's plain AR
+loop on 22 held-out prompts of every category on the 2-core CPU reference machine, against
+1.47x without the datastore (``benchmarks/datastore_drafts.py --live 3``).
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ class Lede:
             already loaded Llama-family ``PreTrainedModel`` (then give ``tokenizer`` too).
         tokenizer: the tokenizer of a loaded ``model`` (loaded with it otherwise).
         policy: default policy (see the module docstring). ``"ar"`` (default) with context drafts
-            is prompt lookup decoding, the fastest choice measured on the 2-core CPU reference
-            machine (1.32x lede's plain AR loop, 2.6x transformers' ``generate``, no held-out
-            category below AR; ``benchmarks/context_draft.py``); ``"del"``, ``"static:E,K"`` and
+            is prompt lookup decoding (with the datastore where the context has no match: 1.53x
+            lede's plain AR loop on the 2-core CPU reference machine, no held-out category below
+            AR; ``benchmarks/datastore_drafts.py --live 3``); ``"del"``, ``"static:E,K"`` and
             agents add early-exit drafts.
         exit_layers: candidate exits (``None``: every second layer); an exported agent's own
             exits, K_max and exit-head kind are used when ``policy`` is an agent.
