@@ -11,7 +11,6 @@ covers the head spec and the calibration prompts' content).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from .continuations import Continuation, get_continuations
 from .exits import ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary
 from .model import ModelBundle
 from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
-from .storage import atomic_file, cache_dir
+from .storage import atomic_file, cache_dir, packaged_file
 
 
 @dataclass
@@ -100,17 +99,7 @@ def heads_key(bundle: ModelBundle, spec: HeadSpec) -> tuple[str, tuple[int, ...]
 def packaged_heads(key: str) -> Optional[Path]:
     """The shipped head file for cache key ``key``, if the package has one whose checksum matches
     its manifest (a mismatch warns and is ignored: the heads are then refitted)."""
-    man = PACKAGED_HEADS / "MANIFEST.json"
-    if not man.exists():
-        return None
-    entry = json.loads(man.read_text()).get(key)
-    if entry is None:
-        return None
-    path = PACKAGED_HEADS / entry["file"]
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-        warnings.warn(f"Shipped exit heads {path} are missing or fail their checksum; refitting them.")
-        return None
-    return path
+    return packaged_file(PACKAGED_HEADS, key, "exit-head file")
 
 
 def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_cache: bool = True,

@@ -29,7 +29,6 @@ the store 1.549x (up to 4 tokens: 1.468 -> 1.530x); writing 0.998 -> 1.067x.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ import numpy as np
 
 from .lookup import check_ngram
 from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
-from .storage import atomic_file, cache_dir
+from .storage import atomic_file, cache_dir, packaged_file
 
 if TYPE_CHECKING:
     from .model import ModelBundle
@@ -203,17 +202,7 @@ def build_datastore(continuations, spec: DatastoreSpec = DatastoreSpec()) -> Ngr
 def packaged_datastore(key: str) -> Optional[Path]:
     """The shipped store for ``key`` if the package has one whose checksum matches its manifest
     (a mismatch warns and is ignored: the store is then rebuilt)."""
-    man = PACKAGED_DATASTORE / "MANIFEST.json"
-    if not man.exists():
-        return None
-    entry = json.loads(man.read_text()).get(key)
-    if entry is None:
-        return None
-    path = PACKAGED_DATASTORE / entry["file"]
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-        warnings.warn(f"Shipped datastore {path} is missing or fails its checksum; rebuilding it.")
-        return None
-    return path
+    return packaged_file(PACKAGED_DATASTORE, key, "datastore")
 
 
 def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,

@@ -10,12 +10,15 @@ SIGKILLs the process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 
 def cache_dir() -> Path:
@@ -169,3 +172,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     killed mid-write) sees the old file or the new one whole, never a truncated one."""
     with atomic_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def packaged_file(folder: Path, key: str, what: str) -> Optional[Path]:
+    """The file a package ships for cache key ``key`` in ``folder``, if its ``MANIFEST.json`` names
+    one (``{key: {"file": name, "sha256": hex}}``) and its checksum matches; a missing file or a
+    mismatch warns (naming ``what`` it is and that it will be rebuilt) and gives ``None``, so a
+    damaged artefact is rebuilt, never trusted."""
+    man = Path(folder) / "MANIFEST.json"
+    if not man.exists():
+        return None
+    entry = json.loads(man.read_text()).get(key)
+    if entry is None:
+        return None
+    path = Path(folder) / entry["file"]
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        warnings.warn(f"Shipped {what} {path} is missing or fails its checksum; rebuilding it.")
+        return None
+    return path
