@@ -408,7 +408,7 @@ def profile_positions(k_max: int, context_lengths: Sequence[int] = (), context_d
     A profile extrapolates linearly past the positions it timed, which made copies longer than
     ``k_max`` look almost free (c(9) -> c(16) is 1.35 -> 1.6-1.7 on 2 CPU cores, and the
     17-position pass falls off the packed kernel's table to 2.4-2.6)."""
-    return max(int(k_max), int(context_draft or 0), *(int(c) for c in context_lengths))
+    return max(int(k_max), int(context_draft), *(int(c) for c in context_lengths))
 
 
 def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:

@@ -163,6 +163,17 @@ class NgramDatastore:
         return cls(seqs, (int(params[0]), int(params[1])), int(params[2]), float(shares[0]), float(shares[1]))
 
 
+def with_datastore(match: tuple[int, list[int]], seq: Sequence[int], max_len: int,
+                   datastore: Optional[NgramDatastore]) -> tuple[int, list[int]]:
+    """The draft a context match makes, with the datastore where the context has none: ``match``
+    (``(n, tokens)`` of :func:`~lede_env.lookup.context_match` for ``seq`` and ``max_len``) when
+    ``n > 0`` or without a datastore, else ``(0, datastore.propose(seq, max_len))``. The one rule
+    the decoder, the trace replay and the observations share."""
+    if match[0] or datastore is None:
+        return match
+    return 0, datastore.propose(seq, max_len)
+
+
 @dataclass(frozen=True)
 class DatastoreSpec:
     """What determines a model's default datastore (its cache key).

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .costs import CostProfile
+from .datastore import NgramDatastore, with_datastore
 from .exits import ExitHeads
-from .datastore import NgramDatastore
 from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
 from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_observation,
                   verified_positions)
@@ -328,9 +328,7 @@ class SelfSpeculativeDecoder:
             match = context_match(state.seq, max_len, self.context_ngram)
         else:
             match = state.context_index.match(state.seq, max_len)
-        if not match[0] and self.datastore is not None:
-            return 0, self.datastore.propose(state.seq, max_len)
-        return match
+        return with_datastore(match, state.seq, max_len, self.datastore)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
         """One round: draft with the action's (E, K), verify, accept, crop the cache.

@@ -415,7 +415,7 @@ class LEDEEnv(gym.Env):
                 raise ValueError("context_datastore=True needs the model to load its datastore: give a "
                                  "lede_env.datastore.NgramDatastore with a prebuilt trace_set.")
             store = get_datastore(self.bundle, progress=False)
-        store = store or None
+        store = None if store is False else store  # (not ``store or None``: an empty store has len 0)
         if store is not None and not (self._context_draft or self._context_lengths):
             raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts: "
                              "give context_draft > 0 or context_lengths.")

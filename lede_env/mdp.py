@@ -446,17 +446,16 @@ def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int
     draft instead: the match is then ``(0, its tokens)``, so the features show a draft
     (tokens / ``context_draft``) with no matched n-gram. The trace env and the decoder both build
     the ``context`` key with it."""
+    from .datastore import with_datastore
     from .lookup import context_match, match_details
 
-    if not (config.context_agreement or config.context_span):
+    if config.context_agreement or config.context_span:
+        match, agree, span = (index.details(seq, context_draft) if index is not None
+                              else match_details(seq, context_draft, ngram))
+    else:  # the match alone: one dictionary look-up, no agreement or span computed
         match = index.match(seq, context_draft) if index is not None else context_match(seq, context_draft, ngram)
-        if not match[0] and datastore is not None:
-            match = (0, datastore.propose(seq, context_draft))
-        return match, context_features(match, context_draft, ngram[1])
-    match, agree, span = (index.details(seq, context_draft) if index is not None
-                          else match_details(seq, context_draft, ngram))
-    if not match[0] and datastore is not None:
-        match = (0, datastore.propose(seq, context_draft))
+        agree, span = (0, 0), 0
+    match = with_datastore(match, seq, context_draft, datastore)
     return match, context_features(match, context_draft, ngram[1], agree, span)
 
 

@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .costs import CostProfile
-from .datastore import NgramDatastore
-from .lookup import DEFAULT_NGRAM, context_draft
+from .datastore import NgramDatastore, with_datastore
+from .lookup import DEFAULT_NGRAM, context_match
 from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
 from .metrics import throughput as metric_throughput
 from .stopping import StopRule, as_stop_rule
@@ -104,9 +104,7 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         draft: list[int] = []
         if n_ctx:
             seq = np.concatenate([trace.prompt, trace.generated[:g]])  # pending token last, as in the decoder
-            draft = context_draft(seq, n_ctx, rules.context_ngram)
-            if not draft and rules.datastore is not None:
-                draft = rules.datastore.propose(seq, n_ctx)
+            draft = with_datastore(context_match(seq, n_ctx, rules.context_ngram), seq, n_ctx, rules.datastore)[1]
         n = verified_positions(len(draft), rules.bonus) if draft else 1
         K = len(draft)
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
