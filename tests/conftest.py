@@ -101,6 +101,23 @@ def random_rollout(env, seed):
     return acts, infos, observations, rewards
 
 
+def assert_damaged_shipped_file_ignored(monkeypatch, module, folder_attr: str, lookup, key: str, name: str,
+                                        folder) -> None:
+    """Point ``module.folder_attr`` (a folder of shipped artefacts) at ``folder``, holding a file
+    ``name`` whose manifest entry under ``key`` has a wrong checksum: ``lookup(key)`` must ignore
+    it (``None``) with a warning that names the checksum, never trust it."""
+    import json
+    import warnings
+
+    (folder / name).write_bytes(b"not the file")
+    (folder / "MANIFEST.json").write_text(json.dumps({key: {"file": name, "sha256": "0" * 64}}))
+    monkeypatch.setattr(module, folder_attr, folder)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert lookup(key) is None
+    assert any("checksum" in str(x.message) for x in w)
+
+
 def replay_live(env, bundle, heads, actions):
     """The same actions on the real decoder of ``env`` (:meth:`LEDEEnv.make_decoder`) from the
     current trace's prompt: ``(GenerationResult, the observations the policy was given)``."""

@@ -4,9 +4,6 @@ exit heads' acceptance calibration."""
 
 from __future__ import annotations
 
-import json
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -21,7 +18,7 @@ from lede_env.policies import BasePolicy, GuardedPolicy
 from lede_env.replay import ReplayRules, useful_actions
 from lede_env.stopping import AcceptanceCalibration, CalibratedStop, ThresholdStop
 
-from ..conftest import random_rollout, replay_live, tiny_continuations
+from ..conftest import assert_damaged_shipped_file_ignored, random_rollout, replay_live, tiny_continuations
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +282,8 @@ def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calib
     assert heads_key(b, HeadSpec(calib_prompts="humaneval[0:2]"))[0] != heads_key(b, HeadSpec(calib_prompts="humaneval[0:3]"))[0]
     # a shipped file whose checksum fails is ignored (with a warning), never trusted
     key = heads_key(b, HeadSpec((1, 2, 3), "lens", 64, calib_prompts="humaneval[0:2]"))[0]
-    (tmp_path / "h.safetensors").write_bytes(b"not the file")
-    (tmp_path / "MANIFEST.json").write_text(json.dumps({key: {"file": "h.safetensors", "sha256": "0" * 64}}))
-    monkeypatch.setattr(calibration, "PACKAGED_HEADS", tmp_path)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert calibration.packaged_heads(key) is None
-    assert any("checksum" in str(x.message) for x in w)
+    assert_damaged_shipped_file_ignored(monkeypatch, calibration, "PACKAGED_HEADS", calibration.packaged_heads, key,
+                                        "h.safetensors", tmp_path)
 
 
 def test_agreement_by_category_weighs_categories_by_positions(tiny):

@@ -122,13 +122,10 @@ def test_the_shipped_datastore_is_the_embedded_models_default():
 
 
 def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tiny, monkeypatch, tmp_path):
-    import json
-    import warnings
-
     from lede_env import datastore as ds
     from lede_env.datastore import DatastoreSpec, build_datastore, datastore_key, get_datastore
 
-    from ..conftest import tiny_continuations
+    from ..conftest import assert_damaged_shipped_file_ignored, tiny_continuations
 
     b = tiny[0]
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path / "cache"))
@@ -146,11 +143,5 @@ def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tin
     assert store.fingerprint() == build_datastore(conts, spec).fingerprint() and calls == [8]
     assert get_datastore(b, spec, progress=False).fingerprint() == store.fingerprint()
     assert calls == [8]  # loaded from the cache, not decoded again
-    key = datastore_key(b, spec)
-    (tmp_path / "s.npz").write_bytes(b"not the file")
-    (tmp_path / "MANIFEST.json").write_text(json.dumps({key: {"file": "s.npz", "sha256": "0" * 64}}))
-    monkeypatch.setattr(ds, "PACKAGED_DATASTORE", tmp_path)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert ds.packaged_datastore(key) is None
-    assert any("checksum" in str(x.message) for x in w)
+    assert_damaged_shipped_file_ignored(monkeypatch, ds, "PACKAGED_DATASTORE", ds.packaged_datastore,
+                                        datastore_key(b, spec), "s.npz", tmp_path)
