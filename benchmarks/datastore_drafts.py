@@ -3,7 +3,8 @@
 For every position of the held-out prompts' greedy continuations at which the context has no
 match (``lede_env.lookup.context_match`` finds no earlier occurrence of the last 2-3 tokens, so a
 context draft proposes nothing), asks the model's datastore (``lede_env.datastore``: its own
-greedy continuations of the calibration prompts, none of the evaluation prompts) for a draft of
+greedy text of the calibration prompts and of ``DATASTORE_EXTRA``, none of the training or
+evaluation prompts; with ``--calib-only`` also the store of the calibration text alone) for a draft of
 up to ``--max-len`` tokens and reports per prompt category: the share of those positions with a
 draft, the first draft token's agreement with the full model, and the draft tokens the full model
 would accept per draft (teacher-forced: each position on its own, not a decoding run; the trace
@@ -11,13 +12,14 @@ env and ``benchmarks/agent_vs_static.py --context-datastore 1`` measure decoding
 
 With ``--live N`` it also decodes the first N held-out prompts of each category for real, one
 process, methods interleaved prompt by prompt and repeated: plain AR steps, context drafts of up
-to 4 and 8 tokens, and the same with the datastore where the context has no match; it reports
+to 4 and 8 tokens, and the same with each datastore where the context has no match; it reports
 each method's wall-clock speedup over the AR loop per category (and checks every output is
 identical to AR's).
 
     python benchmarks/datastore_drafts.py
     python benchmarks/datastore_drafts.py --eval-prompts wide --max-len 8
     python benchmarks/datastore_drafts.py --live 3 --repeats 2
+    python benchmarks/datastore_drafts.py --calib-only --live 3      # the default store against the smaller one
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import argparse
 
 def main() -> None:
     from lede_env.continuations import get_continuations
-    from lede_env.datastore import get_datastore
-    from lede_env.lookup import DEFAULT_NGRAM, context_match
+    from lede_env.datastore import DatastoreSpec, get_datastore
     from lede_env.model import get_bundle
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, WIDE_EVAL, load_prompts
 
@@ -38,11 +39,27 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=4, help="most tokens per draft")
     ap.add_argument("--live", type=int, default=0, help="held-out prompts per category decoded for real")
     ap.add_argument("--repeats", type=int, default=2, help="decodes of each prompt per method (--live)")
+    ap.add_argument("--calib-only", action="store_true",
+                    help="also the store of the calibration continuations alone (no DATASTORE_EXTRA text), "
+                         "beside the default one")
     args = ap.parse_args()
     b = get_bundle()
-    store = get_datastore(b)
+    stores = {"datastore": get_datastore(b)}
+    if args.calib_only:
+        stores["calibration-only datastore"] = get_datastore(b, DatastoreSpec(extra_prompts=""))
     prompts = load_prompts(WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts)
     held = get_continuations(b, prompts, args.max_new_tokens, progress=False)
+    for name, store in stores.items():
+        teacher_forced(name, store, held, args.max_len)
+    if args.live:
+        live(b, stores, prompts, args)
+
+
+def teacher_forced(name, store, held, max_len: int) -> None:
+    """Per category: positions without a context match, the store's drafts there, their first
+    token's agreement and the tokens accepted per draft."""
+    from lede_env.lookup import DEFAULT_NGRAM, context_match
+
     stats: dict[str, list[int]] = {}
     for c in held:
         P, G = list(c.prompt_ids), list(c.generated)
@@ -50,10 +67,10 @@ def main() -> None:
         for p in range(len(G) - 1):
             seq = P + G[:p + 1]
             s[0] += 1
-            if context_match(seq, args.max_len, DEFAULT_NGRAM)[0]:
+            if context_match(seq, max_len, DEFAULT_NGRAM)[0]:
                 continue
             s[1] += 1
-            d = store.propose(seq, args.max_len)
+            d = store.propose(seq, max_len)
             if not d:
                 continue
             k = 0
@@ -63,18 +80,16 @@ def main() -> None:
             s[3] += k > 0
             s[4] += k
     tot = [sum(v[i] for v in stats.values()) for i in range(5)]
-    print(f"datastore: {store.tokens} tokens, {len(store)} n-grams, fingerprint {store.fingerprint()}\n")
+    print(f"\n{name}: {store.tokens} tokens, {len(store)} n-grams, fingerprint {store.fingerprint()}\n")
     print("| category | positions | no context match | datastore draft there | first token agrees | "
-          "accepted per draft |\n|---|---|---|---|---|---|")
+          "accepted per draft | accepted per position without a match |\n|---|---|---|---|---|---|---|")
     for cat, v in list(stats.items()) + [("all", tot)]:
         print(f"| {cat} | {v[0]} | {v[1] / max(v[0], 1):.2f} | {v[2] / max(v[1], 1):.2f} | "
-              f"{v[3] / max(v[2], 1):.2f} | {v[4] / max(v[2], 1):.2f} |")
-    if args.live:
-        live(b, store, prompts, args)
+              f"{v[3] / max(v[2], 1):.2f} | {v[4] / max(v[2], 1):.2f} | {v[4] / max(v[1], 1):.3f} |")
 
 
-def live(b, store, prompts, args) -> None:
-    """Wall clock: AR, context drafts of up to 4 / 8 tokens without and with the datastore."""
+def live(b, stores, prompts, args) -> None:
+    """Wall clock: AR, context drafts of up to 4 / 8 tokens without and with each datastore."""
     import torch
 
     from lede_env.calibration import HeadSpec, get_heads
@@ -87,8 +102,9 @@ def live(b, store, prompts, args) -> None:
     decoders = {"AR": SelfSpeculativeDecoder(b.stack, heads, 8, b.eos_ids)}
     for m in (4, 8):
         decoders[f"context <= {m}"] = SelfSpeculativeDecoder(b.stack, heads, 8, b.eos_ids, context_draft=m)
-        decoders[f"context <= {m} + datastore"] = SelfSpeculativeDecoder(b.stack, heads, 8, b.eos_ids, context_draft=m,
-                                                                         context_datastore=store)
+        for name, store in stores.items():
+            decoders[f"context <= {m} + {name}"] = SelfSpeculativeDecoder(b.stack, heads, 8, b.eos_ids,
+                                                                          context_draft=m, context_datastore=store)
     seconds = {name: {} for name in decoders}
     tokens = {}
     chosen = first_per_category(prompts, args.live)

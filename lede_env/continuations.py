@@ -69,8 +69,7 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
     folder = cache_dir() / "continuations" / bundle.slug / str(max_new_tokens)
     out = []
     for p, ids in tqdm(list(zip(prompts, prompt_ids)), desc="greedy continuations", disable=not progress):
-        k = hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
-        path = folder / f"{k}.json"
+        path = folder / f"{_cache_key(ids)}.json"
         gen = None
         if use_cache and path.exists():
             try:
@@ -84,3 +83,66 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
         eos = bool(gen) and gen[-1] in bundle.eos_ids
         out.append(Continuation(p.id, p.category, list(map(int, ids)), list(map(int, gen)), eos))
     return out
+
+
+def _cache_key(ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def batched_text(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int = 32,
+                 prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
+                 use_cache: bool = True) -> list[Continuation]:
+    """The model's greedy text for many prompts, decoded in left-padded batches by transformers'
+    ``generate(do_sample=False)``: on 2 CPU cores about 3x the tokens per second of one prompt at a
+    time (84 against 30 tokens/s on the embedded model, batch 32).
+
+    Batching changes the float rounding, so on an exact near-tie a token may differ from
+    :func:`get_continuations`'. That is harmless where the text is a source of drafts (the
+    datastore, :mod:`lede_env.datastore`: the full model verifies every draft), and these never
+    feed traces or exit heads, which need the decoder's own greedy tokens. Each continuation ends
+    at its first EOS; it is cached per prompt under ``continuations/<model>/batched-<max_new>/``
+    (written atomically), apart from the exact ones.
+
+    Args:
+        prompts: the prompts (chat template applied as in :func:`encode_prompts`).
+        max_new_tokens: most tokens per continuation.
+        batch_size: prompts per ``generate`` call (sorted by length, so little padding).
+        prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
+        use_cache: read/write the on-disk cache.
+
+    Raises:
+        ValueError: ``max_new_tokens`` or ``batch_size`` below 1.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"batched_text needs max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} "
+                         f"and {batch_size}.")
+    ids = [list(map(int, x)) for x in (prompt_ids if prompt_ids is not None
+                                       else encode_prompts(bundle, prompts, max_new_tokens))]
+    folder = cache_dir() / "continuations" / bundle.slug / f"batched-{max_new_tokens}"
+    gen: dict[int, list[int]] = {}
+    for i, x in enumerate(ids):
+        path = folder / f"{_cache_key(x)}.json"
+        if use_cache and path.exists():
+            try:
+                gen[i] = [int(t) for t in json.loads(path.read_text())["generated"]]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
+    todo = sorted((i for i in range(len(ids)) if i not in gen), key=lambda i: len(ids[i]))
+    eos = set(bundle.eos_ids)
+    pad = bundle.eos_ids[0] if bundle.eos_ids else 0
+    model, device = bundle.model, bundle.stack.device
+    batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"batched greedy text ({len(todo)} prompts)", disable=not progress):
+        width = max(len(ids[i]) for i in batch)
+        inp = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+        out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=list(eos) or None)
+        for row, i in zip(out[:, width:].tolist(), batch):
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            gen[i] = row[:cut]
+            if use_cache:
+                write_json_atomic(folder / f"{_cache_key(ids[i])}.json", {"id": prompts[i].id, "generated": gen[i]})
+    return [Continuation(p.id, p.category, list(map(int, x)), gen[i], bool(gen[i]) and gen[i][-1] in eos)
+            for i, (p, x) in enumerate(zip(prompts, ids))]

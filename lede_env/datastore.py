@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from .lookup import check_ngram
-from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
+from .prompts import DATASTORE_EXTRA, DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
 from .storage import atomic_file, cache_dir, packaged_file
 
 if TYPE_CHECKING:
@@ -179,8 +179,14 @@ class DatastoreSpec:
     """What determines a model's default datastore (its cache key).
 
     Attributes:
-        calib_prompts: prompt spec whose greedy continuations fill the store.
+        calib_prompts: prompt spec whose greedy continuations fill the store (the exit heads'
+            calibration continuations, :func:`~lede_env.continuations.get_continuations`).
         calib_max_new_tokens: tokens of each continuation.
+        extra_prompts: more prompts whose greedy text also fills the store, decoded in batches
+            (:func:`~lede_env.continuations.batched_text`); ``""``: none. The default,
+            :data:`~lede_env.prompts.DATASTORE_EXTRA`, is disjoint from the calibration, training
+            and evaluation splits.
+        extra_max_new_tokens: most tokens of each of those.
         prompt_tail: last prompt tokens kept before each continuation (the chat template's end:
             what the model opens its answers with after it).
         ngram, min_count, min_share, min_path_share: as :class:`NgramDatastore`.
@@ -188,6 +194,8 @@ class DatastoreSpec:
 
     calib_prompts: str = DEFAULT_CALIB
     calib_max_new_tokens: int = DEFAULT_CALIB_MAX_NEW
+    extra_prompts: str = DATASTORE_EXTRA
+    extra_max_new_tokens: int = 128
     prompt_tail: int = 4
     ngram: tuple[int, int] = (2, 4)
     min_count: int = 2
@@ -196,8 +204,8 @@ class DatastoreSpec:
 
 
 def datastore_key(bundle: "ModelBundle", spec: DatastoreSpec) -> str:
-    """``<model>/<hash>``: the model, the spec and the calibration prompts' content."""
-    fp = prompts_fingerprint(load_prompts(spec.calib_prompts))
+    """``<model>/<hash>``: the model, the spec and its prompts' content."""
+    fp = [prompts_fingerprint(load_prompts(p)) if p else "" for p in (spec.calib_prompts, spec.extra_prompts)]
     h = hashlib.sha256(repr((asdict(spec), fp, DATASTORE_VERSION)).encode()).hexdigest()[:12]
     return f"{bundle.slug}/{h}"
 
@@ -216,14 +224,28 @@ def packaged_datastore(key: str) -> Optional[Path]:
     return packaged_file(PACKAGED_DATASTORE, key, "datastore")
 
 
+def datastore_text(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
+                   use_cache: bool = True) -> list:
+    """The text a store for ``spec`` is built from (:class:`~lede_env.continuations.Continuation`
+    list): the model's greedy continuations of ``spec.calib_prompts`` (decoded once and cached,
+    the same ones the exit heads are fitted on), then its batched greedy text of
+    ``spec.extra_prompts`` (also cached per prompt; about 8 minutes for the default 623 prompts on
+    2 CPU cores)."""
+    from .continuations import batched_text, get_continuations
+
+    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
+                              progress=progress, use_cache=use_cache)
+    if spec.extra_prompts:
+        conts = conts + batched_text(bundle, load_prompts(spec.extra_prompts), spec.extra_max_new_tokens,
+                                     progress=progress, use_cache=use_cache)
+    return conts
+
+
 def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
                   use_cache: bool = True) -> NgramDatastore:
     """The model's datastore for ``spec``: the shipped one when the package has it (the embedded
-    model's), else built from the model's greedy continuations of ``spec.calib_prompts`` (decoded
-    once and cached, the same ones the exit heads are fitted on) and cached under
+    model's), else built from :func:`datastore_text` and cached under
     ``datastore/<model>/<hash>.npz``."""
-    from .continuations import get_continuations
-
     key = datastore_key(bundle, spec)
     path = cache_dir() / "datastore" / f"{key}.npz"
     if use_cache:
@@ -234,9 +256,7 @@ def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), 
                 return NgramDatastore.load(p)
             except ValueError as e:  # a bad cache file is rebuilt, never trusted
                 warnings.warn(f"Ignoring unreadable datastore {p} ({e}); rebuilding it.")
-    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
-                              progress=progress, use_cache=use_cache)
-    store = build_datastore(conts, spec)
+    store = build_datastore(datastore_text(bundle, spec, progress, use_cache), spec)
     if use_cache:
         store.save(path)
     return store

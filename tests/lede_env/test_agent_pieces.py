@@ -255,11 +255,13 @@ def test_guarded_policy_name():
 
 # ---- prompt splits and exit-head files --------------------------------------------------------
 def test_default_splits_are_disjoint():
-    from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
+    from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
     from lede_env.prompts import check_disjoint
 
-    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL)
-    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL)
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL, datastore=DATASTORE_EXTRA)
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL,
+                   datastore=DATASTORE_EXTRA)
+    assert len(load_prompts(DATASTORE_EXTRA)) == 623
     cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
     assert {"code", "instructions", "math_word_problems", "translation"} <= cats
     assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw

@@ -137,7 +137,7 @@ def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tin
         return conts
 
     monkeypatch.setattr("lede_env.continuations.get_continuations", fake_continuations)
-    spec = DatastoreSpec(calib_prompts="humaneval[0:4]", calib_max_new_tokens=8, min_count=1)
+    spec = DatastoreSpec(calib_prompts="humaneval[0:4]", calib_max_new_tokens=8, extra_prompts="", min_count=1)
     store = get_datastore(b, spec, progress=False)
     assert store.tokens == sum(min(len(c.prompt_ids), 4) + len(c.generated) for c in conts)
     assert store.fingerprint() == build_datastore(conts, spec).fingerprint() and calls == [8]
@@ -145,3 +145,12 @@ def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tin
     assert calls == [8]  # loaded from the cache, not decoded again
     assert_damaged_shipped_file_ignored(monkeypatch, ds, "PACKAGED_DATASTORE", ds.packaged_datastore,
                                         datastore_key(b, spec), "s.npz", tmp_path)
+    # more prompts' batched text joins the calibration continuations, under another key
+    extra = tiny_continuations(b, 3, max_new=6, seed=9)
+    monkeypatch.setattr("lede_env.continuations.batched_text",
+                        lambda bundle, prompts, max_new_tokens, **kw: calls.append(("extra", max_new_tokens)) or extra)
+    wide = DatastoreSpec(calib_prompts="humaneval[0:4]", calib_max_new_tokens=8, extra_prompts="humaneval[4:7]",
+                         extra_max_new_tokens=6, min_count=1)
+    assert datastore_key(b, wide) != datastore_key(b, spec)
+    assert get_datastore(b, wide, progress=False).fingerprint() == build_datastore(conts + extra, wide).fingerprint()
+    assert calls[-2:] == [8, ("extra", 6)]

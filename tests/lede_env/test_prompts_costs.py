@@ -161,3 +161,30 @@ def test_continuations_are_cached_per_prompt_and_resume(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="unreadable continuation cache"):
         cont.get_continuations(b, ps, 8, prompt_ids=ids, progress=False)
     assert len(calls) == 4
+
+
+def test_batched_text_is_the_greedy_text_cached_per_prompt(tmp_path, monkeypatch):
+    """Batched, left-padded decoding gives each prompt the model's greedy continuation (the tiny
+    model has no near-ties), cut after its first EOS; a second call decodes only new prompts."""
+    import lede_env.continuations as cont
+    from lede_env.prompts import Prompt
+
+    monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path))
+    b = make_tiny()
+    ps = [Prompt(str(i), "c", "") for i in range(4)]
+    ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15], [3]]
+    exact = cont.get_continuations(b, ps, 12, prompt_ids=ids, progress=False, use_cache=False)
+    calls = []
+    real = b.model.generate
+    monkeypatch.setattr(b.model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw))
+    first = cont.batched_text(b, ps[:3], 12, batch_size=2, prompt_ids=ids[:3], progress=False)
+    assert calls == [2, 1]
+    both = cont.batched_text(b, ps, 12, batch_size=2, prompt_ids=ids, progress=False)
+    assert calls == [2, 1, 1]  # the three earlier prompts came from the cache
+    assert [c.generated for c in both] == [c.generated for c in exact]
+    assert [c.generated for c in both[:3]] == [c.generated for c in first]
+    for c in both:
+        ends = [j for j, t in enumerate(c.generated) if t in b.eos_ids]
+        assert ends in ([], [len(c.generated) - 1]) and c.eos == bool(ends)
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        cont.batched_text(b, ps, 12, batch_size=0, prompt_ids=ids)
