@@ -41,11 +41,12 @@ WIDE_EVAL = ("humaneval[24:40]+specbench{writing,roleplay,reasoning,math,coding,
              "+specbench{translation}[64:80]")
 #: More prompts whose text fills the model's datastore (:mod:`lede_env.datastore`) beside the
 #: calibration continuations: every packaged or HumanEval prompt of the same sources that no
-#: calibration, training or evaluation split above uses (623 prompts).
+#: calibration, training or evaluation split above uses (623), and the packaged prose and chat
+#: prompts written for lede (``prose``, 256), 879 in all.
 DATASTORE_EXTRA = ("humaneval[40:100]+instructions[160:300]+instructions[316:427]+gsm8k[96:300]+gsm8k[316:400]"
-                   "+specbench{translation}[32:40]+specbench{translation}[48:64]")
+                   "+specbench{translation}[32:40]+specbench{translation}[48:64]+prose")
 #: Prompt sets shipped with the package (``lede_env/data/prompts/``), by name.
-PACKAGED = ("instructions", "gsm8k", "specbench", "context")
+PACKAGED = ("instructions", "gsm8k", "specbench", "context", "prose")
 #: Default tokens generated per prompt.
 DEFAULT_MAX_NEW = 96
 #: Tokens of each calibration continuation (shorter than :data:`DEFAULT_MAX_NEW`: more prompts,

@@ -261,7 +261,7 @@ def test_default_splits_are_disjoint():
     check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL, datastore=DATASTORE_EXTRA)
     check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL,
                    datastore=DATASTORE_EXTRA)
-    assert len(load_prompts(DATASTORE_EXTRA)) == 623
+    assert len(load_prompts(DATASTORE_EXTRA)) == 879
     cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
     assert {"code", "instructions", "math_word_problems", "translation"} <= cats
     assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw
