@@ -13,6 +13,8 @@ speedup over lede's AR loop, outputs checked identical to greedy AR.
     python benchmarks/agent_vs_static.py --variants compact/calibrated,full/none --eval-prompts wide
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-draft 4   # action 0 copies
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 --live 2
+    python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 \
+        --obs-stat-exits 0 --context-span 1 --context-datastore 1 --in-sample   # what the observation can tell
 
 With context drafts the trace table adds the oracle over the action set without them, and every
 table has the best static exit draft (E >= 1, chosen on training traces) beside the best static
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=None,
                     help="trace_q targets over this many tokens (the action, then the best static; default: "
                          "trace_q's own)")
+    ap.add_argument("--in-sample", action="store_true",
+                    help="diagnostic: also train trace_q on the evaluation traces themselves (the most a learner "
+                         "with this observation can get out of them; never a result to report as held out)")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
@@ -110,6 +115,12 @@ def main() -> None:
         names = ["ar", "static:best", *copies, exit_name, "del", "oracle"]
         policies = {f"trace_q ({variant})": GuardedPolicy(policy, fallback=static_best),
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
+        if args.in_sample:
+            for steps, hidden in ((args.steps, (64, 64)), (4 * args.steps, (256, 256))):
+                fitted = train_trace_q(eval_env, steps=steps, hidden=hidden,
+                                       **({} if args.horizon is None else {"horizon": args.horizon}))
+                policies[f"trace_q fitted in-sample, {hidden[0]}x{hidden[1]}, {steps} steps ({variant})"] = \
+                    greedy_q_policy(fitted, eval_env.observer.layout())
         if stop != "none":
             policies[f"static best + {stop} stop"] = StaticPolicy(static_best, stop_rule=eval_env.rules.stop)
             # the best static (E, K cap) when every round follows the stop rule, chosen on training traces

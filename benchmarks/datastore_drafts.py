@@ -20,16 +20,18 @@ identical to AR's).
     python benchmarks/datastore_drafts.py --eval-prompts wide --max-len 8
     python benchmarks/datastore_drafts.py --live 3 --repeats 2
     python benchmarks/datastore_drafts.py --calib-only --live 3      # the default store against the smaller one
+    python benchmarks/datastore_drafts.py --fractions 0.25,0.5,1     # stores of part of the calibration text
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 
 
 def main() -> None:
     from lede_env.continuations import get_continuations
-    from lede_env.datastore import DatastoreSpec, get_datastore
+    from lede_env.datastore import DatastoreSpec, build_datastore, datastore_text, get_datastore
     from lede_env.model import get_bundle
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, WIDE_EVAL, load_prompts
 
@@ -42,17 +44,25 @@ def main() -> None:
     ap.add_argument("--calib-only", action="store_true",
                     help="also the store of the calibration continuations alone (no DATASTORE_EXTRA text), "
                          "beside the default one")
+    ap.add_argument("--fractions", default="",
+                    help="also stores built from these shares of the calibration continuations (shuffled with "
+                         "a fixed seed), e.g. 0.25,0.5: how the store's size matters (teacher-forced only)")
     args = ap.parse_args()
     b = get_bundle()
     stores = {"datastore": get_datastore(b)}
     if args.calib_only:
         stores["calibration-only datastore"] = get_datastore(b, DatastoreSpec(extra_prompts=""))
+    if args.fractions:
+        calib = datastore_text(b, DatastoreSpec(extra_prompts=""), progress=False)
+        random.Random(0).shuffle(calib)
+        for f in (float(x) for x in args.fractions.split(",")):
+            stores[f"{f:g} of the calibration text"] = build_datastore(calib[: round(len(calib) * f)], DatastoreSpec())
     prompts = load_prompts(WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts)
     held = get_continuations(b, prompts, args.max_new_tokens, progress=False)
     for name, store in stores.items():
         teacher_forced(name, store, held, args.max_len)
     if args.live:
-        live(b, stores, prompts, args)
+        live(b, {k: v for k, v in stores.items() if " of the calibration text" not in k}, prompts, args)
 
 
 def teacher_forced(name, store, held, max_len: int) -> None:

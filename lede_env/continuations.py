@@ -108,7 +108,8 @@ def batched_text(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens:
         prompts: the prompts (chat template applied as in :func:`encode_prompts`).
         max_new_tokens: most tokens per continuation.
         batch_size: prompts per ``generate`` call (sorted by length, so little padding).
-        prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted.
+        prompt_ids: token ids per prompt; encoded from ``prompts`` when omitted (then a prompt
+            too long for the model's context is left out, with a warning).
         use_cache: read/write the on-disk cache.
 
     Raises:
@@ -117,8 +118,19 @@ def batched_text(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens:
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"batched_text needs max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} "
                          f"and {batch_size}.")
-    ids = [list(map(int, x)) for x in (prompt_ids if prompt_ids is not None
-                                       else encode_prompts(bundle, prompts, max_new_tokens))]
+    if prompt_ids is None:  # a prompt too long for the model's context with max_new_tokens is left out
+        encoded = []
+        for p in prompts:
+            try:
+                encoded.append(encode_prompts(bundle, [p], max_new_tokens)[0])
+            except ValueError:
+                encoded.append(None)
+        if any(x is None for x in encoded):
+            warnings.warn(f"{sum(x is None for x in encoded)} of {len(prompts)} prompts leave no room for "
+                          f"{max_new_tokens} new tokens in the model's context; their text is left out.")
+        prompts = [p for p, x in zip(prompts, encoded) if x is not None]
+        prompt_ids = [x for x in encoded if x is not None]
+    ids = [list(map(int, x)) for x in prompt_ids]
     folder = cache_dir() / "continuations" / bundle.slug / f"batched-{max_new_tokens}"
     gen: dict[int, list[int]] = {}
     for i, x in enumerate(ids):

@@ -208,6 +208,14 @@ class DatastoreSpec:
     min_path_share: float = 0.0
 
 
+def spec_for(calib_prompts: str) -> DatastoreSpec:
+    """The datastore that goes with exit heads fitted on ``calib_prompts``: their continuations,
+    and :data:`~lede_env.prompts.DATASTORE_EXTRA`'s text when they are the default calibration
+    prompts. A custom calibration set names the text its user chose; its store holds that text
+    alone (and costs no more decoding than the heads already need)."""
+    return DatastoreSpec(calib_prompts=calib_prompts, extra_prompts=DATASTORE_EXTRA if calib_prompts == DEFAULT_CALIB else "")
+
+
 def datastore_key(bundle: "ModelBundle", spec: DatastoreSpec) -> str:
     """``<model>/<hash>``: the model, the spec and its prompts' content."""
     fp = [prompts_fingerprint(load_prompts(p)) if p else "" for p in (spec.calib_prompts, spec.extra_prompts)]

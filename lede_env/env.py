@@ -25,7 +25,7 @@ from gymnasium import spaces
 
 from .calibration import HeadSpec
 from .costs import CostProfile
-from .datastore import NgramDatastore, get_datastore
+from .datastore import NgramDatastore, get_datastore, spec_for
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap, ObservationConfig
@@ -200,7 +200,8 @@ class LEDEEnv(gym.Env):
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
     ``context_datastore`` (with context drafts: where the context has no match, the draft comes
     from the model's datastore of its own earlier text, :mod:`lede_env.datastore`; ``True`` loads
-    the model's default store, or give a :class:`~lede_env.datastore.NgramDatastore`),
+    the store that goes with ``calib_prompts``, :func:`lede_env.datastore.spec_for`, or give a
+    :class:`~lede_env.datastore.NgramDatastore`),
     ``bonus``, ``cost_profile``, ``obs_hidden_dim``,
     ``obs_history``, ``obs_recent_tokens``, ``render_mode`` (``"ansi"``), ``backend``
     (``"trace"``/``"live"``), ``temperature`` (>= 0; 0 = greedy; > 0 needs the live backend),
@@ -337,6 +338,7 @@ class LEDEEnv(gym.Env):
             raise ValueError(f"context_datastore={context_datastore!r}; give True (the model's default datastore), "
                              "False, or a lede_env.datastore.NgramDatastore.")
         self._datastore_arg = context_datastore
+        self._calib_prompts = calib_prompts
         ActionMap((), 1, self._context_lengths)  # a bad context_lengths raises here, before anything loads
         self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
@@ -414,7 +416,7 @@ class LEDEEnv(gym.Env):
             if self.bundle is None:
                 raise ValueError("context_datastore=True needs the model to load its datastore: give a "
                                  "lede_env.datastore.NgramDatastore with a prebuilt trace_set.")
-            store = get_datastore(self.bundle, progress=False)
+            store = get_datastore(self.bundle, spec_for(self._calib_prompts), progress=False)
         store = None if store is False else store  # (not ``store or None``: an empty store has len 0)
         if store is not None and not (self._context_draft or self._context_lengths):
             raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts: "

@@ -94,8 +94,9 @@ class Lede:
         context_draft: most tokens copied from the context (prompt lookup) that a plain step
             verifies when the context has a match (default 4; 0: none; see :mod:`lede_env.lookup`).
         context_datastore: where the context has no match, context drafts come from the model's
-            datastore of its own text (:mod:`lede_env.datastore`; the embedded model's ships with
-            the package). An exported agent uses the datastore it was trained with.
+            datastore of its own text (:mod:`lede_env.datastore`; the store that goes with
+            ``calib_prompts``, :func:`~lede_env.datastore.spec_for`; the embedded model's default
+            ships with the package). An exported agent uses the datastore it was trained with.
 
     Raises:
         ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
@@ -143,9 +144,9 @@ class Lede:
             context_datastore = bool(agent_cfg.get("context_datastore"))
         store = None
         if context_datastore and (context_draft or lengths):
-            from .datastore import get_datastore
+            from .datastore import get_datastore, spec_for
 
-            store = get_datastore(self.bundle)
+            store = get_datastore(self.bundle, spec_for(calib_prompts))
             want = (agent_cfg or {}).get("context_datastore")
             if want and want != store.fingerprint():
                 warnings.warn(f"The agent was trained with datastore {want}; this model's is {store.fingerprint()}. "

@@ -113,6 +113,12 @@ def test_the_shipped_datastore_is_the_embedded_models_default():
 
     from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, datastore_key, packaged_datastore
 
+    from lede_env.datastore import spec_for
+    from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB
+
+    # the envs and Lede load the store that goes with their calibration prompts
+    assert spec_for(DEFAULT_CALIB) == DatastoreSpec() and DatastoreSpec().extra_prompts == DATASTORE_EXTRA
+    assert spec_for("humaneval[0:2]") == DatastoreSpec(calib_prompts="humaneval[0:2]", extra_prompts="")
     key = datastore_key(SimpleNamespace(slug="smollm2-135m-instruct"), DatastoreSpec())
     path = packaged_datastore(key)
     assert path is not None

@@ -188,3 +188,13 @@ def test_batched_text_is_the_greedy_text_cached_per_prompt(tmp_path, monkeypatch
         assert ends in ([], [len(c.generated) - 1]) and c.eos == bool(ends)
     with pytest.raises(ValueError, match="batch_size >= 1"):
         cont.batched_text(b, ps, 12, batch_size=0, prompt_ids=ids)
+
+    def encode(bundle, prompts, max_new_tokens):  # prompt "1" leaves no room for the new tokens
+        if prompts[0].id == "1":
+            raise ValueError("The prompt has 600 tokens, more than the 500 allowed")
+        return [ids[int(prompts[0].id)]]
+
+    monkeypatch.setattr(cont, "encode_prompts", encode)
+    with pytest.warns(UserWarning, match="1 of 4 prompts leave no room for 12 new tokens"):
+        kept = cont.batched_text(b, ps, 12, batch_size=2, progress=False)
+    assert [c.id for c in kept] == ["0", "2", "3"] and [c.generated for c in kept] == [both[i].generated for i in (0, 2, 3)]
