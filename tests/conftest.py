@@ -8,7 +8,8 @@ import pytest
 import torch
 
 # One thread: tiny models gain nothing from more, and a second process on the same 2 cores (OpenMP
-# oversubscription) slowed the suite up to 40x with two.
+# oversubscription) slowed the suite up to 40x with two. scripts/test.sh runs two pytest-xdist
+# workers, each with one thread.
 torch.set_num_threads(1)
 
 
