@@ -4,15 +4,21 @@ Exit heads are fitted on them (:mod:`lede_env.calibration`) and traces are built
 (:mod:`lede_env.traces`). Each continuation is cached as
 ``continuations/<model>/<max_new>/<hash of the prompt ids>.json`` under
 :func:`~lede_env.storage.cache_dir`, written atomically, so any prompt set reuses every
-continuation computed before for another set and an interrupted build resumes.
+continuation computed before for another set and an interrupted build resumes. The embedded
+model's continuations of the default training and evaluation prompts (what ``lede demo`` decodes
+first: 94 prompts, about 6 minutes on 2 CPU cores) ship with the package
+(``lede_env/data/continuations/``, made by ``scripts/ship_continuations.py``, checksum in its
+manifest) and fill the cache where it has no file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +28,11 @@ from .decoding import SelfSpeculativeDecoder, StaticPolicy
 from .exits import ExitHeads
 from .model import ModelBundle
 from .prompts import Prompt, encode_prompt
-from .storage import cache_dir, write_json_atomic
+from .storage import cache_dir, packaged_file, write_json_atomic
+
+#: where the embedded model's shipped continuations live (``MANIFEST.json``: ``{"<model>/<max_new>":
+#: {"file": name, "sha256": hex, ...}}``; each file: ``{"generated": {cache key: token ids}}``)
+PACKAGED_CONTINUATIONS = Path(__file__).parent / "data" / "continuations"
 
 
 @dataclass
@@ -76,6 +86,10 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
                 gen = [int(t) for t in json.loads(path.read_text())["generated"]]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
+        if gen is None and use_cache:
+            gen = shipped_continuations(bundle.slug, max_new_tokens).get(_cache_key(ids))
+            if gen is not None:
+                write_json_atomic(path, {"id": p.id, "generated": gen})
         if gen is None:
             gen = greedy_decode(bundle, ids, max_new_tokens)
             if use_cache:
@@ -87,6 +101,17 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
 
 def _cache_key(ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def shipped_continuations(slug: str, max_new_tokens: int) -> dict[str, list[int]]:
+    """The continuations shipped for model ``slug`` (:attr:`ModelBundle.slug`) at
+    ``max_new_tokens``, by cache key (the hash of the prompt's token ids); ``{}`` when none ship,
+    or when the file fails its checksum (a warning: they are then decoded)."""
+    path = packaged_file(PACKAGED_CONTINUATIONS, f"{slug}/{int(max_new_tokens)}", "continuations")
+    if path is None:
+        return {}
+    return {k: [int(t) for t in v] for k, v in json.loads(path.read_text())["generated"].items()}
 
 
 @torch.no_grad()

@@ -41,6 +41,21 @@ def test_decoder_equals_greedy_on_embedded_model(bundle):
         assert dec.generate(ids, SequencePolicy(acts), 32).tokens == ref
 
 
+def test_shipped_continuations_are_greedy_decoding(bundle):
+    """The continuations that ship for the default prompts (scripts/ship_continuations.py) are the
+    model's greedy output: checked against transformers' greedy decoding on 2 of the 94."""
+    from lede_env.continuations import _cache_key, encode_prompts, shipped_continuations
+    from lede_env.decoding import greedy_reference
+    from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
+
+    ship = shipped_continuations(bundle.slug, DEFAULT_MAX_NEW)
+    assert len(ship) == 94
+    prompts = [load_prompts(DEFAULT_TRAIN)[30], load_prompts(DEFAULT_EVAL)[12]]  # an instruction, a roleplay
+    for ids in encode_prompts(bundle, prompts, DEFAULT_MAX_NEW):
+        ref = greedy_reference(bundle.model, torch.tensor(ids), DEFAULT_MAX_NEW, bundle.eos_ids)
+        assert ship[_cache_key(ids)] == ref
+
+
 def test_gym_make_and_check_env_on_embedded_model():
     from gymnasium.utils.env_checker import check_env
 

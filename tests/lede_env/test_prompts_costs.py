@@ -11,7 +11,7 @@ from lede_env.env import LEDEEnv
 from lede_env.prompts import encode_prompt, load_prompts
 from lede_env.traces import load_traces, save_traces
 
-from ..conftest import make_tiny
+from ..conftest import assert_damaged_shipped_file_ignored, make_tiny
 
 
 def _write_jsonl(path, rows):
@@ -198,3 +198,41 @@ def test_batched_text_is_the_greedy_text_cached_per_prompt(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="1 of 4 prompts leave no room for 12 new tokens"):
         kept = cont.batched_text(b, ps, 12, batch_size=2, progress=False)
     assert [c.id for c in kept] == ["0", "2", "3"] and [c.generated for c in kept] == [both[i].generated for i in (0, 2, 3)]
+
+
+def test_shipped_continuations_fill_the_cache_and_a_damaged_file_is_not_trusted(tmp_path, monkeypatch):
+    """A continuation shipped with the package (lede_env/data/continuations/) is used instead of
+    decoding and copied into the cache; prompts it does not cover are decoded."""
+    import hashlib
+
+    import lede_env.continuations as cont
+    from lede_env.prompts import Prompt
+
+    monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path / "cache"))
+    b = make_tiny()
+    ps, ids = [Prompt("0", "c", ""), Prompt("1", "c", "")], [[5, 6, 7], [8, 9]]
+    exact = cont.get_continuations(b, ps, 12, prompt_ids=ids, progress=False, use_cache=False)
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    data = json.dumps({"generated": {cont._cache_key(ids[0]): exact[0].generated}}).encode()
+    (ship / "tiny.json").write_bytes(data)
+    (ship / "MANIFEST.json").write_text(json.dumps({f"{b.slug}/12": {"file": "tiny.json",
+                                                                     "sha256": hashlib.sha256(data).hexdigest()}}))
+    monkeypatch.setattr(cont, "PACKAGED_CONTINUATIONS", ship)
+    cont.shipped_continuations.cache_clear()
+    decoded, real = [], cont.greedy_decode
+    monkeypatch.setattr(cont, "greedy_decode", lambda bundle, i, n: decoded.append(list(i)) or real(bundle, i, n))
+    got = cont.get_continuations(b, ps, 12, prompt_ids=ids, progress=False)
+    assert decoded == [ids[1]]  # only the prompt with no shipped continuation
+    assert [c.generated for c in got] == [c.generated for c in exact]
+    assert (tmp_path / "cache" / "continuations" / b.slug / "12" / f"{cont._cache_key(ids[0])}.json").exists()
+
+    def lookup(key):
+        cont.shipped_continuations.cache_clear()
+        return cont.shipped_continuations(*key.split("/")) or None
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    assert_damaged_shipped_file_ignored(monkeypatch, cont, "PACKAGED_CONTINUATIONS", lookup, f"{b.slug}/12",
+                                        "tiny.json", damaged)
+    cont.shipped_continuations.cache_clear()
