@@ -79,19 +79,17 @@ def get_continuations(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_to
     folder = cache_dir() / "continuations" / bundle.slug / str(max_new_tokens)
     out = []
     for p, ids in tqdm(list(zip(prompts, prompt_ids)), desc="greedy continuations", disable=not progress):
-        path = folder / f"{_cache_key(ids)}.json"
+        key = _cache_key(ids)
+        path = folder / f"{key}.json"
         gen = None
         if use_cache and path.exists():
             try:
                 gen = [int(t) for t in json.loads(path.read_text())["generated"]]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 warnings.warn(f"Ignoring unreadable continuation cache {path}; rebuilding it.")
-        if gen is None and use_cache:
-            gen = shipped_continuations(bundle.slug, max_new_tokens).get(_cache_key(ids))
-            if gen is not None:
-                write_json_atomic(path, {"id": p.id, "generated": gen})
         if gen is None:
-            gen = greedy_decode(bundle, ids, max_new_tokens)
+            shipped = shipped_continuations(bundle.slug, max_new_tokens).get(key) if use_cache else None
+            gen = shipped if shipped is not None else greedy_decode(bundle, ids, max_new_tokens)
             if use_cache:
                 write_json_atomic(path, {"id": p.id, "generated": list(map(int, gen))})
         eos = bool(gen) and gen[-1] in bundle.eos_ids

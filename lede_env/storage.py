@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def cache_dir() -> Path:
@@ -172,6 +172,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     killed mid-write) sees the old file or the new one whole, never a truncated one."""
     with atomic_file(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def record_packaged_file(path: Path, key: str, superseded: Optional[Callable[[str], bool]] = None, **meta) -> dict:
+    """Name the file ``path`` in its folder's ``MANIFEST.json`` under cache key ``key``, with its
+    SHA-256 and ``meta`` (written atomically): what :func:`packaged_file` reads and checks. Other
+    entries stay, except those whose key ``superseded`` accepts: they are removed with their files.
+    Returns the manifest as written."""
+    folder = Path(path).parent
+    man_path = folder / "MANIFEST.json"
+    man = json.loads(man_path.read_text()) if man_path.exists() else {}
+    for old in [k for k in man if k != key and superseded is not None and superseded(k)]:
+        (folder / man.pop(old)["file"]).unlink(missing_ok=True)
+    man[key] = {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), **meta}
+    write_json_atomic(man_path, man)
+    return man
 
 
 def packaged_file(folder: Path, key: str, what: str) -> Optional[Path]:

