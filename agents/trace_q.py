@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,7 +133,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
                   batch_size: int = 256, iterations: int = 4, epsilon: float = 0.1, seed: int = 0,
                   progress: bool = False, log=None, margin: Optional[float] = None,
                   baseline_margin: float = 0.02, horizon: int = 16, exits: bool = True,
-                  advantage: bool = True, exact_horizon: bool = True) -> TraceQAgent:
+                  advantage: bool = True, exact_horizon: bool = True, more_envs: Sequence = ()) -> TraceQAgent:
     """Train a ``trace_q`` agent on a trace env (its own traces and rules).
 
     Args:
@@ -178,12 +178,23 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
             1.06x their profile cost; attention over the context, which the profile times at 256
             cached positions only, see the README.)
 
+        more_envs: more trace envs whose traces are visited too, each replayed under its own rules
+            (e.g. traces of more prompts, each with a datastore that leaves out its own text,
+            :func:`agents.more_traces.fold_envs`). They must have ``env``'s actions and observation
+            layout; lambda, the useful actions and the static baseline stay ``env``'s.
+
     Raises:
-        ValueError: a live-backend env (no traces to replay every action on).
+        ValueError: a live-backend env (no traces to replay every action on), or a ``more_envs``
+            env whose actions or observation layout differ from ``env``'s.
     """
     u = env.unwrapped
-    if not isinstance(u, TraceEnv):
-        raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
+    envs = [u] + [e.unwrapped for e in more_envs]
+    for v in envs:
+        if not isinstance(v, TraceEnv):
+            raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
+        if v.actions != u.actions or v.observer.layout() != u.observer.layout():
+            raise ValueError("trace_q's more_envs must share the env's action map and observation layout; build "
+                             "them with the same env arguments.")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lam = float(u.reward_lambda) if u.reward_mode == "relative" else 1.0
@@ -201,12 +212,12 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     info = {"lambda": lam, "useful": len(allowed), "static": int(static), "horizon": int(horizon),
             "advantage": bool(relative), "exact_horizon": bool(exact_horizon), "iterations": []}
     for it in range(iterations):
-        for idx in u.playable:
-            obs, _ = u.reset(seed=seed + it, options={"prompt_index": idx})
+        for v, idx in ((v, idx) for v in envs for idx in v.playable):
+            obs, _ = v.reset(seed=seed + it, options={"prompt_index": idx})
             done = False
             while not done:
-                flat = u.flatten_observation(obs)
-                y = _targets(u, lam, allowed, horizon, static, exact_horizon)
+                flat = v.flatten_observation(obs)
+                y = _targets(v, lam, allowed, horizon, static, exact_horizon)
                 if relative:
                     y = y - y[col[static]]
                 X.append(flat)
@@ -219,7 +230,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
                     with torch.no_grad():
                         q = net(torch.from_numpy((flat - mean) / std)[None])[0]
                     a = allowed[int(q.argmax())]
-                obs, _, te, tr, _ = u.step(a)
+                obs, _, te, tr, _ = v.step(a)
                 done = te or tr
         if it == 0 and margin is not None:
             means = np.stack(Y).mean(0)

@@ -15,6 +15,8 @@ speedup over lede's AR loop, outputs checked identical to greedy AR.
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 --live 2
     python benchmarks/agent_vs_static.py --variants compact/calibrated --context-lengths 1,2,3,4,6,8 \
         --obs-stat-exits 0 --context-span 1 --context-datastore 1 --in-sample   # what the observation can tell
+    python benchmarks/agent_vs_static.py --variants full/calibrated --context-lengths 1,2,3,4,6,8 \
+        --context-span 1 --context-datastore 1 --more-traces 4    # + 879 prompts' traces, leave-fold-out stores
 
 With context drafts the trace table adds the oracle over the action set without them, and every
 table has the best static exit draft (E >= 1, chosen on training traces) beside the best static
@@ -37,6 +39,7 @@ from pathlib import Path
 def main() -> None:
     from agents.evaluate import live_eval, to_markdown, trace_eval, write_results
     from agents.export import export_policy
+    from agents.more_traces import fold_envs
     from agents.policies import best_static_action
     from agents.train import greedy_q_policy
     from agents.trace_q import train_trace_q
@@ -76,6 +79,11 @@ def main() -> None:
     ap.add_argument("--in-sample", action="store_true",
                     help="diagnostic: also train trace_q on the evaluation traces themselves (the most a learner "
                          "with this observation can get out of them; never a result to report as held out)")
+    ap.add_argument("--more-traces", type=int, default=0, metavar="FOLDS",
+                    help="also train on the datastore's extra text (879 prompts), split into FOLDS parts, each "
+                         "traced against a store without its own text (agents.more_traces.fold_envs; needs "
+                         "--context-datastore 1; 0: off)")
+    ap.add_argument("--more-limit", type=int, default=None, help="with --more-traces: use only this many prompts")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
@@ -94,11 +102,15 @@ def main() -> None:
         train_env = LEDEEnv(prompts=args.train_prompts, **kw)
         eval_env = LEDEEnv(prompts=eval_prompts, **kw, reward_lambda=train_env.reward_lambda)
         static_best, static_tp = best_static_action(train_env)
-        agent = train_trace_q(train_env, steps=args.steps, exits=not args.no_exits,
+        more = fold_envs(train_env, kw, folds=args.more_traces, limit=args.more_limit) if args.more_traces else []
+        if more:
+            info[variant] = {"more_traces": sum(len(e.playable) for e in more),
+                             "more_tokens": sum(e.trace_set.traces[i].n for e in more for i in e.playable)}
+        agent = train_trace_q(train_env, steps=args.steps, exits=not args.no_exits, more_envs=more,
                               **({} if args.horizon is None else {"horizon": args.horizon}))
         policy = greedy_q_policy(agent, train_env.observer.layout())
         E, K = train_env.actions.decode(static_best)
-        info[variant] = {"lambda": train_env.reward_lambda, "static": [E, K], "static_train_tp": static_tp,
+        info[variant] = info.get(variant, {}) | {"lambda": train_env.reward_lambda, "static": [E, K], "static_train_tp": static_tp,
                          "overhead_ar_steps": train_env.profile.overhead / train_env.profile.ar_step,
                          "train_seconds": round(time.time() - t0, 1), "trace_q": agent.info["iterations"][-1]}
         print(f"[{variant}] lambda {train_env.reward_lambda:.3f}, static E={E} K={K}, {info[variant]}", flush=True)

@@ -96,35 +96,53 @@ class TraceSet:
 
 
 @torch.no_grad()
-def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation) -> tuple[Trace, int]:
+def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation, exact_prefix: bool = False) -> tuple[Trace, int]:
     """Build the trace of one continuation; also return the number of positions where the
     teacher-forced full-model argmax differs from the greedy token (near-ties; 0 in fp32 in
-    practice)."""
+    practice).
+
+    Args:
+        exact_prefix: keep only the continuation's prefix up to its first such position (then
+            the count is that of the cut tail): text decoded another way (in padded batches,
+            :func:`~lede_env.continuations.batched_text`) becomes a trace of the decoder's own
+            greedy tokens, since every kept token is the full model's argmax after the kept
+            tokens before it. A cut continuation no longer ends with EOS.
+    """
     ids = torch.tensor(c.prompt_ids + c.generated)
     P, N = len(c.prompt_ids), len(c.generated)
     eh, final, verifier = teacher_forced(stack, ids, heads.exit_layers)
+    differ = (verifier[P - 1:P - 1 + N].cpu() != ids[P:P + N]).nonzero().flatten()
+    mismatches = int(differ.numel())
+    generated, eos = c.generated, c.eos
+    if exact_prefix and mismatches:
+        N = int(differ[0])
+        generated, eos = c.generated[:N], False
     sl = slice(P - 1, P - 1 + N)
     eh, final = eh[sl], final[sl]
-    mismatches = int((verifier[sl].cpu() != ids[P:P + N]).sum())
     drafts = [heads.draft_with_confidence(eh[:, i], i) for i in range(len(heads.exit_layers))]
     draft = torch.stack([d for d, _ in drafts], 1)
     draft_prob = torch.stack([p for _, p in drafts], 1)
     top1, ent, arg = heads.feature_stats(eh)
-    tr = Trace(c.id, c.category, np.asarray(c.prompt_ids, np.int64), np.asarray(c.generated, np.int64), c.eos,
+    tr = Trace(c.id, c.category, np.asarray(c.prompt_ids, np.int64), np.asarray(generated, np.int64), eos,
                draft.cpu().numpy(), top1.cpu().numpy().astype(np.float32), ent.cpu().numpy().astype(np.float32),
                arg.cpu().numpy(), final.float().cpu().numpy(), draft_prob.cpu().numpy().astype(np.float32))
     return tr, mismatches
 
 
 def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[Continuation],
-                 progress: bool = True) -> TraceSet:
-    """Traces of ``continuations`` under ``heads`` (not cached; see :func:`get_traces`)."""
+                 progress: bool = True, exact_prefix: bool = False) -> TraceSet:
+    """Traces of ``continuations`` under ``heads`` (not cached; see :func:`get_traces`).
+
+    Args:
+        exact_prefix: cut each continuation at its first position where the teacher-forced
+            argmax differs (see :func:`trace_one`); for text not decoded one prompt at a time.
+    """
     traces, mism = [], 0
     for c in tqdm(continuations, desc="teacher-forced traces", disable=not progress):
-        t, m = trace_one(bundle.stack, heads, c)
+        t, m = trace_one(bundle.stack, heads, c, exact_prefix)
         traces.append(t)
         mism += m
-    if mism:
+    if mism and not exact_prefix:
         warnings.warn(f"{mism} continuation positions differ from the teacher-forced argmax (near-ties): "
                       "trace replay may differ from live decoding there.")
     manifest = {
@@ -138,6 +156,7 @@ def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[
         "prompt_ids": [t.id for t in traces],
         "max_new_tokens": max((len(c.generated) for c in continuations), default=0),
         "teacher_forcing_mismatches": mism,
+        "exact_prefix": bool(exact_prefix),
         "eos_ids": list(bundle.eos_ids),
     }
     return TraceSet(traces, manifest)

@@ -230,3 +230,29 @@ def test_trace_q_without_exits_chooses_plain_steps_and_context_drafts_only(tiny)
     obs, _ = u.reset(seed=0, options={"prompt_index": 0})
     taken = agent.predict(np.stack([u.flatten_observation(obs)] * 3))
     assert all(int(a) < u.actions.first_exit_action for a in taken)
+
+
+def test_trace_q_visits_the_states_of_more_envs_and_refuses_other_layouts(tiny):
+    """``more_envs``: every playable trace of each extra env is visited too, after the env's own,
+    under the primary env's lambda; an env with another action map cannot join."""
+    from lede_env.env import LEDEEnv
+    from lede_env.traces import TraceSet
+    from agents.trace_q import train_trace_q
+
+    b, _, ts, prof = tiny
+    kw = dict(profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
+    env = LEDEEnv(trace_set=TraceSet(ts.traces[:3], ts.manifest), **kw)
+    more = LEDEEnv(trace_set=TraceSet(ts.traces[3:], ts.manifest), **kw, reward_lambda=env.unwrapped.reward_lambda)
+    visited = []
+    for e in (env, more):
+        u = e.unwrapped
+        u.reset = (lambda reset, u: lambda **k: visited.append((u, k["options"]["prompt_index"])) or reset(**k))(
+            u.reset, u)
+    both = train_trace_q(env, steps=5, iterations=1, more_envs=[more])
+    assert visited == [(e.unwrapped, i) for e in (env, more) for i in e.unwrapped.playable]
+    alone = train_trace_q(env, steps=5, iterations=1).info["iterations"][0]["states"]
+    assert both.info["iterations"][0]["states"] > alone
+    assert both.info["lambda"] == pytest.approx(env.unwrapped.reward_lambda)
+    with pytest.raises(ValueError, match="action map"):
+        train_trace_q(env, steps=5, iterations=1,
+                      more_envs=[LEDEEnv(trace_set=ts, **dict(kw, context_lengths=(2,)))])

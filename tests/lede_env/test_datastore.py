@@ -160,3 +160,47 @@ def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tin
     assert datastore_key(b, wide) != datastore_key(b, spec)
     assert get_datastore(b, wide, progress=False).fingerprint() == build_datastore(conts + extra, wide).fingerprint()
     assert calls[-2:] == [8, ("extra", 6)]
+
+
+def test_fold_split_leaves_each_part_out_of_its_own_store(tiny):
+    """agents.more_traces.fold_split: every extra continuation is in exactly one part; a part's
+    store holds the calibration text and every other part's, never its own; a part's
+    continuations are cut to the episode length, keeping EOS only where the cut keeps it."""
+    from agents.more_traces import fold_split
+    from lede_env.continuations import Continuation
+    from lede_env.datastore import DatastoreSpec
+
+    from ..conftest import tiny_continuations
+
+    b = tiny[0]
+    calib = tiny_continuations(b, n=2, max_new=12, seed=3)
+    extra = [Continuation(f"x{i}", c.category, c.prompt_ids, c.generated, c.eos)
+             for i, c in enumerate(tiny_continuations(b, n=7, max_new=20, seed=4))]
+    spec = DatastoreSpec(prompt_tail=2)
+
+    def seq(c):
+        return list(c.prompt_ids[-2:]) + list(c.generated)
+
+    parts = fold_split(calib, extra, spec, folds=3, max_new_tokens=10)
+    ids = [c.id for _, conts in parts for c in conts]
+    assert sorted(ids) == sorted(c.id for c in extra)
+    by_id = {c.id: c for c in extra}
+    for store, conts in parts:
+        mine = {c.id for c in conts}
+        want = [seq(c) for c in calib] + [seq(c) for c in extra if c.id not in mine]
+        assert [s.tolist() for s in store.sequences] == want
+        for c in conts:
+            full = by_id[c.id]
+            assert c.generated == full.generated[:10] and c.prompt_ids == full.prompt_ids
+            assert c.eos == (full.eos and len(full.generated) <= 10)
+    limited = fold_split(calib, extra, spec, folds=2, max_new_tokens=10, limit=4)
+    assert sum(len(conts) for _, conts in limited) == 4
+    with pytest.raises(ValueError, match="folds"):
+        fold_split(calib, extra, spec, folds=1, max_new_tokens=10)
+
+
+def test_fold_envs_needs_an_env_that_loaded_its_model(tiny_env):
+    from agents.more_traces import fold_envs
+
+    with pytest.raises(ValueError, match="loaded its model"):
+        fold_envs(tiny_env, {})

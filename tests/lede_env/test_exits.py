@@ -92,3 +92,32 @@ def test_head_spec_is_the_one_way_an_exit_list_becomes_heads():
     for bad in ("2,x", [0, 2], [4, 2], [2, 2]):
         with pytest.raises(ValueError, match="exit_layers"):
             HeadSpec(bad)
+
+
+def test_exact_prefix_cuts_a_trace_at_its_first_non_greedy_token():
+    """Text whose token m is not the model's argmax (as batched decoding can give on a near-tie)
+    becomes, with ``exact_prefix``, the trace of its first m tokens: the same drafts and features
+    as the greedy continuation's trace there; without, the whole text is kept and the mismatch
+    counted."""
+    import numpy as np
+
+    from lede_env.continuations import Continuation
+    from lede_env.traces import trace_one
+
+    b = make_tiny()
+    heads = ExitHeads(b.stack, (1, 2, 3), "lens")
+    c = tiny_continuations(b, n=1, max_new=20)[0]
+    assert len(c.generated) >= 12
+    m = 7
+    bad = list(c.generated)
+    V = b.stack.head_weight.shape[0]
+    bad[m] = 3 + (bad[m] - 2) % (V - 3)  # another ordinary token
+    assert bad[m] != c.generated[m]
+    whole, mism = trace_one(b.stack, heads, Continuation("x", "c", c.prompt_ids, bad, False))
+    assert whole.n == len(bad) and mism >= 1
+    cut, _ = trace_one(b.stack, heads, Continuation("x", "c", c.prompt_ids, bad, False), exact_prefix=True)
+    ref, ref_mism = trace_one(b.stack, heads, c)
+    assert ref_mism == 0 and cut.n == m and not cut.eos
+    assert np.array_equal(cut.generated, ref.generated[:m])
+    for a in ("draft", "draft_prob", "top1", "entropy", "lens_arg", "hidden"):
+        np.testing.assert_allclose(getattr(cut, a), getattr(ref, a)[:m], rtol=1e-5, atol=1e-6)
