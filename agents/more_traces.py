@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lede_env.continuations import Continuation, batched_text
-from lede_env.datastore import DatastoreSpec, NgramDatastore, build_datastore, datastore_key, spec_for
+from lede_env.datastore import DatastoreSpec, NgramDatastore, build_datastore, datastore_key, spec_for, stored_text
 from lede_env.prompts import load_prompts
 from lede_env.storage import cache_dir
 from lede_env.traces import TraceSet, build_traces, load_traces, save_traces
@@ -134,28 +134,12 @@ def fold_split(calib: Sequence[Continuation], extra: Sequence[Continuation], spe
     return out
 
 
-def _store_text(bundle, spec, prompts, store: NgramDatastore, progress: bool) -> tuple[list, list]:
-    """``(calibration text, extra text)`` as :class:`Continuation` lists: read back
-    from ``store`` when it is the one ``spec`` builds (its sequences are each continuation after
-    the last ``spec.prompt_tail`` prompt tokens, calibration first: no decoding), else decoded by
+def _store_text(bundle, spec: DatastoreSpec, prompts, store: NgramDatastore, progress: bool) -> tuple[list, list]:
+    """``(calibration text, extra text)``: read back from ``store``
+    (:func:`~lede_env.datastore.stored_text`, no decoding), else decoded by
     :func:`~lede_env.continuations.batched_text` (cached per prompt)."""
-    from lede_env.continuations import encode_prompts
-
-    calib_prompts = load_prompts(spec.calib_prompts)
-    seqs = store.sequences
-    if len(seqs) == len(calib_prompts) + len(prompts):
-        eos = set(bundle.eos_ids)
-        conts = []
-        for p, s in zip(calib_prompts + prompts, seqs):
-            max_new = spec.calib_max_new_tokens if len(conts) < len(calib_prompts) else spec.extra_max_new_tokens
-            ids = [int(t) for t in encode_prompts(bundle, [p], max_new)[0]]
-            s = [int(t) for t in s]
-            tail = ids[max(len(ids) - spec.prompt_tail, 0):]
-            if s[:len(tail)] != tail:
-                break
-            gen = s[len(tail):]
-            conts.append(Continuation(p.id, p.category, ids, gen, bool(gen) and gen[-1] in eos))
-        else:
-            return conts[:len(calib_prompts)], conts[len(calib_prompts):]
-    return (batched_text(bundle, calib_prompts, spec.calib_max_new_tokens, progress=progress),
+    text = stored_text(bundle, spec, store)
+    if text is not None:
+        return text
+    return (batched_text(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens, progress=progress),
             batched_text(bundle, prompts, spec.extra_max_new_tokens, progress=progress))

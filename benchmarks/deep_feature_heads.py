@@ -15,6 +15,16 @@ greedy continuations per prompt category:
 - ``final(t-1) only``: the deep feature alone.
 
     python benchmarks/deep_feature_heads.py --exits 2,4
+    python benchmarks/deep_feature_heads.py --exits 2,4 --replay   # + what it is worth in the trace env
+
+``--replay``: the trace env (measured cost profile, copy actions of 1-8 tokens with datastore
+drafts, calibrated stop) on the training and held-out splits, with each trace's exit-E drafts
+replaced by the ``h_E+final(t-1)`` head's (exact for a round's first draft token, so only rounds
+of K = 1 are replayed): the best static, the oracle, and the rule "copy where the context or the
+datastore has a draft, else draft one token at exit E" (dropping the draft where the head's
+probability is below a threshold, or by the env's calibrated stop), with the shipped heads and
+with the deep-feature ones. The calibration continuations are read back from the shipped
+datastore (:func:`lede_env.datastore.stored_text`) when it holds them, so nothing is decoded.
 """
 
 from __future__ import annotations
@@ -36,12 +46,18 @@ def main() -> None:
     ap.add_argument("--exits", default="2,4")
     ap.add_argument("--eval-prompts", default=DEFAULT_EVAL)
     ap.add_argument("--ridge", type=float, default=1e-2, help="ridge strength relative to the mean diagonal")
+    ap.add_argument("--replay", action="store_true", help="also replay copy-else-exit-draft rules in the trace env")
     args = ap.parse_args()
     exits = tuple(int(e) for e in args.exits.split(","))
     torch.manual_seed(0)
     b = get_bundle()
     base = get_heads(b, HeadSpec(), progress=False)  # draft vocabulary and its LM-head rows
-    calib = get_continuations(b, load_prompts(DEFAULT_CALIB), DEFAULT_CALIB_MAX_NEW, progress=False)
+    from lede_env.datastore import get_datastore, spec_for, stored_text
+
+    spec = spec_for(DEFAULT_CALIB)
+    text = stored_text(b, spec, get_datastore(b, spec, progress=False))
+    calib = text[0] if text is not None and spec.calib_max_new_tokens == DEFAULT_CALIB_MAX_NEW else \
+        get_continuations(b, load_prompts(DEFAULT_CALIB), DEFAULT_CALIB_MAX_NEW, progress=False)
     fit = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for j, c in enumerate(calib)
            if j % HOLDOUT != HOLDOUT - 1]
     held = get_continuations(b, load_prompts(args.eval_prompts), 96, progress=False)
@@ -74,6 +90,7 @@ def main() -> None:
 
     print(f"\nTop-1 agreement on held-out {args.eval_prompts} (96-token greedy continuations), ridge heads "
           f"fitted on {DEFAULT_CALIB}\n")
+    first_heads = {}
     for i, e in enumerate(exits):
         inputs = {"h_E": lambda f: f[0][:, i],
                   "h_E+final(t-1)": lambda f: torch.cat([f[0][:, i], f[2]], 1),
@@ -82,6 +99,8 @@ def main() -> None:
         print(f"exit {e}:\n\n| head input | " + " | ".join(cats + ["all"]) + " |\n|---|" + "---|" * (len(cats) + 1))
         for name, build in inputs.items():
             W = ridge(torch.cat([build(f) for f in F]))
+            if name == "h_E+final(t-1)":
+                first_heads[e] = W
             hits = {c: [0, 0] for c in cats + ["all"]}
             for cat, *f in H:
                 ok = int((draft(W, build(f)) == f[4]).sum())
@@ -90,6 +109,95 @@ def main() -> None:
                     hits[c][1] += f[4].numel()
             print(f"| {name} | " + " | ".join(f"{hits[c][0] / hits[c][1]:.3f}" for c in cats + ["all"]) + " |")
         print()
+    if args.replay:
+        replay(b, base, exits, first_heads)
+
+
+def replay(b, base, exits, first_heads) -> None:
+    """The trace-env table of ``--replay`` (see the module docstring)."""
+    import warnings
+
+    from agents.evaluate import to_markdown, trace_eval
+    from agents.policies import best_static_action
+    from lede_env.env import LEDEEnv
+    from lede_env.exits import teacher_forced
+    from lede_env.policies import BasePolicy
+    from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN
+    from lede_env.stopping import StopRule
+
+    kw = dict(max_new_tokens=96, cost_profile="measured", progress=False, context_lengths=(1, 2, 3, 4, 6, 8),
+              obs_stat_exits=0, obs_context_span=True, context_datastore=True, obs_kind="compact",
+              stop_rule="calibrated")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = LEDEEnv(prompts=DEFAULT_TRAIN, **kw)
+        held = LEDEEnv(prompts=DEFAULT_EVAL, **kw, reward_lambda=train.reward_lambda)
+    static = best_static_action(train)[0]
+    actions = held.unwrapped.actions
+
+    class Drop(StopRule):
+        """Drop the draft token (and end the draft) where the head's probability is below ``threshold``."""
+
+        active = True
+
+        def __init__(self, threshold: float) -> None:
+            self.threshold = threshold
+
+        def keep(self, exit_index: int, probs) -> bool:
+            return float(probs[-1]) >= self.threshold
+
+    class CopyElseDraft(BasePolicy):
+        """The static copy action where a copy draft exists, else one exit-E draft token."""
+
+        needs_observation = True
+
+        def __init__(self, E: int, threshold: float = 0.0) -> None:
+            self.exit_action = actions.encode(E, 1)
+            if threshold:
+                self.stop_rule = Drop(threshold)
+
+        def act(self, obs) -> int:
+            return static if obs["context"][1] > 0 else self.exit_action
+
+    def policies() -> dict:
+        return {f"copy, else E={e} K=1, " + (f"drop below {t}" if t else "calibrated stop"): CopyElseDraft(e, t)
+                for e in exits for t in (0.0, 0.2, 0.35, 0.5)}
+
+    def deepen(env) -> list[float]:
+        """Replace each trace's exit-e drafts by the deep-feature head's; return the held-out
+        first-token agreement per exit before and after."""
+        hits = torch.zeros(len(exits), 2)
+        n = 0
+        for t in env.unwrapped.trace_set.traces:
+            ids = torch.tensor(list(map(int, t.prompt)) + list(map(int, t.generated)))
+            P, N = len(t.prompt), t.n
+            eh, final, _ = teacher_forced(b.stack, ids, exits)
+            x, f = b.stack.norm(eh).float()[P - 1:P - 1 + N], final.float()[P - 2:P - 2 + N]
+            for k, e in enumerate(exits):
+                i = base.exit_layers.index(e)
+                X = torch.cat([x[:, k], f], 1)
+                logits = (torch.cat([X, torch.ones(N, 1)], 1) @ first_heads[e]) @ base.draft_w.float().T
+                top, arg = logits.max(-1)
+                hits[k, 0] += int((t.draft[1:, i] == t.generated[1:]).sum())
+                t.draft[:, i] = base.draft_ids[arg].numpy()
+                t.draft_prob[:, i] = torch.exp(top - torch.logsumexp(logits, -1)).numpy()
+                hits[k, 1] += int((t.draft[1:, i] == t.generated[1:]).sum())
+            n += N - 1
+        return (hits / n).tolist()
+
+    rows = []
+    for heads_name in ("shipped", "h_E+final(t-1)"):
+        for split, env in (("train", train), ("held out", held)):
+            if heads_name != "shipped":
+                agree = deepen(env)
+                print(f"{split}: first-token agreement per exit {exits}, shipped -> deep: "
+                      + ", ".join(f"{a:.3f} -> {c:.3f}" for a, c in agree), flush=True)
+            for r in trace_eval(env, ["static:best", "oracle"], static, policies=policies(),
+                                by_category=split == "held out"):
+                rows.append({"heads": heads_name, "split": split} | {k: r[k] for k in ("policy", "category",
+                                                                                         "throughput")})
+    print(to_markdown([r for r in rows if r["category"] == "all"]))
+    print(to_markdown([r for r in rows if r["category"] != "all"]))
 
 
 if __name__ == "__main__":

@@ -255,6 +255,39 @@ def datastore_text(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(),
     return conts
 
 
+def stored_text(bundle: "ModelBundle", spec: DatastoreSpec, store: NgramDatastore) -> Optional[tuple[list, list]]:
+    """The text ``store`` was built from, read back as
+    :class:`~lede_env.continuations.Continuation` lists ``(calibration, extra)`` (the prompts of
+    ``spec.calib_prompts``, then of ``spec.extra_prompts``), or ``None`` when ``store`` is not the
+    one ``spec`` builds (another number of sequences, or a sequence that does not start with its
+    prompt's last ``spec.prompt_tail`` tokens). No decoding: each sequence is the continuation
+    after those tokens (:func:`build_datastore`); the calibration ones are the exact greedy
+    continuations the exit heads are fitted on, the extra ones batched text
+    (:func:`~lede_env.continuations.batched_text`). ``eos`` is whether a continuation ends with
+    one of the model's EOS ids."""
+    from .continuations import Continuation, encode_prompts
+
+    calib_prompts = load_prompts(spec.calib_prompts)
+    prompts = calib_prompts + (load_prompts(spec.extra_prompts) if spec.extra_prompts else [])
+    if len(store.sequences) != len(prompts):
+        return None
+    eos = set(bundle.eos_ids)
+    conts = []
+    for j, (p, s) in enumerate(zip(prompts, store.sequences)):
+        max_new = spec.calib_max_new_tokens if j < len(calib_prompts) else spec.extra_max_new_tokens
+        try:
+            ids = [int(t) for t in encode_prompts(bundle, [p], max_new)[0]]
+        except ValueError:  # too long for the context: the store cannot hold it
+            return None
+        s = [int(t) for t in s]
+        tail = ids[max(len(ids) - spec.prompt_tail, 0):]
+        if s[:len(tail)] != tail:
+            return None
+        gen = s[len(tail):]
+        conts.append(Continuation(p.id, p.category, ids, gen, bool(gen) and gen[-1] in eos))
+    return conts[:len(calib_prompts)], conts[len(calib_prompts):]
+
+
 def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
                   use_cache: bool = True) -> NgramDatastore:
     """The model's datastore for ``spec``: the shipped one when the package has it (the embedded

@@ -56,6 +56,27 @@ def test_shipped_continuations_are_greedy_decoding(bundle):
         assert ship[_cache_key(ids)] == ref
 
 
+def test_the_shipped_datastore_gives_back_its_text(bundle):
+    """datastore.stored_text reads the shipped store's text back without decoding: one
+    continuation per calibration and extra prompt, the calibration ones the model's greedy
+    decoding (checked on 2 of 352), and a store of other text is not taken for it."""
+    from lede_env.datastore import NgramDatastore, get_datastore, spec_for, stored_text
+    from lede_env.decoding import greedy_reference
+    from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, load_prompts
+
+    spec = spec_for(DEFAULT_CALIB)
+    store = get_datastore(bundle, spec, progress=False)
+    calib, extra = stored_text(bundle, spec, store)
+    assert len(calib) == len(load_prompts(DEFAULT_CALIB)) and len(extra) == len(load_prompts(DATASTORE_EXTRA))
+    assert [c.id for c in extra] == [p.id for p in load_prompts(DATASTORE_EXTRA)]
+    for c in (calib[0], calib[200]):  # a HumanEval problem, an instruction
+        ref = greedy_reference(bundle.model, torch.tensor(c.prompt_ids), spec.calib_max_new_tokens, bundle.eos_ids)
+        assert c.generated == ref
+    assert stored_text(bundle, spec, NgramDatastore(store.sequences[:-1])) is None
+    shifted = [s[1:] for s in store.sequences]
+    assert stored_text(bundle, spec, NgramDatastore(shifted)) is None
+
+
 def test_gym_make_and_check_env_on_embedded_model():
     from gymnasium.utils.env_checker import check_env
 
