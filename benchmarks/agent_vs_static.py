@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--eval-prompts", default=DEFAULT_EVAL, help="prompt spec, or 'wide' for WIDE_EVAL")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
     ap.add_argument("--cost-profile", default="measured")
+    ap.add_argument("--head-kind", default="affine-kl",
+                    help="exit heads (lede_env.exits.HEAD_KINDS; affine-kl-prev: a round's first draft token also "
+                         "reads the previous position's final hidden state)")
     ap.add_argument("--variants", default="compact/calibrated,full/none")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--live", type=int, default=0, help="held-out prompts per category decoded for real")
@@ -91,6 +94,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
     common = dict(max_new_tokens=args.max_new_tokens, cost_profile=args.cost_profile, progress=False,
+                  head_kind=args.head_kind,
                   context_draft=args.context_draft, context_lengths=lengths, obs_stat_exits=args.obs_stat_exits,
                   obs_context_agreement=bool(args.context_agreement), obs_context_span=bool(args.context_span),
                   context_datastore=bool(args.context_datastore))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .continuations import Continuation, get_continuations
-from .exits import ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, rank_vocabulary
+from .exits import (ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, fit_first,
+                    rank_vocabulary)
 from .model import ModelBundle
 from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
 from .storage import atomic_file, cache_dir, packaged_file
@@ -37,13 +38,14 @@ class HeadSpec:
 
     Attributes:
         exit_layers: candidate exits (``None`` = every 2nd layer below L).
-        kind: ``"lens"``, ``"affine"`` or ``"affine-kl"`` (see :mod:`lede_env.exits`).
+        kind: ``"lens"``, ``"affine"``, ``"affine-kl"`` or ``"affine-kl-prev"`` (see
+            :mod:`lede_env.exits`).
         draft_vocab: truncated draft vocabulary size (``None`` = full vocabulary).
         feature_vocab: vocabulary of the observation features.
         calib_prompts: prompt spec whose greedy continuations fit the heads and rank the vocabulary.
         calib_max_new_tokens: continuation length for calibration.
         ridge: relative ridge strength of the affine fit.
-        kl_steps: Adam steps of the KL fine-tune per exit (kind ``"affine-kl"`` only).
+        kl_steps: Adam steps of the KL fine-tune per exit (kinds ``"affine-kl"`` and ``"affine-kl-prev"``).
     """
 
     exit_layers: Optional[tuple[int, ...]] = None
@@ -110,6 +112,11 @@ def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_ca
     The fit: the draft vocabulary is ranked on every calibration continuation; translators are
     fitted on all but every :data:`HOLDOUT`-th continuation, which calibrates the acceptance
     estimate (:func:`~lede_env.exits.calibrate_acceptance`) used to stop drafts inside a round.
+    ``"affine-kl-prev"`` heads start from the ``"affine-kl"`` heads of the same spec (shipped,
+    cached or fitted, with their vocabulary and acceptance calibration) and fit only the
+    first-token translators (:func:`~lede_env.exits.fit_first`) on the same split. The
+    calibration continuations are read back from the model's shipped or cached datastore when it
+    holds them (:func:`~lede_env.datastore.stored_text`), else decoded (cached per prompt).
 
     Args:
         calibration: continuations to fit on instead of ``spec.calib_prompts`` (tests).
@@ -131,22 +138,44 @@ def get_heads(bundle: ModelBundle, spec: HeadSpec, progress: bool = True, use_ca
                 return heads
             except Exception as e:  # noqa: BLE001 - a bad cache file is rebuilt, never trusted
                 warnings.warn(f"Ignoring unreadable exit-head file {p} ({e}); refitting.")
+    base = get_heads(bundle, replace(spec, kind="affine-kl"), progress, use_cache, calibration) if heads.prev else None
     if calibration is None:
-        calibration = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
-                                        progress=progress, use_cache=use_cache)
-    heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
-    heads._refresh_vocab()
+        calibration = _stored_calibration(bundle, spec) or get_continuations(
+            bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens, progress=progress,
+            use_cache=use_cache)
     seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in calibration]
     held = seqs[HOLDOUT - 1::HOLDOUT] if len(seqs) >= HOLDOUT else []
     fit = [q for j, q in enumerate(seqs) if j % HOLDOUT != HOLDOUT - 1] if held else seqs
-    if heads.translated:
-        fit_affine(heads, fit, ridge=spec.ridge)
-        if spec.kind == "affine-kl":
-            finetune_kl(heads, fit, steps=spec.kl_steps)
-    calibrate_acceptance(heads, held or seqs)
+    if base is not None:
+        heads.vocab_rank = base.vocab_rank
+        heads._refresh_vocab()
+        heads.weight, heads.bias, heads.acceptance = base.weight, base.bias, base.acceptance
+        fit_first(heads, fit, ridge=spec.ridge)
+    else:
+        heads.vocab_rank = rank_vocabulary(V, [c.generated for c in calibration])
+        heads._refresh_vocab()
+        if heads.translated:
+            fit_affine(heads, fit, ridge=spec.ridge)
+            if spec.kind == "affine-kl":
+                finetune_kl(heads, fit, steps=spec.kl_steps)
+        calibrate_acceptance(heads, held or seqs)
     if use_cache:
         _save_tensors_atomic(path, heads.state())
     return heads
+
+
+def _stored_calibration(bundle: ModelBundle, spec: HeadSpec) -> Optional[list[Continuation]]:
+    """The calibration continuations of ``spec`` read back from the model's shipped or cached
+    datastore (the store built from them: :func:`~lede_env.datastore.spec_for`), or ``None``
+    when there is none or it holds other text. Never builds a store."""
+    from .datastore import cached_datastore, spec_for, stored_text
+
+    ds = spec_for(spec.calib_prompts)
+    if ds.calib_max_new_tokens != spec.calib_max_new_tokens:
+        return None
+    store = cached_datastore(bundle, ds)
+    text = None if store is None else stored_text(bundle, ds, store)
+    return None if text is None else text[0]
 
 
 def agreement_by_category(heads: ExitHeads, continuations: Sequence[Continuation]) -> dict[str, dict[int, float]]:

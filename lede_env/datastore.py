@@ -293,17 +293,25 @@ def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), 
     """The model's datastore for ``spec``: the shipped one when the package has it (the embedded
     model's), else built from :func:`datastore_text` and cached under
     ``datastore/<model>/<hash>.npz``."""
-    key = datastore_key(bundle, spec)
-    path = cache_dir() / "datastore" / f"{key}.npz"
     if use_cache:
-        for p in (packaged_datastore(key), path):
-            if p is None or not p.exists():
-                continue
-            try:
-                return NgramDatastore.load(p)
-            except ValueError as e:  # a bad cache file is rebuilt, never trusted
-                warnings.warn(f"Ignoring unreadable datastore {p} ({e}); rebuilding it.")
+        store = cached_datastore(bundle, spec)
+        if store is not None:
+            return store
     store = build_datastore(datastore_text(bundle, spec, progress, use_cache), spec)
     if use_cache:
-        store.save(path)
+        store.save(cache_dir() / "datastore" / f"{datastore_key(bundle, spec)}.npz")
     return store
+
+
+def cached_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec()) -> Optional[NgramDatastore]:
+    """The model's datastore for ``spec`` if the package ships it or the cache holds it (an
+    unreadable file warns and is skipped), else ``None``; never builds one."""
+    key = datastore_key(bundle, spec)
+    for p in (packaged_datastore(key), cache_dir() / "datastore" / f"{key}.npz"):
+        if p is None or not p.exists():
+            continue
+        try:
+            return NgramDatastore.load(p)
+        except ValueError as e:  # a bad cache file is rebuilt, never trusted
+            warnings.warn(f"Ignoring unreadable datastore {p} ({e}); rebuilding it.")
+    return None

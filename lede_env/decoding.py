@@ -525,13 +525,16 @@ class SelfSpeculativeDecoder:
         [1, n, d] of the n positions to verify (n = K'+1 with the bonus, else max(K', 1)), and the
         draft passes run (K', or K'+1 when a token was dropped); ``taps[e]`` gets [1, n, d] for
         exits e <= E. Under sampling, drafts are drawn from the head's warped distribution (the
-        sampler keeps the kept tokens' distributions for verification).
+        sampler keeps the kept tokens' distributions for verification). With ``"affine-kl-prev"``
+        heads the first draft token comes from :meth:`~lede_env.exits.ExitHeads.first_logits`,
+        which also reads the final hidden state of the last verified position.
         """
         i = self.heads.index(E)
         hs, draft, tap_lists, probs = [], [], {}, []
         extra_pass = self.bonus and self.reuse
         dev = self.stack.device
         stopping = rule.active
+        first_head = self.heads.prev  # "affine-kl-prev": the first draft token has its own head
         passes = 0
         cur = torch.tensor([[state.pending]], device=dev)  # [1, 1] int64: greedy drafts stay on the device,
         while True:                                         # so a GPU queues the next pass without a sync
@@ -546,7 +549,14 @@ class SelfSpeculativeDecoder:
             if len(draft) == K:  # that was the last draft token's pass for the bonus position
                 break
             passes += 1
-            if state.sampler is not None:
+            if first_head and not draft:  # a round's first draft token: its head reads final(t-1) too
+                if state.sampler is not None:
+                    tok, prob = state.sampler.draw_draft(self.heads.first_logits(h[0, 0], state.normed_last, i))
+                    tok = tok.view(1, 1).to(dev)
+                else:
+                    tok, prob = self.heads.first_with_confidence(h[0, 0], state.normed_last, i)
+                    tok = tok.view(1, 1)
+            elif state.sampler is not None:
                 tok, prob = state.sampler.draw_draft(self.heads.draft_logits(h[0, 0], i))
                 tok = tok.view(1, 1).to(dev)
             elif not stopping:

@@ -189,7 +189,7 @@ class LEDEEnv(gym.Env):
     ## Arguments
     ``model`` (id/path, ``None`` = embedded SmolLM2-135M-Instruct), ``prompts`` (prompt spec,
     default ``DEFAULT_TRAIN``: code, instructions, math, translation), ``max_new_tokens`` (96), ``exit_layers`` (``None`` = every 2nd layer),
-    ``k_max``, ``head_kind`` (``"affine-kl"``/``"affine"``/``"lens"``, see :mod:`lede_env.exits`), ``draft_vocab``, ``feature_vocab``,
+    ``k_max``, ``head_kind`` (``"affine-kl"``/``"affine-kl-prev"``/``"affine"``/``"lens"``, see :mod:`lede_env.exits`), ``draft_vocab``, ``feature_vocab``,
     ``bonus`` (verify K+1 positions), ``reuse`` (verification skips layers 1..E), ``stop_threshold``, ``calib_prompts`` (prompts whose greedy continuations fit the exit heads; default
     the multi-domain ``DEFAULT_CALIB``, disjoint from the defaults for training and evaluation), ``reward_mode``,
     ``reward_lambda`` (``"auto"`` or a throughput), ``stop_rule`` (``None`` or ``"calibrated"``), ``obs_kind``

@@ -11,6 +11,14 @@ Two kinds (:attr:`ExitHeads.kind`):
 - ``"affine-kl"`` - the same translator, ridge-fitted, then fine-tuned by KL to the final
   layer's distribution over the draft vocabulary (:func:`finetune_kl`): a few points more
   top-1 agreement at shallow exits for a fit of about 10 s per exit on 2 CPU cores.
+- ``"affine-kl-prev"`` - ``"affine-kl"``, and a round's *first* draft token comes from a second
+  translator that also reads the final normed hidden state of the position before it, which the
+  verifier has always computed (the one whose argmax is the pending token): EAGLE's top-layer
+  feature (arXiv 2401.15077) given to an early exit. ``[norm(h_E), final(t-1)] @ W + b``,
+  ridge-fitted towards the affine-kl translator (:func:`fit_first`). Later draft tokens of the
+  round use the affine-kl head (their previous position is not verified yet). Held out on the
+  embedded model: first-token agreement 0.229 -> 0.270 at E=2, 0.253 -> 0.281 at E=4
+  (``benchmarks/deep_feature_heads.py``).
 
 Draft heads may score only a truncated, frequency-ranked vocabulary of ``draft_vocab`` tokens
 (FR-Spec idea, arXiv 2502.14856): on small models the full LM head costs as much as several
@@ -34,7 +42,7 @@ from torch import nn
 from .layers import LayerStack
 from .stopping import AcceptanceCalibration
 
-HEAD_KINDS = ("lens", "affine", "affine-kl")
+HEAD_KINDS = ("lens", "affine", "affine-kl", "affine-kl-prev")
 #: bumped whenever the observation features computed from exit heads change (cache keys)
 FEATURES_VERSION = 2
 
@@ -94,6 +102,9 @@ class ExitHeads(nn.Module):
         self.kind = kind
         #: whether each exit has an affine translator (every kind but the logit lens)
         self.translated = kind != "lens"
+        #: whether a round's first draft token also reads the previous position's final hidden
+        #: state (``"affine-kl-prev"``: :meth:`first_logits`)
+        self.prev = kind == "affine-kl-prev"
         self.draft_vocab = draft_vocab
         self.feature_vocab = feature_vocab
         self.register_buffer("vocab_rank", vocab_rank.to(torch.long), persistent=False)
@@ -103,6 +114,11 @@ class ExitHeads(nn.Module):
         eye = torch.eye(d, dtype=stack.dtype, device=stack.device)
         self.register_buffer("weight", eye.repeat(n, 1, 1), persistent=False)
         self.register_buffer("bias", torch.zeros(n, d, dtype=stack.dtype, device=stack.device), persistent=False)
+        if self.prev:  # first-token translators [norm(h_E), final(t-1)] -> d: the logit lens until fitted
+            zero = torch.zeros(n, d, d, dtype=stack.dtype, device=stack.device)
+            self.register_buffer("first_weight", torch.cat([eye.repeat(n, 1, 1), zero], 1), persistent=False)
+            self.register_buffer("first_bias", torch.zeros(n, d, dtype=stack.dtype, device=stack.device),
+                                 persistent=False)
         #: per-exit acceptance against the draft probability (:func:`calibrate_acceptance`), or None
         self.acceptance: Optional[AcceptanceCalibration] = None
         self._refresh_vocab()
@@ -172,6 +188,39 @@ class ExitHeads(nn.Module):
         return self.draft_ids[arg], prob
 
     @torch.no_grad()
+    def first_logits(self, hidden: torch.Tensor, prev_final: torch.Tensor, i: int) -> torch.Tensor:
+        """Draft-head logits for a round's first draft token (token ids: :attr:`draft_ids`): with
+        ``"affine-kl-prev"`` heads from ``[norm(hidden), prev_final]`` through the exit's
+        first-token translator, else :meth:`draft_logits` (``prev_final`` unused).
+
+        Args:
+            hidden: [..., d] output of decoder layer ``exit_layers[i]`` at the pending token.
+            prev_final: [..., d] final normed hidden state at the position before it.
+
+        Returns:
+            [..., V_d] float32 logits.
+        """
+        if not self.prev:
+            return self.draft_logits(hidden, i)
+        h = self.stack.norm(hidden)
+        x = torch.cat([h, prev_final.to(h.dtype).expand_as(h)], -1)
+        t = torch.addmm(self.first_bias[i], x.reshape(-1, x.shape[-1]), self.first_weight[i]).view(h.shape)
+        return self.stack.linear(t, self.draft_w).float()
+
+    @torch.no_grad()
+    def first_with_confidence(self, hidden: torch.Tensor, prev_final: torch.Tensor,
+                              i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`draft_with_confidence` for a round's first draft token (:meth:`first_logits`).
+
+        Returns:
+            ``(tokens, prob)``: [...] int64 token ids (full vocabulary), [...] float32 top-1
+            probability over the draft vocabulary.
+        """
+        logits = self.first_logits(hidden, prev_final, i)
+        top, arg = logits.max(-1)
+        return self.draft_ids[arg], torch.exp(top - torch.logsumexp(logits, -1))
+
+    @torch.no_grad()
     def feature_stats(self, hidden: torch.Tensor, n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics of every exit's head over the feature vocabulary.
 
@@ -207,25 +256,38 @@ class ExitHeads(nn.Module):
         if self.translated:
             h.update(self.weight.float().cpu().numpy().tobytes())
             h.update(self.bias.float().cpu().numpy().tobytes())
+        if self.prev:
+            h.update(self.first_weight.float().cpu().numpy().tobytes())
+            h.update(self.first_bias.float().cpu().numpy().tobytes())
         return h.hexdigest()[:12]
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors to save (safetensors; on the CPU): ``weight`` [n, d, d], ``bias`` [n, d], ``vocab_rank`` [V],
-        and the acceptance calibration's ``accept_*`` tensors when there is one."""
+        with ``"affine-kl-prev"`` ``first_weight`` [n, 2d, d] and ``first_bias`` [n, d], and the
+        acceptance calibration's ``accept_*`` tensors when there is one."""
         out = {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
                "vocab_rank": self.vocab_rank.cpu().contiguous()}
+        if self.prev:
+            out |= {"first_weight": self.first_weight.cpu().contiguous(), "first_bias": self.first_bias.cpu().contiguous()}
         if self.acceptance is not None:
             out.update(self.acceptance.state())
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`state`. Raises ``ValueError`` on a shape mismatch."""
-        for k in ("weight", "bias", "vocab_rank"):
+        """Inverse of :meth:`state`. Raises ``ValueError`` on a shape mismatch or missing
+        first-token translators."""
+        keys = ("weight", "bias", "vocab_rank") + (("first_weight", "first_bias") if self.prev else ())
+        for k in keys:
+            if k not in tensors:
+                raise ValueError(f"Exit-head tensors lack {k!r}: they were saved for another head kind than {self.kind!r}.")
             if tensors[k].shape != getattr(self, k).shape:
                 raise ValueError(f"Exit-head tensor {k!r} has shape {tuple(tensors[k].shape)}, expected "
                                  f"{tuple(getattr(self, k).shape)}: it was fitted for another model or exit set.")
         self.weight = tensors["weight"].to(self.weight)
         self.bias = tensors["bias"].to(self.bias)
+        if self.prev:
+            self.first_weight = tensors["first_weight"].to(self.first_weight)
+            self.first_bias = tensors["first_bias"].to(self.first_bias)
         self.vocab_rank = tensors["vocab_rank"].to(torch.long).cpu()
         self.acceptance = AcceptanceCalibration.from_state(tensors)
         if self.acceptance is not None and self.acceptance.rate.shape[0] != len(self.exit_layers):
@@ -414,17 +476,74 @@ def finetune_kl(
 
 
 @torch.no_grad()
+def fit_first(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]], ridge: float = 0.01) -> dict:
+    """Fit each exit's first-token translator of ``"affine-kl-prev"`` heads by ridge regression.
+
+    Minimises ``||[norm(h_E(t)), final(t-1)] W + b - final(t)||^2 + lam ||W - W0||^2`` over the
+    continuation positions of ``sequences``, ``W0`` the exit's own (already fitted) translator
+    stacked on zeros, so a huge ``ridge`` pulls it to the affine-kl translator; ``lam = ridge *
+    mean(diag(X^T X))`` after centring, as :func:`fit_affine`.
+
+    Args:
+        heads: ``"affine-kl-prev"`` heads whose translators are fitted; updated in place.
+        sequences: ``(ids [T] int64, n_prompt)`` pairs; positions ``max(n_prompt-1, 1) .. T-2``.
+        ridge: relative ridge strength (> 0).
+
+    Returns:
+        ``{"positions": N}``.
+
+    Raises:
+        ValueError: heads of another kind, ``ridge`` <= 0, or fewer than 2 positions.
+    """
+    if not heads.prev:
+        raise ValueError(f"fit_first needs 'affine-kl-prev' heads, got {heads.kind!r}.")
+    if ridge <= 0:
+        raise ValueError(f"ridge must be > 0, got {ridge}.")
+    xs, ps, ys = [], [], []
+    for ids, n_prompt in sequences:
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(n_prompt - 1, 1), ids.shape[0] - 1)
+        xs.append(heads.stack.norm(eh[sl]))
+        ps.append(final[sl.start - 1:sl.stop - 1])
+        ys.append(final[sl])
+    if not xs or sum(x.shape[0] for x in xs) < 2:
+        raise ValueError("Not enough continuation positions to fit first-token heads (need >= 2).")
+    X, P, Y = torch.cat(xs).double(), torch.cat(ps).double(), torch.cat(ys).double()
+    d = Y.shape[1]
+    eye = torch.eye(2 * d, dtype=torch.float64, device=Y.device)
+    my = Y.mean(0)
+    Yc = Y - my
+    for i in range(len(heads.exit_layers)):
+        x = torch.cat([X[:, i], P], 1)
+        mx = x.mean(0)
+        xc = x - mx
+        xtx = xc.T @ xc
+        lam = ridge * xtx.diagonal().mean()
+        W0 = torch.cat([heads.weight[i].double(), torch.zeros(d, d, dtype=torch.float64, device=Y.device)], 0)
+        W = torch.linalg.solve(xtx + lam * eye, xc.T @ Yc + lam * W0)
+        heads.first_weight[i] = W.to(heads.first_weight.dtype)
+        heads.first_bias[i] = (my - mx @ W).to(heads.first_bias.dtype)
+    return {"positions": int(X.shape[0])}
+
+
+@torch.no_grad()
 def agreement(heads: ExitHeads, sequences: Sequence[tuple[torch.Tensor, int]]) -> dict[int, float]:
     """Top-1 agreement of each exit's draft token with the next token of ``sequences``
-    (the model's greedy continuations) over their continuation positions."""
+    (the model's greedy continuations) over their continuation positions; for
+    ``"affine-kl-prev"`` heads, of a round's first draft token (:meth:`ExitHeads.first_logits`,
+    given the final hidden state of the position before)."""
     hits = torch.zeros(len(heads.exit_layers))
     total = 0
     for ids, n_prompt in sequences:
-        eh, _, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
-        sl = slice(max(n_prompt - 1, 0), ids.shape[0] - 1)
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(n_prompt - 1, 1 if heads.prev else 0), ids.shape[0] - 1)
         target = ids[sl.start + 1: sl.stop + 1].to(eh.device)
         for i in range(len(heads.exit_layers)):
-            hits[i] += (heads.draft_tokens(eh[sl, i], i) == target).sum().item()
+            if heads.prev:
+                drafted = heads.first_with_confidence(eh[sl, i], final[sl.start - 1:sl.stop - 1], i)[0]
+            else:
+                drafted = heads.draft_tokens(eh[sl, i], i)
+            hits[i] += (drafted == target).sum().item()
         total += target.shape[0]
     return {e: (hits[i].item() / total if total else math.nan) for i, e in enumerate(heads.exit_layers)}
 

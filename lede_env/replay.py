@@ -110,9 +110,13 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     else:
         i = rules.actions.exit_layers.index(E)
-        K, passes = rules.stop.draft(i, trace.draft_prob[g:g + K, i], K)
+        probs, tokens = trace.draft_prob[g:g + K, i], trace.draft[g:g + K, i]
+        if trace.draft_first is not None and g < N:  # the round's first draft token has its own head
+            probs, tokens = probs.copy(), tokens.copy()
+            probs[0], tokens[0] = trace.draft_first_prob[g, i], trace.draft_first[g, i]
+        K, passes = rules.stop.draft(i, probs, K)
         n = verified_positions(K, rules.bonus)  # a dropped first draft verifies the pending token alone
-        draft = [int(trace.draft[g + j, i]) if g + j < N else _NO_DRAFT for j in range(K)]
+        draft = [int(tokens[j]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
     return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse, passes)

@@ -57,6 +57,11 @@ class Trace:
         top1, entropy: [N, n_exits] float32 feature statistics of each exit head.
         lens_arg: [N, n_exits] int64 exit-head argmax over the feature vocabulary.
         hidden: [N, d] float32 final normed hidden state.
+        draft_first, draft_first_prob: [N, n_exits] int64 / float32, what each exit drafts at
+            local position j as a round's *first* draft token, and its probability, where that
+            differs from ``draft`` (``"affine-kl-prev"`` heads, which also read the final hidden
+            state at j-1: :meth:`~lede_env.exits.ExitHeads.first_logits`); ``None``: the same
+            as ``draft`` and ``draft_prob``.
     """
 
     id: str
@@ -70,6 +75,8 @@ class Trace:
     lens_arg: np.ndarray
     hidden: np.ndarray
     draft_prob: np.ndarray
+    draft_first: Optional[np.ndarray] = None
+    draft_first_prob: Optional[np.ndarray] = None
 
     @property
     def n(self) -> int:
@@ -110,7 +117,7 @@ def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation, exact_prefix
     """
     ids = torch.tensor(c.prompt_ids + c.generated)
     P, N = len(c.prompt_ids), len(c.generated)
-    eh, final, verifier = teacher_forced(stack, ids, heads.exit_layers)
+    eh, final_all, verifier = teacher_forced(stack, ids, heads.exit_layers)
     differ = (verifier[P - 1:P - 1 + N].cpu() != ids[P:P + N]).nonzero().flatten()
     mismatches = int(differ.numel())
     generated, eos = c.generated, c.eos
@@ -118,14 +125,21 @@ def trace_one(stack: LayerStack, heads: ExitHeads, c: Continuation, exact_prefix
         N = int(differ[0])
         generated, eos = c.generated[:N], False
     sl = slice(P - 1, P - 1 + N)
-    eh, final = eh[sl], final[sl]
+    eh, final = eh[sl], final_all[sl]
     drafts = [heads.draft_with_confidence(eh[:, i], i) for i in range(len(heads.exit_layers))]
     draft = torch.stack([d for d, _ in drafts], 1)
     draft_prob = torch.stack([p for _, p in drafts], 1)
     top1, ent, arg = heads.feature_stats(eh)
+    first = first_prob = None
+    if heads.prev:  # the final hidden state one position before each (local j = 0 has none when P == 1)
+        prev = torch.cat([final_all[P - 2:P - 1] if P >= 2 else torch.zeros_like(final[:1]), final[:-1]])[:N]
+        firsts = [heads.first_with_confidence(eh[:, i], prev, i) for i in range(len(heads.exit_layers))]
+        first = torch.stack([d for d, _ in firsts], 1).cpu().numpy()
+        first_prob = torch.stack([p for _, p in firsts], 1).cpu().numpy().astype(np.float32)
     tr = Trace(c.id, c.category, np.asarray(c.prompt_ids, np.int64), np.asarray(generated, np.int64), eos,
                draft.cpu().numpy(), top1.cpu().numpy().astype(np.float32), ent.cpu().numpy().astype(np.float32),
-               arg.cpu().numpy(), final.float().cpu().numpy(), draft_prob.cpu().numpy().astype(np.float32))
+               arg.cpu().numpy(), final.float().cpu().numpy(), draft_prob.cpu().numpy().astype(np.float32),
+               first, first_prob)
     return tr, mismatches
 
 
@@ -163,6 +177,8 @@ def build_traces(bundle: ModelBundle, heads: ExitHeads, continuations: Sequence[
 
 
 _ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidden", "draft_prob")
+#: saved only by traces of ``"affine-kl-prev"`` heads
+_FIRST = ("draft_first", "draft_first_prob")
 
 
 def save_traces(ts: TraceSet, folder: Path) -> None:
@@ -175,6 +191,9 @@ def save_traces(ts: TraceSet, folder: Path) -> None:
         tensors["prompt_len"] = torch.tensor([len(t.prompt) for t in ts.traces])
         tensors["gen_len"] = torch.tensor([t.n for t in ts.traces])
         tensors["eos"] = torch.tensor([t.eos for t in ts.traces])
+        if ts.traces and all(t.draft_first is not None for t in ts.traces):
+            for a in _FIRST:
+                tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
         save_file(tensors, str(tmp / "traces.safetensors"))
         man = dict(ts.manifest) | {"categories": [t.category for t in ts.traces],
                                    "prompt_ids": [t.id for t in ts.traces]}
@@ -213,9 +232,10 @@ def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
     ids = man["prompt_ids"]
     out, po, go = [], 0, 0
     for i, (p, n) in enumerate(zip(P, N)):
-        arr = {a: t[a][go:go + n].numpy() for a in _ARRAYS if a != "prompt"}
+        arr = {a: t[a][go:go + n].numpy() for a in _ARRAYS + _FIRST if a != "prompt" and a in t}
         out.append(Trace(ids[i], cats[i], t["prompt"][po:po + p].numpy(), arr["generated"], bool(t["eos"][i]),
-                         arr["draft"], arr["top1"], arr["entropy"], arr["lens_arg"], arr["hidden"], arr["draft_prob"]))
+                         arr["draft"], arr["top1"], arr["entropy"], arr["lens_arg"], arr["hidden"], arr["draft_prob"],
+                         arr.get("draft_first"), arr.get("draft_first_prob")))
         po += p
         go += n
     return TraceSet(out, man)

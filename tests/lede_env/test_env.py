@@ -262,3 +262,77 @@ def test_bad_arguments(tiny):
         env.step("1")
     with pytest.raises(ValueError, match="prompt_index"):
         env.reset(options={"prompt_index": 99})
+
+
+@pytest.fixture(scope="module")
+def tiny_prev(tiny):
+    """The tiny model with ``"affine-kl-prev"`` heads and its traces under them. The tiny
+    model's greedy text loops, so fitted heads agree almost everywhere and a first-token head
+    would change few outcomes: the translators are fitted, the first-token ones drawn at random
+    (seeded), so that a round's first draft token is accepted where a later token's would not be
+    and the other way round (losslessness does not depend on the heads' quality)."""
+    import torch
+
+    from lede_env.exits import ExitHeads, fit_affine
+    from lede_env.traces import build_traces
+
+    from ..conftest import tiny_continuations
+
+    b, _, _, prof = tiny
+    conts = tiny_continuations(b)
+    seqs = [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids)) for c in conts]
+    heads = ExitHeads(b.stack, (1, 2, 3), "affine-kl-prev")
+    fit_affine(heads, seqs)
+    g = torch.Generator().manual_seed(0)
+    heads.first_weight = torch.randn(heads.first_weight.shape, generator=g) / b.stack.hidden_size ** 0.5
+    heads.first_bias = torch.randn(heads.first_bias.shape, generator=g)
+    return b, heads, build_traces(b, heads, conts, progress=False), prof
+
+
+def test_first_token_drafts_differ_from_the_later_tokens_head(tiny_prev):
+    """The traces of ``"affine-kl-prev"`` heads hold a first-token draft column, not a copy of
+    the later tokens' one (else the replay law below would not test it)."""
+    ts = tiny_prev[2]
+    assert all(t.draft_first is not None for t in ts.traces)
+    # positions where a first draft token is accepted and a later one would not be, or the reverse
+    differ = sum(int(((t.draft_first == t.generated[:, None]) != (t.draft == t.generated[:, None])).sum())
+                 for t in ts.traces)
+    assert differ >= 20
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                               HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), bonus=st.booleans(), reuse=st.booleans(), max_new=st.integers(2, 32),
+       stop=st.one_of(st.none(), st.floats(0.02, 0.98)))
+def test_trace_env_replays_the_live_decoder_with_first_token_heads(tiny_prev, seed, bonus, reuse, max_new, stop):
+    """With ``"affine-kl-prev"`` heads (a round's first draft token from its own head, which reads
+    the previous position's final hidden state), the trace env's tokens, accepted and emitted
+    counts equal the real decoder's for the same actions, and its tokens are greedy decoding's;
+    with a stop threshold drafted counts and costs are compared in rounds without a rejection (as
+    in the law above)."""
+    b, heads, ts, prof = tiny_prev
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
+                  reuse=reuse, stop_threshold=stop)
+    acts, infos, _, _ = random_rollout(env, seed)
+    rounds = [i["round"] for i in infos]
+    res, _ = replay_live(env, b, heads, acts)
+    assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
+    assert len(res.tokens) == infos[-1]["tokens_generated"]
+    assert [(x.exit_layer, x.accepted, x.emitted) for x in res.rounds] == \
+        [(x["exit_layer"], x["accepted"], x["emitted"]) for x in rounds]
+    exact = [stop is None or x["accepted"] == x["draft_len"] for x in rounds]
+    assert [x.draft_len for x, e in zip(res.rounds, exact) if e] == [x["draft_len"] for x, e in zip(rounds, exact) if e]
+
+
+def test_first_token_columns_survive_a_trace_file_round_trip(tiny_prev, tiny, tmp_path):
+    """Traces of ``"affine-kl-prev"`` heads keep their first-token columns through
+    save_traces/load_traces; traces of other heads are saved without them and load as ``None``."""
+    from lede_env.traces import load_traces, save_traces
+
+    ts = tiny_prev[2]
+    save_traces(ts, tmp_path / "prev")
+    back = load_traces(tmp_path / "prev")
+    for a, b_ in zip(ts.traces, back.traces):
+        assert np.array_equal(a.draft_first, b_.draft_first) and np.array_equal(a.draft_first_prob, b_.draft_first_prob)
+    save_traces(tiny[2], tmp_path / "lens")
+    assert all(t.draft_first is None for t in load_traces(tmp_path / "lens").traces)

@@ -121,3 +121,63 @@ def test_exact_prefix_cuts_a_trace_at_its_first_non_greedy_token():
     assert np.array_equal(cut.generated, ref.generated[:m])
     for a in ("draft", "draft_prob", "top1", "entropy", "lens_arg", "hidden"):
         np.testing.assert_allclose(getattr(cut, a), getattr(ref, a)[:m], rtol=1e-5, atol=1e-6)
+
+
+def _first_mse(heads, seqs, i):
+    """Mean squared error of exit i's first-token translator ([norm(h_E(t)), final(t-1)]) against
+    final(t), over the positions fit_first uses."""
+    err, n = 0.0, 0
+    for ids, P in seqs:
+        eh, final, _ = teacher_forced(heads.stack, ids, heads.exit_layers)
+        sl = slice(max(P - 1, 1), ids.shape[0] - 1)
+        x = torch.cat([heads.stack.norm(eh[sl, i]), final[sl.start - 1:sl.stop - 1]], -1)
+        err += ((x @ heads.first_weight[i] + heads.first_bias[i] - final[sl]) ** 2).sum().item()
+        n += final[sl].numel()
+    return err / n
+
+
+def _prev_heads(b, seqs, ridge=0.01):
+    from lede_env.exits import fit_first
+
+    heads = ExitHeads(b.stack, (1, 2, 3), "affine-kl-prev")
+    fit_affine(heads, seqs)
+    fit_first(heads, seqs, ridge=ridge)
+    return heads
+
+
+def test_first_token_fit_never_fits_worse_than_the_translator_it_starts_from():
+    """fit_first's ridge towards the exit's own translator (stacked on zeros for final(t-1)) fits
+    the first-token positions at least as well as that translator, a huge ridge gives it back,
+    and it refuses heads of another kind."""
+    from lede_env.exits import fit_first
+
+    b = make_tiny()
+    seqs = _seqs(b)
+    heads = _prev_heads(b, seqs)
+    own = ExitHeads(b.stack, (1, 2, 3), "affine-kl-prev")
+    own.weight, own.bias = heads.weight, heads.bias
+    d = b.stack.hidden_size
+    for i in range(3):
+        own.first_weight[i] = torch.cat([heads.weight[i], torch.zeros(d, d)])
+        own.first_bias[i] = heads.bias[i]
+        assert _first_mse(heads, seqs, i) <= _first_mse(own, seqs, i) + 1e-9
+    stiff = _prev_heads(b, seqs, ridge=1e9)
+    assert torch.allclose(stiff.first_weight, own.first_weight, atol=1e-4)
+    with pytest.raises(ValueError, match="affine-kl-prev"):
+        fit_first(ExitHeads(b.stack, (1, 2), "affine-kl"), seqs)
+
+
+def test_first_token_heads_save_load_and_fingerprint():
+    b = make_tiny()
+    heads = _prev_heads(b, _seqs(b))
+    again = ExitHeads(b.stack, (1, 2, 3), "affine-kl-prev")
+    assert again.fingerprint() != heads.fingerprint()
+    again.load_state(heads.state())
+    assert torch.equal(again.first_weight, heads.first_weight) and again.fingerprint() == heads.fingerprint()
+    plain = ExitHeads(b.stack, (1, 2, 3), "affine-kl")
+    with pytest.raises(ValueError, match="first_weight"):
+        again.load_state(plain.state())
+    # another kind's heads draft their first token with their own head
+    h, prev = torch.randn(4, b.stack.hidden_size), torch.randn(4, b.stack.hidden_size)
+    assert torch.equal(plain.first_logits(h, prev, 1), plain.draft_logits(h, 1))
+    assert not torch.equal(heads.first_logits(h, prev, 1), heads.draft_logits(h, 1))
