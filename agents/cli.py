@@ -396,7 +396,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
 @app.command()
 def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle",
                                           help="Comma-separated policy names (ar, hf, hf-lookup:N, hf-early-exit:E, "
-                                               "static:E,K, static:best, heuristic:E, confidence:E,K,THRESHOLD, del, "
+                                               "static:E,K, static:best, heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, "
                                                "oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
@@ -489,7 +489,7 @@ def report(results: Path = typer.Argument(..., help="A folder written by `lede e
 def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as one chat message when the "
                                                         "tokenizer has a chat template)."),
                  policy: str = typer.Option("ar", help="ar (with context drafts: prompt lookup), static:E,K, "
-                                                       "heuristic:E, confidence:E,K,THRESHOLD, del, guarded:NAME, "
+                                                       "heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, guarded:NAME, "
                                                        "or an exported agent folder."),
                  model: Optional[str] = ModelOpt, max_new_tokens: int = 128,
                  temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),

@@ -13,6 +13,8 @@ Policies are named by strings:
 - ``static:E,K`` - a fixed (E, K); ``static:best`` - the best static action on training traces;
 - ``heuristic:E`` - transformers' +2/-1 speculation-length schedule at exit E;
 - ``confidence:E,K,THRESHOLD`` - confidence-threshold drafting from exit E, at most K tokens;
+- ``copy-else:M,E,THRESHOLD`` - copy up to M tokens where the context or datastore has a draft,
+  else one exit-E draft token, dropped below THRESHOLD (:class:`lede_env.policies.CopyElseDraftPolicy`);
 - ``del`` - DEL-style dynamic exit and length from running acceptance estimates;
 - ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
 - ``agent:PATH`` - an exported policy folder.

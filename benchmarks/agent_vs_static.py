@@ -87,6 +87,8 @@ def main() -> None:
                          "traced against a store without its own text (agents.more_traces.fold_envs; needs "
                          "--context-datastore 1; 0: off)")
     ap.add_argument("--more-limit", type=int, default=None, help="with --more-traces: use only this many prompts")
+    ap.add_argument("--extra-policies", default="",
+                    help="more policy names for both tables (e.g. copy-else:8,2,0.35; see agents.evaluate)")
     ap.add_argument("--out", default="runs/bench_agent")
     args = ap.parse_args()
     eval_prompts = WIDE_EVAL if args.eval_prompts == "wide" else args.eval_prompts
@@ -128,7 +130,10 @@ def main() -> None:
         Ex, Kx = train_env.actions.decode(exit_best)
         info[variant]["static_exit"] = [Ex, Kx, exit_tp]
         exit_name = f"static:{Ex},{Kx}"
-        names = ["ar", "static:best", *copies, exit_name, "del", "oracle"]
+        from lede_env.policies import split_policies
+
+        extra = split_policies(args.extra_policies) if args.extra_policies else []
+        names = ["ar", "static:best", *copies, exit_name, "del", *extra, "oracle"]
         policies = {f"trace_q ({variant})": GuardedPolicy(policy, fallback=static_best),
                     f"trace_q unguarded ({variant})": greedy_q_policy(agent, train_env.observer.layout())}
         if args.in_sample:
@@ -164,7 +169,7 @@ def main() -> None:
                                reward_lambda=train_env.reward_lambda)
             dec = live_env.make_decoder()
             fixed = [c for c in copies if c.endswith((",3", ",4"))]
-            rows = live_eval(live_env, dec, ["ar", "hf", "hf-lookup:10", "static:best", *fixed, exit_name, "del",
+            rows = live_eval(live_env, dec, ["ar", "hf", "hf-lookup:10", "static:best", *fixed, exit_name, "del", *extra,
                                              f"agent:{folder}",
                                              f"agent-unguarded:{folder}", "oracle"], static_best, progress=False)
             for r in rows:

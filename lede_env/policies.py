@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout, verified_positions
-from .stopping import NO_STOP, ThresholdStop
+from .stopping import NO_STOP, DropStop, ThresholdStop
 
 if TYPE_CHECKING:
     from .decoding import RoundRecord
 
 __all__ = ["Policy", "BasePolicy", "StaticPolicy", "SequencePolicy", "PlanPolicy", "RandomPolicy",
-           "HeuristicPolicy", "EpsilonPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy",
+           "HeuristicPolicy", "EpsilonPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy", "CopyElseDraftPolicy",
            "GuardedPolicy", "policy_from_name", "split_policies", "POLICY_NAMES"]
 
 
@@ -425,6 +425,42 @@ class ConfidencePolicy(StaticPolicy):
         self.stop_threshold = float(threshold)
 
 
+class CopyElseDraftPolicy(BasePolicy):
+    """Copy where there is something to copy, else draft one token at a shallow exit: the
+    action that copies up to ``copy_len`` tokens from the context (or the datastore) where the
+    observation's ``context`` key shows a draft, else exit ``exit_layer`` with K = 1, the draft
+    token dropped (a plain AR step) where its draft-head probability is below ``drop_below``
+    (:class:`~lede_env.stopping.DropStop`). A hand-written causal rule over the two draft
+    sources lede has: copies cost no layers and are accepted far more often where they exist,
+    exit drafts are the only drafts where they do not.
+
+    Args:
+        actions: the action map (with ``copy_len`` among its context lengths).
+        copy_len: the copy action's most tokens.
+        exit_layer: E, one of ``actions.exit_layers``.
+        drop_below: probability in (0, 1).
+
+    Raises:
+        ValueError: no copy action of ``copy_len`` tokens, E not a candidate exit, or a threshold
+            outside (0, 1).
+    """
+
+    needs_observation = True
+
+    def __init__(self, actions: ActionMap, copy_len: int, exit_layer: int, drop_below: float) -> None:
+        if copy_len not in actions.context_lengths:
+            raise ValueError(f"copy_len={copy_len} is not one of the context lengths {actions.context_lengths} "
+                             "(give the env context_lengths=... with it).")
+        self.copy = actions.encode(0, copy_len)
+        self.exit_action = actions.encode(exit_layer, 1)
+        self.stop_rule = DropStop(float(drop_below))
+
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None or "context" not in obs:
+            raise ValueError("CopyElseDraftPolicy reads the observation's context key (an env with context drafts).")
+        return self.copy if obs["context"][1] > 0 else self.exit_action
+
+
 class GuardedPolicy(BasePolicy):
     """A safety net around another policy: when the base policy's realised throughput over its
     last ``window`` rounds falls below that of the ``fallback`` action (default action 0: plain AR
@@ -531,9 +567,11 @@ class GuardedPolicy(BasePolicy):
 
 
 #: the policy names :func:`policy_from_name` understands
-POLICY_NAMES = ("ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, del, agent:PATH, agent-unguarded:PATH, "
+POLICY_NAMES = ("ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, agent:PATH, "
+                "agent-unguarded:PATH, "
                 "guarded:NAME (any of these inside the GuardedPolicy safety net)")
 _USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
+          "copy-else": "copy-else:M,E,THRESHOLD",
           "agent": "agent:PATH", "agent-unguarded": "agent-unguarded:PATH"}
 
 
@@ -574,6 +612,8 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
             return HeuristicPolicy(actions, int(args[0]))
         if kind == "confidence" and len(args) == 3:
             return ConfidencePolicy(actions, int(args[0]), int(args[1]), float(args[2]))
+        if kind == "copy-else" and len(args) == 3:
+            return CopyElseDraftPolicy(actions, int(args[0]), int(args[1]), float(args[2]))
         if kind in ("agent", "agent-unguarded") and arg:
             p = ExportedPolicy(arg)
             if observer is not None:

@@ -121,6 +121,31 @@ class ThresholdStop(StopRule):
         return {"kind": "threshold", "threshold": float(self.threshold)}
 
 
+@dataclass(frozen=True)
+class DropStop(StopRule):
+    """Drop a draft token whose draft-head probability is below ``threshold`` and end the draft
+    before it (the pass that produced it verifies nothing more; a dropped first token leaves a
+    plain AR step). Unlike :class:`ThresholdStop`, which keeps that token, this never verifies
+    a token it doubts: the rule for one-token drafts, where keeping it is drafting anyway.
+
+    Raises:
+        ValueError: a threshold outside (0, 1).
+    """
+
+    threshold: float
+    active = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"drop threshold {self.threshold!r} must be a probability in (0, 1).")
+
+    def keep(self, exit_index: int, probs: Sequence[float]) -> bool:
+        return float(probs[-1]) >= self.threshold
+
+    def describe(self) -> dict:
+        return {"kind": "drop", "threshold": float(self.threshold)}
+
+
 @dataclass
 class AcceptanceCalibration:
     """Per-exit probability that a draft token is accepted, given the draft head's probability

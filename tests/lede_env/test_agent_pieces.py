@@ -253,6 +253,55 @@ def test_guarded_policy_name():
         policy_from_name("guarded:nonsense", actions)
 
 
+def test_drop_stop_drops_the_token_it_doubts():
+    """DropStop ends the draft *before* a token below its threshold (ThresholdStop keeps it)."""
+    from lede_env.stopping import DropStop
+
+    rule = DropStop(0.5)
+    assert rule.draft(0, [0.9, 0.2, 0.8], 3) == (1, 2)  # one kept, the second looked at and dropped
+    assert rule.draft(0, [0.1], 1) == (0, 1)  # a dropped first token: a plain AR step
+    assert rule.draft(0, [0.6, 0.7], 2) == (2, 2)
+    with pytest.raises(ValueError, match="drop threshold"):
+        DropStop(1.0)
+
+
+def test_copy_else_draft_copies_where_it_can_and_drafts_one_token_elsewhere(tiny):
+    """copy-else:M,E,THRESHOLD: every round copies where the observation shows a context draft,
+    else drafts one exit-E token (dropped below the threshold: then no draft token); the real
+    decoder with it emits greedy decoding's tokens; a copy length the env lacks is refused."""
+    from lede_env.env import LEDEEnv
+    from lede_env.policies import CopyElseDraftPolicy, policy_from_name
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, context_lengths=(2, 4))
+    u = env.unwrapped
+    thr = float(np.median(np.concatenate([t.draft_prob[:, 1] for t in ts.traces])))  # exit 2's: both branches play
+    pol = policy_from_name(f"copy-else:4,2,{thr!r}", u.actions)
+    assert isinstance(pol, CopyElseDraftPolicy)
+    kinds = set()
+    with u.playing(pol):
+        for idx in u.playable:
+            obs, _ = u.reset(options={"prompt_index": idx})
+            done = False
+            while not done:
+                a = pol.act(obs)
+                copy = obs["context"][1] > 0
+                assert a == (u.actions.encode(0, 4) if copy else u.actions.encode(2, 1))
+                obs, _, te, tr, info = u.step(a)
+                rd = info["round"]
+                if not copy:
+                    kinds.add("kept" if rd["draft_len"] == 1 else "dropped")
+                    assert rd["exit_layer"] in (0, 2) and rd["draft_len"] <= 1
+                done = te or tr
+        dec = env.make_decoder(b, heads)
+        for t in ts.traces[:3]:
+            res = dec.generate(torch.tensor(t.prompt), pol, 24)
+            assert res.tokens == t.generated[:len(res.tokens)].tolist()
+    assert kinds == {"kept", "dropped"}  # both branches of the drop rule were played
+    with pytest.raises(ValueError, match="context lengths"):
+        policy_from_name("copy-else:3,2,0.3", u.actions)
+
+
 # ---- prompt splits and exit-head files --------------------------------------------------------
 def test_default_splits_are_disjoint():
     from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
