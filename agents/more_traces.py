@@ -12,8 +12,9 @@ continuation there and copy it whole, a leak no user's prompt enjoys.
 prompts are split into ``folds`` parts; the traces of part k are replayed against a store built
 from the calibration text and the *other* parts only (3/4 of the shipped store's text with 4
 folds, so its drafts are a little weaker than the shipped store's, never stronger). Their text
-comes from :func:`~lede_env.continuations.batched_text` (the same batched greedy decoding that
-filled the store, cached per prompt); each continuation is cut at its first token that is not
+is the store's own (:func:`~lede_env.datastore.stored_text` reads it back from the shipped store;
+else :func:`~lede_env.datastore.datastore_text` decodes it, cached per prompt: batched greedy
+decoding for the extra prompts); each continuation is cut at its first token that is not
 the full model's argmax after the tokens before it (:func:`lede_env.traces.trace_one`'s
 ``exact_prefix``), so every trace is exact greedy decoding.
 
@@ -29,8 +30,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lede_env.continuations import Continuation, batched_text
-from lede_env.datastore import DatastoreSpec, NgramDatastore, build_datastore, datastore_key, spec_for, stored_text
+from lede_env.continuations import Continuation
+from lede_env.datastore import (DatastoreSpec, NgramDatastore, build_datastore, datastore_key, datastore_text,
+                                spec_for, stored_text)
 from lede_env.prompts import load_prompts
 from lede_env.storage import cache_dir
 from lede_env.traces import TraceSet, build_traces, load_traces, save_traces
@@ -76,7 +78,6 @@ def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None
         raise ValueError("This env's datastore holds only the calibration text (a custom calib_prompts): there "
                          "is no extra text to trace; use the default calibration prompts.")
     bundle, heads = u.bundle, u.heads
-    prompts = load_prompts(spec.extra_prompts)
     key = hashlib.sha256(repr((datastore_key(bundle, spec), heads.fingerprint(), folds, limit, min_tokens, seed,
                                u.max_new_tokens)).encode()).hexdigest()[:12]
     root = cache_dir() / "folds" / bundle.slug / key
@@ -89,7 +90,7 @@ def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None
             ts, store = load_traces(folder), NgramDatastore.load(folder / "datastore.npz")
         except (FileNotFoundError, ValueError):
             if split is None:
-                calib, extra = _store_text(bundle, spec, prompts, u.rules.datastore, progress)
+                calib, extra = _store_text(bundle, spec, u.rules.datastore, progress)
                 split = fold_split(calib, extra, spec, folds, u.max_new_tokens, seed, limit)
             store, conts = split[k]
             ts = build_traces(bundle, heads, conts, progress=progress, exact_prefix=True)
@@ -134,12 +135,13 @@ def fold_split(calib: Sequence[Continuation], extra: Sequence[Continuation], spe
     return out
 
 
-def _store_text(bundle, spec: DatastoreSpec, prompts, store: NgramDatastore, progress: bool) -> tuple[list, list]:
+def _store_text(bundle, spec: DatastoreSpec, store: NgramDatastore, progress: bool) -> tuple[list, list]:
     """``(calibration text, extra text)``: read back from ``store``
-    (:func:`~lede_env.datastore.stored_text`, no decoding), else decoded by
-    :func:`~lede_env.continuations.batched_text` (cached per prompt)."""
+    (:func:`~lede_env.datastore.stored_text`, no decoding), else the text a store for ``spec`` is
+    built from (:func:`~lede_env.datastore.datastore_text`: decoded, cached per prompt)."""
     text = stored_text(bundle, spec, store)
     if text is not None:
         return text
-    return (batched_text(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens, progress=progress),
-            batched_text(bundle, prompts, spec.extra_max_new_tokens, progress=progress))
+    conts = datastore_text(bundle, spec, progress)
+    n = len(load_prompts(spec.calib_prompts))
+    return conts[:n], conts[n:]

@@ -118,49 +118,34 @@ def replay(b, base, exits, first_heads) -> None:
     import warnings
 
     from agents.evaluate import to_markdown, trace_eval
+    from agents.pipeline import DemoConfig
     from agents.policies import best_static_action
     from lede_env.env import LEDEEnv
     from lede_env.exits import teacher_forced
-    from lede_env.policies import BasePolicy
+    from lede_env.policies import CopyElseDraftPolicy
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN
-    from lede_env.stopping import StopRule
 
-    kw = dict(max_new_tokens=96, cost_profile="measured", progress=False, context_lengths=(1, 2, 3, 4, 6, 8),
-              obs_stat_exits=0, obs_context_span=True, context_datastore=True, obs_kind="compact",
-              stop_rule="calibrated")
+    demo = DemoConfig()  # the demo's env (shipped heads): copies of 1-8 tokens, datastore, compact observation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train = LEDEEnv(prompts=DEFAULT_TRAIN, **kw)
-        held = LEDEEnv(prompts=DEFAULT_EVAL, **kw, reward_lambda=train.reward_lambda)
+        train = LEDEEnv(**demo.env_kwargs(DEFAULT_TRAIN), progress=False)
+        held = LEDEEnv(**demo.env_kwargs(DEFAULT_EVAL), progress=False, reward_lambda=train.reward_lambda)
     static = best_static_action(train)[0]
     actions = held.unwrapped.actions
 
-    class Drop(StopRule):
-        """Drop the draft token (and end the draft) where the head's probability is below ``threshold``."""
+    E0, copy_len = actions.decode(static)
+    if E0 != 0:
+        raise SystemExit(f"The best static action is an exit draft (E={E0}): there is no copy to fall back from.")
 
-        active = True
-
-        def __init__(self, threshold: float) -> None:
-            self.threshold = threshold
-
-        def keep(self, exit_index: int, probs) -> bool:
-            return float(probs[-1]) >= self.threshold
-
-    class CopyElseDraft(BasePolicy):
-        """The static copy action where a copy draft exists, else one exit-E draft token."""
-
-        needs_observation = True
-
-        def __init__(self, E: int, threshold: float = 0.0) -> None:
-            self.exit_action = actions.encode(E, 1)
-            if threshold:
-                self.stop_rule = Drop(threshold)
-
-        def act(self, obs) -> int:
-            return static if obs["context"][1] > 0 else self.exit_action
+    def copy_else(e: int, threshold: float) -> CopyElseDraftPolicy:
+        """``copy-else`` with the static's copy length; threshold 0: the env's calibrated stop instead."""
+        pol = CopyElseDraftPolicy(actions, copy_len, e, threshold or 0.5)
+        if not threshold:
+            pol.stop_rule = None  # the env's own rule applies (LEDEEnv.playing)
+        return pol
 
     def policies() -> dict:
-        return {f"copy, else E={e} K=1, " + (f"drop below {t}" if t else "calibrated stop"): CopyElseDraft(e, t)
+        return {f"copy, else E={e} K=1, " + (f"drop below {t}" if t else "calibrated stop"): copy_else(e, t)
                 for e in exits for t in (0.0, 0.2, 0.35, 0.5)}
 
     def deepen(env) -> list[float]:

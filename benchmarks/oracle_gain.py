@@ -27,6 +27,7 @@ def main() -> None:
     import numpy as np
 
     from agents.evaluate import to_markdown
+    from agents.pipeline import DemoConfig
     from agents.policies import best_static_action
     from agents.trace_q import _targets
     from lede_env.env import LEDEEnv
@@ -34,13 +35,11 @@ def main() -> None:
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN
     from lede_env.replay import replay_round, useful_actions
 
-    kw = dict(max_new_tokens=96, cost_profile="measured", progress=False, context_lengths=(1, 2, 3, 4, 6, 8),
-              obs_stat_exits=0, obs_context_span=True, context_datastore=True, obs_kind="compact",
-              stop_rule="calibrated", head_kind=args.head_kind)
+    demo = DemoConfig(head_kind=args.head_kind)  # the demo's env: copies of 1-8 tokens, datastore, compact
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train = LEDEEnv(prompts=DEFAULT_TRAIN, **kw)
-        held = LEDEEnv(prompts=DEFAULT_EVAL, **kw, reward_lambda=train.reward_lambda)
+        train = LEDEEnv(**demo.env_kwargs(DEFAULT_TRAIN), progress=False)
+        held = LEDEEnv(**demo.env_kwargs(DEFAULT_EVAL), progress=False, reward_lambda=train.reward_lambda)
     static = best_static_action(train)[0]
     u = held.unwrapped
     allowed = useful_actions(u.rules)
