@@ -12,7 +12,7 @@ Reported per category and overall: tokens/s, speedup over ``transformers generat
 lede AR with the first kernel choice (ratios of total times over the same prompts), and whether
 every output equals transformers' greedy tokens.
 
-    python benchmarks/kernels.py --out runs/bench/kernels.md
+    python benchmarks/kernel_choices.py --out runs/bench/kernels.md
 """
 
 from __future__ import annotations
