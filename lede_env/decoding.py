@@ -442,8 +442,10 @@ class SelfSpeculativeDecoder:
             from the start of its observation to the end of its acceptance.
 
         Raises:
-            ValueError: batch size > 1, an empty prompt, ``max_new_tokens < 1``, or a prompt that
-                does not fit the model's context.
+            ValueError: batch size > 1, an empty prompt, ``max_new_tokens < 1``, or prompt +
+                ``max_new_tokens`` more positions than the model's context
+                (``config.max_position_embeddings``; exactly that many fit: drafts are clamped to
+                the budget, so no pass writes past the last kept token's position).
         """
         want_obs = bool(getattr(policy, "needs_observation", False))
         self._check_prompt(input_ids, max_new_tokens)
@@ -595,10 +597,20 @@ class SelfSpeculativeDecoder:
             raise ValueError("The prompt is empty: give at least one token.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        # A generation of m tokens after n prompt tokens gives its tokens positions n .. n+m-1 (the
+        # last one is emitted, never fed). Drafts are clamped to the budget (clamp_draft_len), so
+        # no draft or verify pass writes past position n+m-2: n + m positions always suffice.
         ctx = getattr(self.stack.model.config, "max_position_embeddings", None)
-        if ctx is not None and ids.numel() + max_new_tokens + self.actions.k_max + 1 > ctx:
-            raise ValueError(f"Prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {ctx} positions: shorten the prompt or lower max_new_tokens.")
+        n, need = ids.numel(), ids.numel() + max_new_tokens
+        if ctx is not None and need > ctx:
+            if n >= ctx:
+                fix = f"shorten the prompt to at most {ctx - 1} tokens"
+            elif max_new_tokens >= ctx:
+                fix = f"lower max_new_tokens to {ctx - n}"
+            else:
+                fix = f"shorten the prompt to {ctx - max_new_tokens} tokens or lower max_new_tokens to {ctx - n}"
+            raise ValueError(f"Prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) = {need} positions exceeds "
+                             f"the model's context of {ctx} positions: {fix}.")
         return ids
 
 
