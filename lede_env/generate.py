@@ -189,29 +189,54 @@ class Lede:
         return pol
 
     def encode(self, prompt: Optional[str] = None, messages: Optional[list[dict]] = None,
-               chat: bool = True) -> torch.Tensor:
+               chat: bool = True, *, add_generation_prompt: Optional[bool] = None,
+               continue_final_message: Union[bool, str] = False) -> torch.Tensor:
         """Prompt ids [n] int64: ``messages`` through the chat template, or ``prompt`` (as one
         user message when the tokenizer has a chat template and ``chat``, else raw text).
 
+        The chat options mean what they mean in transformers' ``apply_chat_template``:
+        ``continue_final_message`` leaves the chat's last message open, so the model continues
+        it (an assistant prefill: ``[..., {"role": "assistant", "content": '{"name": "'}]``; a
+        string names the field to continue, e.g. ``"reasoning_content"``);
+        ``add_generation_prompt`` opens a new assistant turn. By default a chat gets the
+        generation prompt unless ``continue_final_message`` is set.
+
         Raises:
-            ValueError: neither or both of ``prompt`` and ``messages``, or an empty prompt.
+            ValueError: neither or both of ``prompt`` and ``messages``, an empty prompt, both
+                ``continue_final_message`` and ``add_generation_prompt``, or either option for
+                raw text (no chat template, or ``chat=False``).
         """
         if (prompt is None) == (messages is None):
             raise ValueError("Give exactly one of prompt (a string) or messages (a chat, list of role/content dicts).")
-        if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("This tokenizer has no chat template: pass prompt=... instead of messages=.")
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                     return_dict=True)
-            return enc["input_ids"][0].to(torch.long)
-        return encode_prompt(self.tokenizer, prompt, chat=chat)
+        _check_chat_options(add_generation_prompt, continue_final_message)
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        if messages is not None and not templated:
+            raise ValueError("This tokenizer has no chat template: pass prompt=... instead of messages=.")
+        if messages is None and not (chat and templated):
+            if add_generation_prompt is not None or continue_final_message:
+                opt = "continue_final_message" if continue_final_message else "add_generation_prompt"
+                raise ValueError(f"{opt} applies to chat templates; this prompt is raw text (chat=False or no chat "
+                                 f"template): drop {opt}, or pass the chat as messages=.")
+            return encode_prompt(self.tokenizer, prompt, chat=False)
+        if messages is None:
+            if add_generation_prompt is None and not continue_final_message:
+                return encode_prompt(self.tokenizer, prompt, chat=True)
+            if not prompt or not prompt.strip():
+                raise ValueError("The prompt is empty: give some text to continue.")
+            messages = [{"role": "user", "content": prompt}]
+        gen = not continue_final_message if add_generation_prompt is None else bool(add_generation_prompt)
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen,
+                                                 continue_final_message=continue_final_message,
+                                                 return_tensors="pt", return_dict=True)
+        return enc["input_ids"][0].to(torch.long)
 
     def generate(self, prompt: Optional[str] = None, *, messages: Optional[list[dict]] = None,
                  input_ids: Optional[torch.Tensor] = None, policy: Union[None, str, Policy] = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: Optional[int] = None, stop_strings: Sequence[str] = (), streamer=None,
                  chat: bool = True, stop=None, eos_ids: Optional[Sequence[int]] = None,
-                 top_k: Optional[int] = None) -> LedeOutput:
+                 top_k: Optional[int] = None, add_generation_prompt: Optional[bool] = None,
+                 continue_final_message: Union[bool, str] = False) -> LedeOutput:
         """Generate a continuation with dynamic self-speculative decoding.
 
         Args:
@@ -228,20 +253,31 @@ class Lede:
             stop_strings: generation ends right after the first token that completes one of them.
             streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``).
             chat: wrap a text prompt in the chat template when the tokenizer has one.
+            add_generation_prompt, continue_final_message: as in transformers'
+                ``apply_chat_template`` (see :meth:`encode`): ``continue_final_message=True``
+                continues the chat's last message (an assistant prefill) instead of opening a
+                new assistant turn, the default.
             stop: a callable ``tokens -> None | keep`` checked after every round (see
                 :meth:`SelfSpeculativeDecoder.generate`), besides ``stop_strings``.
             eos_ids: end tokens of this call (default: the model's).
 
         Raises:
-            ValueError: bad prompt arguments, batch size > 1, a prompt that does not fit the
-                context, a bad temperature / top_p / top_k, an unknown policy.
+            ValueError: bad prompt arguments (both chat options, a chat option with raw text or
+                ids), batch size > 1, a prompt that does not fit the context, a bad temperature /
+                top_p / top_k, an unknown policy.
         """
         if input_ids is not None:
             if prompt is not None or messages is not None:
                 raise ValueError("Give exactly one of prompt, messages or input_ids.")
+            _check_chat_options(add_generation_prompt, continue_final_message)
+            if add_generation_prompt is not None or continue_final_message:
+                opt = "continue_final_message" if continue_final_message else "add_generation_prompt"
+                raise ValueError(f"{opt} applies to a chat; input_ids are used as they are: drop {opt}, or pass "
+                                 "the chat as messages=.")
             ids = torch.as_tensor(input_ids, dtype=torch.long)
         else:
-            ids = self.encode(prompt, messages, chat)
+            ids = self.encode(prompt, messages, chat, add_generation_prompt=add_generation_prompt,
+                              continue_final_message=continue_final_message)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
         sampling = Sampling(temperature, top_p, seed, top_k) if temperature > 0 else None
@@ -303,6 +339,14 @@ def _policy_name(policy: str) -> str:
     ``agent:PATH`` (guarded); a name with its own prefix (``agent-unguarded:PATH`` too) stays."""
     path = agent_path(policy)
     return f"agent:{path}" if path is not None and not policy.startswith(AGENT_PREFIXES) else policy
+
+
+def _check_chat_options(add_generation_prompt: Optional[bool], continue_final_message) -> None:
+    """Refuse what transformers' ``apply_chat_template`` refuses: both chat options at once."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt are not compatible: use "
+                         "continue_final_message to continue the chat's last message (an assistant prefill), "
+                         "add_generation_prompt to open a new assistant turn, not both.")
 
 
 def _first_stop(stops):
