@@ -21,6 +21,7 @@ The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -246,6 +247,7 @@ class SelfSpeculativeDecoder:
         # call per segment (the compact observation without head statistics taps none)
         self._tap_exits = frozenset(self._stat_exits)
         self._cuda = stack.device.type == "cuda"
+        self._lock = threading.RLock()  # one generate() at a time (see generate())
 
     @property
     def copy_max(self) -> int:
@@ -436,6 +438,12 @@ class SelfSpeculativeDecoder:
                 go on, or how many of them to keep, ending generation there (stop strings).
             eos_ids: end tokens of this generation (default: the decoder's).
 
+        Thread-safe, serialised: calls from several threads on one decoder run one after
+        another (the observation history, :attr:`observer`, and the state of a policy shared
+        between calls are per generation); generations on different decoders, also decoders
+        sharing one model, run at the same time (:meth:`LayerStack.kernels_active`). Each gives
+        what it gives alone.
+
         Returns:
             A :class:`GenerationResult`; under greedy decoding ``tokens`` equals greedy
             decoding's output (up to ``stop``). :attr:`RoundRecord.seconds` of a round counts
@@ -449,6 +457,10 @@ class SelfSpeculativeDecoder:
         """
         want_obs = bool(getattr(policy, "needs_observation", False))
         self._check_prompt(input_ids, max_new_tokens)
+        with self._lock:
+            return self._generate(input_ids, policy, max_new_tokens, sampling, streamer, stop, eos_ids, want_obs)
+
+    def _generate(self, input_ids, policy, max_new_tokens, sampling, streamer, stop, eos_ids, want_obs):
         policy.reset()
         with self.stack.kernels_active():
             t0 = self.clock()

@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,6 +66,8 @@ TABLE_ROWS = 16
 KERNELS_VERSION = 6
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
+#: one build of the ``skinny`` extension at a time (threads whose first use coincides wait for it)
+_BUILD_LOCK = threading.Lock()
 
 
 def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -106,7 +109,14 @@ def skinny_op() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     Built once per machine and torch version with ``torch.utils.cpp_extension`` into
     ``~/.cache/lede/kernels/build-<tag>`` (about 10 s on 2 cores); later processes load it.
+    Threads calling it at once build it once.
     """
+    with _BUILD_LOCK:
+        return _build_skinny()
+
+
+def _build_skinny():
+    """Build (or load the built) ``skinny`` extension: :func:`skinny_op`'s body."""
     from .storage import cache_dir
 
     tag = hashlib.sha256(repr((_cpu_fingerprint(), torch.__version__, KERNELS_VERSION,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -120,24 +121,29 @@ class LayerStack:
         mask it would otherwise copy every cached key and value for each query head: all 30 layers
         of the embedded model on 2 / 3 positions after 256 cached ones, 27.8 / 31.1 ms -> 26.3 /
         28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model
-        is shared with callers, e.g. transformers' ``generate``)."""
-        gqa_key = "TRANSFORMERS_SDPA_FORCE_GQA"
-        set_gqa = self.device.type == "cpu" and gqa_key not in os.environ
-        patched = []
+        is shared with callers, e.g. transformers' ``generate``).
+
+        Thread-safe: the linear layers are patched once per model while any block on it is open
+        in any thread (reference-counted under a lock; the last block to close restores them),
+        and a patched layer runs the kernels of the stack whose block is open in the calling
+        thread, or the layer's own forward in a thread that has none open (transformers'
+        ``generate`` on the same model, or a second stack with other kernels, is unaffected).
+        The attention setting is process-wide: it stays set while any block is open.
+        """
+        patch = set(self.kernel_table) != {"default"}
+        key = id(self.model)
+        active = _active_stacks()
+        active.setdefault(key, []).append(self)
         try:
-            if set_gqa:
-                os.environ[gqa_key] = "1"
-            if set(self.kernel_table) != {"default"}:
-                for m in self.layers.modules():
-                    if isinstance(m, torch.nn.Linear):
-                        m.forward = functools.partial(self.linear, weight=m.weight, bias=m.bias)
-                        patched.append(m)
-            yield
+            _acquire(self, key, patch, self.device.type == "cpu")
+            try:
+                yield
+            finally:
+                _release(key, patch, self.device.type == "cpu")
         finally:
-            for m in patched:
-                del m.forward
-            if set_gqa:
-                os.environ.pop(gqa_key, None)
+            active[key].pop()
+            if not active[key]:
+                del active[key]
 
     def new_cache(self):
         """An empty KV cache with one croppable layer per decoder layer: :class:`BufferedLayer`
@@ -229,6 +235,85 @@ class LayerStack:
     def head_weight(self) -> torch.Tensor:
         """LM head weight [V, d]."""
         return self._head.weight
+
+
+# ---- the kernel patch of a model's linear layers, shared by every stack and thread on it ------
+#: guards _PATCHES and _GQA_STATE
+_PATCH_LOCK = threading.Lock()
+#: id(model) -> [open blocks, [(linear layer, its own instance forward or None), ...]]
+_PATCHES: dict = {}
+#: [open blocks on the CPU, whether lede set the attention variable itself]
+_GQA_STATE = [0, False]
+_GQA_KEY = "TRANSFORMERS_SDPA_FORCE_GQA"
+_LOCAL = threading.local()
+_NONE: dict = {}
+
+
+def _active_stacks() -> dict:
+    """This thread's open :meth:`LayerStack.kernels_active` blocks: id(model) -> stacks, innermost last."""
+    stacks = getattr(_LOCAL, "stacks", None)
+    if stacks is None:
+        stacks = _LOCAL.stacks = {}
+    return stacks
+
+
+def _dispatching_forward(module: torch.nn.Linear, key: int, own):
+    """The patched ``forward`` of a linear layer: the kernels of the calling thread's open stack
+    on the model, else the layer's own forward."""
+    base = own if own is not None else functools.partial(type(module).forward, module)
+    weight, bias = module.weight, module.bias  # read once (a Module attribute lookup costs ~0.5 us a call)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        mine = getattr(_LOCAL, "stacks", _NONE).get(key)
+        if not mine:
+            return base(x)
+        return mine[-1].linear(x, weight, bias)
+
+    return forward
+
+
+def _acquire(stack: "LayerStack", key: int, patch: bool, cpu: bool) -> None:
+    """Open a kernels block: patch the model's linear layers if no block on it is open yet, and
+    set the attention variable if no block is open anywhere (and the user has not set it)."""
+    with _PATCH_LOCK:
+        if cpu:
+            if _GQA_STATE[0] == 0:
+                _GQA_STATE[1] = _GQA_KEY not in os.environ
+                if _GQA_STATE[1]:
+                    os.environ[_GQA_KEY] = "1"
+            _GQA_STATE[0] += 1
+        if patch:
+            entry = _PATCHES.get(key)
+            if entry is None:
+                saved = []
+                for m in stack.layers.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        own = vars(m).get("forward")
+                        m.forward = _dispatching_forward(m, key, own)
+                        saved.append((m, own))
+                entry = _PATCHES[key] = [0, saved]
+            entry[0] += 1
+
+
+def _release(key: int, patch: bool, cpu: bool) -> None:
+    """Close a kernels block: the last one on a model restores its linear layers, the last one
+    anywhere the attention variable."""
+    with _PATCH_LOCK:
+        if patch:
+            entry = _PATCHES[key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                for m, own in entry[1]:
+                    if own is not None:
+                        m.forward = own
+                    else:
+                        vars(m).pop("forward", None)
+                del _PATCHES[key]
+        if cpu:
+            _GQA_STATE[0] -= 1
+            if _GQA_STATE[0] == 0 and _GQA_STATE[1]:
+                os.environ.pop(_GQA_KEY, None)
+                _GQA_STATE[1] = False
 
 
 @functools.lru_cache(maxsize=1)
