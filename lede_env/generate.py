@@ -239,6 +239,10 @@ class Lede:
                  continue_final_message: Union[bool, str] = False) -> LedeOutput:
         """Generate a continuation with dynamic self-speculative decoding.
 
+        Thread-safe: calls from several threads on one Lede run one after another (its decoder
+        serialises them: the observation history and the policy's state are per generation);
+        Ledes sharing one model generate at the same time. Each call gives what it gives alone.
+
         Args:
             prompt / messages / input_ids: exactly one: text, a chat, or [n] / [1, n] int64 ids.
             policy: overrides the default policy for this call.
