@@ -541,7 +541,7 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
          context_datastore: bool = typer.Option(True, help="Where the context has no match, context drafts come from "
                                                 "the model's datastore of its own text.")):
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
-    on the embedded model (about 10 minutes on 2 CPU cores)."""
+    on the embedded model (its time and table on the reference machine: docs/performance.md)."""
     from agents.pipeline import DemoConfig, run_demo
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

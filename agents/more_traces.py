@@ -2,8 +2,8 @@
 
 A learner over a rich observation (the hidden-state context of the ``full`` kind) needs far more
 training positions than the training split's 64 prompts give: fitted on the evaluation traces
-themselves it beats the best static action by 9 %, trained on the training split it loses 6 %
-(README, "What the observation can tell"). Every other prompt lede ships is spent on the model's
+themselves it beats the best static action, trained on the training split it loses to it
+(``docs/experiments.md``, "A datastore five times larger"). Every other prompt lede ships is spent on the model's
 datastore (:data:`~lede_env.prompts.DATASTORE_EXTRA`), whose text the copy drafts come from: a
 trace of one of those prompts replayed against the shipped store would find its own
 continuation there and copy it whole, a leak no user's prompt enjoys.

@@ -43,13 +43,13 @@ class DemoConfig:
         context_lengths: copy lengths of the context actions (prompt lookup: the agent picks how
             many tokens copied from the context to verify, or an exit draft, or a plain AR step).
         obs_stat_exits: shallowest exits whose head statistics the compact observation carries
-            (0: none; each costs a head call per round, about 1 ms in the decoding loop on 2 CPU
-            cores).
+            (0: none; each costs a head call per round in the decoding loop; measured in
+            ``docs/experiments.md``).
         context_datastore: where the context has no match, context drafts come from the model's
-            datastore of its own text (``lede_env.datastore``; wall clock, 22 held-out prompts,
-            copies of up to 8 tokens: 1.461 -> 1.549x AR, ``benchmarks/datastore_drafts.py --live 3``).
+            datastore of its own text (``lede_env.datastore``; its wall-clock gain is measured by
+            ``benchmarks/datastore_drafts.py --live 3``, see ``docs/performance.md``).
         obs_context_span: the context features hold the matched span (``lede_env.lookup.match_span``;
-            ``trace_q`` with it 1.370 against 1.360 without, trace env, held-out prompts).
+            what it gave ``trace_q`` in the trace env: ``docs/experiments.md``).
         episodes: dataset episodes.
         algos: offline algorithms to train; the best on training traces is exported.
         steps: gradient steps per algorithm.

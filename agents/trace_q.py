@@ -15,12 +15,10 @@ semi-Markov decision processes) summed over the same stretch of text for every a
 of a under the static policy, whose argmax is one step of policy improvement over it (Bertsekas'
 rollout), exact here because the traces replay every round. A round's own reward alone
 (``horizon=0``) ignores what the round leaves the next one and favoured long copies that lost to
-the static (1.325 against 1.366 in the trace env with context actions; 1.384 with the horizon).
-Every stretch ends exactly ``horizon`` tokens past s (the round that crosses it counts pro rata),
-and a small MLP regresses each action's advantage, target(s, a) - target(s, static), from the flat
-observation (held out, trace env, after the packed kernel's L2 prefetch: raw targets ending after
-the crossing round 1.499, advantages 1.567, advantages over exact stretches 1.609, against the
-static's 1.544); the policy is its argmax over the actions that
+the static in the trace env (``docs/experiments.md``). Every stretch ends exactly ``horizon``
+tokens past s (the round that crosses it counts pro rata), and a small MLP regresses each
+action's advantage, target(s, a) - target(s, static), from the flat observation; the policy is
+its argmax over the actions that
 can pay at all (:func:`lede_env.replay.useful_actions`). The visited states come from DAgger-style
 rounds (Ross et al. 2011, arXiv 1011.0686): first a behaviour mixture (the best static action and
 random useful actions), then the learner's own policy with epsilon exploration, aggregated, so the
@@ -94,8 +92,8 @@ def _targets(u, lam: float, actions: list[int], horizon: int = 0, follow: int = 
     that crosses the horizon: an action whose stretch overshoots further earns the overshoot's
     tokens at ``lam`` per cost unit, a bias towards short copies on text where copies run long
     (a copy of 4 followed by copies of 8 overshoots 16 tokens by 7 where a copy of 8 overshoots
-    by 2; measured on held-out summaries in the trace env: the agent 2.44 against the static's
-    2.69 tokens per AR step)."""
+    by 2; on held-out summaries in the trace env this made the agent slower than the static,
+    ``docs/experiments.md``)."""
     t, g, limit, rules = u.trace, u._g, u._limit, u.rules
     out = np.empty(len(actions), np.float32)
     tail: dict[int, tuple[float, float]] = {}  # position -> (tokens, cost) of ``follow`` from there to the horizon
@@ -153,7 +151,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
             round): conservative improvement over a baseline, in the spirit of SPIBB (Laroche
             et al. 2019, arXiv 1712.06924), since the regression's errors are of that size.
         horizon: 0: regress each action's own round (tokens - lambda * cost). > 0 (default 16
-            tokens; 8-16 measured best, see the README): regress the
+            tokens; the horizons measured are in ``docs/experiments.md``): regress the
             round followed by the best static action up to ``horizon`` tokens past the state: the
             value of the action under the static policy (a rollout of Bertsekas' policy
             improvement, exact here because traces replay every round). A round's own reward
@@ -170,13 +168,10 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
             round that crosses it counts pro rata, see :func:`_targets`); ``False``: after the
             round that crosses it.
         exits: let the agent choose exit drafts; ``False``: plain steps and context drafts only.
-            The cost profile predicts exit-draft rounds about 9 % too cheap against the wall
-            clock while copies are within 4 % (``lede evaluate``'s cost-per-round columns, one
-            thread, 2-core AMD EPYC), so an agent that mixes in E=2 drafts where the context has
-            no match wins in the trace env and loses on the clock. (After the packed kernel's L2
-            prefetch, at the contexts of the demo's prompts: copy rounds 1.24x and exit rounds
-            1.06x their profile cost; attention over the context, which the profile times at 256
-            cached positions only, see the README.)
+            Where the cost profile rates exit-draft rounds cheaper than the wall clock does
+            (``lede evaluate``'s cost-per-round columns), an agent that mixes in E=2 drafts where
+            the context has no match wins in the trace env and loses on the clock; the measured
+            errors per round kind are in ``docs/experiments.md``.
 
         more_envs: more trace envs whose traces are visited too, each replayed under its own rules
             (e.g. traces of more prompts, each with a datastore that leaves out its own text,

@@ -22,7 +22,7 @@
 # every 2nd layer), K_MAX, HEAD_KIND (lens), DRAFT_VOCAB, EPISODES, STEPS, ALGO, HF_EXITS
 # (comma-separated assistant_early_exit layers; default the model card's exit, else L/4),
 # QUICK=1 (a few prompts and steps: the CPU test), LEDE (the lede executable), PY (python).
-# Sized to finish in under 8 minutes on one H100/H200 for a 1B model (see the README).
+# Sized to finish in under 8 minutes on one H100/H200 for a 1B model (see docs/gpus.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

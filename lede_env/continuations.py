@@ -117,8 +117,8 @@ def batched_text(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens:
                  prompt_ids: Optional[Sequence[Sequence[int]]] = None, progress: bool = True,
                  use_cache: bool = True) -> list[Continuation]:
     """The model's greedy text for many prompts, decoded in left-padded batches by transformers'
-    ``generate(do_sample=False)``: on 2 CPU cores about 3x the tokens per second of one prompt at a
-    time (84 against 30 tokens/s on the embedded model, batch 32).
+    ``generate(do_sample=False)``: several times the tokens per second of one prompt at a time on
+    a CPU (measured in ``docs/experiments.md``).
 
     Batching changes the float rounding, so on an exact near-tie a token may differ from
     :func:`get_continuations`'. That is harmless where the text is a source of drafts (the

@@ -190,8 +190,8 @@ def fit_profile(rounds: Sequence[tuple[int, int, int, int, float]], prior: CostP
 
     Isolated timings (:func:`measure_profile`) miss what the loop does to them: the draft's
     layers and the previous round evict the weights the next product reads, and the decoder's
-    own bookkeeping costs time. On 2 CPU cores an E=2, K=1 round took 1.25-1.3 AR steps where
-    the isolated profile says 1.16. This fit keeps the profile's structure (what a round pays,
+    own bookkeeping costs time: on CPUs the isolated profile rates exit-draft rounds cheaper than
+    they run (``docs/experiments.md``, "The cost profile"). This fit keeps the profile's structure (what a round pays,
     :func:`round_terms`) and finds the layer, head and draft-head times that predict the rounds'
     measured times best: least squares on relative errors, with a weak pull (``prior_weight``
     per time) toward ``prior`` for combinations the rounds cannot tell apart (a layer on k
@@ -265,7 +265,7 @@ def analytic_profile(stack: LayerStack, k_max: int, draft_vocab: Optional[int] =
     """A profile from parameter counts (memory-bound decoding).
 
     One token through a module costs its parameter count; each extra token in the same pass
-    adds ``slope`` of that (measured on 2 CPU cores with the embedded model: a full forward of 8 tokens costs about 1.5x one token).
+    adds ``slope`` of that (the default comes from a CPU measurement of the embedded model, ``docs/experiments.md``).
     ``overhead`` is a share of one AR step.
     """
     layer_params = sum(p.numel() for p in stack.layers[0].parameters())
@@ -406,8 +406,7 @@ def profile_positions(k_max: int, context_lengths: Sequence[int] = (), context_d
     verified positions) to cover every round of a decoder: exit drafts of up to ``k_max`` tokens
     and context drafts of up to ``context_draft`` or ``max(context_lengths)`` copied tokens.
     A profile extrapolates linearly past the positions it timed, which made copies longer than
-    ``k_max`` look almost free (c(9) -> c(16) is 1.35 -> 1.6-1.7 on 2 CPU cores, and the
-    17-position pass falls off the packed kernel's table to 2.4-2.6)."""
+    ``k_max`` look almost free (measured in ``docs/experiments.md``, "The cost profile")."""
     return max(int(k_max), int(context_draft), *(int(c) for c in context_lengths))
 
 
@@ -494,8 +493,8 @@ def loop_probe():
     """``probe(decoder, obs)`` for :func:`~lede_env.loop_profile.measure_loop_profile`: flatten the
     decoder's observation and run a typical Q-network's greedy action on it (built at the first
     call for the decoder's observation layout) the way an exported ``trace_q`` agent runs, through
-    its numpy twin (:func:`~lede_env.policies.numpy_mlp_twin`; a TorchScript call costs about
-    0.4 ms a round more inside the loop)."""
+    its numpy twin (:func:`~lede_env.policies.numpy_mlp_twin`; a TorchScript call costs more
+    inside the loop, ``docs/experiments.md``)."""
     from .policies import GreedyMLP, numpy_mlp_twin
 
     nets: dict = {}

@@ -16,20 +16,13 @@ model's own greedy text: its continuations of the calibration prompts
 (:data:`~lede_env.prompts.DATASTORE_EXTRA`: what no split uses of the same sources, and prose and
 chat prompts written for lede), all disjoint from the training and evaluation prompts; for the
 embedded model it ships with the package (``lede_env/data/datastore/``, made by
-``scripts/build_datastore.py``). The store's size is what counts: a quarter, half and all of the
-calibration text (5.6k, 11k, 22k tokens) gave 0.17, 0.23 and 0.31 accepted draft tokens per
-held-out position without a context match, and 122k tokens give 0.40.
+``scripts/build_datastore.py``). The store's size is what counts: more of the model's own text
+accepts more draft tokens per position without a context match.
 
-Measured on the embedded model (SmolLM2-135M-Instruct; the shipped store: 122k tokens, 30.9k
-n-grams with a proposed token; ``python benchmarks/datastore_drafts.py --calib-only``): at the
-positions of the held-out ``DEFAULT_EVAL`` continuations where the context has no match (48 % of
-them), the store drafts at 34 % (the calibration text alone: 23 %), and accepted draft tokens per
-such position rise from 0.575 to 0.818 on code, 0.279 to 0.370 on writing, 0.320 to 0.370 on
-math, 0.186 to 0.244 on translation, 0.144 to 0.162 on roleplay (shallow exit heads agree
-0.23-0.30 at E = 2..8). Wall clock on 2 CPU cores (21 held-out prompts of every category, twice
-each, methods interleaved in one process, ``--calib-only --live 3``): prompt lookup of up to 8
-tokens 1.474x the AR loop, with the calibration-only store 1.573x, with the shipped store 1.582x
-(up to 4 tokens: 1.456, 1.536, 1.566x); writing 1.003 -> 1.103x.
+Measured figures (accepted draft tokens per held-out position without a context match, per
+category and by store size, with ``python benchmarks/datastore_drafts.py --calib-only`` and
+``--fractions``; wall-clock speedups over the AR loop with ``--live N``) are in
+``docs/performance.md`` ("The datastore and context drafts") and ``docs/experiments.md``.
 """
 
 from __future__ import annotations
@@ -243,8 +236,8 @@ def datastore_text(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(),
     """The text a store for ``spec`` is built from (:class:`~lede_env.continuations.Continuation`
     list): the model's greedy continuations of ``spec.calib_prompts`` (decoded once and cached,
     the same ones the exit heads are fitted on), then its batched greedy text of
-    ``spec.extra_prompts`` (also cached per prompt; about 8 minutes for the default 623 prompts on
-    2 CPU cores)."""
+    ``spec.extra_prompts`` (also cached per prompt; a one-off cost of minutes on a CPU for the
+    default prompts, see ``docs/experiments.md``)."""
     from .continuations import batched_text, get_continuations
 
     conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,

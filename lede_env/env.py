@@ -120,8 +120,8 @@ class LEDEEnv(gym.Env):
     ``obs_stat_exits`` shallowest exits only (no such key when S = 0), ``experience`` (n_exits, 2) float32 (per exit:
     running per-token acceptance of its drafts in this episode, prior 0.3, and the evidence it
     rests on, judged / (judged + 8)), ``history`` and ``progress`` (see
-    :class:`~lede_env.mdp.ObservationBuilder`): what the rounds already computed, about 0.3 ms a
-    round with the policy instead of about 2 ms.
+    :class:`~lede_env.mdp.ObservationBuilder`): what the rounds already computed, a fraction of
+    the full observation's cost a round (``docs/experiments.md``, "Observations").
 
     With ``stop_rule="calibrated"`` the action's K is a cap and every draft token is looked at
     before it is kept (:class:`~lede_env.stopping.CalibratedStop`): kept only while the

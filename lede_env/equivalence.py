@@ -30,38 +30,19 @@ whose teacher-forced top two tokens are a and b, it can emit b only when the cha
 ``|(z'_a - z'_b) - (z_a - z_b)|`` (the *pair noise*) exceeds the teacher-forced gap, and b's
 margin is then below that pair noise. So the tolerance must cover the largest pair noise.
 
-Measured with ``benchmarks/bf16_equivalence.py --prompts "humaneval[24:32]" --dtypes
-fp32,bf16,fp16`` (the decoder's verifier logits captured at every emitted position against one
-teacher-forced pass; SmolLM2-135M on the CPU, 8 prompts x 64 new tokens x 4 action schemes: AR,
-static (E, K) = (4, 4) and (8, 6), random actions; 2048 positions per dtype), in ulps of max|z|
-(median / p99 / max):
-
-============  =====================  ====================
-dtype         pair noise             max_v |z'_v - z_v|
-============  =====================  ====================
-fp32          2.91 / 10.98 / 14.10   13.1 / 27.3 / 37.2
-bf16          0.44 / 1.58 / 2.59     1.79 / 4.33 / 6.09
-fp16          0.45 / 1.64 / 2.60     1.81 / 4.04 / 5.29
-============  =====================  ====================
-
-On the tiny test models (``--model tiny``) the pair noise is at most 7.0 (fp32), 2.2 (bf16) and
-1.8 (fp16) ulps; 1500 random bf16 tiny-model generations (70642 positions, random exits, K,
-bonus, reuse, actions) gave 177 near-ties, the largest margin 1.96 ulps, no violation.
+The pair noise is measured with ``benchmarks/bf16_equivalence.py`` (the decoder's verifier
+logits captured at every emitted position against one teacher-forced pass), in ulps of max|z|;
+the measurements are in ``docs/guarantees.md`` ("Greedy equivalence in fp32 and bf16").
 
 ``TOLERANCE_ULPS`` is the smallest power of two at least 1.5 times the largest measured pair
-noise: 4 for bf16 and fp16 (about 0.9 logits in bf16 at a typical max|z| of 30, where bf16
-logits themselves are spaced 0.125-0.25 apart), 32 for fp32 (about 1e-4 logits). In fp32 every
-measured emitted token was exactly the teacher-forced argmax, so a tolerance of 0 would pass
-these runs; it is not 0 because the pair noise does reach 14 ulps (other kernels and matrix
-shapes: the decoder's passes of 1 to K+1 positions against one long teacher-forced pass), so a
-genuine tie closer than that could flip through no fault of the decoder. 32 ulps stays far below any real
-error: a wrong token has a margin of whole logits (``tests/lede_env/test_bf16.py`` checks that
-one is reported). The price of the tolerance is that at positions whose teacher-forced top-2
-gap is within it either token passes (the benchmark's ``gap <= tol`` column, same runs: bf16
-16.5% of positions, fp16 2.1%, fp32 none). The same runs found no violation in any dtype and
-no near-tie in fp32 or fp16; bf16 had 7 near-ties over its 4 x 512 positions (margins of 0.125
-and 0.25 logits: one or two bf16 spacings), 2 of them in plain bf16 AR, which is therefore not
-exact against teacher forcing either.
+noise: 4 for bf16 and fp16, 32 for fp32. It is not 0 in fp32, where every measured emitted token
+was exactly the teacher-forced argmax, because fp32 pair noise is not 0 either (other kernels and
+matrix shapes: the decoder's passes of 1 to K+1 positions against one long teacher-forced pass),
+so a genuine tie closer than that could flip through no fault of the decoder. The tolerance
+stays far below any real error: a wrong token has a margin of whole logits
+(``tests/lede_env/test_bf16.py`` checks that one is reported). The price of the tolerance is that
+at positions whose teacher-forced top-2 gap is within it either token passes (the benchmark's
+``gap <= tol`` column).
 """
 
 from __future__ import annotations

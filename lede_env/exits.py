@@ -9,16 +9,16 @@ The kinds (:attr:`ExitHeads.kind`):
   Belrose et al., arXiv 2303.08112). The ridge pulls ``W_E`` towards the identity, so a strong
   penalty gives back the logit lens. Fit it on the model's *own* greedy continuations.
 - ``"affine-kl"`` - the same translator, ridge-fitted, then fine-tuned by KL to the final
-  layer's distribution over the draft vocabulary (:func:`finetune_kl`): a few points more
-  top-1 agreement at shallow exits for a fit of about 10 s per exit on 2 CPU cores.
+  layer's distribution over the draft vocabulary (:func:`finetune_kl`): more top-1 agreement
+  at shallow exits for a fit of seconds per exit on a CPU.
 - ``"affine-kl-prev"`` - ``"affine-kl"``, and a round's *first* draft token comes from a second
   translator that also reads the final normed hidden state of the position before it, which the
   verifier has always computed (the one whose argmax is the pending token): EAGLE's top-layer
   feature (arXiv 2401.15077) given to an early exit. ``[norm(h_E), final(t-1)] @ W + b``,
   ridge-fitted towards the affine-kl translator (:func:`fit_first`). Later draft tokens of the
   round use the affine-kl head (their previous position is not verified yet), and the draft
-  probability goes through the affine-kl heads' acceptance calibration. Held out on the embedded
-  model (``DEFAULT_EVAL``): first-token agreement 0.228 -> 0.270 at E=2, 0.252 -> 0.282 at E=4.
+  probability goes through the affine-kl heads' acceptance calibration. Held-out agreement of
+  each kind: ``docs/performance.md`` ("Exit heads") and ``docs/experiments.md``.
 
 Draft heads may score only a truncated, frequency-ranked vocabulary of ``draft_vocab`` tokens
 (FR-Spec idea, arXiv 2502.14856): on small models the full LM head costs as much as several
@@ -359,9 +359,8 @@ def fit_affine(
 
     Minimises ``||norm(h_E) W + b - y||^2 + lam ||W - I||^2`` where ``y`` is the final normed
     hidden state, over every continuation position of ``sequences`` (the model's own greedy
-    outputs: measured on the embedded model, translators fitted on reference text, teacher-forced,
-    agreed 0.19-0.22 at E=4..12 on held-out continuations against 0.28-0.35 when fitted on the
-    model's own continuations). ``lam = ridge *
+    outputs: translators fitted on them agree better on held-out continuations than ones fitted
+    on reference text, ``docs/experiments.md``). ``lam = ridge *
     mean(diag(X^T X))`` after centring, so ``ridge`` is scale-free.
 
     Args:
@@ -418,12 +417,9 @@ def finetune_kl(
     positions (the tuned-lens objective, arXiv 2303.08112, plus a top-1 term since drafts are
     greedy). Every position of ``sequences`` is used, prompts included: targets are always the
     model's own final-layer distribution, so prompt positions add data without moving the
-    target away from what the model would generate. Measured on the embedded model, fitted on the
-    multi-domain calibration split (``DEFAULT_CALIB``, 600 steps), held-out ``DEFAULT_EVAL``
-    continuations: top-1 agreement 0.206 -> 0.252 at E=2 and 0.230 -> 0.283 at E=4 over the ridge
-    fit, on every category (code 0.27 -> 0.33, writing 0.17 -> 0.22, translation 0.05 -> 0.10 at
-    E=2; ``benchmarks/head_variants.py``); a low-rank non-linear adapter on top gained nothing more
-    and cost 40 % more per draft token.
+    target away from what the model would generate. What it adds over the ridge fit, per
+    category, and what a low-rank non-linear adapter on top added (``benchmarks/head_variants.py``):
+    ``docs/experiments.md`` ("Multi-domain calibration split").
 
     Args:
         heads: affine heads, already ridge-fitted; updated in place.

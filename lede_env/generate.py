@@ -12,9 +12,9 @@ set-up (loading, fitting or loading the exit heads) once. Policies are named lik
 :class:`~lede_env.decoding.Policy` object also works. By default (``ar`` with
 ``context_draft=4``) every plain step also verifies up to 4 tokens copied from the context where
 it repeats (prompt lookup, :mod:`lede_env.lookup`), and where it does not, up to 4 tokens the
-model's datastore of its own text proposes (:mod:`lede_env.datastore`): 1.53x lede's plain AR
-loop on 22 held-out prompts of every category on the 2-core CPU reference machine, against
-1.47x without the datastore (``benchmarks/datastore_drafts.py --live 3``).
+model's datastore of its own text proposes (:mod:`lede_env.datastore`): the fastest default
+measured on the CPU reference machine (``benchmarks/datastore_drafts.py --live 3``; the figures
+are in ``docs/performance.md``, "The datastore and context drafts").
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class Lede:
             already loaded Llama-family ``PreTrainedModel`` (then give ``tokenizer`` too).
         tokenizer: the tokenizer of a loaded ``model`` (loaded with it otherwise).
         policy: default policy (see the module docstring). ``"ar"`` (default) with context drafts
-            is prompt lookup decoding (with the datastore where the context has no match: 1.53x
-            lede's plain AR loop on the 2-core CPU reference machine, no held-out category below
-            AR; ``benchmarks/datastore_drafts.py --live 3``); ``"del"``, ``"static:E,K"`` and
-            agents add early-exit drafts.
+            is prompt lookup decoding (with the datastore where the context has no match;
+            speedups over the AR loop measured by ``benchmarks/datastore_drafts.py --live 3``,
+            see ``docs/performance.md``); ``"del"``, ``"static:E,K"`` and agents add early-exit
+            drafts.
         exit_layers: candidate exits (``None``: every second layer); an exported agent's own
             exits, K_max and exit-head kind are used when ``policy`` is an agent.
         k_max: largest speculation length.

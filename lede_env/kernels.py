@@ -2,10 +2,11 @@
 
 Verifying k draft positions costs c(k) AR steps; speculative decoding pays only where c(k) stays
 near 1, as it does on GPUs. On the CPU, BLAS's matrix-matrix path packs the weights once an
-input has 3+ rows, so on the 2-core machines measured 3-5 positions cost 1.3-1.6 AR steps and
-only K = 1 drafts paid. Decoding is memory-bound (one fp32 layer of the embedded model streams
-~14 MB of weights per call), so a kernel that reads each weight once for all k rows
-(``csrc/skinny_linear.cpp``) keeps c(k) near 1 up to 6-8 positions.
+input has 3+ rows, so on the 2-core machines measured verifying 3-5 positions cost well over one
+AR step and only K = 1 drafts paid. Decoding is memory-bound (one fp32 layer of the embedded
+model streams ~14 MB of weights per call), so a kernel that reads each weight once for all k rows
+(``csrc/skinny_linear.cpp``) keeps c(k) near 1 for several positions (the kernel tables measured:
+``docs/performance.md`` and ``docs/experiments.md``).
 
 The fastest kernel for each row count differs between CPUs, even of one machine kind, so it
 is never chosen by vendor rules: :func:`kernel_table` times every available kernel on the

@@ -118,9 +118,8 @@ class LayerStack:
         """Within this block the decoder layers' linear layers use :attr:`kernel_table`, and on the
         CPU attention over several new positions runs grouped-query attention on the cached
         key/value heads as they are (transformers' ``TRANSFORMERS_SDPA_FORCE_GQA``; with a causal
-        mask it would otherwise copy every cached key and value for each query head: all 30 layers
-        of the embedded model on 2 / 3 positions after 256 cached ones, 27.8 / 31.1 ms -> 26.3 /
-        28.8 ms on 2 cores, identical outputs). Both are restored after, even on error (the model
+        mask it would otherwise copy every cached key and value for each query head; measured in
+        ``docs/experiments.md``; identical outputs). Both are restored after, even on error (the model
         is shared with callers, e.g. transformers' ``generate``).
 
         Thread-safe: the linear layers are patched once per model while any block on it is open
@@ -328,9 +327,9 @@ def buffered_layer_class():
         :meth:`get_seq_length` positions.
 
         transformers' ``DynamicLayer`` concatenates the new positions to the whole cache at every
-        forward pass: each decoding round copied every cached key and value of every layer (the
-        embedded model, 800 cached positions, 2 CPU cores: 8 ms of a 35 ms verify pass; 23 % of
-        its time). Here a pass writes only its q new positions; cropping (rejected drafts) only
+        forward pass: each decoding round copied every cached key and value of every layer (a
+        large share of a verify pass at long contexts, ``docs/experiments.md``). Here a pass
+        writes only its q new positions; cropping (rejected drafts) only
         moves the length back. Results are identical: attention reads the same values.
         """
 

@@ -12,16 +12,11 @@ most tokens (up to ``max_len``), then the one whose preceding tokens agree longe
 token) the most recent occurrence is followed by only p tokens before the suffix itself; an
 earlier one copies ``max_len`` tokens of the loop. Preferring the longest span (the occurrence in
 the same passage as the text being written, as suffix-tree drafters do: SuffixDecoding, arXiv
-2411.04975) raised the copied tokens accepted per context draft from 3.79 to 4.15 on the greedy
-continuations of the default training prompts and from 4.33 to 4.73 on the held-out ones
-(copies of up to 8 tokens), against copying the most recent occurrence. The full model verifies
-the copy like any draft, so the output does not change.
-
-Measured on the greedy continuations of the default evaluation prompts (SmolLM2-135M-Instruct,
-96 tokens; ``ngram=(2, 3)``, 4 tokens at most): a proposal exists at 61 % of code positions
-(first token accepted 0.79, 2.56 tokens accepted per proposal), 16 % of writing (0.46, 1.21),
-34 % of roleplay (0.78, 2.77), 42 % of math (0.61, 1.36), 67 % of translation (0.90, 3.12);
-shallow exit heads agree 0.10-0.35 there.
+2411.04975) raised the copied tokens accepted per context draft on the greedy continuations of
+the default training and held-out prompts, against copying the most recent occurrence. The full
+model verifies the copy like any draft, so the output does not change. How often the context
+has a match per category, and how much of a copy is accepted: ``docs/experiments.md``
+("Drafters: context drafts and the datastore").
 """
 
 from __future__ import annotations
@@ -143,16 +138,12 @@ def match_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = D
     ``agreement`` is the length of the common prefix (at most ``depth`` tokens) of what followed
     the occurrence the draft copies and what followed the most recent other occurrence (0 with a
     single occurrence). Where earlier occurrences went on differently, the copied tokens are
-    often rejected right where they part; where they went on alike, copies run long. Measured on
-    the greedy continuations of the default evaluation prompts (SmolLM2-135M-Instruct, 96
-    tokens): a draft copied from a single occurrence has 4.8 of up to 8 tokens accepted on average;
-    occurrences agreeing on 0-1 tokens, 0.9; on 4 or more, 5.5. (REST, arXiv 2311.08252, and
-    LLMA, arXiv 2304.04487, choose drafts among several retrieved continuations by such
-    agreement; here it is an observation feature the policy reads.) Per round that looks strong,
-    but such rounds are rare: over whole episodes of the same prompts (in-loop cost profile,
-    trace env) a fixed rule that copies only the agreed tokens gained 0.8 % over the best fixed
-    copy length, and ``trace_q`` with these features scored 1.418 against 1.425 without
-    (``benchmarks/agent_vs_static.py --context-agreement 1``), so envs leave them off by default.
+    often rejected right where they part; where they went on alike, copies run long. (REST, arXiv
+    2311.08252, and LLMA, arXiv 2304.04487, choose drafts among several retrieved continuations by
+    such agreement; here it is an observation feature the policy reads.) Over whole episodes
+    neither a fixed rule on these features nor ``trace_q`` with them beat the best fixed copy
+    length (``benchmarks/agent_vs_static.py --context-agreement 1``; ``docs/experiments.md``,
+    "Context agreement features"), so envs leave them off by default.
 
     Args:
         seq, max_len, ngram: as :func:`context_match` (``max_len`` picks the copied occurrence).
@@ -212,11 +203,9 @@ def match_span(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAUL
 
     A long span means the text is running through a passage it has seen (a quoted sentence, a
     repeated block of code), and the copy keeps being accepted; a span of 2-3 is often a
-    coincidence. Measured on the greedy continuations of the default training prompts
-    (SmolLM2-135M-Instruct, 96 tokens, copies of up to 8 tokens of the most recent occurrence, the
-    drafter before the longest-span choice): span 2, 2.2 copied tokens
-    accepted on average (first token 55 %); 4-5, 3.1 (74 %); 6-9, 4.3 (84 %); 20 or more, 6.1
-    (94 %); held-out prompts alike. SuffixDecoding (arXiv 2411.04975) sets its speculation length
+    coincidence: the longer the span, the more of a copy is accepted (measured per span in
+    ``docs/experiments.md``, "Which occurrence a context draft copies, and the matched span").
+    SuffixDecoding (arXiv 2411.04975) sets its speculation length
     from the match length the same way; here it is an observation feature
     (:attr:`~lede_env.mdp.ObservationConfig.context_span`) the policy reads.
 
@@ -230,8 +219,8 @@ def match_span(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = DEFAUL
 class ContextIndex:
     """:func:`context_match` for a growing sequence, in time independent of its length.
 
-    :func:`context_match` scans the whole sequence for every n-gram length each round (about
-    0.2 ms a round at a few hundred tokens on 2 CPU cores, inside the decoding loop). This index
+    :func:`context_match` scans the whole sequence for every n-gram length each round (a
+    noticeable share of a round at a few hundred tokens, ``docs/experiments.md``). This index
     keeps, for every n-gram length in ``ngram``, the start positions of each n-gram that is
     followed by at least one token, and adds the new ones as the sequence grows: a match is a
     dictionary look-up and a comparison of at most :data:`CHOOSE_AMONG` occurrences. It returns

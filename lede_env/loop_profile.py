@@ -3,9 +3,9 @@
 An isolated timing of one layer or of the LM head on k positions (:func:`~lede_env.costs.measure_profile`)
 misses what the decoding loop does around it: the draft's layers and the previous round evict the
 weights the next product reads, and the decoder's bookkeeping (acceptance, cache crop, context
-match) costs time every round. On 2 CPU cores an E=2, K=1 round took 1.25-1.3 AR steps in the
-loop where the isolated profile said 1.16, so every consumer of the profile (trace env rewards,
-λ, DEL's estimates, the oracle, trained agents) overrated exit drafts.
+match) costs time every round. On CPUs exit-draft rounds cost more in the loop than the isolated
+profile says (measured in ``docs/experiments.md``, "The cost profile"), so every consumer of the
+profile (trace env rewards, λ, DEL's estimates, the oracle, trained agents) overrated exit drafts.
 
 :func:`measure_loop_profile` runs the real :class:`~lede_env.decoding.SelfSpeculativeDecoder`
 on calibration prompts with random actions (AR steps, context drafts of 1..K_max tokens, every
@@ -114,8 +114,8 @@ def measure_loop_profile(stack: LayerStack, heads: ExitHeads, k_max: int, prompt
         timed: a list that receives the timed rounds (for reports and tests).
         obs_config, probe: with both, the per-round overhead is the median time of computing
             this observation and running ``probe(decoder, obs)`` (a policy's forward pass) inside
-            the loop, instead of the prior's isolated timing (on 2 CPU cores the loop's own
-            layers evict what the observation reads: about 3x the isolated time).
+            the loop, instead of the prior's isolated timing (the loop's own layers evict what
+            the observation reads, so inside the loop it costs a multiple of its isolated time).
 
     Returns:
         A :class:`~lede_env.costs.CostProfile` with ``source="in-loop"``, in seconds; ``meta``

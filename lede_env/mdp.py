@@ -188,10 +188,11 @@ class ObservationConfig:
         history: past rounds summarised in ``history``.
         recent_tokens: recent token ids in ``tokens``. ``"full"`` kind only.
         seed: seed of the projection matrix.
-        kind: ``"full"`` (the hidden-state context and every exit's head statistics: about 2 ms a
-            round on 2 CPU cores for 14 exits) or ``"compact"`` (only what the rounds already
-            computed plus the shallowest ``stat_exits`` exits' head statistics, and running
-            per-exit acceptance: the generation's own experience; about 0.1 ms).
+        kind: ``"full"`` (the hidden-state context and every exit's head statistics: a head call
+            per exit per round) or ``"compact"`` (only what the rounds already computed plus the
+            shallowest ``stat_exits`` exits' head statistics, and running per-exit acceptance:
+            the generation's own experience; far cheaper). What each costs a round:
+            ``docs/experiments.md`` ("Observations").
         stat_exits: ``"compact"`` only: how many of the shallowest exits' statistics to include.
         decay: ``"compact"`` only: per-round decay of the running acceptance estimates.
         context: add the ``context`` key (features of the context drafter, see

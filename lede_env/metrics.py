@@ -1,7 +1,7 @@
 """The one definition of each metric lede reports (trace env, live decoder, ``summary()``,
 ``lede evaluate``, the demo, the report and the benchmarks all compute them here).
 
-Definitions (the README's "Metrics" section says the same):
+Definitions (``docs/performance.md``'s "Metrics" section says the same):
 
 - **round tokens**: tokens emitted by draft/verify rounds. The prefill's token (the first
   generated token, emitted by the prompt's forward pass) is not a round's: the prefill is not a

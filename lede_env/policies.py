@@ -211,9 +211,10 @@ class ExportedPolicy(BasePolicy):
             ``"torchscript"`` (``policy.pt``) or ``"onnxruntime"`` (``policy.onnx``, from
             ``lede export --onnx``; needs the ``onnx`` extra).
 
-    Inside the decoding loop a call into TorchScript cost 0.4-0.47 ms a round on 2 AMD EPYC
-    cores (19 us when timed alone: each round's weight stream through the caches leaves the
-    interpreter and dispatcher code cold), the numpy twin 0.09 ms; both give the same action.
+    Inside the decoding loop a call into TorchScript costs many times what it costs timed alone
+    (each round's weight stream through the caches leaves the interpreter and dispatcher code
+    cold); the numpy twin avoids most of that (measured in ``docs/experiments.md``); both give
+    the same action.
 
     Raises:
         FileNotFoundError: missing files.
@@ -476,8 +477,9 @@ class GuardedPolicy(BasePolicy):
 
     - ``"wallclock"``: measured seconds of each round (policy included). When a window ends and
       no action-0 round has been seen yet, the guard plays ``probe`` of them to measure it. This
-      is the truth on the machine at hand, whatever the cost profile assumes (on the 2-core
-      reference machine the profile rated an E=2, K=1 round at 1.16 AR steps; it took 1.25-1.3).
+      is the truth on the machine at hand, whatever the cost profile assumes (on the CPU
+      reference machine the profile rated exit-draft rounds cheaper than they ran,
+      ``docs/experiments.md``).
     - ``"cost"``: the rounds' cost-profile costs (:attr:`RoundRecord.cost`, AR-step units);
       deterministic, as the trace env needs. Before any action-0 round, AR's 1 token per AR
       step is the reference.

@@ -4,7 +4,7 @@ Layers 1..E are causal and do not depend on later layers, so the token an exit-E
 produces at position i, given an accepted prefix, equals the teacher-forced exit-E draft at
 i. A trace therefore tells the accepted run length of any (E, K) at any position exactly,
 and the trace environment replays greedy self-speculative decoding at microseconds a round
-(the module docstring of :mod:`lede_env.replay` and the README's env section).
+(the module docstring of :mod:`lede_env.replay` and ``docs/mdp.md``).
 
 A trace is built from a greedy continuation (:mod:`lede_env.continuations`) under a set of exit
 heads (:mod:`lede_env.calibration`). Trace sets are cached under
