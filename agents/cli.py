@@ -386,10 +386,22 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
     from agents.export import export_policy
     from agents.train import load_algo
 
-    cfg = json.loads((run_dir / "train_config.json").read_text())
-    ds = minari.load_dataset(dataset_id or cfg["dataset_id"])
-    env = ds.recover_environment()
-    export_policy(load_algo(run_dir), env, out, algo_name=cfg["algo"], gamma=cfg["gamma"], onnx=onnx)
+    try:
+        if not (run_dir / "train_config.json").exists():
+            raise ValueError(f"No train_config.json in {run_dir}: not a run folder of `lede train` (give --run-dir).")
+        cfg = json.loads((run_dir / "train_config.json").read_text())
+        ds_id = dataset_id or cfg["dataset_id"]
+        ds = minari.load_dataset(ds_id)
+        if ds.spec.env_spec is None:  # (minari: "Environment cannot be recovered when env_spec is None")
+            raise ValueError(f"Dataset {ds_id!r} stores no env spec, so the env the agent was trained in cannot be "
+                             "rebuilt to export it: export it from Python with agents.export.export_policy(agent, "
+                             "env, out) and that env, or train on a dataset collected by `lede collect` (which "
+                             "stores one).")
+        env = ds.recover_environment()
+        algo = load_algo(run_dir)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    export_policy(algo, env, out, algo_name=cfg["algo"], gamma=cfg["gamma"], onnx=onnx)
     console.print(f"exported to {out}")
 
 
