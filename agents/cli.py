@@ -412,10 +412,18 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
                                                "oracle, agent:PATH)."),
              prompts: str = typer.Option(DEFAULT_EVAL, help="Held-out prompts."),
              train_prompts: str = typer.Option(DEFAULT_TRAIN, help="Prompts to choose static:best on."),
-             calib_prompts: str = CalibOpt,
-             model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt, k_max: int = 8,
-             exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default every 2nd)."),
-             head_kind: str = "affine-kl", draft_vocab: Optional[int] = 8192, cost_profile: str = "measured",
+             calib_prompts: Optional[str] = typer.Option(None, help="Prompts whose greedy continuations fit the "
+                                                         "exit heads (default: the agent's, else DEFAULT_CALIB)."),
+             model: Optional[str] = ModelOpt, max_new_tokens: int = MaxNewOpt,
+             k_max: Optional[int] = typer.Option(None, help="Largest speculation length (default: the agent's, "
+                                                 "else 8)."),
+             exits: Optional[str] = typer.Option(None, help="Comma-separated exit layers (default: the agent's, "
+                                                 "else every 2nd)."),
+             head_kind: Optional[str] = typer.Option(None, help="Exit heads (default: the agent's, else affine-kl)."),
+             draft_vocab: Optional[int] = typer.Option(None, help="Draft vocabulary (default: the agent's, else "
+                                                       "8192)."),
+             cost_profile: Optional[str] = typer.Option(None, help="analytic | measured | FILE.json (default: the "
+                                                        "agent's, else measured)."),
              obs_kind: Optional[str] = typer.Option(None, help="Observation of the env: compact | full (default: "
                                                     "the exported agent's, else full)."),
              stop_rule: Optional[str] = typer.Option(None, help="In-round stop rule of policies that name none: "
@@ -431,32 +439,29 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
              wandb: str = typer.Option("offline", help="Log the results to W&B: offline | online | disabled.")):
-    """Evaluate policies in the trace env and with the real decoder on held-out prompts."""
+    """Evaluate policies in the trace env and with the real decoder on held-out prompts. An
+    exported agent among the policies brings every setting of the env it was trained in (the
+    options above left out take the agent's; one that contradicts it is an error); a policy that
+    plays copy actions (copy-else:M,E,T, static:0,K) switches them on."""
     from agents.evaluate import evaluate_held_out, held_out_envs
+    from lede_env.device import spec_dtype
+    from lede_env.task import settings_for
 
     names = [p for p in split_policies(policies)]
-    agent_cfg = _agent_config(names)
-    if obs_kind is None:
-        obs_kind = agent_cfg.get("observation", {}).get("kind", "full")
-    if stop_rule is None:
-        stop_rule = agent_cfg.get("stop_rule", {}).get("kind", "none")
-    if context_draft is None:
-        context_draft = int(agent_cfg.get("context_draft", 0))
-    lengths = (tuple(agent_cfg.get("context_lengths", ())) if context_lengths is None
-               else tuple(int(x) for x in context_lengths.split(",") if x.strip()))
-    if context_datastore is None:
-        context_datastore = bool(agent_cfg.get("context_datastore"))
-    common = dict(model=model, max_new_tokens=max_new_tokens, k_max=k_max, exit_layers=_exits(exits),
-                  head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, cost_profile=cost_profile,
-                  obs_kind=obs_kind, stop_rule=None if stop_rule in (None, "none") else stop_rule,
-                  context_draft=context_draft, context_lengths=lengths,
-                  context_datastore=context_datastore and bool(context_draft or lengths))
+    given = {k: v for k, v in dict(
+        k_max=k_max, exit_layers=exits, head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts,
+        cost_profile=cost_profile, obs_kind=obs_kind, stop_rule=stop_rule, context_draft=context_draft,
+        context_lengths=None if context_lengths is None else [x for x in context_lengths.split(",") if x.strip()],
+        context_datastore=context_datastore).items() if v is not None}
     try:
         from lede_env.prompts import check_disjoint
 
+        settings = settings_for(names, given, {"cost_profile": "measured"})  # (the env's defaults, measured costs)
         check_disjoint(training=train_prompts, held_out=prompts)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         fail(e)
+    k_max = settings["k_max"]
+    common = dict(model=model, max_new_tokens=max_new_tokens, **settings, **spec_dtype())
     # lambda and static:best come from training traces
     train_env, eval_env = held_out_envs(common, train_prompts, prompts)
     res = evaluate_held_out(train_env, eval_env, names, out, prompts, live=live, show=console.print)
@@ -507,11 +512,17 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                  temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
                  top_p: float = 1.0, seed: Optional[int] = None,
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-                 head_kind: str = "affine-kl", calib_prompts: str = CalibOpt,
-                 context_draft: int = typer.Option(4, help="Most tokens copied from the context (prompt "
-                                                           "lookup) that a plain step verifies; 0 = off."),
-                 context_datastore: bool = typer.Option(True, help="Where the context has no match, draft from the "
-                                                        "model's datastore of its own text.")):
+                 head_kind: Optional[str] = typer.Option(None, help="Exit heads (default: the agent's, else "
+                                                         "affine-kl)."),
+                 calib_prompts: Optional[str] = typer.Option(None, help="Prompts whose greedy continuations fit "
+                                                             "the exit heads (default: the agent's, else "
+                                                             "DEFAULT_CALIB)."),
+                 context_draft: Optional[int] = typer.Option(None, help="Most tokens copied from the context "
+                                                             "(prompt lookup) that a plain step verifies; 0 = off "
+                                                             "(default: the agent's, else 4)."),
+                 context_datastore: Optional[bool] = typer.Option(None, help="Where the context has no match, draft "
+                                                                  "from the model's datastore of its own text "
+                                                                  "(default: the agent's, else on).")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
     then one line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time."""
     from transformers import TextStreamer
@@ -563,20 +574,6 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
                         out_dir=str(out), wandb=wandb, live=live,
                         context_lengths=tuple(int(x) for x in context_lengths.split(",") if x.strip()),
                         context_datastore=context_datastore))
-
-
-def _agent_config(names: list[str]) -> dict:
-    """``policy.json`` of the first exported agent among the policy names (``{}`` if none; a named
-    folder without one is reported when its policy is built)."""
-    from lede_env.generate import AGENT_PREFIXES, agent_path
-
-    for n in names:
-        if n.startswith(AGENT_PREFIXES):
-            try:
-                return json.loads((agent_path(n) / "policy.json").read_text())
-            except ValueError:
-                continue
-    return {}
 
 
 #: optional module -> the extra that installs it (``pip install 'lede[EXTRA]'``)

@@ -312,7 +312,8 @@ def held_out_envs(env_kwargs: dict, train_prompts: str, eval_prompts: str, progr
     """The training env and the held-out evaluation env of ``lede evaluate`` and ``lede demo``.
 
     Args:
-        env_kwargs: ``LEDEEnv`` keyword arguments shared by both (any ``prompts`` is replaced).
+        env_kwargs: ``LEDEEnv`` keyword arguments shared by both (any ``prompts`` is replaced; a
+            ``reward_lambda`` given, e.g. an exported agent's, is kept by both).
         train_prompts: prompts whose traces choose lambda (reward and stop rule) and ``static:best``.
         eval_prompts: the held-out prompts (the caller checks they are disjoint from the others:
             :func:`lede_env.prompts.check_disjoint`).
@@ -331,7 +332,7 @@ def held_out_envs(env_kwargs: dict, train_prompts: str, eval_prompts: str, progr
     with stage("traces + env (train)"):
         train_env = LEDEEnv(**(env_kwargs | {"prompts": train_prompts}), progress=progress)
     with stage("traces + env (eval)"):
-        eval_env = LEDEEnv(**(env_kwargs | {"prompts": eval_prompts}), reward_lambda=train_env.reward_lambda,
+        eval_env = LEDEEnv(**(env_kwargs | {"prompts": eval_prompts, "reward_lambda": train_env.reward_lambda}),
                            progress=progress)
     return train_env, eval_env
 

@@ -7,7 +7,10 @@ An export folder holds exactly:
 - ``policy.onnx`` (with ``onnx=True``, needs the ``onnx`` extra) - the same graph in ONNX
   (input ``obs`` [batch, flat_dim] float32, output ``action`` [batch] int64), runnable with
   onnxruntime (``ExportedPolicy(path, runtime="onnxruntime")``).
-- ``policy.json`` - ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
+- ``policy.json`` - ``env``: every task setting of the env it was trained in
+  (:func:`lede_env.task.env_settings`: the ``LEDEEnv`` keyword arguments that fix its observation,
+  actions, rules and costs), from which every command that plays it builds its env or decoder
+  (:func:`lede_env.task.settings_for`); then, as before it existed, ``format``, ``exit_layers``, ``k_max``, ``bonus``, ``context_draft`` and
   ``context_ngram`` (what action 0 copies from the context), ``context_datastore`` (fingerprint of
   the datastore context drafts fall back to where the context has no match, or null),
   ``context_lengths`` (the context
@@ -30,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lede_env.storage import atomic_file, atomic_folder
+from lede_env.task import env_settings
 from lede_env.trace_env import TraceEnv
 
 EXPORT_FORMAT = 1
@@ -60,6 +64,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
         save_policy_quietly(algo, tmp / "policy.pt")
         man = u.manifest  # the trace set's manifest, or the live backend's description
         cfg = {
+            "env": env_settings(u),  # the source of truth of the agent's task (older readers: the keys below)
             "format": EXPORT_FORMAT,
             "exit_layers": list(u.actions.exit_layers),
             "k_max": u.actions.k_max,

@@ -136,11 +136,12 @@ def main() -> None:
 
         # the same policies in the live env at this temperature: throughput in AR-step units
         rows3 = []
-        cfg = json.loads(Path(agent, "policy.json").read_text())
+        from lede_env.task import settings_for
+
+        task = settings_for([f"agent:{agent}"])  # every setting of the env the agent was trained in
         for cost in ("profile", "wallclock"):
             env = gym.make("LEDE-Llama3-Live-v0", prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, cost=cost, exit_layers=cfg["exit_layers"], k_max=cfg["k_max"],
-                           head_kind=cfg["heads"]["kind"], draft_vocab=cfg["heads"]["draft_vocab"], progress=False)
+                           temperature=args.temperature, cost=cost, progress=False, **task)
             u = env.unwrapped
             for n, p in names.items():
                 pol = policy_from_name("agent:" + p if p == agent else p, u.actions, u.profile, u.rules.bonus,

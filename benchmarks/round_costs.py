@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--eval-prompts", default=DEFAULT_EVAL)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW)
-    ap.add_argument("--context-lengths", default="1,2,3,4,6,8")
-    ap.add_argument("--obs-stat-exits", type=int, default=0)
+    ap.add_argument("--context-lengths", default=None, help="(default: the agent's; another is an error)")
+    ap.add_argument("--obs-stat-exits", type=int, default=None, help="(default: the agent's; another is an error)")
     ap.add_argument("--policies", default="static:0,4;static:0,3",
                     help="';'-separated policies beside ar, the agent and the bare agent")
     ap.add_argument("--repeat", type=int, default=1, help="decode the prompt set this many times")
@@ -43,16 +43,20 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = json.loads((Path(args.agent) / "policy.json").read_text())
-    lengths = tuple(int(x) for x in args.context_lengths.split(",") if x)
+    from lede_env.task import settings_for
+
+    given = {}
+    if args.context_lengths is not None:
+        given["context_lengths"] = [x for x in args.context_lengths.split(",") if x]
+    if args.obs_stat_exits is not None:
+        given["obs_stat_exits"] = args.obs_stat_exits
+    names = ["ar", *[p for p in args.policies.split(";") if p], f"agent:{args.agent}", f"agent-unguarded:{args.agent}"]
+    # every setting of the agent's env (measured costs for an agent exported before they were recorded)
+    task = settings_for(names, given, {"cost_profile": "measured"})
     subset = write_prompt_file(first_per_category(load_prompts(args.eval_prompts), args.per_category),
                                out / "prompts.jsonl")
-    env = LEDEEnv(prompts=str(subset), max_new_tokens=args.max_new_tokens, cost_profile="measured", progress=False,
-                  obs_kind=spec["observation"]["kind"], obs_stat_exits=args.obs_stat_exits,
-                  context_lengths=lengths, stop_rule=spec["stop_rule"]["kind"] if spec.get("stop_rule") else None,
-                  reward_lambda=spec.get("reward_lambda", 1.0))
+    env = LEDEEnv(prompts=str(subset), max_new_tokens=args.max_new_tokens, progress=False, **task)
     dec = env.make_decoder()
-    names = ["ar", *[p for p in args.policies.split(";") if p], f"agent:{args.agent}", f"agent-unguarded:{args.agent}"]
     records: dict = {}
     rows = []
     for _ in range(args.repeat):

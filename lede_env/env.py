@@ -28,10 +28,11 @@ from .costs import CostProfile
 from .datastore import NgramDatastore, get_datastore, spec_for
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
-from .mdp import ActionMap, ObservationConfig
+from .mdp import ActionMap
 from .model import ModelBundle
 from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN
 from .stopping import CalibratedStop
+from .task import env_settings, observation_config
 from .traces import TraceSet
 
 REWARD_MODES = ("relative", "net", "ratio")
@@ -324,13 +325,13 @@ class LEDEEnv(gym.Env):
             raise ValueError(f"render_mode={render_mode!r}; choose one of {self.metadata['render_modes']} or None.")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
-        self.obs_config = ObservationConfig(obs_hidden_dim, obs_history, obs_recent_tokens, kind=obs_kind,
-                                            stat_exits=obs_stat_exits,
-                                            context=int(context_draft) > 0 or bool(context_lengths),
-                                            context_agreement=bool(obs_context_agreement)
-                                            and (int(context_draft) > 0 or bool(context_lengths)),
-                                            context_span=bool(obs_context_span)
-                                            and (int(context_draft) > 0 or bool(context_lengths)))
+        self.obs_config = observation_config(dict(
+            obs_hidden_dim=obs_hidden_dim, obs_history=obs_history, obs_recent_tokens=obs_recent_tokens,
+            obs_kind=obs_kind, obs_stat_exits=obs_stat_exits, obs_context_agreement=obs_context_agreement,
+            obs_context_span=obs_context_span, context_draft=context_draft, context_lengths=context_lengths))
+        #: the cost profile as given (a name, a path or a dict; an injected ``profile``: its dict),
+        #: the ``cost_profile`` of :meth:`task_settings`
+        self.cost_profile_spec = cost_profile if profile is None else profile.to_json()
         self._stop_name, self._lambda_arg = stop_rule, reward_lambda
         self._context_draft = int(context_draft)
         self._context_lengths = tuple(context_lengths)
@@ -542,6 +543,13 @@ class LEDEEnv(gym.Env):
                 else f"E={r['exit_layer']} K={r['draft_len']}")
         return (f"[{pid}] {what}: accepted {r['accepted']}, emitted {r['emitted']}, "
                 f"cost {r['cost']:.3f}, total {n} tokens")
+
+    def task_settings(self) -> dict:
+        """Every task setting of this env (:data:`lede_env.task.TASK_KEYS`: what fixes its
+        observation, actions, rules and costs), resolved and JSON-serialisable:
+        ``LEDEEnv(**env.task_settings(), model=..., prompts=...)`` rebuilds the same task on other
+        prompts. What ``lede export`` writes (:func:`lede_env.task.env_settings`)."""
+        return env_settings(self)
 
     def config(self) -> dict:
         """JSON-serialisable description of this env (for datasets and exported policies)."""

@@ -28,12 +28,16 @@ import torch
 
 from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder
 from .lookup import DEFAULT_NGRAM
-from .prompts import DEFAULT_CALIB, encode_prompt
+from .prompts import encode_prompt
 
 #: context-draft tokens (prompt lookup) verified on plain steps by default
 DEFAULT_CONTEXT_DRAFT = 4
 #: context drafts fall back to the model's datastore where the context has no match (see :mod:`lede_env.datastore`)
 DEFAULT_CONTEXT_DATASTORE = True
+#: :class:`Lede`'s own defaults of the task settings it differs from ``LEDEEnv`` in (the rest are the
+#: env's, :func:`lede_env.task.task_defaults`; an exported agent brings its own)
+LEDE_DEFAULTS = {"context_draft": DEFAULT_CONTEXT_DRAFT, "context_datastore": DEFAULT_CONTEXT_DATASTORE,
+                 "stop_rule": "calibrated", "reward_lambda": 1.0}
 
 __all__ = ["Lede", "LedeOutput", "generate"]
 
@@ -84,36 +88,62 @@ class Lede:
             speedups over the AR loop measured by ``benchmarks/datastore_drafts.py --live 3``,
             see ``docs/performance.md``); ``"del"``, ``"static:E,K"`` and agents add early-exit
             drafts.
-        exit_layers: candidate exits (``None``: every second layer); an exported agent's own
-            exits, K_max and exit-head kind are used when ``policy`` is an agent.
-        k_max: largest speculation length.
-        head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.calibration.HeadSpec`).
-        cost_profile: ``"analytic"`` or ``"measured"`` (for DEL's cost estimates and round costs).
+        exit_layers: candidate exits (``None``: every second layer).
+        k_max: largest speculation length (default 8).
+        head_kind, draft_vocab, calib_prompts: exit heads (see :class:`~lede_env.calibration.HeadSpec`;
+            default ``"affine-kl"``, 8192, ``DEFAULT_CALIB``; ``draft_vocab=None`` is the full
+            vocabulary, its default ``"default"`` means the agent's, else 8192).
+        cost_profile: ``"analytic"`` (default) or ``"measured"`` (for DEL's cost estimates, the
+            calibrated stop rule and round costs).
         device, dtype: where and in which weight dtype a model given by name runs (``None``:
             ``$LEDE_DEVICE`` or cpu; bf16 on CUDA, fp32 on CPU); a loaded model stays where it is.
         context_draft: most tokens copied from the context (prompt lookup) that a plain step
             verifies when the context has a match (default 4; 0: none; see :mod:`lede_env.lookup`).
         context_datastore: where the context has no match, context drafts come from the model's
-            datastore of its own text (:mod:`lede_env.datastore`; the store that goes with
-            ``calib_prompts``, :func:`~lede_env.datastore.spec_for`; the embedded model's default
-            ships with the package). An exported agent uses the datastore it was trained with.
+            datastore of its own text (default on; :mod:`lede_env.datastore`; the store that goes
+            with ``calib_prompts``, :func:`~lede_env.datastore.spec_for`; the embedded model's
+            default ships with the package).
+
+    An exported agent (``policy`` an agent folder, also inside ``guarded:``) brings every setting
+    of the env it was trained in (exits, K_max, exit heads, observation, copy actions, context
+    drafter and datastore, bonus token, layer reuse, in-round stop rule, cost profile;
+    :func:`lede_env.task.settings_for`): the arguments above left out (``None``) take the agent's,
+    one given that contradicts it is an error. A policy that plays copy actions
+    (``copy-else:M,E,T``, ``static:0,K``) switches them on.
 
     Raises:
-        ValueError: a model that is not Llama-family, bad exits, an unknown policy name, or an
-            exported agent whose exits or observation layout do not match this model.
+        ValueError: a model that is not Llama-family, bad exits, an unknown policy name, an
+            exported agent whose exits or observation layout do not match this model, or an
+            argument that contradicts the agent's setting (both values named).
     """
 
     def __init__(self, model=None, tokenizer=None, policy: Union[str, Policy] = "ar",
-                 exit_layers: Optional[Sequence[int]] = None, k_max: int = 8, head_kind: str = "affine-kl",
-                 draft_vocab: Optional[int] = 8192, calib_prompts: str = DEFAULT_CALIB,
-                 cost_profile: str = "analytic", device: Optional[str] = None,
-                 dtype: Optional[str] = None, context_draft: int = DEFAULT_CONTEXT_DRAFT,
-                 context_datastore: bool = DEFAULT_CONTEXT_DATASTORE) -> None:
+                 exit_layers: Optional[Sequence[int]] = None, k_max: Optional[int] = None,
+                 head_kind: Optional[str] = None, draft_vocab: Union[int, None, str] = "default",
+                 calib_prompts: Optional[str] = None, cost_profile: Optional[str] = None,
+                 device: Optional[str] = None, dtype: Optional[str] = None, context_draft: Optional[int] = None,
+                 context_datastore: Optional[bool] = None) -> None:
         from .costs import get_profile, profile_positions
-        from .mdp import ObservationConfig
         from .calibration import HeadSpec, get_heads
         from .model import bundle_from_model, get_bundle
+        from .task import agent_folders, observation_config, settings_for
 
+        # the task first (an agent's settings, the arguments given, the policy's copy actions): a
+        # contradiction is reported before anything loads
+        given = {k: v for k, v in dict(exit_layers=exit_layers, k_max=k_max, head_kind=head_kind,
+                                        calib_prompts=calib_prompts, cost_profile=cost_profile,
+                                        context_draft=context_draft, context_datastore=context_datastore).items()
+                 if v is not None}
+        if draft_vocab != "default":  # (None is a choice: the full vocabulary)
+            given["draft_vocab"] = draft_vocab
+        names = [policy] if isinstance(policy, str) else []
+        s = self.settings = settings_for(names, given, LEDE_DEFAULTS)
+        agents = agent_folders(names)
+        agent_cfg = None
+        if agents:
+            import json
+
+            agent_cfg = json.loads((agents[0] / "policy.json").read_text())
         if model is None or isinstance(model, (str, Path)):
             self.bundle = get_bundle(None if model is None else str(model), device, dtype)
         else:
@@ -122,57 +152,45 @@ class Lede:
             name = getattr(model.config, "_name_or_path", "") or "custom"
             self.bundle = bundle_from_model(model, tokenizer, name=name)
         self.tokenizer = self.bundle.tokenizer
-        agent_cfg = None
-        path = agent_path(policy) if isinstance(policy, str) else None
-        if path is not None:
-            import json
-
-            agent_cfg = json.loads((path / "policy.json").read_text())
-            exit_layers = agent_cfg["exit_layers"]  # the agent's own exits, K_max and exit heads
-            k_max = int(agent_cfg["k_max"])
-            head_kind = agent_cfg.get("heads", {}).get("kind", head_kind)
-            draft_vocab = agent_cfg.get("heads", {}).get("draft_vocab", draft_vocab)
-        self.heads = get_heads(self.bundle, HeadSpec(exit_layers, head_kind,
-                                                     draft_vocab, calib_prompts=calib_prompts))
-        obs = ObservationConfig(**agent_cfg["observation"]) if agent_cfg else ObservationConfig()
-        ngram, lengths = DEFAULT_NGRAM, ()
-        if agent_cfg is not None and obs.context:  # the agent's own context drafter, as it was trained
-            context_draft = int(agent_cfg.get("context_draft", context_draft))
-            ngram = tuple(agent_cfg.get("context_ngram", ngram))
-            lengths = tuple(agent_cfg.get("context_lengths", ()))
-        if agent_cfg is not None:
-            context_datastore = bool(agent_cfg.get("context_datastore"))
+        self.heads = get_heads(self.bundle, HeadSpec(s["exit_layers"], s["head_kind"], s["draft_vocab"],
+                                                     s["feature_vocab"], calib_prompts=s["calib_prompts"]))
+        obs = observation_config(s)
+        k_max, context_draft, lengths = s["k_max"], s["context_draft"], tuple(s["context_lengths"])
+        ngram = tuple((agent_cfg or {}).get("context_ngram", DEFAULT_NGRAM))  # (the agent's drafter, as trained)
         store = None
-        if context_datastore and (context_draft or lengths):
+        if s["context_datastore"]:
             from .datastore import get_datastore, spec_for
 
-            store = get_datastore(self.bundle, spec_for(calib_prompts))
+            store = get_datastore(self.bundle, spec_for(s["calib_prompts"]))
             want = (agent_cfg or {}).get("context_datastore")
             if want and want != store.fingerprint():
                 warnings.warn(f"The agent was trained with datastore {want}; this model's is {store.fingerprint()}. "
                               "Its context features may differ from training (the output is greedy all the same).")
-        self.profile = get_profile(cost_profile, self.bundle, self.heads,
+        self.profile = get_profile(s["cost_profile"], self.bundle, self.heads,
                                    profile_positions(k_max, lengths, context_draft), obs)
         self.decoder = SelfSpeculativeDecoder(self.bundle.stack, self.heads, k_max, self.bundle.eos_ids,
-                                              profile=self.profile, obs_config=obs,
-                                              stop_rule=self._stop_rule(agent_cfg, k_max),
+                                              s["bonus"], self.profile, obs, reuse=s["reuse"],
+                                              stop_rule=self._stop_rule(s),
                                               context_draft=context_draft, context_ngram=ngram,
                                               context_lengths=lengths, context_datastore=store)
         self.policy = self.make_policy(policy)
 
-    def _stop_rule(self, agent_cfg: Optional[dict], k_max: int):
-        """The in-round stop rule of policies that name none: an exported agent's own (as it was
-        trained), else the calibrated rule at lambda = 1 (draft one more token only while it is
-        expected to pay against AR) when the exit heads carry an acceptance calibration."""
+    def _stop_rule(self, settings: dict):
+        """The in-round stop rule of policies that name none, from the task ``settings``: a
+        threshold (``stop_threshold``), or the calibrated rule (``stop_rule="calibrated"``) at
+        lambda = ``reward_lambda`` (an exported agent's own, as it was trained; by default 1: draft
+        one more token only while it is expected to pay against AR) when the exit heads carry an
+        acceptance calibration, else none."""
         from .stopping import CalibratedStop
 
-        spec = (agent_cfg or {}).get("stop_rule", {"kind": "calibrated", "lambda": 1.0})
-        if spec.get("kind") == "threshold":
-            return float(spec["threshold"])
-        if spec.get("kind") != "calibrated" or self.heads.acceptance is None:
+        if settings["stop_threshold"] is not None:
+            return float(settings["stop_threshold"])
+        if settings["stop_rule"] != "calibrated" or self.heads.acceptance is None:
             return None
-        return CalibratedStop.from_profile(self.heads.acceptance, self.profile, self.heads.exit_layers, k_max,
-                                           float(spec.get("lambda", 1.0)))
+        lam = settings["reward_lambda"]
+        return CalibratedStop.from_profile(self.heads.acceptance, self.profile, self.heads.exit_layers,
+                                           settings["k_max"], 1.0 if lam == "auto" else float(lam),
+                                           settings["bonus"], settings["reuse"])
 
     def make_policy(self, policy: Union[str, Policy]) -> Policy:
         """A :class:`~lede_env.decoding.Policy` from a name or an exported agent folder (objects

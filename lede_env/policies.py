@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Policy", "BasePolicy", "StaticPolicy", "SequencePolicy", "PlanPolicy", "RandomPolicy",
            "HeuristicPolicy", "EpsilonPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy", "CopyElseDraftPolicy",
-           "GuardedPolicy", "policy_from_name", "split_policies", "POLICY_NAMES"]
+           "GuardedPolicy", "policy_from_name", "copy_lengths", "split_policies", "POLICY_NAMES"]
 
 
 @runtime_checkable
@@ -626,6 +626,26 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
     if kind in _USAGE:
         raise ValueError(f"Bad policy {name!r}: write {_USAGE[kind]}.")
     return None
+
+
+def copy_lengths(name: str) -> tuple[int, ...]:
+    """The copy actions (context lengths, see :class:`~lede_env.mdp.ActionMap`) the policy named
+    ``name`` plays, which the env or decoder must have: M of ``copy-else:M,E,THRESHOLD``, K of
+    ``static:0,K`` (K > 0), those of NAME in ``guarded:NAME``; ``()`` for every other name (an
+    exported agent's come with its settings, :func:`lede_env.task.agent_settings`) and for
+    malformed arguments (:func:`policy_from_name` reports those)."""
+    kind, _, arg = name.partition(":")
+    if kind == "guarded":
+        return copy_lengths(arg)
+    args = arg.split(",") if arg else []
+    try:
+        if kind == "copy-else" and len(args) == 3 and int(args[0]) > 0:
+            return (int(args[0]),)
+        if kind == "static" and len(args) == 2 and int(args[0]) == 0 and int(args[1]) > 0:
+            return (int(args[1]),)
+    except ValueError:
+        pass
+    return ()
 
 
 def split_policies(s: str) -> list[str]:
