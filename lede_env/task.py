@@ -204,6 +204,24 @@ def agent_folders(policies: Sequence[str]) -> list[Path]:
     return out
 
 
+#: how a cost profile's ``source`` (:class:`~lede_env.costs.CostProfile`) was made, by the name that makes it
+PROFILE_SOURCES = {"analytic": ("analytic",), "measured": ("in-loop",), "isolated": ("measured",)}
+
+
+def _agree(key: str, given, agent) -> bool:
+    """Whether a ``given`` task setting says the same as the agent's. Equal values agree, and a
+    cost profile named by how it is made (``"analytic"``, ``"measured"``, ``"isolated"``) agrees
+    with an agent's profile dict made that way: an agent trained on a dataset records the profile
+    itself (datasets store it so that a recovered env charges the same costs), and the command
+    that names it then uses its own (for ``"analytic"`` the same values on the same model; for
+    ``"measured"`` the costs measured on the machine at hand)."""
+    if given == agent:
+        return True
+    if key == "cost_profile" and isinstance(given, str) and isinstance(agent, dict):
+        return agent.get("source", "analytic") in PROFILE_SOURCES.get(given, ())
+    return False
+
+
 def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults: Optional[dict] = None) -> dict:
     """The task settings of the env or decoder that plays ``policies``: the one way ``lede
     evaluate``, ``lede generate`` and :class:`~lede_env.generate.Lede` decide them.
@@ -211,7 +229,9 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
     1. The exported agents among the names (:func:`agent_folders`) give theirs; several agents
        must have the same ones (one env plays them all).
     2. ``given`` settings (the caller's options; only those given) must equal the agent's; with no
-       agent, or for a setting the agent did not record, they are used.
+       agent, or for a setting the agent did not record, they are used. A cost profile named by how
+       it is made agrees with an agent's profile dict made that way (an agent trained on a dataset
+       records the dict) and is then used (``"measured"``: the costs of the machine at hand).
     3. Copy actions the named policies play (:func:`~lede_env.policies.copy_lengths`) are switched
        on where neither an agent nor ``given`` fixed ``context_lengths``; else they must be in it.
     4. ``defaults`` (the command's own), then ``LEDEEnv``'s, give the rest. A datastore is only
@@ -247,10 +267,10 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
                                  f"against {k}={v!r}): evaluate them in separate runs.")
             fixed[k], where[k] = v, str(folder)
     for k, v in given.items():
-        if k in fixed and fixed[k] != v:
+        if k in fixed and not _agree(k, v, fixed[k]):
             raise ValueError(f"{k}={v!r} (given) contradicts the agent's {k}={fixed[k]!r} ({where[k]}): leave the "
                              "option out (the agent's own is used) or play an agent trained with it.")
-        if k not in fixed:
+        if k not in fixed or k == "cost_profile":  # (an agreeing profile name: the command's own)
             fixed[k], where[k] = v, "given"
     need = sorted({m for name in policies for m in copy_lengths(name)})
     if need and "context_lengths" in fixed:

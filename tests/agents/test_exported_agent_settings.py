@@ -192,3 +192,25 @@ def test_agents_exported_before_the_settings_were_recorded_still_play(agent, tmp
                 "--calib-prompts", calib, "--cost-profile", "analytic", "--out", tmp_path / "eval")
     assert r.exit_code == 0, r.output
     assert all(row["identical_to_ar"] for row in json.loads((tmp_path / "eval" / "live_eval.json").read_text()))
+
+
+def test_a_cost_profile_name_agrees_with_an_agents_profile_made_that_way(tmp_path):
+    """An agent trained on a dataset records the cost profile itself (a dict whose ``source`` says
+    how it was made): ``--cost-profile analytic`` beside an agent with an analytic profile dict is
+    no contradiction (the kill-safety run of ``lede evaluate`` gives it), another way of making
+    it is."""
+    from lede_env.task import settings_for, task_defaults
+
+    analytic = {"source": "analytic", "layer": [1.0, 1.0], "lm_head": 0.5, "overhead": 0.0, "slope": 0.07}
+    in_loop = {**analytic, "source": "in-loop"}
+    for name, profile in (("a", analytic), ("b", in_loop)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "policy.json").write_text(json.dumps({"env": {**task_defaults(), "cost_profile": profile}}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert settings_for([f"agent:{a}"])["cost_profile"] == analytic  # (nothing given: the agent's own)
+    assert settings_for([f"agent:{a}"], {"cost_profile": "analytic"})["cost_profile"] == "analytic"
+    assert settings_for([f"agent:{b}"], {"cost_profile": "measured"})["cost_profile"] == "measured"
+    for folder, given in ((a, "measured"), (a, "isolated"), (b, "analytic"), (a, "costs.json")):
+        with pytest.raises(ValueError, match=f"cost_profile='{given}' \\(given\\) contradicts the agent's "
+                                             "cost_profile={"):
+            settings_for([f"agent:{folder}"], {"cost_profile": given})
