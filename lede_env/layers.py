@@ -26,6 +26,24 @@ from .kernels import linear as _kernel_linear
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def attention_windows(config) -> tuple[Optional[int], ...]:
+    """Each decoder layer's sliding attention window, in positions (``None``: full causal
+    attention), as transformers reads ``config``: a layer whose ``layer_types`` entry is
+    ``"sliding_attention"`` (Qwen2/Qwen3 with ``use_sliding_window``) or, for configs without
+    ``layer_types`` (Mistral), every layer where ``sliding_window`` is set. A position ``i``
+    attends to the keys ``j`` with ``i - window < j <= i`` (transformers'
+    ``masking_utils.sliding_window_overlay``).
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return (None,) * n
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return (int(window),) * n
+    return tuple(int(window) if t == "sliding_attention" else None for t in types[:n])
+
+
 def check_llama_family(config) -> None:
     """Raise ``ValueError`` unless ``config`` describes a Llama-family decoder-only model."""
     mt = getattr(config, "model_type", None)
@@ -72,6 +90,8 @@ class LayerStack:
         self._norm = inner.norm
         self._rotary = inner.rotary_emb
         self._head = self.model.lm_head
+        #: each layer's sliding attention window in positions (``None``: full attention)
+        self.windows = attention_windows(self.model.config)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.set_kernels(self.kernels)
@@ -148,13 +168,14 @@ class LayerStack:
         """An empty KV cache with one croppable layer per decoder layer: :class:`BufferedLayer`
         (:func:`buffered_layer_class`: keys and values written into a buffer that grows by doubling, instead of transformers'
         ``DynamicLayer``, which copies the whole cache at every forward pass). Sliding-window
-        layers keep transformers' own class."""
+        layers keep every position too (the window is applied by :meth:`causal_mask`), so that
+        rejected drafts can be cropped off: transformers' ``DynamicSlidingWindowLayer`` drops
+        the positions that leave the window and cannot be cropped back."""
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=self.model.config)
         layer_cls = buffered_layer_class()
-        cache.layers = [layer_cls() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        cache.layers = [layer_cls() for _ in cache.layers]
         return cache
 
     @staticmethod
@@ -180,15 +201,20 @@ class LayerStack:
         return pos, self._rotary(hidden, position_ids=pos)
 
     @staticmethod
-    def causal_mask(q: int, start: int, device) -> Optional[torch.Tensor]:
+    def causal_mask(q: int, start: int, device, window: Optional[int] = None) -> Optional[torch.Tensor]:
         """Boolean mask [1, 1, q, start+q] (True = attend) for q new positions after ``start``
-        cached ones; ``None`` for q == 1 (attend to everything cached)."""
-        if q == 1:
-            return None
+        cached ones, within a sliding ``window`` of positions where one is given (see
+        :func:`attention_windows`); ``None`` where every position may attend to every cached one
+        (q == 1 inside the window)."""
         kv = start + q
+        if q == 1 and (window is None or kv <= window):
+            return None
         i = torch.arange(q, device=device).unsqueeze(1) + start
         j = torch.arange(kv, device=device).unsqueeze(0)
-        return (j <= i).view(1, 1, q, kv)
+        allowed = j <= i
+        if window is not None:
+            allowed &= j > i - window
+        return allowed.view(1, 1, q, kv)
 
     def run(self, hidden: torch.Tensor, first: int, last: int, cache, start: int, rope=None) -> torch.Tensor:
         """Run decoder layers ``first+1 .. last`` (1-based, inclusive) on ``hidden``.
@@ -208,9 +234,9 @@ class LayerStack:
         if first == last:
             return hidden
         pos, pe = rope if rope is not None else self.positions(hidden, start)
-        mask = self.causal_mask(hidden.shape[1], start, hidden.device)
-        for layer in self.layers[first:last]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+        masks = {w: self.causal_mask(hidden.shape[1], start, hidden.device, w) for w in set(self.windows[first:last])}
+        for layer, w in zip(self.layers[first:last], self.windows[first:last]):
+            hidden = layer(hidden, attention_mask=masks[w], position_ids=pos, position_embeddings=pe,
                            cache=cache, use_cache=True)
         return hidden
 
