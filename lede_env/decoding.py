@@ -183,6 +183,28 @@ class DecodeState:
         return self.max_new_tokens - len(self.result.tokens)
 
 
+class _EndOnce:
+    """A streamer whose ``end()`` reaches the wrapped one once, whichever exit path calls it."""
+
+    def __init__(self, streamer) -> None:
+        self.streamer, self.ended = streamer, False
+
+    def put(self, value) -> None:
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.streamer.end()
+
+
+def end_once(streamer):
+    """``streamer`` (a transformers ``BaseStreamer`` or ``None``) wrapped so that its ``end()`` is
+    delivered exactly once: every exit path of a generation, an error included, ends it (a
+    ``TextIteratorStreamer``'s reader waits for ``end()``; ms-swift PR #10133)."""
+    return streamer if streamer is None or isinstance(streamer, _EndOnce) else _EndOnce(streamer)
+
+
 class SelfSpeculativeDecoder:
     """Greedy dynamic self-speculative decoder for a Llama-family model (batch size 1).
 
@@ -433,7 +455,8 @@ class SelfSpeculativeDecoder:
             sampling: ``None`` for greedy decoding, else a :class:`Sampling` (speculative
                 sampling: the output is distributed as plain sampling from the model).
             streamer: a transformers ``BaseStreamer`` (e.g. ``TextStreamer``): gets the prompt
-                ids once, then each round's emitted tokens as they are accepted, then ``end()``.
+                ids once, then each round's emitted tokens as they are accepted, then ``end()``
+                (once, also when the call raises).
             stop: called with the tokens generated so far after every round; returns ``None`` to
                 go on, or how many of them to keep, ending generation there (stop strings).
             eos_ids: end tokens of this generation (default: the decoder's).
@@ -456,9 +479,15 @@ class SelfSpeculativeDecoder:
                 the budget, so no pass writes past the last kept token's position).
         """
         want_obs = bool(getattr(policy, "needs_observation", False))
-        self._check_prompt(input_ids, max_new_tokens)
-        with self._lock:
-            return self._generate(input_ids, policy, max_new_tokens, sampling, streamer, stop, eos_ids, want_obs)
+        streamer = end_once(streamer)
+        try:
+            self._check_prompt(input_ids, max_new_tokens)
+            with self._lock:
+                return self._generate(input_ids, policy, max_new_tokens, sampling, streamer, stop, eos_ids, want_obs)
+        except BaseException:
+            if streamer is not None:  # (a reader of a TextIteratorStreamer would wait forever)
+                streamer.end()
+            raise
 
     def _generate(self, input_ids, policy, max_new_tokens, sampling, streamer, stop, eos_ids, want_obs):
         policy.reset()

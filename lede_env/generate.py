@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder
+from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder, end_once
 from .lookup import DEFAULT_NGRAM
 from .prompts import encode_prompt
 
@@ -288,35 +288,41 @@ class Lede:
                 ids), batch size > 1, a prompt that does not fit the context, a bad temperature /
                 top_p / top_k, an unknown policy.
         """
-        if input_ids is not None:
-            if prompt is not None or messages is not None:
-                raise ValueError("Give exactly one of prompt, messages or input_ids.")
-            _check_chat_options(add_generation_prompt, continue_final_message)
-            if add_generation_prompt is not None or continue_final_message:
-                opt = "continue_final_message" if continue_final_message else "add_generation_prompt"
-                raise ValueError(f"{opt} applies to a chat; input_ids are used as they are: drop {opt}, or pass "
-                                 "the chat as messages=.")
-            ids = torch.as_tensor(input_ids, dtype=torch.long)
-        else:
-            ids = self.encode(prompt, messages, chat, add_generation_prompt=add_generation_prompt,
-                              continue_final_message=continue_final_message)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-        sampling = Sampling(temperature, top_p, seed, top_k) if temperature > 0 else None
-        pol = self.policy if policy is None else self.make_policy(policy)
-        stops = [f for f in (_stop_on_strings(self.tokenizer, stop_strings) if stop_strings else None, stop) if f]
-        stop = None if not stops else (stops[0] if len(stops) == 1 else _first_stop(stops))
-        fired = []  # what the stop callback cut at, recorded when it happens (never asked again afterwards)
-        res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer,
-                                     stop=None if stop is None else _recording(stop, fired), eos_ids=eos_ids)
-        toks = list(res.tokens)
-        if res.eos:
-            why = "eos"
-        elif fired:
-            why = "stop_string"
-        else:
-            why = "max_new_tokens"
-        return LedeOutput(self.tokenizer.decode(toks, skip_special_tokens=True), toks, res, why)
+        streamer = end_once(streamer)  # (ended on every exit path, an error included)
+        try:
+            if input_ids is not None:
+                if prompt is not None or messages is not None:
+                    raise ValueError("Give exactly one of prompt, messages or input_ids.")
+                _check_chat_options(add_generation_prompt, continue_final_message)
+                if add_generation_prompt is not None or continue_final_message:
+                    opt = "continue_final_message" if continue_final_message else "add_generation_prompt"
+                    raise ValueError(f"{opt} applies to a chat; input_ids are used as they are: drop {opt}, or pass "
+                                     "the chat as messages=.")
+                ids = torch.as_tensor(input_ids, dtype=torch.long)
+            else:
+                ids = self.encode(prompt, messages, chat, add_generation_prompt=add_generation_prompt,
+                                  continue_final_message=continue_final_message)
+            if temperature < 0:
+                raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+            sampling = Sampling(temperature, top_p, seed, top_k) if temperature > 0 else None
+            pol = self.policy if policy is None else self.make_policy(policy)
+            stops = [f for f in (_stop_on_strings(self.tokenizer, stop_strings) if stop_strings else None, stop) if f]
+            stop = None if not stops else (stops[0] if len(stops) == 1 else _first_stop(stops))
+            fired = []  # what the stop callback cut at, recorded when it happens (never asked again afterwards)
+            res = self.decoder.generate(ids, pol, max_new_tokens, sampling=sampling, streamer=streamer,
+                                         stop=None if stop is None else _recording(stop, fired), eos_ids=eos_ids)
+            toks = list(res.tokens)
+            if res.eos:
+                why = "eos"
+            elif fired:
+                why = "stop_string"
+            else:
+                why = "max_new_tokens"
+            return LedeOutput(self.tokenizer.decode(toks, skip_special_tokens=True), toks, res, why)
+        except BaseException:
+            if streamer is not None:
+                streamer.end()
+            raise
 
 
 def generate(model=None, tokenizer=None, prompt: Optional[str] = None, *, messages: Optional[list[dict]] = None,

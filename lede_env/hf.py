@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .decoding import end_once
 from .generate import Lede
 
 __all__ = ["lede_generate"]
@@ -99,17 +100,35 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     Returns:
         [1, n + generated] int64: prompt and generated ids, like ``generate``.
 
+    ``attention_mask`` is honoured: the tokens it masks (left padding, or any inside the prompt)
+    are left out of the prompt, which is what transformers' masked greedy decoding computes.
+    The streamer gets ``end()`` on every exit path, a refusal included.
+
     Raises:
-        ValueError: batch size > 1, or a generation setting lede cannot honour exactly (named,
-            with where it came from).
+        ValueError: batch size > 1, a generation setting lede cannot honour exactly (named,
+            with where it came from), or a model input it cannot honour (``inputs_embeds``, a
+            filled cache, custom ``position_ids``; see :func:`_unmasked_prompt`).
     """
-    cfg = generation_config
-    temperature, top_k, top_p = _warping(model, cfg, logits_processor)
     if streamer is None:
         streamer = _dropped_streamer()
+    streamer = end_once(None if streamer is None else _AfterPrompt(streamer))
+    try:
+        return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                         lede_policy, lede, stop_strings, tokenizer, model_kwargs)
+    except BaseException:
+        if streamer is not None:  # (every exit path ends it: a TextIteratorStreamer's reader waits for it)
+            streamer.end()
+        raise
+
+
+def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, lede_policy,
+              lede, stop_strings, tokenizer, model_kwargs) -> torch.LongTensor:
+    cfg = generation_config
+    temperature, top_k, top_p = _warping(model, cfg, logits_processor)
     if input_ids.shape[0] != 1:
         raise ValueError(f"lede decodes one sequence at a time; got batch size {input_ids.shape[0]}. "
                          "Loop over the prompts instead.")
+    prompt = _unmasked_prompt(input_ids, model_kwargs)
     key = (id(model), lede_policy)
     if lede is not None:
         _LEDES[key] = lede
@@ -133,13 +152,67 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     stop = _criteria_stop(stopping_criteria, input_ids) if stopping_criteria else None
     eos = cfg.eos_token_id
     eos_ids = tuple([eos] if isinstance(eos, int) else (eos or ())) or lede.decoder.eos_ids
-    out = lede.generate(input_ids=input_ids[0], max_new_tokens=int(max_new),
+    out = lede.generate(input_ids=prompt, max_new_tokens=int(max_new),
                         temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
                         top_k=top_k if do_sample else None,
-                        streamer=None if streamer is None else _AfterPrompt(streamer), stop=stop,
+                        streamer=streamer, stop=stop,
                         eos_ids=tuple(int(e) for e in eos_ids))
     toks = out.tokens
     return torch.cat([input_ids, torch.tensor([toks], dtype=input_ids.dtype, device=input_ids.device)], 1)
+
+
+#: model inputs transformers' ``generate`` hands on that lede reads (``attention_mask``,
+#: ``position_ids``) or that carry nothing for it (an empty cache, cache switches, the tokenizer)
+_KNOWN_INPUTS = ("attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
+                 "cache_position", "tokenizer")
+
+
+def _unmasked_prompt(input_ids: torch.LongTensor, model_kwargs: dict) -> torch.LongTensor:
+    """The prompt tokens lede decodes from: [m] int64, the positions of ``input_ids`` [1, n] that
+    ``attention_mask`` keeps (all without a mask).
+
+    transformers' greedy ``generate`` with a mask numbers the kept tokens 0, 1, ... (``position_ids
+    = cumsum(mask) - 1``) and lets no position attend to a masked one, which is decoding the kept
+    tokens alone: left padding and masked tokens inside the prompt alike (transformers PR
+    #46773, mlx-lm #1906: ignoring the mask changes the output).
+
+    Raises:
+        ValueError: naming the input and the fix: ``inputs_embeds`` (lede drafts from token ids),
+            a cache that already holds positions, ``position_ids`` that are not consecutive over
+            the kept tokens (a constant shift is fine: rotary attention is relative), a mask that
+            keeps no token or masks the last one (right padding: transformers would continue from
+            a pad position), or any other model input lede cannot honour.
+    """
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("lede decodes from token ids; inputs_embeds cannot be honoured: pass input_ids (the "
+                         "tokenizer's output) instead of inputs_embeds.")
+    other = sorted(k for k, v in model_kwargs.items() if k not in _KNOWN_INPUTS and k != "inputs_embeds"
+                   and v is not None)
+    if other:
+        raise ValueError(f"lede cannot honour the model input(s) {', '.join(other)}: it decodes from input_ids and "
+                         "attention_mask alone; leave them out, or call generate() without custom_generate.")
+    for k in ("cache", "past_key_values"):
+        c = model_kwargs.get(k)
+        if c is not None and hasattr(c, "get_seq_length") and c.get_seq_length() > 0:
+            raise ValueError(f"{k} already holds {c.get_seq_length()} positions; lede prefills the prompt itself: "
+                             "pass the whole prompt as input_ids without a cache.")
+    mask = model_kwargs.get("attention_mask")
+    keep = None if mask is None else mask[0].to(torch.bool)
+    if keep is not None and not bool(keep.any()):
+        raise ValueError("attention_mask keeps no token of the prompt: give a mask with 1 at the prompt's tokens.")
+    if keep is not None and not bool(keep[-1]):
+        raise ValueError("attention_mask masks the prompt's last token (right padding): generation continues from "
+                         "the last position, so pad on the left (tokenizer.padding_side = 'left').")
+    pos = model_kwargs.get("position_ids")
+    if pos is not None:
+        want = (torch.arange(input_ids.shape[1], device=input_ids.device) if keep is None
+                else keep.long().cumsum(0) - 1)
+        kept = slice(None) if keep is None else keep
+        shift = pos[0][kept].to(want.device) - want[kept]
+        if bool((shift != shift[0]).any()):  # (a constant shift changes nothing: rotary attention is relative)
+            raise ValueError("position_ids that do not number the prompt's tokens one after another (0, 1, ... over "
+                             "the tokens attention_mask keeps) cannot be honoured; leave position_ids out.")
+    return input_ids[0] if keep is None or bool(keep.all()) else input_ids[0][keep]
 
 
 def _warping(model, cfg, processors) -> tuple[float, Optional[int], float]:
