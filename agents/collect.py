@@ -300,9 +300,15 @@ def env_spec_for(env, kwargs):
 
 
 def _requirements() -> list[str]:
+    """The pip requirements a dataset records (``minari``'s ``requirements``): the public versions
+    (``torch==2.13.0``, not ``2.13.0+cpu``), which every build of that release meets, where a
+    local label would make ``recover_environment()`` warn on the CUDA build of the same torch
+    (pytorch/rl PR #3920)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("lede", "torch", "transformers", "gymnasium", "minari")]
+    from packaging.version import Version
+
+    return [f"{p}=={Version(version(p)).public}" for p in ("lede", "torch", "transformers", "gymnasium", "minari")]
 
 
 def _describe_env(u) -> str:

@@ -566,3 +566,24 @@ def test_flat_layout_of_a_dataset_is_the_env_layout_with_context_and_without_hea
     ds = collect(env, CollectConfig(dataset_id="lede/tiny/ctx-layout-v0", episodes=2, seed=0), progress=False)
     assert flat_layout(ds) == [(k, list(s)) for k, s in env.observer.layout()]
     assert [k for k, _ in flat_layout(ds)] == ["experience", "history", "progress", "context"]
+
+
+def test_requirements_pin_public_versions(monkeypatch):
+    """A torch build with a local label (``2.13.0+cpu``) is recorded as ``torch==2.13.0``, which
+    every build of the release meets (minari's ``recover_environment`` warns otherwise on the CUDA
+    build of the same torch, pytorch/rl PR #3920)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from agents import collect
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "2.13.0+cpu" if p == "torch" else real(p))
+    reqs = {Requirement(r).name: Requirement(r) for r in collect._requirements()}
+    assert str(reqs["torch"].specifier) == "==2.13.0"
+    for build in ("2.13.0+cpu", "2.13.0+cu126", "2.13.0"):
+        assert reqs["torch"].specifier.contains(Version(build))
+    assert not reqs["torch"].specifier.contains(Version("2.13.1"))
+    assert all("+" not in r for r in collect._requirements())
