@@ -391,6 +391,9 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
             raise ValueError(f"No train_config.json in {run_dir}: not a run folder of `lede train` (give --run-dir).")
         cfg = json.loads((run_dir / "train_config.json").read_text())
         ds_id = dataset_id or cfg["dataset_id"]
+        from agents.store import check_readable
+
+        check_readable(ds_id)
         ds = minari.load_dataset(ds_id)
         if ds.spec.env_spec is None:  # (minari: "Environment cannot be recovered when env_spec is None")
             raise ValueError(f"Dataset {ds_id!r} stores no env spec, so the env the agent was trained in cannot be "
@@ -594,7 +597,10 @@ def missing_extra(e: ModuleNotFoundError) -> Optional[str]:
 
 
 def main() -> None:
-    """The ``lede`` console script: :data:`app`, with a missing extra reported in one line."""
+    """The ``lede`` console script: :data:`app`, with a missing extra and a dataset another process
+    is writing (:class:`agents.store.DatasetBusyError`) reported in one line (exit 2)."""
+    from agents.store import DatasetBusyError, is_lock_error
+
     try:
         app()
     except ModuleNotFoundError as e:
@@ -602,6 +608,15 @@ def main() -> None:
         if msg is None:
             raise
         console.print(f"[red]error:[/] {msg}")
+        raise SystemExit(2) from None
+    except DatasetBusyError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        raise SystemExit(2) from None
+    except OSError as e:  # (a file HDF5 found locked after the dataset was opened)
+        if not is_lock_error(e):
+            raise
+        console.print("[red]error:[/] an HDF5 file this command reads is being written by another process (HDF5 "
+                      "locks it): wait for that process to finish, or stop it.", highlight=False)
         raise SystemExit(2) from None
 
 

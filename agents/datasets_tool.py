@@ -48,11 +48,15 @@ def load(dataset_id: str):
 
     Raises:
         FileNotFoundError: no whole local dataset ``dataset_id`` (``lede dataset list`` shows them).
+        agents.store.DatasetBusyError: another process holds its file open for writing (named).
     """
     import minari
 
+    from .store import check_readable
+
     if is_partial(dataset_id):
         raise FileNotFoundError(f"{dataset_id!r} is an unfinished (partial) dataset, not a dataset.")
+    check_readable(dataset_id)
     try:
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:

@@ -191,3 +191,58 @@ def describe_collection(collection: dict, dataset_id: str) -> str:
     return (f"{c['env']} {c['episode_indices']} episodes (of a collection of {c['episodes']}, seed {c['seed']}, "
             f"episode i drawn from default_rng([seed, i])); behaviour episodes {c['behaviour_counts']} from the "
             f"mixture {c['mixture']}, oracle epsilon {c['oracle_epsilon']}.{part}{merged}")
+
+
+# ---- files another process holds ----------------------------------------------------------------
+class DatasetBusyError(OSError):
+    """A dataset's HDF5 file is locked by another process that has it open for writing (HDF5's
+    file locking refuses readers then: h5py #1722, PyTables #888). The message names the file,
+    the process and the fix."""
+
+
+def is_lock_error(e: BaseException) -> bool:
+    """Whether ``e`` is HDF5 refusing to open a file another process holds locked."""
+    return isinstance(e, OSError) and "unable to lock file" in str(e)
+
+
+def holders(path: "str | Path") -> list[str]:
+    """The processes of this machine that have ``path`` open, as ``"pid N (command line)"``
+    (read from ``/proc``; empty where that cannot be read, e.g. off Linux)."""
+    target = os.path.realpath(path)
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if proc.name == str(os.getpid()):
+            continue
+        try:
+            if not any(os.path.realpath(fd) == target for fd in (proc / "fd").iterdir()):
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # (gone, or not ours to read)
+            continue
+        out.append(f"pid {proc.name} ({cmd[:120]})")
+    return out
+
+
+def busy_error(path: "str | Path", what: str) -> DatasetBusyError:
+    """The one-line error for ``what`` (e.g. ``"dataset 'lede/x/y-v0'"``) whose HDF5 file ``path``
+    another process holds locked, naming that process where it can be found."""
+    who = holders(path)
+    by = f" by {', '.join(who)}" if who else " by another process"
+    return DatasetBusyError(f"{what} is being written{by} ({path} is locked): wait for it to finish, or stop "
+                            "it; a dataset is readable once its writer has closed it.")
+
+
+def check_readable(dataset_id: str, root: Optional[Path] = None) -> None:
+    """Raise :class:`DatasetBusyError` if another process holds the HDF5 file of the local
+    dataset ``dataset_id`` open for writing (nothing is read or changed)."""
+    import h5py
+
+    path = Path(root or minari_root()) / dataset_id / "data" / "main_data.hdf5"
+    if not path.exists():
+        return
+    try:
+        h5py.File(path, "r").close()
+    except OSError as e:
+        if is_lock_error(e):
+            raise busy_error(path, f"dataset {dataset_id!r}") from None
+        raise

@@ -241,6 +241,9 @@ def reference_rows(dataset_id: str, eval_prompts: str, env=None, eval_env=None) 
     from .policies import best_static_action
     from .train import heldout_env
 
+    from .store import check_readable
+
+    check_readable(dataset_id)
     ds = minari.load_dataset(dataset_id)
     eval_env = eval_env if eval_env is not None else heldout_env(ds, eval_prompts)
     env = env if env is not None else ds.recover_environment()

@@ -272,7 +272,11 @@ def _train_into(cfg: TrainConfig, out: Path, progress: bool, dataset, on_epoch, 
 
     from .sb3 import train_sb3
 
-    dataset = dataset or minari.load_dataset(cfg.dataset_id)
+    if dataset is None:
+        from .store import check_readable
+
+        check_readable(cfg.dataset_id)
+        dataset = minari.load_dataset(cfg.dataset_id)
     mdp, layout = to_mdp_dataset(dataset)
     if cfg.eval_prompts and eval_env is None:
         eval_env = heldout_env(dataset, cfg.eval_prompts)

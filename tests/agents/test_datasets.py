@@ -587,3 +587,36 @@ def test_requirements_pin_public_versions(monkeypatch):
         assert reqs["torch"].specifier.contains(Version(build))
     assert not reqs["torch"].specifier.contains(Version("2.13.1"))
     assert all("+" not in r for r in collect._requirements())
+
+
+def test_a_dataset_being_written_is_one_error_line_naming_the_writer(good, tmp_path):
+    """``lede dataset validate`` (and every command that reads a dataset) while another process
+    holds its HDF5 file open for writing: one error line naming the dataset, the writer's pid and
+    the fix, exit 2, no traceback (it was a ``BlockingIOError`` traceback: h5py #1722)."""
+    import os
+    import subprocess
+    import sys
+
+    from agents.store import minari_root
+
+    busy = tmp_path / "lede" / "tiny" / "busy-v0"
+    shutil.copytree(minari_root() / "lede" / "tiny" / "rt-mixed-v0", busy)  # (a whole dataset)
+    writer = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'a')\n"
+                               "print('open', flush=True)\ntime.sleep(120)", str(busy / "data" / "main_data.hdf5")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path)}
+        for args in (["dataset", "validate", "lede/tiny/busy-v0", "--no-replay"], ["dataset", "show", "lede/tiny/busy-v0"],
+                     ["train", "--dataset-id", "lede/tiny/busy-v0", "--algo", "discrete_bc", "--steps", "1", "--out",
+                      str(tmp_path / "run"), "--wandb", "disabled"]):
+            r = subprocess.run([sys.executable, "-c", "from agents.cli import main; main()", *args], env=env,
+                               capture_output=True, text=True, timeout=300)
+            out = " ".join((r.stdout + r.stderr).split())
+            assert r.returncode == 2, out
+            assert "Traceback" not in out and out.startswith("error:"), out
+            assert f"'lede/tiny/busy-v0' is being written by pid {writer.pid}" in out, out
+            assert "wait for it to finish" in out
+    finally:
+        writer.kill()
+        writer.wait()
