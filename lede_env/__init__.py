@@ -11,6 +11,9 @@ Both build on :class:`lede_env.env.LEDEEnv`; ``LEDEEnv(backend="trace"|"live", .
 
 __version__ = "0.1.0"
 
+import os
+
+import torch
 from gymnasium.envs.registration import register, registry
 
 from .decoding import GenerationResult, RoundRecord, SelfSpeculativeDecoder, StaticPolicy
@@ -20,6 +23,19 @@ from .live_env import LiveEnv
 from .mdp import ActionMap
 from .model import load_model
 from .trace_env import TraceEnv
+
+
+
+def _one_thread_after_fork() -> None:
+    """A forked child runs torch on one thread: the OpenMP thread pool of a parent that already
+    ran torch ops does not survive ``fork``, and the child's first parallel op waited forever
+    (``gym.make_vec(..., vectorization_mode="async")`` with the default start method;
+    Gymnasium #222, PR #810). One thread per env process is also what N envs on N cores want."""
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 if "LEDE-Llama3-v0" not in registry:
     register(id="LEDE-Llama3-v0", entry_point="lede_env.trace_env:TraceEnv")
