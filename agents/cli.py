@@ -512,8 +512,14 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                                                        "heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, guarded:NAME, "
                                                        "or an exported agent folder."),
                  model: Optional[str] = ModelOpt, max_new_tokens: int = 128,
-                 temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling."),
-                 top_p: float = 1.0, seed: Optional[int] = None,
+                 temperature: Optional[float] = typer.Option(None, help="0 = greedy; > 0 = speculative sampling "
+                                                             "(default: the model's generation_config.json, as "
+                                                             "transformers' generate reads it; else greedy)."),
+                 top_p: Optional[float] = typer.Option(None, help="Nucleus mass when sampling (default: the "
+                                                       "model's generation config, else 1)."),
+                 top_k: Optional[int] = typer.Option(None, help="Most likely tokens kept when sampling (default: "
+                                                     "the model's generation config, else transformers' 50)."),
+                 seed: Optional[int] = None,
                  stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
                  head_kind: Optional[str] = typer.Option(None, help="Exit heads (default: the agent's, else "
                                                          "affine-kl)."),
@@ -527,21 +533,38 @@ def generate_cmd(prompt: str = typer.Argument(..., help="Prompt text (sent as on
                                                                   "from the model's datastore of its own text "
                                                                   "(default: the agent's, else on).")):
     """Generate with dynamic self-speculative decoding, printing tokens as rounds are accepted,
-    then one line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time."""
+    then one line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time.
+
+    Runs through transformers' ``generate(custom_generate=lede_generate)``, so the model's own
+    ``generation_config.json`` counts as it does there: its sampling settings are the defaults the
+    options above override, and a setting lede cannot honour exactly (a repetition penalty, ...)
+    is one error line naming it and where it came from."""
+    import torch
     from transformers import TextStreamer
 
     from lede_env.generate import Lede
+    from lede_env.hf import lede_generate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         lede = Lede(model, policy=policy, head_kind=head_kind, calib_prompts=calib_prompts,
                     context_draft=context_draft, context_datastore=context_datastore)
         streamer = TextStreamer(lede.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = lede.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, stop_strings=stop, streamer=streamer)
+        given = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+        if temperature is not None:
+            given["do_sample"] = temperature > 0
+            if temperature == 0:
+                del given["temperature"]  # (greedy: transformers refuses temperature=0 with sampling off)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = lede.encode(prompt).view(1, -1)
+        outputs: list = []
+        lede.bundle.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   custom_generate=lede_generate, lede=lede, lede_outputs=outputs,
+                                   stop_strings=list(stop) or None, streamer=streamer, **given)
     except ValueError as e:
         fail(e)
-    console.print(f"[dim]{out.summary()}[/]")
+    console.print(f"[dim]{outputs[-1].summary()}[/]")
 
 
 @app.command("tiny-model")

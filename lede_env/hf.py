@@ -80,7 +80,8 @@ _OUTPUT_SETTINGS = (
 def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
                   generation_config=None, synced_gpus: bool = False, streamer=None,
                   lede_policy: str = "ar", lede: Optional[Lede] = None,
-                  stop_strings: Optional[Sequence[str]] = None, tokenizer=None, **model_kwargs) -> torch.LongTensor:
+                  stop_strings: Optional[Sequence[str]] = None, tokenizer=None, lede_outputs: Optional[list] = None,
+                  **model_kwargs) -> torch.LongTensor:
     """Decoding loop for ``model.generate(..., custom_generate=lede_generate)``.
 
     Args:
@@ -96,6 +97,8 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
             them over instead of building the criterion itself, which needs ``tokenizer=``).
         tokenizer: the tokenizer for ``stop_strings`` and for building a :class:`Lede` (default:
             the :class:`Lede`'s own; transformers 5.x never passes it on).
+        lede_outputs: a list the call's :class:`~lede_env.generate.LedeOutput` is appended to
+            (rounds, acceptance, timing: what ``lede generate`` prints).
 
     Returns:
         [1, n + generated] int64: prompt and generated ids, like ``generate``.
@@ -114,7 +117,7 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
     streamer = end_once(None if streamer is None else _AfterPrompt(streamer))
     try:
         return _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
-                         lede_policy, lede, stop_strings, tokenizer, model_kwargs)
+                         lede_policy, lede, stop_strings, tokenizer, model_kwargs, lede_outputs)
     except BaseException:
         if streamer is not None:  # (every exit path ends it: a TextIteratorStreamer's reader waits for it)
             streamer.end()
@@ -122,7 +125,7 @@ def lede_generate(model, input_ids: torch.LongTensor, logits_processor=None, sto
 
 
 def _generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, lede_policy,
-              lede, stop_strings, tokenizer, model_kwargs) -> torch.LongTensor:
+              lede, stop_strings, tokenizer, model_kwargs, outputs) -> torch.LongTensor:
     cfg = generation_config
     temperature, top_k, top_p = _warping(model, cfg, logits_processor)
     if input_ids.shape[0] != 1:
@@ -157,6 +160,8 @@ def _generate(model, input_ids, logits_processor, stopping_criteria, generation_
                         top_k=top_k if do_sample else None,
                         streamer=streamer, stop=stop,
                         eos_ids=tuple(int(e) for e in eos_ids))
+    if outputs is not None:
+        outputs.append(out)
     toks = out.tokens
     return torch.cat([input_ids, torch.tensor([toks], dtype=input_ids.dtype, device=input_ids.device)], 1)
 
