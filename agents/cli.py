@@ -381,8 +381,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
            onnx: bool = typer.Option(False, help="Also write policy.onnx (needs the onnx extra).")):
     """Export a trained agent (any `lede train --algo`) as TorchScript + JSON (runs without d3rlpy or
     stable-baselines3), optionally ONNX."""
-    import minari
-
+    from agents.datasets_tool import load
     from agents.export import export_policy
     from agents.train import load_algo
 
@@ -391,10 +390,7 @@ def export(run_dir: Path = Path("runs/train"), out: Path = Path("runs/policy"),
             raise ValueError(f"No train_config.json in {run_dir}: not a run folder of `lede train` (give --run-dir).")
         cfg = json.loads((run_dir / "train_config.json").read_text())
         ds_id = dataset_id or cfg["dataset_id"]
-        from agents.store import check_readable
-
-        check_readable(ds_id)
-        ds = minari.load_dataset(ds_id)
+        ds = load(ds_id)
         if ds.spec.env_spec is None:  # (minari: "Environment cannot be recovered when env_spec is None")
             raise ValueError(f"Dataset {ds_id!r} stores no env spec, so the env the agent was trained in cannot be "
                              "rebuilt to export it: export it from Python with agents.export.export_policy(agent, "

@@ -235,16 +235,12 @@ def reference_rows(dataset_id: str, eval_prompts: str, env=None, eval_env=None) 
     Args:
         env, eval_env: prebuilt training / held-out envs (default: rebuilt from the dataset).
     """
-    import minari
-
+    from .datasets_tool import load
     from .evaluate import trace_eval
     from .policies import best_static_action
     from .train import heldout_env
 
-    from .store import check_readable
-
-    check_readable(dataset_id)
-    ds = minari.load_dataset(dataset_id)
+    ds = load(dataset_id)
     eval_env = eval_env if eval_env is not None else heldout_env(ds, eval_prompts)
     env = env if env is not None else ds.recover_environment()
     best, _ = best_static_action(env)

@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
     """Train ``cfg.algo`` on the Minari dataset ``cfg.dataset_id``.
 
     Args:
-        dataset: an already loaded ``MinariDataset`` (else ``minari.load_dataset``).
+        dataset: an already loaded ``MinariDataset`` (else :func:`agents.datasets_tool.load`).
         on_epoch: ``callable(agent, epoch, step) -> dict`` of evaluation metrics logged to W&B.
         env: the env online algorithms train in (default: ``dataset.recover_environment()``).
         eval_env: the held-out env (default: the dataset's env on ``cfg.eval_prompts``).
@@ -268,15 +268,11 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, on_epoch=None, 
 
 
 def _train_into(cfg: TrainConfig, out: Path, progress: bool, dataset, on_epoch, env, eval_env, wandb_run):
-    import minari
-
+    from .datasets_tool import load
     from .sb3 import train_sb3
 
     if dataset is None:
-        from .store import check_readable
-
-        check_readable(cfg.dataset_id)
-        dataset = minari.load_dataset(cfg.dataset_id)
+        dataset = load(cfg.dataset_id)
     mdp, layout = to_mdp_dataset(dataset)
     if cfg.eval_prompts and eval_env is None:
         eval_env = heldout_env(dataset, cfg.eval_prompts)

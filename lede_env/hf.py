@@ -191,8 +191,7 @@ def _unmasked_prompt(input_ids: torch.LongTensor, model_kwargs: dict) -> torch.L
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("lede decodes from token ids; inputs_embeds cannot be honoured: pass input_ids (the "
                          "tokenizer's output) instead of inputs_embeds.")
-    other = sorted(k for k, v in model_kwargs.items() if k not in _KNOWN_INPUTS and k != "inputs_embeds"
-                   and v is not None)
+    other = sorted(k for k, v in model_kwargs.items() if k not in _KNOWN_INPUTS and v is not None)
     if other:
         raise ValueError(f"lede cannot honour the model input(s) {', '.join(other)}: it decodes from input_ids and "
                          "attention_mask alone; leave them out, or call generate() without custom_generate.")
