@@ -284,7 +284,7 @@ def env_spec_for(env, kwargs):
                "reuse": u.rules.reuse, "stop_threshold": u.rules.stop_threshold,
                "obs_hidden_dim": u.obs_config.hidden_dim, "obs_history": u.obs_config.history,
                "obs_recent_tokens": u.obs_config.recent_tokens, "cost_profile": u.profile.to_json(),
-               "reward_lambda": u.reward_lambda, "stop_rule": u._stop_name, "obs_kind": u.obs_config.kind,
+               "reward_lambda": u.reward_lambda, "stop_rule": u.task_config.rules.stop_rule, "obs_kind": u.obs_config.kind,
                "obs_stat_exits": u.obs_config.stat_exits, "context_draft": u.rules.context_draft,
                "context_lengths": list(u.actions.context_lengths)})
     if u.obs_config.context_agreement:  # (absent when off: specs written before it recover as before)

@@ -73,7 +73,7 @@ def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None
     if getattr(u, "bundle", None) is None or u.heads is None or u.rules.datastore is None:
         raise ValueError("fold_envs needs a trace env that loaded its model and drafts from the datastore "
                          "(LEDEEnv(..., context_datastore=True, context_lengths=...), no prebuilt trace_set).")
-    spec = spec_for(u._calib_prompts)
+    spec = spec_for(u.task_config.heads.calib_prompts)
     if not spec.extra_prompts:
         raise ValueError("This env's datastore holds only the calibration text (a custom calib_prompts): there "
                          "is no extra text to trace; use the default calibration prompts.")
@@ -100,7 +100,7 @@ def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None
             store.save(folder / "datastore.npz")
         with warnings.catch_warnings():  # cut traces end before max_new_tokens: episodes stop there
             warnings.simplefilter("ignore")
-            out.append(LEDEEnv(trace_set=ts, heads=heads, context_datastore=store, profile=u.profile,
+            out.append(LEDEEnv.with_objects(trace_set=ts, heads=heads, datastore=store, profile=u.profile,
                                eos_ids=tuple(u.rules.eos_ids), reward_lambda=u.reward_lambda, progress=False, **kw))
     return out
 

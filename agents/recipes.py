@@ -95,8 +95,8 @@ def env_keys() -> list[str]:
     """The ``env:`` keys a recipe may set: ``LEDEEnv``'s JSON-serialisable keyword arguments."""
     from lede_env.env import LEDEEnv
 
-    skip = {"self", "render_mode", "trace_set", "profile", "eos_ids", "progress", "bundle", "heads"}
-    return [p for p in inspect.signature(LEDEEnv.__init__).parameters if p not in skip]
+    skip = {"config", "render_mode", "progress"}
+    return [p for p in inspect.signature(LEDEEnv).parameters if p not in skip]
 
 
 def parse_recipe(data: Any, src: str = "<recipe>", path: Optional[Path] = None) -> Recipe:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import inspect
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, replace
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -30,16 +30,64 @@ from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap
 from .model import ModelBundle
-from .prompts import DEFAULT_CALIB, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+from .config import BACKENDS, COST_SOURCES, REWARD_MODES, STOP_RULES, TaskConfig  # noqa: F401 - re-exported
 from .stopping import CalibratedStop
 from .task import env_settings, observation_config
 from .traces import TraceSet
 
-REWARD_MODES = ("relative", "net", "ratio")
-#: in-round stop rules the env builds by name (``stop_rule=``)
-STOP_RULES = ("calibrated",)
-BACKENDS = ("trace", "live")
-COST_SOURCES = ("profile", "wallclock")
+#: objects an env plays instead of loading them (:meth:`LEDEEnv.with_objects`), not task settings
+OBJECT_KEYS = ("bundle", "heads", "trace_set", "profile", "eos_ids", "datastore")
+
+
+@dataclass(frozen=True)
+class EnvObjects:
+    """Objects injected into an env (:meth:`LEDEEnv.with_objects`); ``None``: the env builds it."""
+
+    bundle: Optional[ModelBundle] = None
+    heads: Optional[ExitHeads] = None
+    trace_set: Optional[TraceSet] = None
+    profile: Optional[CostProfile] = None
+    eos_ids: Optional[tuple[int, ...]] = None
+    datastore: Optional[NgramDatastore] = None
+
+
+def head_spec(config: TaskConfig) -> HeadSpec:
+    """The exit heads a task config asks for (:class:`~lede_env.calibration.HeadSpec`)."""
+    h = config.heads
+    return HeadSpec(h.exit_layers, h.kind, h.draft_vocab, h.feature_vocab, h.calib_prompts)
+
+
+def task_config(config: Optional[TaskConfig], settings: dict, backend: Optional[str] = None) -> TaskConfig:
+    """The task config an env is built from: ``config`` (default: the defaults) with the flat
+    ``settings`` changed; ``backend`` (the class's) where neither names one.
+
+    Raises:
+        TypeError: ``config`` that is not a :class:`~lede_env.config.TaskConfig`; a setting that is
+            an object (named, with the constructor that takes it) or not a task setting.
+        ValueError: as :class:`~lede_env.config.TaskConfig`.
+    """
+    if config is not None and not isinstance(config, TaskConfig):
+        raise TypeError(f"config must be a lede_env.config.TaskConfig, got {type(config).__name__}: give flat "
+                        "settings as keyword arguments (LEDEEnv(k_max=4, ...)) or TaskConfig.from_kwargs(...).")
+    objects = [k for k in settings if k in OBJECT_KEYS or (k == "context_datastore" and isinstance(
+        settings[k], NgramDatastore))]
+    if "context_datastore" in settings and not isinstance(settings["context_datastore"], (bool, np.bool_, NgramDatastore)):
+        raise ValueError(f"context_datastore={settings['context_datastore']!r}; give True (the model's default "
+                         "datastore) or False (a lede_env.datastore.NgramDatastore goes to "
+                         "LEDEEnv.with_objects(datastore=...)).")
+    if objects:
+        raise TypeError(f"{', '.join(objects)}: objects are not task settings; build the env with "
+                        f"LEDEEnv.with_objects(config, {'=..., '.join(objects)}=...) (a datastore as datastore=...).")
+    settings = dict(settings)
+    if settings.get("backend") is None:
+        settings.pop("backend", None)
+        if config is None and backend is not None:
+            settings["backend"] = backend
+    if "context_datastore" in settings:
+        settings["context_datastore"] = bool(settings["context_datastore"])
+    if config is None:
+        return TaskConfig.from_kwargs(**settings)
+    return config.replace(**settings) if settings else config
 
 
 def env_class(backend: Optional[str]) -> type:
@@ -211,8 +259,12 @@ class LEDEEnv(gym.Env):
     ``None`` or 0: off), ``cost``
     (``"profile"``/``"wallclock"``; wall-clock needs the live backend). All JSON-serialisable;
     with the live backend ``prompts`` may also be a list of prompts as token-id lists.
-    ``trace_set`` / ``profile`` / ``eos_ids`` inject prebuilt objects (tests, tiny models);
-    ``bundle`` / ``heads`` inject a loaded model and exit heads for the live backend.
+    These are the flat keys of a :class:`~lede_env.config.TaskConfig`, the thin way in: ``LEDEEnv(config)``
+    takes the config itself (``LEDEEnv(config, k_max=4)`` changes a setting of it), and
+    ``env.unwrapped.task_config`` is the task an env plays, resolved (its exits, its lambda).
+    Objects are not settings: :meth:`with_objects` injects prebuilt traces (``trace_set``,
+    ``profile``, ``eos_ids``; tests, tiny models), a loaded model and exit heads (``bundle``,
+    ``heads``; live backend) and a datastore (``datastore``).
     ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; ``None``: ``$LEDE_DEVICE`` or
     cpu) and ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``; ``None``: bf16 on CUDA, fp32 on CPU)
     choose where the model runs when the env loads it (traces are built there; the dtype is part
@@ -236,142 +288,109 @@ class LEDEEnv(gym.Env):
     #: ``"trace"`` or ``"live"``: which backend a subclass is (set by each)
     backend: str
 
-    def __new__(cls, *args, backend: Optional[str] = None, **kwargs):
-        """``LEDEEnv(...)`` makes the env of ``backend`` (see :func:`env_class`); a subclass makes itself."""
-        return super().__new__(env_class(backend) if cls is LEDEEnv else cls)
+    def __new__(cls, config: Optional[TaskConfig] = None, *args, backend: Optional[str] = None, **kwargs):
+        """``LEDEEnv(...)`` makes the env of the config's (or ``backend``'s) backend (see
+        :func:`env_class`); a subclass makes itself."""
+        if cls is LEDEEnv:
+            cls = env_class(backend if backend is not None or not isinstance(config, TaskConfig) else config.backend)
+        return super().__new__(cls)
 
-    def __init__(
-        self,
-        model: Optional[str] = None,
-        prompts: "str | list[list[int]]" = DEFAULT_TRAIN,
-        max_new_tokens: int = DEFAULT_MAX_NEW,
-        exit_layers: Optional[list[int]] = None,
-        k_max: int = 8,
-        head_kind: str = "affine-kl",
-        draft_vocab: Optional[int] = 8192,
-        feature_vocab: int = 1024,
-        calib_prompts: str = DEFAULT_CALIB,
-        reward_mode: str = "relative",
-        bonus: bool = True,
-        reuse: bool = True,
-        stop_threshold: Optional[float] = None,
-        cost_profile: "str | dict" = "analytic",
-        obs_hidden_dim: int = 64,
-        obs_history: int = 4,
-        obs_recent_tokens: int = 8,
-        reward_lambda: "float | str" = "auto",
-        stop_rule: Optional[str] = None,
-        context_draft: int = 0,
-        context_lengths: tuple = (),
-        context_datastore: "bool | NgramDatastore" = False,
-        obs_kind: str = "full",
-        obs_stat_exits: int = 1,
-        obs_context_agreement: bool = False,
-        obs_context_span: bool = False,
-        render_mode: Optional[str] = None,
-        trace_set: Optional[TraceSet] = None,
-        profile: Optional[CostProfile] = None,
-        eos_ids: Optional[tuple[int, ...]] = None,
-        progress: bool = True,
-        backend: Optional[str] = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: Optional[int] = None,
-        cost: str = "profile",
-        bundle: Optional[ModelBundle] = None,
-        heads: Optional[ExitHeads] = None,
-        device: Optional[str] = None,
-        dtype: Optional[str] = None,
-    ) -> None:
-        if reward_mode not in REWARD_MODES:
-            raise ValueError(f"reward_mode={reward_mode!r}; choose one of {REWARD_MODES}.")
-        if stop_rule is not None and stop_rule not in STOP_RULES:
-            raise ValueError(f"stop_rule={stop_rule!r}; choose one of {STOP_RULES} or None (stop_threshold= for a "
-                             "fixed probability threshold).")
-        if stop_rule is not None and stop_threshold is not None:
-            raise ValueError("Give stop_rule or stop_threshold, not both.")
-        if isinstance(context_draft, bool) or not isinstance(context_draft, (int, np.integer)) or context_draft < 0:
-            raise ValueError(f"context_draft={context_draft!r} must be an integer >= 0 (most tokens a context draft "
-                             "copies on action 0; 0: action 0 is a plain AR step).")
-        if not (reward_lambda == "auto" or (isinstance(reward_lambda, (int, float)) and not isinstance(reward_lambda, bool)
-                                            and math.isfinite(reward_lambda) and reward_lambda > 0)):
-            raise ValueError(f"reward_lambda={reward_lambda!r}; give 'auto' (the best static throughput on the "
-                             "env's traces) or a throughput > 0 in tokens per AR-step unit.")
-        backend = self.backend if backend is None else backend
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; choose 'trace' (exact greedy replay from traces) or 'live' "
-                             "(the real decoder on the loaded model; sampling, wall-clock cost).")
-        if backend != self.backend:
-            raise ValueError(f"backend={backend!r} given to {type(self).__name__}, the {self.backend} env: use "
-                             f"LEDEEnv(backend={backend!r}, ...) or {env_class(backend).__name__}.")
-        if cost not in COST_SOURCES:
-            raise ValueError(f"cost={cost!r}; choose 'profile' (the cost profile, deterministic) or 'wallclock' "
-                             "(measured round time / AR step time, live backend only).")
-        try:
-            temperature, top_p = float(temperature), float(top_p)
-        except (TypeError, ValueError):
-            raise ValueError(f"temperature and top_p must be numbers, got {temperature!r}, {top_p!r}.") from None
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}.")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p}.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
-            raise ValueError(f"top_k must be an integer >= 0 (the most likely tokens kept when sampling; 0 or None: "
-                             f"off), got {top_k!r}.")
-        self.top_k = int(top_k) if top_k else None  # 0 and None both mean off
-        self._check_sampling(temperature, cost)
-        self.temperature, self.top_p, self.cost = temperature, top_p, cost
+    def __init__(self, config: Optional[TaskConfig] = None, progress: bool = True, render_mode: Optional[str] = None,
+                 **settings) -> None:
+        """Build the env of a task config.
+
+        Args:
+            config: the task (:class:`~lede_env.config.TaskConfig`; ``None``: the defaults).
+            progress: show progress bars while the model, heads and traces load.
+            render_mode: ``None`` or ``"ansi"``.
+            **settings: flat task settings (:data:`~lede_env.config.FLAT_KEYS`), the thin way in
+                (``gym.make(id, **settings)``, dataset env specs): they build the config, or change
+                the given one (:meth:`TaskConfig.replace`).
+
+        Raises:
+            TypeError: a keyword that is not a task setting, or an object (a model, heads,
+                traces, a profile, a datastore: :meth:`with_objects` takes those).
+            ValueError: as :class:`~lede_env.config.TaskConfig`, and as each backend's ``_load``.
+        """
+        objects = self.__dict__.pop("_objects", None) or EnvObjects()
+        config = task_config(config, settings, self.backend)
+        if config.backend != self.backend:
+            raise ValueError(f"backend={config.backend!r} given to {type(self).__name__}, the {self.backend} env: use "
+                             f"LEDEEnv(backend={config.backend!r}, ...) or {env_class(config.backend).__name__}.")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; choose one of {self.metadata['render_modes']} or None.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
-            raise ValueError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}.")
-        self.obs_config = observation_config(dict(
-            obs_hidden_dim=obs_hidden_dim, obs_history=obs_history, obs_recent_tokens=obs_recent_tokens,
-            obs_kind=obs_kind, obs_stat_exits=obs_stat_exits, obs_context_agreement=obs_context_agreement,
-            obs_context_span=obs_context_span, context_draft=context_draft, context_lengths=context_lengths))
+        if objects.profile is not None:  # the profile charged is part of the task
+            config = replace(config, reward=replace(config.reward, cost_profile=objects.profile.to_json()))
+        #: the task this env plays (every setting, resolved once loaded; objects injected by
+        #: :meth:`with_objects` aside)
+        self.task_config = config
+        flat = config.to_kwargs()
+        self.temperature, self.top_p, self.top_k = config.sampling.temperature, config.sampling.top_p, config.sampling.top_k
+        self.cost = config.reward.cost
+        self.obs_config = observation_config(flat)
         #: the cost profile as given (a name, a path or a dict; an injected ``profile``: its dict),
         #: the ``cost_profile`` of :meth:`task_settings`
-        self.cost_profile_spec = cost_profile if profile is None else profile.to_json()
-        self._stop_name, self._lambda_arg = stop_rule, reward_lambda
-        self._context_draft = int(context_draft)
-        self._context_lengths = tuple(context_lengths)
-        if not isinstance(context_datastore, (bool, NgramDatastore)):
-            raise ValueError(f"context_datastore={context_datastore!r}; give True (the model's default datastore), "
-                             "False, or a lede_env.datastore.NgramDatastore.")
-        self._datastore_arg = context_datastore
-        self._calib_prompts = calib_prompts
-        ActionMap((), 1, self._context_lengths)  # a bad context_lengths raises here, before anything loads
+        self.cost_profile_spec = config.reward.cost_profile
+        self._objects = objects
         self._best_static: Optional[tuple[int, float]] = None
         self._charge_overhead = True
         self._oracle_cache: dict[int, np.ndarray] = {}
         self._done = True
         self._last_round: Optional[dict] = None
-        self.max_new_tokens = max_new_tokens
-        self.reward_mode = reward_mode
+        self.max_new_tokens = config.max_new_tokens
+        self.reward_mode = config.reward.mode
         self.render_mode = render_mode
-        self._load(model=model, prompts=prompts, exit_layers=exit_layers, k_max=k_max,
-                   head_spec=HeadSpec(exit_layers, head_kind, draft_vocab,
-                                      feature_vocab, calib_prompts),
-                   bonus=bool(bonus), reuse=bool(reuse), stop_threshold=stop_threshold, cost_profile=cost_profile,
-                   trace_set=trace_set, profile=profile, eos_ids=eos_ids, progress=progress, bundle=bundle,
-                   heads=heads, device=device, dtype=dtype)
+        self._load(objects, progress)
         self.action_space = spaces.Discrete(self.actions.n)
         self.observation_space = self.observer.space()
         self._finish_rules(self.heads)
+        # resolved: the exits the heads or traces have and the lambda "auto" gave, so that the
+        # env this config builds elsewhere (from its JSON, a dataset, an agent) plays the same task
+        self.task_config = replace(config, heads=replace(config.heads, exit_layers=tuple(self.actions.exit_layers)),
+                                   reward=replace(config.reward, lambda_=self.reward_lambda))
 
-    # ---- what each backend provides ------------------------------------------------------------
-    def _check_sampling(self, temperature: float, cost: str) -> None:
-        """Raise ``ValueError`` if this backend cannot decode at ``temperature`` or charge ``cost``."""
+    @classmethod
+    def with_objects(cls, config: Optional[TaskConfig] = None, *, bundle: Optional[ModelBundle] = None,
+                     heads: Optional[ExitHeads] = None, trace_set: Optional[TraceSet] = None,
+                     profile: Optional[CostProfile] = None, eos_ids: Optional[Sequence[int]] = None,
+                     datastore: Optional[NgramDatastore] = None, progress: bool = True,
+                     render_mode: Optional[str] = None, **settings) -> "LEDEEnv":
+        """The env of a task config, playing objects already built instead of loading them.
 
-    def _load(self, *, model, prompts, exit_layers, k_max: int, head_spec: HeadSpec, bonus: bool, reuse: bool,
-              stop_threshold, cost_profile, trace_set, profile, eos_ids, progress: bool, bundle, heads, device,
-              dtype) -> None:
-        """Load what the backend plays (the ``__init__`` arguments of the same names; ``head_spec``
-        from the head arguments) and set ``bundle``, ``heads``, ``profile``, ``actions``,
-        ``rules``, ``observer`` and ``playable``.
+        Args:
+            config, progress, render_mode, settings: as ``LEDEEnv(...)``.
+            bundle: a loaded model (:class:`~lede_env.model.ModelBundle`; live backend).
+            heads: exit heads (:class:`~lede_env.exits.ExitHeads`; live backend, or beside a
+                ``trace_set`` for ``stop_rule="calibrated"`` and :meth:`make_decoder`).
+            trace_set: prebuilt traces (:class:`~lede_env.traces.TraceSet`; trace backend, with
+                ``profile`` and ``eos_ids``).
+            profile: the cost profile (:class:`~lede_env.costs.CostProfile`); the config's
+                ``cost_profile`` becomes its dict.
+            eos_ids: tokens that end generation (default: the model's).
+            datastore: where the context has no match, context drafts copy from it
+                (:class:`~lede_env.datastore.NgramDatastore`; turns ``context_datastore`` on).
 
         Raises:
-            ValueError: arguments this backend does not take, or that do not fit together.
+            ValueError: objects the backend does not take (see each backend), and as ``LEDEEnv(...)``.
+        """
+        if datastore is not None:
+            if not isinstance(datastore, NgramDatastore):
+                raise ValueError(f"datastore={datastore!r}: give a lede_env.datastore.NgramDatastore (or "
+                                 "context_datastore=True for the model's default datastore).")
+            settings["context_datastore"] = True
+        env = LEDEEnv.__new__(cls, config, **settings)
+        env._objects = EnvObjects(bundle, heads, trace_set, profile,
+                                  None if eos_ids is None else tuple(int(e) for e in eos_ids), datastore)
+        env.__init__(config, progress=progress, render_mode=render_mode, **settings)
+        return env
+
+    # ---- what each backend provides ------------------------------------------------------------
+    def _load(self, objects: "EnvObjects", progress: bool) -> None:
+        """Load what the backend plays (from ``self.task_config`` and the injected ``objects``) and
+        set ``bundle``, ``heads``, ``profile``, ``actions``, ``rules``, ``observer`` and ``playable``.
+
+        Raises:
+            ValueError: objects or settings this backend does not take, or that do not fit together.
         """
         raise NotImplementedError
 
@@ -399,32 +418,20 @@ class LEDEEnv(gym.Env):
         raise NotImplementedError
 
     # ---- shared rules ------------------------------------------------------------------------
-    @staticmethod
-    def _stop_threshold(stop_threshold: Optional[float]) -> Optional[float]:
-        """``stop_threshold`` as a float (``None`` stays ``None``).
-
-        Raises:
-            ValueError: not a probability in (0, 1).
-        """
-        if stop_threshold is not None and not 0.0 < float(stop_threshold) < 1.0:
-            raise ValueError(f"stop_threshold={stop_threshold!r} must be a probability in (0, 1), or None.")
-        return None if stop_threshold is None else float(stop_threshold)
-
     def _finish_rules(self, heads: Optional[ExitHeads]) -> None:
         """Turn on context drafts, resolve the reward's lambda and build the named stop rule."""
-        store = self._datastore_arg
-        if store is True:
+        rules = self.task_config.rules
+        store = self._objects.datastore
+        if store is None and rules.context_datastore:
             if self.bundle is None:
                 raise ValueError("context_datastore=True needs the model to load its datastore: give a "
-                                 "lede_env.datastore.NgramDatastore with a prebuilt trace_set.")
-            store = get_datastore(self.bundle, spec_for(self._calib_prompts), progress=False)
-        store = None if store is False else store  # (not ``store or None``: an empty store has len 0)
-        if store is not None and not (self._context_draft or self._context_lengths):
-            raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts: "
-                             "give context_draft > 0 or context_lengths.")
-        self.rules = replace(self.rules, context_draft=self._context_draft, datastore=store)
-        self.reward_lambda = float(self._lambda_arg) if self._lambda_arg != "auto" else self._default_lambda()
-        if self._stop_name == "calibrated":
+                                 "lede_env.datastore.NgramDatastore with a prebuilt trace_set "
+                                 "(LEDEEnv.with_objects(datastore=...)).")
+            store = get_datastore(self.bundle, spec_for(self.task_config.heads.calib_prompts), progress=False)
+        self.rules = replace(self.rules, context_draft=rules.context_draft, datastore=store)
+        lam = self.task_config.reward.lambda_
+        self.reward_lambda = float(lam) if lam != "auto" else self._default_lambda()
+        if rules.stop_rule == "calibrated":
             if heads is None or heads.acceptance is None:
                 raise ValueError("stop_rule='calibrated' needs exit heads with an acceptance calibration (fitted "
                                  "on calibration continuations; not the plain logit lens with the full vocabulary).")
@@ -565,6 +572,16 @@ class LEDEEnv(gym.Env):
         return out
 
 
-# ``LEDEEnv(...)`` and every subclass take ``__init__``'s arguments; inspect shows those, not
-# ``__new__``'s catch-all (recipes list the env keys from it, tests bind stored specs to it).
-LEDEEnv.__new__.__signature__ = inspect.signature(LEDEEnv.__init__)
+def _builder_signature() -> inspect.Signature:
+    """``LEDEEnv(config, progress, render_mode, **settings)`` with the settings spelled out (their
+    defaults the config's), so that ``inspect.signature(LEDEEnv)`` lists every keyword an env spec
+    may hold (recipes list the env keys from it, tests bind stored specs to it)."""
+    P = inspect.Parameter
+    head = [P("config", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[TaskConfig]),
+            P("progress", P.POSITIONAL_OR_KEYWORD, default=True, annotation=bool),
+            P("render_mode", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[str])]
+    defaults = TaskConfig().to_kwargs() | {"backend": None}
+    return inspect.Signature(head + [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items()])
+
+
+LEDEEnv.__signature__ = _builder_signature()

@@ -18,7 +18,7 @@ from .calibration import get_heads
 from .continuations import encode_prompts
 from .costs import get_profile, profile_positions
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
-from .env import LEDEEnv
+from .env import LEDEEnv, head_spec
 from .model import describe_model, get_bundle
 from .prompts import load_prompts
 from .replay import ReplayRules
@@ -26,8 +26,8 @@ from .replay import ReplayRules
 
 class LiveEnv(LEDEEnv):
     """The live backend of :class:`~lede_env.env.LEDEEnv` (``LEDE-Llama3-Live-v0``): each step plays
-    one real round of the decoder (draft, verify, accept) on the loaded model. ``bundle=`` /
-    ``heads=`` inject a loaded model and exit heads; ``prompts`` may also be a list of prompts as
+    one real round of the decoder (draft, verify, accept) on the loaded model.
+    ``LiveEnv.with_objects(bundle=..., heads=...)`` injects a loaded model and exit heads; ``prompts`` may also be a list of prompts as
     token-id lists. ``env.unwrapped.ar_seconds`` is the unit of wall-clock costs
     (``cost="wallclock"``), ``env.unwrapped.decoder`` the decoder that plays the rounds.
 
@@ -40,14 +40,16 @@ class LiveEnv(LEDEEnv):
     backend = "live"
     trace_set = None  # (no traces: the rounds are decoded)
 
-    def _load(self, *, model, prompts, exit_layers, k_max, head_spec, bonus, reuse, stop_threshold, cost_profile,
-              trace_set, profile, eos_ids, progress, bundle, heads, device, dtype) -> None:
+    def _load(self, objects, progress: bool) -> None:
         """Load the model, heads and prompts and build the decoder."""
-        if trace_set is not None:
+        c = self.task_config
+        bundle, heads, profile, eos_ids = objects.bundle, objects.heads, objects.profile, objects.eos_ids
+        prompts, exit_layers, k_max = c.prompts, c.heads.exit_layers, c.rules.k_max
+        if objects.trace_set is not None:
             raise ValueError("trace_set is for the trace backend; the live backend decodes its prompts: "
                              "pass prompts=... (a prompt spec or token-id lists).")
         if bundle is None:
-            bundle = get_bundle(model, device, dtype)
+            bundle = get_bundle(c.model.name, c.model.device, c.model.dtype)
         if isinstance(prompts, str):
             listed = load_prompts(prompts)
             ids = encode_prompts(bundle, listed, self.max_new_tokens)
@@ -60,22 +62,22 @@ class LiveEnv(LEDEEnv):
             raise ValueError("prompts must be a prompt spec (e.g. 'humaneval[0:24]') or, for the live backend, a "
                              "non-empty list of non-empty token-id lists.")
         if heads is None:
-            heads = get_heads(bundle, head_spec, progress=progress)
+            heads = get_heads(bundle, head_spec(c), progress=progress)
         elif exit_layers and tuple(exit_layers) != tuple(heads.exit_layers):
             raise ValueError(f"exit_layers={list(exit_layers)} differ from the given heads' {list(heads.exit_layers)}.")
         if profile is None:
-            profile = get_profile(cost_profile, bundle, heads,
-                                  profile_positions(k_max, self._context_lengths, self._context_draft),
+            profile = get_profile(c.reward.cost_profile, bundle, heads,
+                                  profile_positions(k_max, c.rules.context_lengths, c.rules.context_draft),
                                   self.obs_config)
         eos_ids = tuple(int(e) for e in (bundle.eos_ids if eos_ids is None else eos_ids))
-        stop_threshold = self._stop_threshold(stop_threshold)
         self.bundle, self.heads = bundle, heads
         self.profile = profile
         # profile=None: the env charges costs itself (its rules may drop the overhead, see charging_overhead)
-        self.decoder = SelfSpeculativeDecoder(bundle.stack, heads, k_max, eos_ids, bonus, None,
-                                              self.obs_config, reuse=reuse, context_lengths=self._context_lengths)
+        self.decoder = SelfSpeculativeDecoder(bundle.stack, heads, k_max, eos_ids, c.rules.bonus, None,
+                                              self.obs_config, reuse=c.rules.reuse,
+                                              context_lengths=c.rules.context_lengths)
         self.actions = self.decoder.actions
-        self.rules = ReplayRules(self.actions, profile, bonus, eos_ids, reuse, stop_threshold)
+        self.rules = ReplayRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold)
         self.observer = self.decoder.observer
         self.playable = list(range(len(self.prompts)))
         self.manifest = {"backend": "live", "model": {"name": bundle.name} | describe_model(bundle.model),
@@ -95,9 +97,9 @@ class LiveEnv(LEDEEnv):
 
     def _finish_rules(self, heads) -> None:
         super()._finish_rules(heads)
-        self.decoder.context_draft = self._context_draft
+        self.decoder.context_draft = self.rules.context_draft
         self.decoder.datastore = self.rules.datastore
-        if self._stop_name == "calibrated":
+        if self.task_config.rules.stop_rule == "calibrated":
             self.decoder.stop_rule = self.rules.stop_rule
         # the unit of wall-clock costs, timed under the env's finished rules
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None

@@ -21,7 +21,6 @@ settings are not task settings: they are chosen where a policy is played.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,11 +40,12 @@ __all__ = ["TASK_KEYS", "task_defaults", "normalise", "observation_config", "env
 
 
 def task_defaults() -> dict:
-    """``LEDEEnv``'s own default of every task setting (read from its signature), normalised."""
-    from .env import LEDEEnv
+    """``LEDEEnv``'s own default of every task setting (the default :class:`~lede_env.config.TaskConfig`'s),
+    normalised."""
+    from .config import TaskConfig
 
-    params = inspect.signature(LEDEEnv.__init__).parameters
-    return normalise({k: params[k].default for k in TASK_KEYS})
+    defaults = TaskConfig().to_kwargs()
+    return normalise({k: defaults[k] for k in TASK_KEYS})
 
 
 def normalise(settings: dict) -> dict:
@@ -120,8 +120,8 @@ def env_settings(env) -> dict:
     return normalise({
         "exit_layers": list(u.actions.exit_layers), "k_max": u.actions.k_max,
         "head_kind": heads.get("kind"), "draft_vocab": heads.get("draft_vocab"),
-        "feature_vocab": heads.get("feature_vocab", 1024), "calib_prompts": u._calib_prompts,
-        "bonus": u.rules.bonus, "reuse": u.rules.reuse, "stop_rule": u._stop_name,
+        "feature_vocab": heads.get("feature_vocab", 1024), "calib_prompts": u.task_config.heads.calib_prompts,
+        "bonus": u.rules.bonus, "reuse": u.rules.reuse, "stop_rule": u.task_config.rules.stop_rule,
         "stop_threshold": u.rules.stop_threshold, "reward_mode": u.reward_mode, "reward_lambda": u.reward_lambda,
         "cost_profile": u.cost_profile_spec, "obs_kind": o.kind, "obs_hidden_dim": o.hidden_dim,
         "obs_history": o.history, "obs_recent_tokens": o.recent_tokens, "obs_stat_exits": o.stat_exits,

@@ -13,8 +13,8 @@ from typing import Optional
 import numpy as np
 
 from .calibration import get_heads
-from .costs import get_profile, profile_positions
-from .env import LEDEEnv
+from .costs import CostProfile, get_profile, profile_positions
+from .env import LEDEEnv, head_spec
 from .mdp import ActionMap, ObservationBuilder, context_observation
 from .model import get_bundle
 from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
@@ -25,10 +25,10 @@ from .traces import TraceSpec, get_traces
 class TraceEnv(LEDEEnv):
     """The trace backend of :class:`~lede_env.env.LEDEEnv` (``LEDE-Llama3-v0``): each step replays
     one round from the episode's trace (greedy continuation + one teacher-forced pass), at
-    microseconds a step; every output is greedy decoding's. ``trace_set=`` (with ``profile=``
-    and ``eos_ids=``) plays prebuilt traces instead of building them for ``model``/``prompts``;
-    ``heads=`` then gives the exit heads (for ``stop_rule="calibrated"`` and
-    :meth:`make_decoder`).
+    microseconds a step; every output is greedy decoding's.
+    ``TraceEnv.with_objects(trace_set=..., profile=..., eos_ids=...)`` plays prebuilt traces
+    instead of building them for ``model``/``prompts``; ``heads=`` then gives the exit heads (for
+    ``stop_rule="calibrated"`` and :meth:`make_decoder`).
 
     Raises:
         ValueError: as :class:`~lede_env.env.LEDEEnv`; sampling (``temperature > 0``) or
@@ -39,32 +39,30 @@ class TraceEnv(LEDEEnv):
 
     backend = "trace"
 
-    def _check_sampling(self, temperature: float, cost: str) -> None:
-        if temperature > 0:
-            raise ValueError(f"temperature={temperature}: traces replay greedy decoding only; use backend='live' "
-                             "(or gym.make('LEDE-Llama3-Live-v0', ...)) to sample.")
-        if cost != "profile":
-            raise ValueError("cost='wallclock' measures real rounds: use backend='live' (LEDE-Llama3-Live-v0).")
-
-    def _load(self, *, model, prompts, exit_layers, k_max, head_spec, bonus, reuse, stop_threshold, cost_profile,
-              trace_set, profile, eos_ids, progress, bundle, heads, device, dtype) -> None:
+    def _load(self, objects, progress: bool) -> None:
+        c = self.task_config
+        heads, trace_set, profile, eos_ids = objects.heads, objects.trace_set, objects.profile, objects.eos_ids
         self.bundle, self.heads = None, heads
-        if bundle is not None or (heads is not None and trace_set is None):
+        if objects.bundle is not None or (heads is not None and trace_set is None):
             raise ValueError("bundle/heads are for the live backend; the trace backend takes trace_set=... instead "
                              "(with heads=... only for stop_rule='calibrated').")
+        k_max, lengths = c.rules.k_max, c.rules.context_lengths
         if trace_set is None:
-            spec = TraceSpec(model, prompts, self.max_new_tokens, head_spec, device, dtype)
-            bundle = get_bundle(model, device, dtype)
+            m = c.model
+            spec = TraceSpec(m.name, c.prompts, self.max_new_tokens, head_spec(c), m.device, m.dtype)
+            bundle = get_bundle(m.name, m.device, m.dtype)
             heads = get_heads(bundle, spec.heads, progress=progress)
             trace_set = get_traces(spec, progress=progress, bundle=bundle, heads=heads)
             self.bundle, self.heads = bundle, heads
             if profile is None:
-                profile = get_profile(cost_profile, bundle, heads,
-                                      profile_positions(k_max, self._context_lengths, self._context_draft),
-                                      self.obs_config)
+                profile = get_profile(c.reward.cost_profile, bundle, heads,
+                                      profile_positions(k_max, lengths, c.rules.context_draft), self.obs_config)
             eos_ids = bundle.eos_ids if eos_ids is None else eos_ids
+        if profile is None and isinstance(c.reward.cost_profile, dict):  # the profile a config or env spec holds
+            profile = CostProfile(**c.reward.cost_profile)
         if profile is None:
-            raise ValueError("A prebuilt trace_set needs a cost profile: pass profile=CostProfile(...).")
+            raise ValueError("A prebuilt trace_set needs a cost profile: pass profile=CostProfile(...) or a config "
+                             "whose cost_profile is the profile as a dict.")
         if eos_ids is None:
             raise ValueError("A prebuilt trace_set needs eos_ids.")
         man = trace_set.manifest
@@ -74,9 +72,9 @@ class TraceEnv(LEDEEnv):
                           "episodes are truncated there.")
         self.trace_set = trace_set
         self.profile = profile
-        self.actions = ActionMap(trace_set.exit_layers, k_max, self._context_lengths)
-        self.rules = ReplayRules(self.actions, profile, bonus, tuple(int(e) for e in eos_ids), reuse,
-                                 self._stop_threshold(stop_threshold))
+        self.actions = ActionMap(trace_set.exit_layers, k_max, lengths)
+        self.rules = ReplayRules(self.actions, profile, c.rules.bonus, tuple(int(e) for e in eos_ids), c.rules.reuse,
+                                 c.rules.stop_threshold)
         d = trace_set.traces[0].hidden.shape[1]
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
                                            trace_set.num_layers, k_max, int(man["model"]["vocab_size"]),

@@ -157,4 +157,4 @@ def tiny_env(tiny):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    return LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)
+    return LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)

@@ -95,7 +95,7 @@ def test_same_seed_same_trained_agent(algo, tiny, tmp_path):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     ds_id = f"lede/tiny/determinism-{algo.replace('_', '-')}-v0"
     ds = collect(env, CollectConfig(dataset_id=ds_id, episodes=6, seed=5), progress=False)
     obs = np.stack([env.observer.flatten({k: v[i] for k, v in ep.observations.items()})

@@ -21,7 +21,7 @@ def data(tiny):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     ds = collect(env, CollectConfig(dataset_id="lede/tiny/algos-mixed-v0", episodes=10, seed=1), progress=False)
     return env, ds
 
@@ -132,7 +132,7 @@ def test_algorithms_train_on_the_compact_observation(algo, tiny, tmp_path):
     heads = ExitHeads(b.stack, (1, 2, 3), "lens")
     calibrate_acceptance(heads, [(torch.tensor(c.prompt_ids + c.generated), len(c.prompt_ids))
                                  for c in tiny_continuations(b, 6, seed=2)])
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, heads=heads,
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, heads=heads,
                   obs_kind="compact", stop_rule="calibrated")
     ds = collect(env, CollectConfig(dataset_id=f"lede/tiny/compact-{algo}-v0", episodes=6, seed=1), progress=False)
     steps = 256 if algo == "ppo" else 40
@@ -169,7 +169,7 @@ def test_trace_q_targets_cover_the_same_stretch_under_the_static_policy(tiny, ex
     from agents.trace_q import _targets
 
     b, _, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, context_lengths=(2, 4))
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, context_lengths=(2, 4))
     u = env.unwrapped
     lam, follow, H = 1.3, u.actions.encode(2, 1), 8
     u.reset(seed=0, options={"prompt_index": 1})
@@ -203,7 +203,7 @@ def test_trace_q_regresses_advantages_over_the_static_action(tiny):
     from agents.trace_q import train_trace_q
 
     b, _, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
     u = env.unwrapped
     agent = train_trace_q(env, steps=300, iterations=1)
     assert agent.info["advantage"] and agent.info["exact_horizon"]
@@ -223,7 +223,7 @@ def test_trace_q_without_exits_chooses_plain_steps_and_context_drafts_only(tiny)
     from agents.trace_q import train_trace_q
 
     b, _, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
     u = env.unwrapped
     agent = train_trace_q(env, steps=40, iterations=2, exits=False)
     assert agent.allowed and max(agent.allowed) < u.actions.first_exit_action
@@ -241,8 +241,8 @@ def test_trace_q_visits_the_states_of_more_envs_and_refuses_other_layouts(tiny):
 
     b, _, ts, prof = tiny
     kw = dict(profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, context_lengths=(2, 4))
-    env = LEDEEnv(trace_set=TraceSet(ts.traces[:3], ts.manifest), **kw)
-    more = LEDEEnv(trace_set=TraceSet(ts.traces[3:], ts.manifest), **kw, reward_lambda=env.unwrapped.reward_lambda)
+    env = LEDEEnv.with_objects(trace_set=TraceSet(ts.traces[:3], ts.manifest), **kw)
+    more = LEDEEnv.with_objects(trace_set=TraceSet(ts.traces[3:], ts.manifest), **kw, reward_lambda=env.unwrapped.reward_lambda)
     visited = []
     for e in (env, more):
         u = e.unwrapped
@@ -255,4 +255,4 @@ def test_trace_q_visits_the_states_of_more_envs_and_refuses_other_layouts(tiny):
     assert both.info["lambda"] == pytest.approx(env.unwrapped.reward_lambda)
     with pytest.raises(ValueError, match="action map"):
         train_trace_q(env, steps=5, iterations=1,
-                      more_envs=[LEDEEnv(trace_set=ts, **dict(kw, context_lengths=(2,)))])
+                      more_envs=[LEDEEnv.with_objects(trace_set=ts, **dict(kw, context_lengths=(2,)))])

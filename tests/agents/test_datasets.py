@@ -38,7 +38,7 @@ def make_tiny_env(k_max: int = 4, max_new_tokens: int = 32, **ignored):
         heads = ExitHeads(b.stack, (1, 2, 3), "lens")
         _TINY.update(b=b, heads=heads, ts=build_traces(b, heads, tiny_continuations(b), progress=False),
                      prof=analytic_profile(b.stack, 4, None, False))
-    return LEDEEnv(trace_set=_TINY["ts"], profile=_TINY["prof"], eos_ids=_TINY["b"].eos_ids, k_max=k_max,
+    return LEDEEnv.with_objects(trace_set=_TINY["ts"], profile=_TINY["prof"], eos_ids=_TINY["b"].eos_ids, k_max=k_max,
                    max_new_tokens=max_new_tokens, progress=False)
 
 
@@ -48,7 +48,7 @@ def make_tiny_live_env(cost: str = "wallclock", max_new_tokens: int = 8, reward_
     from lede_env.env import LEDEEnv
 
     make_tiny_env()  # the tiny model, heads and profile
-    return LEDEEnv(backend="live", bundle=_TINY["b"], heads=_TINY["heads"], profile=_TINY["prof"], k_max=4,
+    return LEDEEnv.with_objects(backend="live", bundle=_TINY["b"], heads=_TINY["heads"], profile=_TINY["prof"], k_max=4,
                    prompts=[t.prompt.tolist() for t in _TINY["ts"].traces], max_new_tokens=max_new_tokens,
                    cost=cost, reward_mode=reward_mode, progress=False)
 
@@ -561,7 +561,7 @@ def test_flat_layout_of_a_dataset_is_the_env_layout_with_context_and_without_hea
     from lede_env.env import LEDEEnv
 
     b, _, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, obs_kind="compact",
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, obs_kind="compact",
                   obs_stat_exits=0, context_lengths=(2, 4))
     ds = collect(env, CollectConfig(dataset_id="lede/tiny/ctx-layout-v0", episodes=2, seed=0), progress=False)
     assert flat_layout(ds) == [(k, list(s)) for k, s in env.observer.layout()]

@@ -18,7 +18,7 @@ def run_dir(tiny, tmp_path_factory):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)
     ds = collect(env, CollectConfig(dataset_id=DATASET, episodes=4, seed=0), progress=False, env_spec=None)
     assert ds.spec.env_spec is None
     out = tmp_path_factory.mktemp("nospec") / "run"

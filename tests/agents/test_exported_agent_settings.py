@@ -41,7 +41,7 @@ def test_export_writes_every_task_setting(agent):
 
     from lede_env.config import TaskConfig
 
-    assert set(settings) <= set(inspect.signature(LEDEEnv.__init__).parameters)
+    assert set(settings) <= set(inspect.signature(LEDEEnv).parameters)
     again = TaskConfig.from_kwargs(**settings).to_kwargs()
     assert {k: again[k] for k in settings} == settings
 

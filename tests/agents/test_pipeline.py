@@ -21,7 +21,7 @@ def dataset(tiny):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     ds = collect(env, CollectConfig(dataset_id="lede/tiny/test-mixed-v0", episodes=12, seed=0), progress=False)
     return env, ds
 

@@ -59,7 +59,7 @@ def test_recipe_builds_dataset_and_card(tiny, tmp_path):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     path = tmp_path / "tiny-recipe-v0.yaml"
     path.write_text(yaml.safe_dump(_recipe()))
     r = load_recipe(path)
@@ -104,7 +104,7 @@ def test_local_sweep_runs_every_grid_point(tiny, tmp_path):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     ds = collect(env, CollectConfig(dataset_id="lede/tiny/sweep-mixed-v0", episodes=6, seed=0), progress=False)
     cfg = check_sweep({"method": "grid", "metric": {"name": "heldout_throughput", "goal": "maximize"},
                        "parameters": {"algo": {"values": ["discrete_bc", "sb3_offline_dqn"]},

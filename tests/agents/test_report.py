@@ -24,7 +24,7 @@ def results(tiny, tmp_path_factory):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     out = tmp_path_factory.mktemp("results")
     names = ["ar", "static:2,2", "del", "oracle"]
     write_results(out, "trace_eval", trace_eval(env, names))

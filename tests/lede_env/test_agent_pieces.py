@@ -85,7 +85,7 @@ def test_trace_env_replays_the_decoder_under_the_calibrated_rule(tiny, calibrate
     counts under the calibrated stop rule, and draft the same counts in rounds without a rejection
     (after one the decoder drafts from a wrong prefix the trace does not hold)."""
     b, _, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new,
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new,
                   heads=calibrated_heads, stop_rule="calibrated", reward_lambda=lam, obs_kind="compact")
     assert isinstance(env.rules.stop, CalibratedStop) and env.rules.stop.lam == lam
     acts, infos, observations, _ = random_rollout(env, seed)
@@ -108,15 +108,15 @@ def test_trace_env_replays_the_decoder_under_the_calibrated_rule(tiny, calibrate
 def test_calibrated_rule_needs_a_calibration(tiny):
     b, heads, ts, prof = tiny
     with pytest.raises(ValueError, match="acceptance calibration"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, heads=heads, stop_rule="calibrated")
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, heads=heads, stop_rule="calibrated")
     with pytest.raises(ValueError, match="stop_rule"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, stop_rule="sometimes")
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, stop_rule="sometimes")
 
 
 # ---- the compact observation --------------------------------------------------------------
 def test_compact_observation_carries_running_acceptance(tiny):
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
     obs, _ = env.reset(seed=0, options={"prompt_index": 0})
     assert env.observation_space.contains(obs)
     assert obs["experience"][:, 0] == pytest.approx(0.3) and not obs["experience"][:, 1].any()  # the prior
@@ -133,7 +133,7 @@ def test_compact_observation_carries_running_acceptance(tiny):
 # ---- actions that can pay ---------------------------------------------------------------------
 def test_useful_actions_drop_what_cannot_beat_ar(tiny):
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
     rules: ReplayRules = env.rules
     keep = useful_actions(rules)
     ar = prof.round_cost(0, 0, 1)
@@ -273,7 +273,7 @@ def test_copy_else_draft_copies_where_it_can_and_drafts_one_token_elsewhere(tiny
     from lede_env.policies import CopyElseDraftPolicy, policy_from_name
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, context_lengths=(2, 4))
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, context_lengths=(2, 4))
     u = env.unwrapped
     thr = float(np.median(np.concatenate([t.draft_prob[:, 1] for t in ts.traces])))  # exit 2's: both branches play
     pol = policy_from_name(f"copy-else:4,2,{thr!r}", u.actions)

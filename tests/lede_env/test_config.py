@@ -15,7 +15,7 @@ from lede_env.config import FLAT_KEYS, TaskConfig
 def test_defaults_are_the_envs_defaults():
     from lede_env.env import LEDEEnv
 
-    sig = inspect.signature(LEDEEnv.__init__)
+    sig = inspect.signature(LEDEEnv)  # the builder: the config, progress, render_mode and every flat setting
     env_defaults = {k: p.default for k, p in sig.parameters.items() if k in FLAT_KEYS}
     assert set(env_defaults) == set(FLAT_KEYS)  # every env setting is a config setting
     env_defaults["backend"] = "trace"  # LEDEEnv(backend=None) makes the trace env
@@ -102,3 +102,41 @@ def test_from_dict_refuses_unknown_parts_and_fields():
         TaskConfig.from_dict({"rewards": {}})
     with pytest.raises(TypeError, match="kmax"):
         TaskConfig.from_dict({"rules": {"kmax": 3}})
+
+
+def test_an_env_is_built_from_its_task_config_and_rebuilt_from_json_and_a_dataset_spec(tiny):
+    """An env's ``task_config`` is the task it plays, resolved (its exits, its lambda, the profile
+    charged): the env rebuilt from that config's JSON, and from the env spec a dataset of this
+    version stores, plays the same task (equal config, spaces and rewards for the same actions)."""
+    from agents.collect import env_spec_for
+    from lede_env.env import LEDEEnv
+    from lede_env.trace_env import TraceEnv
+
+    b, heads, ts, prof = tiny
+    cfg = TaskConfig.from_kwargs(k_max=4, max_new_tokens=32, obs_kind="compact", context_lengths=(1, 2),
+                                 reward_mode="net")
+    env = TraceEnv.with_objects(cfg, trace_set=ts, profile=prof, eos_ids=b.eos_ids, progress=False)
+    c = env.task_config
+    assert c.heads.exit_layers == (1, 2, 3) and c.reward.lambda_ == env.reward_lambda
+    assert c.reward.cost_profile == prof.to_json() and c.differences(cfg).keys() == {"exit_layers", "reward_lambda",
+                                                                                       "cost_profile"}
+    from_json = LEDEEnv.with_objects(TaskConfig.from_json(c.to_json()), trace_set=ts, eos_ids=b.eos_ids,
+                                     progress=False)  # the profile comes from the config's dict
+    spec = env_spec_for(env, {"k_max": 4, "max_new_tokens": 32})
+    from_spec = LEDEEnv.with_objects(trace_set=ts, eos_ids=b.eos_ids, progress=False, **spec.kwargs)
+    for other in (from_json, from_spec):
+        assert other.task_config == c and other.profile == prof
+        assert other.observation_space == env.observation_space and other.action_space == env.action_space
+    rewards = []
+    for e in (env, from_json, from_spec):
+        e.reset(seed=3, options={"prompt_index": 1})
+        out = []
+        for a in (1, 2, 5, 0, 3, 7, 1):
+            _, r, term, trunc, _ = e.step(a)
+            out.append(r)
+            if term or trunc:
+                break
+        rewards.append(out)
+    assert rewards[0] == rewards[1] == rewards[2]
+    with pytest.raises(TypeError, match="with_objects"):
+        LEDEEnv(cfg, trace_set=ts)

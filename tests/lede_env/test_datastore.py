@@ -56,16 +56,16 @@ def test_save_load_round_trip_and_a_bad_file(tmp_path):
 def test_env_arguments(tiny):
     b, heads, ts, prof = tiny
     store = NgramDatastore([t.generated.tolist() for t in ts.traces], min_count=1)
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_lengths=(2, 4),
-                  context_datastore=store, progress=False)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_lengths=(2, 4),
+                  datastore=store, progress=False)
     assert env.rules.datastore is store and env.config()["context_datastore"] == store.fingerprint()
     assert env.make_decoder(b, heads).datastore is store
     with pytest.raises(ValueError, match="needs context drafts"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_datastore=store)
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, datastore=store)
     with pytest.raises(ValueError, match="prebuilt trace_set"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_lengths=(2,), context_datastore=True)
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_lengths=(2,), context_datastore=True)
     with pytest.raises(ValueError, match="context_datastore="):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_datastore="yes")
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, context_datastore="yes")
 
 
 def test_a_datastore_draft_is_replayed_where_the_context_has_none(tiny):
@@ -78,7 +78,7 @@ def test_a_datastore_draft_is_replayed_where_the_context_has_none(tiny):
     from lede_env.replay import replay_round
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, context_draft=4)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, context_draft=4)
     seen = {"context": 0, "store": 0}
     for t in ts.traces:
         store = NgramDatastore([t.prompt[-1:].tolist() + t.generated.tolist()], ngram=(1, 1), min_count=1)

@@ -114,7 +114,7 @@ def test_assistant_early_exit_is_lossless_in_live_eval(tiny):
     from lede_env.env import LEDEEnv
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=12)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=12)
     env.playable = env.playable[:2]
     dec = SelfSpeculativeDecoder(b.stack, heads, 4, b.eos_ids, profile=prof)
     rows = live_eval(env, dec, ["ar", "hf-early-exit:2", "static:2,2"], progress=False, by_category=False)

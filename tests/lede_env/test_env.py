@@ -76,7 +76,7 @@ def test_same_seed_same_rollout(tiny):
     b, heads, ts, prof = tiny
 
     def roll(seed):
-        env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
+        env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
         env.action_space.seed(seed)
         obs, info = env.reset(seed=seed)
         out = [info["prompt_id"]]
@@ -110,10 +110,10 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
     the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
     datastore = (NgramDatastore([t.generated.tolist() for t in ts.traces], ngram=(1, 2), min_count=1)
-                 if store and (ctx or lengths) else False)
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
+                 if store and (ctx or lengths) else None)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop, context_draft=ctx, context_lengths=lengths, obs_kind=obs[0],
-                  obs_stat_exits=obs[1], obs_context_agreement=obs[2], context_datastore=datastore)
+                  obs_stat_exits=obs[1], obs_context_agreement=obs[2], datastore=datastore)
     acts, infos, observations, rewards = random_rollout(env, seed)
     rounds, info = [i["round"] for i in infos], infos[-1]
     for r, rd in zip(rewards, rounds):
@@ -140,13 +140,13 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
 def test_rewards(tiny):
     b, heads, ts, prof = tiny
     for mode in ("net", "ratio"):
-        env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode=mode)
+        env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode=mode)
         env.reset(seed=0, options={"prompt_index": 0})
         _, r, *_ = env.step(0)
         ar_cost = 1.0 + prof.overhead / prof.ar_step
         assert r == pytest.approx(1 - ar_cost if mode == "net" else 1 / ar_cost)
     # net: the undiscounted return is tokens - total cost
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode="net")
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, reward_mode="net")
     env.reset(seed=1, options={"prompt_index": 1})
     ret = tok = cost = 0.0
     done = False
@@ -169,7 +169,7 @@ def test_relative_return_is_tokens_minus_lambda_cost(tiny, seed, lam):
     from lede_env.stopping import NO_STOP
 
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, reward_lambda=lam)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24, reward_lambda=lam)
     assert env.reward_mode == "relative"
     if lam == "auto":
         rules = replace(env.rules.without_overhead(), stop_rule=NO_STOP)
@@ -193,7 +193,7 @@ def test_relative_return_is_tokens_minus_lambda_cost(tiny, seed, lam):
 
 def test_episode_end(tiny):
     b, heads, ts, prof = tiny
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=7)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=7)
     for i in env.playable:
         env.reset(seed=0, options={"prompt_index": i})
         done = False
@@ -249,12 +249,12 @@ def test_episode_loop_matches_rollout(tiny_env):
 def test_bad_arguments(tiny):
     b, heads, ts, prof = tiny
     with pytest.raises(ValueError, match="reward_mode"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, reward_mode="sum")
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, reward_mode="sum")
     with pytest.raises(ValueError, match="k_max"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=0)
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, max_new_tokens=1)
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4)
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, max_new_tokens=1)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4)
     env.reset(seed=0)
     with pytest.raises(ValueError, match="outside"):
         env.step(env.action_space.n)
@@ -311,7 +311,7 @@ def test_trace_env_replays_the_live_decoder_with_first_token_heads(tiny_prev, se
     with a stop threshold drafted counts and costs are compared in rounds without a rejection (as
     in the law above)."""
     b, heads, ts, prof = tiny_prev
-    env = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop)
     acts, infos, _, _ = random_rollout(env, seed)
     rounds = [i["round"] for i in infos]

@@ -367,7 +367,7 @@ def _env_warnings(cut_one: bool) -> list[str]:
     b, ts, eos_ids = _trace_set(cut_one)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LEDEEnv(trace_set=ts, profile=analytic_profile(b.stack, 4, None, False), eos_ids=eos_ids, k_max=4,
+        LEDEEnv.with_objects(trace_set=ts, profile=analytic_profile(b.stack, 4, None, False), eos_ids=eos_ids, k_max=4,
                 max_new_tokens=64, progress=False)
     return [str(w.message) for w in caught if "Traces hold" in str(w.message)]
 

@@ -14,13 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lede_env  # noqa: F401 - registers the envs
+from lede_env.live_env import LiveEnv
 from lede_env.env import LEDEEnv
 
 
 def live_env(tiny, **kw):
     b, heads, ts, prof = tiny
     kw = {"k_max": 4, "max_new_tokens": 32, "profile": prof} | kw
-    return LEDEEnv(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+    return LEDEEnv.with_objects(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
                    progress=False, **kw)
 
 
@@ -52,7 +53,7 @@ def test_greedy_live_equals_trace(tiny, actions, which, bonus, reuse, max_new, s
     """Same actions -> same tokens, accepted counts, profile rewards, episode ends and observations."""
     b, heads, ts, prof = tiny
     kw = dict(k_max=4, max_new_tokens=max_new, bonus=bonus, reuse=reuse, stop_threshold=stop, reward_mode=mode)
-    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, **kw)
+    trace = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, **kw)
     live = live_env(tiny, **kw)
     assert live.observation_space == trace.observation_space and live.action_space == trace.action_space
     idx = trace.playable[which % len(trace.playable)]
@@ -82,7 +83,7 @@ def test_greedy_live_equals_trace(tiny, actions, which, bonus, reuse, max_new, s
 def test_charging_overhead_and_playing(tiny):
     b, heads, ts, prof = tiny
     # the same lambda on both backends ('auto' is the best static on traces, 1.0 live)
-    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_lambda=1.25)
+    trace = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_lambda=1.25)
     live = live_env(tiny, max_new_tokens=16, reward_lambda=1.25)
     with trace.charging_overhead(False), live.charging_overhead(False):
         r1 = [s[2] for s in play(trace, [5, 0, 9], prompt_index=1)]
@@ -116,7 +117,7 @@ def test_top_k_sampling_setting(tiny):
     from agents.collect import env_spec_for
 
     b, heads, ts, prof = tiny
-    trace = LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_mode="net")
+    trace = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=16, reward_mode="net")
     top1 = live_env(tiny, temperature=0.9, top_k=1, max_new_tokens=16, reward_mode="net")
     acts = [5, 0, 9, 2, 12, 1]
     for idx in trace.playable[:3]:
@@ -159,7 +160,7 @@ def test_wallclock_costs(tiny):
 def test_bad_input_names_the_fix(tiny):
     b, heads, ts, prof = tiny
     with pytest.raises(ValueError, match="backend='gpu'.*'trace'.*'live'"):
-        LEDEEnv(backend="gpu", bundle=b, heads=heads, profile=prof, prompts=[[5, 6]])
+        LEDEEnv.with_objects(backend="gpu", bundle=b, heads=heads, profile=prof, prompts=[[5, 6]])
     with pytest.raises(ValueError, match="temperature must be .*>= 0"):
         live_env(tiny, temperature=-0.5)
     with pytest.raises(ValueError, match="cost='seconds'.*'wallclock'"):
@@ -167,11 +168,11 @@ def test_bad_input_names_the_fix(tiny):
     with pytest.raises(ValueError, match="top_p"):
         live_env(tiny, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="backend='live'"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, temperature=0.7)
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, temperature=0.7)
     with pytest.raises(ValueError, match="backend='live'"):
-        LEDEEnv(trace_set=ts, profile=prof, eos_ids=b.eos_ids, cost="wallclock")
+        LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, cost="wallclock")
     with pytest.raises(ValueError, match="prompts"):
-        LEDEEnv(backend="live", bundle=b, heads=heads, profile=prof, prompts=[[]])
+        LEDEEnv.with_objects(backend="live", bundle=b, heads=heads, profile=prof, prompts=[[]])
     env = live_env(tiny)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(0)
@@ -187,8 +188,11 @@ def test_bad_input_names_the_fix(tiny):
 
 def test_gym_make_and_render(tiny):
     b, heads, ts, prof = tiny
-    env = gym.make("LEDE-Llama3-Live-v0", bundle=b, heads=heads, profile=prof, k_max=4, max_new_tokens=8,
-                   prompts=[ts.traces[0].prompt.tolist()], render_mode="ansi", progress=False)
+    # gym.make builds from settings; injected objects go through the classmethod, wrapped as gym.make wraps
+    assert gym.spec("LEDE-Llama3-Live-v0").entry_point == "lede_env.live_env:LiveEnv"
+    env = gym.wrappers.OrderEnforcing(gym.wrappers.PassiveEnvChecker(LiveEnv.with_objects(
+        bundle=b, heads=heads, profile=prof, k_max=4, max_new_tokens=8, prompts=[ts.traces[0].prompt.tolist()],
+        render_mode="ansi", progress=False)))
     assert env.unwrapped.backend == "live"
     env.reset(seed=0)
     env.step(env.unwrapped.actions.encode(2, 2))

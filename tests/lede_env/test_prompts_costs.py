@@ -86,10 +86,10 @@ def test_profile_covers_context_drafts_longer_than_k_max(tiny):
     assert profile_positions(4, (2, 7)) == 7
     assert profile_positions(8, (1, 2, 3), context_draft=12) == 12
     b, heads, ts, _ = tiny
-    env = LEDEEnv(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+    env = LEDEEnv.with_objects(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
                   k_max=4, context_lengths=(2, 7), cost_profile="analytic", progress=False)
     assert env.profile.max_positions == 8
-    env = LEDEEnv(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+    env = LEDEEnv.with_objects(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
                   k_max=4, cost_profile="analytic", progress=False)
     assert env.profile.max_positions == 5
 
