@@ -33,7 +33,7 @@ from .costs import CostProfile
 from .datastore import NgramDatastore, with_datastore
 from .exits import ExitHeads
 from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
-from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, accept, clamp_draft_len, context_observation,
+from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationHistory, accept, clamp_draft_len, context_observation,
                   verified_positions)
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
@@ -156,6 +156,8 @@ class DecodeState:
             picks the occurrence by ``max_len``).
         context_index: the n-gram index of ``seq`` context drafts are matched with
             (:class:`~lede_env.lookup.ContextIndex`; ``None`` without context drafts).
+        history: this generation's rounds as observations read them
+            (:class:`~lede_env.mdp.ObservationHistory`).
     """
 
     result: GenerationResult
@@ -171,6 +173,7 @@ class DecodeState:
     done: bool = False
     context_at: Optional[tuple] = None
     context_index: Optional[ContextIndex] = None
+    history: Optional[ObservationHistory] = None
 
     @property
     def pending(self) -> int:
@@ -292,7 +295,8 @@ class SelfSpeculativeDecoder:
         """Prefill the prompt and emit the first token.
 
         Call inside ``torch.no_grad()`` and :meth:`LayerStack.kernels_active` (as :meth:`generate`
-        does). Resets the observation history.
+        does). The generation's observation history starts empty (it is the state's: one decoder
+        serves interleaved generations).
 
         Args:
             input_ids: [n] or [1, n] int64 prompt ids.
@@ -310,7 +314,6 @@ class SelfSpeculativeDecoder:
         ids = self._check_prompt(input_ids, max_new_tokens)
         result = GenerationResult(tokens=[]) if result is None else result
         sampler = SpeculativeSampler(sampling, self.heads.draft_ids) if sampling is not None else None
-        self.observer.reset()
         cache = self.stack.new_cache()
         taps = {} if want_obs and self._tap_exits else None
         h = self._forward(self.stack.embed(ids.view(1, -1)), 0, self.stack.num_layers, cache, 0, taps)
@@ -322,7 +325,8 @@ class SelfSpeculativeDecoder:
         return DecodeState(result, max_new_tokens, eos, want_obs, cache, ids.tolist() + [first], ids.numel(),
                            normed[-1], {e: t[0, -1] for e, t in taps.items()} if taps is not None else None, sampler,
                            done=result.eos or max_new_tokens == 1,
-                           context_index=ContextIndex(self.context_ngram) if self.copy_max else None)
+                           context_index=ContextIndex(self.context_ngram) if self.copy_max else None,
+                           history=self.observer.new_history())
 
     def observe(self, state: DecodeState) -> Optional[dict]:
         """The observation at the last verified position (``None`` without ``want_obs``): the
@@ -343,7 +347,7 @@ class SelfSpeculativeDecoder:
                                              state.context_index, self.datastore)
             state.context_at = (len(state.seq), self.copy_max, match)
         return self.observer.build(hidden, top1, ent, agree, state.seq[-R:] or state.seq,
-                                   len(state.result.tokens) / state.max_new_tokens, ctx)
+                                   len(state.result.tokens) / state.max_new_tokens, ctx, state.history)
 
     def _match(self, state: DecodeState, max_len: int) -> tuple[int, list[int]]:
         """:func:`~lede_env.lookup.context_match` of the generation's sequence, from its index;
@@ -416,7 +420,7 @@ class SelfSpeculativeDecoder:
                           emitted=len(oc.emitted), cost=self._round_cost(E, K, oc.n_verify, state.want_obs, passes),
                           n_verify=oc.n_verify, passes=passes)
         state.result.rounds.append(rec)
-        self.observer.record(rec.accepted, rec.draft_len, rec.exit_layer)
+        state.history.record(rec.accepted, rec.draft_len, rec.exit_layer)
         return rec
 
     def cut(self, state: DecodeState, keep: int) -> None:

@@ -294,7 +294,7 @@ class ObservationBuilder:
         if h:
             rng = np.random.default_rng(self.config.seed)
             self._proj = (rng.standard_normal((self.d_model, h)) / np.sqrt(h)).astype(np.float32)
-        self.reset()
+        self._exit_of = {int(e): i for i, e in enumerate(self.exit_layers)}
 
     @property
     def hidden_width(self) -> int:
@@ -348,32 +348,14 @@ class ObservationBuilder:
     def flat_dim(self) -> int:
         return int(sum(np.prod(s) for _, s in self.layout()))
 
-    def reset(self) -> None:
-        """Forget the round history (start of an episode)."""
-        self._hist: deque = deque(maxlen=max(self.config.history, 1))
-        self._exit_of = {int(e): i for i, e in enumerate(self.exit_layers)}
-        self._alpha = np.full(self.n_exits, ACCEPT_PRIOR, np.float64)
-        self._judged = np.zeros(self.n_exits, np.float64)
-        self._ctx_alpha = ACCEPT_PRIOR
-
-    def record(self, accepted: int, draft_len: int, exit_layer: int) -> None:
-        """Append one round to the history (and, for the compact kind, to its exit's experience:
-        ``accepted`` tokens accepted, then one rejected if ``accepted < draft_len``)."""
-        full = 1.0 if draft_len > 0 and accepted >= draft_len else 0.0
-        self._hist.append((accepted / self.k_max, draft_len / self.k_max, exit_layer / self.num_layers, full))
-        i = self._exit_of.get(int(exit_layer))
-        if draft_len > 0 and (i is not None or exit_layer == 0):
-            judged = accepted + (0 if accepted >= draft_len else 1)
-            w = self.config.decay ** judged
-            if i is None:  # a context draft
-                self._ctx_alpha = w * self._ctx_alpha + (1 - w) * (accepted / judged)
-            else:
-                self._alpha[i] = w * self._alpha[i] + (1 - w) * (accepted / judged)
-                self._judged[i] += judged
+    def new_history(self) -> "ObservationHistory":
+        """An empty round history for one episode (generation): what :meth:`build` reads besides
+        the round's features. Each generation keeps its own, so a builder serves interleaved ones."""
+        return ObservationHistory(self)
 
     def build(self, hidden: np.ndarray, top1: np.ndarray, entropy: np.ndarray, agree: np.ndarray,
-              recent: Sequence[int], progress: float, context: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.0)
-              ) -> dict[str, np.ndarray]:
+              recent: Sequence[int], progress: float, context: Sequence[float] = (0.0, 0.0, 0.0, 0.0, 0.0),
+              history: Optional["ObservationHistory"] = None) -> dict[str, np.ndarray]:
         """Assemble one observation.
 
         Args:
@@ -387,23 +369,25 @@ class ObservationBuilder:
                 occurrences feature, agreement feature, span feature), read with
                 :attr:`ObservationConfig.context` (the 3rd and 4th with ``context_agreement``,
                 the 5th with ``context_span``; see :func:`context_features`).
+            history: the episode's rounds so far (:meth:`new_history`; ``None``: no round yet).
         """
+        hs = self.new_history() if history is None else history
         H, R = self.config.history, self.config.recent_tokens
         hist = np.zeros((H, 4), np.float32)
         if H:
-            rows = list(self._hist)[-H:]
+            rows = list(hs.rows)[-H:]
             if rows:
                 hist[H - len(rows):] = np.asarray(rows, np.float32)
         stats = np.stack([top1, entropy, agree], -1).astype(np.float32)
         progress = np.array([min(max(progress, 0.0), 1.0)], np.float32)
         ctx = {}
         if self.config.context:
-            feats = ([context[0], context[1], self._ctx_alpha]
+            feats = ([context[0], context[1], hs.ctx_alpha]
                      + (list(context[2:4]) if self.config.context_agreement else [])
                      + ([context[4]] if self.config.context_span else []))
             ctx = {"context": np.array(feats, np.float32).clip(0.0, 1.0)}
         if self.compact:
-            exp = np.stack([self._alpha, self._judged / (self._judged + 8.0)], -1).astype(np.float32)
+            exp = np.stack([hs.alpha, hs.judged / (hs.judged + 8.0)], -1).astype(np.float32)
             out = {"exit_stats": stats[: self.stat_exits]} if self.stat_exits else {}
             return out | {"experience": exp, "history": hist, "progress": progress} | ctx
         hidden = np.asarray(hidden, dtype=np.float32)
@@ -420,6 +404,46 @@ class ObservationBuilder:
     def flatten(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """[flat_dim] float32 vector for libraries that need a Box (d3rlpy, exported policies)."""
         return flatten_by_layout(obs, self.layout())
+
+
+class ObservationHistory:
+    """The rounds of one episode (generation) as an observation reads them: the last rounds'
+    (accepted, K, E, fully accepted) rows and, per exit and for context drafts, the running
+    per-token acceptance (prior 0.3, decayed per judged token) and the tokens judged.
+
+    Made by :meth:`ObservationBuilder.new_history`; the trace env keeps one per episode, the
+    decoder one per :class:`~lede_env.decoding.DecodeState`.
+
+    Attributes:
+        rows: deque of [4] tuples (accepted / k_max, K / k_max, E / L, fully accepted), the last
+            ``max(history, 1)`` rounds.
+        alpha: [n_exits] float64 running acceptance per exit.
+        judged: [n_exits] float64 draft tokens judged per exit (accepted, plus the rejected one).
+        ctx_alpha: running acceptance of context drafts.
+    """
+
+    def __init__(self, builder: ObservationBuilder) -> None:
+        self._b = builder
+        self.rows: deque = deque(maxlen=max(builder.config.history, 1))
+        self.alpha = np.full(builder.n_exits, ACCEPT_PRIOR, np.float64)
+        self.judged = np.zeros(builder.n_exits, np.float64)
+        self.ctx_alpha = ACCEPT_PRIOR
+
+    def record(self, accepted: int, draft_len: int, exit_layer: int) -> None:
+        """Append one round (and credit its exit's, or the context drafter's, experience:
+        ``accepted`` tokens accepted, then one rejected if ``accepted < draft_len``)."""
+        b = self._b
+        full = 1.0 if draft_len > 0 and accepted >= draft_len else 0.0
+        self.rows.append((accepted / b.k_max, draft_len / b.k_max, exit_layer / b.num_layers, full))
+        i = b._exit_of.get(int(exit_layer))
+        if draft_len > 0 and (i is not None or exit_layer == 0):
+            judged = accepted + (0 if accepted >= draft_len else 1)
+            w = b.config.decay ** judged
+            if i is None:  # a context draft
+                self.ctx_alpha = w * self.ctx_alpha + (1 - w) * (accepted / judged)
+            else:
+                self.alpha[i] = w * self.alpha[i] + (1 - w) * (accepted / judged)
+                self.judged[i] += judged
 
 
 def context_features(match: tuple[int, Sequence[int]], context_draft: int, longest: int,

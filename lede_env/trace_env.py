@@ -137,7 +137,7 @@ class TraceEnv(LEDEEnv):
             seq = np.concatenate([t.prompt, t.generated[:g]])
             ctx = context_observation(seq, cd, ngram, self.obs_config, datastore=self.rules.datastore)[1]
         return self.observer.build(t.hidden[j], t.top1[j], t.entropy[j], agree, seq_tail.tolist(),
-                                   g / self.max_new_tokens, ctx)
+                                   g / self.max_new_tokens, ctx, self._history)
 
     def oracle_action(self) -> int:
         """The oracle's action in the current state (best action sequence for this trace by
@@ -162,7 +162,7 @@ class TraceEnv(LEDEEnv):
         self._g = 1
         self._done = False
         self._last_round = None
-        self.observer.reset()
+        self._history = self.observer.new_history()
         return self._obs(), {"prompt_id": self.trace.id, "prompt_index": idx, "category": self.trace.category}
 
     def _step(self, action):
@@ -173,7 +173,7 @@ class TraceEnv(LEDEEnv):
         terminated = oc.eos
         truncated = oc.done and not oc.eos
         self._done = oc.done
-        self.observer.record(oc.accepted, oc.draft_len, E)
+        self._history.record(oc.accepted, oc.draft_len, E)
         rnd = self._round_info(action, E, oc.draft_len, oc.accepted, n, oc.n_verify, cost)
         obs = self._obs()  # g <= trace length always, so the last verified position exists
         info = {"round": rnd, "tokens_generated": self._g, "prompt_id": self.trace.id}
