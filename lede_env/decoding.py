@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -32,13 +32,14 @@ import torch
 from .costs import CostProfile
 from .datastore import NgramDatastore, with_datastore
 from .exits import ExitHeads
-from .lookup import DEFAULT_NGRAM, ContextIndex, check_ngram, context_match
-from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationHistory, accept, clamp_draft_len, context_observation,
+from .lookup import DEFAULT_NGRAM, ContextIndex, context_match
+from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationHistory, accept, context_observation,
                   verified_positions)
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
+from .rules import RoundRules
 from .stopping import StopRule, as_stop_rule
 
 
@@ -252,18 +253,34 @@ class SelfSpeculativeDecoder:
                  obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None,
                  context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM,
                  context_lengths: Sequence[int] = (), context_datastore: Optional[NgramDatastore] = None) -> None:
-        if context_draft < 0:
-            raise ValueError(f"context_draft={context_draft} must be >= 0 (0: no context drafts).")
-        self.context_draft, self.context_ngram = int(context_draft), check_ngram(context_ngram)
-        self.datastore = context_datastore
+        rules = RoundRules(ActionMap(heads.exit_layers, k_max, tuple(context_lengths)), profile, bonus, tuple(eos_ids),
+                           reuse, stop_rule=as_stop_rule(stop_rule), context_draft=context_draft,
+                           context_ngram=context_ngram, datastore=context_datastore)
+        self._build(stack, heads, rules, obs_config)
+
+    @classmethod
+    def from_rules(cls, stack: LayerStack, heads: ExitHeads, rules: RoundRules,
+                   obs_config: Optional[ObservationConfig] = None) -> "SelfSpeculativeDecoder":
+        """The decoder that plays ``rules`` (:class:`~lede_env.rules.RoundRules`, the object trace
+        replay plays too): how envs build their decoders (:meth:`lede_env.env.LEDEEnv.make_decoder`).
+
+        Raises:
+            ValueError: rules whose exits are not the heads'.
+        """
+        if tuple(rules.actions.exit_layers) != tuple(heads.exit_layers):
+            raise ValueError(f"The rules' exits {list(rules.actions.exit_layers)} are not the heads' "
+                             f"{list(heads.exit_layers)}.")
+        dec = cls.__new__(cls)
+        dec._build(stack, heads, replace(rules, stop_rule=rules.stop), obs_config)
+        return dec
+
+    def _build(self, stack: LayerStack, heads: ExitHeads, rules: RoundRules,
+               obs_config: Optional[ObservationConfig]) -> None:
+        #: the round's rules (frozen; a decoder is never changed after it is built)
+        self.rules = rules
         self.stack = stack
-        self.stop_rule = as_stop_rule(stop_rule)
-        self.reuse = reuse
         self.heads = heads
-        self.actions = ActionMap(heads.exit_layers, k_max, tuple(context_lengths))
-        self.eos_ids = tuple(eos_ids)
-        self.bonus = bonus
-        self.profile = profile
+        k_max = rules.actions.k_max
         self.observer = ObservationBuilder(obs_config or ObservationConfig(), stack.hidden_size,
                                            len(heads.exit_layers), stack.num_layers, k_max,
                                            stack.head_weight.shape[0], tuple(heads.exit_layers))
@@ -274,11 +291,22 @@ class SelfSpeculativeDecoder:
         self._cuda = stack.device.type == "cuda"
         self._lock = threading.RLock()  # one generate() at a time (see generate())
 
+    # the rules' parts, read-only
+    actions = property(lambda self: self.rules.actions, doc="The action map.")
+    eos_ids = property(lambda self: self.rules.eos_ids, doc="Tokens that end generation.")
+    bonus = property(lambda self: self.rules.bonus, doc="Verify K+1 positions (else K).")
+    profile = property(lambda self: self.rules.profile, doc="The cost profile of round costs (``None``: 0).")
+    reuse = property(lambda self: self.rules.reuse, doc="Verification reuses the draft's layers 1..E.")
+    stop_rule = property(lambda self: self.rules.stop, doc="The in-round stop rule of policies that name none.")
+    context_draft = property(lambda self: self.rules.context_draft, doc="Most tokens action 0 copies (0: AR step).")
+    context_ngram = property(lambda self: self.rules.context_ngram, doc="(shortest, longest) suffix lengths matched.")
+    datastore = property(lambda self: self.rules.datastore, doc="Drafts where the context has no match (or ``None``).")
+
     @property
     def copy_max(self) -> int:
         """Most tokens any action copies from the context (action 0's ``context_draft`` or the
         longest context action): the match length observations and rounds look up."""
-        return max(self.context_draft, self.actions.max_copy)
+        return self.rules.copy_max
 
     def clock(self) -> float:
         """Seconds (``time.perf_counter``) once the device's queued kernels are done: on a GPU
@@ -372,15 +400,11 @@ class SelfSpeculativeDecoder:
             ``seconds`` and ``policy_seconds`` are the driver's to fill).
         """
         assert not state.done, "the generation has ended: call start() for a new one"
-        E, K = self.actions.decode(action)
-        copy = (K or self.context_draft) if E == 0 else self.context_draft  # context draft cap if K ends at 0
-        K = clamp_draft_len(K, state.remaining, self.bonus) if E else 0
+        E, K, n_ctx = self.rules.plan(action, state.remaining)
         taps = {} if state.want_obs and self._tap_exits else None
         pending, pos = state.pending, state.pos
         passes = 0
         if K == 0:  # a plain AR step, or a context draft verified by the full model
-            E = 0
-            n_ctx = clamp_draft_len(copy, state.remaining, self.bonus)
             draft = []
             if n_ctx:  # the match observe() made for this position and length, if it made one
                 seen = state.context_at
@@ -417,7 +441,7 @@ class SelfSpeculativeDecoder:
         state.pos += oc.advance
         state.done, state.result.eos = oc.done, oc.eos
         rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                          emitted=len(oc.emitted), cost=self._round_cost(E, K, oc.n_verify, state.want_obs, passes),
+                          emitted=len(oc.emitted), cost=self.rules.cost(E, K, oc.n_verify, passes, state.want_obs),
                           n_verify=oc.n_verify, passes=passes)
         state.result.rounds.append(rec)
         state.history.record(rec.accepted, rec.draft_len, rec.exit_layer)
@@ -526,14 +550,6 @@ class SelfSpeculativeDecoder:
             self.cut(state, keep)
 
     # ---- forward pieces ------------------------------------------------------------------------
-    def _round_cost(self, E: int, K: int, n_verify: int, want_obs: bool, passes: int) -> float:
-        """Round cost in AR-step units (0 without a profile); the feature/policy overhead is
-        paid only by policies that read observations."""
-        if self.profile is None:
-            return 0.0
-        cost = self.profile.round_cost(E, K, n_verify, self.reuse, passes)
-        return cost if want_obs else cost - self.profile.overhead / self.profile.ar_step
-
     def _segments(self, first: int, last: int) -> list[int]:
         """Layer boundaries in (first, last] at which the observed exits' hiddens are tapped,
         ending with last."""

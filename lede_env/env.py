@@ -458,12 +458,9 @@ class LEDEEnv(gym.Env):
         heads = heads or self.heads
         if bundle is None or heads is None:
             raise ValueError("This env was built from a prebuilt trace_set: pass bundle= and heads= to make_decoder.")
-        return SelfSpeculativeDecoder(bundle.stack, heads, self.actions.k_max, self.rules.eos_ids, self.rules.bonus,
-                                      self.profile if profile else None, self.obs_config, reuse=self.rules.reuse,
-                                      stop_rule=self.rules.stop, context_draft=self.rules.context_draft,
-                                      context_ngram=self.rules.context_ngram,
-                                      context_lengths=self.actions.context_lengths,
-                                      context_datastore=self.rules.datastore)
+        return SelfSpeculativeDecoder.from_rules(bundle.stack, heads,
+                                                 replace(self.rules, profile=self.profile if profile else None),
+                                                 self.obs_config)
 
     def round_reward(self, emitted: int, cost: float) -> float:
         """The reward :meth:`step` gives a round that emitted ``emitted`` tokens at ``cost``

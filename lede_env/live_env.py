@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -21,7 +22,8 @@ from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .env import LEDEEnv, head_spec
 from .model import describe_model, get_bundle
 from .prompts import load_prompts
-from .replay import ReplayRules
+from .mdp import ActionMap, ObservationBuilder
+from .rules import RoundRules
 
 
 class LiveEnv(LEDEEnv):
@@ -72,13 +74,11 @@ class LiveEnv(LEDEEnv):
         eos_ids = tuple(int(e) for e in (bundle.eos_ids if eos_ids is None else eos_ids))
         self.bundle, self.heads = bundle, heads
         self.profile = profile
-        # profile=None: the env charges costs itself (its rules may drop the overhead, see charging_overhead)
-        self.decoder = SelfSpeculativeDecoder(bundle.stack, heads, k_max, eos_ids, c.rules.bonus, None,
-                                              self.obs_config, reuse=c.rules.reuse,
-                                              context_lengths=c.rules.context_lengths)
-        self.actions = self.decoder.actions
-        self.rules = ReplayRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold)
-        self.observer = self.decoder.observer
+        self.actions = ActionMap(heads.exit_layers, k_max, c.rules.context_lengths)
+        self.rules = RoundRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold)
+        self.observer = ObservationBuilder(self.obs_config, bundle.stack.hidden_size, len(heads.exit_layers),
+                                           bundle.stack.num_layers, k_max, bundle.stack.head_weight.shape[0],
+                                           tuple(heads.exit_layers))
         self.playable = list(range(len(self.prompts)))
         self.manifest = {"backend": "live", "model": {"name": bundle.name} | describe_model(bundle.model),
                          "exit_layers": list(heads.exit_layers),
@@ -97,10 +97,10 @@ class LiveEnv(LEDEEnv):
 
     def _finish_rules(self, heads) -> None:
         super()._finish_rules(heads)
-        self.decoder.context_draft = self.rules.context_draft
-        self.decoder.datastore = self.rules.datastore
-        if self.task_config.rules.stop_rule == "calibrated":
-            self.decoder.stop_rule = self.rules.stop_rule
+        # the decoder plays the finished rules; profile None: the env charges costs itself (its
+        # rules may drop the overhead, see charging_overhead)
+        self.decoder = SelfSpeculativeDecoder.from_rules(self.bundle.stack, heads, replace(self.rules, profile=None),
+                                                         self.obs_config)
         # the unit of wall-clock costs, timed under the env's finished rules
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 

@@ -2,77 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .costs import CostProfile
-from .datastore import NgramDatastore, with_datastore
-from .lookup import DEFAULT_NGRAM, context_match
-from .mdp import ActionMap, RoundOutcome, accept, clamp_draft_len, verified_positions
+from .datastore import with_datastore
+from .lookup import context_match
+from .mdp import RoundOutcome, accept, verified_positions
 from .metrics import throughput as metric_throughput
-from .stopping import StopRule, as_stop_rule
+from .rules import RoundRules
+from .stopping import as_stop_rule
 from .traces import Trace
 
 _NO_DRAFT = -1  # a draft position past the end of the trace (never matches)
 _UNKNOWN = -2  # a verifier position past an EOS (never emitted)
-
-
-@dataclass(frozen=True)
-class ReplayRules:
-    """What a replayed round needs besides the trace.
-
-    Attributes:
-        actions: the action map.
-        profile: the cost profile (round costs in AR-step units).
-        bonus: verify K+1 positions (True) or K (False).
-        eos_ids: tokens that end generation.
-        reuse: verification reuses the draft's layers 1..E (compute reuse).
-        stop_threshold: confidence-threshold drafting (Draft & Verify, arXiv 2309.08168;
-            Kangaroo, arXiv 2404.18911): a round stops drafting after the first draft token
-            whose draft-head probability is below it, so K is a cap; ``None`` drafts all K.
-        stop_rule: any :class:`~lede_env.stopping.StopRule` (e.g. the calibrated rule); takes
-            precedence over ``stop_threshold``.
-        context_draft: most tokens of a context draft (prompt lookup) on action 0, as the
-            decoder's ``context_draft`` (0: action 0 is a plain AR step). The draft follows from
-            the prompt and the greedy continuation so far, so a trace replays it exactly.
-        context_ngram: (shortest, longest) suffix lengths matched.
-        datastore: where the context has no match, a context draft comes from this
-            :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text), as in the
-            decoder; ``None``: no draft there.
-
-    Context actions (``actions.context_lengths``) copy up to their own length instead.
-    """
-
-    actions: ActionMap
-    profile: CostProfile
-    bonus: bool
-    eos_ids: tuple[int, ...]
-    reuse: bool = True
-    stop_threshold: Optional[float] = None
-    stop_rule: Optional[StopRule] = None
-    context_draft: int = 0
-    context_ngram: tuple[int, int] = DEFAULT_NGRAM
-    datastore: Optional[NgramDatastore] = None
-
-    @property
-    def stop(self) -> StopRule:
-        """The in-round stop rule in force (``stop_rule``, else the threshold's, else none)."""
-        if self.stop_rule is not None:
-            return self.stop_rule
-        return as_stop_rule(self.stop_threshold)
-
-    @property
-    def copy_max(self) -> int:
-        """Most tokens any action copies from the context (see
-        :attr:`~lede_env.decoding.SelfSpeculativeDecoder.copy_max`)."""
-        return max(self.context_draft, self.actions.max_copy)
-
-    def without_overhead(self) -> "ReplayRules":
-        """The same rules for a policy that computes no observation (static, heuristic, oracle,
-        AR): the profile's per-round feature/policy overhead is not charged."""
-        return replace(self, profile=replace(self.profile, overhead=0.0))
 
 
 def budget(trace: Trace, max_new_tokens: int) -> int:
@@ -81,7 +24,7 @@ def budget(trace: Trace, max_new_tokens: int) -> int:
     return max_new_tokens if trace.eos else min(max_new_tokens, trace.n)
 
 
-def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: int) -> tuple[RoundOutcome, int, float]:
+def replay_round(trace: Trace, g: int, action: int, rules: RoundRules, limit: int) -> tuple[RoundOutcome, int, float]:
     """One round on ``trace`` after ``g`` generated tokens (pending token ``generated[g-1]``).
 
     Args:
@@ -92,15 +35,11 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         context draft (action 0, a context action, or K clamped to 0 by the budget); a round whose stop rule dropped its first
         draft token keeps its E with ``draft_len`` 0 (it verified the pending token alone).
     """
-    E, K = rules.actions.decode(action)
     remaining = limit - g
-    copy = (K or rules.context_draft) if E == 0 else rules.context_draft  # context draft cap if K ends at 0
-    K = clamp_draft_len(K, remaining, rules.bonus) if E else 0
+    E, K, n_ctx = rules.plan(action, remaining)
     N = trace.n
     passes = 0
     if K == 0:  # an AR step, or a context draft verified by the full model
-        E = 0
-        n_ctx = clamp_draft_len(copy, remaining, rules.bonus)
         draft: list[int] = []
         if n_ctx:
             seq = np.concatenate([trace.prompt, trace.generated[:g]])  # pending token last, as in the decoder
@@ -119,7 +58,7 @@ def replay_round(trace: Trace, g: int, action: int, rules: ReplayRules, limit: i
         draft = [int(tokens[j]) if g + j < N else _NO_DRAFT for j in range(K)]
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
-    return oc, E, rules.profile.round_cost(E, K, oc.n_verify, rules.reuse, passes)
+    return oc, E, rules.cost(E, K, oc.n_verify, passes)
 
 
 def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
@@ -142,7 +81,7 @@ def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
     return as_stop_rule(stop_threshold).draft_len(0, probs, K)
 
 
-def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def oracle_plan(trace: Trace, rules: RoundRules, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The cheapest action sequence for a trace, by dynamic programming (Bellman's equation of
     the ``net`` reward with discount 1: minimise total cost; the token count is fixed).
 
@@ -164,7 +103,7 @@ def oracle_plan(trace: Trace, rules: ReplayRules, max_new_tokens: int) -> tuple[
     return best, ctg
 
 
-def rollout(trace: Trace, rules: ReplayRules, max_new_tokens: int, choose) -> dict:
+def rollout(trace: Trace, rules: RoundRules, max_new_tokens: int, choose) -> dict:
     """Play a whole episode on ``trace`` with ``choose(g) -> action``; return totals
     (``tokens``, ``cost``, ``rounds``, ``accepted``, ``drafted``).
 
@@ -194,7 +133,7 @@ def throughput(results: Sequence[dict]) -> float:
     return metric_throughput(sum(r["tokens"] for r in results), sum(r["cost"] for r in results))
 
 
-def useful_actions(rules: ReplayRules) -> list[int]:
+def useful_actions(rules: RoundRules) -> list[int]:
     """The actions whose best case can beat an AR step under ``rules``' cost profile: action 0,
     and every (E, K) whose round, all K drafts accepted, emits more tokens per unit of cost than
     AR (``(K + 1) / cost(E, K) > 1 / cost(AR)``, with the bonus token; ``K / cost`` without it).
@@ -210,11 +149,11 @@ def useful_actions(rules: ReplayRules) -> list[int]:
     return keep
 
 
-def best_static(traces: Sequence[Trace], rules: ReplayRules, max_new_tokens: int,
+def best_static(traces: Sequence[Trace], rules: RoundRules, max_new_tokens: int,
                 candidates: Optional[Sequence[int]] = None) -> tuple[int, float]:
     """The static action with the best throughput over ``traces`` (LayerSkip's setting, chosen on
     training traces), under ``rules`` as given (drop the overhead for a policy that reads no
-    observation: :meth:`ReplayRules.without_overhead`).
+    observation: :meth:`RoundRules.without_overhead`).
 
     Args:
         candidates: actions to try (default: every action).

@@ -17,7 +17,8 @@ from .costs import CostProfile, get_profile, profile_positions
 from .env import LEDEEnv, head_spec
 from .mdp import ActionMap, ObservationBuilder, context_observation
 from .model import get_bundle
-from .replay import ReplayRules, best_static, budget, oracle_plan, replay_round, useful_actions
+from .replay import best_static, budget, oracle_plan, replay_round, useful_actions
+from .rules import RoundRules
 from .stopping import NO_STOP
 from .traces import TraceSpec, get_traces
 
@@ -73,7 +74,7 @@ class TraceEnv(LEDEEnv):
         self.trace_set = trace_set
         self.profile = profile
         self.actions = ActionMap(trace_set.exit_layers, k_max, lengths)
-        self.rules = ReplayRules(self.actions, profile, c.rules.bonus, tuple(int(e) for e in eos_ids), c.rules.reuse,
+        self.rules = RoundRules(self.actions, profile, c.rules.bonus, tuple(int(e) for e in eos_ids), c.rules.reuse,
                                  c.rules.stop_threshold)
         d = trace_set.traces[0].hidden.shape[1]
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),

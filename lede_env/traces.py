@@ -53,7 +53,7 @@ class Trace:
         eos: the continuation ended with EOS (else it stopped at ``max_new_tokens``).
         draft: [N, n_exits] int64 draft token of each exit at local position j.
         draft_prob: [N, n_exits] float32 draft-head probability of each draft token (the
-            confidence compared with a stop threshold, see :class:`~lede_env.replay.ReplayRules`).
+            confidence compared with a stop threshold, see :class:`~lede_env.rules.RoundRules`).
         top1, entropy: [N, n_exits] float32 feature statistics of each exit head.
         lens_arg: [N, n_exits] int64 exit-head argmax over the feature vocabulary.
         hidden: [N, d] float32 final normed hidden state.

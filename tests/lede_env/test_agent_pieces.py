@@ -15,7 +15,8 @@ from lede_env.decoding import SelfSpeculativeDecoder, StaticPolicy, greedy_refer
 from lede_env.env import LEDEEnv
 from lede_env.exits import ExitHeads, calibrate_acceptance
 from lede_env.policies import BasePolicy, GuardedPolicy
-from lede_env.replay import ReplayRules, useful_actions
+from lede_env.replay import useful_actions
+from lede_env.rules import RoundRules
 from lede_env.stopping import AcceptanceCalibration, CalibratedStop, ThresholdStop
 
 from ..conftest import assert_damaged_shipped_file_ignored, random_rollout, replay_live, tiny_continuations
@@ -134,7 +135,7 @@ def test_compact_observation_carries_running_acceptance(tiny):
 def test_useful_actions_drop_what_cannot_beat_ar(tiny):
     b, heads, ts, prof = tiny
     env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32)
-    rules: ReplayRules = env.rules
+    rules: RoundRules = env.rules
     keep = useful_actions(rules)
     ar = prof.round_cost(0, 0, 1)
     for a in range(env.actions.n):

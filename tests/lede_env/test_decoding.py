@@ -176,3 +176,23 @@ def test_interleaved_generations_on_one_decoder_equal_separate_ones(kind):
     assert len({a for log in alone for a, _ in log}) > 2  # the policy did read what it saw
     for p, s, toks in zip(prompts, states, alone_tokens):
         assert s.result.tokens == toks == greedy_reference(b.model, p, 24, b.eos_ids)
+
+
+def test_an_envs_decoder_plays_the_envs_round_rules_and_is_never_changed(tiny):
+    """Trace replay and the decoder play one frozen RoundRules object: the env's decoder holds the
+    env's rules (the stop rule in force resolved), and its settings cannot be edited afterwards."""
+    from dataclasses import replace
+
+    from lede_env.env import LEDEEnv
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv.with_objects(trace_set=ts, heads=heads, profile=prof, eos_ids=b.eos_ids, k_max=4, context_draft=3,
+                               context_lengths=(2,), stop_threshold=0.4, progress=False)
+    dec = env.make_decoder(bundle=b)
+    assert dec.rules == replace(env.rules, stop_rule=env.rules.stop)
+    assert (dec.context_draft, dec.copy_max, dec.actions, dec.profile) == (3, 3, env.actions, prof)
+    for name in ("context_draft", "datastore", "stop_rule", "actions"):
+        with pytest.raises(AttributeError):
+            setattr(dec, name, None)
+    with pytest.raises(ValueError, match="not the heads'"):
+        SelfSpeculativeDecoder.from_rules(b.stack, ExitHeads(b.stack, (1, 2), "lens"), env.rules)
