@@ -198,7 +198,8 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     from rich.table import Table
 
     from lede_env.costs import measure_profile
-    from lede_env.costs import loop_profile, overhead_probe
+    from lede_env.costs import overhead_probe
+    from lede_env.loop_profile import loop_profile
     from lede_env.kernels import available, cpu_name
     from lede_env.mdp import ObservationConfig
     from lede_env.calibration import HeadSpec, get_heads

@@ -13,7 +13,7 @@ prompts are split into ``folds`` parts; the traces of part k are replayed agains
 from the calibration text and the *other* parts only (3/4 of the shipped store's text with 4
 folds, so its drafts are a little weaker than the shipped store's, never stronger). Their text
 is the store's own (:func:`~lede_env.datastore.stored_text` reads it back from the shipped store;
-else :func:`~lede_env.datastore.datastore_text` decodes it, cached per prompt: batched greedy
+else :func:`~lede_env.continuations.datastore_text` decodes it, cached per prompt: batched greedy
 decoding for the extra prompts); each continuation is cut at its first token that is not
 the full model's argmax after the tokens before it (:func:`lede_env.traces.trace_one`'s
 ``exact_prefix``), so every trace is exact greedy decoding.
@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lede_env.continuations import Continuation
-from lede_env.datastore import (DatastoreSpec, NgramDatastore, build_datastore, datastore_key, datastore_text,
-                                spec_for, stored_text)
+from lede_env.continuations import datastore_text, stored_text
+from lede_env.datastore import DatastoreSpec, NgramDatastore, build_datastore, datastore_key, spec_for
 from lede_env.prompts import load_prompts
 from lede_env.storage import cache_dir
 from lede_env.traces import TraceSet, build_traces, load_traces, save_traces
@@ -138,7 +138,7 @@ def fold_split(calib: Sequence[Continuation], extra: Sequence[Continuation], spe
 def _store_text(bundle, spec: DatastoreSpec, store: NgramDatastore, progress: bool) -> tuple[list, list]:
     """``(calibration text, extra text)``: read back from ``store``
     (:func:`~lede_env.datastore.stored_text`, no decoding), else the text a store for ``spec`` is
-    built from (:func:`~lede_env.datastore.datastore_text`: decoded, cached per prompt)."""
+    built from (:func:`~lede_env.continuations.datastore_text`: decoded, cached per prompt)."""
     text = stored_text(bundle, spec, store)
     if text is not None:
         return text

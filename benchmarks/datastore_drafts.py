@@ -31,7 +31,8 @@ import random
 
 def main() -> None:
     from lede_env.continuations import get_continuations
-    from lede_env.datastore import DatastoreSpec, build_datastore, datastore_text, get_datastore
+    from lede_env.continuations import datastore_text, get_datastore
+    from lede_env.datastore import DatastoreSpec, build_datastore
     from lede_env.model import get_bundle
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_MAX_NEW, WIDE_EVAL, load_prompts
 

@@ -52,7 +52,8 @@ def main() -> None:
     torch.manual_seed(0)
     b = get_bundle()
     base = get_heads(b, HeadSpec(), progress=False)  # draft vocabulary and its LM-head rows
-    from lede_env.datastore import get_datastore, spec_for, stored_text
+    from lede_env.continuations import get_datastore, stored_text
+    from lede_env.datastore import spec_for
 
     spec = spec_for(DEFAULT_CALIB)
     text = stored_text(b, spec, get_datastore(b, spec, progress=False))

@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from agents.evaluate import to_markdown
-    from lede_env.costs import get_profile
+    from lede_env.loop_profile import get_profile
     from lede_env.generate import Lede
     from lede_env.kernels import cpu_name
     from lede_env.mdp import ObservationConfig

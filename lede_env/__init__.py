@@ -9,7 +9,7 @@ Importing this package registers the Gymnasium environments:
 Both build on :class:`lede_env.env.LEDEEnv`; ``LEDEEnv(backend="trace"|"live", ...)`` makes either.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 import os
 

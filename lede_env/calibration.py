@@ -168,7 +168,8 @@ def _stored_calibration(bundle: ModelBundle, spec: HeadSpec) -> Optional[list[Co
     """The calibration continuations of ``spec`` read back from the model's shipped or cached
     datastore (the store built from them: :func:`~lede_env.datastore.spec_for`), or ``None``
     when there is none or it holds other text. Never builds a store."""
-    from .datastore import cached_datastore, spec_for, stored_text
+    from .continuations import stored_text
+    from .datastore import cached_datastore, spec_for
 
     ds = spec_for(spec.calib_prompts)
     if ds.calib_max_new_tokens != spec.calib_max_new_tokens:

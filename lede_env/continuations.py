@@ -24,10 +24,11 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .datastore import DatastoreSpec, NgramDatastore, build_datastore, cached_datastore, datastore_key
 from .decoding import SelfSpeculativeDecoder, StaticPolicy
 from .exits import ExitHeads
 from .model import ModelBundle
-from .prompts import Prompt, encode_prompt
+from .prompts import Prompt, encode_prompt, load_prompts
 from .storage import cache_dir, packaged_file, write_json_atomic
 
 #: where the embedded model's shipped continuations live (``MANIFEST.json``: ``{"<model>/<max_new>":
@@ -181,3 +182,65 @@ def batched_text(bundle: ModelBundle, prompts: Sequence[Prompt], max_new_tokens:
                 write_json_atomic(folder / f"{_cache_key(ids[i])}.json", {"id": prompts[i].id, "generated": gen[i]})
     return [Continuation(p.id, p.category, list(map(int, x)), gen[i], bool(gen[i]) and gen[i][-1] in eos)
             for i, (p, x) in enumerate(zip(prompts, ids))]
+
+
+# ---- the model's datastore: built from its own greedy text ---------------------------------
+def datastore_text(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
+                   use_cache: bool = True) -> list:
+    """The text a store for ``spec`` is built from (:class:`~lede_env.continuations.Continuation`
+    list): the model's greedy continuations of ``spec.calib_prompts`` (decoded once and cached,
+    the same ones the exit heads are fitted on), then its batched greedy text of
+    ``spec.extra_prompts`` (also cached per prompt; a one-off cost of minutes on a CPU for the
+    default prompts, see ``docs/experiments.md``)."""
+    conts = get_continuations(bundle, load_prompts(spec.calib_prompts), spec.calib_max_new_tokens,
+                              progress=progress, use_cache=use_cache)
+    if spec.extra_prompts:
+        conts = conts + batched_text(bundle, load_prompts(spec.extra_prompts), spec.extra_max_new_tokens,
+                                     progress=progress, use_cache=use_cache)
+    return conts
+
+
+def stored_text(bundle: "ModelBundle", spec: DatastoreSpec, store: NgramDatastore) -> Optional[tuple[list, list]]:
+    """The text ``store`` was built from, read back as
+    :class:`~lede_env.continuations.Continuation` lists ``(calibration, extra)`` (the prompts of
+    ``spec.calib_prompts``, then of ``spec.extra_prompts``), or ``None`` when ``store`` is not the
+    one ``spec`` builds (another number of sequences, or a sequence that does not start with its
+    prompt's last ``spec.prompt_tail`` tokens). No decoding: each sequence is the continuation
+    after those tokens (:func:`~lede_env.datastore.build_datastore`); the calibration ones are the exact greedy
+    continuations the exit heads are fitted on, the extra ones batched text
+    (:func:`~lede_env.continuations.batched_text`). ``eos`` is whether a continuation ends with
+    one of the model's EOS ids."""
+    calib_prompts = load_prompts(spec.calib_prompts)
+    prompts = calib_prompts + (load_prompts(spec.extra_prompts) if spec.extra_prompts else [])
+    if len(store.sequences) != len(prompts):
+        return None
+    eos = set(bundle.eos_ids)
+    conts = []
+    for j, (p, s) in enumerate(zip(prompts, store.sequences)):
+        max_new = spec.calib_max_new_tokens if j < len(calib_prompts) else spec.extra_max_new_tokens
+        try:
+            ids = [int(t) for t in encode_prompts(bundle, [p], max_new)[0]]
+        except ValueError:  # too long for the context: the store cannot hold it
+            return None
+        s = [int(t) for t in s]
+        tail = ids[max(len(ids) - spec.prompt_tail, 0):]
+        if s[:len(tail)] != tail:
+            return None
+        gen = s[len(tail):]
+        conts.append(Continuation(p.id, p.category, ids, gen, bool(gen) and gen[-1] in eos))
+    return conts[:len(calib_prompts)], conts[len(calib_prompts):]
+
+
+def get_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(), progress: bool = True,
+                  use_cache: bool = True) -> NgramDatastore:
+    """The model's datastore for ``spec``: the shipped one when the package has it (the embedded
+    model's), else built from :func:`datastore_text` and cached under
+    ``datastore/<model>/<hash>.npz``."""
+    if use_cache:
+        store = cached_datastore(bundle, spec)
+        if store is not None:
+            return store
+    store = build_datastore(datastore_text(bundle, spec, progress, use_cache), spec)
+    if use_cache:
+        store.save(cache_dir() / "datastore" / f"{datastore_key(bundle, spec)}.npz")
+    return store

@@ -14,7 +14,7 @@ divided by the time of one AR step, so an AR step costs exactly ``1 + overhead s
 
 Profiles are *measured* on the user's hardware (:func:`measure_profile`, ``lede profile``)
 or *analytic* (:func:`analytic_profile`): time proportional to the parameters read (decoding
-is memory-bound), with a small per-extra-token slope. :func:`get_profile` gives the profile of
+is memory-bound), with a small per-extra-token slope. :func:`lede_env.loop_profile.get_profile` gives the profile of
 a kind (``"measured"`` in the real loop, ``"isolated"``, ``"analytic"``, a file), measured once
 per model, heads, machine and kernels and cached (:func:`profile_path`).
 """
@@ -35,7 +35,6 @@ import torch
 from .kernels import KERNELS_VERSION
 from .layers import LayerStack
 from .mdp import ObservationBuilder, ObservationConfig
-from .prompts import DEFAULT_CALIB, first_per_category, load_prompts
 from .storage import cache_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -410,57 +409,6 @@ def profile_positions(k_max: int, context_lengths: Sequence[int] = (), context_d
     return max(int(k_max), int(context_draft), *(int(c) for c in context_lengths))
 
 
-def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
-    """A cost profile, measured once on this machine and cached where measured:
-
-    - ``"measured"``: fitted to rounds timed in the real decoding loop
-      (:func:`~lede_env.loop_profile.measure_loop_profile`, about 40 s more on 2 CPU cores the
-      first time), starting from the isolated profile; what wall clock follows;
-    - ``"isolated"``: each layer, the LM head and the draft head timed alone
-      (:func:`~lede_env.costs.measure_profile`; overrates exit drafts on CPUs, see
-      :mod:`lede_env.loop_profile`);
-    - ``"analytic"``: from parameter counts, nothing timed;
-    - a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
-      (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs).
-
-    Raises:
-        ValueError: a JSON file that is not a profile.
-    """
-    if isinstance(kind, dict):
-        return CostProfile(**kind)
-    if kind == "analytic":
-        return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
-    if kind in ("measured", "isolated"):
-        path = profile_path(bundle, heads, k_max, obs, kind)
-        if path.exists():
-            try:
-                return CostProfile.load(path)
-            except ValueError:
-                pass
-        if kind == "isolated":
-            prof = measure_profile(bundle.stack, heads, k_max, overhead_fn=overhead_probe(bundle, heads, k_max, obs))
-        else:
-            prof = loop_profile(bundle, heads, k_max, get_profile("isolated", bundle, heads, k_max, obs), obs=obs)
-        prof.save(path)
-        return prof
-    return CostProfile.load(kind)
-
-
-def loop_profile(bundle: ModelBundle, heads: ExitHeads, k_max: int, prior: CostProfile,
-                 prompts: str = DEFAULT_CALIB, per_category: int = 2,
-                 obs: Optional[ObservationConfig] = None) -> CostProfile:
-    """The in-loop profile (:func:`~lede_env.loop_profile.measure_loop_profile`) timed on the
-    first ``per_category`` prompts of each category of ``prompts`` (the exit heads' calibration
-    split by default: disjoint from training and evaluation prompts); with ``obs``, its overhead
-    is observation ``obs`` plus a typical Q-network's forward pass timed inside the loop."""
-    from .continuations import encode_prompts  # (decoding imports this module)
-    from .loop_profile import measure_loop_profile
-
-    ps = first_per_category(load_prompts(prompts), per_category)
-    return measure_loop_profile(bundle.stack, heads, k_max, encode_prompts(bundle, ps, 64), prior, bundle.eos_ids,
-                                obs_config=obs, probe=None if obs is None else loop_probe())
-
-
 def overhead_probe(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig):
     """A zero-argument callable doing one round's observation work and a typical policy forward
     (a 2 x 256 MLP Q-network), for :func:`~lede_env.costs.measure_profile`."""
@@ -487,25 +435,3 @@ def _probe_net(builder: ObservationBuilder, n_actions: int) -> torch.nn.Module:
     width = 64 if builder.compact else 256  # the compact observation's agents are small MLPs
     return torch.nn.Sequential(torch.nn.Linear(builder.flat_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                torch.nn.ReLU(), torch.nn.Linear(width, n_actions))
-
-
-def loop_probe():
-    """``probe(decoder, obs)`` for :func:`~lede_env.loop_profile.measure_loop_profile`: flatten the
-    decoder's observation and run a typical Q-network's greedy action on it (built at the first
-    call for the decoder's observation layout) the way an exported ``trace_q`` agent runs, through
-    its numpy twin (:func:`~lede_env.policies.numpy_mlp_twin`; a TorchScript call costs more
-    inside the loop, ``docs/experiments.md``)."""
-    from .policies import GreedyMLP, numpy_mlp_twin
-
-    nets: dict = {}
-
-    def probe(decoder, obs):
-        key = id(decoder)
-        if key not in nets:
-            d, n_act = decoder.observer.flat_dim, decoder.actions.n
-            nets[key] = numpy_mlp_twin(GreedyMLP(_probe_net(decoder.observer, n_act), torch.zeros(d), torch.ones(d),
-                                                 torch.ones(n_act, dtype=torch.bool)))
-        nets[key](decoder.observer.flatten(obs))
-
-    return probe
-

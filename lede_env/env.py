@@ -25,7 +25,8 @@ from gymnasium import spaces
 
 from .calibration import HeadSpec
 from .costs import CostProfile
-from .datastore import NgramDatastore, get_datastore, spec_for
+from .continuations import get_datastore
+from .datastore import NgramDatastore, spec_for
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap
@@ -90,16 +91,15 @@ def task_config(config: Optional[TaskConfig], settings: dict, backend: Optional[
     return config.replace(**settings) if settings else config
 
 
+#: backend name -> its env class (each class registers itself when its module is imported, as
+#: ``import lede_env`` does: this module imports neither)
+BACKEND_CLASSES: dict[str, type] = {}
+
+
 def env_class(backend: Optional[str]) -> type:
     """The env class of ``backend``: :class:`~lede_env.live_env.LiveEnv` for ``"live"``, else
-    :class:`~lede_env.trace_env.TraceEnv` (which rejects an unknown backend by name)."""
-    if backend == "live":
-        from .live_env import LiveEnv
-
-        return LiveEnv
-    from .trace_env import TraceEnv
-
-    return TraceEnv
+    :class:`~lede_env.trace_env.TraceEnv` (whose config rejects an unknown backend by name)."""
+    return BACKEND_CLASSES.get(backend or "trace", BACKEND_CLASSES["trace"])
 
 
 class LEDEEnv(gym.Env):
@@ -287,6 +287,11 @@ class LEDEEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
     #: ``"trace"`` or ``"live"``: which backend a subclass is (set by each)
     backend: str
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backend" in cls.__dict__:
+            BACKEND_CLASSES[cls.backend] = cls
 
     def __new__(cls, config: Optional[TaskConfig] = None, *args, backend: Optional[str] = None, **kwargs):
         """``LEDEEnv(...)`` makes the env of the config's (or ``backend``'s) backend (see

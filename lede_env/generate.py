@@ -28,6 +28,7 @@ import torch
 
 from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder, end_once
 from .lookup import DEFAULT_NGRAM
+from .task import AGENT_PREFIXES, agent_path  # noqa: F401 - re-exported
 from .prompts import encode_prompt
 
 #: context-draft tokens (prompt lookup) verified on plain steps by default
@@ -123,7 +124,8 @@ class Lede:
                  calib_prompts: Optional[str] = None, cost_profile: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, context_draft: Optional[int] = None,
                  context_datastore: Optional[bool] = None) -> None:
-        from .costs import get_profile, profile_positions
+        from .costs import profile_positions
+        from .loop_profile import get_profile
         from .calibration import HeadSpec, get_heads
         from .model import bundle_from_model, get_bundle
         from .task import agent_folders, observation_config, settings_for
@@ -159,7 +161,8 @@ class Lede:
         ngram = tuple((agent_cfg or {}).get("context_ngram", DEFAULT_NGRAM))  # (the agent's drafter, as trained)
         store = None
         if s["context_datastore"]:
-            from .datastore import get_datastore, spec_for
+            from .continuations import get_datastore
+            from .datastore import spec_for
 
             store = get_datastore(self.bundle, spec_for(s["calib_prompts"]))
             want = (agent_cfg or {}).get("context_datastore")
@@ -340,26 +343,6 @@ def generate(model=None, tokenizer=None, prompt: Optional[str] = None, *, messag
 
 
 _CACHE: dict = {}
-
-
-#: policy-name prefixes of an exported agent's folder
-AGENT_PREFIXES = ("agent:", "agent-unguarded:")
-
-
-def agent_path(policy: str) -> Optional[Path]:
-    """The exported-agent folder named by ``policy`` (``agent:PATH``, ``agent-unguarded:PATH`` or
-    a folder with ``policy.json``), else ``None``.
-
-    Raises:
-        ValueError: a name with an agent prefix whose folder holds no ``policy.json``.
-    """
-    prefix = next((x for x in AGENT_PREFIXES if policy.startswith(x)), "")
-    p = Path(policy[len(prefix):])
-    if (p / "policy.json").exists():
-        return p
-    if prefix:
-        raise ValueError(f"No exported agent in {p} (policy.json missing): run `lede export` first.")
-    return None
 
 
 def _policy_name(policy: str) -> str:

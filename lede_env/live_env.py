@@ -17,7 +17,8 @@ import torch
 
 from .calibration import get_heads
 from .continuations import encode_prompts
-from .costs import get_profile, profile_positions
+from .costs import profile_positions
+from .loop_profile import get_profile
 from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .env import LEDEEnv, head_spec
 from .model import describe_model, get_bundle

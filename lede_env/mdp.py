@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 from gymnasium import spaces
 
-from .lookup import AGREE_DEPTH, SPAN_CAP
+from .datastore import with_datastore
+from .lookup import AGREE_DEPTH, SPAN_CAP, context_match, match_details
 
 
 @dataclass(frozen=True)
@@ -471,9 +472,6 @@ def context_observation(seq: Sequence[int], context_draft: int, ngram: tuple[int
     draft instead: the match is then ``(0, its tokens)``, so the features show a draft
     (tokens / ``context_draft``) with no matched n-gram. The trace env and the decoder both build
     the ``context`` key with it."""
-    from .datastore import with_datastore
-    from .lookup import context_match, match_details
-
     if config.context_agreement or config.context_span:
         match, agree, span = (index.details(seq, context_draft) if index is not None
                               else match_details(seq, context_draft, ngram))

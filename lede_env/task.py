@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .mdp import ObservationConfig
+from .policies import copy_lengths
 
 #: the LEDEEnv keyword arguments that fix the task (observation, actions, rules, costs)
 TASK_KEYS = ("exit_layers", "k_max", "head_kind", "draft_vocab", "feature_vocab", "calib_prompts",
@@ -185,6 +186,26 @@ def read_agent_settings(folder: "str | Path") -> dict:
     return agent_settings(json.loads(path.read_text()))
 
 
+#: policy-name prefixes of an exported agent's folder
+AGENT_PREFIXES = ("agent:", "agent-unguarded:")
+
+
+def agent_path(policy: str) -> Optional[Path]:
+    """The exported-agent folder named by ``policy`` (``agent:PATH``, ``agent-unguarded:PATH`` or
+    a folder with ``policy.json``), else ``None``.
+
+    Raises:
+        ValueError: a name with an agent prefix whose folder holds no ``policy.json``.
+    """
+    prefix = next((x for x in AGENT_PREFIXES if policy.startswith(x)), "")
+    p = Path(policy[len(prefix):])
+    if (p / "policy.json").exists():
+        return p
+    if prefix:
+        raise ValueError(f"No exported agent in {p} (policy.json missing): run `lede export` first.")
+    return None
+
+
 def agent_folders(policies: Sequence[str]) -> list[Path]:
     """The exported-agent folders the policy names play (``agent:PATH``, ``agent-unguarded:PATH``,
     a bare folder, also inside ``guarded:``), each once, in order.
@@ -192,8 +213,6 @@ def agent_folders(policies: Sequence[str]) -> list[Path]:
     Raises:
         ValueError: a name with an agent prefix whose folder holds no ``policy.json``.
     """
-    from .generate import agent_path
-
     out: list[Path] = []
     for name in policies:
         while name.startswith("guarded:"):
@@ -251,8 +270,6 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
             ``context_lengths`` lack, or a badly typed setting.
         FileNotFoundError: ``agent:PATH`` without an exported agent there.
     """
-    from .policies import copy_lengths
-
     given = normalise(dict(given or {}))
     unknown = sorted(set(given) - set(TASK_KEYS))
     if unknown:

@@ -13,7 +13,8 @@ from typing import Optional
 import numpy as np
 
 from .calibration import get_heads
-from .costs import CostProfile, get_profile, profile_positions
+from .costs import CostProfile, profile_positions
+from .loop_profile import get_profile
 from .env import LEDEEnv, head_spec
 from .mdp import ActionMap, ObservationBuilder, context_observation
 from .model import get_bundle

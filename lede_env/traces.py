@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .calibration import HeadSpec, get_heads
 from .continuations import Continuation, get_continuations
 from .exits import ExitHeads, teacher_forced

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import time
 
-from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key, datastore_text
+from lede_env.continuations import datastore_text
+from lede_env.datastore import PACKAGED_DATASTORE, DatastoreSpec, build_datastore, datastore_key
 from lede_env.model import get_bundle
 from lede_env.storage import record_packaged_file
 

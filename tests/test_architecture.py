@@ -1,7 +1,8 @@
 """The layer contract and the core-only install (issue: structure).
 
-- ``lede_env`` imports nothing from ``agents`` and no RL / dataset / sweep / plotting library
-  (import-linter, contracts in ``pyproject.toml``);
+- ``lede_env`` imports nothing from ``agents`` and no RL / dataset / sweep / plotting library,
+  and its own modules keep to their floors (import-linter, contracts in ``pyproject.toml``);
+  inside ``lede_env`` imports go one way (no cycles);
 - decoding with an exported agent works with those libraries absent (they are blocked from
   import in a subprocess);
 - a command whose extra is missing says which extra to install, in one line.
@@ -20,7 +21,22 @@ def test_layer_contract_is_kept():
     exe = Path(sys.executable).with_name("lint-imports")
     r = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 kept, 0 broken" in r.stdout
+    assert "3 kept, 0 broken" in r.stdout
+
+
+def test_imports_inside_lede_env_go_one_way():
+    """No module of ``lede_env`` imports, directly or through others, a module that imports it
+    (imports inside functions count, type-checking ones do not): the floors of the layers
+    contract (``pyproject.toml``) hold between modules of one floor too."""
+    import grimp
+
+    g = grimp.build_graph("lede_env", exclude_type_checking_imports=True)
+    cycles = []
+    for a in sorted(g.modules):
+        for b in sorted(g.find_modules_directly_imported_by(a)):
+            if b != "lede_env" and a != "lede_env" and g.find_shortest_chain(importer=b, imported=a) is not None:
+                cycles.append(f"{a} -> {b} -> ... -> {a}")
+    assert not cycles, cycles
 
 
 def test_decoding_with_an_exported_agent_needs_only_core_dependencies(tmp_path):

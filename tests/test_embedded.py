@@ -60,7 +60,8 @@ def test_the_shipped_datastore_gives_back_its_text(bundle):
     """datastore.stored_text reads the shipped store's text back without decoding: one
     continuation per calibration and extra prompt, the calibration ones the model's greedy
     decoding (checked on 2 of 352), and a store of other text is not taken for it."""
-    from lede_env.datastore import NgramDatastore, get_datastore, spec_for, stored_text
+    from lede_env.continuations import get_datastore, stored_text
+    from lede_env.datastore import NgramDatastore, spec_for
     from lede_env.decoding import greedy_reference
     from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, load_prompts
 

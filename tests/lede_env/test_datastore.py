@@ -129,7 +129,8 @@ def test_the_shipped_datastore_is_the_embedded_models_default():
 
 def test_get_datastore_builds_once_then_loads_and_ignores_a_bad_shipped_file(tiny, monkeypatch, tmp_path):
     from lede_env import datastore as ds
-    from lede_env.datastore import DatastoreSpec, build_datastore, datastore_key, get_datastore
+    from lede_env.continuations import get_datastore
+    from lede_env.datastore import DatastoreSpec, build_datastore, datastore_key
 
     from ..conftest import assert_damaged_shipped_file_ignored, tiny_continuations
 

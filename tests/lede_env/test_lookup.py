@@ -207,11 +207,12 @@ def test_context_features_and_their_running_acceptance():
     z = np.zeros(2, np.float32)
     o = ob.build(None, z, z, z, [1], 0.5, (1.0, 0.5))
     np.testing.assert_allclose(o["context"], [1.0, 0.5, 0.3])  # the prior
-    ob.record(accepted=2, draft_len=2, exit_layer=0)  # a context draft, fully accepted
-    after = float(ob.build(None, z, z, z, [1], 0.5)["context"][2])
+    hist = ob.new_history()
+    hist.record(accepted=2, draft_len=2, exit_layer=0)  # a context draft, fully accepted
+    after = float(ob.build(None, z, z, z, [1], 0.5, history=hist)["context"][2])
     assert after == pytest.approx(0.8 ** 2 * 0.3 + (1 - 0.8 ** 2) * 1.0)
-    ob.record(accepted=0, draft_len=0, exit_layer=0)  # a plain AR step: no evidence
-    assert float(ob.build(None, z, z, z, [1], 0.5)["context"][2]) == pytest.approx(after)
+    hist.record(accepted=0, draft_len=0, exit_layer=0)  # a plain AR step: no evidence
+    assert float(ob.build(None, z, z, z, [1], 0.5, history=hist)["context"][2]) == pytest.approx(after)
     assert "context" not in ObservationBuilder(ObservationConfig(kind="compact"), 8, 2, 4, 4, 16, (1, 2)).space().spaces
 
 

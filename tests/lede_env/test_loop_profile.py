@@ -117,7 +117,7 @@ def test_loop_profile_on_a_tiny_model(tiny):
 
 
 def test_measured_means_in_loop_and_each_kind_is_cached_once(tmp_path, monkeypatch):
-    import lede_env.costs as costs_mod
+    import lede_env.loop_profile as costs_mod  # (get_profile builds profiles there, above the decoder)
     from lede_env.exits import ExitHeads
     from lede_env.mdp import ObservationConfig
 
@@ -153,7 +153,7 @@ def test_fitted_times_never_fall_with_more_positions():
 
 
 def test_loop_overhead_is_the_observation_and_probe_timed_in_the_loop(tiny):
-    from lede_env.costs import loop_probe
+    from lede_env.loop_profile import loop_probe
     from lede_env.mdp import ObservationConfig
 
     b, heads, ts, prior = tiny
