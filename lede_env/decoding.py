@@ -14,8 +14,10 @@ near-ties (:func:`lede_env.equivalence.teacher_forced_check`).
 
 The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`~SelfSpeculativeDecoder.start`
 (prefill) -> per round :meth:`~SelfSpeculativeDecoder.observe`, the policy, and
-:meth:`~SelfSpeculativeDecoder.play_round` (:meth:`_draft`, one verification pass,
-:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`). Speculative sampling is in
+:meth:`~SelfSpeculativeDecoder.play_round`: a draft source proposes (:class:`Drafter`:
+:class:`ExitDraft`, :class:`CopyDraft`), one verification pass (``_verify``),
+:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`; the rules of the round are one frozen
+:class:`~lede_env.rules.RoundRules`, shared with trace replay. Speculative sampling is in
 :mod:`lede_env.sampling`, in-round stopping of drafts in :mod:`lede_env.stopping`.
 """
 
@@ -209,6 +211,80 @@ def end_once(streamer):
     return streamer if streamer is None or isinstance(streamer, _EndOnce) else _EndOnce(streamer)
 
 
+@dataclass
+class Draft:
+    """What a draft source proposes for one round.
+
+    Attributes:
+        tokens: the draft tokens d_1..d_K (K may be 0: the round verifies the pending token alone).
+        exit_layer: E of an exit draft, 0 for a copy or an AR step.
+        first: the layer the verification pass starts above (E when it reuses the draft's layers
+            1..E, 0 for the full model).
+        hidden: [1, n, d] layer-``first`` hiddens of the n positions to verify, or ``None``: the
+            verification embeds the pending token and the draft tokens.
+        passes: draft passes run (see :attr:`RoundRecord.passes`).
+    """
+
+    tokens: list[int]
+    exit_layer: int = 0
+    first: int = 0
+    hidden: Optional[torch.Tensor] = None
+    passes: int = 0
+
+
+class Drafter:
+    """A draft source: proposes a round's draft and is told what was accepted (after the KV cache
+    is cropped). One instance per decoder; per-generation state belongs in the
+    :class:`DecodeState`, so one drafter serves interleaved generations."""
+
+    def __init__(self, decoder: "SelfSpeculativeDecoder") -> None:
+        self.decoder = decoder
+
+    def propose(self, state: DecodeState, exit_layer: int, length: int, taps: Optional[dict],
+                rule: StopRule) -> Draft:
+        """A draft of at most ``length`` tokens for the round at ``state`` (``exit_layer``: the
+        action's E, 0 for a copy); ``taps`` collects the observed exits' hiddens of the drafted
+        positions, ``rule`` may end an exit draft early."""
+        raise NotImplementedError
+
+    def accepted(self, state: DecodeState, draft: Draft, outcome) -> None:
+        """Told the round's :class:`~lede_env.mdp.RoundOutcome` (for sources that learn from it);
+        exit and copy drafts read everything from the state and need nothing."""
+
+
+class ExitDraft(Drafter):
+    """Self-speculative drafts: K passes of layers 1..E and the exit head (LayerSkip, arXiv
+    2404.16710). With compute reuse the verification continues from layer E over the drafted
+    positions; without it (plain SSD) the draft's cache entries are dropped and the full model
+    verifies."""
+
+    def propose(self, state, exit_layer, length, taps, rule) -> Draft:
+        dec = self.decoder
+        tokens, hidden, passes = dec._draft(state, exit_layer, length, taps, rule)
+        if dec.reuse:
+            return Draft(tokens, exit_layer, exit_layer, hidden, passes)
+        dec.stack.crop(state.cache, state.pos)  # forget the draft's layers 1..E
+        if taps is not None:
+            taps.clear()
+        return Draft(tokens, exit_layer, 0, None, passes)
+
+
+class CopyDraft(Drafter):
+    """Copies from the context (prompt lookup, :mod:`lede_env.lookup`) or, where it has no match,
+    the model's datastore (REST, arXiv 2311.08252), verified by the full model; no copy (length
+    0 or no match) is a plain AR step."""
+
+    def propose(self, state, exit_layer, length, taps, rule) -> Draft:
+        if not length:
+            return Draft([])
+        seen = state.context_at  # the match observe() made for this position and length, if it made one
+        match = seen[2] if seen and seen[:2] == (len(state.seq), length) else self.decoder._match(state, length)
+        tokens = list(match[1])
+        if tokens and state.sampler is not None:
+            state.sampler.q.extend([None] * len(tokens))  # a copied token is a point-mass proposal
+        return Draft(tokens)
+
+
 class SelfSpeculativeDecoder:
     """Greedy dynamic self-speculative decoder for a Llama-family model (batch size 1).
 
@@ -290,6 +366,9 @@ class SelfSpeculativeDecoder:
         self._tap_exits = frozenset(self._stat_exits)
         self._cuda = stack.device.type == "cuda"
         self._lock = threading.RLock()  # one generate() at a time (see generate())
+        #: the draft sources: exit-head drafts for (E, K > 0), copies from the context (and the
+        #: datastore) for AR steps and context drafts (:class:`Drafter`)
+        self.drafters: dict[str, Drafter] = {"exit": ExitDraft(self), "copy": CopyDraft(self)}
 
     # the rules' parts, read-only
     actions = property(lambda self: self.rules.actions, doc="The action map.")
@@ -400,36 +479,15 @@ class SelfSpeculativeDecoder:
             ``seconds`` and ``policy_seconds`` are the driver's to fill).
         """
         assert not state.done, "the generation has ended: call start() for a new one"
-        E, K, n_ctx = self.rules.plan(action, state.remaining)
+        E, K, n_copy = self.rules.plan(action, state.remaining)
         taps = {} if state.want_obs and self._tap_exits else None
-        pending, pos = state.pending, state.pos
-        passes = 0
-        if K == 0:  # a plain AR step, or a context draft verified by the full model
-            draft = []
-            if n_ctx:  # the match observe() made for this position and length, if it made one
-                seen = state.context_at
-                match = seen[2] if seen and seen[:2] == (len(state.seq), n_ctx) else self._match(state, n_ctx)
-                draft = list(match[1])
-            if draft and state.sampler is not None:
-                state.sampler.q.extend([None] * len(draft))  # a copied token is a point-mass proposal
-            n = verified_positions(len(draft), self.bonus) if draft else 1
-            x = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device))
-            normed, verifier = self._verifier_tokens(self._forward(x, 0, self.stack.num_layers, state.cache, pos,
-                                                                   taps), state.sampler, draft)
-            K = len(draft)
-        else:
-            rule = self.stop_rule if stop_rule is None else as_stop_rule(stop_rule)
-            draft, hidden, passes = self._draft(state, E, K, taps, rule)
-            K, first = len(draft), E
-            if not self.reuse:  # plain SSD: forget the draft's layers 1..E, verify with the full model
-                self.stack.crop(state.cache, pos)
-                taps = {} if taps is not None else None
-                n = verified_positions(K, self.bonus)
-                hidden, first = self.stack.embed(torch.tensor([[pending] + draft[: n - 1]], device=self.stack.device)), 0
-            h = self._forward(hidden, first, self.stack.num_layers, state.cache, pos, taps)
-            normed, verifier = self._verifier_tokens(h, state.sampler, draft)
-        oc = accept(draft, verifier, state.remaining, state.eos_ids)
-        self.stack.crop(state.cache, pos + oc.advance)
+        rule = self.stop_rule if stop_rule is None else as_stop_rule(stop_rule)
+        drafter = self.drafters["exit" if K else "copy"]
+        draft = drafter.propose(state, E, K or n_copy, taps, rule)           # propose
+        normed, verifier = self._verify(state, draft, taps)                  # verify
+        oc = accept(draft.tokens, verifier, state.remaining, state.eos_ids)  # accept
+        self.stack.crop(state.cache, state.pos + oc.advance)                 # crop
+        drafter.accepted(state, draft, oc)
         # the next round starts from the last verified position (after the last emitted token
         # when the generation ends: an EOS can end a block early)
         last = len(oc.emitted) - 1 if oc.done else oc.advance - 1
@@ -440,12 +498,31 @@ class SelfSpeculativeDecoder:
         state.seq.extend(oc.emitted)
         state.pos += oc.advance
         state.done, state.result.eos = oc.done, oc.eos
+        E, K = draft.exit_layer, len(draft.tokens)
         rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                          emitted=len(oc.emitted), cost=self.rules.cost(E, K, oc.n_verify, passes, state.want_obs),
-                          n_verify=oc.n_verify, passes=passes)
+                          emitted=len(oc.emitted), cost=self.rules.cost(E, K, oc.n_verify, draft.passes, state.want_obs),
+                          n_verify=oc.n_verify, passes=draft.passes)
         state.result.rounds.append(rec)
         state.history.record(rec.accepted, rec.draft_len, rec.exit_layer)
         return rec
+
+    def _verify(self, state: DecodeState, draft: "Draft", taps: Optional[dict]) -> tuple[torch.Tensor, list[int]]:
+        """One pass of layers ``draft.first + 1 .. L`` over the positions a round verifies (the
+        pending token and the first draft tokens: ``verified_positions``), from the draft's
+        layer-``first`` hiddens or, without them, the tokens' embeddings; ``taps`` gets the
+        observed exits' hiddens above ``first``.
+
+        Returns:
+            ``(normed, verifier)``: [n, d] final normed hiddens and the verifier's n tokens
+            (greedy, or speculative sampling's).
+        """
+        tokens = draft.tokens
+        x = draft.hidden
+        if x is None:
+            n = verified_positions(len(tokens), self.bonus)
+            x = self.stack.embed(torch.tensor([[state.pending] + tokens[: n - 1]], device=self.stack.device))
+        h = self._forward(x, draft.first, self.stack.num_layers, state.cache, state.pos, taps)
+        return self._verifier_tokens(h, state.sampler, tokens)
 
     def cut(self, state: DecodeState, keep: int) -> None:
         """End the generation after its first ``keep`` tokens (a stop string or stopping

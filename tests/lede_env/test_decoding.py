@@ -196,3 +196,19 @@ def test_an_envs_decoder_plays_the_envs_round_rules_and_is_never_changed(tiny):
             setattr(dec, name, None)
     with pytest.raises(ValueError, match="not the heads'"):
         SelfSpeculativeDecoder.from_rules(b.stack, ExitHeads(b.stack, (1, 2), "lens"), env.rules)
+
+
+def test_a_round_reads_on_one_screen():
+    """propose -> verify -> accept -> crop: the round's core is one function of at most 45 code
+    lines (docstring and comments not counted), every draft source behind one interface."""
+    import ast
+    import inspect
+    import textwrap
+
+    from lede_env.decoding import CopyDraft, Drafter, ExitDraft
+
+    fn = ast.parse(textwrap.dedent(inspect.getsource(SelfSpeculativeDecoder.play_round))).body[0]
+    body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) else fn.body  # the docstring left out
+    lines = {n.lineno for stmt in body for n in ast.walk(stmt) if hasattr(n, "lineno")}
+    assert len(lines) <= 45, len(lines)
+    assert issubclass(ExitDraft, Drafter) and issubclass(CopyDraft, Drafter)
