@@ -42,12 +42,14 @@ import numpy as np
 import torch
 
 from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
-from lede_env.metrics import RoundTotals, format_metric, speedup, tokens_per_second
+from lede_env.metrics import RoundTotals, speedup, tokens_per_second
 from lede_env.device import synchronize
 from lede_env.episodes import play_episode
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from lede_env.policies import POLICY_NAMES, policy_from_name
+
+from .tables import format_cell, to_markdown  # noqa: F401 - both still importable from here
 
 
 def hf_early_exit(name: str, num_layers: int) -> Optional[int]:
@@ -438,27 +440,6 @@ def evaluate_held_out(train_env, eval_env, names: list[str], out: Path, prompts:
             save_records(out, res.records, tokenizer, eval_env.actions.exit_layers, eval_env.actions.k_max, prompts)
         show(to_markdown(res.live))
     return res
-
-
-def format_cell(v, floatfmt: str = ".3f") -> str:
-    """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``;
-    an undefined metric, NaN, as ``-``: :func:`lede_env.metrics.format_metric`), dicts as
-    ``key:value`` pairs."""
-    if isinstance(v, float):
-        return format_metric(v, ".3g" if v and abs(v) < 0.01 else floatfmt)
-    if isinstance(v, dict):
-        return " ".join(f"{k}:{c}" for k, c in v.items())
-    return str(v)
-
-
-def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
-    """A Markdown table of ``rows`` (dicts with the same keys)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(format_cell(r[k], floatfmt) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:

@@ -4,7 +4,8 @@
   (import-linter, contracts in ``pyproject.toml``);
 - decoding with an exported agent works with those libraries absent (they are blocked from
   import in a subprocess);
-- a command whose extra is missing says which extra to install, in one line.
+- a command whose extra is missing says which extra to install, in one line;
+- the modules of ``agents`` import one another one way only (no import cycle).
 """
 
 import subprocess
@@ -90,3 +91,14 @@ def test_missing_extra_names_the_install_command():
     assert "pip install 'lede[rl]'" in msg
     assert "pip install 'lede[report]'" in missing_extra(ModuleNotFoundError("x", name="matplotlib.pyplot"))
     assert missing_extra(ModuleNotFoundError("x", name="not_an_extra")) is None
+
+
+def test_agents_modules_import_one_another_one_way_only():
+    import grimp  # import-linter's import graph (lazy imports inside functions count too)
+
+    graph = grimp.build_graph("agents", "lede_env")
+    mods = sorted(m for m in graph.modules if m.startswith("agents."))
+    cycles = [" -> ".join((a,) + graph.find_shortest_chain(b, a))
+              for a in mods for b in sorted(graph.find_modules_directly_imported_by(a))
+              if b.startswith("agents.") and graph.find_shortest_chain(b, a)]
+    assert len(mods) > 10 and not cycles, "\n".join(cycles)
