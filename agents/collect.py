@@ -180,7 +180,6 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
             written then).
     """
     import minari
-    from minari.data_collector import EpisodeBuffer
 
     from lede_env.sharding import parse_shard, shard_indices
 
@@ -201,17 +200,9 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
     kinds = sorted(config.mixture)
     probs = np.array([config.mixture[k] for k in kinds], float)
     probs /= probs.sum()
-    buffers, extra_meta, counts, best = [], [], {k: 0 for k in kinds}, {}
     episodes = shard_indices(config.episodes, shard)
-    for n, ep in enumerate(tqdm(episodes, desc=f"collect {dataset_id}", disable=not progress)):
-        kind, policy, seed, idx = episode_plan(env, config, ep, kinds, probs)
-        counts[kind] += 1
-        obs, acts, rews, terms, truncs, info0, infos = run_episode(env, policy, seed, {"prompt_index": idx})
-        buffers.append(EpisodeBuffer(id=n, seed=seed, options={"prompt_index": idx}, observations=_stack(obs),
-                                     actions=np.asarray(acts, np.int64), rewards=rews, terminations=terms,
-                                     truncations=truncs, infos=step_infos(info0, infos)))
-        extra_meta.append({"episode_index": ep, "behaviour": kind})
-        best[idx] = max(best.get(idx, -np.inf), float(np.sum(rews)))
+    buffers, extra_meta, counts, best = _run_mixture(env, config, episodes, kinds, probs, f"collect {dataset_id}",
+                                                     progress)
     ref_min, ref_max = reference_scores(env, best if live else None)
     collection = {"seed": config.seed, "episodes": config.episodes, "mixture": dict(config.mixture),
                   "oracle_epsilon": config.oracle_epsilon, "shard": None if shard is None else list(shard),
@@ -219,22 +210,7 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
                   "env": _describe_env(u)}
     spec = env_spec_for(env, env_spec)
     with writing_partial(dataset_id, root) as tmp_id:
-        with warnings.catch_warnings():  # the spec is stored below; no author e-mail, no eval env
-            warnings.filterwarnings("ignore", message=r".*(env_spec is None|`eval_env` is set|`author_email`)")
-            ds = minari.create_dataset_from_buffers(
-                dataset_id=tmp_id,
-                buffer=buffers,
-                env=None,  # given as a spec, Minari would gym.make() a second env (loading the model) for its spaces
-                algorithm_name="behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in kinds),
-                author=config.author,
-                code_permalink=config.code_permalink,
-                action_space=u.action_space,
-                observation_space=u.observation_space,
-                # Reference scores are written below: given here, Minari would re-make the env to
-                # check them (loading the model again).
-                description=config.description or describe_collection(collection, dataset_id),
-                requirements=_requirements(),
-            )
+        ds = _create_dataset(tmp_id, buffers, u, config, collection, dataset_id)
         if spec is not None:
             ds.storage.update_metadata({"env_spec": spec.to_json()})
         ds.storage.update_episode_metadata(extra_meta, range(len(extra_meta)))
@@ -247,6 +223,52 @@ def collect(env, config: CollectConfig, progress: bool = True, env_spec=None):
               require_env_spec=spec is not None)
         move_into_place(tmp_id, dataset_id, root)
     return minari.load_dataset(dataset_id)
+
+
+def _run_mixture(env, config: CollectConfig, episodes, kinds: list[str], probs: np.ndarray, desc: str,
+                 progress: bool):
+    """Play the episodes ``episodes`` (their indices in the collection) with the behaviour mixture:
+    ``(buffers, extra_meta, counts, best)``, Minari's episode buffers, each episode's
+    ``episode_index`` and behaviour, the episodes per behaviour kind, and the best return per
+    prompt index."""
+    from minari.data_collector import EpisodeBuffer
+
+    buffers, extra_meta, counts, best = [], [], {k: 0 for k in kinds}, {}
+    for n, ep in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
+        kind, policy, seed, idx = episode_plan(env, config, ep, kinds, probs)
+        counts[kind] += 1
+        obs, acts, rews, terms, truncs, info0, infos = run_episode(env, policy, seed, {"prompt_index": idx})
+        buffers.append(EpisodeBuffer(id=n, seed=seed, options={"prompt_index": idx}, observations=_stack(obs),
+                                     actions=np.asarray(acts, np.int64), rewards=rews, terminations=terms,
+                                     truncations=truncs, infos=step_infos(info0, infos)))
+        extra_meta.append({"episode_index": ep, "behaviour": kind})
+        best[idx] = max(best.get(idx, -np.inf), float(np.sum(rews)))
+    return buffers, extra_meta, counts, best
+
+
+def _create_dataset(tmp_id: str, buffers: list, u, config: CollectConfig, collection: dict, dataset_id: str):
+    """``minari.create_dataset_from_buffers`` under the partial id ``tmp_id``, with the spaces of
+    the unwrapped env ``u`` and the collection's author, permalink, description and requirements
+    (no env, no env spec, no reference scores: the caller writes those)."""
+    import minari
+
+    counts = collection["behaviour_counts"]
+    with warnings.catch_warnings():  # the spec is stored below; no author e-mail, no eval env
+        warnings.filterwarnings("ignore", message=r".*(env_spec is None|`eval_env` is set|`author_email`)")
+        return minari.create_dataset_from_buffers(
+            dataset_id=tmp_id,
+            buffer=buffers,
+            env=None,  # given as a spec, Minari would gym.make() a second env (loading the model) for its spaces
+            algorithm_name="behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts)),
+            author=config.author,
+            code_permalink=config.code_permalink,
+            action_space=u.action_space,
+            observation_space=u.observation_space,
+            # Reference scores are written below: given here, Minari would re-make the env to
+            # check them (loading the model again).
+            description=config.description or describe_collection(collection, dataset_id),
+            requirements=_requirements(),
+        )
 
 
 def episode_plan(env, config: CollectConfig, episode_index: int, kinds: list[str], probs: np.ndarray):

@@ -16,7 +16,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -202,34 +202,10 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
     if not replay:
         notes.append("replay skipped (replay=False, --no-replay, or no env to replay in): observations, rewards "
                      "and infos are checked for structure only, not re-computed in the env")
-
     m = ds.storage.metadata
-    ds_id = m.get("dataset_id", "")
-    if not is_partial(ds_id):
-        try:
-            check_dataset_id(ds_id)
-        except ValueError as e:
-            bad(str(e))
-    for key in ("author", "code_permalink", "description", "requirements", "ref_min_score", "ref_max_score"):
-        if m.get(key) in (None, "", [], set()):
-            bad(f"metadata: no {key!r}")
-    lo, hi = m.get("ref_min_score"), m.get("ref_max_score")
-    if lo is not None and hi is not None and not float(lo) <= float(hi):
-        bad(f"metadata: ref_min_score {lo} > ref_max_score {hi} (always-AR must not beat the oracle)")
-    if ds.spec.env_spec is None and require_env_spec:
-        bad("metadata: no env spec (recover_environment() cannot rebuild the env)")
-    if replay and env is None:
-        try:
-            env = ds.recover_environment()
-        except Exception as e:  # noqa: BLE001 - reported, not raised
-            bad(f"env: cannot recover it from the stored spec ({type(e).__name__}: {e}); pass an env or use replay=False")
-    if env is not None:
-        if ds.observation_space != env.observation_space:
-            bad(f"spaces: dataset observation space {ds.observation_space} != env's {env.observation_space}")
-        if ds.action_space != env.action_space:
-            bad(f"spaces: dataset action space {ds.action_space} != env's {env.action_space}")
-        if problems and problems[-1].startswith("spaces:"):
-            env = None  # replaying in another env would only repeat the mismatch
+    for msg in _metadata_problems(ds, require_env_spec):
+        bad(msg)
+    env = _replay_env(ds, env, replay, bad)
     n_actions = int(ds.action_space.n)
     obs_shapes = {k: s.shape for k, s in getattr(ds.observation_space, "spaces", {}).items()}
     N = ds.storage.total_episodes
@@ -242,65 +218,119 @@ def validate(dataset, env=None, replay: bool = True, max_problems: int = 100,
         where = f"episode {i}"
         if T == 0 and bad(f"{where}: no steps"):
             break
-        lens_ok = True
-        for key in ("rewards", "terminations", "truncations"):
-            if len(ep[key]) != T:
-                lens_ok = False
-                if bad(f"{where}: {len(ep[key])} {key} for {T} actions (need one per action)"):
-                    return problems
-        wrong_len = {}
-        for key, arr in _leaves(ep["observations"]):
-            if arr.shape[0] != T + 1:
-                wrong_len[key] = arr.shape[0]
-            elif key in obs_shapes and tuple(arr.shape[1:]) != tuple(obs_shapes[key]):
-                lens_ok = False
-                if bad(f"{where}: observations[{key}] shape {arr.shape[1:]} != space's {obs_shapes[key]}"):
-                    return problems
-        if wrong_len:
-            lens_ok = False
-            counts = ", ".join(f"{n} {k}" for k, n in wrong_len.items())
-            if bad(f"{where}: observations ({counts}) for {T} actions (need T+1 = {T + 1}: the final observation "
-                   "is missing, or one is extra)"):
+        # lazily: an episode is replayed only while problems may still be added
+        for msg in _episode_problems(where, ep, em, acts, n_actions, obs_shapes, env, measured):
+            if bad(msg):
                 return problems
-        out = (acts < 0) | (acts >= n_actions)
-        if out.any():
-            lens_ok = False
-            j = int(np.argmax(out))
-            if bad(f"{where}: action {acts[j]} at step {j} outside the action space 0..{n_actions - 1}"):
-                return problems
-        if not lens_ok:
-            continue
-        msg = _infos_problem(ep.get("infos"), acts)
-        if msg:
-            if bad(f"{where}: {msg}"):
-                return problems
-            continue
-        te, tr = np.asarray(ep["terminations"], bool), np.asarray(ep["truncations"], bool)
-        ends = te | tr
-        if not ends[-1]:
-            if bad(f"{where}: the last step is neither terminated nor truncated"):
-                return problems
-            continue
-        if ends[:-1].any():
-            if bad(f"{where}: the episode ends at step {int(np.argmax(ends))} but goes on to step {T - 1}"):
-                return problems
-            continue
-        if te[-1] and tr[-1] and bad(f"{where}: the last step is both terminated and truncated"):
-            return problems
-        if env is None:
-            continue
-        opts = em.get("options")
-        if not isinstance(opts, dict) or "prompt_index" not in opts:
-            if bad(f"{where}: no options['prompt_index'] stored: it cannot be replayed"):
-                return problems
-            continue
-        msg = _replay_mismatch(env, em.get("seed"), {k: int(v) for k, v in opts.items()}, ep, acts, te, tr,
-                               measured)
-        if msg and bad(f"{where} (seed {em.get('seed')}, prompt {opts['prompt_index']}): {msg}"):
-            return problems
     if m.get("total_episodes") != N or m.get("total_steps") != steps:
         bad(f"metadata: totals {m.get('total_episodes')} episodes / {m.get('total_steps')} steps, data hold "
             f"{N} / {steps}")
+    return problems
+
+
+def _metadata_problems(ds, require_env_spec: bool) -> list[str]:
+    """The defects of a dataset's metadata (id form, required keys, reference scores in order,
+    env spec), as :func:`validate` lists them."""
+    problems = []
+    m = ds.storage.metadata
+    ds_id = m.get("dataset_id", "")
+    if not is_partial(ds_id):
+        try:
+            check_dataset_id(ds_id)
+        except ValueError as e:
+            problems.append(str(e))
+    for key in ("author", "code_permalink", "description", "requirements", "ref_min_score", "ref_max_score"):
+        if m.get(key) in (None, "", [], set()):
+            problems.append(f"metadata: no {key!r}")
+    lo, hi = m.get("ref_min_score"), m.get("ref_max_score")
+    if lo is not None and hi is not None and not float(lo) <= float(hi):
+        problems.append(f"metadata: ref_min_score {lo} > ref_max_score {hi} (always-AR must not beat the oracle)")
+    if ds.spec.env_spec is None and require_env_spec:
+        problems.append("metadata: no env spec (recover_environment() cannot rebuild the env)")
+    return problems
+
+
+def _replay_env(ds, env, replay: bool, bad):
+    """The env :func:`validate` replays the episodes in: ``env``, else (with ``replay``) the one
+    recovered from the stored spec; ``None`` when there is none, or when its spaces differ from
+    the dataset's (replaying would only repeat the mismatch). Each failure goes to ``bad(msg)``."""
+    if replay and env is None:
+        try:
+            env = ds.recover_environment()
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            bad(f"env: cannot recover it from the stored spec ({type(e).__name__}: {e}); pass an env or use replay=False")
+    if env is None:
+        return None
+    mismatches = []
+    if ds.observation_space != env.observation_space:
+        mismatches.append(f"spaces: dataset observation space {ds.observation_space} != env's {env.observation_space}")
+    if ds.action_space != env.action_space:
+        mismatches.append(f"spaces: dataset action space {ds.action_space} != env's {env.action_space}")
+    for msg in mismatches:
+        bad(msg)
+    return None if mismatches else env
+
+
+def _episode_problems(where: str, ep, em, acts: np.ndarray, n_actions: int, obs_shapes: dict, env,
+                      measured: bool) -> Iterator[str]:
+    """The defects of one episode (``ep`` its data, ``em`` its metadata), in the order
+    :func:`validate` reports them: array lengths, observation shapes and actions, then (when
+    those hold) its per-step infos, its end, and its replay in ``env`` (``None``: not replayed).
+    A generator: the episode is replayed only if the caller asks for the problems past the others."""
+    T = len(acts)
+    shape_problems = _shape_problems(ep, acts, n_actions, obs_shapes)
+    for msg in shape_problems:
+        yield f"{where}: {msg}"
+    if shape_problems:
+        return
+    msg = _infos_problem(ep.get("infos"), acts)
+    if msg:
+        yield f"{where}: {msg}"
+        return
+    te, tr = np.asarray(ep["terminations"], bool), np.asarray(ep["truncations"], bool)
+    ends = te | tr
+    if not ends[-1]:
+        yield f"{where}: the last step is neither terminated nor truncated"
+        return
+    if ends[:-1].any():
+        yield f"{where}: the episode ends at step {int(np.argmax(ends))} but goes on to step {T - 1}"
+        return
+    if te[-1] and tr[-1]:
+        yield f"{where}: the last step is both terminated and truncated"
+    if env is None:
+        return
+    opts = em.get("options")
+    if not isinstance(opts, dict) or "prompt_index" not in opts:
+        yield f"{where}: no options['prompt_index'] stored: it cannot be replayed"
+        return
+    msg = _replay_mismatch(env, em.get("seed"), {k: int(v) for k, v in opts.items()}, ep, acts, te, tr, measured)
+    if msg:
+        yield f"{where} (seed {em.get('seed')}, prompt {opts['prompt_index']}): {msg}"
+
+
+def _shape_problems(ep, acts: np.ndarray, n_actions: int, obs_shapes: dict) -> list[str]:
+    """What is wrong with the lengths and shapes of one episode's arrays (one reward, termination
+    and truncation per action, T+1 observations of the space's shapes) and its actions (in the
+    action space)."""
+    T = len(acts)
+    problems = []
+    for key in ("rewards", "terminations", "truncations"):
+        if len(ep[key]) != T:
+            problems.append(f"{len(ep[key])} {key} for {T} actions (need one per action)")
+    wrong_len = {}
+    for key, arr in _leaves(ep["observations"]):
+        if arr.shape[0] != T + 1:
+            wrong_len[key] = arr.shape[0]
+        elif key in obs_shapes and tuple(arr.shape[1:]) != tuple(obs_shapes[key]):
+            problems.append(f"observations[{key}] shape {arr.shape[1:]} != space's {obs_shapes[key]}")
+    if wrong_len:
+        counts = ", ".join(f"{n} {k}" for k, n in wrong_len.items())
+        problems.append(f"observations ({counts}) for {T} actions (need T+1 = {T + 1}: the final observation "
+                        "is missing, or one is extra)")
+    out = (acts < 0) | (acts >= n_actions)
+    if out.any():
+        j = int(np.argmax(out))
+        problems.append(f"action {acts[j]} at step {j} outside the action space 0..{n_actions - 1}")
     return problems
 
 
@@ -417,6 +447,33 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
     check_new(new_id, root)
     srcs = [load(i) for i in ids]
     metas = [s.storage.metadata for s in srcs]
+    ep_metas = _mergeable_episodes(ids, srcs, metas)
+    notes = [] if notes is None else notes
+    ref_min, ref_max = _merged_reference_scores(srcs, metas, env, notes)
+    clean_stale_partials(root)
+    with writing_partial(new_id, root) as tmp_id:
+        _ensure_namespace(new_id)
+        ds = minari.combine_datasets(srcs, tmp_id)
+        # combine_datasets keeps seeds but not options nor our per-episode entries
+        # combine_datasets loses each episode's seed and options (minari 0.5.4 reads the seed from
+        # the episode data, where it is not) and our per-episode entries: copy them over
+        flat = [{f"options/{k}": v for k, v in (em.get("options") or {}).items()} |
+                {k: v for k, v in em.items() if k not in ("id", "options", "total_steps") and v is not None}
+                for em in ep_metas]
+        ds.storage.update_episode_metadata(flat, range(len(flat)))
+        update = _merged_metadata(ids, new_id, metas, int(ds.total_episodes), ref_min, ref_max)
+        ds.storage.update_metadata({k: v for k, v in update.items() if v is not None})
+        has_spec = ds.spec.env_spec is not None
+        check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay and (env is not None or has_spec),
+              require_env_spec=has_spec, notes=notes)
+        move_into_place(tmp_id, new_id, root)
+    return minari.load_dataset(new_id)
+
+
+def _mergeable_episodes(ids: list[str], srcs: list, metas: list[dict]) -> list[dict]:
+    """The episode metadata of the sources, in order, once checked that they can be merged: the
+    same spaces, the same collection (when all have one) and no episode twice (``ValueError``
+    otherwise, see :func:`merge`)."""
     for s, m in zip(srcs[1:], metas[1:]):
         if s.observation_space != srcs[0].observation_space or s.action_space != srcs[0].action_space:
             raise ValueError(f"{m['dataset_id']} has other spaces than {ids[0]}: they come from different envs.")
@@ -430,61 +487,62 @@ def merge(ids: Sequence[str], new_id: str, env=None, validate_replay: bool = Tru
     idx = [em.get("episode_index") for em in ep_metas]
     if all(i is not None for i in idx) and len(set(map(int, idx))) != len(idx):
         raise ValueError("The sources share episodes (the same episode_index twice): each shard must be merged once.")
-    notes = [] if notes is None else notes
+    return ep_metas
+
+
+def _merged_reference_scores(srcs: list, metas: list[dict], env, notes: list[str]) -> tuple:
+    """``(ref_min, ref_max)`` of a merge: re-computed in ``env`` when given, else the sources'
+    when they agree, else (sources with wall-clock costs) their mean, said in ``notes``.
+
+    Raises:
+        ValueError: the sources' scores differ or are missing, and there is no ``env``.
+    """
     measured = all(collection_costs(s, env) == "wallclock" for s in srcs)
     refs = {(m.get("ref_min_score"), m.get("ref_max_score")) for m in metas}
     if env is not None:
-        ref_min, ref_max = reference_scores(env)
-    elif measured and len(refs) > 1 and all(None not in r for r in refs):
+        return reference_scores(env)
+    if measured and len(refs) > 1 and all(None not in r for r in refs):
         # each source measured the same reference policies on the same prompts: average the measurements
         ref_min = float(np.mean([float(m["ref_min_score"]) for m in metas]))
         ref_max = float(np.mean([float(m["ref_max_score"]) for m in metas]))
         notes.append(f"reference scores: the sources' wall-clock measurements differ ({sorted(map(str, refs))}); "
                      f"the merged dataset holds their mean ({ref_min:.6g}, {ref_max:.6g})")
+        return ref_min, ref_max
+    if len(refs) != 1 or None in next(iter(refs)):
+        raise ValueError(f"The sources' reference scores differ or are missing ({sorted(map(str, refs))}): "
+                         "pass the env to re-compute them.")
+    return next(iter(refs))
+
+
+def _merged_metadata(ids: list[str], new_id: str, metas: list[dict], total_episodes: int, ref_min,
+                     ref_max) -> dict:
+    """The metadata a merge writes over ``combine_datasets``' (``None`` values: not written): the
+    reference scores, the first source's permalink and requirements, and either the summed
+    ``lede_collection`` with its description and algorithm name or a description of the merge."""
+    m0 = metas[0]
+    cols = [m.get("lede_collection") for m in metas]
+    update = {"ref_min_score": ref_min, "ref_max_score": ref_max, "combined_datasets": [],
+              "num_episodes_average_score": m0.get("num_episodes_average_score")}
+    for k in ("code_permalink", "requirements"):
+        if m0.get(k) is not None:
+            update[k] = m0[k]
+    if all(c is not None for c in cols):
+        counts: dict = {}
+        for c in cols:
+            for k, v in c["behaviour_counts"].items():
+                counts[k] = counts.get(k, 0) + int(v)
+        col = dict(cols[0]) | {"shard": None, "episode_indices": total_episodes,
+                               "behaviour_counts": counts, "merged_from": ids}
+        update["lede_collection"] = col
+        update["description"] = describe_collection(col, new_id)
+        update["algorithm_name"] = "behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts))
     else:
-        if len(refs) != 1 or None in next(iter(refs)):
-            raise ValueError(f"The sources' reference scores differ or are missing ({sorted(map(str, refs))}): "
-                             "pass the env to re-compute them.")
-        ref_min, ref_max = next(iter(refs))
-    clean_stale_partials(root)
-    with writing_partial(new_id, root) as tmp_id:
-        _ensure_namespace(new_id)
-        ds = minari.combine_datasets(srcs, tmp_id)
-        # combine_datasets keeps seeds but not options nor our per-episode entries
-        # combine_datasets loses each episode's seed and options (minari 0.5.4 reads the seed from
-        # the episode data, where it is not) and our per-episode entries: copy them over
-        flat = [{f"options/{k}": v for k, v in (em.get("options") or {}).items()} |
-                {k: v for k, v in em.items() if k not in ("id", "options", "total_steps") and v is not None}
-                for em in ep_metas]
-        ds.storage.update_episode_metadata(flat, range(len(flat)))
-        m0 = metas[0]
-        update = {"ref_min_score": ref_min, "ref_max_score": ref_max, "combined_datasets": [],
-                  "num_episodes_average_score": m0.get("num_episodes_average_score")}
-        for k in ("code_permalink", "requirements"):
-            if m0.get(k) is not None:
-                update[k] = m0[k]
-        if all(c is not None for c in cols):
-            counts: dict = {}
-            for c in cols:
-                for k, v in c["behaviour_counts"].items():
-                    counts[k] = counts.get(k, 0) + int(v)
-            col = dict(cols[0]) | {"shard": None, "episode_indices": int(ds.total_episodes),
-                                   "behaviour_counts": counts, "merged_from": ids}
-            update["lede_collection"] = col
-            update["description"] = describe_collection(col, new_id)
-            update["algorithm_name"] = "behaviour mixture: " + ", ".join(f"{k}={counts[k]}" for k in sorted(counts))
-        else:
-            update["description"] = (f"Merge of {', '.join(ids)} ({ds.total_episodes} episodes). "
-                                     + (m0.get("description") or ""))
-            update["lede_collection"] = {"merged_from": ids}
-            if m0.get("algorithm_name"):
-                update["algorithm_name"] = m0["algorithm_name"]
-        ds.storage.update_metadata({k: v for k, v in update.items() if v is not None})
-        has_spec = ds.spec.env_spec is not None
-        check(minari.MinariDataset(ds.storage.data_path), env, replay=validate_replay and (env is not None or has_spec),
-              require_env_spec=has_spec, notes=notes)
-        move_into_place(tmp_id, new_id, root)
-    return minari.load_dataset(new_id)
+        update["description"] = (f"Merge of {', '.join(ids)} ({total_episodes} episodes). "
+                                 + (m0.get("description") or ""))
+        update["lede_collection"] = {"merged_from": ids}
+        if m0.get("algorithm_name"):
+            update["algorithm_name"] = m0["algorithm_name"]
+    return update
 
 
 def _ensure_namespace(dataset_id: str) -> None:

@@ -42,12 +42,14 @@ import numpy as np
 import torch
 
 from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
-from lede_env.metrics import RoundTotals, format_metric, speedup, tokens_per_second
+from lede_env.metrics import RoundTotals, speedup, tokens_per_second
 from lede_env.device import synchronize
 from lede_env.episodes import play_episode
 from lede_env.replay import oracle_plan, rollout, throughput
 
 from lede_env.policies import POLICY_NAMES, policy_from_name
+
+from .tables import format_cell, to_markdown  # noqa: F401 - both still importable from here
 
 
 def hf_early_exit(name: str, num_layers: int) -> Optional[int]:
@@ -239,7 +241,6 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
     from tqdm.auto import tqdm
 
     u = env.unwrapped
-    model = decoder.stack.model
     if "ar" not in names:
         names = ["ar"] + names
     pols = {n: make_policy(n, env, static_best) for n in names}
@@ -258,28 +259,11 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
         for n in names:
             rs = [res[(n, "all")]] + ([res[(n, t.category)]] if by_category else [])
             if is_transformers_baseline(n):
-                kw = _hf_kwargs(n, u.trace_set.num_layers)
-                synchronize(decoder.stack.device)
-                t0 = time.perf_counter()
-                toks = greedy_reference(model, prompt, u.max_new_tokens, decoder.eos_ids, **kw)
-                synchronize(decoder.stack.device)
-                dt = time.perf_counter() - t0
-                for r in rs:
-                    r.seconds += dt
-                    r.tokens += len(toks)
-                    if n == "hf":  # plain greedy: one AR round per token after the prefill's, untimed
-                        r.totals += RoundTotals(rounds=max(len(toks) - 1, 0), tokens=max(len(toks) - 1, 0),
-                                                cost=float("nan"), seconds=float("nan"))
+                toks = _time_baseline(n, decoder, prompt, u, rs)
             else:
                 pol = PlanPolicy(plans[t.id]) if n == "oracle" else pols[n]
-                out = decoder.generate(prompt, pol, u.max_new_tokens)
+                out = _time_lede(decoder, prompt, pol, u.max_new_tokens, rs)
                 toks = out.tokens
-                for r in rs:
-                    r.seconds += out.seconds
-                    r.tokens += len(toks)
-                    r.totals += out.totals
-                    r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
-                    r.exits.update(x.exit_layer for x in out.rounds)
                 if records is not None:
                     records.setdefault(label(n, env, static_best), []).append(
                         {"prompt_id": t.id, "category": t.category, "tokens": list(toks),
@@ -288,6 +272,46 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
                 ref = toks
             for r in rs:
                 r.identical &= toks == ref
+    return _live_rows(res, groups, names, env, static_best, decoder.profile is not None)
+
+
+def _time_baseline(name: str, decoder: SelfSpeculativeDecoder, prompt: torch.Tensor, u,
+                   results: list[LiveResult]) -> list[int]:
+    """Generate from ``prompt`` with the transformers baseline ``name``, timed; add the time and
+    tokens (and for ``hf``, its AR rounds) to each of ``results``; the tokens."""
+    kw = _hf_kwargs(name, u.trace_set.num_layers)
+    synchronize(decoder.stack.device)
+    t0 = time.perf_counter()
+    toks = greedy_reference(decoder.stack.model, prompt, u.max_new_tokens, decoder.eos_ids, **kw)
+    synchronize(decoder.stack.device)
+    dt = time.perf_counter() - t0
+    for r in results:
+        r.seconds += dt
+        r.tokens += len(toks)
+        if name == "hf":  # plain greedy: one AR round per token after the prefill's, untimed
+            r.totals += RoundTotals(rounds=max(len(toks) - 1, 0), tokens=max(len(toks) - 1, 0),
+                                    cost=float("nan"), seconds=float("nan"))
+    return toks
+
+
+def _time_lede(decoder: SelfSpeculativeDecoder, prompt: torch.Tensor, pol, max_new_tokens: int,
+               results: list[LiveResult]):
+    """Generate from ``prompt`` with lede's decoder and policy ``pol``; add its time, tokens,
+    rounds, policy time and exit layers to each of ``results``; the decoder's output."""
+    out = decoder.generate(prompt, pol, max_new_tokens)
+    for r in results:
+        r.seconds += out.seconds
+        r.tokens += len(out.tokens)
+        r.totals += out.totals
+        r.policy_seconds += sum(x.policy_seconds for x in out.rounds)
+        r.exits.update(x.exit_layer for x in out.rounds)
+    return out
+
+
+def _live_rows(res: dict, groups: list[str], names: list[str], env, static_best: Optional[int],
+               profiled: bool) -> list[dict]:
+    """:func:`live_eval`'s rows from its results ``{(name, group): LiveResult}``, by group, then by
+    method (``profiled``: the decoder has a cost profile, which predicts round costs)."""
     rows = []
     for c in groups:
         ar = res[("ar", c)]
@@ -299,7 +323,7 @@ def live_eval(env, decoder: SelfSpeculativeDecoder, names: list[str], static_bes
                          "tokens_per_s": tokens_per_second(r.tokens, r.seconds),
                          "speedup_vs_ar": speedup(r.tokens, r.seconds, ar.tokens, ar.seconds),
                          "tokens_per_round": t.tokens_per_round, "acceptance": t.acceptance,
-                         "cost_per_round_predicted": t.cost_per_round if decoder.profile is not None else float("nan"),
+                         "cost_per_round_predicted": t.cost_per_round if profiled else float("nan"),
                          "cost_per_round_measured": t.measured_cost_per_round(ar_step),
                          "identical_to_ar": r.identical,
                          "exit_histogram": dict(sorted(r.exits.items())),
@@ -416,27 +440,6 @@ def evaluate_held_out(train_env, eval_env, names: list[str], out: Path, prompts:
             save_records(out, res.records, tokenizer, eval_env.actions.exit_layers, eval_env.actions.k_max, prompts)
         show(to_markdown(res.live))
     return res
-
-
-def format_cell(v, floatfmt: str = ".3f") -> str:
-    """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``;
-    an undefined metric, NaN, as ``-``: :func:`lede_env.metrics.format_metric`), dicts as
-    ``key:value`` pairs."""
-    if isinstance(v, float):
-        return format_metric(v, ".3g" if v and abs(v) < 0.01 else floatfmt)
-    if isinstance(v, dict):
-        return " ".join(f"{k}:{c}" for k, c in v.items())
-    return str(v)
-
-
-def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
-    """A Markdown table of ``rows`` (dicts with the same keys)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(format_cell(r[k], floatfmt) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_results(out_dir: Path, name: str, rows: list[dict]) -> None:

@@ -124,19 +124,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from lede_env.calibration import HeadSpec, get_heads
     from lede_env.model import get_bundle
 
-    from .collect import CollectConfig, collect
-    from .evaluate import evaluate_held_out, held_out_envs, policy_throughput, to_markdown
+    from . import collect, plots, train  # noqa: F401 - the stages' modules first: a missing extra fails at once
+    from .evaluate import evaluate_held_out, held_out_envs
     from .export import export_policy
-    from .plots import plot_choices
     from .policies import best_static_action
-    from .train import TrainConfig, greedy_q_policy, train
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    minari_dir = (out / "minari").resolve()
-    if minari_dir.exists():
-        shutil.rmtree(minari_dir)
-    os.environ["MINARI_DATASETS_PATH"] = str(minari_dir)
+    out = _out_dir(cfg.out_dir)
     t_all = time.perf_counter()
 
     with _Stage(cfg, "model + exit heads"):
@@ -151,23 +144,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     console.print(f"best static action on training traces: E={E}, K={K} (throughput {static_tp:.3f})")
 
     with _Stage(cfg, "collect (Minari)"):
-        from .store import dataset_model_name
-
-        ds_id = f"lede/{dataset_model_name(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
-        dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),
-                          progress=progress, env_spec=cfg.env_kwargs(cfg.train_prompts))
-        console.print(f"dataset {ds_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
-
-    best = None
+        ds_id, dataset = _collect(cfg, train_env, progress)
     with _Stage(cfg, "train (d3rlpy)"):
-        for algo_name in cfg.algos:
-            tcfg = TrainConfig(dataset_id=ds_id, algo=algo_name, steps=cfg.steps, gamma=cfg.gamma, seed=cfg.seed,
-                               out_dir=str(out / "train" / algo_name), wandb=cfg.wandb)
-            algo, layout = train(tcfg, progress=progress, dataset=dataset)
-            tp = policy_throughput(train_env, greedy_q_policy(algo, layout))
-            console.print(f"{algo_name}: training-trace throughput {tp:.3f} (best static {static_tp:.3f})")
-            if best is None or tp > best[0]:
-                best = (tp, algo_name, algo)
+        best = _train_best(cfg, ds_id, dataset, train_env, static_tp, out, progress)
     with _Stage(cfg, "export"):
         policy_dir = export_policy(best[2], train_env, out / "policy", algo_name=best[1], gamma=cfg.gamma)
         console.print(f"exported {best[1]} to {policy_dir}")
@@ -193,27 +172,83 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                             progress=progress, stage=lambda name: _Stage(cfg, name), show=console.print)
     trace_rows, live_rows = res.trace, res.live
     if cfg.live:
-        agent_records = next((v for k, v in res.records.items() if k.startswith("agent:")), [])
-        if agent_records:
-            plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
-                         title=f"LEDE agent ({best[1]}) on {cfg.eval_prompts}")
-        same = all(r["identical_to_ar"] for r in live_rows)
-        console.print("[bold green]every method's output is identical to greedy AR[/]" if same else
-                      "[bold red]OUTPUT MISMATCH: some method differs from greedy AR[/]")
+        _show_live(cfg, res, eval_env, best[1], out)
     cfg.timings["total"] = round(time.perf_counter() - t_all, 1)
     summary = {"config": asdict(cfg), "static_best": [E, K], "agent": best[1], "trace": trace_rows,
                "live": live_rows, "timings": cfg.timings}
+    _write_results(cfg, out, summary)
+    return summary
+
+
+def _out_dir(out_dir: str) -> Path:
+    """The demo's output folder, made, with an empty ``minari/`` folder in it where Minari's
+    datasets go (``MINARI_DATASETS_PATH``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    minari_dir = (out / "minari").resolve()
+    if minari_dir.exists():
+        shutil.rmtree(minari_dir)
+    os.environ["MINARI_DATASETS_PATH"] = str(minari_dir)
+    return out
+
+
+def _collect(cfg: DemoConfig, train_env, progress: bool):
+    """The demo's Minari dataset, collected in the training env: ``(dataset id, dataset)``."""
+    from .collect import CollectConfig, collect
+    from .store import dataset_model_name
+
+    ds_id = f"lede/{dataset_model_name(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
+    dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),
+                      progress=progress, env_spec=cfg.env_kwargs(cfg.train_prompts))
+    console.print(f"dataset {ds_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
+    return ds_id, dataset
+
+
+def _train_best(cfg: DemoConfig, ds_id: str, dataset, train_env, static_tp: float, out: Path, progress: bool):
+    """Train each of ``cfg.algos`` on the dataset: ``(training-trace throughput, algo name,
+    algo)`` of the one of highest throughput (the first of the best)."""
+    from .evaluate import policy_throughput
+    from .train import TrainConfig, greedy_q_policy, train
+
+    best = None
+    for algo_name in cfg.algos:
+        tcfg = TrainConfig(dataset_id=ds_id, algo=algo_name, steps=cfg.steps, gamma=cfg.gamma, seed=cfg.seed,
+                           out_dir=str(out / "train" / algo_name), wandb=cfg.wandb)
+        algo, layout = train(tcfg, progress=progress, dataset=dataset)
+        tp = policy_throughput(train_env, greedy_q_policy(algo, layout))
+        console.print(f"{algo_name}: training-trace throughput {tp:.3f} (best static {static_tp:.3f})")
+        if best is None or tp > best[0]:
+            best = (tp, algo_name, algo)
+    return best
+
+
+def _show_live(cfg: DemoConfig, res, eval_env, algo_name: str, out: Path) -> None:
+    """After the live evaluation: plot the agent's choices (``agent_choices.png``) and say whether
+    every method's output is greedy AR's."""
+    from .plots import plot_choices
+
+    agent_records = next((v for k, v in res.records.items() if k.startswith("agent:")), [])
+    if agent_records:
+        plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
+                     title=f"LEDE agent ({algo_name}) on {cfg.eval_prompts}")
+    same = all(r["identical_to_ar"] for r in res.live)
+    console.print("[bold green]every method's output is identical to greedy AR[/]" if same else
+                  "[bold red]OUTPUT MISMATCH: some method differs from greedy AR[/]")
+
+
+def _write_results(cfg: DemoConfig, out: Path, summary: dict) -> None:
+    """``results.json`` (the summary), ``results.md`` (its tables) and the report of ``out``."""
+    from .evaluate import to_markdown
+    from .report import write_report
+
     write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=str))
     write_text_atomic(out / "results.md",
         f"# lede demo\n\nTrace env (held-out `{cfg.eval_prompts}`, throughput in tokens per AR-step cost):\n\n"
-        f"{to_markdown(trace_rows)}\n\nReal decoder (wall clock, same process):\n\n{to_markdown(live_rows)}\n\n"
-        f"Stage times (s): {json.dumps(cfg.timings)}\n")
-    from .report import write_report
-
+        f"{to_markdown(summary['trace'])}\n\nReal decoder (wall clock, same process):\n\n"
+        f"{to_markdown(summary['live'])}\n\nStage times (s): {json.dumps(cfg.timings)}\n")
     report = write_report(out)
     console.print(f"stage times (s): {cfg.timings}")
     console.print(f"results in {out}/results.md; plots and report in {report.parent}/ (report.md, report.html)")
-    return summary
 
 
 def _rename_agent(rows: list[dict], algo: str) -> None:

@@ -17,6 +17,8 @@ from typing import Optional
 
 from lede_env.storage import write_json_atomic, write_text_atomic
 
+from .tables import format_cell, to_markdown
+
 RECORDS_FORMAT = 1
 
 
@@ -63,7 +65,6 @@ def write_report(results: str | Path, out: Optional[str | Path] = None, max_text
         FileNotFoundError: ``results`` holds neither ``trace_eval.json`` nor ``live_eval.json``.
         ValueError: a results file is not valid JSON.
     """
-    from .evaluate import to_markdown
     from .plots import plot_acceptance, plot_choices, plot_speedup_by_category, plot_token_exits, token_exits_html
 
     res = Path(results)
@@ -130,8 +131,6 @@ def _spread(records: list[dict], n: int) -> list[dict]:
 
 def _html_table(rows: list[dict]) -> str:
     """An HTML table of ``rows`` (dicts with the same keys), numbers formatted as in the Markdown."""
-    from .evaluate import format_cell
-
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(r[k]))}</td>" for k in rows[0]) + "</tr>"
                     for r in rows)

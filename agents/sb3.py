@@ -212,7 +212,6 @@ def train_sb3(cfg, dataset, layout, flat_obs: np.ndarray, env: Optional[gym.Env]
         ValueError: an online algorithm without an env and a dataset without an env spec.
     """
     from stable_baselines3 import DQN, PPO
-    from stable_baselines3.common.callbacks import BaseCallback
 
     mean, std = observation_stats(flat_obs)
     space = dict_space(layout)
@@ -226,26 +225,7 @@ def train_sb3(cfg, dataset, layout, flat_obs: np.ndarray, env: Optional[gym.Env]
         model.set_logger(logger)
         fill_replay_buffer(model.replay_buffer, dataset, layout, mean, std)
         agent = SB3Agent(model, cfg.algo, layout, mean, std)
-        from tqdm.auto import tqdm
-
-        done, epoch = 0, 0
-        chunk = min(cfg.target_update_interval, cfg.steps_per_epoch)
-        with tqdm(total=cfg.steps, desc=f"train {cfg.algo}", disable=not progress) as bar:
-            while done < cfg.steps:
-                k = min(chunk, cfg.steps - done)
-                model.policy.set_training_mode(True)
-                model.train(gradient_steps=k, batch_size=cfg.batch_size)
-                done += k
-                bar.update(k)
-                if done % cfg.target_update_interval < k or done == cfg.steps:
-                    model.q_net_target.load_state_dict(model.q_net.state_dict())
-                if done % cfg.steps_per_epoch < k or done == cfg.steps:
-                    epoch += 1
-                    model.policy.set_training_mode(False)
-                    for key, v in (on_epoch(agent, epoch, done) if on_epoch else {}).items():
-                        logger.record(f"eval/{key}", v)
-                    logger.record("train/epoch", epoch)
-                    logger.dump(done)
+        _train_offline(cfg, model, agent, logger, progress, on_epoch)
         return agent
 
     if env is None:
@@ -262,6 +242,42 @@ def train_sb3(cfg, dataset, layout, flat_obs: np.ndarray, env: Optional[gym.Env]
                     policy_kwargs=net, seed=cfg.seed, device="cpu")
     model.set_logger(logger)
     agent = SB3Agent(model, cfg.algo, layout, mean, std)
+    model.learn(total_timesteps=cfg.steps, progress_bar=progress, callback=_eval_callback(cfg, model, agent, on_epoch))
+    logger.dump(model.num_timesteps)
+    model.policy.set_training_mode(False)
+    return agent
+
+
+def _train_offline(cfg, model, agent: SB3Agent, logger, progress: bool, on_epoch) -> None:
+    """The offline DQN's loop: ``cfg.steps`` gradient steps on its filled replay buffer, the target
+    network synced every ``cfg.target_update_interval`` steps, ``on_epoch`` evaluated and logged
+    every ``cfg.steps_per_epoch`` steps (and after the last)."""
+    from tqdm.auto import tqdm
+
+    done, epoch = 0, 0
+    chunk = min(cfg.target_update_interval, cfg.steps_per_epoch)
+    with tqdm(total=cfg.steps, desc=f"train {cfg.algo}", disable=not progress) as bar:
+        while done < cfg.steps:
+            k = min(chunk, cfg.steps - done)
+            model.policy.set_training_mode(True)
+            model.train(gradient_steps=k, batch_size=cfg.batch_size)
+            done += k
+            bar.update(k)
+            if done % cfg.target_update_interval < k or done == cfg.steps:
+                model.q_net_target.load_state_dict(model.q_net.state_dict())
+            if done % cfg.steps_per_epoch < k or done == cfg.steps:
+                epoch += 1
+                model.policy.set_training_mode(False)
+                for key, v in (on_epoch(agent, epoch, done) if on_epoch else {}).items():
+                    logger.record(f"eval/{key}", v)
+                logger.record("train/epoch", epoch)
+                logger.dump(done)
+
+
+def _eval_callback(cfg, model, agent: SB3Agent, on_epoch):
+    """The callback of an online algorithm's ``learn``: ``on_epoch`` evaluated (policy in eval
+    mode) and logged every ``cfg.steps_per_epoch`` env steps."""
+    from stable_baselines3.common.callbacks import BaseCallback
 
     class _Eval(BaseCallback):
         def _on_step(self) -> bool:
@@ -271,10 +287,7 @@ def train_sb3(cfg, dataset, layout, flat_obs: np.ndarray, env: Optional[gym.Env]
                     self.logger.record(f"eval/{key}", v)
             return True
 
-    model.learn(total_timesteps=cfg.steps, progress_bar=progress, callback=_Eval())
-    logger.dump(model.num_timesteps)
-    model.policy.set_training_mode(False)
-    return agent
+    return _Eval()
 
 
 def fill_replay_buffer(buffer, dataset, layout, mean: np.ndarray, std: np.ndarray) -> int:

@@ -183,13 +183,7 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
             env whose actions or observation layout differ from ``env``'s.
     """
     u = env.unwrapped
-    envs = [u] + [e.unwrapped for e in more_envs]
-    for v in envs:
-        if not isinstance(v, TraceEnv):
-            raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
-        if v.actions != u.actions or v.observer.layout() != u.observer.layout():
-            raise ValueError("trace_q's more_envs must share the env's action map and observation layout; build "
-                             "them with the same env arguments.")
+    envs = _trace_envs(u, more_envs)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lam = float(u.reward_lambda) if u.reward_mode == "relative" else 1.0
@@ -197,7 +191,6 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     if not exits:
         allowed = [a for a in allowed if a < u.actions.first_exit_action]
     static = u.best_static()[0]
-    n_act = u.actions.n
     col = {a: j for j, a in enumerate(allowed)}
     X: list[np.ndarray] = []
     Y: list[np.ndarray] = []
@@ -206,70 +199,128 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     relative = advantage and static in col
     info = {"lambda": lam, "useful": len(allowed), "static": int(static), "horizon": int(horizon),
             "advantage": bool(relative), "exact_horizon": bool(exact_horizon), "iterations": []}
+
+    def targets(v) -> np.ndarray:
+        """The targets at ``v``'s state, one per action now allowed (less the static's: ``relative``)."""
+        y = _targets(v, lam, allowed, horizon, static, exact_horizon)
+        return y - y[col[static]] if relative else y
+
+    def choose(flat: np.ndarray) -> int:
+        """The action taken in iteration ``it`` (with the net of the iteration before)."""
+        return _choose(rng, it, flat, allowed, static, epsilon, net, mean, std)
+
     for it in range(iterations):
-        for v, idx in ((v, idx) for v in envs for idx in v.playable):
-            obs, _ = v.reset(seed=seed + it, options={"prompt_index": idx})
-            done = False
-            while not done:
-                flat = v.flatten_observation(obs)
-                y = _targets(v, lam, allowed, horizon, static, exact_horizon)
-                if relative:
-                    y = y - y[col[static]]
-                X.append(flat)
-                Y.append(y)
-                if it == 0:
-                    a = static if rng.random() < 0.5 else int(rng.choice(allowed))
-                elif rng.random() < epsilon:
-                    a = int(rng.choice(allowed))
-                else:
-                    with torch.no_grad():
-                        q = net(torch.from_numpy((flat - mean) / std)[None])[0]
-                    a = allowed[int(q.argmax())]
-                obs, _, te, tr, _ = v.step(a)
-                done = te or tr
+        _visit(envs, seed + it, targets, choose, X, Y)
         if it == 0 and margin is not None:
-            means = np.stack(Y).mean(0)
-            keep = [j for j in range(len(allowed))
-                    if means[j] >= means.max() - margin or allowed[j] == static]  # the baseline stays
-            allowed = [allowed[j] for j in keep]
-            Y = [y[keep] for y in Y]
+            allowed, Y = _keep_candidates(Y, allowed, static, margin)
             col = {a: j for j, a in enumerate(allowed)}
             info["candidates"] = [list(u.actions.decode(a)) for a in allowed]
-        x = torch.from_numpy(np.stack(X))
-        y = torch.from_numpy(np.stack(Y))
-        mean = x.mean(0).numpy()
-        std = (x.std(0) + 1e-3).numpy()
-        xs = (x - torch.from_numpy(mean)) / torch.from_numpy(std)
-        layers: list[nn.Module] = []
-        width = x.shape[1]
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, len(allowed)))
-        net = nn.Sequential(*layers)  # refit from scratch on the aggregated states
-        opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
-        g = torch.Generator().manual_seed(seed + it)
-        n_steps = max(steps // iterations, 1)
-        for _ in range(n_steps):
-            b = torch.randint(0, xs.shape[0], (min(batch_size, xs.shape[0]),), generator=g)
-            loss = nn.functional.mse_loss(net(xs[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            agree = float((net(xs).argmax(-1) == y.argmax(-1)).float().mean())
-        m = {"iteration": it, "states": int(xs.shape[0]), "loss": float(loss.detach()), "best_action_agreement": agree}
+        net, mean, std, m = _fit(X, Y, hidden, learning_rate, batch_size, max(steps // iterations, 1), seed + it)
+        m = {"iteration": it} | m
         info["iterations"].append(m)
         if log is not None:
             log(m)
         if progress:
             print(f"trace_q iteration {it}: {m}")
+    policy = _greedy_policy(net, col, u.actions.n, mean, std, static, baseline_margin)
+    info["baseline"] = list(u.actions.decode(static))
+    return TraceQAgent(policy, allowed, info)
+
+
+def _trace_envs(u, more_envs: Sequence) -> list[TraceEnv]:
+    """``u`` and the unwrapped ``more_envs``, checked to be trace envs with ``u``'s actions and
+    observation layout (``ValueError`` otherwise, see :func:`train_trace_q`)."""
+    envs = [u] + [e.unwrapped for e in more_envs]
+    for v in envs:
+        if not isinstance(v, TraceEnv):
+            raise ValueError("trace_q needs the trace backend: every action's outcome comes from the traces.")
+        if v.actions != u.actions or v.observer.layout() != u.observer.layout():
+            raise ValueError("trace_q's more_envs must share the env's action map and observation layout; build "
+                             "them with the same env arguments.")
+    return envs
+
+
+def _visit(envs: list[TraceEnv], seed: int, targets, choose, X: list[np.ndarray], Y: list[np.ndarray]) -> None:
+    """One data-collection round: an episode per playable trace of each env (reset with ``seed``),
+    acting with ``choose(flat observation) -> action``; appends every visited state's flat
+    observation to ``X`` and its targets ``targets(env)`` (one per allowed action) to ``Y``."""
+    for v, idx in ((v, idx) for v in envs for idx in v.playable):
+        obs, _ = v.reset(seed=seed, options={"prompt_index": idx})
+        done = False
+        while not done:
+            flat = v.flatten_observation(obs)
+            X.append(flat)
+            Y.append(targets(v))
+            obs, _, te, tr, _ = v.step(choose(flat))
+            done = te or tr
+
+
+def _choose(rng: np.random.Generator, it: int, flat: np.ndarray, allowed: list[int], static: int, epsilon: float,
+            net, mean, std) -> int:
+    """The action taken at a visited state in iteration ``it``: the behaviour mixture first (the
+    static action or a random useful one, even odds), then the learner's argmax with
+    ``epsilon``-random useful actions."""
+    if it == 0:
+        return static if rng.random() < 0.5 else int(rng.choice(allowed))
+    if rng.random() < epsilon:
+        return int(rng.choice(allowed))
+    with torch.no_grad():
+        q = net(torch.from_numpy((flat - mean) / std)[None])[0]
+    return allowed[int(q.argmax())]
+
+
+def _keep_candidates(Y: list[np.ndarray], allowed: list[int], static: int,
+                     margin: float) -> tuple[list[int], list[np.ndarray]]:
+    """The allowed actions whose mean target is within ``margin`` of the best one's (the static
+    action always stays), and the targets ``Y`` of those actions only."""
+    means = np.stack(Y).mean(0)
+    keep = [j for j in range(len(allowed))
+            if means[j] >= means.max() - margin or allowed[j] == static]  # the baseline stays
+    return [allowed[j] for j in keep], [y[keep] for y in Y]
+
+
+def _fit(X: list[np.ndarray], Y: list[np.ndarray], hidden: tuple[int, ...], learning_rate: float, batch_size: int,
+         n_steps: int, seed: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray, dict]:
+    """An MLP fitted from scratch (``n_steps`` Adam steps) to regress the targets ``Y`` from the
+    standardised observations ``X``: ``(net, mean, std, metrics)``, metrics the number of states,
+    the last batch's loss and how often the net's argmax is the targets'."""
+    x = torch.from_numpy(np.stack(X))
+    y = torch.from_numpy(np.stack(Y))
+    mean = x.mean(0).numpy()
+    std = (x.std(0) + 1e-3).numpy()
+    xs = (x - torch.from_numpy(mean)) / torch.from_numpy(std)
+    layers: list[nn.Module] = []
+    width = x.shape[1]
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, y.shape[1]))
+    net = nn.Sequential(*layers)  # refit from scratch on the aggregated states
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        b = torch.randint(0, xs.shape[0], (min(batch_size, xs.shape[0]),), generator=g)
+        loss = nn.functional.mse_loss(net(xs[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        agree = float((net(xs).argmax(-1) == y.argmax(-1)).float().mean())
+    return net, mean, std, {"states": int(xs.shape[0]), "loss": float(loss.detach()), "best_action_agreement": agree}
+
+
+def _greedy_policy(net: nn.Sequential, col: dict[int, int], n_act: int, mean: np.ndarray, std: np.ndarray,
+                   static: int, baseline_margin: float) -> GreedyMLP:
+    """The :class:`~lede_env.policies.GreedyMLP` of a fitted net whose outputs are the actions of
+    ``col`` (``{action: output index}``): a full-width head (the other actions masked out), and the
+    actions other than ``static`` penalised by ``baseline_margin``."""
+    allowed = list(col)
     # the full-width head: -inf (a large penalty) on actions that cannot pay
-    full = nn.Linear(width, n_act)
+    last = net[-1]
+    full = nn.Linear(last.in_features, n_act)
     with torch.no_grad():
         full.weight.zero_()
         full.bias.zero_()
-        last = net[-1]
         for a, j in col.items():
             full.weight[a] = last.weight[j]
             full.bias[a] = last.bias[j]
@@ -280,6 +331,5 @@ def train_trace_q(env, steps: int = 3000, hidden: tuple[int, ...] = (64, 64), le
     if static in allowed and baseline_margin > 0:
         with torch.no_grad():
             policy.penalty[[a for a in allowed if a != static]] -= baseline_margin
-    info["baseline"] = list(u.actions.decode(static))
-    return TraceQAgent(policy, allowed, info)
+    return policy
 

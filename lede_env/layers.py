@@ -341,13 +341,88 @@ def _release(key: int, patch: bool, cpu: bool) -> None:
                 _GQA_STATE[1] = False
 
 
+class _BufferedKV:
+    """The methods of :class:`BufferedLayer`: a mixin over transformers' ``DynamicLayer``, which
+    :func:`buffered_layer_class` subclasses at first use (``super()`` here is ``DynamicLayer``'s)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._n = 0
+        self._kbuf = self._vbuf = None
+
+    def _reserve(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        cap = 0 if self._kbuf is None else self._kbuf.shape[-2]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 256)
+        kb = key_states.new_empty(key_states.shape[:-2] + (cap, key_states.shape[-1]))
+        vb = value_states.new_empty(value_states.shape[:-2] + (cap, value_states.shape[-1]))
+        if self._n:
+            kb[..., : self._n, :] = self._kbuf[..., : self._n, :]
+            vb[..., : self._n, :] = self._vbuf[..., : self._n, :]
+        self._kbuf, self._vbuf = kb, vb
+
+    def _views(self) -> None:
+        self.keys = self._kbuf[..., : self._n, :]
+        self.values = self._vbuf[..., : self._n, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append key_states / value_states [b, h, q, d]; return the cached keys and values
+        [b, h, n + q, d] (views of the buffer)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        self._reserve(self._n + q, key_states, value_states)
+        self._kbuf[..., self._n: self._n + q, :] = key_states
+        self._vbuf[..., self._n: self._n + q, :] = value_states
+        self._n += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers 5.x: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative count of positions to drop.")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._n = max(0, self._n + tokens_to_remove)
+        self._views()
+
+    def reset(self) -> None:
+        self._n = 0
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+    def _rebuild(self) -> None:
+        """After an operation that replaced keys/values (batch changes): buffer them again."""
+        k, v = self.keys, self.values
+        self._n, self._kbuf, self._vbuf = 0, None, None
+        if k is not None and k.numel():
+            self.update(k, v)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rebuild()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rebuild()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rebuild()
+
+
 @functools.lru_cache(maxsize=1)
 def buffered_layer_class():
     """The :class:`BufferedLayer` class (it subclasses transformers' ``DynamicLayer``, so it is
     made at first use rather than when lede is imported)."""
     from transformers.cache_utils import DynamicLayer
 
-    class BufferedLayer(DynamicLayer):
+    class BufferedLayer(_BufferedKV, DynamicLayer):
         """A KV-cache layer whose keys and values live in a buffer [b, h, capacity, d] that grows
         by doubling; :attr:`keys` / :attr:`values` are views of its first
         :meth:`get_seq_length` positions.
@@ -358,76 +433,6 @@ def buffered_layer_class():
         writes only its q new positions; cropping (rejected drafts) only
         moves the length back. Results are identical: attention reads the same values.
         """
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            super().lazy_initialization(key_states, value_states)
-            self._n = 0
-            self._kbuf = self._vbuf = None
-
-        def _reserve(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            cap = 0 if self._kbuf is None else self._kbuf.shape[-2]
-            if need <= cap:
-                return
-            cap = max(need, 2 * cap, 256)
-            kb = key_states.new_empty(key_states.shape[:-2] + (cap, key_states.shape[-1]))
-            vb = value_states.new_empty(value_states.shape[:-2] + (cap, value_states.shape[-1]))
-            if self._n:
-                kb[..., : self._n, :] = self._kbuf[..., : self._n, :]
-                vb[..., : self._n, :] = self._vbuf[..., : self._n, :]
-            self._kbuf, self._vbuf = kb, vb
-
-        def _views(self) -> None:
-            self.keys = self._kbuf[..., : self._n, :]
-            self.values = self._vbuf[..., : self._n, :]
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            """Append key_states / value_states [b, h, q, d]; return the cached keys and values
-            [b, h, n + q, d] (views of the buffer)."""
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            q = key_states.shape[-2]
-            self._reserve(self._n + q, key_states, value_states)
-            self._kbuf[..., self._n: self._n + q, :] = key_states
-            self._vbuf[..., self._n: self._n + q, :] = value_states
-            self._n += q
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self._n if self.is_initialized else 0
-
-        def crop(self, tokens_to_remove: int) -> None:
-            """Drop the last ``-tokens_to_remove`` positions (transformers 5.x: a negative count)."""
-            if tokens_to_remove > 0:
-                raise ValueError(f"crop({tokens_to_remove}): pass a negative count of positions to drop.")
-            if tokens_to_remove == 0 or not self.is_initialized:
-                return
-            self._n = max(0, self._n + tokens_to_remove)
-            self._views()
-
-        def reset(self) -> None:
-            self._n = 0
-            self._kbuf = self._vbuf = None
-            super().reset()
-
-        def _rebuild(self) -> None:
-            """After an operation that replaced keys/values (batch changes): buffer them again."""
-            k, v = self.keys, self.values
-            self._n, self._kbuf, self._vbuf = 0, None, None
-            if k is not None and k.numel():
-                self.update(k, v)
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            super().batch_repeat_interleave(repeats)
-            self._rebuild()
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            super().batch_select_indices(indices)
-            self._rebuild()
-
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            super().reorder_cache(beam_idx)
-            self._rebuild()
 
     return BufferedLayer
 

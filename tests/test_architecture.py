@@ -5,9 +5,11 @@
   inside ``lede_env`` imports go one way (no cycles);
 - decoding with an exported agent works with those libraries absent (they are blocked from
   import in a subprocess);
-- a command whose extra is missing says which extra to install, in one line.
+- a command whose extra is missing says which extra to install, in one line;
+- the modules of ``agents`` import one another one way only (no import cycle).
 """
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -106,3 +108,45 @@ def test_missing_extra_names_the_install_command():
     assert "pip install 'lede[rl]'" in msg
     assert "pip install 'lede[report]'" in missing_extra(ModuleNotFoundError("x", name="matplotlib.pyplot"))
     assert missing_extra(ModuleNotFoundError("x", name="not_an_extra")) is None
+
+
+def agents_imports() -> dict[str, set[str]]:
+    """``{module: the agents modules it imports}`` over ``agents/*.py``, read from this checkout's
+    files (every import statement, those inside functions too), not from what ``agents`` resolves
+    to in this process."""
+    mods = {p.stem for p in (ROOT / "agents").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for m in sorted(mods):
+        found = set()
+        for node in ast.walk(ast.parse((ROOT / "agents" / f"{m}.py").read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("agents.")}
+            elif isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                if base in (".", "agents"):
+                    found |= {a.name for a in node.names}
+                elif base.startswith((".", "agents.")):
+                    found.add(base.lstrip(".").removeprefix("agents.").split(".")[0])
+        graph[m] = found & mods - {m}
+    return graph
+
+
+def test_agents_modules_import_one_another_one_way_only():
+    graph = agents_imports()
+
+    def chain(a: str, b: str) -> list[str]:
+        """The shortest import chain from ``a`` to ``b`` (empty: there is none)."""
+        prev, todo = {a: a}, [a]
+        for m in todo:
+            for n in sorted(graph[m] - prev.keys()):
+                prev[n] = m
+                todo.append(n)
+        out = [b] if b in prev else []
+        while out and out[-1] != a:
+            out.append(prev[out[-1]])
+        return out[::-1]
+
+    assert sum(map(len, graph.values())) > 20, graph  # the walk found the imports
+    cycles = [" -> ".join(f"agents.{m}" for m in [a] + back)
+              for a in sorted(graph) for b in sorted(graph[a]) if (back := chain(b, a))]
+    assert not cycles, "\n".join(cycles)
