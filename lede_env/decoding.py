@@ -40,6 +40,7 @@ from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationH
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
+from .policies import own_stop_rule, reads_observations
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
 from .rules import RoundRules
 from .stopping import StopRule, as_stop_rule
@@ -583,7 +584,7 @@ class SelfSpeculativeDecoder:
                 (``config.max_position_embeddings``; exactly that many fit: drafts are clamped to
                 the budget, so no pass writes past the last kept token's position).
         """
-        want_obs = bool(getattr(policy, "needs_observation", False))
+        want_obs = reads_observations(policy)
         streamer = end_once(streamer)
         try:
             self._check_prompt(input_ids, max_new_tokens)
@@ -611,7 +612,7 @@ class SelfSpeculativeDecoder:
                 action = policy.act(self.observe(state))
                 t_policy = self.clock() - t_round
                 n_before = len(result.tokens)
-                rec = self.play_round(state, action, _stop_rule_of(policy, self.stop_rule))
+                rec = self.play_round(state, action, own_stop_rule(policy))  # None: the decoder's rule
                 self._apply_stop(state, stop)
                 rec.seconds, rec.policy_seconds = self.clock() - t_round, t_policy
                 policy.update(rec)
@@ -750,15 +751,6 @@ class SelfSpeculativeDecoder:
             raise ValueError(f"Prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) = {need} positions exceeds "
                              f"the model's context of {ctx} positions: {fix}.")
         return ids
-
-
-def _stop_rule_of(policy, default=None):
-    """The in-round stop rule a policy asks for: its ``stop_rule``, else its ``stop_threshold``,
-    else ``default``."""
-    rule = getattr(policy, "stop_rule", None)
-    if rule is None:
-        rule = getattr(policy, "stop_threshold", None)
-    return default if rule is None else rule
 
 
 def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: Sequence[int],

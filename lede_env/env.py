@@ -31,6 +31,7 @@ from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap
 from .model import ModelBundle
+from .policies import own_stop_rule, reads_observations
 from .config import BACKENDS, COST_SOURCES, REWARD_MODES, STOP_RULES, TaskConfig  # noqa: F401 - re-exported
 from .stopping import CalibratedStop
 from .task import env_settings, observation_config
@@ -506,17 +507,15 @@ class LEDEEnv(gym.Env):
     def playing(self, policy):
         """Within this block, rounds follow ``policy``'s own rules: the feature/policy overhead
         is charged only if it reads observations (:meth:`charging_overhead`), and its
-        ``stop_rule`` (or ``stop_threshold``) attribute, when present, replaces the env's
-        in-round stop rule (as the real decoder does for that policy)."""
+        own stop rule (:func:`~lede_env.policies.own_stop_rule`), when it has one, replaces the
+        env's in-round stop rule (as the real decoder does for that policy)."""
         saved = self.rules
-        if getattr(policy, "stop_rule", None) is not None:
-            self.rules = replace(saved, stop_rule=policy.stop_rule)
-            self._oracle_cache = {}
-        elif hasattr(policy, "stop_threshold"):
-            self.rules = replace(saved, stop_threshold=policy.stop_threshold)
+        rule = own_stop_rule(policy)
+        if rule is not None:
+            self.rules = replace(saved, stop_rule=rule)
             self._oracle_cache = {}
         try:
-            with self.charging_overhead(bool(getattr(policy, "needs_observation", False))):
+            with self.charging_overhead(reads_observations(policy)):
                 yield self
         finally:
             if self.rules is not saved:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from .decoding import RoundRecord
 from .metrics import RoundTotals
+from .policies import reads_observations
 
 
 @dataclass
@@ -83,7 +84,7 @@ def play_episode(env, policy: Optional[Any], seed: Optional[int] = None,
         policy.reset()
     ep = Episode(observations=[obs], reset_info=info)
     oracle = env.unwrapped.oracle_action if policy is None else None
-    wants_obs = bool(getattr(policy, "needs_observation", False))
+    wants_obs = reads_observations(policy)
     done = False
     while not done:
         a = oracle() if policy is None else policy.act(obs if wants_obs else None)

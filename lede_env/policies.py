@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout, verified_positions
-from .stopping import NO_STOP, DropStop, ThresholdStop
+from .stopping import NO_STOP, DropStop, ThresholdStop, as_stop_rule
 
 if TYPE_CHECKING:
     from .decoding import RoundRecord
@@ -49,6 +49,8 @@ class Policy(Protocol):
 
     Attributes:
         needs_observation: if false, the decoder skips computing observations (``act`` gets None).
+        stop_rule: optional :class:`~lede_env.stopping.StopRule` the policy's rounds follow
+            (``None`` or absent: the env's or decoder's own; :func:`own_stop_rule`).
         stop_threshold: optional float attribute (read every round when present): drafting
             stops after the first draft token whose draft-head probability is below it, so the
             action's K is a cap (confidence-threshold drafting; the env's ``stop_threshold``).
@@ -66,11 +68,31 @@ class Policy(Protocol):
         """Told the outcome of the round just played."""
 
 
+def reads_observations(policy) -> bool:
+    """Whether ``policy`` reads observations (:attr:`Policy.needs_observation`; a policy object
+    that does not declare it reads none): the decoder computes them, and charges the per-round
+    feature/policy overhead, only then."""
+    return bool(getattr(policy, "needs_observation", False))
+
+
+def own_stop_rule(policy):
+    """The in-round stop rule ``policy`` brings (its ``stop_rule``, else a rule from its
+    ``stop_threshold``), or ``None``: the env's or decoder's own applies. The one reading of a
+    policy's stop rule, shared by the decoder and the env (:meth:`lede_env.env.LEDEEnv.playing`)."""
+    rule = getattr(policy, "stop_rule", None)
+    if rule is None and getattr(policy, "stop_threshold", None) is not None:
+        rule = as_stop_rule(policy.stop_threshold)
+    return rule
+
+
 class BasePolicy:
-    """Defaults for :class:`Policy`: no observation needed, ``reset`` and ``update`` do nothing.
-    Subclasses implement :meth:`act` and override the rest only where they keep state."""
+    """Defaults for :class:`Policy`: no observation needed, the env's or decoder's in-round stop
+    rule, ``reset`` and ``update`` do nothing. Subclasses implement :meth:`act` and override the
+    rest only where they keep state."""
 
     needs_observation = False
+    #: the in-round stop rule this policy plays under (``None``: the env's or decoder's own)
+    stop_rule = None
 
     def reset(self) -> None:
         """Called at the start of every generation / episode."""

@@ -352,3 +352,26 @@ def test_agreement_by_category_weighs_categories_by_positions(tiny):
     for cat in {c.category for c in cs}:
         assert table[cat] == pytest.approx(agreement(heads, [seqs[c.id] for c in cs if c.category == cat]))
     assert table["all"] == pytest.approx(agreement(heads, list(seqs.values())))
+
+
+def test_a_policys_own_stop_rule_is_read_in_one_place_by_the_env_and_the_decoder(tiny_env):
+    """own_stop_rule: a policy's stop_rule, else its stop_threshold's rule, else None (the env's or
+    decoder's own); LEDEEnv.playing applies exactly that, also to a duck-typed policy object."""
+    from lede_env.policies import StaticPolicy, own_stop_rule, reads_observations
+    from lede_env.stopping import NO_STOP, ThresholdStop
+
+    class Duck:  # a policy object that is no BasePolicy
+        stop_threshold = 0.4
+
+        def act(self, obs):
+            return 0
+
+    assert own_stop_rule(Duck()) == ThresholdStop(0.4) and not reads_observations(Duck())
+    assert own_stop_rule(StaticPolicy(1)) is NO_STOP and own_stop_rule(object()) is None
+    env = tiny_env
+    before = env.rules
+    with env.playing(Duck()):
+        assert env.rules.stop == ThresholdStop(0.4)
+    with env.playing(object()):
+        assert env.rules.stop.describe() == before.stop.describe()  # no rule of its own: the env's
+    assert env.rules is before
