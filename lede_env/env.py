@@ -14,7 +14,6 @@ its own class on top of it:
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
