@@ -30,8 +30,8 @@ from .rules import RoundRules
 class LiveEnv(LEDEEnv):
     """The live backend of :class:`~lede_env.env.LEDEEnv` (``LEDE-Llama3-Live-v0``): each step plays
     one real round of the decoder (draft, verify, accept) on the loaded model.
-    ``LiveEnv.with_objects(bundle=..., heads=...)`` injects a loaded model and exit heads; ``prompts`` may also be a list of prompts as
-    token-id lists. ``env.unwrapped.ar_seconds`` is the unit of wall-clock costs
+    ``LiveEnv.with_objects(bundle=..., heads=...)`` injects a loaded model and exit heads;
+    ``prompts`` may also be a list of prompts as token-id lists. ``env.unwrapped.ar_seconds`` is the unit of wall-clock costs
     (``cost="wallclock"``), ``env.unwrapped.decoder`` the decoder that plays the rounds.
 
     Raises:
