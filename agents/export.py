@@ -65,6 +65,9 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
         man = u.manifest  # the trace set's manifest, or the live backend's description
         cfg = {
             "env": env_settings(u),  # the source of truth of the agent's task (older readers: the keys below)
+            # the whole task config it was trained in, resolved (model, prompts and sampling included):
+            # LEDEEnv(TaskConfig.from_dict(...)) rebuilds that env
+            "task_config": u.task_config.to_dict(),
             "format": EXPORT_FORMAT,
             "exit_layers": list(u.actions.exit_layers),
             "k_max": u.actions.k_max,

@@ -46,6 +46,22 @@ def test_export_writes_every_task_setting(agent):
     assert {k: again[k] for k in settings} == settings
 
 
+def test_the_exported_task_config_rebuilds_the_training_env(agent):
+    """policy.json holds the resolved task config of the env the agent was trained in: the env it
+    builds plays the same task (equal config; its task settings are the agent's ``"env"``)."""
+    from lede_env.config import TaskConfig
+    from lede_env.env import LEDEEnv
+    from lede_env.task import TASK_KEYS, normalise
+
+    _, path, _ = agent
+    cfg = json.loads((path / "policy.json").read_text())
+    task = TaskConfig.from_dict(cfg["task_config"])
+    env = LEDEEnv(task, progress=False)
+    assert env.task_config == task and env.reward_lambda == task.reward.lambda_
+    flat = task.to_kwargs()
+    assert normalise({k: flat[k] for k in TASK_KEYS}) == cfg["env"]
+
+
 def test_the_task_settings_are_the_task_configs_heads_observation_rules_and_reward():
     """TASK_KEYS: every setting of lede_env.config.TaskConfig but the model, the prompts, the
     token budget, sampling, the backend and the wall-clock cost switch (chosen where an agent is
