@@ -346,9 +346,9 @@ class LEDEEnv(gym.Env):
         self.reward_mode = config.reward.mode
         self.render_mode = render_mode
         self._load(objects, progress)
+        self._finish_rules(self.heads)
         self.action_space = spaces.Discrete(self.actions.n)
         self.observation_space = self.observer.space()
-        self._finish_rules(self.heads)
         # resolved: the exits the heads or traces have and the lambda "auto" gave, so that the
         # env this config builds elsewhere (from its JSON, a dataset, an agent) plays the same task
         self.task_config = replace(config, heads=replace(config.heads, exit_layers=tuple(self.actions.exit_layers)),
@@ -392,7 +392,8 @@ class LEDEEnv(gym.Env):
     # ---- what each backend provides ------------------------------------------------------------
     def _load(self, objects: "EnvObjects", progress: bool) -> None:
         """Load what the backend plays (from ``self.task_config`` and the injected ``objects``) and
-        set ``bundle``, ``heads``, ``profile``, ``actions``, ``rules``, ``observer`` and ``playable``.
+        set ``bundle``, ``heads``, ``profile``, ``actions``, ``rules`` and ``playable``, and
+        ``observer`` here or in :meth:`_finish_rules`.
 
         Raises:
             ValueError: objects or settings this backend does not take, or that do not fit together.

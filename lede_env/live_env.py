@@ -23,7 +23,7 @@ from .decoding import GenerationResult, Sampling, SelfSpeculativeDecoder
 from .env import LEDEEnv, head_spec
 from .model import describe_model, get_bundle
 from .prompts import load_prompts
-from .mdp import ActionMap, ObservationBuilder
+from .mdp import ActionMap
 from .rules import RoundRules
 
 
@@ -77,9 +77,6 @@ class LiveEnv(LEDEEnv):
         self.profile = profile
         self.actions = ActionMap(heads.exit_layers, k_max, c.rules.context_lengths)
         self.rules = RoundRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold)
-        self.observer = ObservationBuilder(self.obs_config, bundle.stack.hidden_size, len(heads.exit_layers),
-                                           bundle.stack.num_layers, k_max, bundle.stack.head_weight.shape[0],
-                                           tuple(heads.exit_layers))
         self.playable = list(range(len(self.prompts)))
         self.manifest = {"backend": "live", "model": {"name": bundle.name} | describe_model(bundle.model),
                          "exit_layers": list(heads.exit_layers),
@@ -102,6 +99,7 @@ class LiveEnv(LEDEEnv):
         # rules may drop the overhead, see charging_overhead)
         self.decoder = SelfSpeculativeDecoder.from_rules(self.bundle.stack, heads, replace(self.rules, profile=None),
                                                          self.obs_config)
+        self.observer = self.decoder.observer
         # the unit of wall-clock costs, timed under the env's finished rules
         self.ar_seconds = self._measure_ar_seconds() if self.cost == "wallclock" else None
 
