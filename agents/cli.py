@@ -87,13 +87,27 @@ def _exits(s: Optional[str]) -> Optional[list[int]]:
     return [int(x) for x in s.split(",")] if s else None
 
 
-def _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib, reward_mode,
-                cost_profile) -> dict:
+def _task(base=None, **options):
+    """The task config a command's options describe: the one place the CLI builds one.
+
+    Args:
+        base: the config the options change (default: ``TaskConfig()``, the ``LEDE-Llama3-v0``
+            defaults).
+        options: flat env keywords (:data:`lede_env.config.FLAT_KEYS`); ``exit_layers`` may be the
+            comma-separated option string. The process's weight dtype (``lede --dtype``; bf16 on
+            CUDA) is recorded where no ``dtype`` is given.
+
+    Exits with the config's own one-line message on a bad setting.
+    """
+    from lede_env.config import TaskConfig
     from lede_env.device import spec_dtype
 
-    return {"model": model, "prompts": prompts, "max_new_tokens": max_new_tokens, "exit_layers": _exits(exits),
-            "k_max": k_max, "head_kind": head_kind, "draft_vocab": draft_vocab, "calib_prompts": calib,
-            "reward_mode": reward_mode, "cost_profile": cost_profile, **spec_dtype()}
+    if isinstance(options.get("exit_layers"), str):
+        options["exit_layers"] = _exits(options["exit_layers"])
+    try:
+        return (base or TaskConfig()).replace(**{**spec_dtype(), **options})
+    except (TypeError, ValueError) as e:
+        fail(e)
 
 
 @traces_app.command("build")
@@ -290,22 +304,22 @@ def collect(dataset_id: str = "lede/smollm2-135m-instruct/humaneval-mixed-v0", e
         console.print(f"{r.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps; card {r.card_path}")
         return
 
-    kw = _env_kwargs(model, prompts, max_new_tokens, exits, k_max, head_kind, draft_vocab, calib_prompts,
-                     reward_mode, cost_profile)
+    live = {}
+    if (backend, temperature, top_p, top_k, cost) != ("trace", 0.0, 1.0, 0, "profile"):  # recorded in the env spec
+        live = dict(backend=backend, temperature=temperature, top_p=top_p, cost=cost, top_k=top_k or None)
+    task = _task(model=model, prompts=prompts, max_new_tokens=max_new_tokens, exit_layers=exits, k_max=k_max,
+                 head_kind=head_kind, draft_vocab=draft_vocab, calib_prompts=calib_prompts, reward_mode=reward_mode,
+                 cost_profile=cost_profile, **live)
     try:  # settings are checked before the env (and model) is loaded
         from agents.collect import parse_mixture
         from agents.store import check_dataset_id
 
         mix = parse_mixture(mixture)
-        if (backend, temperature, top_p, top_k, cost) != ("trace", 0.0, 1.0, 0, "profile"):  # recorded in the env spec
-            kw.update(backend=backend, temperature=temperature, top_p=top_p, cost=cost)
-            if top_k:
-                kw.update(top_k=top_k)
-            if backend == "live" and mixture == _DEFAULT_MIXTURE and mix.pop("oracle", None):
-                console.print(f"live backend: no oracle behaviour (it needs traces); mixture {mix}")
+        if backend == "live" and mixture == _DEFAULT_MIXTURE and mix.pop("oracle", None):
+            console.print(f"live backend: no oracle behaviour (it needs traces); mixture {mix}")
         cfg = CollectConfig(dataset_id=dataset_id, episodes=episodes, mixture=mix, seed=seed, shard=shard)
         check_dataset_id(dataset_id)
-        ds = run_collect(LEDEEnv(**kw), cfg, env_spec=kw)
+        ds = run_collect(LEDEEnv(task), cfg, env_spec=task)
     except ValueError as e:
         fail(e)
     console.print(f"{ds.spec.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
@@ -445,7 +459,7 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
     plays copy actions (copy-else:M,E,T, static:0,K) switches them on."""
     from agents.evaluate import evaluate_held_out, held_out_envs
     from lede_env.device import spec_dtype
-    from lede_env.task import settings_for
+    from lede_env.task import task_for
 
     names = [p for p in split_policies(policies)]
     given = {k: v for k, v in dict(
@@ -456,21 +470,22 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
     try:
         from lede_env.prompts import check_disjoint
 
-        settings = settings_for(names, given, {"cost_profile": "measured"})  # (the env's defaults, measured costs)
+        # (the env's defaults, measured costs; an agent's own stored task)
+        task = task_for(names, given, {"cost_profile": "measured"}, model=model, max_new_tokens=max_new_tokens,
+                        **spec_dtype())
         check_disjoint(training=train_prompts, held_out=prompts)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         fail(e)
-    k_max = settings["k_max"]
-    common = dict(model=model, max_new_tokens=max_new_tokens, **settings, **spec_dtype())
+    k_max = task.rules.k_max
     # lambda and static:best come from training traces
-    train_env, eval_env = held_out_envs(common, train_prompts, prompts)
+    train_env, eval_env = held_out_envs(task, train_prompts, prompts)
     res = evaluate_held_out(train_env, eval_env, names, out, prompts, live=live, show=console.print)
     trace_rows, records = res.trace, res.records
     rows = res.live if live else trace_rows
     plot_rows = rows
     from agents.evaluate import log_to_wandb
 
-    log_to_wandb(wandb, "lede", f"evaluate-{prompts}", {"policies": names, "prompts": prompts, **common},
+    log_to_wandb(wandb, "lede", f"evaluate-{prompts}", {"policies": names, **task.to_kwargs(), "prompts": prompts},
                  {"trace_eval": trace_rows, "live_eval": rows if live else []}, out)
     if plots:
         from agents.plots import plot_choices, plot_speedup_by_category
@@ -589,14 +604,15 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
     """The main job: traces -> env -> Minari dataset -> offline RL -> export -> evaluation table,
     on the embedded model (its time and table on the reference machine: docs/performance.md)."""
     from agents.pipeline import DemoConfig, run_demo
+    from lede_env.config import studied_task
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(DemoConfig(model=model, head_kind=head_kind, train_prompts=train_prompts, eval_prompts=eval_prompts, calib_prompts=calib_prompts,
-                        max_new_tokens=max_new_tokens,
-                        episodes=episodes, steps=steps, reward_mode=reward_mode, gamma=gamma, seed=seed,
-                        out_dir=str(out), wandb=wandb, live=live,
-                        context_lengths=tuple(int(x) for x in context_lengths.split(",") if x.strip()),
-                        context_datastore=context_datastore))
+    lengths = tuple(int(x) for x in context_lengths.split(",") if x.strip())
+    task = _task(studied_task(), model=model, head_kind=head_kind, prompts=train_prompts, calib_prompts=calib_prompts,
+                 max_new_tokens=max_new_tokens, reward_mode=reward_mode, context_lengths=lengths,
+                 context_datastore=context_datastore and bool(lengths))
+    run_demo(DemoConfig(task=task, eval_prompts=eval_prompts, episodes=episodes, steps=steps, gamma=gamma, seed=seed,
+                        out_dir=str(out), wandb=wandb, live=live))
 
 
 #: optional module -> the extra that installs it (``pip install 'lede[EXTRA]'``)

@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from lede_env.config import TaskConfig
 from lede_env.episodes import play_episode
 from lede_env.live_env import LiveEnv
 from lede_env.policies import EpsilonPolicy, HeuristicPolicy, RandomPolicy, StaticPolicy
@@ -286,7 +287,8 @@ def episode_plan(env, config: CollectConfig, episode_index: int, kinds: list[str
 def env_spec_for(env, kwargs):
     """A gymnasium ``EnvSpec`` that rebuilds the env (``minari``'s ``recover_environment``).
 
-    The kwargs are completed from ``env`` with everything that fixes its MDP, so the recovered env
+    ``kwargs`` are flat env keywords or a :class:`~lede_env.config.TaskConfig` (stored as the flat
+    keywords where it differs from the defaults, and its model and prompts). The kwargs are completed from ``env`` with everything that fixes its MDP, so the recovered env
     is the same one even where the given kwargs relied on defaults: the exit layers, ``k_max``,
     ``max_new_tokens``, reward mode, replay rules, observation settings, and the cost profile
     itself (a dict, so a ``"measured"`` profile is not re-measured on another machine); for the
@@ -299,6 +301,9 @@ def env_spec_for(env, kwargs):
 
     if kwargs is None or isinstance(kwargs, EnvSpec):
         return kwargs
+    if isinstance(kwargs, TaskConfig):
+        default = TaskConfig().to_kwargs()
+        kwargs = {k: v for k, v in kwargs.to_kwargs().items() if k in ("model", "prompts") or v != default[k]}
     u = env.unwrapped
     kw = dict(kwargs)
     kw.update({"exit_layers": list(u.actions.exit_layers), "k_max": u.actions.k_max,

@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lede_env.config import TaskConfig
 from lede_env.decoding import PlanPolicy, SelfSpeculativeDecoder, StaticPolicy, greedy_reference
 from lede_env.metrics import RoundTotals, speedup, tokens_per_second
 from lede_env.device import synchronize
@@ -331,13 +332,13 @@ def _live_rows(res: dict, groups: list[str], names: list[str], env, static_best:
     return rows
 
 
-def held_out_envs(env_kwargs: dict, train_prompts: str, eval_prompts: str, progress: bool = True,
+def held_out_envs(config: TaskConfig, train_prompts: str, eval_prompts: str, progress: bool = True,
                   stage=None) -> tuple:
     """The training env and the held-out evaluation env of ``lede evaluate`` and ``lede demo``.
 
     Args:
-        env_kwargs: ``LEDEEnv`` keyword arguments shared by both (any ``prompts`` is replaced; a
-            ``reward_lambda`` given, e.g. an exported agent's, is kept by both).
+        config: the task both play (:class:`~lede_env.config.TaskConfig`; its ``prompts`` are
+            replaced; a ``reward_lambda`` it fixes, e.g. an exported agent's, is kept by both).
         train_prompts: prompts whose traces choose lambda (reward and stop rule) and ``static:best``.
         eval_prompts: the held-out prompts (the caller checks they are disjoint from the others:
             :func:`lede_env.prompts.check_disjoint`).
@@ -354,9 +355,9 @@ def held_out_envs(env_kwargs: dict, train_prompts: str, eval_prompts: str, progr
 
     stage = stage or (lambda name: nullcontext())
     with stage("traces + env (train)"):
-        train_env = LEDEEnv(**(env_kwargs | {"prompts": train_prompts}), progress=progress)
+        train_env = LEDEEnv(config.replace(prompts=train_prompts), progress=progress)
     with stage("traces + env (eval)"):
-        eval_env = LEDEEnv(**(env_kwargs | {"prompts": eval_prompts, "reward_lambda": train_env.reward_lambda}),
+        eval_env = LEDEEnv(config.replace(prompts=eval_prompts, reward_lambda=train_env.reward_lambda),
                            progress=progress)
     return train_env, eval_env
 

@@ -16,40 +16,25 @@ from typing import Optional
 
 from rich.console import Console
 
+from lede_env.config import TaskConfig, studied_task
 from lede_env.storage import write_text_atomic
-from lede_env.prompts import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MAX_NEW, DEFAULT_TRAIN
+from lede_env.prompts import DEFAULT_EVAL
 
 console = Console()
 
 
 @dataclass
 class DemoConfig:
-    """Settings of ``lede demo``.
+    """Settings of ``lede demo``: the task it trains in, and the pipeline's own.
 
     Attributes:
-        model: model id/path (``None`` = embedded SmolLM2-135M-Instruct).
-        train_prompts: prompts for the training traces, the dataset and the agent.
+        task: the training task (its ``prompts`` are the training prompts: the traces, the dataset
+            and the agent's; default :func:`lede_env.config.studied_task`, the task lede studies:
+            context copies of 1-8 tokens with the model's datastore, the compact observation, the
+            calibrated in-round stop rule, the relative reward, costs measured on this machine).
+            The held-out env is the same task on ``eval_prompts``.
         eval_prompts: held-out prompts for evaluation (never used for fitting or training).
-        calib_prompts: prompts whose greedy continuations fit the exit heads (disjoint from both).
-        max_new_tokens: tokens generated per prompt.
-        k_max: largest speculation length.
-        head_kind, draft_vocab: exit heads (see ``lede_env.exits``).
-        cost_profile: ``"measured"`` (on this machine), ``"analytic"`` or a JSON path.
-        reward_mode, gamma: the MDP's reward (default ``relative``: tokens - lambda * cost, lambda the
-            best static throughput on the training traces) and the agent's discount.
-        obs_kind: the observation (``compact``: what the rounds computed plus running acceptance;
-            ``full``: hidden-state context and every exit's statistics).
-        stop_rule: the in-round stop rule (``calibrated`` or ``None``).
-        context_lengths: copy lengths of the context actions (prompt lookup: the agent picks how
-            many tokens copied from the context to verify, or an exit draft, or a plain AR step).
-        obs_stat_exits: shallowest exits whose head statistics the compact observation carries
-            (0: none; each costs a head call per round in the decoding loop; measured in
-            ``docs/experiments.md``).
-        context_datastore: where the context has no match, context drafts come from the model's
-            datastore of its own text (``lede_env.datastore``; its wall-clock gain is measured by
-            ``benchmarks/datastore_drafts.py --live 3``, see ``docs/performance.md``).
-        obs_context_span: the context features hold the matched span (``lede_env.lookup.match_span``;
-            what it gave ``trace_q`` in the trace env: ``docs/experiments.md``).
+        gamma: the agent's discount.
         episodes: dataset episodes.
         algos: offline algorithms to train; the best on training traces is exported.
         steps: gradient steps per algorithm.
@@ -61,23 +46,9 @@ class DemoConfig:
             (``None``: all); the trace env always evaluates all of them.
     """
 
-    model: Optional[str] = None
-    train_prompts: str = DEFAULT_TRAIN
+    task: TaskConfig = field(default_factory=studied_task)
     eval_prompts: str = DEFAULT_EVAL
-    calib_prompts: str = DEFAULT_CALIB
-    max_new_tokens: int = DEFAULT_MAX_NEW
-    k_max: int = 8
-    head_kind: str = "affine-kl"
-    draft_vocab: Optional[int] = 8192
-    cost_profile: str = "measured"
-    reward_mode: str = "relative"
     gamma: float = 0.5
-    obs_kind: str = "compact"
-    stop_rule: Optional[str] = "calibrated"
-    context_lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-    context_datastore: bool = True
-    obs_stat_exits: int = 0
-    obs_context_span: bool = True
     episodes: int = 300
     algos: tuple[str, ...] = ("trace_q", "discrete_cql")
     steps: int = 6000
@@ -88,16 +59,18 @@ class DemoConfig:
     live_per_category: Optional[int] = 2
     timings: dict = field(default_factory=dict)
 
-    def env_kwargs(self, prompts: str) -> dict:
-        """JSON-serialisable ``LEDE-Llama3-v0`` kwargs for a prompt set."""
+    @property
+    def train_prompts(self) -> str:
+        """The training prompts (the task's)."""
+        return self.task.prompts
+
+    def task_for(self, prompts: str, **changes) -> TaskConfig:
+        """The demo's task on ``prompts`` (with some flat settings changed), at this process's
+        weight dtype where the task names none (``lede --dtype``; bf16 on CUDA)."""
         from lede_env.device import spec_dtype
 
-        return {"model": self.model, "prompts": prompts, "max_new_tokens": self.max_new_tokens, "k_max": self.k_max,
-                "head_kind": self.head_kind, "draft_vocab": self.draft_vocab, "calib_prompts": self.calib_prompts,
-                "reward_mode": self.reward_mode, "cost_profile": self.cost_profile, "obs_kind": self.obs_kind,
-                "stop_rule": self.stop_rule, "context_lengths": list(self.context_lengths),
-                "context_datastore": self.context_datastore and bool(self.context_lengths),
-                "obs_stat_exits": self.obs_stat_exits, "obs_context_span": self.obs_context_span, **spec_dtype()}
+        dtype = {} if self.task.model.dtype else spec_dtype()
+        return self.task.replace(prompts=prompts, **dtype, **changes)
 
 
 class _Stage:
@@ -120,8 +93,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     Returns:
         ``{"trace": rows, "live": rows, "timings": {...}, "static_best": (E, K), "agent": algo}``.
     """
-    from lede_env.env import LEDEEnv
-    from lede_env.calibration import HeadSpec, get_heads
+    from lede_env.calibration import get_heads
+    from lede_env.env import LEDEEnv, head_spec
     from lede_env.model import get_bundle
 
     from . import collect, plots, train  # noqa: F401 - the stages' modules first: a missing extra fails at once
@@ -133,11 +106,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     t_all = time.perf_counter()
 
     with _Stage(cfg, "model + exit heads"):
-        bundle = get_bundle(cfg.model)
-        heads = get_heads(bundle, HeadSpec(None, cfg.head_kind, cfg.draft_vocab, calib_prompts=cfg.calib_prompts),
-                          progress=progress)
+        bundle = get_bundle(cfg.task.model.name)
+        heads = get_heads(bundle, head_spec(cfg.task), progress=progress)
     # lambda (reward and stop rule) from the training traces, never from held-out ones
-    train_env, eval_env = held_out_envs(cfg.env_kwargs(cfg.train_prompts), cfg.train_prompts, cfg.eval_prompts,
+    train_env, eval_env = held_out_envs(cfg.task_for(cfg.train_prompts), cfg.train_prompts, cfg.eval_prompts,
                                         progress=progress, stage=lambda name: _Stage(cfg, name))
     static_best, static_tp = best_static_action(train_env)
     E, K = train_env.actions.decode(static_best)
@@ -152,7 +124,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         console.print(f"exported {best[1]} to {policy_dir}")
 
     # static:0,4 = a context draft of up to 4 copied tokens every round: `lede generate`'s default
-    copy4 = ["static:0,4"] if 4 in cfg.context_lengths and (E, K) != (0, 4) else []  # unless it is static:best
+    copy4 = ["static:0,4"] if 4 in cfg.task.rules.context_lengths and (E, K) != (0, 4) else []  # unless it is static:best
     names = ["ar", "static:best", *copy4, "del", f"agent:{policy_dir}", "oracle"]
 
     def live_subset():
@@ -163,8 +135,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         from lede_env.prompts import first_per_category, load_prompts, write_prompt_file
 
         subset = first_per_category(load_prompts(cfg.eval_prompts), cfg.live_per_category)
-        return LEDEEnv(**(cfg.env_kwargs(write_prompt_file(subset, out / "live_prompts.jsonl"))
-                          | {"reward_lambda": eval_env.reward_lambda}), progress=progress)
+        return LEDEEnv(cfg.task_for(write_prompt_file(subset, out / "live_prompts.jsonl"),
+                                    reward_lambda=eval_env.reward_lambda), progress=progress)
 
     res = evaluate_held_out(train_env, eval_env, names, out, cfg.eval_prompts, static_best=static_best,
                             live=cfg.live, live_names=["ar", "hf", "hf-lookup:10"] + names[1:], live_env=live_subset,
@@ -199,7 +171,7 @@ def _collect(cfg: DemoConfig, train_env, progress: bool):
 
     ds_id = f"lede/{dataset_model_name(train_env.trace_set.manifest['model']['name'])}/multidomain-mixed-v0"
     dataset = collect(train_env, CollectConfig(dataset_id=ds_id, episodes=cfg.episodes, seed=cfg.seed),
-                      progress=progress, env_spec=cfg.env_kwargs(cfg.train_prompts))
+                      progress=progress, env_spec=cfg.task_for(cfg.train_prompts))
     console.print(f"dataset {ds_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
     return ds_id, dataset
 
@@ -229,7 +201,7 @@ def _show_live(cfg: DemoConfig, res, eval_env, algo_name: str, out: Path) -> Non
 
     agent_records = next((v for k, v in res.records.items() if k.startswith("agent:")), [])
     if agent_records:
-        plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.k_max,
+        plot_choices(agent_records, out / "agent_choices.png", eval_env.actions.exit_layers, cfg.task.rules.k_max,
                      title=f"LEDE agent ({algo_name}) on {cfg.eval_prompts}")
     same = all(r["identical_to_ar"] for r in res.live)
     console.print("[bold green]every method's output is identical to greedy AR[/]" if same else

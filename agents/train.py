@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lede_env.mdp import flatten_by_layout
+from lede_env.policies import PredictorPolicy
 from lede_env.storage import atomic_folder
 
 D3RLPY_ALGOS = ("discrete_cql", "dqn", "double_dqn", "discrete_bcq", "discrete_bc")
@@ -372,23 +372,10 @@ def evaluate_agent(agent, layout, eval_env) -> dict:
                                        "acceptance")}
 
 
-def greedy_q_policy(algo, layout):
-    """Wrap a trained agent (d3rlpy algorithm or :class:`agents.sb3.SB3Agent`) as a lede policy
-    acting on Dict observations (for evaluation before export)."""
-
-    class _P:
-        needs_observation = True
-
-        def reset(self):
-            pass
-
-        def act(self, obs):
-            return int(algo.predict(flatten_by_layout(obs, layout)[None])[0])
-
-        def update(self, record):
-            pass
-
-    return _P()
+def greedy_q_policy(algo, layout) -> PredictorPolicy:
+    """A trained agent (d3rlpy algorithm or :class:`agents.sb3.SB3Agent`) as a lede policy acting
+    on Dict observations (for evaluation before export): its greedy action each round."""
+    return PredictorPolicy(algo.predict, layout)
 
 
 def load_algo(path: str | Path, device: str = "cpu:0"):

@@ -28,23 +28,23 @@ def main() -> None:
     from tempfile import TemporaryDirectory
 
     from agents.evaluate import live_eval, to_markdown, trace_eval
-    from agents.pipeline import DemoConfig
+    from lede_env.config import studied_task
     from agents.policies import best_static_action
     from lede_env.env import LEDEEnv
     from lede_env.policies import split_policies
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN, first_per_category, load_prompts, write_prompt_file
 
-    demo = DemoConfig(head_kind=args.head_kind)  # the demo's env: copies of 1-8 tokens, datastore, compact
+    demo = studied_task(head_kind=args.head_kind)  # the demo's env: copies of 1-8 tokens, datastore, compact
     names = split_policies(args.policies)
     with warnings.catch_warnings(), TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        train = LEDEEnv(**demo.env_kwargs(DEFAULT_TRAIN), progress=False)
+        train = LEDEEnv(demo.replace(prompts=DEFAULT_TRAIN), progress=False)
         static = best_static_action(train)[0]
-        held = LEDEEnv(**demo.env_kwargs(DEFAULT_EVAL), progress=False, reward_lambda=train.reward_lambda)
+        held = LEDEEnv(demo.replace(prompts=DEFAULT_EVAL, reward_lambda=train.reward_lambda), progress=False)
         trace_rows = trace_eval(held, ["ar", *names, "oracle"], static, by_category=False)
         subset = write_prompt_file(first_per_category(load_prompts(DEFAULT_EVAL), args.per_category),
                                    Path(tmp) / "prompts.jsonl")
-        env = LEDEEnv(**demo.env_kwargs(str(subset)), progress=False, reward_lambda=train.reward_lambda)
+        env = LEDEEnv(demo.replace(prompts=str(subset), reward_lambda=train.reward_lambda), progress=False)
         dec = env.make_decoder()
         runs = [live_eval(env, dec, ["ar", *names, "oracle"], static, progress=False, warmup=r == 0)
                 for r in range(args.repeats)]

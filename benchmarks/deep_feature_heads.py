@@ -119,18 +119,18 @@ def replay(b, base, exits, first_heads) -> None:
     import warnings
 
     from agents.evaluate import to_markdown, trace_eval
-    from agents.pipeline import DemoConfig
+    from lede_env.config import studied_task
     from agents.policies import best_static_action
     from lede_env.env import LEDEEnv
     from lede_env.exits import teacher_forced
     from lede_env.policies import CopyElseDraftPolicy
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN
 
-    demo = DemoConfig()  # the demo's env (shipped heads): copies of 1-8 tokens, datastore, compact observation
+    demo = studied_task()  # the demo's env (shipped heads): copies of 1-8 tokens, datastore, compact observation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train = LEDEEnv(**demo.env_kwargs(DEFAULT_TRAIN), progress=False)
-        held = LEDEEnv(**demo.env_kwargs(DEFAULT_EVAL), progress=False, reward_lambda=train.reward_lambda)
+        train = LEDEEnv(demo.replace(prompts=DEFAULT_TRAIN), progress=False)
+        held = LEDEEnv(demo.replace(prompts=DEFAULT_EVAL, reward_lambda=train.reward_lambda), progress=False)
     static = best_static_action(train)[0]
     actions = held.unwrapped.actions
 

@@ -27,7 +27,7 @@ def main() -> None:
     import numpy as np
 
     from agents.evaluate import to_markdown
-    from agents.pipeline import DemoConfig
+    from lede_env.config import studied_task
     from agents.policies import best_static_action
     from agents.trace_q import _targets
     from lede_env.env import LEDEEnv
@@ -35,11 +35,11 @@ def main() -> None:
     from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN
     from lede_env.replay import replay_round, useful_actions
 
-    demo = DemoConfig(head_kind=args.head_kind)  # the demo's env: copies of 1-8 tokens, datastore, compact
+    demo = studied_task(head_kind=args.head_kind)  # the demo's env: copies of 1-8 tokens, datastore, compact
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train = LEDEEnv(**demo.env_kwargs(DEFAULT_TRAIN), progress=False)
-        held = LEDEEnv(**demo.env_kwargs(DEFAULT_EVAL), progress=False, reward_lambda=train.reward_lambda)
+        train = LEDEEnv(demo.replace(prompts=DEFAULT_TRAIN), progress=False)
+        held = LEDEEnv(demo.replace(prompts=DEFAULT_EVAL, reward_lambda=train.reward_lambda), progress=False)
     static = best_static_action(train)[0]
     u = held.unwrapped
     allowed = useful_actions(u.rules)

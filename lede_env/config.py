@@ -492,6 +492,32 @@ class TaskConfig:
         return cls.from_dict(d)
 
 
+#: the flat settings of the task lede studies, where they differ from :class:`TaskConfig`'s
+#: defaults: multi-domain training prompts, exit drafts plus context copies of 1-8 tokens that fall
+#: back to the model's datastore, the compact observation with the matched span, the calibrated
+#: in-round stop rule and the relative reward (what ``lede demo`` trains and evaluates)
+STUDIED_SETTINGS: dict[str, Any] = {
+    "prompts": DEFAULT_TRAIN, "obs_kind": "compact", "obs_stat_exits": 0, "obs_context_span": True,
+    "stop_rule": "calibrated", "context_lengths": [1, 2, 3, 4, 6, 8], "context_datastore": True,
+    "reward_mode": "relative", "cost_profile": "measured",
+}
+
+
+def studied_task(**overrides) -> TaskConfig:
+    """The task lede studies (:data:`STUDIED_SETTINGS`), with some flat settings changed.
+
+    Switching the context actions off (``context_lengths=()`` and no ``context_draft``) also
+    switches their datastore off unless ``context_datastore`` is given.
+
+    Raises:
+        TypeError, ValueError: as :meth:`TaskConfig.from_kwargs`.
+    """
+    kw = {**STUDIED_SETTINGS, **overrides}
+    if "context_datastore" not in overrides and not kw.get("context_lengths") and not kw.get("context_draft"):
+        kw["context_datastore"] = False
+    return TaskConfig.from_kwargs(**kw)
+
+
 def _jsonable(v):
     """Tuples to lists, recursively (JSON has no tuples)."""
     if isinstance(v, (tuple, list)):
@@ -502,5 +528,5 @@ def _jsonable(v):
 
 
 __all__ = ["BACKENDS", "COST_SOURCES", "FLAT_KEYS", "HEAD_KINDS", "HeadConfig", "ModelConfig", "OBSERVATION_KINDS",
-           "ObsConfig", "REWARD_MODES", "RewardConfig", "RulesConfig", "STOP_RULES", "SamplingConfig", "TaskConfig",
-           "normalize_exit_layers"]
+           "ObsConfig", "REWARD_MODES", "RewardConfig", "RulesConfig", "STOP_RULES", "STUDIED_SETTINGS", "SamplingConfig",
+           "TaskConfig", "normalize_exit_layers", "studied_task"]

@@ -28,42 +28,11 @@ from .exits import ExitHeads
 from .mdp import ObservationConfig
 from .layers import LayerStack
 from .model import ModelBundle
-from .policies import BasePolicy, GreedyMLP, numpy_mlp_twin
+from .policies import DesignPolicy, GreedyMLP, numpy_mlp_twin
 from .prompts import DEFAULT_CALIB, first_per_category, load_prompts
 
 #: Rounds timed by default: about 30 s on 2 CPU cores with the embedded model.
 DEFAULT_LOOP_ROUNDS = 400
-
-
-class DesignPolicy(BasePolicy):
-    """Random actions for timing rounds, held for runs of 1..``max_run`` rounds (policies repeat
-    actions, and a round after rounds of its own kind runs faster than one after others): each
-    run plays action 0 (an AR step, or a context draft where the context matches) with
-    probability ``p_action0``, else an (E, K) drawn uniformly.
-
-    With ``probe`` (a callable on the observation, e.g. a Q-network's forward pass on the
-    flattened observation) the decoder computes observations and the probe runs every round, so
-    the rounds' ``policy_seconds`` time an agent's per-round overhead inside the loop."""
-
-    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0, max_run: int = 8,
-                 probe=None) -> None:
-        if n_actions < 1 or max_run < 1:
-            raise ValueError(f"n_actions={n_actions} and max_run={max_run} must be >= 1.")
-        self.n, self.p0, self.max_run = int(n_actions), float(p_action0), int(max_run)
-        self.rng = np.random.default_rng(seed)
-        self._action, self._left = 0, 0
-        self.probe = probe
-        self.needs_observation = probe is not None
-
-    def act(self, obs) -> int:
-        if self.probe is not None:
-            self.probe(obs)
-        if self._left == 0:
-            draw0 = self.n == 1 or self.rng.random() < self.p0
-            self._action = 0 if draw0 else int(self.rng.integers(1, self.n))
-            self._left = int(self.rng.integers(1, self.max_run + 1))
-        self._left -= 1
-        return self._action
 
 
 def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequence[Sequence[int]],
@@ -77,7 +46,7 @@ def time_rounds(stack: LayerStack, heads: ExitHeads, k_max: int, prompts: Sequen
         prompts: token ids of each prompt (non-empty).
         max_new_tokens: tokens generated per prompt.
         obs_config, probe: observations of this layout are computed every round and given to
-            ``probe(decoder, obs)`` (see :class:`DesignPolicy`); ``policy_seconds`` receives each
+            ``probe(decoder, obs)`` (see :class:`~lede_env.policies.DesignPolicy`); ``policy_seconds`` receives each
             round's observation + probe time.
 
     Returns:

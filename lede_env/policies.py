@@ -10,6 +10,9 @@ None of them needs an RL library: an exported agent runs from its TorchScript (o
 - :class:`HeuristicPolicy` - transformers' assisted-generation schedule: K += 2 after a fully
   accepted round, K -= 1 otherwise, at a fixed exit.
 - :class:`EpsilonPolicy` - another policy with epsilon-random exploration.
+- :class:`DesignPolicy` - random actions held for runs of rounds (timing rounds for the cost
+  profile, :mod:`lede_env.loop_profile`).
+- :class:`PredictorPolicy` - a trained agent before export (its ``predict`` on flat observations).
 - :class:`ExportedPolicy` - a trained Q-network exported by ``agents.export``.
 - :class:`DELPolicy` - DEL-style (E, K) from running per-exit acceptance estimates.
 - :class:`ConfidencePolicy` - confidence-threshold drafting at a fixed exit: draft until the
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from .decoding import RoundRecord
 
 __all__ = ["Policy", "BasePolicy", "StaticPolicy", "SequencePolicy", "PlanPolicy", "RandomPolicy",
-           "HeuristicPolicy", "EpsilonPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy", "CopyElseDraftPolicy",
+           "HeuristicPolicy", "EpsilonPolicy", "DesignPolicy", "PredictorPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy", "CopyElseDraftPolicy",
            "GuardedPolicy", "policy_from_name", "copy_lengths", "split_policies", "POLICY_NAMES"]
 
 
@@ -218,6 +221,71 @@ class EpsilonPolicy(BasePolicy):
 
     def update(self, record: "RoundRecord") -> None:
         self.base.update(record)
+
+
+class DesignPolicy(BasePolicy):
+    """Random actions for timing rounds, held for runs of 1..``max_run`` rounds (policies repeat
+    actions, and a round after rounds of its own kind runs faster than one after others): each
+    run plays action 0 (an AR step, or a context draft where the context matches) with
+    probability ``p_action0``, else an (E, K) drawn uniformly.
+
+    With ``probe`` (a callable on the observation, e.g. a Q-network's forward pass on the
+    flattened observation) the decoder computes observations and the probe runs every round, so
+    the rounds' ``policy_seconds`` time an agent's per-round overhead inside the loop.
+
+    Args:
+        n_actions: size of the action space.
+        p_action0: probability that a run plays action 0.
+        seed: seeds the draws.
+        max_run: longest run of one action (rounds).
+        probe: ``probe(obs)`` called every round, or ``None``.
+
+    Raises:
+        ValueError: ``n_actions`` or ``max_run`` below 1.
+    """
+
+    def __init__(self, n_actions: int, p_action0: float = 0.3, seed: int = 0, max_run: int = 8,
+                 probe=None) -> None:
+        if n_actions < 1 or max_run < 1:
+            raise ValueError(f"n_actions={n_actions} and max_run={max_run} must be >= 1.")
+        self.n, self.p0, self.max_run = int(n_actions), float(p_action0), int(max_run)
+        self.rng = np.random.default_rng(seed)
+        self._action, self._left = 0, 0
+        self.probe = probe
+        self.needs_observation = probe is not None
+
+    def act(self, obs) -> int:
+        if self.probe is not None:
+            self.probe(obs)
+        if self._left == 0:
+            draw0 = self.n == 1 or self.rng.random() < self.p0
+            self._action = 0 if draw0 else int(self.rng.integers(1, self.n))
+            self._left = int(self.rng.integers(1, self.max_run + 1))
+        self._left -= 1
+        return self._action
+
+
+class PredictorPolicy(BasePolicy):
+    """A trained agent that is not exported yet, acting on Dict observations: each round the
+    observation is flattened in ``layout``'s order and ``predict`` picks the action (a d3rlpy
+    algorithm's or :class:`agents.sb3.SB3Agent`'s ``predict``; :func:`agents.train.greedy_q_policy`).
+
+    Args:
+        predict: ``predict(x) -> actions`` for a batch ``x`` of flat observations, float32
+            ``(1, flat_dim)``; the first entry is the action index.
+        layout: ``[(key, shape), ...]``, the observation's keys in the learner's order
+            (:func:`lede_env.mdp.flat_layout`).
+    """
+
+    needs_observation = True
+
+    def __init__(self, predict: Callable[[np.ndarray], Sequence[int]], layout) -> None:
+        self.predict, self.layout = predict, layout
+
+    def act(self, obs: Optional[dict]) -> int:
+        if obs is None:
+            raise ValueError("PredictorPolicy needs observations (needs_observation=True).")
+        return int(self.predict(flatten_by_layout(obs, self.layout)[None])[0])
 
 
 class ExportedPolicy(BasePolicy):

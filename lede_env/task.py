@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .config import TaskConfig
 from .mdp import ObservationConfig
 from .policies import copy_lengths
 
@@ -37,14 +38,12 @@ TASK_KEYS = ("exit_layers", "k_max", "head_kind", "draft_vocab", "feature_vocab"
 UNRECORDED_BEFORE = ("calib_prompts", "cost_profile")
 
 __all__ = ["TASK_KEYS", "task_defaults", "normalise", "observation_config", "env_settings", "agent_settings",
-           "read_agent_settings", "agent_folders", "settings_for"]
+           "read_agent_settings", "agent_folders", "settings_for", "task_for"]
 
 
 def task_defaults() -> dict:
     """``LEDEEnv``'s own default of every task setting (the default :class:`~lede_env.config.TaskConfig`'s),
     normalised."""
-    from .config import TaskConfig
-
     defaults = TaskConfig().to_kwargs()
     return normalise({k: defaults[k] for k in TASK_KEYS})
 
@@ -134,7 +133,8 @@ def env_settings(env) -> dict:
 def agent_settings(cfg: dict) -> dict:
     """The task settings of an exported agent, from its ``policy.json`` contents.
 
-    ``"env"`` (written by ``lede export`` since it exists) holds them all; a key a later version
+    ``"task_config"`` (the resolved :class:`~lede_env.config.TaskConfig`, written by ``lede export``
+    since it exists) gives them; else ``"env"`` (written by ``lede export`` since it exists) holds them all; a key a later version
     adds is missing from it and takes ``LEDEEnv``'s default. A ``policy.json`` of the previous
     format is read from its older keys (``exit_layers``, ``k_max``, ``bonus``, ``heads``,
     ``observation``, ``stop_rule``, ``reward_*``, ``context_*``), missing ones as the defaults
@@ -145,6 +145,9 @@ def agent_settings(cfg: dict) -> dict:
     Raises:
         ValueError: a config that is not an exported agent's.
     """
+    if "task_config" in cfg:  # (written by ``lede export`` since the task config exists: the whole task)
+        flat = TaskConfig.from_dict(cfg["task_config"]).to_kwargs()
+        return normalise({k: flat[k] for k in TASK_KEYS})
     if "env" in cfg:
         d = task_defaults()
         return normalise({**{k: d[k] for k in TASK_KEYS if k not in cfg["env"]}, **cfg["env"]})
@@ -305,3 +308,25 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
     if not (out["context_draft"] or out["context_lengths"]):
         out["context_datastore"] = False  # (a datastore only backs context drafts)
     return out
+
+
+def task_for(policies: Sequence[str], given: Optional[dict] = None, defaults: Optional[dict] = None,
+             **played) -> TaskConfig:
+    """The task config of the env that plays ``policies``: :func:`settings_for`'s task settings
+    (an exported agent's own, its stored ``task_config``), with the settings chosen where the
+    policies are played (``model``, ``device``, ``dtype``, ``prompts``, ``max_new_tokens``,
+    sampling, ``backend``). What ``lede evaluate`` builds its envs from.
+
+    Args:
+        policies, given, defaults: as :func:`settings_for`.
+        played: flat env keywords that are not task settings (:data:`TASK_KEYS`).
+
+    Raises:
+        ValueError: as :func:`settings_for`; a task setting among ``played`` (give it in
+            ``given``, where it is checked against the agents').
+        TypeError: a keyword that is no env setting.
+    """
+    clash = sorted(set(played) & set(TASK_KEYS))
+    if clash:
+        raise ValueError(f"{clash} are task settings: pass them in given= (checked against the agents' own).")
+    return TaskConfig.from_kwargs(**settings_for(policies, given, defaults), **played)

@@ -9,15 +9,16 @@ import json
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     from agents.pipeline import DemoConfig, run_demo
+    from lede_env.config import studied_task
     from lede_env.model import save_tiny_model
 
     monkeypatch.setenv("LEDE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # run_demo points it at its out dir
     tiny = save_tiny_model(tmp_path / "tiny", num_layers=4)
-    cfg = DemoConfig(model=str(tiny), train_prompts="humaneval[0:2]+gsm8k[300:302]",
-                     eval_prompts="humaneval[24:26]+specbench{writing}[0:2]", calib_prompts="humaneval[100:104]",
-                     max_new_tokens=12, cost_profile="analytic", episodes=6, steps=40, out_dir=str(tmp_path / "demo"),
-                     wandb="disabled", live_per_category=1)
+    task = studied_task(model=str(tiny), prompts="humaneval[0:2]+gsm8k[300:302]", calib_prompts="humaneval[100:104]",
+                        max_new_tokens=12, cost_profile="analytic")
+    cfg = DemoConfig(task=task, eval_prompts="humaneval[24:26]+specbench{writing}[0:2]", episodes=6, steps=40,
+                     out_dir=str(tmp_path / "demo"), wandb="disabled", live_per_category=1)
     out = run_demo(cfg, progress=False)
     assert out["agent"] in cfg.algos
     cats = {r["category"] for r in out["trace"]}
@@ -30,3 +31,13 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert policy["context_lengths"] == [1, 2, 3, 4, 6, 8] and policy["fallback_action"] >= 0
     assert [k for k, _ in policy["observation_layout"]] == ["experience", "history", "progress", "context"]
     assert (tmp_path / "demo" / "results.md").exists()
+    # `lede evaluate agent:DIR` rebuilds the env the demo's agent was trained in from the agent alone
+    from lede_env.config import TaskConfig
+    from lede_env.task import task_for
+
+    trained = TaskConfig.from_dict(policy["task_config"])
+    rebuilt = task_for([f"agent:{tmp_path / 'demo' / 'policy'}"], {}, {"cost_profile": "measured"}, model=str(tiny),
+                       prompts=task.prompts, max_new_tokens=12)
+    assert rebuilt.differences(trained) == {}
+    # and that is the demo's task, with the exits and lambda it resolved
+    assert set(trained.differences(task)) == {"exit_layers", "reward_lambda"}

@@ -185,7 +185,7 @@ def test_lede_refuses_an_argument_that_contradicts_the_agent(tiny_root):  # noqa
 
 
 def test_agents_exported_before_the_settings_were_recorded_still_play(agent, tmp_path):
-    """policy.json without ``env`` (the previous format): its settings are read from the old keys
+    """policy.json without ``env`` and ``task_config`` (the previous format): its settings are read from the old keys
     (missing ones: the old defaults), calib_prompts and cost_profile, which it never recorded,
     from the command's options; the output stays greedy."""
     from lede_env.generate import Lede
@@ -196,6 +196,7 @@ def test_agents_exported_before_the_settings_were_recorded_still_play(agent, tmp
     shutil.copytree(path, old)
     cfg = json.loads((old / "policy.json").read_text())
     new = cfg.pop("env")
+    cfg.pop("task_config")  # (the previous format had neither)
     (old / "policy.json").write_text(json.dumps(cfg))
     # (the previous format had no layer-reuse switch: reuse on, as every command then played it)
     assert agent_settings(cfg) == {k: v for k, v in new.items() if k not in ("calib_prompts", "cost_profile")} | {

@@ -39,9 +39,9 @@ def test_non_fp32_dtype_is_recorded_in_env_specs(no_env):
     from agents.pipeline import DemoConfig
     from lede_env.device import spec_dtype
 
-    assert spec_dtype() == {} and "dtype" not in DemoConfig().env_kwargs("humaneval[0:2]")
+    assert spec_dtype() == {} and DemoConfig().task_for("humaneval[0:2]").model.dtype is None
     no_env.setenv("LEDE_DTYPE", "bf16")
-    assert spec_dtype() == {"dtype": "bf16"} and DemoConfig().env_kwargs("humaneval[0:2]")["dtype"] == "bf16"
+    assert spec_dtype() == {"dtype": "bf16"} and DemoConfig().task_for("humaneval[0:2]").model.dtype == "bf16"
 
 
 def test_bad_device_and_dtype_name_the_fix(no_env):

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lede_env.costs import CostProfile, fit_profile, round_terms
-from lede_env.loop_profile import DesignPolicy, measure_loop_profile, time_rounds
+from lede_env.loop_profile import measure_loop_profile, time_rounds
+from lede_env.policies import DesignPolicy
 
 L, M = 12, 5  # layers; positions the profile covers (K_max = 4)
 
