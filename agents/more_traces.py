@@ -37,27 +37,26 @@ from lede_env.prompts import load_prompts
 from lede_env.storage import cache_dir
 from lede_env.traces import TraceSet, build_traces, load_traces, save_traces
 
-#: Keys of the primary env's arguments that :func:`fold_envs` sets itself.
+#: Settings of the primary env's task config that :func:`fold_envs` sets itself.
 _OWN_KEYS = ("prompts", "trace_set", "heads", "bundle", "profile", "eos_ids", "reward_lambda", "context_datastore",
              "cost_profile", "progress", "backend", "model", "device", "dtype")
 
 
-def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None, min_tokens: int = 16,
+def fold_envs(env, folds: int = 4, limit: Optional[int] = None, min_tokens: int = 16,
               seed: int = 0, progress: bool = True) -> list:
     """Trace envs over the datastore's extra text, fold ``k`` replayed against a store without it.
 
     Args:
         env: the primary trace env (trace backend, with datastore drafts, that loaded its model:
             its exit heads, cost profile, lambda and store spec are used).
-        env_kwargs: the arguments ``env`` was made with (observation, actions, stop rule...); the
-            ones this function sets (:data:`_OWN_KEYS`) are ignored.
         folds: parts the extra prompts are split into (>= 2): each part's store holds the others'.
         limit: use only this many extra prompts (a seeded random choice; ``None``: all).
         min_tokens: drop traces shorter than this (tokens) after the exact-prefix cut.
         seed: seeds the choice and the split.
 
     Returns:
-        ``folds`` trace envs with ``env``'s actions, observation layout, rules and lambda, each
+        ``folds`` trace envs of ``env``'s task (its ``task_config``: actions, observation layout,
+        rules) and lambda, each
         with its own traces and store: give them to :func:`agents.trace_q.train_trace_q` as
         ``more_envs``.
 
@@ -81,7 +80,7 @@ def fold_envs(env, env_kwargs: dict, folds: int = 4, limit: Optional[int] = None
     key = hashlib.sha256(repr((datastore_key(bundle, spec), heads.fingerprint(), folds, limit, min_tokens, seed,
                                u.max_new_tokens)).encode()).hexdigest()[:12]
     root = cache_dir() / "folds" / bundle.slug / key
-    kw = {k: v for k, v in env_kwargs.items() if k not in _OWN_KEYS}
+    kw = {k: v for k, v in u.task_config.to_kwargs().items() if k not in _OWN_KEYS}
     split = None
     out = []
     for k in range(folds):

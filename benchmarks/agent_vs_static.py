@@ -108,7 +108,7 @@ def main() -> None:
         train_env = LEDEEnv(prompts=args.train_prompts, **kw)
         eval_env = LEDEEnv(prompts=eval_prompts, **kw, reward_lambda=train_env.reward_lambda)
         static_best, static_tp = best_static_action(train_env)
-        more = fold_envs(train_env, kw, folds=args.more_traces, limit=args.more_limit) if args.more_traces else []
+        more = fold_envs(train_env, folds=args.more_traces, limit=args.more_limit) if args.more_traces else []
         if more:
             info[variant] = {"more_traces": sum(len(e.playable) for e in more),
                              "more_tokens": sum(e.trace_set.traces[i].n for e in more for i in e.playable)}

@@ -20,12 +20,13 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .continuations import Continuation, get_continuations
+from .continuations import Continuation, get_continuations, stored_text
 from .exits import (ExitHeads, agreement, calibrate_acceptance, default_exit_layers, finetune_kl, fit_affine, fit_first,
                     rank_vocabulary)
 from .model import ModelBundle
 from .prompts import DEFAULT_CALIB, DEFAULT_CALIB_MAX_NEW, load_prompts, prompts_fingerprint
 from .storage import atomic_file, cache_dir, packaged_file
+from .datastore import cached_datastore, spec_for
 
 
 @dataclass
@@ -168,9 +169,6 @@ def _stored_calibration(bundle: ModelBundle, spec: HeadSpec) -> Optional[list[Co
     """The calibration continuations of ``spec`` read back from the model's shipped or cached
     datastore (the store built from them: :func:`~lede_env.datastore.spec_for`), or ``None``
     when there is none or it holds other text. Never builds a store."""
-    from .continuations import stored_text
-    from .datastore import cached_datastore, spec_for
-
     ds = spec_for(spec.calib_prompts)
     if ds.calib_max_new_tokens != spec.calib_max_new_tokens:
         return None

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .sharding import launcher_local_rank
+
 
 #: accepted spellings of each weight dtype, and the short tag used in cache keys and manifests
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -36,8 +38,6 @@ def resolve_device(device: "Optional[str | torch.device]" = None) -> torch.devic
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        from .sharding import launcher_local_rank
-
         local = launcher_local_rank()  # one GPU per torchrun / accelerate launch process
         if local is not None:
             name = f"cuda:{local}"

@@ -28,8 +28,17 @@ import torch
 
 from .decoding import GenerationResult, Policy, Sampling, SelfSpeculativeDecoder, end_once
 from .lookup import DEFAULT_NGRAM
-from .task import AGENT_PREFIXES, agent_path  # noqa: F401 - re-exported
 from .prompts import encode_prompt
+from .calibration import HeadSpec, get_heads
+from .continuations import get_datastore
+from .costs import profile_positions
+from .datastore import spec_for
+from .loop_profile import get_profile
+from .metrics import format_metric, tokens_per_second
+from .model import bundle_from_model, get_bundle
+from .policies import POLICY_NAMES, policy_from_name
+from .stopping import CalibratedStop
+from .task import AGENT_PREFIXES, agent_folders, agent_path, observation_config, settings_for  # noqa: F401 - re-exported
 
 #: context-draft tokens (prompt lookup) verified on plain steps by default
 DEFAULT_CONTEXT_DRAFT = 4
@@ -62,8 +71,6 @@ class LedeOutput:
     def summary(self) -> str:
         """One line: tokens, tokens/s, tokens per round, acceptance, exits used, policy time (the
         metrics of :mod:`lede_env.metrics`; an undefined one, e.g. AR's acceptance, shows as ``-``)."""
-        from .metrics import format_metric, tokens_per_second
-
         r = self.result
         exits: dict[int, int] = {}
         for x in r.rounds:
@@ -124,12 +131,6 @@ class Lede:
                  calib_prompts: Optional[str] = None, cost_profile: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = None, context_draft: Optional[int] = None,
                  context_datastore: Optional[bool] = None) -> None:
-        from .costs import profile_positions
-        from .loop_profile import get_profile
-        from .calibration import HeadSpec, get_heads
-        from .model import bundle_from_model, get_bundle
-        from .task import agent_folders, observation_config, settings_for
-
         # the task first (an agent's settings, the arguments given, the policy's copy actions): a
         # contradiction is reported before anything loads
         given = {k: v for k, v in dict(exit_layers=exit_layers, k_max=k_max, head_kind=head_kind,
@@ -161,9 +162,6 @@ class Lede:
         ngram = tuple((agent_cfg or {}).get("context_ngram", DEFAULT_NGRAM))  # (the agent's drafter, as trained)
         store = None
         if s["context_datastore"]:
-            from .continuations import get_datastore
-            from .datastore import spec_for
-
             store = get_datastore(self.bundle, spec_for(s["calib_prompts"]))
             want = (agent_cfg or {}).get("context_datastore")
             if want and want != store.fingerprint():
@@ -184,8 +182,6 @@ class Lede:
         lambda = ``reward_lambda`` (an exported agent's own, as it was trained; by default 1: draft
         one more token only while it is expected to pay against AR) when the exit heads carry an
         acceptance calibration, else none."""
-        from .stopping import CalibratedStop
-
         if settings["stop_threshold"] is not None:
             return float(settings["stop_threshold"])
         if settings["stop_rule"] != "calibrated" or self.heads.acceptance is None:
@@ -200,8 +196,6 @@ class Lede:
         pass through); names as in :func:`~lede_env.policies.policy_from_name`."""
         if not isinstance(policy, str):
             return policy
-        from .policies import POLICY_NAMES, policy_from_name
-
         name = _policy_name(policy)
         pol = policy_from_name(name, self.decoder.actions, self.profile, self.decoder.bonus, self.decoder.reuse,
                                self.decoder.observer)

@@ -48,6 +48,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .storage import cache_dir, write_json_atomic
+
 #: named kernels (``LayerStack(kernels=...)`` also takes ``"auto"``: the measured table)
 KERNELS = ("blas", "onednn", "skinny", "packed", "default")
 #: most rows the ``"blas"`` kernel computes as ``W @ x.T`` (more go to oneDNN)
@@ -118,8 +120,6 @@ def skinny_op() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _build_skinny():
     """Build (or load the built) ``skinny`` extension: :func:`skinny_op`'s body."""
-    from .storage import cache_dir
-
     tag = hashlib.sha256(repr((_cpu_fingerprint(), torch.__version__, KERNELS_VERSION,
                                _SOURCE.read_bytes())).encode()).hexdigest()[:10]
     build = cache_dir() / "kernels" / f"build-{tag}"
@@ -262,8 +262,6 @@ def kernel_table(weights: Sequence[torch.Tensor], device: torch.device, dtype: t
     (:func:`measure_table`, about 3 s for the embedded model) and cached in
     ``~/.cache/lede/kernels/table-<key>.json``, keyed by CPU, threads, torch version, the weights'
     shapes and :data:`KERNELS_VERSION`. ``("default",)`` off the fp32 CPU."""
-    from .storage import cache_dir, write_json_atomic
-
     cands = tuple(c for c in available(device, dtype) if c != "default")  # torch's own: slowest measured
     if not cands:
         return ("default",) * TABLE_ROWS

@@ -19,6 +19,7 @@ import torch
 
 from .kernels import KERNELS
 from .kernels import linear as _kernel_linear
+from . import kernels as K
 
 
 #: ``config.model_type`` values whose decoder layers follow Llama's interface
@@ -103,8 +104,6 @@ class LayerStack:
         Raises:
             ValueError: an unknown kernel name (in the argument or ``$LEDE_KERNELS``).
         """
-        from . import kernels as K
-
         if kernels == "auto":
             kernels = os.environ.get("LEDE_KERNELS", "auto") or "auto"
         if kernels not in KERNELS + ("auto",):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .storage import atomic_file
+
 #: Default prompt splits, disjoint (``tests/lede_env/test_prompts_costs.py`` checks it): the
 #: calibration set that fits the exit heads and ranks the draft vocabulary (code, everyday
 #: instructions, math word problems, translation), the agent's training traces (other prompts of
@@ -150,8 +152,6 @@ def write_prompt_file(prompts: list[Prompt], path: Path) -> str:
     """Write ``prompts`` as a Spec-Bench-format JSONL file (atomically) and return its path as a
     prompt spec; the prompts' texts, ids and categories are kept, so their greedy continuations
     come from the same cache entries."""
-    from .storage import atomic_file
-
     path = Path(path)
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps({"question_id": p.id, "category": p.category, "turns": [p.text]}) + "\n"

@@ -34,6 +34,7 @@ from .layers import LayerStack
 from .model import ModelBundle, describe_model, get_bundle
 from .prompts import DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts, prompts_fingerprint
 from .storage import atomic_folder, cache_dir
+from .sharding import parse_shard, shard_indices
 
 TRACE_FORMAT = 2
 
@@ -303,8 +304,6 @@ def build_continuation_shard(spec: TraceSpec, shard: tuple[int, int], progress: 
     Returns:
         ``{"trace_prompts": built, "calib_prompts": built, "total": all prompts of both sets}``.
     """
-    from .sharding import parse_shard, shard_indices
-
     shard = parse_shard(shard)
     bundle = bundle or get_bundle(spec.model, spec.device, spec.dtype)
     jobs = [("trace_prompts", load_prompts(spec.prompts), spec.max_new_tokens)]

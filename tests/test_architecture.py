@@ -2,7 +2,7 @@
 
 - ``lede_env`` imports nothing from ``agents`` and no RL / dataset / sweep / plotting library,
   and its own modules keep to their floors (import-linter, contracts in ``pyproject.toml``);
-  inside ``lede_env`` imports go one way (no cycles);
+  inside ``lede_env`` imports go one way (no cycles) and sit at the top of each module;
 - decoding with an exported agent works with those libraries absent (they are blocked from
   import in a subprocess);
 - a command whose extra is missing says which extra to install, in one line;
@@ -39,6 +39,18 @@ def test_imports_inside_lede_env_go_one_way():
             if b != "lede_env" and a != "lede_env" and g.find_shortest_chain(importer=b, imported=a) is not None:
                 cycles.append(f"{a} -> {b} -> ... -> {a}")
     assert not cycles, cycles
+
+
+def test_lede_env_imports_its_own_modules_at_the_top():
+    """Every import of one ``lede_env`` module by another is at module level (no cycle to dodge);
+    imports inside functions are left to optional dependencies."""
+    inside = []
+    for path in sorted((ROOT / "lede_env").glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{path.name}:{n.lineno}" for n in ast.walk(fn)
+                           if isinstance(n, ast.ImportFrom) and (n.level > 0 or (n.module or "").startswith("lede_env"))]
+    assert not inside, inside
 
 
 def test_decoding_with_an_exported_agent_needs_only_core_dependencies(tmp_path):

@@ -204,4 +204,4 @@ def test_fold_envs_needs_an_env_that_loaded_its_model(tiny_env):
     from agents.more_traces import fold_envs
 
     with pytest.raises(ValueError, match="loaded its model"):
-        fold_envs(tiny_env, {})
+        fold_envs(tiny_env)
