@@ -5,6 +5,11 @@ Importing this package registers the Gymnasium environments:
 - ``LEDE-Llama3-v0`` - the trace-backed MDP (:class:`lede_env.trace_env.TraceEnv`).
 - ``LEDE-Llama3-Live-v0`` - the same MDP on the real model (:class:`lede_env.live_env.LiveEnv`):
   sampling (``temperature``, ``top_p``) and wall-clock costs (``cost="wallclock"``).
+- ``LEDE-Llama3-v1`` - the benchmark task lede studies (:func:`lede_env.config.studied_task`:
+  multi-domain prompts, exit drafts and context copies with the datastore, the compact
+  observation, the calibrated stop rule, relative reward, shipped traces and reference costs, so
+  it is the same MDP on every machine); ``LEDE-Llama3-Live-v1`` its live twin. The task card is
+  ``docs/benchmark.md``.
 
 Both build on :class:`lede_env.env.LEDEEnv`; ``LEDEEnv(backend="trace"|"live", ...)`` makes either.
 """
@@ -16,6 +21,7 @@ import os
 import torch
 from gymnasium.envs.registration import register, registry
 
+from .config import STUDIED_SETTINGS, TaskConfig, studied_task
 from .decoding import GenerationResult, RoundRecord, SelfSpeculativeDecoder, StaticPolicy
 from .env import LEDEEnv
 from .generate import Lede, LedeOutput, generate
@@ -41,6 +47,13 @@ if "LEDE-Llama3-v0" not in registry:
     register(id="LEDE-Llama3-v0", entry_point="lede_env.trace_env:TraceEnv")
 if "LEDE-Llama3-Live-v0" not in registry:
     register(id="LEDE-Llama3-Live-v0", entry_point="lede_env.live_env:LiveEnv", nondeterministic=True)
+# the task lede studies (its card: docs/benchmark.md): a new version, never
+# a change of v0, whose settings datasets and papers name
+if "LEDE-Llama3-v1" not in registry:
+    register(id="LEDE-Llama3-v1", entry_point="lede_env.trace_env:TraceEnv", kwargs=dict(STUDIED_SETTINGS))
+if "LEDE-Llama3-Live-v1" not in registry:
+    register(id="LEDE-Llama3-Live-v1", entry_point="lede_env.live_env:LiveEnv", kwargs=dict(STUDIED_SETTINGS),
+             nondeterministic=True)
 
-__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "Lede", "LedeOutput", "LiveEnv", "RoundRecord",
+__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "STUDIED_SETTINGS", "TaskConfig", "studied_task", "Lede", "LedeOutput", "LiveEnv", "RoundRecord",
            "SelfSpeculativeDecoder", "StaticPolicy", "TraceEnv", "generate", "load_model", "__version__"]

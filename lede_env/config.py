@@ -250,7 +250,9 @@ class RewardConfig:
             (tokens / cost); see :class:`lede_env.env.LEDEEnv`.
         lambda_: ``"auto"`` (the best static throughput on the env's traces) or a throughput > 0
             (tokens per AR-step unit) [flat keyword ``reward_lambda``].
-        cost_profile: ``"analytic"``, ``"measured"``, a JSON path, or the profile as a dict.
+        cost_profile: ``"reference"`` (shipped, measured on the reference machine: the same costs on
+            every machine), ``"measured"`` (timed on this machine), ``"analytic"``, a JSON path, or
+            the profile as a dict.
         cost: ``"profile"`` (deterministic) or ``"wallclock"`` (live backend only).
     """
 
@@ -495,11 +497,12 @@ class TaskConfig:
 #: the flat settings of the task lede studies, where they differ from :class:`TaskConfig`'s
 #: defaults: multi-domain training prompts, exit drafts plus context copies of 1-8 tokens that fall
 #: back to the model's datastore, the compact observation with the matched span, the calibrated
-#: in-round stop rule and the relative reward (what ``lede demo`` trains and evaluates)
+#: in-round stop rule, the relative reward and the shipped reference costs (``LEDE-Llama3-v1``; what
+#: ``lede demo`` trains and evaluates)
 STUDIED_SETTINGS: dict[str, Any] = {
     "prompts": DEFAULT_TRAIN, "obs_kind": "compact", "obs_stat_exits": 0, "obs_context_span": True,
     "stop_rule": "calibrated", "context_lengths": [1, 2, 3, 4, 6, 8], "context_datastore": True,
-    "reward_mode": "relative", "cost_profile": "measured",
+    "reward_mode": "relative", "cost_profile": "reference",
 }
 
 

@@ -35,7 +35,7 @@ import torch
 from .kernels import KERNELS_VERSION
 from .layers import LayerStack
 from .mdp import ObservationBuilder, ObservationConfig
-from .storage import cache_dir, write_json_atomic
+from .storage import cache_dir, packaged_file, write_json_atomic
 
 if TYPE_CHECKING:
     from .exits import ExitHeads
@@ -53,7 +53,8 @@ class CostProfile:
         draft_head: one draft-head call for one token (translator + truncated head).
         overhead: per-round observation features + policy forward.
         source: ``"measured"`` (isolated timings), ``"in-loop"`` (fitted to rounds timed in the
-            real decoding loop, :func:`fit_profile`) or ``"analytic"``.
+            real decoding loop, :func:`fit_profile`), ``"reference"`` (an in-loop profile shipped with
+            the package, measured on the reference machine: :func:`reference_profile`) or ``"analytic"``.
         meta: free-form facts (device, threads, model, context length).
     """
 
@@ -398,6 +399,38 @@ def profile_path(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: Observa
                                str(bundle.stack.device))).encode()).hexdigest()[:12]
     suffix = f"-loop{LOOP_PROFILE_VERSION}" if kind == "measured" else ""
     return cache_dir() / "profiles" / bundle.slug / f"{tag}{suffix}.json"
+
+
+#: cost profiles shipped with the package, measured in the decoding loop on a named reference
+#: machine (``cost_profile="reference"``, the registered tasks' costs; :func:`reference_profile`)
+PACKAGED_PROFILES = Path(__file__).parent / "data" / "profiles"
+
+
+def reference_key(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> str:
+    """The key of a shipped reference profile: the model, its exit heads, the positions timed and
+    the observation layout (what the per-round overhead depends on), never the machine."""
+    layout = {k: v for k, v in asdict(obs).items() if k not in ("context_agreement", "context_span")}
+    tag = hashlib.sha256(repr((heads.fingerprint(), int(k_max), layout)).encode()).hexdigest()[:12]
+    return f"{bundle.slug}/{tag}"
+
+
+def reference_profile(bundle: ModelBundle, heads: ExitHeads, k_max: int, obs: ObservationConfig) -> CostProfile:
+    """The cost profile the package ships for this model, heads, positions and observation:
+    measured on the reference machine (its ``meta`` names the machine, threads, torch version,
+    kernels and command), so every machine charges the same costs and a task's returns do not
+    depend on where it runs.
+
+    Raises:
+        ValueError: none ships for this configuration (the message names the ways out:
+            ``cost_profile="measured"`` for this machine's costs, ``"analytic"``).
+    """
+    key = reference_key(bundle, heads, k_max, obs)
+    path = packaged_file(PACKAGED_PROFILES, key, "cost profile")
+    if path is None:
+        raise ValueError(f"No reference cost profile ships for this model, exit heads, {k_max} positions and "
+                         "observation (it ships for the registered tasks' settings): use cost_profile='measured' "
+                         "(timed on this machine) or 'analytic'.")
+    return CostProfile.load(path)
 
 
 def profile_positions(k_max: int, context_lengths: Sequence[int] = (), context_draft: int = 0) -> int:

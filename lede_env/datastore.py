@@ -231,6 +231,10 @@ def packaged_datastore(key: str) -> Optional[Path]:
     return packaged_file(PACKAGED_DATASTORE, key, "datastore")
 
 
+#: stores read in this process, by (path, mtime, size): loading one indexes it (seconds)
+_LOADED: dict = {}
+
+
 def cached_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec()) -> Optional[NgramDatastore]:
     """The model's datastore for ``spec`` if the package ships it or the cache holds it (an
     unreadable file warns and is skipped), else ``None``; never builds one."""
@@ -238,8 +242,13 @@ def cached_datastore(bundle: "ModelBundle", spec: DatastoreSpec = DatastoreSpec(
     for p in (packaged_datastore(key), cache_dir() / "datastore" / f"{key}.npz"):
         if p is None or not p.exists():
             continue
+        st = p.stat()
+        memo = (str(p), st.st_mtime_ns, st.st_size)
+        if memo in _LOADED:  # (a store is read-only: every env of a process shares one)
+            return _LOADED[memo]
         try:
-            return NgramDatastore.load(p)
+            _LOADED[memo] = NgramDatastore.load(p)
+            return _LOADED[memo]
         except ValueError as e:  # a bad cache file is rebuilt, never trusted
             warnings.warn(f"Ignoring unreadable datastore {p} ({e}); rebuilding it.")
     return None

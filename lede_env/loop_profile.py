@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .continuations import encode_prompts
-from .costs import CostProfile, _probe_net, analytic_profile, fit_profile, measure_profile, overhead_probe, profile_path
+from .costs import (CostProfile, _probe_net, analytic_profile, fit_profile, measure_profile, overhead_probe, profile_path,
+                    reference_profile)
 from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ObservationConfig
@@ -116,14 +117,20 @@ def get_profile(kind: str, bundle: ModelBundle, heads: ExitHeads, k_max: int, ob
       (:func:`~lede_env.costs.measure_profile`; overrates exit drafts on CPUs, see
       :mod:`lede_env.loop_profile`);
     - ``"analytic"``: from parameter counts, nothing timed;
+    - ``"reference"``: the profile the package ships, measured in the loop on the reference
+      machine (:func:`~lede_env.costs.reference_profile`; the registered tasks' costs, the same on
+      every machine);
     - a path to a JSON profile written by ``lede profile``, or the profile itself as a dict
       (:meth:`CostProfile.to_json`; datasets store it so a recovered env charges the same costs).
 
     Raises:
-        ValueError: a JSON file that is not a profile.
+        ValueError: a JSON file that is not a profile; ``"reference"`` where none ships for these
+            settings.
     """
     if isinstance(kind, dict):
         return CostProfile(**kind)
+    if kind == "reference":
+        return reference_profile(bundle, heads, k_max, obs)
     if kind == "analytic":
         return analytic_profile(bundle.stack, k_max, heads.draft_vocab, heads.translated)
     if kind in ("measured", "isolated"):

@@ -227,7 +227,8 @@ def agent_folders(policies: Sequence[str]) -> list[Path]:
 
 
 #: how a cost profile's ``source`` (:class:`~lede_env.costs.CostProfile`) was made, by the name that makes it
-PROFILE_SOURCES = {"analytic": ("analytic",), "measured": ("in-loop",), "isolated": ("measured",)}
+PROFILE_SOURCES = {"analytic": ("analytic",), "measured": ("in-loop",), "isolated": ("measured",),
+                   "reference": ("reference",)}
 
 
 def _agree(key: str, given, agent) -> bool:

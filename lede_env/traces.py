@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -33,7 +34,7 @@ from .exits import ExitHeads, teacher_forced
 from .layers import LayerStack
 from .model import ModelBundle, describe_model, get_bundle
 from .prompts import DEFAULT_MAX_NEW, DEFAULT_TRAIN, load_prompts, prompts_fingerprint
-from .storage import atomic_folder, cache_dir
+from .storage import atomic_file, atomic_folder, cache_dir, packaged_file
 from .sharding import parse_shard, shard_indices
 
 TRACE_FORMAT = 2
@@ -182,23 +183,85 @@ _ARRAYS = ("prompt", "generated", "draft", "top1", "entropy", "lens_arg", "hidde
 _FIRST = ("draft_first", "draft_first_prob")
 
 
+#: trace sets shipped with the package (the registered tasks' training and held-out prompts on the
+#: embedded model): one ``.safetensors`` file each, the manifest in its metadata, named with its
+#: SHA-256 in ``MANIFEST.json`` (:func:`shipped_traces`; written by ``scripts/ship_traces.py``)
+PACKAGED_TRACES = Path(__file__).parent / "data" / "traces"
+#: integer arrays a shipped file stores as int32 (token ids and lengths; read back as int64)
+_NARROW = ("prompt", "generated", "draft", "lens_arg", "draft_first", "prompt_len", "gen_len")
+
+
+def _tensors(ts: TraceSet, hidden: bool = True) -> dict:
+    """The trace set's arrays, concatenated over traces (``hidden`` left out when false)."""
+    tensors = {}
+    for a in _ARRAYS:
+        if a != "hidden" or hidden:
+            tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
+    tensors["prompt_len"] = torch.tensor([len(t.prompt) for t in ts.traces])
+    tensors["gen_len"] = torch.tensor([t.n for t in ts.traces])
+    tensors["eos"] = torch.tensor([t.eos for t in ts.traces])
+    if ts.traces and all(t.draft_first is not None for t in ts.traces):
+        for a in _FIRST:
+            tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
+    return tensors
+
+
+def _manifest(ts: TraceSet) -> dict:
+    return dict(ts.manifest) | {"categories": [t.category for t in ts.traces], "prompt_ids": [t.id for t in ts.traces]}
+
+
 def save_traces(ts: TraceSet, folder: Path) -> None:
     """Write ``traces.safetensors`` + ``manifest.json`` into ``folder`` atomically (a temporary
     folder renamed into place)."""
     with atomic_folder(Path(folder)) as tmp:
-        tensors = {}
-        for a in _ARRAYS:
-            tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
-        tensors["prompt_len"] = torch.tensor([len(t.prompt) for t in ts.traces])
-        tensors["gen_len"] = torch.tensor([t.n for t in ts.traces])
-        tensors["eos"] = torch.tensor([t.eos for t in ts.traces])
-        if ts.traces and all(t.draft_first is not None for t in ts.traces):
-            for a in _FIRST:
-                tensors[a] = torch.from_numpy(np.concatenate([getattr(t, a) for t in ts.traces]))
-        save_file(tensors, str(tmp / "traces.safetensors"))
-        man = dict(ts.manifest) | {"categories": [t.category for t in ts.traces],
-                                   "prompt_ids": [t.id for t in ts.traces]}
-        (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
+        save_file(_tensors(ts), str(tmp / "traces.safetensors"))
+        (tmp / "manifest.json").write_text(json.dumps(_manifest(ts), indent=2))
+
+
+def write_trace_file(ts: TraceSet, path: Path) -> None:
+    """Write ``ts`` as one ``.safetensors`` file (the manifest in its metadata), without the
+    hidden states (which only the ``"full"`` observation reads) and with token ids as int32:
+    the form the package ships (about 0.4 kB per generated token for 14 exits). Written under a
+    temporary name and renamed when whole."""
+    tensors = {k: (v.to(torch.int32) if k in _NARROW else v) for k, v in _tensors(ts, hidden=False).items()}
+    with atomic_file(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(_manifest(ts) | {"hidden": False})})
+
+
+def read_trace_file(path: Path) -> TraceSet:
+    """Read a file written by :func:`write_trace_file`; traces without hidden states hold a
+    ``[N, 0]`` ``hidden`` array.
+
+    Raises:
+        ValueError: a truncated or corrupt file, or one of another trace format.
+    """
+    try:
+        with safe_open(str(path), "pt") as f:
+            man = json.loads(f.metadata()["manifest"])
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"Trace file {path} is truncated or corrupt ({e}).") from e
+    if man.get("format") != TRACE_FORMAT:
+        raise ValueError(f"Trace file {path} has format {man.get('format')}, this lede reads {TRACE_FORMAT}.")
+    t = {k: (v.to(torch.int64) if k in _NARROW else v) for k, v in t.items()}
+    if "hidden" not in t:
+        t["hidden"] = torch.zeros(int(t["gen_len"].sum()), 0)
+    return _trace_set(t, man)
+
+
+def shipped_traces(key: str, model: dict, need_hidden: bool = False) -> Optional[TraceSet]:
+    """The trace set the package ships for cache key ``key`` (``<model slug>/<prompts>-<max_new>-
+    <heads>``, as under the cache), if there is one whose checksum holds, for a model described as
+    ``model`` (:func:`~lede_env.model.describe_model` plus ``name``), and with hidden states where
+    ``need_hidden``; else ``None``. Shipped traces make the registered tasks the same MDP on every
+    machine: no teacher-forced pass runs, so no kernel or near-tie can change a draft token."""
+    path = packaged_file(PACKAGED_TRACES, key, "traces")
+    if path is None:
+        return None
+    ts = read_trace_file(path)
+    if ts.manifest.get("model") != model or (need_hidden and not ts.manifest.get("hidden", True)):
+        return None
+    return ts
 
 
 def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
@@ -228,6 +291,11 @@ def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
         if man.get(k) != v:
             raise ValueError(f"Traces in {folder} do not match: manifest {k}={man.get(k)!r}, expected {v!r} "
                              "(traces from another model, exit set or heads); rebuild them.")
+    return _trace_set(t, man)
+
+
+def _trace_set(t: dict, man: dict) -> TraceSet:
+    """The traces of concatenated arrays ``t`` (:func:`_tensors`) and their manifest."""
     P, N = t["prompt_len"].tolist(), t["gen_len"].tolist()
     cats = man.get("categories", ["default"] * len(P))
     ids = man["prompt_ids"]
@@ -240,6 +308,11 @@ def load_traces(folder: Path, expect: Optional[dict] = None) -> TraceSet:
         po += p
         go += n
     return TraceSet(out, man)
+
+
+def trace_key(bundle: ModelBundle, prompts: Sequence, max_new_tokens: int, heads: ExitHeads) -> str:
+    """The cache key of a trace set: ``<model slug>/<prompts fingerprint>-<max_new>-<heads fingerprint>``."""
+    return f"{bundle.slug}/{prompts_fingerprint(prompts)}-{max_new_tokens}-{heads.fingerprint()}"
 
 
 @dataclass
@@ -270,13 +343,19 @@ class TraceSpec:
 
 
 def get_traces(spec: TraceSpec, progress: bool = True, bundle: Optional[ModelBundle] = None,
-               heads: Optional[ExitHeads] = None) -> TraceSet:
-    """Traces for ``spec``: built on first use (with progress bars), loaded from cache after."""
+               heads: Optional[ExitHeads] = None, need_hidden: bool = True) -> TraceSet:
+    """Traces for ``spec``: the package's own where it ships them (:func:`shipped_traces`; with
+    ``need_hidden`` only those that hold hidden states), else built on first use (with progress
+    bars) and loaded from the cache after."""
     bundle = bundle or get_bundle(spec.model, spec.device, spec.dtype)
     heads = heads or get_heads(bundle, spec.heads, progress=progress)
     prompts = load_prompts(spec.prompts)
-    folder = (cache_dir() / "traces" / bundle.slug /
-              f"{prompts_fingerprint(prompts)}-{spec.max_new_tokens}-{heads.fingerprint()}")
+    key = trace_key(bundle, prompts, spec.max_new_tokens, heads)
+    shipped = shipped_traces(key, {"name": bundle.name} | describe_model(bundle.model), need_hidden)
+    if shipped is not None:
+        shipped.manifest["prompts"] = spec.prompts
+        return shipped
+    folder = cache_dir() / "traces" / key
     if (folder / "manifest.json").exists():
         try:
             return load_traces(folder, {"exit_layers": list(heads.exit_layers)})
