@@ -436,28 +436,31 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
              head_kind: Optional[str] = typer.Option(None, help="Exit heads (default: the agent's, else affine-kl)."),
              draft_vocab: Optional[int] = typer.Option(None, help="Draft vocabulary (default: the agent's, else "
                                                        "8192)."),
-             cost_profile: Optional[str] = typer.Option(None, help="analytic | measured | FILE.json (default: the "
-                                                        "agent's, else measured)."),
+             cost_profile: Optional[str] = typer.Option(None, help="reference | measured | analytic | FILE.json "
+                                                        "(default: the agent's, else reference)."),
              obs_kind: Optional[str] = typer.Option(None, help="Observation of the env: compact | full (default: "
-                                                    "the exported agent's, else full)."),
+                                                    "the exported agent's, else compact)."),
              stop_rule: Optional[str] = typer.Option(None, help="In-round stop rule of policies that name none: "
-                                                     "calibrated | none (default: the agent's, else none)."),
+                                                     "calibrated | none (default: the agent's, else calibrated)."),
              context_draft: Optional[int] = typer.Option(None, help="Tokens action 0 copies from the context "
                                                          "(prompt lookup; default: the agent's, else 0)."),
              context_lengths: Optional[str] = typer.Option(None, help="Copy lengths of the context actions, e.g. "
-                                                           "1,2,3,4,6,8 (default: the agent's, else none)."),
+                                                           "1,2,3,4,6,8 (default: the agent's, else 1,2,3,4,6,8)."),
              context_datastore: Optional[bool] = typer.Option(None, help="Context drafts fall back to the model's "
                                                               "datastore where the context has no match (default: "
-                                                              "the agent's, else off)."),
+                                                              "the agent's, else on)."),
              live: bool = typer.Option(True, help="Also time the real decoder."),
              plots: bool = typer.Option(True, help="Write PNG plots (speedup per category, policies' choices)."),
              out: Path = Path("runs/eval"),
              wandb: str = typer.Option("offline", help="Log the results to W&B: offline | online | disabled.")):
-    """Evaluate policies in the trace env and with the real decoder on held-out prompts. An
-    exported agent among the policies brings every setting of the env it was trained in (the
-    options above left out take the agent's; one that contradicts it is an error); a policy that
-    plays copy actions (copy-else:M,E,T, static:0,K) switches them on."""
+    """Evaluate policies in the trace env and with the real decoder on held-out prompts, in the
+    task LEDE-Llama3-v1 by default; normalized scores (0 = AR, 100 = oracle) with 95 % bootstrap
+    intervals. An exported agent among the policies brings every setting of the env it was
+    trained in (the options above left out take the agent's; one that contradicts it is an
+    error); a policy that plays copy actions (copy-else:M,E,T, static:0,K) needs them in the
+    context lengths."""
     from agents.evaluate import evaluate_held_out, held_out_envs
+    from lede_env.config import STUDIED_SETTINGS
     from lede_env.device import spec_dtype
     from lede_env.task import task_for
 
@@ -470,9 +473,9 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
     try:
         from lede_env.prompts import check_disjoint
 
-        # (the env's defaults, measured costs; an agent's own stored task)
-        task = task_for(names, given, {"cost_profile": "measured"}, model=model, max_new_tokens=max_new_tokens,
-                        **spec_dtype())
+        # (an agent's own stored task, else LEDE-Llama3-v1's settings)
+        task = task_for(names, given, {k: v for k, v in STUDIED_SETTINGS.items() if k != "prompts"}, model=model,
+                        max_new_tokens=max_new_tokens, **spec_dtype())
         check_disjoint(training=train_prompts, held_out=prompts)
     except (ValueError, TypeError, FileNotFoundError) as e:
         fail(e)

@@ -50,6 +50,8 @@ from lede_env.replay import oracle_plan, rollout, throughput
 
 from lede_env.policies import POLICY_NAMES, policy_from_name
 
+from .scores import RESAMPLES
+
 from .tables import format_cell, to_markdown  # noqa: F401 - both still importable from here
 
 
@@ -131,20 +133,28 @@ def label(name: str, env, static_best: Optional[int]) -> str:
 
 
 def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_category: bool = True,
-               policies: Optional[dict] = None) -> list[dict]:
+               policies: Optional[dict] = None, intervals: bool = True) -> list[dict]:
     """Every policy on every playable trace of ``env`` (once each, in order).
 
     Args:
         names: policy names (see the module docstring).
         by_category: also give one row per policy and prompt category (when there are several).
-        policies: more policies as ``{label: policy object}`` (e.g. a trained agent before export).
+        policies: more policies as ``{label: policy}`` (e.g. a trained agent before export), or
+            ``{label: [policy, ...]}``, one per training seed: their episodes pool into one row,
+            and the score's interval resamples seeds as well as prompts.
+        intervals: give each score its 95 % stratified-bootstrap interval (:mod:`agents.scores`).
 
     Returns:
         one row per policy (``category == "all"``), then per policy and category:
-        ``policy``, ``category``, ``throughput`` (tokens per AR-step unit), ``oracle_share``
-        (throughput / the oracle's on the same traces), ``mean_return``, ``tokens_per_round``,
-        ``acceptance`` (NaN when nothing was drafted), as :mod:`lede_env.metrics` defines them.
+        ``policy``, ``category``, ``score`` (normalized: 0 = always-AR, 100 = the oracle, on these
+        prompts: :func:`agents.scores.group_score`), ``score_ci`` (``[low, high]``, or NaNs),
+        ``throughput`` (tokens per AR-step unit), ``oracle_share`` (throughput / the oracle's on
+        the same traces), ``mean_return``, ``tokens_per_round``, ``acceptance`` (NaN when nothing
+        was drafted), as :mod:`lede_env.metrics` defines them; ``score_iqm``: in ``all`` rows the
+        interquartile mean of the category scores (NaN with one category, and in category rows).
     """
+    from .scores import scores_with_intervals
+
     u = env.unwrapped
     cats = [u.trace_set.traces[i].category for i in u.playable]
     groups = {"all": list(range(len(cats)))}
@@ -154,6 +164,7 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
     rules = u.rules.without_overhead()
     oracle = [rollout(t, rules, u.max_new_tokens, lambda g, plan=oracle_plan(t, rules, u.max_new_tokens)[0]: int(plan[g]))
               for t in (u.trace_set.traces[i] for i in u.playable)]
+    ref_ar, ref_oracle = (np.asarray(run_episodes(u, p)[1]) for p in (StaticPolicy(0), None))
     per_policy = {}
     for name in names:
         if is_transformers_baseline(name):
@@ -161,21 +172,30 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
             continue
         pol = make_policy(name, env, static_best)
         with u.playing(pol):
-            per_policy[label(name, env, static_best)] = run_episodes(u, pol)
-    for lab, pol in (policies or {}).items():
-        with u.playing(pol):
-            per_policy[lab] = run_episodes(u, pol)
+            per_policy[label(name, env, static_best)] = [run_episodes(u, pol)]
+    for lab, pols in (policies or {}).items():
+        per_policy[lab] = []
+        for pol in (pols if isinstance(pols, (list, tuple)) else [pols]):
+            with u.playing(pol):
+                per_policy[lab].append(run_episodes(u, pol))
+    scores = {lab: scores_with_intervals(np.array([r for _, r in runs]), ref_ar, ref_oracle,
+                                         cats if by_category else ["all"] * len(cats),
+                                         resamples=RESAMPLES if intervals else 0)
+              for lab, runs in per_policy.items()}
     rows = []
     for cat, idx in groups.items():
-        for lab, (results, returns) in per_policy.items():
-            res = [results[j] for j in idx]
+        for lab, runs in per_policy.items():
+            res = [run[0][j] for run in runs for j in idx]
             tot = RoundTotals(rounds=sum(r["rounds"] for r in res), tokens=sum(r["tokens"] for r in res),
                               drafted=sum(r["drafted"] for r in res), accepted=sum(r["accepted"] for r in res),
                               cost=sum(r["cost"] for r in res))
-            rows.append({"policy": lab, "category": cat, "throughput": tot.throughput,
-                         "oracle_share": tot.throughput / throughput([oracle[j] for j in idx]),
-                         "mean_return": float(np.mean([returns[j] for j in idx])),
-                         "tokens_per_round": tot.tokens_per_round, "acceptance": tot.acceptance})
+            score, lo, hi = scores[lab][cat]
+            row = {"policy": lab, "category": cat, "score": score, "score_ci": [lo, hi], "throughput": tot.throughput,
+                   "oracle_share": tot.throughput / throughput([oracle[j] for j in idx]),
+                   "mean_return": float(np.mean([run[1][j] for run in runs for j in idx])),
+                   "tokens_per_round": tot.tokens_per_round, "acceptance": tot.acceptance,
+                   "score_iqm": scores[lab].get("iqm", (float("nan"),))[0] if cat == "all" else float("nan")}
+            rows.append(row)
     return rows
 
 

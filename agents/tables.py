@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from lede_env.metrics import format_metric
 
+from .scores import format_score
+
 
 def format_cell(v, floatfmt: str = ".3f") -> str:
     """One table cell: floats with ``floatfmt`` (small ones such as learning rates in ``.3g``;
@@ -22,11 +24,25 @@ def format_cell(v, floatfmt: str = ".3f") -> str:
     return str(v)
 
 
+#: the header of a normalized score printed with its interval (``score`` and ``score_ci`` cells)
+SCORE_HEADER = "score [95% CI]"
+
+
 def to_markdown(rows: list[dict], floatfmt: str = ".3f") -> str:
-    """A Markdown table of ``rows`` (dicts with the same keys)."""
+    """A Markdown table of ``rows`` (dicts with the same keys). A ``score`` with its
+    ``score_ci`` prints as one cell, ``score [low, high]`` (:func:`agents.scores.format_score`)."""
     if not rows:
         return ""
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(format_cell(r[k], floatfmt) for k in keys) + " |" for r in rows]
+    merged = "score" in keys and "score_ci" in keys
+    keys = [k for k in keys if not (merged and k == "score_ci")]
+
+    def cell(r, k):
+        if merged and k == "score":
+            return format_score(r["score"], r["score_ci"])
+        return format_cell(r[k], floatfmt)
+
+    head = [SCORE_HEADER if merged and k == "score" else k for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
