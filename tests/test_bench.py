@@ -66,3 +66,20 @@ def test_every_subcommand_parses_its_defaults(bench, name):
     assert args.run is bench.SUBCOMMANDS[name][0]
     assert args.run.__doc__
 
+
+def _doc_text() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
+def test_every_benchmark_is_named_by_a_doc_page_with_its_command(bench):
+    """Each subcommand of the harness and each other script is run by a command a doc page shows
+    (``gpu_check_summary.py`` is run by ``gpu_check.sh``)."""
+    text = _doc_text()
+    missing = [f"bench.py {name}" for name in bench.SUBCOMMANDS if f"benchmarks/bench.py {name}" not in text]
+    for p in sorted((ROOT / "benchmarks").iterdir()):
+        if p.name in ("bench.py", "gpu_check_summary.py") or p.name.startswith((".", "__")):
+            continue
+        runner = "bash" if p.suffix == ".sh" else "python"
+        if f"{runner} benchmarks/{p.name}" not in text and f"`benchmarks/{p.name} " not in text:
+            missing.append(p.name)
+    assert not missing, f"no doc page gives the command of: {missing}"
