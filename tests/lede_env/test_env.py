@@ -389,3 +389,21 @@ def test_no_truncation_warning_when_every_continuation_ended_with_eos():
     """A case users met: every continuation ends with EOS well within the requested 64 tokens, so
     no episode is truncated (the manifest's max_new_tokens is only the longest continuation)."""
     assert _env_warnings(cut_one=False) == []
+
+
+# ---- the compact observation ---------------------------------------------------------------
+def test_compact_observation_carries_running_acceptance(tiny):
+    b, heads, ts, prof = tiny
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
+    obs, _ = env.reset(seed=0, options={"prompt_index": 0})
+    assert env.observation_space.contains(obs)
+    assert obs["experience"][:, 0] == pytest.approx(0.3) and not obs["experience"][:, 1].any()  # the prior
+    obs, _, _, _, info = env.step(env.actions.encode(2, 3))
+    rd = info["round"]
+    judged = rd["accepted"] + (rd["accepted"] < rd["draft_len"])
+    w = 0.8 ** judged
+    assert obs["experience"][1, 0] == pytest.approx(w * 0.3 + (1 - w) * rd["accepted"] / judged)
+    assert obs["experience"][1, 1] == pytest.approx(judged / (judged + 8))
+    assert obs["experience"][0, 0] == pytest.approx(0.3)  # exits not used keep their prior
+    assert env.observer.flat_dim == 3 + 3 * 2 + 4 * 4 + 1
+
