@@ -418,8 +418,8 @@ def finetune_kl(
     greedy). Every position of ``sequences`` is used, prompts included: targets are always the
     model's own final-layer distribution, so prompt positions add data without moving the
     target away from what the model would generate. What it adds over the ridge fit, per
-    category, and what a low-rank non-linear adapter on top added (``benchmarks/head_variants.py``):
-    ``docs/experiments.md`` ("Multi-domain calibration split").
+    category, and what a low-rank non-linear adapter on top added: ``docs/experiments.md``
+    ("Multi-domain calibration split").
 
     Args:
         heads: affine heads, already ridge-fitted; updated in place.

@@ -142,7 +142,7 @@ def match_agreement(seq: Sequence[int], max_len: int, ngram: tuple[int, int] = D
     2311.08252, and LLMA, arXiv 2304.04487, choose drafts among several retrieved continuations by
     such agreement; here it is an observation feature the policy reads.) Over whole episodes
     neither a fixed rule on these features nor ``trace_q`` with them beat the best fixed copy
-    length (``benchmarks/agent_vs_static.py --context-agreement 1``; ``docs/experiments.md``,
+    length (``benchmarks/bench.py agent-vs-static --context-agreement 1``; ``docs/experiments.md``,
     "Context agreement features"), so envs leave them off by default.
 
     Args:

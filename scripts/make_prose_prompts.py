@@ -12,7 +12,7 @@ text. Deterministic: the same file every run; a fixed seed picks the (form, topi
 
 Categories: ``creative_writing`` (a form of writing about a topic) and ``chat`` (a persona asked a
 question, or an everyday conversational request). No prompt of lede's evaluation splits is made
-here (``tests/lede_env/test_agent_pieces.py::test_default_splits_are_disjoint`` checks the texts).
+here (``tests/lede_env/test_prompts_costs.py::test_default_splits_are_disjoint`` checks the texts).
 """
 
 from __future__ import annotations

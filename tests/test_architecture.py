@@ -1,4 +1,4 @@
-"""The layer contract and the core-only install (issue: structure).
+"""The layer contract and the core-only install.
 
 - ``lede_env`` imports nothing from ``agents`` and no RL / dataset / sweep / plotting library,
   and its own modules keep to their floors (import-linter, contracts in ``pyproject.toml``);
@@ -6,14 +6,18 @@
 - decoding with an exported agent works with those libraries absent (they are blocked from
   import in a subprocess);
 - a command whose extra is missing says which extra to install, in one line;
+- importing the CLI with d3rlpy prints no 'Gym has been unmaintained' banner;
 - the modules of ``agents`` import one another one way only (no import cycle).
 """
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ["d3rlpy", "stable_baselines3", "sb3_contrib", "minari", "wandb", "sweeps", "matplotlib", "h5py"]
@@ -162,3 +166,16 @@ def test_agents_modules_import_one_another_one_way_only():
     cycles = [" -> ".join(f"agents.{m}" for m in [a] + back)
               for a in sorted(graph) for b in sorted(graph[a]) if (back := chain(b, a))]
     assert not cycles, "\n".join(cycles)
+
+
+def test_lede_commands_print_no_gym_banner():
+    """d3rlpy imports the old gym package, whose import prints an 'unmaintained' banner; the
+    CLI silences that notice (and only it) before anything imports gym."""
+    pytest.importorskip("d3rlpy")
+    code = "import agents.cli, d3rlpy, gym, sys; sys.stderr.write('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                           "TOKENIZERS_PARALLELISM": "false"})
+    assert res.returncode == 0 and res.stderr.endswith("ok"), res.stderr
+    assert "unmaintained" not in res.stderr
+

@@ -7,6 +7,8 @@ import gymnasium as gym
 import pytest
 import torch
 
+from .conftest import chat_input_ids as _chat, generate_unmasked as _generate
+
 pytestmark = pytest.mark.embedded
 
 PROMPTS = "humaneval[0:2]"
@@ -128,3 +130,28 @@ def test_generate_api_and_transformers_integration(bundle):
                        custom_generate=lede_generate, lede=lede)
     sampled = [lede.generate(input_ids=ids, max_new_tokens=8, temperature=0.7, seed=s).tokens for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] and len(sampled[2]) <= 8
+
+
+def test_transformers_sampling_and_stop_strings_on_embedded_model():
+    """1: do_sample=True, temperature=0.7 through transformers works; 2: stop_strings=["capital of"]
+    gives plain generate's 3 tokens "The capital of"; 3: static:28,8 with 6 new tokens and that
+    stop string: the last round drafted 4, accepted 2, emitted 2 (acceptance 0.50)."""
+    from lede_env.generate import Lede
+    from lede_env.hf import lede_generate
+
+    lede = Lede(None, policy="static:28,8")
+    model, tok = lede.bundle.model, lede.tokenizer
+    q = "What is the capital of France? Answer with one word."
+    x = _chat(tok, q)
+    out = _generate(model, x, max_new_tokens=8, do_sample=True, temperature=0.7, custom_generate=lede_generate,
+                    lede=lede)
+    assert out.shape[1] <= x.shape[1] + 8
+    plain = _generate(model, x, max_new_tokens=5, stop_strings=["capital of"], tokenizer=tok)
+    assert tok.decode(plain[0, x.shape[1]:]) == "The capital of"
+    mine = _generate(model, x, max_new_tokens=5, stop_strings=["capital of"], tokenizer=tok,
+                     custom_generate=lede_generate, lede=lede)
+    assert mine.tolist() == plain.tolist()
+    cut = lede.generate(q, max_new_tokens=6, stop_strings=["capital of"])
+    last = cut.result.rounds[-1]
+    assert (last.draft_len, last.accepted, last.emitted) == (4, 2, 2) and "acceptance 0.50" in cut.summary()
+

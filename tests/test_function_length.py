@@ -1,4 +1,4 @@
-"""Functions of ``lede_env`` and ``agents`` are at most :data:`MAX_LINES` lines long (issue 34).
+"""Functions of ``lede_env`` and ``agents`` are at most :data:`MAX_LINES` lines long.
 
 A function's length is the lines of its ``def`` node, from the ``def`` line (decorators not
 counted) to its last line, less the lines of its docstring: the signature counts (a typer

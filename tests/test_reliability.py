@@ -1,4 +1,4 @@
-"""Reliability laws and faults across stages (issue: reliability): the oracle bounds every
+"""Reliability laws and faults across stages: the oracle bounds every
 policy, interrupted trace building resumes, traces from another model or version are refused,
 seeds make episodes and trained agents reproducible."""
 

@@ -52,7 +52,7 @@ def test_every_algorithm_trains_evaluates_and_exports(algo, data, tmp_path):
     # the saved run folder reloads to the same greedy actions, and the export matches them
     again = load_algo(tmp_path / algo)
     np.testing.assert_array_equal(np.asarray(again.predict(obs)), acts)
-    with warnings.catch_warnings(record=True) as caught:  # lede export prints no tracer warning (issue 22)
+    with warnings.catch_warnings(record=True) as caught:  # lede export prints no tracer warning
         warnings.simplefilter("always")
         pol = ExportedPolicy(export_policy(again, env, tmp_path / f"{algo}-policy", algo, 0.5))
     assert not [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]

@@ -286,7 +286,7 @@ def test_merge_of_shards_equals_unsharded_collection(good, env):
 
 
 def test_wall_clock_datasets_are_validated_and_merged_as_far_as_they_can_be():
-    """Issue 22: a dataset of measured round costs (cost="wallclock") is validated by replay of
+    """A dataset of measured round costs (cost="wallclock") is validated by replay of
     everything but the measured times (tokens, accepted counts, observations, episode ends under
     greedy decoding; each reward against its stored round), merged, and the CLI says what was
     skipped and why instead of refusing."""

@@ -21,18 +21,6 @@ from ..conftest import decode_cases
 MODELS = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run fastest on one thread (and far faster than two on a busy machine)."""
-    if request.node.get_closest_marker("embedded"):
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model(num_layers, seed, dtype):
     """A tiny random Llama (tests/conftest.py's make_tiny) with its weights cast to ``dtype``."""
     from lede_env.model import tiny_llama

@@ -18,14 +18,6 @@ CHATS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def chat_lede(tmp_path_factory):
     """(tokenizer, model, lede): a 4-layer random Llama with the embedded SmolLM2 tokenizer (its

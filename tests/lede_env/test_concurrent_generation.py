@@ -17,14 +17,6 @@ KERNEL_CHOICES = available(torch.device("cpu"), torch.float32)
 GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """(model, lede_a, lede_b, lede_agent): Ledes (exits 1, 2, 3; K <= 4; context drafts on) on

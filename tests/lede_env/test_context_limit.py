@@ -13,14 +13,6 @@ import torch
 CTX = 64  # the tiny model's max_position_embeddings
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(ctx: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,17 +1,21 @@
-"""The decoder is lossless: its tokens equal greedy decoding for every action sequence."""
+"""The decoder is lossless: its tokens equal greedy decoding for every action sequence; its round
+counters agree with the tokens it returns, however a generation ends (EOS, a stopping criterion,
+a stop callback or string, the length cap)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+from lede_env.decoding import Sampling, SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
 from lede_env.exits import HEAD_KINDS, ExitHeads
 from lede_env.kernels import available
 
-from ..conftest import decode_cases, make_tiny
+from ..conftest import chat_input_ids as _chat, decode_cases, make_tiny
 
 MODELS = {}
 
@@ -212,3 +216,118 @@ def test_a_round_reads_on_one_screen():
     lines = {n.lineno for stmt in body for n in ast.walk(stmt) if hasattr(n, "lineno")}
     assert len(lines) <= 45, len(lines)
     assert issubclass(ExitDraft, Drafter) and issubclass(CopyDraft, Drafter)
+
+
+# ---- round counters after every way a generation ends ------------------------------------
+def _check_counters(out, eos_ids, max_new):
+    """The laws every generation's counters obey, whatever ended it."""
+    toks, rounds = out.tokens, out.rounds
+    assert len(toks) <= max_new
+    assert sum(r.emitted for r in rounds) == max(len(toks) - 1, 0)  # token 0 is the prefill's
+    for r in rounds:
+        assert 0 <= r.accepted <= r.draft_len and r.accepted <= r.emitted <= r.accepted + 1
+        assert (r.exit_layer == 0) == (r.draft_len == 0)
+    assert out.accepted == sum(r.accepted for r in rounds) and out.drafted == sum(r.draft_len for r in rounds)
+    rate = out.accepted / out.drafted if out.drafted else float("nan")
+    assert (math.isnan(rate) and math.isnan(out.acceptance_rate)) or rate == out.acceptance_rate
+    if rounds:  # lede_env.metrics: the prefill's token is no round's
+        assert out.tokens_per_round == max(len(toks) - 1, 0) / len(rounds)
+    else:
+        assert math.isnan(out.tokens_per_round)
+    assert out.eos == (bool(toks) and toks[-1] in eos_ids)
+
+
+def _clipped(full_rounds, played, keep):
+    """(draft_len, accepted, emitted) of the first ``played`` rounds of an uncut run once only its
+    first ``keep`` tokens are returned: a round emits its accepted drafts, then the verifier's token."""
+    out, start = [], 1
+    for r in full_rounds[:played]:
+        kept = max(0, min(start + r.emitted, keep) - start)
+        out.append((r.draft_len, min(r.accepted, kept), kept))
+        start += r.emitted
+    return out
+
+
+def _rounds_until(full_rounds, n_tokens):
+    """Rounds an uncut run plays before it holds at least ``n_tokens`` tokens."""
+    have, played = 1, 0
+    while have < n_tokens:
+        have += full_rounds[played].emitted
+        played += 1
+    return played
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**decode_cases(max_new=24), ending=st.sampled_from(["eos", "eos_and_criterion", "stop", "cap"]),
+       sample=st.booleans())
+def test_round_counters_agree_with_the_returned_tokens(num_layers, seed, prompt, actions, k_max, bonus, reuse,
+                                                       max_new, data, ending, sample):
+    """Against the same generation run uncut (same actions, same sampling seed): an EOS (alone or
+    also matched by a stopping criterion, as transformers' EosTokenCriteria does), a stop callback
+    (cutting anywhere, also before the last round) or the length cap returns a prefix of its
+    tokens, the rounds played are the uncut run's, and each round's accepted / emitted count only
+    the tokens returned (a case users met: 4 drafted, 2 kept -> accepted 2, emitted 2)."""
+    b = model(num_layers, seed)
+    L = b.stack.num_layers
+    exits = data.draw(st.lists(st.integers(1, L - 1), min_size=1, max_size=L - 1, unique=True).map(sorted))
+    heads = ExitHeads(b.stack, exits, "lens", draft_vocab=data.draw(st.sampled_from([None, 32])))
+    dec = SelfSpeculativeDecoder(b.stack, heads, k_max, (), bonus, reuse=reuse)
+    acts = [a % dec.actions.n for a in actions]
+    ids = torch.tensor(prompt)
+    top_k = data.draw(st.sampled_from([None, 5]))
+
+    def run(n, **kw):
+        sampling = Sampling(0.9, seed=7, top_k=top_k) if sample else None
+        return dec.generate(ids, SequencePolicy(acts), n, sampling=sampling, **kw)
+
+    full = run(max_new)
+    _check_counters(full, (), max_new)
+    toks = full.tokens
+    if ending == "cap":
+        cap = data.draw(st.integers(1, max_new))
+        out = run(cap)
+        _check_counters(out, (), cap)
+        if not sample:  # (sampled runs draw differently once the cap clamps a draft)
+            assert out.tokens == toks[:cap]
+        return
+    if ending == "stop":
+        eos_ids, at = (), data.draw(st.integers(1, len(toks)))
+        keep = data.draw(st.integers(0, at))
+        out = run(max_new, stop=lambda t: keep if len(t) >= at else None)
+    else:
+        eos = toks[data.draw(st.integers(0, len(toks) - 1))]
+        eos_ids, at = (eos,), toks.index(eos) + 1
+        keep = at
+        crit = (lambda t: len(t) if t and t[-1] == eos else None) if ending == "eos_and_criterion" else None
+        out = run(max_new, eos_ids=eos_ids, stop=crit)
+    _check_counters(out, eos_ids, max_new)
+    assert out.tokens == toks[:keep]
+    played = _rounds_until(full.rounds, at)
+    assert len(out.rounds) == played
+    assert [(r.action, r.exit_layer, r.cost) for r in out.rounds] == [(r.action, r.exit_layer, r.cost)
+                                                                      for r in full.rounds[:played]]
+    assert [(r.draft_len, r.accepted, r.emitted) for r in out.rounds] == _clipped(full.rounds, played, keep)
+
+
+def test_stop_string_round_counters_and_reason_through_lede(hf_tiny):
+    """Lede.generate with a stop string: the tokens end on the token completing it, the last
+    round counts only what it still emits, and stopped_by says stop_string (the stop callback is
+    not asked again after the generation, so a transformers criterion such as max_time cannot
+    change the reason afterwards)."""
+    model, tok, lede = hf_tiny
+    x = _chat(tok, "What is the capital of France? Answer with one word.")[0]
+    full = lede.generate(input_ids=x, max_new_tokens=12, policy="static:3,4")
+    text = tok.decode(full.tokens)
+    stop = text[3:8]
+    cut = lede.generate(input_ids=x, max_new_tokens=12, policy="static:3,4", stop_strings=[stop])
+    assert cut.stopped_by == "stop_string" and cut.tokens == full.tokens[:len(cut.tokens)]
+    assert stop in tok.decode(cut.tokens)
+    assert stop not in tok.decode(cut.tokens[:-1])
+    _check_counters(cut.result, lede.decoder.eos_ids, 12)
+    played = _rounds_until(full.result.rounds, len(cut.tokens))
+    assert [(r.draft_len, r.accepted, r.emitted) for r in cut.result.rounds] == _clipped(full.result.rounds, played,
+                                                                                         len(cut.tokens))
+    calls = []
+    once = lede.generate(input_ids=x, max_new_tokens=5, stop=lambda t: calls.append(len(t)))
+    assert once.stopped_by == "max_new_tokens" and max(calls) == len(once.tokens) and calls.count(5) == 1
+

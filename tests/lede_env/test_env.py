@@ -1,4 +1,5 @@
-"""LEDE-Llama3-v0 on a tiny model: API, exact replay of the live decoder, rewards, the oracle."""
+"""LEDE-Llama3-v0 on a tiny model: API, exact replay of the live decoder, rewards, the oracle; the
+truncation warning only when a continuation was cut by its length limit."""
 
 from __future__ import annotations
 
@@ -336,3 +337,73 @@ def test_first_token_columns_survive_a_trace_file_round_trip(tiny_prev, tiny, tm
         assert np.array_equal(a.draft_first, b_.draft_first) and np.array_equal(a.draft_first_prob, b_.draft_first_prob)
     save_traces(tiny[2], tmp_path / "lens")
     assert all(t.draft_first is None for t in load_traces(tmp_path / "lens").traces)
+
+
+# ---- the truncation warning ----------------------------------------------------------------
+def _trace_set(cut_one: bool):
+    """A trace set of the tiny model whose continuations all end with EOS within 32 tokens
+    (EOS = one token each of them generates), or, with ``cut_one``, one stopped at 12 tokens
+    without EOS."""
+    import torch
+
+    from lede_env.decoding import greedy_reference
+    from lede_env.exits import ExitHeads
+    from lede_env.continuations import Continuation
+    from lede_env.traces import build_traces
+
+    from ..conftest import make_tiny, tiny_continuations
+
+    b = make_tiny(num_layers=4, seed=0)
+    heads = ExitHeads(b.stack, (1, 2, 3), "lens")
+    conts = tiny_continuations(b, n=4, max_new=32)
+    eos_ids = tuple(sorted({c.generated[min(5 + 2 * i, len(c.generated) - 1)] for i, c in enumerate(conts)}))
+    ended = []
+    for c in conts:
+        gen = greedy_reference(b.model, torch.tensor(c.prompt_ids), 32, eos_ids)
+        assert gen[-1] in eos_ids and len(gen) < 32
+        ended.append(Continuation(c.id, c.category, c.prompt_ids, gen, True))
+    if cut_one:
+        c = ended[0]
+        gen = greedy_reference(b.model, torch.tensor(c.prompt_ids), 12, ())
+        ended[0] = Continuation(c.id, c.category, c.prompt_ids, gen, False)
+    return b, build_traces(b, heads, ended, progress=False), eos_ids
+
+
+def _env_warnings(cut_one: bool) -> list[str]:
+    from lede_env.costs import analytic_profile
+    from lede_env.env import LEDEEnv
+
+    b, ts, eos_ids = _trace_set(cut_one)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LEDEEnv.with_objects(trace_set=ts, profile=analytic_profile(b.stack, 4, None, False), eos_ids=eos_ids, k_max=4,
+                max_new_tokens=64, progress=False)
+    return [str(w.message) for w in caught if "Traces hold" in str(w.message)]
+
+
+def test_truncation_warning_when_a_continuation_stopped_at_its_length_limit():
+    assert _env_warnings(cut_one=True)
+
+
+def test_no_truncation_warning_when_every_continuation_ended_with_eos():
+    """A case users met: every continuation ends with EOS well within the requested 64 tokens, so
+    no episode is truncated (the manifest's max_new_tokens is only the longest continuation)."""
+    assert _env_warnings(cut_one=False) == []
+
+
+# ---- the compact observation ---------------------------------------------------------------
+def test_compact_observation_carries_running_acceptance(tiny):
+    b, heads, ts, prof = tiny
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
+    obs, _ = env.reset(seed=0, options={"prompt_index": 0})
+    assert env.observation_space.contains(obs)
+    assert obs["experience"][:, 0] == pytest.approx(0.3) and not obs["experience"][:, 1].any()  # the prior
+    obs, _, _, _, info = env.step(env.actions.encode(2, 3))
+    rd = info["round"]
+    judged = rd["accepted"] + (rd["accepted"] < rd["draft_len"])
+    w = 0.8 ** judged
+    assert obs["experience"][1, 0] == pytest.approx(w * 0.3 + (1 - w) * rd["accepted"] / judged)
+    assert obs["experience"][1, 1] == pytest.approx(judged / (judged + 8))
+    assert obs["experience"][0, 0] == pytest.approx(0.3)  # exits not used keep their prior
+    assert env.observer.flat_dim == 3 + 3 * 2 + 4 * 4 + 1
+

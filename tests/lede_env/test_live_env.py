@@ -110,7 +110,7 @@ def test_sampling_seed_reproduces_an_episode(tiny):
 
 
 def test_top_k_sampling_setting(tiny):
-    """The live env takes ``top_k`` as :class:`lede_env.sampling.Sampling` does (issue 22): top_k=1
+    """The live env takes ``top_k`` as :class:`lede_env.sampling.Sampling` does: top_k=1
     keeps only the most likely token of p and of q, so sampling at any temperature plays exactly
     the greedy episode (same tokens, drafts, acceptances and rewards as the trace env); the
     setting is in the env's config and dataset env spec; a bad value names the fix."""
@@ -260,3 +260,13 @@ def test_live_equals_trace_on_embedded_model():
             for s1, s2 in zip(st_, sl):
                 for k in s1[1]:
                     np.testing.assert_allclose(s1[1][k], s2[1][k], rtol=1e-3, atol=1e-3)
+
+
+def test_live_env_is_registered_as_nondeterministic():
+    import gymnasium as gym
+
+    import lede_env  # noqa: F401 - registers the envs
+
+    assert gym.spec("LEDE-Llama3-Live-v0").nondeterministic
+    assert not gym.spec("LEDE-Llama3-v0").nondeterministic
+

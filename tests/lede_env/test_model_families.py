@@ -92,7 +92,7 @@ def test_every_action_sequence_gives_transformers_greedy_tokens(family, prompt, 
 
 @pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
 def test_exit_drafts_past_the_window_are_greedy(family):
-    """The issue's case: E=1, K=3 on a sliding-window model (it raised a tensor-size error)."""
+    """A case users met: E=1, K=3 on a sliding-window model (it raised a tensor-size error)."""
     b = bundle(family)
     dec = SelfSpeculativeDecoder(b.stack, ExitHeads(b.stack, (1, 2, 3)), 4, b.eos_ids)
     ids = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(2))

@@ -1,4 +1,4 @@
-"""Prompt specs, prompt encoding errors, cost profiles, trace files."""
+"""Prompt specs and the default splits, prompt encoding errors, cost profiles, trace files."""
 
 from __future__ import annotations
 
@@ -236,3 +236,21 @@ def test_shipped_continuations_fill_the_cache_and_a_damaged_file_is_not_trusted(
     assert_damaged_shipped_file_ignored(monkeypatch, cont, "PACKAGED_CONTINUATIONS", lookup, f"{b.slug}/12",
                                         "tiny.json", damaged)
     cont.shipped_continuations.cache_clear()
+
+
+def test_default_splits_are_disjoint():
+    from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
+    from lede_env.prompts import check_disjoint
+
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL, datastore=DATASTORE_EXTRA)
+    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL,
+                   datastore=DATASTORE_EXTRA)
+    assert len(load_prompts(DATASTORE_EXTRA)) == 879
+    cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
+    assert {"code", "instructions", "math_word_problems", "translation"} <= cats
+    assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw
+    # evaluation rows for the context-heavy categories too (where context drafts pay)
+    assert {"summarization", "passage_qa", "code_editing"} <= {p.category for p in load_prompts(DEFAULT_EVAL)}
+    with pytest.raises(ValueError, match="both the calibration and the held_out"):
+        check_disjoint(calibration="humaneval[0:10]", held_out="humaneval[5:8]")
+

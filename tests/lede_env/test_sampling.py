@@ -1,4 +1,6 @@
-"""Speculative sampling keeps the model's distribution; streaming and stop callbacks."""
+"""Speculative sampling keeps the model's distribution, also through transformers' ``generate``
+(``custom_generate=lede_generate``, with the settings transformers fills in, e.g. top_k=50);
+streaming, stop callbacks and ``stop_strings`` (the same tokens as plain ``generate``)."""
 
 from __future__ import annotations
 
@@ -12,16 +14,7 @@ from lede_env.exits import ExitHeads
 from lede_env.mdp import accept
 
 from ..conftest import CollectStreamer, make_tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; a second one only contends with other processes on
-    a busy 2-core machine (40x slower there, issue 22)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from ..conftest import chat_input_ids as _chat, generate_unmasked as _generate, top_tokens as _top
 
 
 def pooled_chisquare(counts: dict, exact: dict, min_expected: float = 5.0) -> float:
@@ -176,3 +169,88 @@ def test_decoder_sampling_with_top_k_follows_the_models_top_k_distribution():
     assert all(s in exact for s in samples)  # never a token outside the top-k (or nucleus) of its position
     counts = {c: samples.count(c) for c in set(samples)}
     assert pooled_chisquare(counts, exact) > 1e-3
+
+
+# ---- through transformers' generate with custom_generate=lede_generate ---------------------
+def test_sampling_through_transformers_with_its_default_top_k(hf_tiny):
+    """A user's first call (do_sample=True, temperature=0.7: transformers fills in top_k=50) works,
+    also with top_p, and every token lies in the top 50 of its position; an explicit top_k=3 is
+    applied exactly (every token in the top 3)."""
+    from lede_env.hf import lede_generate
+
+    model, tok, lede = hf_tiny
+    x = _chat(tok, "What is the capital of France?")
+    for kw in (dict(temperature=0.7), dict(temperature=0.7, top_p=0.9), dict(top_k=3), dict(top_k=0)):
+        for s in range(3):
+            torch.manual_seed(s)
+            out = _generate(model, x, max_new_tokens=8, do_sample=True, custom_generate=lede_generate, lede=lede, **kw)
+            assert out.shape == (1, x.shape[1] + 8) and out[0, : x.shape[1]].tolist() == x[0].tolist()
+            k = kw.get("top_k", 50)
+            if k:
+                assert all(t in top for t, top in zip(out[0, x.shape[1]:].tolist(), _top(model, out, x.shape[1], k)))
+    torch.manual_seed(5)
+    a = _generate(model, x, max_new_tokens=8, do_sample=True, custom_generate=lede_generate, lede=lede)
+    torch.manual_seed(5)
+    b = _generate(model, x, max_new_tokens=8, do_sample=True, custom_generate=lede_generate, lede=lede)
+    assert a.tolist() == b.tolist()  # torch.manual_seed reproduces a run, as with transformers' own sampling
+
+
+def test_sampling_through_transformers_is_distributed_as_its_own_sampling(hf_tiny):
+    """do_sample=True, temperature=0.8, top_k=3 through lede_generate (E=1, K=2 rounds): the
+    joint of the first two tokens over 300 seeded calls follows the model's own distribution
+    under transformers' warpers (chi-square)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from lede_env.hf import lede_generate
+
+    model, tok, lede = hf_tiny
+    x = _chat(tok, "Name a prime number.")
+    n = x.shape[1]
+    warp = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(3)])
+
+    def dist(seq):
+        with torch.no_grad():
+            return torch.softmax(warp(seq, model(seq).logits[:, -1].double()), -1)[0]
+
+    exact = {}
+    p0 = dist(x)
+    for t0 in p0.nonzero()[:, 0].tolist():
+        p1 = dist(torch.cat([x, torch.tensor([[t0]])], 1))
+        for t1 in p1.nonzero()[:, 0].tolist():
+            exact[(t0, t1)] = float(p0[t0] * p1[t1])
+    counts = dict.fromkeys(exact, 0)
+    for s in range(300):
+        torch.manual_seed(1000 + s)
+        out = _generate(model, x, max_new_tokens=3, do_sample=True, temperature=0.8, top_k=3,
+                        custom_generate=lede_generate, lede=lede)
+        pair = tuple(out[0, n:n + 2].tolist())
+        assert pair in exact  # never outside the top 3 of its position
+        counts[pair] += 1
+    assert pooled_chisquare(counts, exact) > 1e-3
+
+
+def test_stop_strings_through_transformers_give_plain_generates_tokens(hf_tiny):
+    """stop_strings with and without tokenizer= (transformers does not pass it on): the same ids
+    as plain generate, for strings ending inside a token, spanning tokens, or absent; a streamer
+    gets the prompt once, then exactly the generated tokens."""
+    from lede_env.hf import lede_generate
+
+    model, tok, lede = hf_tiny
+    for prompt in ("What is the capital of France? Answer with one word.", "Write a haiku about caches."):
+        x = _chat(tok, prompt)
+        n = x.shape[1]
+        ref = _generate(model, x, max_new_tokens=12, do_sample=False)
+        text = tok.decode(ref[0, n:])
+        assert len(text) > 8
+        for stop in (text[2:7], text[len(text) // 2: len(text) // 2 + 3], text[-4:], "\x00never"):
+            plain = _generate(model, x, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
+            mine = _generate(model, x, max_new_tokens=12, stop_strings=[stop], tokenizer=tok,
+                             custom_generate=lede_generate, lede=lede)
+            assert mine.tolist() == plain.tolist(), stop
+            bare = _generate(model, x, max_new_tokens=12, stop_strings=[stop], custom_generate=lede_generate, lede=lede)
+            assert bare.tolist() == plain.tolist(), stop
+
+    s = CollectStreamer()
+    out = _generate(model, x, max_new_tokens=10, custom_generate=lede_generate, lede=lede, streamer=s)
+    assert s.chunks[0] == x[0].tolist() and sum(s.chunks[1:], []) == out[0, n:].tolist() and s.ended
+

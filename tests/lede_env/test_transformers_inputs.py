@@ -1,6 +1,8 @@
 """What ``model.generate(..., custom_generate=lede_generate)`` is given beside ``input_ids`` is
 honoured exactly or refused by name, and a streamer always ends.
 
+- sampling settings of the model's generation config: honoured (its ``do_sample``/``top_k``)
+  or refused naming the setting and its origin, as are settings of the call and processors;
 - ``attention_mask`` (transformers PR #46773, mlx-lm #1906): left padding, masked tokens inside
   the prompt and random masks give transformers' own masked greedy tokens, for every kind of
   policy (AR steps with context drafts, exit drafts, copies); a mask that masks the last token
@@ -21,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..conftest import chat_input_ids as _chat, generate_unmasked as _generate, top_tokens as _top
 from .test_context_limit import _model, _tokenizer
 
 POLICIES = ("ar", "static:2,3", "static:1,4", "static:0,2")
@@ -219,3 +222,41 @@ def test_a_text_iterator_streamers_reader_finishes_after_a_refusal(hook):
             call(streamer)
         reader.join(timeout=60)
         assert not reader.is_alive(), what
+
+
+def test_model_generation_config_sampling_is_honoured_or_refused_with_its_origin(hf_tiny):
+    """Settings from the model's generation config are honoured (its do_sample/top_k) or refused
+    with the setting and 'generation_config.json' named; settings of the call are named as the
+    call's; a processor passed in logits_processor= is named as such; settings that ask for other
+    outputs (several sequences, beams, a dict) are refused too."""
+    from transformers import LogitsProcessorList, MinPLogitsWarper
+
+    from lede_env.hf import lede_generate
+
+    model, tok, lede = hf_tiny
+    x = _chat(tok, "Say hello.")
+    gc = model.generation_config
+    old = {k: getattr(gc, k) for k in ("do_sample", "top_k", "repetition_penalty")}
+    try:
+        gc.do_sample, gc.top_k = True, 2
+        out = _generate(model, x, max_new_tokens=6, custom_generate=lede_generate, lede=lede)
+        assert all(t in top for t, top in zip(out[0, x.shape[1]:].tolist(), _top(model, out, x.shape[1], 2)))
+        gc.repetition_penalty = 1.2
+        with pytest.raises(ValueError, match=r"repetition_penalty=1.2 \(from the model's generation_config.json"):
+            _generate(model, x, max_new_tokens=4, custom_generate=lede_generate, lede=lede)
+    finally:
+        for k, v in old.items():
+            setattr(gc, k, v)
+    with pytest.raises(ValueError, match=r"repetition_penalty=1.3 \(set in your generate\(\) call\)"):
+        _generate(model, x, max_new_tokens=4, repetition_penalty=1.3, custom_generate=lede_generate, lede=lede)
+    with pytest.raises(ValueError, match=r"min_p=0.1 \(set in your generate\(\) call\)"):
+        _generate(model, x, max_new_tokens=4, do_sample=True, min_p=0.1, custom_generate=lede_generate, lede=lede)
+    with pytest.raises(ValueError, match=r"MinPLogitsWarper \(passed in logits_processor=\)"):
+        _generate(model, x, max_new_tokens=4, logits_processor=LogitsProcessorList([MinPLogitsWarper(0.1)]),
+                  custom_generate=lede_generate, lede=lede)
+    for kw, name in ((dict(do_sample=True, num_return_sequences=2), "num_return_sequences=2"),
+                     (dict(num_beams=2), "num_beams=2"),
+                     (dict(return_dict_in_generate=True), "return_dict_in_generate")):
+        with pytest.raises(ValueError, match=name):
+            _generate(model, x, max_new_tokens=4, custom_generate=lede_generate, lede=lede, **kw)
+

@@ -1,6 +1,7 @@
-"""The pieces that let a learned policy beat the static exit: the calibrated in-round stop rule,
-the compact observation, the actions that can pay, the safety net, the prompt splits and the
-exit heads' acceptance calibration."""
+"""Stop rules and the policies built on them: the exit heads' acceptance calibration and the
+calibrated in-round stop rule (also in the heads' file key), the drop rule, a policy's own stop
+rule read in one place; the actions that can pay, the safety net (guards), the copy-else policy;
+the heads' agreement by category."""
 
 from __future__ import annotations
 
@@ -112,23 +113,6 @@ def test_calibrated_rule_needs_a_calibration(tiny):
         LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, heads=heads, stop_rule="calibrated")
     with pytest.raises(ValueError, match="stop_rule"):
         LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, stop_rule="sometimes")
-
-
-# ---- the compact observation --------------------------------------------------------------
-def test_compact_observation_carries_running_acceptance(tiny):
-    b, heads, ts, prof = tiny
-    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, obs_kind="compact")
-    obs, _ = env.reset(seed=0, options={"prompt_index": 0})
-    assert env.observation_space.contains(obs)
-    assert obs["experience"][:, 0] == pytest.approx(0.3) and not obs["experience"][:, 1].any()  # the prior
-    obs, _, _, _, info = env.step(env.actions.encode(2, 3))
-    rd = info["round"]
-    judged = rd["accepted"] + (rd["accepted"] < rd["draft_len"])
-    w = 0.8 ** judged
-    assert obs["experience"][1, 0] == pytest.approx(w * 0.3 + (1 - w) * rd["accepted"] / judged)
-    assert obs["experience"][1, 1] == pytest.approx(judged / (judged + 8))
-    assert obs["experience"][0, 0] == pytest.approx(0.3)  # exits not used keep their prior
-    assert env.observer.flat_dim == 3 + 3 * 2 + 4 * 4 + 1
 
 
 # ---- actions that can pay ---------------------------------------------------------------------
@@ -303,24 +287,7 @@ def test_copy_else_draft_copies_where_it_can_and_drafts_one_token_elsewhere(tiny
         policy_from_name("copy-else:3,2,0.3", u.actions)
 
 
-# ---- prompt splits and exit-head files --------------------------------------------------------
-def test_default_splits_are_disjoint():
-    from lede_env.prompts import DATASTORE_EXTRA, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_TRAIN, WIDE_EVAL, load_prompts
-    from lede_env.prompts import check_disjoint
-
-    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, evaluation=DEFAULT_EVAL, datastore=DATASTORE_EXTRA)
-    check_disjoint(calibration=DEFAULT_CALIB, training=DEFAULT_TRAIN, wide_evaluation=WIDE_EVAL,
-                   datastore=DATASTORE_EXTRA)
-    assert len(load_prompts(DATASTORE_EXTRA)) == 879
-    cats = {p.category for p in load_prompts(DEFAULT_CALIB)}
-    assert {"code", "instructions", "math_word_problems", "translation"} <= cats
-    assert not cats & {"writing", "roleplay", "math"}  # held-out categories the heads never saw
-    # evaluation rows for the context-heavy categories too (where context drafts pay)
-    assert {"summarization", "passage_qa", "code_editing"} <= {p.category for p in load_prompts(DEFAULT_EVAL)}
-    with pytest.raises(ValueError, match="both the calibration and the held_out"):
-        check_disjoint(calibration="humaneval[0:10]", held_out="humaneval[5:8]")
-
-
+# ---- exit-head files and agreement -----------------------------------------------------------
 def test_heads_round_trip_with_acceptance_and_calibration_in_the_key(tiny, calibrated_heads, tmp_path,
                                                                        monkeypatch):
     from lede_env import calibration
