@@ -504,6 +504,36 @@ def evaluate(policies: str = typer.Option("ar,hf,hf-lookup:10,static:best,oracle
 
 
 @app.command()
+def leaderboard(out: Path = Path("runs/leaderboard"),
+                algos: str = typer.Option("all", help="Comma-separated learners (agents.train.ALGOS), or all."),
+                seeds: int = typer.Option(3, help="Training seeds per learner."),
+                steps: int = typer.Option(6000, help="Gradient steps (offline) or env steps (online) per run."),
+                episodes: int = typer.Option(300, help="Dataset episodes."),
+                train_prompts: str = DEFAULT_TRAIN, eval_prompts: str = DEFAULT_EVAL, model: Optional[str] = ModelOpt,
+                max_new_tokens: int = MaxNewOpt,
+                cost_profile: str = typer.Option("reference", help="reference (the same on every machine) | measured "
+                                                                   "| analytic | FILE.json.")):
+    """Train every learner over several seeds on the LEDE-Llama3-v1 task's dataset and rank them
+    beside the baselines on held-out prompts: leaderboard.md (normalized score [95 % CI] per
+    category, IQM, training time, policy cost per round)."""
+    from agents.leaderboard import LeaderboardConfig, run_leaderboard
+    from agents.train import ALGOS
+    from lede_env.config import studied_task
+
+    names = ALGOS if algos == "all" else tuple(a for a in algos.split(",") if a)
+    task = _task(studied_task(), model=model, prompts=train_prompts, max_new_tokens=max_new_tokens,
+                 cost_profile=cost_profile)
+    try:
+        cfg = LeaderboardConfig(task=task, eval_prompts=eval_prompts, algos=names,
+                                seeds=tuple(range(seeds)), steps=steps, episodes=episodes, out_dir=str(out))
+        res = run_leaderboard(cfg)
+    except ValueError as e:
+        fail(e)
+    console.print(res["markdown"])
+    console.print(f"leaderboard in {out / 'leaderboard.md'}")
+
+
+@app.command()
 def report(results: Path = typer.Argument(..., help="A folder written by `lede evaluate --out DIR` or `lede demo`."),
            out: Optional[Path] = typer.Option(None, help="Where report.md, report.html and the PNGs go "
                                                          "(default RESULTS/report)."),

@@ -51,6 +51,7 @@ from lede_env.replay import oracle_plan, rollout, throughput
 from lede_env.policies import POLICY_NAMES, policy_from_name
 
 from .scores import RESAMPLES
+from .store import reference_returns
 
 from .tables import format_cell, to_markdown  # noqa: F401 - both still importable from here
 
@@ -164,7 +165,7 @@ def trace_eval(env, names: list[str], static_best: Optional[int] = None, by_cate
     rules = u.rules.without_overhead()
     oracle = [rollout(t, rules, u.max_new_tokens, lambda g, plan=oracle_plan(t, rules, u.max_new_tokens)[0]: int(plan[g]))
               for t in (u.trace_set.traces[i] for i in u.playable)]
-    ref_ar, ref_oracle = (np.asarray(run_episodes(u, p)[1]) for p in (StaticPolicy(0), None))
+    ref_ar, ref_oracle = reference_returns(u)
     per_policy = {}
     for name in names:
         if is_transformers_baseline(name):

@@ -156,10 +156,28 @@ def move_into_place(tmp_id: str, dataset_id: str, root: Optional[Path] = None, e
 
 
 # ---- metadata -------------------------------------------------------------------------------
+def reference_returns(env) -> tuple[np.ndarray, np.ndarray]:
+    """Per-episode undiscounted returns of always-AR and of the hindsight oracle on every
+    playable trace of a trace env (``(P,)`` each; each episode reset with ``seed=0``), both
+    played under their own rules (:meth:`lede_env.env.LEDEEnv.playing`: neither reads
+    observations, so neither is charged the feature/policy overhead; AR drafts nothing): the 0
+    and 100 of :mod:`agents.scores`."""
+    from lede_env.episodes import play_episode
+    from lede_env.policies import StaticPolicy
+
+    u = env.unwrapped
+    out = []
+    for pol in (StaticPolicy(0), None):  # always-AR, then the oracle (None)
+        with u.playing(pol):
+            out.append(np.array([play_episode(u, pol, seed=0, options={"prompt_index": i}).ret for i in u.playable]))
+    return out[0], out[1]
+
+
 def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, float]:
     """Mean undiscounted return of always-AR (``ref_min_score``) and of the oracle
-    (``ref_max_score``) over the env's traces, in its reward mode (each episode reset with
-    ``seed=0``, :func:`lede_env.episodes.play_episode`).
+    (``ref_max_score``) over the env's traces, in its reward mode (:func:`reference_returns`), so
+    that ``100 * minari.get_normalized_score(dataset, R)`` is lede's normalized score of a mean
+    return ``R`` on the dataset's env (:mod:`agents.scores`).
 
     Live backend (no oracle): ``ref_max_score`` is the mean over prompts of the larger of the
     always-AR return and ``best_seen[prompt_index]`` (the best collected return on it, if any).
@@ -169,17 +187,16 @@ def reference_scores(env, best_seen: Optional[dict] = None) -> tuple[float, floa
     from lede_env.policies import StaticPolicy
 
     u = env.unwrapped
-    mins, maxs = [], []
     if isinstance(u, LiveEnv):
+        mins, maxs = [], []
         for i in u.playable:
-            ret = play_episode(u, StaticPolicy(0), seed=0, options={"prompt_index": i}).ret
+            with u.playing(StaticPolicy(0)):
+                ret = play_episode(u, StaticPolicy(0), seed=0, options={"prompt_index": i}).ret
             mins.append(ret)
             maxs.append(max(ret, (best_seen or {}).get(i, -np.inf)))
         return float(np.mean(mins)), float(np.mean(maxs))
-    for i in u.playable:
-        for pol, out in ((StaticPolicy(0), mins), (None, maxs)):  # always-AR, then the oracle (None)
-            out.append(play_episode(u, pol, seed=0, options={"prompt_index": i}).ret)
-    return float(np.mean(mins)), float(np.mean(maxs))
+    ar, oracle = reference_returns(env)
+    return float(np.mean(ar)), float(np.mean(oracle))
 
 
 def describe_collection(collection: dict, dataset_id: str) -> str:
