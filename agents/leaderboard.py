@@ -102,7 +102,8 @@ def baseline_names(train_env) -> tuple[list[str], int]:
     if exits:
         E, K = u.actions.decode(best_static(traces, rules, u.max_new_tokens, exits)[0])
         names += [f"static:{E},{K}", f"heuristic:{E}"]
-    names += [f"static:0,{m}" for m in (4, 8) if m in u.actions.context_lengths]
+    names += [f"static:0,{m}" for m in (4, 8) if m in u.actions.context_lengths
+              and u.actions.encode(0, m) != static_best]  # (static:best already plays it)
     names.append("del")
     if E is not None and u.actions.context_lengths:
         names.append(f"copy-else:{max(u.actions.context_lengths)},{E},0.35")

@@ -8,7 +8,8 @@ A recipe names everything that determines the dataset::
     description: one paragraph for the card
     episodes: 300
     seed: 0
-    env:                      # LEDE-Llama3-v0 kwargs (stored as the dataset's env spec)
+    task: LEDE-Llama3-v1      # optional: start from a registered task's settings (default v0's)
+    env:                      # LEDEEnv kwargs changing them (stored as the dataset's env spec)
       model: null             # null = the embedded SmolLM2-135M-Instruct
       prompts: humaneval[0:24]
       max_new_tokens: 96
@@ -34,7 +35,9 @@ from .collect import DEFAULT_MIX
 
 BACKENDS = ("trace", "live")
 _TOP = {"id": str, "description": str, "episodes": int, "seed": int, "author": str, "code_permalink": str,
-        "env": dict, "behaviour": dict, "backend": str}
+        "env": dict, "behaviour": dict, "backend": str, "task": str}
+#: registered tasks a recipe may name (``task:``): their settings, which ``env:`` keys change
+TASKS = ("LEDE-Llama3-v0", "LEDE-Llama3-v1")
 _BEHAVIOUR = {"mixture": dict, "oracle_epsilon": (int, float)}
 
 
@@ -142,7 +145,14 @@ def parse_recipe(data: Any, src: str = "<recipe>", path: Optional[Path] = None) 
     if backend == "live" and mix.get("oracle", 0) > 0:
         raise RecipeError(f"{src}: the live backend has no oracle (it needs greedy traces): drop oracle from "
                           "behaviour.mixture.")
+    task = data.get("task", "LEDE-Llama3-v0")
+    if task not in TASKS:
+        raise RecipeError(f"{src}: task {task!r} is not registered; use one of {TASKS}.")
     env = dict(data["env"])
+    if task == "LEDE-Llama3-v1":
+        from lede_env.config import STUDIED_SETTINGS
+
+        env = {**STUDIED_SETTINGS, **env}
     if backend != "trace":
         env["backend"] = backend  # stored in the dataset's env spec
     episodes = data.get("episodes", 200)

@@ -172,3 +172,22 @@ def test_model_slug_makes_valid_dataset_ids():
     assert dataset_model_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
     for name in ("facebook/layerskip-llama3.2-1B", "/models/My Model v2/", "Qwen/Qwen3-0.6B"):
         check_dataset_id(f"lede/{dataset_model_name(name)}/humaneval-mixed-v0")
+
+
+def test_v1_recipes_build_the_registered_task_with_d4rl_style_behaviours():
+    """datasets/v1-{random,medium,expert}-v0.yaml start from LEDE-Llama3-v1's settings (task:)."""
+    from pathlib import Path
+
+    from agents.recipes import RecipeError, load_recipe, parse_recipe
+    from lede_env.config import STUDIED_SETTINGS, TaskConfig, studied_task
+
+    root = Path(__file__).resolve().parents[2] / "datasets"
+    mixes = {}
+    for kind in ("random", "medium", "expert"):
+        r = load_recipe(root / f"v1-{kind}-v0.yaml")
+        assert r.dataset_id == f"lede/smollm2-135m-instruct/v1-{kind}-v0"
+        assert TaskConfig.from_kwargs(**r.env) == studied_task() and set(STUDIED_SETTINGS) <= set(r.env)
+        mixes[kind] = r.mixture
+    assert mixes["random"] == {"random": 1.0} and "oracle" not in mixes["medium"] and mixes["expert"] == {"oracle": 1.0}
+    with pytest.raises(RecipeError, match="not registered"):
+        parse_recipe({"id": "lede/m/x-v0", "task": "LEDE-Llama3-v9", "env": {}, "behaviour": {"mixture": {"random": 1}}})
