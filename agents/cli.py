@@ -650,7 +650,7 @@ def demo(out: Path = Path("runs/demo"), train_prompts: str = DEFAULT_TRAIN, eval
 
 #: optional module -> the extra that installs it (``pip install 'lede[EXTRA]'``)
 EXTRAS = {"d3rlpy": "rl", "stable_baselines3": "rl", "sb3_contrib": "rl", "minari": "rl", "h5py": "rl",
-          "PIL": "rl", "wandb": "rl", "sweeps": "sweep", "sklearn": "sweep", "scipy": "sweep",
+          "PIL": "rl", "wandb": "rl", "sweeps": "sweep", "sklearn": "sweep", "scipy": "rl",
           "matplotlib": "report", "onnx": "onnx", "onnxruntime": "onnx"}
 
 
