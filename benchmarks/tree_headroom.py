@@ -1,4 +1,4 @@
-"""Headroom of token-tree drafts over today's single copy draft (issue 37, part 1).
+"""Headroom of token-tree drafts over today's single copy draft (SuffixDecoding, arXiv 2411.04975).
 
 On the held-out traces of the studied task (greedy continuations, exact), at every round position
 reached by the best static copy policy (copy <= 4, action (0, 4)) and by AR (every position), it

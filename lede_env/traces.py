@@ -221,7 +221,7 @@ def save_traces(ts: TraceSet, folder: Path) -> None:
 def write_trace_file(ts: TraceSet, path: Path) -> None:
     """Write ``ts`` as one ``.safetensors`` file (the manifest in its metadata), without the
     hidden states (which only the ``"full"`` observation reads) and with token ids as int32:
-    the form the package ships (about 0.4 kB per generated token for 14 exits). Written under a
+    the form the package ships. Written under a
     temporary name and renamed when whole."""
     tensors = {k: (v.to(torch.int32) if k in _NARROW else v) for k, v in _tensors(ts, hidden=False).items()}
     with atomic_file(Path(path)) as tmp:

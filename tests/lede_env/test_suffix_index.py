@@ -1,4 +1,4 @@
-"""The suffix index (issue 37): exact continuations and counts against brute force, incremental
+"""The suffix index: exact continuations and counts against brute force, incremental
 extension equal to a build from scratch, token trees consistent with their parents and budget."""
 
 from __future__ import annotations
