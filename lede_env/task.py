@@ -256,7 +256,8 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
        it is made agrees with an agent's profile dict made that way (an agent trained on a dataset
        records the dict) and is then used (``"measured"``: the costs of the machine at hand).
     3. Copy actions the named policies play (:func:`~lede_env.policies.copy_lengths`) are switched
-       on where neither an agent nor ``given`` fixed ``context_lengths``; else they must be in it.
+       on (beside the ``defaults``' own) where neither an agent nor ``given`` fixed
+       ``context_lengths``; else they must be in it.
     4. ``defaults`` (the command's own), then ``LEDEEnv``'s, give the rest. A datastore is only
        kept where there are context drafts.
 
@@ -303,8 +304,9 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
                 raise ValueError(f"{name} copies up to {missing[0]} tokens, but context_lengths={have!r} ({whose}) has "
                                  f"no such copy action: add {missing[0]} to the context lengths or play it in a "
                                  "separate run.")
-    elif need:
-        fixed["context_lengths"] = need
+    elif need:  # (the command's own copy lengths kept: a copy policy adds its own, never removes any)
+        base = normalise(dict(defaults or {})).get("context_lengths") or []
+        fixed["context_lengths"] = sorted(set(base) | set(need))
     out = {**task_defaults(), **normalise(dict(defaults or {})), **fixed}
     if not (out["context_draft"] or out["context_lengths"]):
         out["context_datastore"] = False  # (a datastore only backs context drafts)

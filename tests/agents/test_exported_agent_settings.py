@@ -231,3 +231,15 @@ def test_a_cost_profile_name_agrees_with_an_agents_profile_made_that_way(tmp_pat
         with pytest.raises(ValueError, match=f"cost_profile='{given}' \\(given\\) contradicts the agent's "
                                              "cost_profile={"):
             settings_for([f"agent:{folder}"], {"cost_profile": given})
+
+
+def test_a_copy_policy_adds_its_copy_length_to_the_commands_own():
+    """With the v1 task's copy lengths as the command's defaults, naming static:0,8 keeps them all
+    (the action space stays the task's); with none, it switches on just its own."""
+    from lede_env.config import STUDIED_SETTINGS
+    from lede_env.task import settings_for
+
+    v1 = {k: v for k, v in STUDIED_SETTINGS.items() if k != "prompts"}
+    assert settings_for(["static:0,8"], {}, v1)["context_lengths"] == [1, 2, 3, 4, 6, 8]
+    assert settings_for(["static:0,5"], {}, v1)["context_lengths"] == [1, 2, 3, 4, 5, 6, 8]
+    assert settings_for(["static:0,8"])["context_lengths"] == [8]
