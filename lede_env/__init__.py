@@ -55,5 +55,6 @@ if "LEDE-Llama3-Live-v1" not in registry:
     register(id="LEDE-Llama3-Live-v1", entry_point="lede_env.live_env:LiveEnv", kwargs=dict(STUDIED_SETTINGS),
              nondeterministic=True)
 
-__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "STUDIED_SETTINGS", "TaskConfig", "studied_task", "Lede", "LedeOutput", "LiveEnv", "RoundRecord",
+__all__ = ["ActionMap", "GenerationResult", "LEDEEnv", "STUDIED_SETTINGS", "TaskConfig", "studied_task", "Lede",
+           "LedeOutput", "LiveEnv", "RoundRecord",
            "SelfSpeculativeDecoder", "StaticPolicy", "TraceEnv", "generate", "load_model", "__version__"]

@@ -212,13 +212,13 @@ PACKAGED_STATIC = PACKAGED_TRACES / "best_static.json"
 
 def static_search_key(traces, rules: RoundRules, max_new_tokens: int) -> str:
     """A key naming a best-static search by everything its result depends on: the traces'
-    tokens, drafts and draft probabilities, the round rules (actions, cost profile without its
+    tokens, drafts (first-token drafts too) and draft probabilities, the round rules (actions, cost profile without its
     ``meta``, bonus, reuse, threshold, context drafter and datastore fingerprint, EOS ids) and
     the token budget."""
     h = hashlib.sha256()
     for t in traces:
-        for a in (t.prompt, t.generated, t.draft, t.draft_prob):
-            h.update(np.ascontiguousarray(a).tobytes())
+        for a in (t.prompt, t.generated, t.draft, t.draft_prob, t.draft_first, t.draft_first_prob):
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
         h.update(bytes([t.eos]))
     prof = None if rules.profile is None else {k: v for k, v in asdict(rules.profile).items() if k != "meta"}
     desc = [STATIC_SEARCH_VERSION, repr(rules.actions), prof, rules.bonus, list(rules.eos_ids), rules.reuse,
