@@ -362,13 +362,15 @@ def evaluate_agent(agent, layout, eval_env) -> dict:
     """Trace-env metrics of ``agent``'s greedy policy on every playable trace of ``eval_env``.
 
     Returns:
+        ``score`` (normalized: 0 = always-AR, 100 = the oracle: :mod:`agents.scores`),
         ``throughput`` (tokens per AR-step cost unit), ``oracle_share`` (of the oracle's
         throughput on the same traces), ``mean_return``, ``tokens_per_round``, ``acceptance``.
     """
     from .evaluate import trace_eval
 
-    row = trace_eval(eval_env, [], by_category=False, policies={"agent": greedy_q_policy(agent, layout)})[0]
-    return {k: float(row[k]) for k in ("throughput", "oracle_share", "mean_return", "tokens_per_round",
+    row = trace_eval(eval_env, [], by_category=False, policies={"agent": greedy_q_policy(agent, layout)},
+                     intervals=False)[0]
+    return {k: float(row[k]) for k in ("score", "throughput", "oracle_share", "mean_return", "tokens_per_round",
                                        "acceptance")}
 
 
