@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lede_env.config import TaskConfig, studied_task
+from lede_env.policies import own_stop_rule, reads_observations
 from lede_env.prompts import DEFAULT_EVAL
 from lede_env.replay import best_static, useful_actions
-from lede_env.stopping import NO_STOP
 from lede_env.storage import write_text_atomic
 
 from .scores import format_score
@@ -69,8 +69,8 @@ class TimedPolicy:
 
     def __init__(self, policy) -> None:
         self.policy, self.seconds, self.calls = policy, 0.0, 0
-        self.needs_observation = getattr(policy, "needs_observation", False)
-        self.stop_rule = getattr(policy, "stop_rule", None)
+        self.needs_observation = reads_observations(policy)
+        self.stop_rule = own_stop_rule(policy)
 
     def reset(self) -> None:
         self.policy.reset()
@@ -93,8 +93,7 @@ def baseline_names(train_env) -> tuple[list[str], int]:
     at the best exit, the oracle."""
     u = train_env.unwrapped
     static_best = u.best_static()[0]
-    rules = replace(u.rules.without_overhead(), stop_rule=NO_STOP)
-    traces = [u.trace_set.traces[i] for i in u.playable]
+    traces, rules = u.static_setting()
     exits = [a for a in useful_actions(rules) if u.actions.decode(a)[0] > 0]
     names = ["ar", "static:best"]
     E = None

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from dataclasses import replace
-
 from lede_env.policies import BasePolicy
-from lede_env.stopping import NO_STOP
 
 __all__ = ["OraclePolicy", "best_static_action"]
 
@@ -42,6 +39,5 @@ def best_static_action(env, max_episodes: Optional[int] = None) -> tuple[int, fl
         return u.best_static()
     from lede_env.replay import best_static
 
-    traces = [u.trace_set.traces[i] for i in u.playable][:max_episodes]
-    rules = u.rules.without_overhead()  # a static policy computes no observation
-    return best_static(traces, replace(rules, stop_rule=NO_STOP), u.max_new_tokens)
+    traces, rules = u.static_setting()
+    return best_static(traces[:max_episodes], rules, u.max_new_tokens)

@@ -32,8 +32,7 @@ def normalized_score(ret: float, ref_min: float, ref_max: float) -> float:
         ret: a mean episode return (undiscounted, the env's reward units).
         ref_min, ref_max: the always-AR and oracle mean returns on the same episodes.
     """
-    span = ref_max - ref_min
-    return float("nan") if not np.isfinite(span) or abs(span) < 1e-12 else float(100.0 * (ret - ref_min) / span)
+    return float(_ratio(np.float64(ret), np.float64(ref_min), np.float64(ref_max)))
 
 
 def group_score(returns: np.ndarray, ar: np.ndarray, oracle: np.ndarray) -> float:
@@ -45,10 +44,8 @@ def group_score(returns: np.ndarray, ar: np.ndarray, oracle: np.ndarray) -> floa
 def iqm(scores: Sequence[float]) -> float:
     """Interquartile mean (the mean of the middle 50 %, ``scipy.stats.trim_mean(x, 0.25)``) of
     the finite scores; NaN if none."""
-    from scipy.stats import trim_mean
-
     x = np.asarray([s for s in scores if np.isfinite(s)], dtype=float)
-    return float(trim_mean(x, 0.25)) if len(x) else float("nan")
+    return float(_iqm_rows(x[None])[0]) if len(x) else float("nan")
 
 
 def scores_with_intervals(returns: np.ndarray, ar: np.ndarray, oracle: np.ndarray, categories: Sequence[str],
@@ -109,10 +106,11 @@ def scores_with_intervals(returns: np.ndarray, ar: np.ndarray, oracle: np.ndarra
 
 
 def _ratio(ret_sum, ar_sum, oracle_sum):
-    """Normalized scores of batched sums (equal counts cancel), NaN where the references coincide."""
+    """Normalized scores of batched sums or means (equal counts cancel; :func:`normalized_score`'s
+    one formula), NaN where the references coincide."""
     span = oracle_sum - ar_sum
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(np.abs(span) > 1e-12, 100.0 * (ret_sum - ar_sum) / span, np.nan)
+        return np.where(np.isfinite(span) & (np.abs(span) > 1e-12), 100.0 * (ret_sum - ar_sum) / span, np.nan)
 
 
 def _iqm_rows(x: np.ndarray) -> np.ndarray:

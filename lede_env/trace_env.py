@@ -100,6 +100,12 @@ class TraceEnv(LEDEEnv):
         # the best static (E, K) on the env's own traces
         return max(1.0, self.best_static()[1])
 
+    def static_setting(self) -> tuple[list, RoundRules]:
+        """``(traces, rules)`` a static action is judged on: the playable traces, and the env's
+        rules as a static (E, K) plays them (no feature/policy overhead, the whole K drafted)."""
+        return ([self.trace_set.traces[i] for i in self.playable],
+                replace(self.rules.without_overhead(), stop_rule=NO_STOP))
+
     def best_static(self) -> tuple[int, float]:
         """The static action with the best throughput over this env's playable traces, as a static
         (E, K) is defined (whole K drafted, no feature/policy overhead; LayerSkip's setting): the
@@ -115,8 +121,7 @@ class TraceEnv(LEDEEnv):
             ``(action, throughput)``; throughput = total tokens / total cost (AR = about 1.0).
         """
         if self._best_static is None:
-            rules = replace(self.rules.without_overhead(), stop_rule=NO_STOP)
-            traces = [self.trace_set.traces[i] for i in self.playable]
+            traces, rules = self.static_setting()
             key = static_search_key(traces, rules, self.max_new_tokens)
             found = known_static(key)
             if found is None:

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 
 import torch
 
@@ -38,7 +37,6 @@ from lede_env.model import get_bundle
 from lede_env.prompts import DEFAULT_EVAL, DEFAULT_TRAIN, load_prompts
 from lede_env.storage import record_packaged_file, write_text_atomic
 from lede_env.task import observation_config
-from lede_env.stopping import NO_STOP
 from lede_env.trace_env import PACKAGED_STATIC, static_search_key
 from lede_env.traces import PACKAGED_TRACES, TraceSpec, get_traces, trace_key, write_trace_file
 from lede_env.version import __version__
@@ -94,9 +92,7 @@ def main() -> None:
     found = {}
     for spec in (DEFAULT_TRAIN, DEFAULT_EVAL):
         env = LEDEEnv(task.replace(prompts=spec), progress=False)
-        rules = replace(env.rules.without_overhead(), stop_rule=NO_STOP)
-        traces = [env.trace_set.traces[i] for i in env.playable]
-        found[static_search_key(traces, rules, env.max_new_tokens)] = list(env.best_static())
+        found[static_search_key(*env.static_setting(), env.max_new_tokens)] = list(env.best_static())
         print(f"best static on {spec}: action {env.best_static()[0]}, throughput {env.best_static()[1]:.4f}")
     write_text_atomic(PACKAGED_STATIC, json.dumps(found, indent=1, sort_keys=True))
     print(f"done in {time.time() - t0:.0f} s")
