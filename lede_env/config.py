@@ -189,6 +189,9 @@ class RulesConfig:
         context_draft: most tokens action 0 copies from the context (0: a plain AR step).
         context_lengths: copy lengths of the context actions (tokens, strictly increasing).
         context_datastore: where the context has no match, draft from the model's datastore.
+        tree_budgets: node budgets of the tree actions (token trees from a suffix index,
+            :func:`lede_env.suffix_index.round_tree`; strictly increasing, 1..64; () : none).
+        tree_depth: longest branch of a tree action's tree (tokens, 1..64).
     """
 
     k_max: int = 8
@@ -199,6 +202,8 @@ class RulesConfig:
     context_draft: int = 0
     context_lengths: tuple[int, ...] = ()
     context_datastore: bool = False
+    tree_budgets: tuple[int, ...] = ()
+    tree_depth: int = 8
 
     def __post_init__(self) -> None:
         if not (_is_int(self.k_max) and 1 <= self.k_max <= 64):
@@ -228,6 +233,15 @@ class RulesConfig:
             raise ValueError(f"context_lengths={self.context_lengths!r} must be strictly increasing integers in 1..64 "
                              "(most copied tokens each context action verifies), e.g. (1, 2, 3, 4, 6, 8).")
         _set(self, "context_lengths", tuple(int(x) for x in lengths))
+        budgets = tuple(() if self.tree_budgets is None else self.tree_budgets)
+        if any(not _is_int(x) or not 1 <= x <= 64 for x in budgets) or any(b <= a for a, b in zip(budgets, budgets[1:])):
+            raise ValueError(f"tree_budgets={self.tree_budgets!r} must be strictly increasing integers in 1..64 "
+                             "(most nodes each tree action verifies), e.g. (4, 8).")
+        _set(self, "tree_budgets", tuple(int(x) for x in budgets))
+        if not (_is_int(self.tree_depth) and 1 <= self.tree_depth <= 64):
+            raise ValueError(f"tree_depth={self.tree_depth!r} must be an integer in 1..64 (longest branch of a tree, "
+                             "tokens).")
+        _set(self, "tree_depth", int(self.tree_depth))
         if not isinstance(self.context_datastore, bool):
             raise TypeError(f"context_datastore={self.context_datastore!r}: give True or False in a config (a "
                             "NgramDatastore object goes to the env's with_objects(...) constructor).")
@@ -325,7 +339,8 @@ FLAT_KEYS: dict[str, tuple[Optional[str], str]] = {
     "k_max": ("rules", "k_max"), "bonus": ("rules", "bonus"), "reuse": ("rules", "reuse"),
     "stop_threshold": ("rules", "stop_threshold"), "stop_rule": ("rules", "stop_rule"),
     "context_draft": ("rules", "context_draft"), "context_lengths": ("rules", "context_lengths"),
-    "context_datastore": ("rules", "context_datastore"),
+    "context_datastore": ("rules", "context_datastore"), "tree_budgets": ("rules", "tree_budgets"),
+    "tree_depth": ("rules", "tree_depth"),
     "reward_mode": ("reward", "mode"), "reward_lambda": ("reward", "lambda_"),
     "cost_profile": ("reward", "cost_profile"), "cost": ("reward", "cost"),
     "temperature": ("sampling", "temperature"), "top_p": ("sampling", "top_p"), "top_k": ("sampling", "top_k"),

@@ -28,17 +28,22 @@ class ActionMap:
     :mod:`lede_env.lookup`). Actions ``1 .. C`` (``C = len(context_lengths)``) = a context draft
     of up to ``context_lengths[j - 1]`` copied tokens, ``(E, K) = (0, length)``: the policy
     picks how many copied tokens to verify (a plain step where the context has no match).
-    Action ``1 + C + i * k_max + (K - 1)`` = exit layer ``exit_layers[i]``, speculation length K
+    Actions ``1 + C .. C + T`` (``T = len(tree_budgets)``) = a token tree of at most
+    ``tree_budgets[j - 1 - C]`` nodes (:func:`lede_env.suffix_index.round_tree`), verified in one
+    pass with a tree attention mask; :meth:`tree_budget` names the budget, :meth:`decode` gives
+    ``(0, 0)`` for them (no exit layer, no single draft). Action
+    ``1 + C + T + i * k_max + (K - 1)`` = exit layer ``exit_layers[i]``, speculation length K
     (1 <= K <= k_max).
 
     Raises:
-        ValueError: ``k_max`` outside 1..64, or ``context_lengths`` not strictly increasing
-            integers in 1..64.
+        ValueError: ``k_max`` outside 1..64, or ``context_lengths`` / ``tree_budgets`` not
+            strictly increasing integers in 1..64.
     """
 
     exit_layers: tuple[int, ...]
     k_max: int
     context_lengths: tuple[int, ...] = ()
+    tree_budgets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_max, (int, np.integer)) or not 1 <= self.k_max <= 64:
@@ -49,16 +54,37 @@ class ActionMap:
             raise ValueError(f"context_lengths={self.context_lengths!r} must be strictly increasing integers in "
                              "1..64 (most copied tokens each context action verifies), e.g. (1, 2, 3, 4, 6, 8).")
         object.__setattr__(self, "context_lengths", tuple(int(c) for c in cl))
+        tb = tuple(self.tree_budgets)
+        if any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 64 for b in tb) or \
+                any(b <= a for a, b in zip(tb, tb[1:])):
+            raise ValueError(f"tree_budgets={self.tree_budgets!r} must be strictly increasing integers in 1..64 "
+                             "(most nodes each tree action verifies), e.g. (4, 8).")
+        object.__setattr__(self, "tree_budgets", tuple(int(b) for b in tb))
 
     @property
     def n(self) -> int:
         """Number of actions."""
-        return 1 + len(self.context_lengths) + len(self.exit_layers) * self.k_max
+        return 1 + len(self.context_lengths) + len(self.tree_budgets) + len(self.exit_layers) * self.k_max
+
+    @property
+    def first_tree_action(self) -> int:
+        """Index of the first tree action (after action 0 and the context actions)."""
+        return 1 + len(self.context_lengths)
 
     @property
     def first_exit_action(self) -> int:
-        """Index of the first exit action (after action 0 and the context actions)."""
-        return 1 + len(self.context_lengths)
+        """Index of the first exit action (after action 0, the context and the tree actions)."""
+        return 1 + len(self.context_lengths) + len(self.tree_budgets)
+
+    def tree_budget(self, action) -> int:
+        """Most nodes of the token tree a tree action verifies; 0 for any other action.
+
+        Raises:
+            TypeError, ValueError: as :meth:`decode`.
+        """
+        self.decode(action)
+        j = int(action) - self.first_tree_action
+        return self.tree_budgets[j] if 0 <= j < len(self.tree_budgets) else 0
 
     def decode(self, action) -> tuple[int, int]:
         """Action index -> ``(E, K)``: ``(0, 0)`` for action 0, ``(0, length)`` for a context
@@ -75,17 +101,26 @@ class ActionMap:
         a = int(action)
         if not 0 <= a < self.n:
             raise ValueError(f"Action {a} is outside 0..{self.n - 1} (1 + {len(self.context_lengths)} context "
-                             f"lengths + {len(self.exit_layers)} exits x {self.k_max} lengths).")
+                             f"lengths + {len(self.tree_budgets)} tree budgets + {len(self.exit_layers)} exits x "
+                             f"{self.k_max} lengths).")
         if a == 0:
             return 0, 0
-        if a < self.first_exit_action:
+        if a < self.first_tree_action:
             return 0, self.context_lengths[a - 1]
+        if a < self.first_exit_action:
+            return 0, 0  # a tree action (tree_budget names its budget)
         i, k = divmod(a - self.first_exit_action, self.k_max)
         return self.exit_layers[i], k + 1
 
+    def encode_tree(self, budget: int) -> int:
+        """Tree budget -> its tree action. Raises ``ValueError`` if not in the map."""
+        if budget not in self.tree_budgets:
+            raise ValueError(f"Tree budget {budget} is not one of {self.tree_budgets}.")
+        return self.first_tree_action + self.tree_budgets.index(budget)
+
     def encode(self, exit_layer: int, k: int) -> int:
-        """``(E, K)`` -> action index; ``(0, 0)`` -> 0, ``(0, length)`` -> that context action.
-        Raises ``ValueError`` if not in the map."""
+        """``(E, K)`` -> action index; ``(0, 0)`` -> 0, ``(0, length)`` -> that context action
+        (tree actions: :meth:`encode_tree`). Raises ``ValueError`` if not in the map."""
         if exit_layer == 0 and k == 0:
             return 0
         if exit_layer == 0:

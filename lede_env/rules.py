@@ -47,6 +47,8 @@ class RoundRules:
         datastore: where the context has no match, a context draft comes from this
             :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text; REST,
             arXiv 2311.08252); ``None``: no draft there.
+        tree_depth: longest branch of a tree action's token tree (tokens;
+            :meth:`plan_tree`, :func:`lede_env.suffix_index.round_tree`).
 
     Context actions (``actions.context_lengths``) copy up to their own length instead.
 
@@ -64,6 +66,7 @@ class RoundRules:
     context_draft: int = 0
     context_ngram: tuple[int, int] = DEFAULT_NGRAM
     datastore: Optional["NgramDatastore"] = None
+    tree_depth: int = 8
 
     def __post_init__(self) -> None:
         if self.context_draft < 0:
@@ -108,6 +111,19 @@ class RoundRules:
         if K:
             return E, K, 0
         return 0, 0, clamp_draft_len(copy, remaining, self.bonus)
+
+    def plan_tree(self, action: int, remaining: int) -> tuple[int, int]:
+        """How a tree action's round opens: ``(budget, depth)``, the most nodes and the longest
+        branch of its tree with ``remaining`` tokens of budget (the depth clamped as a draft
+        length is, :func:`~lede_env.mdp.clamp_draft_len`; ``(0, 0)`` then, or for any action that
+        is not a tree action: see :meth:`plan`).
+
+        Raises:
+            ValueError: an action outside the action map.
+        """
+        budget = self.actions.tree_budget(action)
+        depth = clamp_draft_len(self.tree_depth, remaining, self.bonus) if budget else 0
+        return (budget, depth) if depth else (0, 0)
 
     def cost(self, exit_layer: int, draft_len: int, n_verify: int, passes: int = 0, overhead: bool = True) -> float:
         """A round's cost in AR-step units (:meth:`~lede_env.costs.CostProfile.round_cost`; 0

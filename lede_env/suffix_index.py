@@ -378,8 +378,7 @@ def _grow(roots: list, budget: int, max_depth: int, seed: list[int]) -> TokenTre
 
     for t in seed:  # a forced branch
         add(len(toks) - 1, int(t))
-    if not seed:
-        _push_children(heap, -1, 1, roots, budget)
+    _push_children(heap, -1, 1, roots, budget)  # (the root's other children compete for the rest)
     while heap and len(toks) < budget:
         _, _, t, par = heapq.heappop(heap)
         if (par, t) not in taken:  # (the same child proposed by another index, or a seeded node)

@@ -162,3 +162,30 @@ def test_accepted_branch_and_errors():
         draft_tree([idx], [1], -1)
     with pytest.raises(ValueError):
         SuffixIndex(max_match=0)
+
+
+def test_tree_actions_sit_between_context_and_exit_actions():
+    from lede_env.mdp import ActionMap
+    from lede_env.rules import RoundRules
+
+    m = ActionMap((2, 4), 3, (1, 4), (4, 8))
+    assert m.n == 1 + 2 + 2 + 2 * 3
+    assert [m.tree_budget(a) for a in range(m.n)] == [0, 0, 0, 4, 8, 0, 0, 0, 0, 0, 0]
+    assert m.encode_tree(8) == 4 and m.decode(4) == (0, 0)
+    assert m.decode(m.first_exit_action) == (2, 1) and m.encode(4, 3) == m.n - 1
+    rules = RoundRules(m, None, tree_depth=6)
+    assert rules.plan_tree(3, remaining=100) == (4, 6)
+    assert rules.plan_tree(3, remaining=3) == (4, 2)  # (bonus: the verifier's token needs room)
+    assert rules.plan_tree(3, remaining=1) == (0, 0) and rules.plan_tree(5, remaining=100) == (0, 0)
+
+
+def test_round_tree_starts_with_the_copy_draft_and_keeps_its_budget():
+    from lede_env.suffix_index import SuffixIndex
+    from lede_env.trees import round_tree
+
+    seq = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]  # "1 2" was followed by 3 and by 5; the latest copy is 5 6
+    tree = round_tree(SuffixIndex(seq), seq, budget=4, depth=3)
+    assert len(tree) <= 4 and int(tree.depth.max()) <= 3
+    assert tree.path(1) == [5, 6]  # the copy draft of seed_length(4, 3) = 2 tokens is the first branch
+    assert {tuple(tree.path(i)) for i in range(len(tree))} >= {(3,), (5,), (5, 6)}
+    assert len(round_tree(SuffixIndex(seq), seq, budget=0, depth=3)) == 0
