@@ -88,7 +88,7 @@ class CostProfile:
         return table[-1] + slope * (k - len(table))
 
     def round_cost(self, exit_layer: int, draft_len: int, n_verify: int, reuse: bool = True,
-                   passes: Optional[int] = None) -> float:
+                   passes: Optional[int] = None, tree: bool = False) -> float:
         """Cost of one round in AR-step units.
 
         Args:
@@ -99,6 +99,9 @@ class CostProfile:
             n_verify: positions verified (K or K+1; 1 for an AR step or a dropped draft).
             reuse: verification runs only layers E+1..L (the draft's layers 1..E are reused);
                 without reuse it runs all L layers on the verified positions.
+            tree: the round verifies a token tree (``exit_layer`` 0, ``draft_len`` its nodes,
+                ``n_verify`` = nodes + 1) under a tree attention mask; charged as a context draft
+                of as many positions.
             passes: draft passes (layers 1..E + draft head on one token) actually run, default K.
                 One more than K when an in-round stop rule looked at a draft token and dropped it
                 (:class:`~lede_env.stopping.CalibratedStop`); with ``passes > 0`` and ``K = 0``

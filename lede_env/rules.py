@@ -125,12 +125,15 @@ class RoundRules:
         depth = clamp_draft_len(self.tree_depth, remaining, self.bonus) if budget else 0
         return (budget, depth) if depth else (0, 0)
 
-    def cost(self, exit_layer: int, draft_len: int, n_verify: int, passes: int = 0, overhead: bool = True) -> float:
+    def cost(self, exit_layer: int, draft_len: int, n_verify: int, passes: int = 0, overhead: bool = True,
+             tree: bool = False) -> float:
         """A round's cost in AR-step units (:meth:`~lede_env.costs.CostProfile.round_cost`; 0
-        without a profile), the per-round feature/policy overhead charged only if ``overhead``."""
+        without a profile), the per-round feature/policy overhead charged only if ``overhead``.
+        A tree action's round is ``(0, nodes, nodes + 1, tree=True)``: the full model verifies the
+        pending token and the tree's nodes under a tree attention mask."""
         if self.profile is None:
             return 0.0
-        cost = self.profile.round_cost(exit_layer, draft_len, n_verify, self.reuse, passes)
+        cost = self.profile.round_cost(exit_layer, draft_len, n_verify, self.reuse, passes, tree=tree)
         return cost if overhead else cost - self.profile.overhead / self.profile.ar_step
 
 
