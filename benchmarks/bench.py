@@ -869,6 +869,74 @@ def policies(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# vector-env
+
+
+def _vector_env_args(ap):
+    ap.add_argument("--env-id", default="LEDE-Llama3-v1")
+    ap.add_argument("--num-envs", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    ap.add_argument("--seconds", type=float, default=5.0, help="target duration of each measurement")
+    ap.add_argument("--threads", type=int, default=1, help="torch/numpy threads (the benchmark is single-process)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/vector_env.md"), help="Markdown report")
+
+
+class _Autoresetting:
+    """A vector env seen by ``gymnasium.utils.performance.benchmark_step`` (written for single
+    envs): it resets sub-envs itself, so the helper's own reset is never due."""
+
+    def __init__(self, venv) -> None:
+        self.venv, self.action_space = venv, venv.action_space
+
+    def reset(self, seed=None):
+        return self.venv.reset(seed=seed)
+
+    def step(self, action):
+        obs, reward, _, _, info = self.venv.step(action)
+        return obs, reward, False, False, info
+
+
+def vector_env(args) -> None:
+    """Random-action steps per second of one trace env, Gymnasium's sync and async vector envs
+    (2 sub-envs) and lede's native vector env (``gym.make_vec(id, num_envs=N)``, the registered
+    ``vector_entry_point``) for each N, measured with ``gymnasium.utils.performance.benchmark_step``
+    in this process (aggregate env steps: calls x N), and the time the native env takes to build
+    its round tables (once: they are cached on disk).
+
+        python benchmarks/bench.py vector-env [--num-envs 1 16 64 256 1024] [--seconds 5]
+    """
+    import os
+
+    import gymnasium as gym
+    import torch
+    from gymnasium.utils.performance import benchmark_step
+
+    import lede_env  # noqa: F401 - registers the envs
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    rows = []
+    env = gym.make(args.env_id, progress=False)
+    rows.append({"env": "gym.make (one env)", "num_envs": 1,
+                 "steps/s": round(benchmark_step(env, target_duration=args.seconds, seed=0))})
+    for mode in ("sync", "async"):
+        venv = gym.make_vec(args.env_id, num_envs=2, vectorization_mode=mode, progress=False)
+        calls = benchmark_step(_Autoresetting(venv), target_duration=args.seconds, seed=0)
+        rows.append({"env": f"gym.make_vec {mode}", "num_envs": 2, "steps/s": round(calls * 2)})
+        venv.close()
+    from lede_env.vector_env import round_tables
+    t0 = time.perf_counter()
+    round_tables(env.unwrapped, cache=False)
+    build = time.perf_counter() - t0
+    for n in args.num_envs:
+        venv = gym.make_vec(args.env_id, num_envs=n, progress=False)
+        calls = benchmark_step(_Autoresetting(venv), target_duration=args.seconds, seed=0)
+        rows.append({"env": "gym.make_vec (native)", "num_envs": n, "steps/s": round(calls * n)})
+    write_report(args.out, "Steps per second", args,
+                 to_markdown(rows) + f"\n\nThe native env's round tables (every round of every playable trace, "
+                 f"cached on disk afterwards) built in {build:.1f} s; {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs.")
+
+
+# --------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = {  # name: (run, add its arguments, one line of help)
     "speed": (speed, _speed_args, "kernels, exit heads, bonus token, oracle replay against AR"),
@@ -878,6 +946,7 @@ SUBCOMMANDS = {  # name: (run, add its arguments, one line of help)
     "live-env": (live_env, _live_env_args, "the live backend's steps/s; an agent under sampling"),
     "agent-vs-static": (agent_vs_static, _agent_vs_static_args, "a trace_q agent against the best static action"),
     "policies": (policies, _policies_args, "lede evaluate's harness, repeated, on the studied task"),
+    "vector-env": (vector_env, _vector_env_args, "steps/s of single, Gymnasium-vectorised and native vector envs"),
 }
 
 

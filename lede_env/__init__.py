@@ -9,7 +9,8 @@ Importing this package registers the Gymnasium environments:
   multi-domain prompts, exit drafts and context copies with the datastore, the compact
   observation, the calibrated stop rule, relative reward, shipped traces and reference costs, so
   it is the same MDP on every machine); ``LEDE-Llama3-Live-v1`` its live twin. The task card is
-  ``docs/benchmark.md``.
+  ``docs/benchmark.md``. ``gym.make_vec("LEDE-Llama3-v1", num_envs=N)`` gives the native vector
+  env (:class:`lede_env.vector_env.TraceVectorEnv`).
 
 Both build on :class:`lede_env.env.LEDEEnv`; ``LEDEEnv(backend="trace"|"live", ...)`` makes either.
 """
@@ -50,7 +51,8 @@ if "LEDE-Llama3-Live-v0" not in registry:
 # the task lede studies (its card: docs/benchmark.md): a new version, never
 # a change of v0, whose settings datasets and papers name
 if "LEDE-Llama3-v1" not in registry:
-    register(id="LEDE-Llama3-v1", entry_point="lede_env.trace_env:TraceEnv", kwargs=dict(STUDIED_SETTINGS))
+    register(id="LEDE-Llama3-v1", entry_point="lede_env.trace_env:TraceEnv", kwargs=dict(STUDIED_SETTINGS),
+             vector_entry_point="lede_env.vector_env:make_vector_env")
 if "LEDE-Llama3-Live-v1" not in registry:
     register(id="LEDE-Llama3-Live-v1", entry_point="lede_env.live_env:LiveEnv", kwargs=dict(STUDIED_SETTINGS),
              nondeterministic=True)
