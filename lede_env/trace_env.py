@@ -62,8 +62,7 @@ class TraceEnv(LEDEEnv):
             self.bundle, self.heads = bundle, heads
             if profile is None:
                 profile = get_profile(c.reward.cost_profile, bundle, heads,
-                                      profile_positions(k_max, (*lengths, *c.rules.tree_budgets),
-                                                                c.rules.context_draft), self.obs_config)
+                                      profile_positions(k_max, lengths, c.rules.context_draft), self.obs_config)
             eos_ids = bundle.eos_ids if eos_ids is None else eos_ids
         if profile is None and isinstance(c.reward.cost_profile, dict):  # the profile a config or env spec holds
             profile = CostProfile(**c.reward.cost_profile)
