@@ -936,7 +936,8 @@ def tree_rule_search(env, budgets, lambdas) -> tuple[int, float, float]:
 
 def tree_table(held, static_best: int, rule: tuple[int, float]) -> dict:
     """``{policy: {category: throughput}}`` on ``held``'s traces, overhead not charged (no policy
-    here reads an observation), the whole K of an exit draft drafted (the static setting)."""
+    here reads an observation), the whole K of an exit draft drafted (the static setting); the
+    oracles also under the env's own in-round stop rule (what ``oracle_action`` plays)."""
     from dataclasses import replace
 
     from lede_env.mdp import ActionMap
@@ -959,9 +960,11 @@ def tree_table(held, static_best: int, rule: tuple[int, float]) -> dict:
         plays[f"tree-{b}"] = (rules, static(acts.encode_tree(b)))
     pruned = replace(rules, tree_prune=TreePrune.from_profile(rules.profile, rule[0], rule[1], rules.reuse))
     plays[f"tree rule (tree-{rule[0]}, lambda {rule[1]:g})"] = (pruned, static(acts.encode_tree(rule[0])))
-    no_trees = replace(rules, actions=ActionMap(acts.exit_layers, acts.k_max, acts.context_lengths))
-    for name, r in (("oracle, no trees", no_trees), ("oracle, + trees", rules)):
-        plays[name] = (r, lambda t, r=r: (lambda plan: (lambda g: int(plan[g])))(oracle_plan(t, r, T)[0]))
+    stop = held.rules.without_overhead()  # (the env's own in-round stop rule: exit drafts may end early)
+    for label, base in (("", rules), (" (env's stop rule)", stop)):
+        no_trees = replace(base, actions=ActionMap(acts.exit_layers, acts.k_max, acts.context_lengths))
+        for name, r in ((f"oracle{label}, no trees", no_trees), (f"oracle{label}, + trees", base)):
+            plays[name] = (r, lambda t, r=r: (lambda plan: (lambda g: int(plan[g])))(oracle_plan(t, r, T)[0]))
     return {name: {k: n / c for k, (n, c) in _totals(traces, r, T, pick).items()} for name, (r, pick) in plays.items()}
 
 

@@ -25,6 +25,7 @@ from .rules import RoundRules
 from .stopping import NO_STOP
 from .storage import cache_dir, write_json_atomic
 from .traces import PACKAGED_TRACES, TraceSpec, get_traces
+from .trees import TREE_RECIPE_VERSION
 
 
 class TraceEnv(LEDEEnv):
@@ -236,7 +237,7 @@ def static_search_key(traces, rules: RoundRules, max_new_tokens: int) -> str:
             rules.stop_threshold, rules.context_draft, list(rules.context_ngram),
             None if rules.datastore is None else rules.datastore.fingerprint(), int(max_new_tokens)]
     if acts.tree_budgets:
-        desc.append({"tree_depth": rules.tree_depth,
+        desc.append({"tree_depth": rules.tree_depth, "tree_recipe": TREE_RECIPE_VERSION,
                      "tree_prune": None if rules.tree_prune is None else [rules.tree_prune.lam, rules.tree_prune.costs]})
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

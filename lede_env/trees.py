@@ -28,6 +28,10 @@ from .datastore import NgramDatastore, with_datastore
 from .lookup import DEFAULT_NGRAM, context_match
 from .suffix_index import SuffixIndex, TokenTree, draft_tree
 
+#: bumped whenever :func:`round_tree` builds another tree from the same text (cache keys, e.g. the
+#: best-static search's: :func:`lede_env.trace_env.static_search_key`)
+TREE_RECIPE_VERSION = 2  # 2: the copy seeds all but one node of the budget (1: half)
+
 _DATASTORE_INDEX: dict[str, SuffixIndex] = {}
 #: the index of a datastore object already seen (``id -> (datastore, index)``; the datastore is kept
 #: so that its id is never reused): its fingerprint hashes every token, milliseconds a round
@@ -50,8 +54,10 @@ def datastore_index(datastore: NgramDatastore) -> SuffixIndex:
 
 def seed_length(budget: int, depth: int) -> int:
     """Tokens of the copy draft that seeds a tree of ``budget`` nodes and ``depth`` levels:
-    half the budget (at least 1), at most ``depth``."""
-    return min(depth, max(1, budget // 2))
+    all but one node of the budget (at least 1), at most ``depth``. (Half the budget gave 1 %
+    less throughput to a tree of 4 nodes, on the training and the held-out traces alike:
+    ``docs/experiments.md``, "Token trees from a suffix index".)"""
+    return min(depth, max(1, budget - 1))
 
 
 @dataclass(frozen=True)
@@ -173,4 +179,4 @@ def round_tree(context: SuffixIndex, seq: Sequence[int], budget: int, depth: int
     return tree if prune is None else prune.apply(tree)
 
 
-__all__ = ["TreePrune", "datastore_index", "round_tree", "seed_length"]
+__all__ = ["TREE_RECIPE_VERSION", "TreePrune", "datastore_index", "round_tree", "seed_length"]
