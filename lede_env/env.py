@@ -139,12 +139,16 @@ class LEDEEnv(gym.Env):
       (both backends).
 
     ## Action Space
-    ``Discrete(1 + C + n_exits * k_max)``. Action 0: no exit draft, one plain full-model (AR)
+    ``Discrete(1 + C + T + n_exits * k_max)``. Action 0: no exit draft, one plain full-model (AR)
     step, or with ``context_draft`` a context draft of up to that many copied tokens. Actions
     ``1 .. C`` (``C = len(context_lengths)``, default none): a context draft of up to
     ``context_lengths[j - 1]`` copied tokens, ``(E, K) = (0, length)``; the policy then picks how
-    many copied tokens to verify. Action ``1 + C + i * k_max + (K - 1)``: exit layer
-    ``exit_layers[i]``, speculation length K.
+    many copied tokens to verify. Actions ``1 + C .. C + T`` (``T = len(tree_budgets)``, default
+    none): a token tree of at most ``tree_budgets[j - 1 - C]`` nodes and ``tree_depth`` levels
+    (:func:`lede_env.trees.round_tree`; SuffixDecoding, arXiv 2411.04975) verified in one pass, the
+    longest branch that matches accepted (SpecInfer, arXiv 2305.09781); the observation's history
+    records it as a context draft of that many nodes. Action ``1 + C + T + i * k_max + (K - 1)``:
+    exit layer ``exit_layers[i]``, speculation length K.
     ``env.unwrapped.actions`` (:class:`~lede_env.mdp.ActionMap`) maps both ways
     (``decode(a) -> (E, K)``, ``encode(E, K) -> a``). K is clamped so that no token is drafted
     that the ``max_new_tokens`` budget could not emit (K = 0 then means an AR step).
@@ -247,6 +251,8 @@ class LEDEEnv(gym.Env):
     agree, :func:`lede_env.lookup.match_agreement`), ``obs_context_span`` (with context drafts: the
     ``context`` key also holds the matched span, :func:`lede_env.lookup.match_span`), ``context_draft`` (most tokens action 0 copies from
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
+    ``tree_budgets`` and ``tree_depth`` (tree actions, see Action Space; the trace backend replays
+    them exactly),
     ``context_datastore`` (with context drafts: where the context has no match, the draft comes
     from the model's datastore of its own earlier text, :mod:`lede_env.datastore`; ``True`` loads
     the store that goes with ``calib_prompts``, :func:`lede_env.datastore.spec_for`, or give a
