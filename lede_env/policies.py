@@ -651,6 +651,12 @@ class GuardedPolicy(BasePolicy):
         rule = getattr(self.base, "stop_rule", None)
         return rule if rule is not None else getattr(self.base, "stop_threshold", None)
 
+    @property
+    def tree_prune(self):
+        """The base policy's static tree rule (:func:`own_tree_prune`), so its trees are pruned as
+        it asks."""
+        return own_tree_prune(self.base)
+
     def reset(self) -> None:
         self.base.reset()
         self._hist: list[tuple[int, float, float]] = []  # (emitted, cost, seconds) of base rounds

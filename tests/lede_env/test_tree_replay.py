@@ -243,6 +243,7 @@ def test_tree_policies_by_name_and_their_rule_in_the_env(tree_env):
     assert p.act(None) == u.actions.encode_tree(6) and own_tree_prune(p) is None
     r = policy_from_name("tree-rule:6,1.5", u.actions, u.profile)
     assert isinstance(r, TreeRulePolicy) and r.act(None) == u.actions.encode_tree(6) and r.tree_prune.lam == 1.5
+    assert own_tree_prune(policy_from_name("guarded:tree-rule:6,1.5", u.actions, u.profile)) == r.tree_prune
     assert tree_budgets_of("tree-rule:6,1.5") == tree_budgets_of("guarded:tree:6") == (6,)
     assert tree_budgets_of("static:0,4") == ()
     with pytest.raises(ValueError, match="tree:B"):
