@@ -16,6 +16,9 @@ Policies are named by strings:
 - ``copy-else:M,E,THRESHOLD`` - copy up to M tokens where the context or datastore has a draft,
   else one exit-E draft token, dropped below THRESHOLD (:class:`lede_env.policies.CopyElseDraftPolicy`);
 - ``del`` - DEL-style dynamic exit and length from running acceptance estimates;
+- ``tree:B`` - a token tree of at most B nodes every round (the env's ``tree_budgets`` must hold B);
+  ``tree-rule:B,LAMBDA`` - the same tree pruned to what pays at throughput LAMBDA
+  (:class:`lede_env.policies.TreeRulePolicy`, :class:`lede_env.trees.TreePrune`);
 - ``oracle`` - the dynamic-programming oracle (in the decoder: its plan replayed);
 - ``agent:PATH`` - an exported policy folder.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lede_env.config import TaskConfig, studied_task
-from lede_env.policies import own_stop_rule, reads_observations
+from lede_env.policies import own_stop_rule, own_tree_prune, reads_observations
 from lede_env.prompts import DEFAULT_EVAL
 from lede_env.replay import best_static, useful_actions
 from lede_env.storage import write_text_atomic
@@ -71,6 +71,7 @@ class TimedPolicy:
         self.policy, self.seconds, self.calls = policy, 0.0, 0
         self.needs_observation = reads_observations(policy)
         self.stop_rule = own_stop_rule(policy)
+        self.tree_prune = own_tree_prune(policy)
 
     def reset(self) -> None:
         self.policy.reset()
@@ -89,8 +90,9 @@ class TimedPolicy:
 def baseline_names(train_env) -> tuple[list[str], int]:
     """The baselines of a leaderboard, chosen on the training traces: ``(names, static_best)``:
     always-AR, the best static action, the best static exit draft (E, K) and its heuristic
-    schedule, copies of at most 4 and 8 tokens (where the task has them), DEL, the copy-else rule
-    at the best exit, the oracle."""
+    schedule, copies of at most 4 and 8 tokens (where the task has them), each fixed token tree and
+    the static tree rule at the largest budget aiming at the best static throughput (where the task
+    has tree actions), DEL, the copy-else rule at the best exit, the oracle."""
     u = train_env.unwrapped
     static_best = u.best_static()[0]
     traces, rules = u.static_setting()
@@ -102,6 +104,10 @@ def baseline_names(train_env) -> tuple[list[str], int]:
         names += [f"static:{E},{K}", f"heuristic:{E}"]
     names += [f"static:0,{m}" for m in (4, 8) if m in u.actions.context_lengths
               and u.actions.encode(0, m) != static_best]  # (static:best already plays it)
+    budgets = u.actions.tree_budgets
+    names += [f"tree:{b}" for b in budgets if u.actions.encode_tree(b) != static_best]
+    if budgets:
+        names.append(f"tree-rule:{max(budgets)},{max(1.0, u.best_static()[1]):.3f}")
     names.append("del")
     if E is not None and u.actions.context_lengths:
         names.append(f"copy-else:{max(u.actions.context_lengths)},{E},0.35")

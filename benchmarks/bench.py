@@ -18,7 +18,10 @@ with :mod:`lede_env.metrics` and writes Markdown tables (:func:`agents.tables.to
 - ``agent-vs-static``: a ``trace_q`` agent trained here against the best static (E, K), DEL-style
   and AR, per category, in the trace env and (``--live N``) on the clock;
 - ``policies``: ``lede evaluate``'s harness (:func:`agents.evaluate.trace_eval`,
-  :func:`agents.evaluate.live_eval`) on the studied task, repeated, each ratio's spread per repeat.
+  :func:`agents.evaluate.live_eval`) on the studied task, repeated, each ratio's spread per repeat;
+- ``trees``: token-tree actions (issue 37) in the trace env of the registered task, per held-out
+  category: fixed trees, the static tree rule, the best static action and the hindsight oracles
+  with and without trees, against copy <= 4 (deterministic; no clock).
 
     python benchmarks/bench.py context-draft --per-category 1 --max-new-tokens 32
     python benchmarks/bench.py policies --policies static:best,copy-else:8,2,0.35 --repeats 2
@@ -937,6 +940,142 @@ def vector_env(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# trees
+
+
+def _trees_args(ap):
+    from lede_env.prompts import DEFAULT_EVAL
+
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8, 16], help="tree budgets (nodes) of the actions")
+    ap.add_argument("--depth", type=int, default=8, help="longest branch of a tree (tokens)")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
+                    help="throughputs the static tree rule is tried at on the training traces")
+    ap.add_argument("--eval-prompts", default=DEFAULT_EVAL, help="held out")
+    ap.add_argument("--cost-profile", default=None, help="default: the registered task's (reference)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/trees.md"), help="Markdown report")
+
+
+def tree_envs(budgets, depth: int, eval_prompts: str, cost_profile: Optional[str] = None) -> tuple:
+    """``(train, held)``: the registered task ``LEDE-Llama3-v1`` (shipped traces) with tree actions
+    of ``budgets`` nodes and ``depth`` levels, on its training prompts and on ``eval_prompts``."""
+    import warnings
+
+    import gymnasium as gym
+
+    import lede_env  # noqa: F401  (registers the task)
+
+    kw = {"tree_budgets": tuple(budgets), "tree_depth": depth,
+          **({} if cost_profile is None else {"cost_profile": cost_profile})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gym.make("LEDE-Llama3-v1", **kw).unwrapped, gym.make("LEDE-Llama3-v1", prompts=eval_prompts, **kw).unwrapped
+
+
+def _totals(traces, rules, max_new_tokens: int, choose_for) -> dict:
+    """``{category: [tokens, cost]}`` (and ``"all"``) of ``choose_for(trace) -> choose(g)``."""
+    from lede_env.replay import rollout
+
+    tot: dict = defaultdict(lambda: [0, 0.0])
+    for t in traces:
+        r = rollout(t, rules, max_new_tokens, choose_for(t))
+        for key in (t.category, "all"):
+            tot[key][0] += r["tokens"]
+            tot[key][1] += r["cost"]
+    return tot
+
+
+def tree_rule_search(env, budgets, lambdas) -> tuple[int, float, float]:
+    """The static tree rule's ``(budget, lambda, throughput)`` best on ``env``'s traces (a rule
+    chosen on training traces, as ``static:best`` is)."""
+    from dataclasses import replace
+
+    from lede_env.trees import TreePrune
+
+    traces, rules = env.static_setting()
+    best = (0, 0.0, -1.0)
+    for B in budgets:
+        for lam in lambdas:
+            r = replace(rules, tree_prune=TreePrune.from_profile(rules.profile, B, lam, rules.reuse))
+            n, c = _totals(traces, r, env.max_new_tokens, lambda t, a=env.actions.encode_tree(B): lambda g: a)["all"]
+            if n / c > best[2]:
+                best = (B, lam, n / c)
+    return best
+
+
+def tree_table(held, static_best: int, rule: tuple[int, float]) -> dict:
+    """``{policy: {category: throughput}}`` on ``held``'s traces, overhead not charged (no policy
+    here reads an observation), the whole K of an exit draft drafted (the static setting); the
+    oracles also under the env's own in-round stop rule (what ``oracle_action`` plays)."""
+    from dataclasses import replace
+
+    from lede_env.mdp import ActionMap
+    from lede_env.replay import oracle_plan
+    from lede_env.trees import TreePrune
+
+    traces, rules = held.static_setting()
+    acts, T = held.actions, held.max_new_tokens
+
+    def static(a):
+        return lambda t: (lambda g: a)
+
+    plays = {"AR": (rules, static(0)), "copy<=4": (rules, static(acts.encode(0, 4))),
+             "copy<=8": (rules, static(acts.encode(0, 8)))}
+    E, K = acts.decode(static_best)
+    B = acts.tree_budget(static_best)
+    plays[f"best static ({f'tree-{B}' if B else f'E={E}, K={K}' if E else f'copy<={K}' if K else 'AR'})"] = \
+        (rules, static(static_best))
+    for b in acts.tree_budgets:
+        plays[f"tree-{b}"] = (rules, static(acts.encode_tree(b)))
+    pruned = replace(rules, tree_prune=TreePrune.from_profile(rules.profile, rule[0], rule[1], rules.reuse))
+    plays[f"tree rule (tree-{rule[0]}, lambda {rule[1]:g})"] = (pruned, static(acts.encode_tree(rule[0])))
+    stop = held.rules.without_overhead()  # (the env's own in-round stop rule: exit drafts may end early)
+    for label, base in (("", rules), (" (env's stop rule)", stop)):
+        no_trees = replace(base, actions=ActionMap(acts.exit_layers, acts.k_max, acts.context_lengths))
+        for name, r in ((f"oracle{label}, no trees", no_trees), (f"oracle{label}, + trees", base)):
+            plays[name] = (r, lambda t, r=r: (lambda plan: (lambda g: int(plan[g])))(oracle_plan(t, r, T)[0]))
+    return {name: {k: n / c for k, (n, c) in _totals(traces, r, T, pick).items()} for name, (r, pick) in plays.items()}
+
+
+def trees(args) -> None:
+    """Token-tree actions (issue 37; SuffixDecoding arXiv 2411.04975, SpecInfer arXiv 2305.09781)
+    in the trace env of ``LEDE-Llama3-v1`` (shipped traces, reference costs unless
+    ``--cost-profile``) with tree actions of ``--budgets`` nodes: trace-env throughput (tokens per
+    AR-step cost, overhead not charged) per held-out category of AR, copy <= 4, copy <= 8, the best
+    static action (any action, trees included, chosen on the training traces), each fixed tree,
+    the static tree rule (:class:`lede_env.trees.TreePrune`: the largest prefix of the tree that
+    pays; budget and lambda chosen on the training traces) and the hindsight oracles with and
+    without tree actions, each as a ratio to copy <= 4. Deterministic.
+
+    The wall-clock half (the decoder with tree verification against transformers' prompt lookup,
+    on the clock) is not here yet: it needs the decoder's tree verification (see the marked place
+    below)."""
+    import time as _time
+
+    from lede_env.prompts import DEFAULT_TRAIN
+
+    t0 = _time.perf_counter()
+    train, held = tree_envs(args.budgets, args.depth, args.eval_prompts, args.cost_profile)
+    static_best, static_tp = train.best_static()
+    rule = tree_rule_search(train, train.actions.tree_budgets, args.lambdas)
+    table = tree_table(held, static_best, rule[:2])
+    cats = [c for c in dict.fromkeys(t.category for t in held.static_setting()[0])] + ["all"]
+    base = table["copy<=4"]
+    rows = [{"policy": name, **{c: f"{tp[c] / base[c]:.3f}" for c in cats}} for name, tp in table.items()]
+    absolute = [{"policy": name, **{c: f"{tp[c]:.3f}" for c in cats}} for name, tp in table.items()]
+    head = (f"Training traces ({DEFAULT_TRAIN}): best static action {train.actions.decode(static_best)} "
+            f"(tree budget {train.actions.tree_budget(static_best)}), throughput {static_tp:.3f}; static tree rule: "
+            f"tree-{rule[0]}, lambda {rule[1]:g}, throughput {rule[2]:.3f}. Held out: {args.eval_prompts}, "
+            f"{len(held.static_setting()[0])} traces; {_time.perf_counter() - t0:.0f} s.")
+    # WALL CLOCK (to add once the decoder verifies trees, issue 37 part 3): decode a few held-out
+    # prompts per category with held.make_decoder() under tree:B, the rule, static:0,4, static:0,8
+    # and hf-lookup:N, paired prompt by prompt (paired(), as `policies` does with
+    # agents.evaluate.live_eval), outputs checked identical to AR, and add that table here.
+    write_report(args.out, "Token trees in the trace env, held out", args,
+                 f"{head}\n\nThroughput relative to copy<=4:\n\n{to_markdown(rows)}\n\n"
+                 f"Throughput (x AR):\n\n{to_markdown(absolute)}")
+
+
+# --------------------------------------------------------------------------------------------
 
 SUBCOMMANDS = {  # name: (run, add its arguments, one line of help)
     "speed": (speed, _speed_args, "kernels, exit heads, bonus token, oracle replay against AR"),
@@ -947,6 +1086,7 @@ SUBCOMMANDS = {  # name: (run, add its arguments, one line of help)
     "agent-vs-static": (agent_vs_static, _agent_vs_static_args, "a trace_q agent against the best static action"),
     "policies": (policies, _policies_args, "lede evaluate's harness, repeated, on the studied task"),
     "vector-env": (vector_env, _vector_env_args, "steps/s of single, Gymnasium-vectorised and native vector envs"),
+    "trees": (trees, _trees_args, "token-tree actions in the trace env: fixed trees, the tree rule, oracles"),
 }
 
 

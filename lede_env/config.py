@@ -190,7 +190,7 @@ class RulesConfig:
         context_lengths: copy lengths of the context actions (tokens, strictly increasing).
         context_datastore: where the context has no match, draft from the model's datastore.
         tree_budgets: node budgets of the tree actions (token trees from a suffix index,
-            :func:`lede_env.suffix_index.round_tree`; strictly increasing, 1..64; () : none).
+            :func:`lede_env.trees.round_tree`; strictly increasing, 1..64; () : none).
         tree_depth: longest branch of a tree action's tree (tokens, 1..64).
     """
 

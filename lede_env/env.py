@@ -30,7 +30,7 @@ from .decoding import SelfSpeculativeDecoder
 from .exits import ExitHeads
 from .mdp import ActionMap
 from .model import ModelBundle
-from .policies import own_stop_rule, reads_observations
+from .policies import own_stop_rule, own_tree_prune, reads_observations
 from .config import BACKENDS, COST_SOURCES, REWARD_MODES, STOP_RULES, TaskConfig  # noqa: F401 - re-exported
 from .stopping import CalibratedStop
 from .task import env_settings, observation_config
@@ -139,12 +139,16 @@ class LEDEEnv(gym.Env):
       (both backends).
 
     ## Action Space
-    ``Discrete(1 + C + n_exits * k_max)``. Action 0: no exit draft, one plain full-model (AR)
+    ``Discrete(1 + C + T + n_exits * k_max)``. Action 0: no exit draft, one plain full-model (AR)
     step, or with ``context_draft`` a context draft of up to that many copied tokens. Actions
     ``1 .. C`` (``C = len(context_lengths)``, default none): a context draft of up to
     ``context_lengths[j - 1]`` copied tokens, ``(E, K) = (0, length)``; the policy then picks how
-    many copied tokens to verify. Action ``1 + C + i * k_max + (K - 1)``: exit layer
-    ``exit_layers[i]``, speculation length K.
+    many copied tokens to verify. Actions ``1 + C .. C + T`` (``T = len(tree_budgets)``, default
+    none): a token tree of at most ``tree_budgets[j - 1 - C]`` nodes and ``tree_depth`` levels
+    (:func:`lede_env.trees.round_tree`; SuffixDecoding, arXiv 2411.04975) verified in one pass, the
+    longest branch that matches accepted (SpecInfer, arXiv 2305.09781); the observation's history
+    records it as a context draft of that many nodes. Action ``1 + C + T + i * k_max + (K - 1)``:
+    exit layer ``exit_layers[i]``, speculation length K.
     ``env.unwrapped.actions`` (:class:`~lede_env.mdp.ActionMap`) maps both ways
     (``decode(a) -> (E, K)``, ``encode(E, K) -> a``). K is clamped so that no token is drafted
     that the ``max_new_tokens`` budget could not emit (K = 0 then means an AR step).
@@ -247,6 +251,8 @@ class LEDEEnv(gym.Env):
     agree, :func:`lede_env.lookup.match_agreement`), ``obs_context_span`` (with context drafts: the
     ``context`` key also holds the matched span, :func:`lede_env.lookup.match_span`), ``context_draft`` (most tokens action 0 copies from
     the context; 0 = plain AR step), ``context_lengths`` (context actions, see Action Space),
+    ``tree_budgets`` and ``tree_depth`` (tree actions, see Action Space; the trace backend replays
+    them exactly),
     ``context_datastore`` (with context drafts: where the context has no match, the draft comes
     from the model's datastore of its own earlier text, :mod:`lede_env.datastore`; ``True`` loads
     the store that goes with ``calib_prompts``, :func:`lede_env.datastore.spec_for`, or give a
@@ -507,12 +513,14 @@ class LEDEEnv(gym.Env):
     def playing(self, policy):
         """Within this block, rounds follow ``policy``'s own rules: the feature/policy overhead
         is charged only if it reads observations (:meth:`charging_overhead`), and its
-        own stop rule (:func:`~lede_env.policies.own_stop_rule`), when it has one, replaces the
-        env's in-round stop rule (as the real decoder does for that policy)."""
+        own stop rule (:func:`~lede_env.policies.own_stop_rule`) and static tree rule
+        (:func:`~lede_env.policies.own_tree_prune`), when it has them, replace the env's (as the
+        real decoder does for that policy)."""
         saved = self.rules
-        rule = own_stop_rule(policy)
-        if rule is not None:
-            self.rules = replace(saved, stop_rule=rule)
+        rule, prune = own_stop_rule(policy), own_tree_prune(policy)
+        if rule is not None or prune is not None:
+            self.rules = replace(saved, stop_rule=saved.stop_rule if rule is None else rule,
+                                 tree_prune=saved.tree_prune if prune is None else prune)
             self._oracle_cache = {}
         try:
             with self.charging_overhead(reads_observations(policy)):
@@ -549,6 +557,8 @@ class LEDEEnv(gym.Env):
             return f"[{pid}] start, {n} token(s)"
         what = (("AR step" if r["draft_len"] == 0 else f"context draft K={r['draft_len']}") if r["exit_layer"] == 0
                 else f"E={r['exit_layer']} K={r['draft_len']}")
+        if self.actions.tree_budget(r["action"]):
+            what = f"tree of {r['draft_len']} nodes"
         return (f"[{pid}] {what}: accepted {r['accepted']}, emitted {r['emitted']}, "
                 f"cost {r['cost']:.3f}, total {n} tokens")
 
@@ -566,6 +576,9 @@ class LEDEEnv(gym.Env):
                "stop_threshold": self.rules.stop_threshold, "stop_rule": self.rules.stop.describe(),
                "context_draft": self.rules.context_draft, "context_ngram": list(self.rules.context_ngram),
                "context_lengths": list(self.actions.context_lengths),
+               **({"tree_budgets": list(self.actions.tree_budgets), "tree_depth": self.rules.tree_depth,
+                   "tree_prune": None if self.rules.tree_prune is None else self.rules.tree_prune.describe()}
+                  if self.actions.tree_budgets else {}),
                "context_datastore": None if self.rules.datastore is None else self.rules.datastore.fingerprint(),
                "reward_mode": self.reward_mode, "reward_lambda": self.reward_lambda, "max_new_tokens": self.max_new_tokens,
                "observation": asdict(self.obs_config), "observation_layout": self.observer.layout(),

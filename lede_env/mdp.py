@@ -467,10 +467,15 @@ class ObservationHistory:
 
     def record(self, accepted: int, draft_len: int, exit_layer: int) -> None:
         """Append one round (and credit its exit's, or the context drafter's, experience:
-        ``accepted`` tokens accepted, then one rejected if ``accepted < draft_len``)."""
+        ``accepted`` tokens accepted, then one rejected if ``accepted < draft_len``).
+
+        A tree round is recorded as a context draft (``exit_layer`` 0): ``draft_len`` its nodes,
+        ``accepted`` its accepted branch's length. The row's fractions are clipped to 1 (a tree
+        or a copy may verify more than ``k_max`` tokens)."""
         b = self._b
         full = 1.0 if draft_len > 0 and accepted >= draft_len else 0.0
-        self.rows.append((accepted / b.k_max, draft_len / b.k_max, exit_layer / b.num_layers, full))
+        self.rows.append((min(accepted / b.k_max, 1.0), min(draft_len / b.k_max, 1.0), exit_layer / b.num_layers,
+                          full))
         i = b._exit_of.get(int(exit_layer))
         if draft_len > 0 and (i is not None or exit_layer == 0):
             judged = accepted + (0 if accepted >= draft_len else 1)

@@ -17,6 +17,8 @@ None of them needs an RL library: an exported agent runs from its TorchScript (o
 - :class:`DELPolicy` - DEL-style (E, K) from running per-exit acceptance estimates.
 - :class:`ConfidencePolicy` - confidence-threshold drafting at a fixed exit: draft until the
   draft head's top-1 probability falls below a threshold, K as a cap.
+- :class:`TreeRulePolicy` - the static tree rule: the largest tree action every round, its tree
+  pruned to the nodes that pay under the cost profile (:class:`lede_env.trees.TreePrune`).
 - :class:`GuardedPolicy` - a safety net around any policy: falls back to AR while the policy's
   realised throughput (measured wall clock in the live decoder, profile costs in the trace env)
   is below AR's (``guarded:NAME`` wraps any named policy).
@@ -36,13 +38,15 @@ import torch
 
 from .mdp import ActionMap, ObservationBuilder, ObservationConfig, flatten_by_layout, verified_positions
 from .stopping import NO_STOP, DropStop, ThresholdStop, as_stop_rule
+from .trees import TreePrune
 
 if TYPE_CHECKING:
     from .decoding import RoundRecord
 
 __all__ = ["Policy", "BasePolicy", "StaticPolicy", "SequencePolicy", "PlanPolicy", "RandomPolicy",
            "HeuristicPolicy", "EpsilonPolicy", "DesignPolicy", "PredictorPolicy", "ExportedPolicy", "DELPolicy", "ConfidencePolicy", "CopyElseDraftPolicy",
-           "GuardedPolicy", "policy_from_name", "copy_lengths", "split_policies", "POLICY_NAMES"]
+           "TreeRulePolicy", "GuardedPolicy", "policy_from_name", "copy_lengths", "tree_budgets_of", "own_tree_prune",
+           "split_policies", "POLICY_NAMES"]
 
 
 @runtime_checkable
@@ -86,6 +90,13 @@ def own_stop_rule(policy):
     if rule is None and getattr(policy, "stop_threshold", None) is not None:
         rule = as_stop_rule(policy.stop_threshold)
     return rule
+
+
+def own_tree_prune(policy):
+    """The static tree rule (:class:`~lede_env.trees.TreePrune`) ``policy`` brings (its
+    ``tree_prune`` attribute), or ``None``: the env's or decoder's own
+    (:attr:`lede_env.rules.RoundRules.tree_prune`) applies. Read like :func:`own_stop_rule`."""
+    return getattr(policy, "tree_prune", None)
 
 
 class BasePolicy:
@@ -552,6 +563,31 @@ class CopyElseDraftPolicy(BasePolicy):
         return self.copy if obs["context"][1] > 0 else self.exit_action
 
 
+class TreeRulePolicy(StaticPolicy):
+    """The static tree rule: one tree action every round, its tree pruned by ``prune`` (the
+    prefix whose expected tokens pay for its verification, :class:`~lede_env.trees.TreePrune`;
+    SuffixDecoding's adaptive speculation size, arXiv 2411.04975). It reads no observation; the
+    pruning changes which nodes are verified, so the env and the decoder apply it as a round rule
+    (:func:`own_tree_prune`).
+
+    Args:
+        actions: the action map (must have the tree budget).
+        budget: the tree action's node budget (a prune table covering it).
+        prune: the rule, e.g. ``TreePrune.from_profile(profile, budget, lam)``.
+
+    Raises:
+        ValueError: ``budget`` not a tree budget of ``actions``, or a ``prune`` table shorter
+            than ``budget``.
+    """
+
+    def __init__(self, actions: ActionMap, budget: int, prune: TreePrune) -> None:
+        super().__init__(actions.encode_tree(int(budget)))
+        if len(prune.costs) <= int(budget):
+            raise ValueError(f"The prune table covers {len(prune.costs) - 1} nodes, fewer than the budget {budget}: "
+                             "build it with TreePrune.from_profile(profile, max_nodes=budget, lam=...).")
+        self.tree_prune = prune
+
+
 class GuardedPolicy(BasePolicy):
     """A safety net around another policy: when the base policy's realised throughput over its
     last ``window`` rounds falls below that of the ``fallback`` action (default action 0: plain AR
@@ -615,6 +651,12 @@ class GuardedPolicy(BasePolicy):
         rule = getattr(self.base, "stop_rule", None)
         return rule if rule is not None else getattr(self.base, "stop_threshold", None)
 
+    @property
+    def tree_prune(self):
+        """The base policy's static tree rule (:func:`own_tree_prune`), so its trees are pruned as
+        it asks."""
+        return own_tree_prune(self.base)
+
     def reset(self) -> None:
         self.base.reset()
         self._hist: list[tuple[int, float, float]] = []  # (emitted, cost, seconds) of base rounds
@@ -659,11 +701,11 @@ class GuardedPolicy(BasePolicy):
 
 
 #: the policy names :func:`policy_from_name` understands
-POLICY_NAMES = ("ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, agent:PATH, "
-                "agent-unguarded:PATH, "
+POLICY_NAMES = ("ar, static:E,K, heuristic:E, confidence:E,K,THRESHOLD, copy-else:M,E,THRESHOLD, del, tree:B, "
+                "tree-rule:B,LAMBDA, agent:PATH, agent-unguarded:PATH, "
                 "guarded:NAME (any of these inside the GuardedPolicy safety net)")
 _USAGE = {"static": "static:E,K", "heuristic": "heuristic:E", "confidence": "confidence:E,K,THRESHOLD",
-          "copy-else": "copy-else:M,E,THRESHOLD",
+          "copy-else": "copy-else:M,E,THRESHOLD", "tree": "tree:B", "tree-rule": "tree-rule:B,LAMBDA",
           "agent": "agent:PATH", "agent-unguarded": "agent-unguarded:PATH"}
 
 
@@ -706,6 +748,13 @@ def policy_from_name(name: str, actions: ActionMap, profile=None, bonus: bool = 
             return ConfidencePolicy(actions, int(args[0]), int(args[1]), float(args[2]))
         if kind == "copy-else" and len(args) == 3:
             return CopyElseDraftPolicy(actions, int(args[0]), int(args[1]), float(args[2]))
+        if kind == "tree" and len(args) == 1:
+            return StaticPolicy(actions.encode_tree(int(args[0])))
+        if kind == "tree-rule" and len(args) == 2:
+            if profile is None:
+                raise ValueError("tree-rule needs the cost profile (its pruning weighs nodes against their cost)")
+            B = int(args[0])
+            return TreeRulePolicy(actions, B, TreePrune.from_profile(profile, B, float(args[1]), reuse))
         if kind in ("agent", "agent-unguarded") and arg:
             p = ExportedPolicy(arg)
             if observer is not None:
@@ -733,6 +782,23 @@ def copy_lengths(name: str) -> tuple[int, ...]:
             return (int(args[0]),)
         if kind == "static" and len(args) == 2 and int(args[0]) == 0 and int(args[1]) > 0:
             return (int(args[1]),)
+    except ValueError:
+        pass
+    return ()
+
+
+def tree_budgets_of(name: str) -> tuple[int, ...]:
+    """The tree budgets (:attr:`~lede_env.mdp.ActionMap.tree_budgets`) the policy named ``name``
+    plays, which the env or decoder must have: B of ``tree:B`` and ``tree-rule:B,LAMBDA``, those
+    of NAME in ``guarded:NAME``; ``()`` otherwise (and for malformed arguments, which
+    :func:`policy_from_name` reports)."""
+    kind, _, arg = name.partition(":")
+    if kind == "guarded":
+        return tree_budgets_of(arg)
+    args = arg.split(",") if arg else []
+    try:
+        if (kind == "tree" and len(args) == 1) or (kind == "tree-rule" and len(args) == 2):
+            return (int(args[0]),) if int(args[0]) > 0 else ()
     except ValueError:
         pass
     return ()

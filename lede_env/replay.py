@@ -1,7 +1,15 @@
-"""Exact replay of self-speculative rounds over a trace, and the dynamic-programming oracle."""
+"""Exact replay of self-speculative rounds over a trace, and the dynamic-programming oracle.
+
+Tree rounds (:meth:`lede_env.rules.RoundRules.plan_tree`) replay exactly too: the tree follows
+from the prompt and the greedy text so far (:func:`lede_env.trees.round_tree`), and the accepted
+branch from the greedy continuation. Trees are memoised per trace (:class:`TraceTrees`), since
+the oracle and the best-static search replay every position under every action.
+"""
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -12,6 +20,7 @@ from .mdp import RoundOutcome, accept, verified_positions
 from .metrics import throughput as metric_throughput
 from .rules import RoundRules
 from .stopping import as_stop_rule
+from .suffix_index import SuffixIndex, TokenTree
 from .traces import Trace
 
 _NO_DRAFT = -1  # a draft position past the end of the trace (never matches)
@@ -36,6 +45,9 @@ def replay_round(trace: Trace, g: int, action: int, rules: RoundRules, limit: in
         draft token keeps its E with ``draft_len`` 0 (it verified the pending token alone).
     """
     remaining = limit - g
+    nodes, depth = rules.plan_tree(action, remaining)
+    if nodes:
+        return replay_tree_round(trace, g, nodes, depth, rules, limit)
     E, K, n_ctx = rules.plan(action, remaining)
     N = trace.n
     passes = 0
@@ -59,6 +71,113 @@ def replay_round(trace: Trace, g: int, action: int, rules: RoundRules, limit: in
         verifier = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(n)]
     oc = accept(draft, verifier, remaining, rules.eos_ids)
     return oc, E, rules.cost(E, K, oc.n_verify, passes)
+
+
+def replay_tree_round(trace: Trace, g: int, nodes: int, depth: int, rules: RoundRules,
+                      limit: int) -> tuple[RoundOutcome, int, float]:
+    """A tree round on ``trace`` after ``g`` generated tokens: the tree of at most ``nodes``
+    nodes and ``depth`` levels (:meth:`RoundRules.plan_tree`, :meth:`RoundRules.tree`) over the
+    prompt and ``generated[:g]``, verified in one pass (SpecInfer, arXiv 2305.09781).
+
+    Returns:
+        ``(outcome, 0, cost)`` as :func:`replay_round`; see :func:`tree_outcome`; cost
+        ``rules.cost(0, n, n + 1, tree=True)`` for a tree of n nodes.
+    """
+    N = trace.n
+    # (a position past the trace's end follows its EOS: never reached; the oracle's sweep visits it)
+    tree = trace_trees(trace).tree(g, nodes, depth, rules) if g <= N else TokenTree.empty()
+    target = [int(trace.generated[g + j]) if g + j < N else _UNKNOWN for j in range(int(depth) + 1)]
+    oc = tree_outcome(tree, target, limit - g, rules.eos_ids)
+    return oc, 0, rules.cost(0, oc.draft_len, oc.n_verify, 0, tree=True)
+
+
+def tree_outcome(tree: TokenTree, target: Sequence[int], remaining: int, eos_ids: Sequence[int]) -> RoundOutcome:
+    """The greedy accept rule for a token tree (lossless): the longest branch whose tokens are a
+    prefix of ``target`` (the verifier's greedy tokens; :meth:`TokenTree.accepted`), then the
+    verifier's token after it, truncated at EOS and at ``remaining`` as
+    :func:`lede_env.mdp.accept` does.
+
+    Args:
+        tree: the round's tree (n nodes).
+        target: the verifier's tokens from the pending position on, at least the tree's depth + 1
+            of them (or up to the end of the text).
+        remaining: tokens still allowed (>= 1).
+        eos_ids: token ids that end generation.
+
+    Returns:
+        A :class:`~lede_env.mdp.RoundOutcome` with ``accepted`` = the branch's emitted draft
+        tokens, ``draft_len`` = n (the nodes verified) and ``n_verify`` = n + 1.
+    """
+    branch = tree.accepted(target)
+    draft = tree.path(branch[-1]) if branch else []
+    oc = accept(draft, list(target[: len(draft) + 1]), remaining, eos_ids)
+    return replace(oc, draft_len=len(tree), n_verify=len(tree) + 1)
+
+
+class TraceTrees:
+    """The round trees of one trace, memoised (exact: each is :meth:`RoundRules.tree` over the
+    suffix index of ``prompt + generated[:g]``).
+
+    The first request for a (budget, depth, rules) at the unclamped depth builds that tree at
+    every position in one pass over the trace, extending one suffix index token by token
+    (:meth:`SuffixIndex.extend`), so the oracle's backward sweep and the best-static search pay
+    one index build per trace; depths clamped near the end of the budget (a few positions) are
+    built from a fresh index of their prefix. Get it with :func:`trace_trees`.
+    """
+
+    def __init__(self, trace: Trace) -> None:
+        self._trace = weakref.ref(trace)
+        self._sweeps: dict[tuple, list[TokenTree]] = {}
+        self._single: dict[tuple, TokenTree] = {}
+        self._stores: dict[int, object] = {}  # the datastores keyed by id, kept alive so an id is never reused
+
+    def _key(self, nodes: int, depth: int, rules: RoundRules) -> tuple:
+        ds = rules.datastore
+        self._stores.setdefault(id(ds), ds)
+        return int(nodes), int(depth), id(ds), rules.context_ngram, rules.tree_prune
+
+    def tree(self, g: int, nodes: int, depth: int, rules: RoundRules) -> TokenTree:
+        """The tree of the round after ``g`` generated tokens (1 <= g <= the trace's length).
+
+        Raises:
+            ValueError: ``g`` outside 1..the trace's length, or as :meth:`RoundRules.tree`.
+        """
+        t = self._trace()
+        if not 1 <= g <= t.n:
+            raise ValueError(f"g={g} is outside 1..{t.n} (a round needs its pending token generated[g-1]).")
+        key = self._key(nodes, depth, rules)
+        if depth == rules.tree_depth:
+            if key not in self._sweeps:
+                self._sweeps[key] = self._sweep(t, nodes, depth, rules)
+            return self._sweeps[key][g - 1]
+        k = (g, *key)
+        if k not in self._single:
+            seq = np.concatenate([t.prompt, t.generated[:g]]).tolist()
+            self._single[k] = rules.tree(SuffixIndex(seq), seq, nodes, depth)
+        return self._single[k]
+
+    @staticmethod
+    def _sweep(t: Trace, nodes: int, depth: int, rules: RoundRules) -> list[TokenTree]:
+        seq = t.prompt.tolist()
+        index, out = SuffixIndex(seq), []
+        for tok in t.generated.tolist():
+            index.extend(int(tok))
+            seq.append(int(tok))
+            out.append(rules.tree(index, seq, nodes, depth))
+        return out
+
+
+_TREES: dict[int, TraceTrees] = {}
+
+
+def trace_trees(trace: Trace) -> TraceTrees:
+    """The :class:`TraceTrees` memo of ``trace`` (one per trace object, dropped with it)."""
+    key = id(trace)
+    memo = _TREES.get(key)
+    if memo is None or memo._trace() is not trace:
+        memo = _TREES[key] = TraceTrees(trace)
+        weakref.finalize(trace, _TREES.pop, key, None)
+    return memo
 
 
 def stopped_draft_len(probs, K: int, stop_threshold: Optional[float]) -> int:
@@ -137,11 +256,20 @@ def useful_actions(rules: RoundRules) -> list[int]:
     """The actions whose best case can beat an AR step under ``rules``' cost profile: action 0,
     and every (E, K) whose round, all K drafts accepted, emits more tokens per unit of cost than
     AR (``(K + 1) / cost(E, K) > 1 / cost(AR)``, with the bonus token; ``K / cost`` without it).
+    A tree of at most B nodes emits at most ``min(depth, n) + 1`` tokens when it verifies n
+    nodes (one branch is accepted), so a tree action is kept if some n <= B has
+    ``(min(tree_depth, n) + 1) / cost_tree(n) > 1 / cost(AR)``.
     The rest can never pay, whatever the text: offline learners only spread value over them."""
     prof, acts = rules.profile, rules.actions
     ar = prof.round_cost(0, 0, 1, rules.reuse)
     keep = [0]
     for a in range(1, acts.n):
+        B = acts.tree_budget(a)
+        if B:
+            if any((min(rules.tree_depth, n) + 1) / prof.round_cost(0, n, n + 1, rules.reuse, tree=True) > 1.0 / ar
+                   for n in range(1, B + 1)):
+                keep.append(a)
+            continue
         E, K = acts.decode(a)
         n = verified_positions(K, rules.bonus)  # also the tokens of a fully accepted round
         if n / prof.round_cost(E, K, n, rules.reuse) > 1.0 / ar:

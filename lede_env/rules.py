@@ -18,6 +18,8 @@ from .costs import CostProfile
 from .lookup import DEFAULT_NGRAM, check_ngram
 from .mdp import ActionMap, clamp_draft_len
 from .stopping import StopRule, as_stop_rule
+from .suffix_index import SuffixIndex, TokenTree
+from .trees import TreePrune, round_tree
 
 if TYPE_CHECKING:
     from .datastore import NgramDatastore
@@ -48,7 +50,11 @@ class RoundRules:
             :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text; REST,
             arXiv 2311.08252); ``None``: no draft there.
         tree_depth: longest branch of a tree action's token tree (tokens;
-            :meth:`plan_tree`, :func:`lede_env.suffix_index.round_tree`).
+            :meth:`plan_tree`, :func:`lede_env.trees.round_tree`).
+        tree_prune: the static tree rule (:class:`~lede_env.trees.TreePrune`): a tree round
+            verifies only the prefix of its tree that pays under the cost profile; ``None``: the
+            whole tree. It changes which nodes are verified, so it is a rule of the round
+            (trace replay and the decoder apply it in :meth:`tree`), like ``stop_rule``.
 
     Context actions (``actions.context_lengths``) copy up to their own length instead.
 
@@ -67,6 +73,7 @@ class RoundRules:
     context_ngram: tuple[int, int] = DEFAULT_NGRAM
     datastore: Optional["NgramDatastore"] = None
     tree_depth: int = 8
+    tree_prune: Optional[TreePrune] = None
 
     def __post_init__(self) -> None:
         if self.context_draft < 0:
@@ -124,6 +131,16 @@ class RoundRules:
         budget = self.actions.tree_budget(action)
         depth = clamp_draft_len(self.tree_depth, remaining, self.bonus) if budget else 0
         return (budget, depth) if depth else (0, 0)
+
+    def tree(self, context: SuffixIndex, seq, budget: int, depth: int) -> TokenTree:
+        """The token tree of a tree round opened by :meth:`plan_tree` (``(budget, depth)``):
+        :func:`lede_env.trees.round_tree` with these rules' datastore, n-gram range and
+        ``tree_prune``. ``context`` indexes ``seq`` (prompt and generated ids, pending token last).
+
+        Raises:
+            ValueError: as :func:`~lede_env.trees.round_tree`.
+        """
+        return round_tree(context, seq, budget, depth, self.datastore, self.context_ngram, self.tree_prune)
 
     def cost(self, exit_layer: int, draft_len: int, n_verify: int, passes: int = 0, overhead: bool = True,
              tree: bool = False) -> float:

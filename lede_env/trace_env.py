@@ -25,6 +25,7 @@ from .rules import RoundRules
 from .stopping import NO_STOP
 from .storage import cache_dir, write_json_atomic
 from .traces import PACKAGED_TRACES, TraceSpec, get_traces
+from .trees import TREE_RECIPE_VERSION
 
 
 class TraceEnv(LEDEEnv):
@@ -81,9 +82,9 @@ class TraceEnv(LEDEEnv):
                           "episodes are truncated there.")
         self.trace_set = trace_set
         self.profile = profile
-        self.actions = ActionMap(trace_set.exit_layers, k_max, lengths)
+        self.actions = ActionMap(trace_set.exit_layers, k_max, lengths, c.rules.tree_budgets)
         self.rules = RoundRules(self.actions, profile, c.rules.bonus, tuple(int(e) for e in eos_ids), c.rules.reuse,
-                                 c.rules.stop_threshold)
+                                 c.rules.stop_threshold, tree_depth=c.rules.tree_depth)
         d = int(man["model"]["hidden_size"])  # (shipped traces hold no hidden states: the compact observation reads none)
         self.observer = ObservationBuilder(self.obs_config, d, len(self.actions.exit_layers),
                                            trace_set.num_layers, k_max, int(man["model"]["vocab_size"]),
@@ -218,17 +219,26 @@ PACKAGED_STATIC = PACKAGED_TRACES / "best_static.json"
 def static_search_key(traces, rules: RoundRules, max_new_tokens: int) -> str:
     """A key naming a best-static search by everything its result depends on: the traces'
     tokens, drafts (first-token drafts too) and draft probabilities, the round rules (actions, cost profile without its
-    ``meta``, bonus, reuse, threshold, context drafter and datastore fingerprint, EOS ids) and
-    the token budget."""
+    ``meta``, bonus, reuse, threshold, context drafter and datastore fingerprint, EOS ids; with
+    tree actions also the tree depth and the static tree rule) and the token budget. Without tree
+    actions the key is the one it was before they existed (the registered tasks' shipped
+    searches are found by it)."""
     h = hashlib.sha256()
     for t in traces:
         for a in (t.prompt, t.generated, t.draft, t.draft_prob, t.draft_first, t.draft_first_prob):
             h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
         h.update(bytes([t.eos]))
     prof = None if rules.profile is None else {k: v for k, v in asdict(rules.profile).items() if k != "meta"}
-    desc = [STATIC_SEARCH_VERSION, repr(rules.actions), prof, rules.bonus, list(rules.eos_ids), rules.reuse,
+    acts = rules.actions
+    # (written as before tree actions existed when there are none, so earlier searches' keys hold)
+    actions = (repr(acts) if acts.tree_budgets else
+               f"ActionMap(exit_layers={acts.exit_layers!r}, k_max={acts.k_max!r}, context_lengths={acts.context_lengths!r})")
+    desc = [STATIC_SEARCH_VERSION, actions, prof, rules.bonus, list(rules.eos_ids), rules.reuse,
             rules.stop_threshold, rules.context_draft, list(rules.context_ngram),
             None if rules.datastore is None else rules.datastore.fingerprint(), int(max_new_tokens)]
+    if acts.tree_budgets:
+        desc.append({"tree_depth": rules.tree_depth, "tree_recipe": TREE_RECIPE_VERSION,
+                     "tree_prune": None if rules.tree_prune is None else [rules.tree_prune.lam, rules.tree_prune.costs]})
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 

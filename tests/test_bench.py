@@ -60,7 +60,7 @@ def test_paired_compares_with_the_named_reference(bench):
 
 
 @pytest.mark.parametrize("name", ["speed", "generate", "context-draft", "kernels", "live-env", "agent-vs-static",
-                                  "policies"])
+                                  "policies", "trees"])
 def test_every_subcommand_parses_its_defaults(bench, name):
     args = bench.parser().parse_args([name])
     assert args.run is bench.SUBCOMMANDS[name][0]

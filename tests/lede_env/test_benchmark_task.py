@@ -112,3 +112,27 @@ def test_a_reference_profile_that_does_not_ship_names_the_ways_out(tiny):
 
     with pytest.raises(ValueError, match="cost_profile='measured'"):
         reference_profile(tiny[0], tiny[1], 4, ObservationConfig())
+
+
+@pytest.mark.embedded
+def test_v1_finds_its_shipped_best_static_search_and_trees_get_their_own_key():
+    """Tree actions (issue 37) left the v1 task's static-search key as it was: its shipped search is
+    still found by it; the same task with tree actions is another search."""
+    import json
+    import warnings
+
+    import gymnasium as gym
+
+    import lede_env  # noqa: F401 - registers the envs
+    from lede_env.trace_env import PACKAGED_STATIC, static_search_key
+
+    u = gym.make("LEDE-Llama3-v1").unwrapped
+    traces, rules = u.static_setting()
+    assert u.actions.tree_budgets == ()
+    assert static_search_key(traces, rules, u.max_new_tokens) in json.loads(PACKAGED_STATIC.read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = gym.make("LEDE-Llama3-v1", tree_budgets=(4,)).unwrapped
+    traces_t, rules_t = t.static_setting()
+    assert t.actions.tree_budgets == (4,)
+    assert static_search_key(traces_t, rules_t, t.max_new_tokens) != static_search_key(traces, rules, u.max_new_tokens)

@@ -186,6 +186,6 @@ def test_round_tree_starts_with_the_copy_draft_and_keeps_its_budget():
     seq = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]  # "1 2" was followed by 3 and by 5; the latest copy is 5 6
     tree = round_tree(SuffixIndex(seq), seq, budget=4, depth=3)
     assert len(tree) <= 4 and int(tree.depth.max()) <= 3
-    assert tree.path(1) == [5, 6]  # the copy draft of seed_length(4, 3) = 2 tokens is the first branch
+    assert tree.path(2) == [5, 6, 1]  # the copy draft of seed_length(4, 3) = 3 tokens is the first branch
     assert {tuple(tree.path(i)) for i in range(len(tree))} >= {(3,), (5,), (5, 6)}
     assert len(round_tree(SuffixIndex(seq), seq, budget=0, depth=3)) == 0
