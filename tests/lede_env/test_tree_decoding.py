@@ -277,3 +277,31 @@ def test_decoder_tree_sampling_matches_plain_sampling():
         table = np.stack([np.append(a[keep], a[~keep].sum()), np.append(c[keep], c[~keep].sum())])
         table = table[:, table.sum(0) > 0]
         assert chi2_contingency(table).pvalue > 1e-3
+
+
+# ---- the live env -------------------------------------------------------------------------------
+def test_live_env_plays_tree_actions_losslessly(tiny):
+    """``LEDE-Llama3-Live-v0`` with tree budgets: the action space holds the tree actions, its
+    decoder plays the config's tree depth, tree rounds are charged as verifies of nodes + 1
+    positions, and the episode's tokens are greedy decoding's."""
+    from lede_env.env import LEDEEnv
+
+    b, heads, ts, prof = tiny
+    env = LEDEEnv.with_objects(backend="live", bundle=b, heads=heads, prompts=[t.prompt.tolist() for t in ts.traces],
+                               progress=False, k_max=4, max_new_tokens=24, profile=prof, context_lengths=(2,),
+                               tree_budgets=(4, 8), tree_depth=3)
+    acts = env.unwrapped.actions
+    assert (acts.tree_budgets, env.unwrapped.decoder.rules.tree_depth) == ((4, 8), 3)
+    assert env.action_space.n == acts.n == 1 + 1 + 2 + 3 * 4
+    for idx in range(2):
+        env.reset(seed=idx, options={"prompt_index": idx})
+        done, t = False, 0
+        while not done:
+            a = [acts.encode_tree(8), 0, acts.encode_tree(4), 1, acts.encode(2, 2)][t % 5]
+            _, _, te, tr, info = env.step(a)
+            rnd, done, t = info["round"], te or tr, t + 1
+            if acts.tree_budget(a):
+                assert rnd["n_verify"] == rnd["draft_len"] + 1 and rnd["exit_layer"] == 0
+                assert rnd["cost"] == pytest.approx(prof.round_cost(0, rnd["draft_len"], rnd["n_verify"], tree=True))
+        prompt = torch.tensor(ts.traces[idx].prompt.tolist())
+        assert env.unwrapped.generated == greedy_reference(b.model, prompt, 24, b.eos_ids)
