@@ -305,3 +305,18 @@ def test_live_env_plays_tree_actions_losslessly(tiny):
                 assert rnd["cost"] == pytest.approx(prof.round_cost(0, rnd["draft_len"], rnd["n_verify"], tree=True))
         prompt = torch.tensor(ts.traces[idx].prompt.tolist())
         assert env.unwrapped.generated == greedy_reference(b.model, prompt, 24, b.eos_ids)
+
+
+# ---- costs ----------------------------------------------------------------------------------------
+def test_tree_verify_is_timed_and_charged_as_a_copy_verify(tiny):
+    """``measure_tree_verify`` times both passes per node count (and leaves a consistent cache);
+    a profile charges a tree of n nodes as a copy verify of n + 1 positions."""
+    from lede_env.costs import heap_tree, measure_tree_verify
+
+    b, heads, ts, prof = tiny
+    t = heap_tree(5)
+    assert t.parents.tolist() == [-1, -1, 0, 0, 1] and t.depth.tolist() == [1, 1, 2, 2, 2]
+    times = measure_tree_verify(b.stack, (2, 5), context=16, repeats=2)
+    assert set(times) == {2, 5} and all(v[k] > 0 for v in times.values() for k in ("copy", "tree", "tree_median"))
+    for n in (0, 3, 8):
+        assert prof.round_cost(0, n, n + 1, tree=True) == prof.round_cost(0, n, n + 1)
