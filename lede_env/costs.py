@@ -36,6 +36,7 @@ from .kernels import KERNELS_VERSION
 from .layers import LayerStack
 from .mdp import ObservationBuilder, ObservationConfig
 from .storage import cache_dir, packaged_file, write_json_atomic
+from .suffix_index import TokenTree
 
 if TYPE_CHECKING:
     from .exits import ExitHeads
@@ -381,12 +382,10 @@ def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
                                                 "kernels": stack.kernels_tag})
 
 
-def heap_tree(n: int):
+def heap_tree(n: int) -> TokenTree:
     """A token tree of ``n`` nodes shaped as a binary heap (the root's children are nodes 0 and 1,
     node i's are 2i + 2 and 2i + 3): what :func:`measure_tree_verify` verifies (the cost of a pass
     depends on the node count, not on the shape: the mask is dense either way). Tokens 3..n+2."""
-    from .suffix_index import TokenTree
-
     parents = [-1 if i < 2 else (i - 2) // 2 for i in range(n)]
     depth: list[int] = []
     for p in parents:

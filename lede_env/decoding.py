@@ -16,8 +16,10 @@ The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`
 (prefill) -> per round :meth:`~SelfSpeculativeDecoder.observe`, the policy, and
 :meth:`~SelfSpeculativeDecoder.play_round`: a draft source proposes (:class:`Drafter`:
 :class:`ExitDraft`, :class:`CopyDraft`), one verification pass (``_verify``),
-:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`; the rules of the round are one frozen
-:class:`~lede_env.rules.RoundRules`, shared with trace replay. Speculative sampling is in
+:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`; a tree action's round
+(``_play_tree``: :class:`TreeDraft`'s token tree, one pass under a tree attention mask,
+:func:`~lede_env.mdp.accept_tree`, :meth:`LayerStack.compact` to the accepted branch). The rules
+of the round are one frozen :class:`~lede_env.rules.RoundRules`, shared with trace replay. Speculative sampling is in
 :mod:`lede_env.sampling`, in-round stopping of drafts in :mod:`lede_env.stopping`.
 """
 
