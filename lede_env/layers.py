@@ -266,19 +266,21 @@ class LayerStack:
         keep = [int(k) for k in keep]
         if any(k < 0 for k in keep) or any(b <= a for a, b in zip(keep, keep[1:])):
             raise ValueError(f"compact: keep={keep} must be increasing non-negative offsets.")
-        if keep == list(range(len(keep))):
-            self.crop(cache, start + len(keep))
+        m = len(keep)
+        fixed = next((j for j, k in enumerate(keep) if k != j), m)  # offsets already in place
+        if fixed == m:
+            self.crop(cache, start + m)
             return
+        short = min(layer.get_seq_length() for layer in cache.layers)
+        if start + keep[-1] >= short:
+            raise ValueError(f"compact: offset {keep[-1]} after {start} is past a layer's {short} cached positions.")
+        start, keep = start + fixed, [k - fixed for k in keep[fixed:]]  # gather only the rows that move
         for layer in cache.layers:
-            n = layer.get_seq_length()
-            if start + keep[-1] >= n:
-                raise ValueError(f"compact: offset {keep[-1]} after {start} is past a layer's {n} cached positions.")
             idx = torch.tensor(keep, device=layer.keys.device) + start
             if getattr(layer, "_kbuf", None) is not None:  # BufferedLayer: gather inside the buffer
-                m = len(keep)
-                layer._kbuf[..., start:start + m, :] = layer._kbuf[..., idx, :]  # (the gather copies first)
-                layer._vbuf[..., start:start + m, :] = layer._vbuf[..., idx, :]
-                layer._n = start + m
+                layer._kbuf[..., start:start + len(keep), :] = layer._kbuf[..., idx, :]  # (the gather copies first)
+                layer._vbuf[..., start:start + len(keep), :] = layer._vbuf[..., idx, :]
+                layer._n = start + len(keep)
                 layer._views()
             else:  # transformers' DynamicLayer
                 layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., idx, :]], -2)

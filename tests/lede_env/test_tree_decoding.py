@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2_contingency, chisquare
 
+from lede_env.datastore import NgramDatastore
 from lede_env.decoding import (Sampling, SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, TreeDraft,
                                greedy_reference)
 from lede_env.exits import ExitHeads
@@ -115,17 +116,19 @@ def test_tree_accept_rule_on_hand_made_cases():
        prompt=st.lists(st.integers(3, 12), min_size=1, max_size=12),
        actions=st.lists(st.integers(0, 10_000), min_size=1, max_size=30),
        budgets=st.sampled_from([(1,), (3, 8), (2, 5, 16)]), depth=st.integers(1, 6), bonus=st.booleans(),
-       max_new=st.integers(1, 24), drawn=st.booleans(), data=st.data())
+       max_new=st.integers(1, 24), drawn=st.booleans(), store=st.booleans(), data=st.data())
 def test_output_equals_greedy_for_any_tree_and_action_sequence(num_layers, seed, prompt, actions, budgets, depth,
-                                                               bonus, max_new, drawn, data):
-    """Tree rounds (drawn trees, or the decoder's own from its suffix index) mixed with AR, copy and
-    exit rounds give greedy decoding's tokens, and their records count what the tree verified."""
+                                                               bonus, max_new, drawn, store, data):
+    """Tree rounds (drawn trees, or the decoder's own from its suffix index and, with ``store``, a
+    datastore holding the greedy text) mixed with AR, copy and exit rounds give greedy decoding's
+    tokens, and their records count what the tree verified."""
     b = model(num_layers, seed)
     heads = ExitHeads(b.stack, tuple(range(1, b.stack.num_layers)))
-    dec = SelfSpeculativeDecoder(b.stack, heads, 3, b.eos_ids, bonus, context_lengths=(2,), tree_budgets=budgets,
-                                 tree_depth=depth)
     ids = torch.tensor(prompt)
     ref = greedy_reference(b.model, ids, max_new, b.eos_ids)
+    datastore = NgramDatastore([prompt + ref], ngram=(1, 3), min_count=1) if store else None
+    dec = SelfSpeculativeDecoder(b.stack, heads, 3, b.eos_ids, bonus, context_lengths=(2,), tree_budgets=budgets,
+                                 tree_depth=depth, context_datastore=datastore)
     if drawn:
         dec.drafters["tree"] = DrawnTrees(dec, data, ref)
     first, last = dec.actions.first_tree_action, dec.actions.first_exit_action
@@ -208,6 +211,8 @@ def test_compact_keeps_the_given_offsets_in_order():
         assert torch.equal(layer.keys, k0[..., [0, 1, 2, 4, 5], :])
     with pytest.raises(ValueError, match="increasing"):
         st_.compact(cache, 1, [2, 1])
+    with pytest.raises(ValueError, match="past a layer's 5 cached"):
+        st_.compact(cache, 2, [0, 3])
 
 
 def test_a_tree_round_on_sliding_window_models_is_greedy():
