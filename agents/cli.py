@@ -204,7 +204,10 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
                                                              "skinny, onednn, default) beside the measured table"),
             long_context: int = typer.Option(768, help="Also time the whole verify pass alone after this many "
                                                        "cached positions (the profile's own times use 256): "
-                                                       "attention over the context raises c(k) with it; 0: skip")):
+                                                       "attention over the context raises c(k) with it; 0: skip"),
+            tree_nodes: str = typer.Option("2,4,8,16", help="Also time the verify pass of token trees of these node "
+                                                            "counts against a causal copy verify of as many positions "
+                                                            "(recorded in the profile's meta; '': skip)")):
     """Measure the cost profile (layer, head, draft head, overhead times) on this machine and
     print c(k), the cost of k positions relative to one, for one layer, the LM head and the
     whole verify pass: timed alone, and fitted to rounds of the real decoding loop."""
@@ -226,6 +229,8 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
     if in_loop:
         profs["in-loop"] = loop_profile(b, heads, k_max, iso, obs=ObservationConfig())
     prof = profs["in-loop" if in_loop else "isolated"]
+    if tree_nodes.strip():
+        prof.meta["tree_verify"] = _tree_verify_table(b, [int(x) for x in tree_nodes.split(",")])
     prof.save(out)
     console.print(f"{cpu_name()}, {torch.get_num_threads()} threads, kernels {b.stack.kernels_tag}")
     for name, p in profs.items():
@@ -266,6 +271,24 @@ def profile(model: Optional[str] = ModelOpt, out: Path = Path("cost_profile.json
         finally:
             b.stack.set_kernels(chosen)
         console.print(t)
+
+
+def _tree_verify_table(bundle, nodes: list[int]) -> dict:
+    """Print the verify time of token trees of ``nodes`` nodes against a copy draft's verify of as
+    many positions (:func:`lede_env.costs.measure_tree_verify`); return ``{n: tree / copy}``. The
+    profile charges a tree of n nodes as a copy verify of n + 1 positions (``docs/experiments.md``,
+    "Tree verification cost": equal within 1-2 %)."""
+    from rich.table import Table
+
+    from lede_env.costs import measure_tree_verify
+
+    times = measure_tree_verify(bundle.stack, nodes)
+    t = Table("nodes n", "copy verify of n + 1, ms", "tree verify, ms", "tree / copy",
+              title="Token-tree verify (tree mask, depth positions, cache compaction) vs a causal copy verify")
+    for n, v in times.items():
+        t.add_row(str(n), f"{1e3 * v['copy']:.2f}", f"{1e3 * v['tree']:.2f}", f"{v['tree'] / v['copy']:.3f}")
+    console.print(t)
+    return {str(n): v["tree"] / v["copy"] for n, v in times.items()}
 
 
 _DEFAULT_MIXTURE = "random=0.2,static=0.3,heuristic=0.1,oracle=0.4"

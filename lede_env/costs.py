@@ -36,6 +36,7 @@ from .kernels import KERNELS_VERSION
 from .layers import LayerStack
 from .mdp import ObservationBuilder, ObservationConfig
 from .storage import cache_dir, packaged_file, write_json_atomic
+from .suffix_index import TokenTree
 
 if TYPE_CHECKING:
     from .exits import ExitHeads
@@ -101,7 +102,9 @@ class CostProfile:
                 without reuse it runs all L layers on the verified positions.
             tree: the round verifies a token tree (``exit_layer`` 0, ``draft_len`` its nodes,
                 ``n_verify`` = nodes + 1) under a tree attention mask; charged as a context draft
-                of as many positions.
+                of as many positions (the tree's verify pass, mask and cache compaction included,
+                measured 1.00-1.02x a causal pass of as many positions, n = 2..16:
+                :func:`measure_tree_verify`, ``docs/experiments.md`` "Tree verification cost").
             passes: draft passes (layers 1..E + draft head on one token) actually run, default K.
                 One more than K when an in-round stop rule looked at a draft token and dropped it
                 (:class:`~lede_env.stopping.CalibratedStop`); with ``passes > 0`` and ``K = 0``
@@ -377,6 +380,75 @@ def _measure(stack, heads, k_max, context, repeats, overhead_fn) -> CostProfile:
                                                 "device_name": _device_name(stack.device),
                                                 "dtype": str(stack.dtype).replace("torch.", ""),
                                                 "kernels": stack.kernels_tag})
+
+
+def heap_tree(n: int) -> TokenTree:
+    """A token tree of ``n`` nodes shaped as a binary heap (the root's children are nodes 0 and 1,
+    node i's are 2i + 2 and 2i + 3): what :func:`measure_tree_verify` verifies (the cost of a pass
+    depends on the node count, not on the shape: the mask is dense either way). Tokens 3..n+2."""
+    parents = [-1 if i < 2 else (i - 2) // 2 for i in range(n)]
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    t = torch.arange(3, n + 3, dtype=torch.int64)
+    return TokenTree(t, torch.tensor(parents, dtype=torch.int64), torch.tensor(depth, dtype=torch.int64),
+                     torch.ones(n, dtype=torch.int64), torch.ones(n, dtype=torch.float64))
+
+
+@torch.no_grad()
+def measure_tree_verify(stack: LayerStack, nodes: Sequence[int] = (2, 4, 8, 16), context: int = 256,
+                        repeats: int = 15) -> dict[int, dict[str, float]]:
+    """Time the verify pass of a token tree against a copy draft's of as many positions (seconds).
+
+    With ``context`` cached positions, per n in ``nodes``, interleaved over ``repeats`` rounds:
+    ``"copy"``: a causal pass of all L layers and the full LM head over n + 1 positions, then the
+    cache cropped back; ``"tree"``: what a tree round's verification does in the decoding loop
+    (:meth:`lede_env.decoding.SelfSpeculativeDecoder._verify_tree`): the tree attention mask and
+    depth positions built (:func:`heap_tree`, :meth:`LayerStack.tree_inputs`), the same pass over
+    the root and the n nodes under it, the head, and the cache compacted to the root and its
+    deepest branch (:meth:`LayerStack.compact`) then cropped back.
+
+    Returns:
+        ``{n: {"copy": s, "tree": s, "copy_median": s, "tree_median": s}}``: the fastest and the
+        median time of each (seconds).
+    """
+    with stack.kernels_active():
+        g = torch.Generator().manual_seed(0)
+        V = stack.head_weight.shape[0]
+        cache = stack.new_cache()
+        stack.run(stack.embed(torch.randint(0, V, (1, context), generator=g).to(stack.device)), 0, stack.num_layers,
+                  cache, 0)
+        trees = {n: heap_tree(n) for n in nodes}
+
+        def copy(n):
+            x = stack.embed(torch.randint(3, V, (1, n + 1), generator=g).to(stack.device))
+            stack.greedy_tokens(stack.norm(stack.run(x, 0, stack.num_layers, cache, context)[0])).tolist()
+            stack.crop(cache, context)
+
+        def tree(n):
+            t = trees[n]
+            x = stack.embed(torch.cat([torch.tensor([5]), t.tokens]).view(1, -1).to(stack.device))
+            local = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_(0)
+            local[1:, 1:] = t.attention_mask()
+            rope, masks = stack.tree_inputs(x, context, local, torch.cat([torch.tensor([context]), t.positions(context)]))
+            stack.greedy_tokens(stack.norm(stack.run(x, 0, stack.num_layers, cache, context, rope, masks)[0])).tolist()
+            branch, node = [], n - 1
+            while node >= 0:
+                branch.append(1 + node)
+                node = int(t.parents[node])
+            stack.compact(cache, context, [0] + branch[::-1])
+            stack.crop(cache, context)
+
+        times = {n: {"copy": [], "tree": []} for n in nodes}
+        for n in nodes:  # warm-up
+            copy(n)
+            tree(n)
+        for _ in range(repeats):
+            for n in nodes:
+                for kind, fn in (("copy", copy), ("tree", tree)):
+                    times[n][kind].append(min_time(lambda: fn(n), 1, stack.device))
+    return {n: {"copy": min(t["copy"]), "tree": min(t["tree"]), "copy_median": float(np.median(t["copy"])),
+                "tree_median": float(np.median(t["tree"]))} for n, t in times.items()}
 
 
 def _device_name(device: torch.device) -> str:

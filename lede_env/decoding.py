@@ -16,8 +16,10 @@ The loop reads top to bottom: :meth:`SelfSpeculativeDecoder.generate` -> :meth:`
 (prefill) -> per round :meth:`~SelfSpeculativeDecoder.observe`, the policy, and
 :meth:`~SelfSpeculativeDecoder.play_round`: a draft source proposes (:class:`Drafter`:
 :class:`ExitDraft`, :class:`CopyDraft`), one verification pass (``_verify``),
-:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`; the rules of the round are one frozen
-:class:`~lede_env.rules.RoundRules`, shared with trace replay. Speculative sampling is in
+:func:`~lede_env.mdp.accept`, :meth:`LayerStack.crop`; a tree action's round
+(``_play_tree``: :class:`TreeDraft`'s token tree, one pass under a tree attention mask,
+:func:`~lede_env.mdp.accept_tree`, :meth:`LayerStack.compact` to the accepted branch). The rules
+of the round are one frozen :class:`~lede_env.rules.RoundRules`, shared with trace replay. Speculative sampling is in
 :mod:`lede_env.sampling`, in-round stopping of drafts in :mod:`lede_env.stopping`.
 """
 
@@ -35,8 +37,8 @@ from .costs import CostProfile
 from .datastore import NgramDatastore, with_datastore
 from .exits import ExitHeads
 from .lookup import DEFAULT_NGRAM, ContextIndex, context_match
-from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationHistory, accept, context_observation,
-                  verified_positions)
+from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationHistory, accept, accept_tree,
+                  context_observation, verified_positions)
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
@@ -44,6 +46,8 @@ from .policies import own_stop_rule, reads_observations
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
 from .rules import RoundRules
 from .stopping import StopRule, as_stop_rule
+from .suffix_index import SuffixIndex, TokenTree
+from .trees import round_tree
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RoundRecord:
         passes: draft passes run (``draft_len``, or one more when the stop rule dropped a draft
             token; 1 with ``draft_len`` 0 when it dropped the first one: the round verified the
             pending token alone, an AR step plus one draft-head call).
+        tree: a tree action's round (``draft_len`` = the tree's nodes, ``n_verify`` = nodes + 1,
+            charged with ``tree=True``; an empty tree is an AR step).
     """
 
     action: int
@@ -75,6 +81,7 @@ class RoundRecord:
     policy_seconds: float = 0.0
     n_verify: int = 0
     passes: int = 0
+    tree: bool = False
 
     @property
     def fully_accepted(self) -> bool:
@@ -162,6 +169,10 @@ class DecodeState:
             (:class:`~lede_env.lookup.ContextIndex`; ``None`` without context drafts).
         history: this generation's rounds as observations read them
             (:class:`~lede_env.mdp.ObservationHistory`).
+        suffix_index: the suffix index of ``seq`` tree actions draft from
+            (:class:`~lede_env.suffix_index.SuffixIndex`, extended with every emitted token;
+            ``None`` without tree actions; stale after :meth:`~SelfSpeculativeDecoder.cut`, which
+            ends the generation).
     """
 
     result: GenerationResult
@@ -178,6 +189,7 @@ class DecodeState:
     context_at: Optional[tuple] = None
     context_index: Optional[ContextIndex] = None
     history: Optional[ObservationHistory] = None
+    suffix_index: Optional[SuffixIndex] = None
 
     @property
     def pending(self) -> int:
@@ -224,6 +236,8 @@ class Draft:
         hidden: [1, n, d] layer-``first`` hiddens of the n positions to verify, or ``None``: the
             verification embeds the pending token and the draft tokens.
         passes: draft passes run (see :attr:`RoundRecord.passes`).
+        tree: a tree action's :class:`~lede_env.suffix_index.TokenTree` (``tokens`` are its
+            nodes' tokens), ``None`` for a single draft.
     """
 
     tokens: list[int]
@@ -231,6 +245,7 @@ class Draft:
     first: int = 0
     hidden: Optional[torch.Tensor] = None
     passes: int = 0
+    tree: Optional[TokenTree] = None
 
 
 class Drafter:
@@ -286,6 +301,28 @@ class CopyDraft(Drafter):
         return Draft(tokens)
 
 
+class TreeDraft(Drafter):
+    """Token trees of the most frequent continuations (SuffixDecoding, arXiv 2411.04975): the
+    round's tree is :func:`lede_env.trees.round_tree` (the one recipe trace replay uses too) over
+    the generation's suffix index (:attr:`DecodeState.suffix_index`) and the decoder's datastore,
+    seeded with the copy draft; verified in one pass with a tree attention mask (SpecInfer, arXiv
+    2305.09781; :meth:`SelfSpeculativeDecoder.play_round`). An empty tree is an AR step."""
+
+    def propose(self, state, exit_layer, length, taps, rule, depth: Optional[int] = None) -> Draft:
+        """The tree of at most ``length`` nodes and ``depth`` levels (default: the rules'
+        ``tree_depth``, clamped to the budget) as a :class:`Draft` (``tokens``: its nodes')."""
+        if depth is None:
+            depth = self.decoder.rules.plan_tree(self.decoder.actions.encode_tree(length), state.remaining)[1]
+        tree = self.tree(state, length, depth)
+        return Draft(tree.tokens.tolist(), tree=tree)
+
+    def tree(self, state: DecodeState, budget: int, depth: int) -> TokenTree:
+        """The round's :class:`~lede_env.suffix_index.TokenTree` (``budget`` nodes, ``depth``
+        levels at most; a subclass may propose other trees, e.g. tests)."""
+        dec = self.decoder
+        return round_tree(state.suffix_index, state.seq, budget, depth, dec.datastore, dec.context_ngram)
+
+
 class SelfSpeculativeDecoder:
     """Greedy dynamic self-speculative decoder for a Llama-family model (batch size 1).
 
@@ -319,20 +356,25 @@ class SelfSpeculativeDecoder:
         context_datastore: where the context has no match, context drafts come from this
             :class:`~lede_env.datastore.NgramDatastore` (the model's own earlier text; REST,
             arXiv 2311.08252); ``None``: no draft there.
+        tree_budgets: node budgets of the tree actions (see :class:`ActionMap`; token trees from
+            the generation's suffix index and the datastore, :class:`TreeDraft`).
+        tree_depth: longest branch of a tree action's tree (tokens).
 
     Raises:
         ValueError: bad exits or k_max (from :class:`ActionMap` / :class:`ExitHeads`), a negative
-            ``context_draft``, a bad ``context_ngram`` or ``context_lengths``.
+            ``context_draft``, a bad ``context_ngram``, ``context_lengths`` or ``tree_budgets``.
     """
 
     def __init__(self, stack: LayerStack, heads: ExitHeads, k_max: int = 8, eos_ids: Sequence[int] = (),
                  bonus: bool = True, profile: Optional[CostProfile] = None,
                  obs_config: Optional[ObservationConfig] = None, reuse: bool = True, stop_rule=None,
                  context_draft: int = 0, context_ngram: tuple[int, int] = DEFAULT_NGRAM,
-                 context_lengths: Sequence[int] = (), context_datastore: Optional[NgramDatastore] = None) -> None:
-        rules = RoundRules(ActionMap(heads.exit_layers, k_max, tuple(context_lengths)), profile, bonus, tuple(eos_ids),
-                           reuse, stop_rule=as_stop_rule(stop_rule), context_draft=context_draft,
-                           context_ngram=context_ngram, datastore=context_datastore)
+                 context_lengths: Sequence[int] = (), context_datastore: Optional[NgramDatastore] = None,
+                 tree_budgets: Sequence[int] = (), tree_depth: int = 8) -> None:
+        actions = ActionMap(heads.exit_layers, k_max, tuple(context_lengths), tuple(tree_budgets))
+        rules = RoundRules(actions, profile, bonus, tuple(eos_ids), reuse, stop_rule=as_stop_rule(stop_rule),
+                           context_draft=context_draft, context_ngram=context_ngram, datastore=context_datastore,
+                           tree_depth=tree_depth)
         self._build(stack, heads, rules, obs_config)
 
     @classmethod
@@ -368,8 +410,8 @@ class SelfSpeculativeDecoder:
         self._cuda = stack.device.type == "cuda"
         self._lock = threading.RLock()  # one generate() at a time (see generate())
         #: the draft sources: exit-head drafts for (E, K > 0), copies from the context (and the
-        #: datastore) for AR steps and context drafts (:class:`Drafter`)
-        self.drafters: dict[str, Drafter] = {"exit": ExitDraft(self), "copy": CopyDraft(self)}
+        #: datastore) for AR steps and context drafts, token trees for tree actions (:class:`Drafter`)
+        self.drafters: dict[str, Drafter] = {"exit": ExitDraft(self), "copy": CopyDraft(self), "tree": TreeDraft(self)}
 
     # the rules' parts, read-only
     actions = property(lambda self: self.rules.actions, doc="The action map.")
@@ -430,11 +472,13 @@ class SelfSpeculativeDecoder:
         eos = tuple(self.eos_ids if eos_ids is None else (int(e) for e in eos_ids))
         result.tokens.append(first)
         result.eos = first in eos
-        return DecodeState(result, max_new_tokens, eos, want_obs, cache, ids.tolist() + [first], ids.numel(),
+        seq = ids.tolist() + [first]
+        return DecodeState(result, max_new_tokens, eos, want_obs, cache, seq, ids.numel(),
                            normed[-1], {e: t[0, -1] for e, t in taps.items()} if taps is not None else None, sampler,
                            done=result.eos or max_new_tokens == 1,
                            context_index=ContextIndex(self.context_ngram) if self.copy_max else None,
-                           history=self.observer.new_history())
+                           history=self.observer.new_history(),
+                           suffix_index=SuffixIndex(seq) if self.actions.tree_budgets else None)
 
     def observe(self, state: DecodeState) -> Optional[dict]:
         """The observation at the last verified position (``None`` without ``want_obs``): the
@@ -467,7 +511,8 @@ class SelfSpeculativeDecoder:
         return with_datastore(match, state.seq, max_len, self.datastore)
 
     def play_round(self, state: DecodeState, action: int, stop_rule=None) -> RoundRecord:
-        """One round: draft with the action's (E, K), verify, accept, crop the cache.
+        """One round: draft with the action's (E, K), verify, accept, crop the cache (a tree
+        action: :meth:`_play_tree`).
 
         Args:
             state: the generation (not ``done``).
@@ -480,6 +525,9 @@ class SelfSpeculativeDecoder:
             ``seconds`` and ``policy_seconds`` are the driver's to fill).
         """
         assert not state.done, "the generation has ended: call start() for a new one"
+        budget, depth = self.rules.plan_tree(action, state.remaining)
+        if budget:
+            return self._play_tree(state, action, budget, depth)
         E, K, n_copy = self.rules.plan(action, state.remaining)
         taps = {} if state.want_obs and self._tap_exits else None
         rule = self.stop_rule if stop_rule is None else as_stop_rule(stop_rule)
@@ -489,20 +537,50 @@ class SelfSpeculativeDecoder:
         oc = accept(draft.tokens, verifier, state.remaining, state.eos_ids)  # accept
         self.stack.crop(state.cache, state.pos + oc.advance)                 # crop
         drafter.accepted(state, draft, oc)
+        E, K = draft.exit_layer, len(draft.tokens)
+        cost = self.rules.cost(E, K, oc.n_verify, draft.passes, state.want_obs)
+        return self._close_round(state, action, oc, normed, taps, range(oc.advance), draft, cost)
+
+    def _play_tree(self, state: DecodeState, action: int, budget: int, depth: int) -> RoundRecord:
+        """A tree action's round: the round's token tree (:class:`TreeDraft`), one pass of all L
+        layers over the pending token (the root) and the n nodes under the tree attention mask
+        with depth-based positions (:meth:`_verify_tree`), :func:`~lede_env.mdp.accept_tree`,
+        and the KV cache compacted to the root and the accepted branch
+        (:meth:`LayerStack.compact`). Charged ``rules.cost(0, n, n + 1, tree=True)``."""
+        taps = {} if state.want_obs and self._tap_exits else None
+        drafter = self.drafters["tree"]
+        draft = drafter.propose(state, 0, budget, taps, self.stop_rule, depth=depth)        # propose
+        tree = draft.tree
+        normed, verifier = self._verify_tree(state, tree, taps)                             # verify
+        oc, branch = accept_tree(draft.tokens, tree.parents.tolist(), verifier, state.remaining,
+                                 state.eos_ids)                                             # accept
+        rows = [0] + [1 + i for i in branch]  # verified rows kept: the root, then the branch's nodes
+        self.stack.compact(state.cache, state.pos, rows)                                    # compact
+        drafter.accepted(state, draft, oc)
+        cost = self.rules.cost(0, len(tree), len(tree) + 1, 0, state.want_obs, tree=True)
+        return self._close_round(state, action, oc, normed, taps, rows, draft, cost)
+
+    def _close_round(self, state: DecodeState, action: int, oc, normed: torch.Tensor, taps: Optional[dict],
+                     rows: Sequence[int], draft: Draft, cost: float) -> RoundRecord:
+        """Advance ``state`` by the round's :class:`~lede_env.mdp.RoundOutcome` ``oc`` and record
+        the round. ``rows[j]``: the verified row (of ``normed`` [n, d] and the taps) whose position
+        the cache keeps at ``state.pos + j``."""
         # the next round starts from the last verified position (after the last emitted token
         # when the generation ends: an EOS can end a block early)
-        last = len(oc.emitted) - 1 if oc.done else oc.advance - 1
-        state.normed_last = normed[last]
+        row = rows[len(oc.emitted) - 1 if oc.done else oc.advance - 1]
+        state.normed_last = normed[row]
         if taps is not None:
-            state.taps_at = {e: t[0, last] for e, t in taps.items()}
+            state.taps_at = {e: t[0, row] for e, t in taps.items()}
         state.result.tokens.extend(oc.emitted)
         state.seq.extend(oc.emitted)
+        if state.suffix_index is not None:
+            for t in oc.emitted:
+                state.suffix_index.extend(t)
         state.pos += oc.advance
         state.done, state.result.eos = oc.done, oc.eos
-        E, K = draft.exit_layer, len(draft.tokens)
-        rec = RoundRecord(action=int(action), exit_layer=E, draft_len=K, accepted=oc.accepted,
-                          emitted=len(oc.emitted), cost=self.rules.cost(E, K, oc.n_verify, draft.passes, state.want_obs),
-                          n_verify=oc.n_verify, passes=draft.passes)
+        rec = RoundRecord(action=int(action), exit_layer=draft.exit_layer, draft_len=len(draft.tokens),
+                          accepted=oc.accepted, emitted=len(oc.emitted), cost=cost, n_verify=oc.n_verify,
+                          passes=draft.passes, tree=draft.tree is not None)
         state.result.rounds.append(rec)
         state.history.record(rec.accepted, rec.draft_len, rec.exit_layer)
         return rec
@@ -524,6 +602,31 @@ class SelfSpeculativeDecoder:
             x = self.stack.embed(torch.tensor([[state.pending] + tokens[: n - 1]], device=self.stack.device))
         h = self._forward(x, draft.first, self.stack.num_layers, state.cache, state.pos, taps)
         return self._verifier_tokens(h, state.sampler, tokens)
+
+    def _verify_tree(self, state: DecodeState, tree: TokenTree, taps: Optional[dict]) -> tuple[torch.Tensor, list[int]]:
+        """One pass of all L layers over the pending token (the root) and the tree's n nodes:
+        every one attends to the cached prefix and the root, node i to its ancestors and itself
+        (:meth:`TokenTree.attention_mask`), at positions ``pos`` (root) and ``pos + depth``
+        (:meth:`TokenTree.positions`); the cache gains the n + 1 positions (compacted after).
+
+        Returns:
+            ``(normed, verifier)``: [n + 1, d] final normed hiddens (root first) and the n + 1
+            verifier tokens (greedy argmaxes, or :meth:`SpeculativeSampler.verify_tree`'s draws).
+        """
+        n, dev = len(tree), self.stack.device
+        x = self.stack.embed(torch.tensor([[state.pending] + tree.tokens.tolist()], device=dev))  # [1, n+1, d]
+        rope = masks = None
+        if n:
+            local = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_(0)
+            local[1:, 1:] = tree.attention_mask()  # (and row 0: the root sees itself only; column 0: all)
+            ids = torch.cat([torch.tensor([state.pos]), tree.positions(state.pos)])
+            rope, masks = self.stack.tree_inputs(x, state.pos, local, ids)
+        h = self._forward(x, 0, self.stack.num_layers, state.cache, state.pos, taps, rope, masks)
+        normed = self.stack.norm(h[0])  # [n+1, d]
+        if state.sampler is None:
+            return normed, self.stack.greedy_tokens(normed).tolist()
+        return normed, state.sampler.verify_tree(tree.tokens.tolist(), tree.parents.tolist(),
+                                                 self.stack.head_logits(normed))
 
     def cut(self, state: DecodeState, keep: int) -> None:
         """End the generation after its first ``keep`` tokens (a stop string or stopping
@@ -634,14 +737,15 @@ class SelfSpeculativeDecoder:
         cuts = [e for e in self._stat_exits if first < e < last]
         return cuts + [last]
 
-    def _forward(self, hidden, first, last, cache, start, taps: Optional[dict]):
-        """Layers first+1..last; store each exit layer's output [1, q, d] in ``taps`` if given."""
+    def _forward(self, hidden, first, last, cache, start, taps: Optional[dict], rope=None, masks=None):
+        """Layers first+1..last; store each exit layer's output [1, q, d] in ``taps`` if given.
+        ``rope``, ``masks``: a tree's (:meth:`LayerStack.tree_inputs`), else causal."""
         if taps is None:
-            return self.stack.run(hidden, first, last, cache, start)
-        rope = self.stack.positions(hidden, start)
+            return self.stack.run(hidden, first, last, cache, start, rope, masks)
+        rope = self.stack.positions(hidden, start) if rope is None else rope
         prev = first
         for cut in self._segments(first, last):
-            hidden = self.stack.run(hidden, prev, cut, cache, start, rope)
+            hidden = self.stack.run(hidden, prev, cut, cache, start, rope, masks)
             if cut in self._tap_exits:
                 taps[cut] = hidden
             prev = cut

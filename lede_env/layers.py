@@ -215,7 +215,79 @@ class LayerStack:
             allowed &= j > i - window
         return allowed.view(1, 1, q, kv)
 
-    def run(self, hidden: torch.Tensor, first: int, last: int, cache, start: int, rope=None) -> torch.Tensor:
+    def tree_inputs(self, hidden: torch.Tensor, start: int, local: torch.Tensor, position_ids: torch.Tensor):
+        """Rotary embeddings and attention masks of q new positions that are not a causal run (a
+        token tree, SpecInfer arXiv 2305.09781): for :meth:`run`'s ``rope`` and ``masks``.
+
+        Args:
+            hidden: [1, q, d] the new positions' inputs (only their shape, dtype and device are read).
+            start: cached positions before them (each attends to all of them, within a window).
+            local: [q, q] bool, ``local[i, j]``: new position i attends to new position j (a tree:
+                j is i or one of its ancestors).
+            position_ids: [q] int64 position id of each new position (a tree: root + depth).
+
+        Returns:
+            ``(rope, masks)``: ``(position_ids [1, q], (cos, sin))`` and, per sliding window of the
+            layers (``None``: full attention), the [1, 1, q, start + q] bool mask; a layer's window
+            drops the keys whose position is ``window`` or more below the query's.
+
+        Raises:
+            ValueError: ``local`` or ``position_ids`` not of q rows.
+        """
+        q, dev = hidden.shape[1], hidden.device
+        if tuple(local.shape) != (q, q) or tuple(position_ids.shape) != (q,):
+            raise ValueError(f"tree_inputs: local {tuple(local.shape)} and position_ids {tuple(position_ids.shape)} "
+                             f"must be ({q}, {q}) and ({q},) for {q} new positions.")
+        pos = position_ids.to(dev).view(1, q)
+        rope = (pos, self._rotary(hidden, position_ids=pos))
+        allowed = torch.cat([torch.ones(q, start, dtype=torch.bool, device=dev), local.to(dev)], 1)  # [q, start+q]
+        key_pos = torch.cat([torch.arange(start, device=dev), pos[0]])
+        masks = {}
+        for w in set(self.windows):
+            m = allowed if w is None else allowed & (key_pos.unsqueeze(0) > pos[0].unsqueeze(1) - w)
+            masks[w] = m.view(1, 1, q, start + q)
+        return rope, masks
+
+    def compact(self, cache, start: int, keep) -> None:
+        """Keep, of the positions after the first ``start`` of every layer's cache, the ones at
+        offsets ``keep`` (in that order, moved to ``start .. start + len(keep) - 1``), and drop the
+        rest: the KV cache of a verified token tree reduced to its accepted branch. Offsets
+        ``0 .. m-1`` in order are a plain :meth:`crop` (no copy).
+
+        Args:
+            cache: the KV cache (:meth:`new_cache`); every layer must hold more than
+                ``start + max(keep)`` positions.
+            start: positions kept as they are.
+            keep: offsets (ints, increasing) after ``start`` of the positions to keep.
+
+        Raises:
+            ValueError: offsets that are not increasing, negative, or past a layer's cache.
+        """
+        keep = [int(k) for k in keep]
+        if any(k < 0 for k in keep) or any(b <= a for a, b in zip(keep, keep[1:])):
+            raise ValueError(f"compact: keep={keep} must be increasing non-negative offsets.")
+        m = len(keep)
+        fixed = next((j for j, k in enumerate(keep) if k != j), m)  # offsets already in place
+        if fixed == m:
+            self.crop(cache, start + m)
+            return
+        short = min(layer.get_seq_length() for layer in cache.layers)
+        if start + keep[-1] >= short:
+            raise ValueError(f"compact: offset {keep[-1]} after {start} is past a layer's {short} cached positions.")
+        start, keep = start + fixed, [k - fixed for k in keep[fixed:]]  # gather only the rows that move
+        for layer in cache.layers:
+            idx = torch.tensor(keep, device=layer.keys.device) + start
+            if getattr(layer, "_kbuf", None) is not None:  # BufferedLayer: gather inside the buffer
+                layer._kbuf[..., start:start + len(keep), :] = layer._kbuf[..., idx, :]  # (the gather copies first)
+                layer._vbuf[..., start:start + len(keep), :] = layer._vbuf[..., idx, :]
+                layer._n = start + len(keep)
+                layer._views()
+            else:  # transformers' DynamicLayer
+                layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[..., idx, :]], -2)
+                layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., idx, :]], -2)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int, cache, start: int, rope=None,
+            masks: Optional[dict] = None) -> torch.Tensor:
         """Run decoder layers ``first+1 .. last`` (1-based, inclusive) on ``hidden``.
 
         Args:
@@ -226,6 +298,8 @@ class LayerStack:
                 positions, and gains ``q``.
             start: position index of ``hidden[:, 0]``.
             rope: ``(position_ids, (cos, sin))`` from :meth:`positions`, to reuse across calls.
+            masks: sliding window -> [1, 1, q, start + q] bool attention mask (from
+                :meth:`tree_inputs`, with its ``rope``); ``None``: causal (:meth:`causal_mask`).
 
         Returns:
             [1, q, d] output of layer ``last``.
@@ -233,7 +307,8 @@ class LayerStack:
         if first == last:
             return hidden
         pos, pe = rope if rope is not None else self.positions(hidden, start)
-        masks = {w: self.causal_mask(hidden.shape[1], start, hidden.device, w) for w in set(self.windows[first:last])}
+        if masks is None:
+            masks = {w: self.causal_mask(hidden.shape[1], start, hidden.device, w) for w in set(self.windows[first:last])}
         for layer, w in zip(self.layers[first:last], self.windows[first:last]):
             hidden = layer(hidden, attention_mask=masks[w], position_ids=pos, position_embeddings=pe,
                            cache=cache, use_cache=True)

@@ -75,8 +75,9 @@ class LiveEnv(LEDEEnv):
         eos_ids = tuple(int(e) for e in (bundle.eos_ids if eos_ids is None else eos_ids))
         self.bundle, self.heads = bundle, heads
         self.profile = profile
-        self.actions = ActionMap(heads.exit_layers, k_max, c.rules.context_lengths)
-        self.rules = RoundRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold)
+        self.actions = ActionMap(heads.exit_layers, k_max, c.rules.context_lengths, c.rules.tree_budgets)
+        self.rules = RoundRules(self.actions, profile, c.rules.bonus, eos_ids, c.rules.reuse, c.rules.stop_threshold,
+                                tree_depth=c.rules.tree_depth)
         self.playable = list(range(len(self.prompts)))
         self.manifest = {"backend": "live", "model": {"name": bundle.name} | describe_model(bundle.model),
                          "exit_layers": list(heads.exit_layers),
@@ -204,7 +205,7 @@ class LiveEnv(LEDEEnv):
             t2 = self.decoder.clock()
         E, K = rec.exit_layer, rec.draft_len
         if self.cost == "profile":
-            cost = self.rules.profile.round_cost(E, K, rec.n_verify, self.rules.reuse, rec.passes)
+            cost = self.rules.profile.round_cost(E, K, rec.n_verify, self.rules.reuse, rec.passes, tree=rec.tree)
         else:
             cost = ((t1 - t0) + ((t2 - t1) if self._charge_overhead else 0.0)) / self.ar_seconds
         n = rec.emitted

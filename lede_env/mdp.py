@@ -2,14 +2,15 @@
 
 - :class:`ActionMap` - ``Discrete(1 + n_exits * n_lengths)`` <-> (exit layer E, speculation length K).
 - :class:`RoundOutcome` - what one draft/verify round does, given the draft and verifier tokens
-  (the single accept rule used by both the env's replay and the live decoder).
+  (the single accept rule used by both the env's replay and the live decoder); :func:`accept`
+  for one draft, :func:`accept_tree` for a token tree.
 - :class:`ObservationBuilder` - the observation dict and its flat float32 layout.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -206,6 +207,64 @@ def accept(draft: Sequence[int], verifier: Sequence[int], remaining: int, eos_id
     done = eos or len(tokens) >= remaining
     return RoundOutcome(emitted=tokens, accepted=min(a, len(tokens)), draft_len=K, n_verify=n, advance=advance,
                         done=done, eos=eos)
+
+
+def tree_branch(tokens: Sequence[int], parents: Sequence[int], verifier: Sequence[int]) -> list[int]:
+    """The accepted branch of a token tree: from the root, descend to the child whose token is the
+    verifier's token at the current node while there is one (SpecInfer's tree verification,
+    arXiv 2305.09781; siblings hold distinct tokens, so the walk is unique).
+
+    Args:
+        tokens: the n nodes' tokens (topological order, a parent before its children).
+        parents: each node's parent index, -1 for the root's children.
+        verifier: n + 1 tokens, the verifier's at the root (index 0) and at node i (index i + 1):
+            greedy argmaxes, or one draw per node from the target distribution (speculative
+            sampling; rows the walk never reaches may hold anything).
+
+    Returns:
+        Node indices of the accepted branch, root excluded, in order (``[]``: no child of the
+        root matches).
+
+    Raises:
+        ValueError: ``tokens`` and ``parents`` of different lengths, or not n + 1 verifier tokens.
+    """
+    n = len(tokens)
+    if len(parents) != n or len(verifier) != n + 1:
+        raise ValueError(f"tree_branch: {n} tokens, {len(parents)} parents and {len(verifier)} verifier tokens; "
+                         "give one parent per node and n + 1 verifier tokens (the root's first).")
+    kids = {(int(p), int(t)): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    branch, node = [], -1
+    while (child := kids.get((node, int(verifier[node + 1])))) is not None:
+        branch.append(child)
+        node = child
+    return branch
+
+
+def accept_tree(tokens: Sequence[int], parents: Sequence[int], verifier: Sequence[int], remaining: int,
+                eos_ids: Sequence[int]) -> tuple[RoundOutcome, list[int]]:
+    """The accept rule of a token-tree round (lossless; :func:`accept`'s rule over a tree).
+
+    The accepted branch (:func:`tree_branch`) d_1..d_a is emitted, then the verifier's token at
+    its last node (at the root when a = 0), truncated at the first EOS and at ``remaining``
+    exactly as :func:`accept` truncates.
+
+    Args:
+        tokens, parents, verifier: as :func:`tree_branch` (n nodes, n + 1 verifier tokens).
+        remaining: tokens still allowed by ``max_new_tokens`` (>= 1).
+        eos_ids: token ids that end generation.
+
+    Returns:
+        ``(outcome, branch)``: the :class:`RoundOutcome` (``draft_len`` = n nodes, ``accepted``
+        = branch tokens among the emitted, ``n_verify`` = n + 1, ``advance`` = a + 1: the root and
+        the branch's nodes stay in the KV cache) and the branch's node indices (untruncated).
+
+    Raises:
+        ValueError: as :func:`tree_branch`.
+    """
+    branch = tree_branch(tokens, parents, verifier)
+    path = [int(tokens[i]) for i in branch]
+    oc = accept(path, path + [int(verifier[branch[-1] + 1 if branch else 0])], remaining, eos_ids)
+    return replace(oc, draft_len=len(tokens), n_verify=len(tokens) + 1), branch
 
 
 #: observation layouts (:class:`ObservationConfig`)

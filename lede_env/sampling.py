@@ -6,7 +6,8 @@ et al., arXiv 2302.01318).
 - :class:`SpeculativeSampler` - one generation's sampling state: its random generator and the
   draft distributions of the round being played.
 - :func:`speculative_verify` - the acceptance rule of one round, as "verifier tokens" for the
-  shared greedy accept rule (:func:`lede_env.mdp.accept`).
+  shared greedy accept rule (:func:`lede_env.mdp.accept`); :func:`speculative_tree_verify` the
+  same for a token tree (:func:`lede_env.mdp.accept_tree`).
 
 Distributions are copied to the CPU and drawn with a CPU generator, so a seed gives the same
 tokens on every device.
@@ -125,6 +126,43 @@ def speculative_verify(draft: Sequence[int], q: Sequence[torch.Tensor], q_ids: t
     return out + [-1] * (n - len(out))
 
 
+def speculative_tree_verify(tokens: Sequence[int], parents: Sequence[int], p: torch.Tensor,
+                            generator: Optional[torch.Generator] = None) -> list[int]:
+    """Speculative-sampling verification of a token tree, as "verifier tokens" for
+    :func:`~lede_env.mdp.accept_tree`.
+
+    A tree's nodes are deterministic proposals (point masses), so multi-draft recursive
+    rejection sampling (SpecInfer arXiv 2305.09781, SpecTr arXiv 2310.15141) at a node with
+    children c_1..c_m (try c_1 with probability p(c_1), then c_2 against the residual without
+    c_1, ...; the residual without every child at the end) reduces to: draw x from p at the node;
+    if x is a child's token, descend to that child, else emit x and stop. Every emitted token is
+    then distributed as plain sampling from p.
+
+    Args:
+        tokens, parents: the tree's n nodes (as :func:`~lede_env.mdp.tree_branch`).
+        p: [n + 1, V] float32 target distributions at the root (row 0) and at each node (row i + 1).
+        generator: random source.
+
+    Returns:
+        n + 1 tokens: the draw at every node the walk visits (root first), -1 at the others
+        (never read by :func:`~lede_env.mdp.tree_branch`).
+
+    Raises:
+        ValueError: ``p`` without n + 1 rows.
+    """
+    n = len(tokens)
+    if p.shape[0] != n + 1:
+        raise ValueError(f"speculative_tree_verify: p has {p.shape[0]} rows for a tree of {n} nodes (give n + 1).")
+    kids = {(int(par), int(t)): i for i, (par, t) in enumerate(zip(parents, tokens))}
+    out, node = [-1] * (n + 1), -1
+    while True:
+        x = int(torch.multinomial(p[node + 1], 1, generator=generator))
+        out[node + 1] = x
+        node = kids.get((node, x), -2)
+        if node == -2:
+            return out
+
+
 @dataclass
 class SpeculativeSampler:
     """The sampling state of one generation: settings, random generator, and the draft
@@ -162,3 +200,9 @@ class SpeculativeSampler:
         p = self.sampling.probs(target_logits).cpu()
         q, self.q = self.q, []
         return speculative_verify(draft, q, self.draft_ids, p, self.generator)
+
+    def verify_tree(self, tokens: Sequence[int], parents: Sequence[int], target_logits: torch.Tensor) -> list[int]:
+        """Verifier tokens of a token-tree round (:func:`speculative_tree_verify`).
+        ``target_logits``: [n + 1, V] full-model logits at the root and the n nodes."""
+        self.q = []
+        return speculative_tree_verify(tokens, parents, self.sampling.probs(target_logits).cpu(), self.generator)

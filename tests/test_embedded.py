@@ -43,6 +43,26 @@ def test_decoder_equals_greedy_on_embedded_model(bundle):
         assert dec.generate(ids, SequencePolicy(acts), 32).tokens == ref
 
 
+def test_tree_actions_are_greedy_on_embedded_model(bundle):
+    """Token trees from the suffix index (budgets 4 and 16), mixed with copies and exit drafts,
+    give greedy decoding's tokens on the real model (one tree-only and one mixed run per prompt)."""
+    from lede_env.decoding import SelfSpeculativeDecoder, SequencePolicy, StaticPolicy, greedy_reference
+    from lede_env.exits import ExitHeads
+    from lede_env.prompts import load_prompts
+    from lede_env.continuations import encode_prompts
+
+    heads = ExitHeads(bundle.stack, (4, 12, 24), "lens", draft_vocab=None)
+    dec = SelfSpeculativeDecoder(bundle.stack, heads, 4, bundle.eos_ids, context_lengths=(4,), tree_budgets=(4, 16))
+    a = dec.actions
+    for ids in encode_prompts(bundle, load_prompts(PROMPTS), 32):
+        ids = torch.tensor(ids)
+        ref = greedy_reference(bundle.model, ids, 32, bundle.eos_ids)
+        tree = dec.generate(ids, StaticPolicy(a.encode_tree(16)), 32)
+        assert tree.tokens == ref and sum(r.accepted for r in tree.rounds) > 0
+        mixed = [a.encode_tree(4), 1, a.encode(12, 2), 0, a.encode_tree(16)] * 10
+        assert dec.generate(ids, SequencePolicy(mixed), 32).tokens == ref
+
+
 def test_shipped_continuations_are_greedy_decoding(bundle):
     """The continuations that ship for the default prompts (scripts/ship_continuations.py) are the
     model's greedy output: checked against transformers' greedy decoding on 2 of the 94."""
