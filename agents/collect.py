@@ -318,6 +318,8 @@ def env_spec_for(env, kwargs):
         kw["obs_context_agreement"] = True
     if u.obs_config.context_span:  # (absent when off, as above)
         kw["obs_context_span"] = True
+    if u.actions.tree_budgets:  # (absent without tree actions, as above)
+        kw.update({"tree_budgets": list(u.actions.tree_budgets), "tree_depth": u.rules.tree_depth})
     if isinstance(u, LiveEnv):
         kw.update({"backend": "live", "temperature": u.temperature, "top_p": u.top_p, "cost": u.cost})
         if getattr(u, "top_k", None):  # (absent when off: specs written before top_k recover as before)

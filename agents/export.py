@@ -14,7 +14,7 @@ An export folder holds exactly:
   ``context_ngram`` (what action 0 copies from the context), ``context_datastore`` (fingerprint of
   the datastore context drafts fall back to where the context has no match, or null),
   ``context_lengths`` (the context
-  actions), ``fallback_action`` (what ``agent:PATH``'s safety net plays when the agent loses: the
+  actions), ``tree_budgets`` (the tree actions), ``fallback_action`` (what ``agent:PATH``'s safety net plays when the agent loses: the
   best static action on the training traces), ``observation``
   (:class:`~lede_env.mdp.ObservationConfig` fields), ``stop_rule`` (the in-round stop rule it
   was trained with, e.g. ``{"kind": "calibrated", "lambda": 1.1}``; the decoder rebuilds it from
@@ -77,6 +77,7 @@ def export_policy(algo, env, out_dir: str | Path, algo_name: str = "", gamma: fl
             "context_draft": u.rules.context_draft,
             "context_ngram": list(u.rules.context_ngram),
             "context_lengths": list(u.actions.context_lengths),
+            "tree_budgets": list(u.actions.tree_budgets),
             # the datastore the context drafts fall back to (its fingerprint; None: none)
             "context_datastore": None if u.rules.datastore is None else u.rules.datastore.fingerprint(),
             # what the safety net falls back to: the best static action of the training traces

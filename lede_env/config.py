@@ -245,9 +245,9 @@ class RulesConfig:
         if not isinstance(self.context_datastore, bool):
             raise TypeError(f"context_datastore={self.context_datastore!r}: give True or False in a config (a "
                             "NgramDatastore object goes to the env's with_objects(...) constructor).")
-        if self.context_datastore and not self.has_context:
-            raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts: "
-                             "give context_draft > 0 or context_lengths.")
+        if self.context_datastore and not (self.has_context or self.tree_budgets):
+            raise ValueError("context_datastore drafts where the context has no match, so it needs context drafts or "
+                             "trees: give context_draft > 0, context_lengths or tree_budgets.")
 
     @property
     def has_context(self) -> bool:

@@ -42,12 +42,11 @@ from .mdp import (ActionMap, ObservationBuilder, ObservationConfig, ObservationH
 from .metrics import RoundTotals, acceptance, tokens_per_round
 from .layers import LayerStack
 from .policies import PlanPolicy, Policy, SequencePolicy, StaticPolicy  # noqa: F401 - re-exported
-from .policies import own_stop_rule, reads_observations
+from .policies import own_stop_rule, own_tree_prune, reads_observations
 from .sampling import Sampling, SpeculativeSampler, speculative_verify  # noqa: F401 - re-exported
 from .rules import RoundRules
 from .stopping import StopRule, as_stop_rule
 from .suffix_index import SuffixIndex, TokenTree
-from .trees import round_tree
 
 
 @dataclass
@@ -173,6 +172,8 @@ class DecodeState:
             (:class:`~lede_env.suffix_index.SuffixIndex`, extended with every emitted token;
             ``None`` without tree actions; stale after :meth:`~SelfSpeculativeDecoder.cut`, which
             ends the generation).
+        tree_prune: the static tree rule this generation's policy brings
+            (:func:`~lede_env.policies.own_tree_prune`; ``None``: the rules' ``tree_prune``).
     """
 
     result: GenerationResult
@@ -190,6 +191,7 @@ class DecodeState:
     context_index: Optional[ContextIndex] = None
     history: Optional[ObservationHistory] = None
     suffix_index: Optional[SuffixIndex] = None
+    tree_prune: Optional[object] = None
 
     @property
     def pending(self) -> int:
@@ -303,7 +305,8 @@ class CopyDraft(Drafter):
 
 class TreeDraft(Drafter):
     """Token trees of the most frequent continuations (SuffixDecoding, arXiv 2411.04975): the
-    round's tree is :func:`lede_env.trees.round_tree` (the one recipe trace replay uses too) over
+    round's tree is :meth:`lede_env.rules.RoundRules.tree` (the one recipe trace replay uses too,
+    with the static tree rule of the generation's policy or of the rules) over
     the generation's suffix index (:attr:`DecodeState.suffix_index`) and the decoder's datastore,
     seeded with the copy draft; verified in one pass with a tree attention mask (SpecInfer, arXiv
     2305.09781; :meth:`SelfSpeculativeDecoder.play_round`). An empty tree is an AR step."""
@@ -319,8 +322,10 @@ class TreeDraft(Drafter):
     def tree(self, state: DecodeState, budget: int, depth: int) -> TokenTree:
         """The round's :class:`~lede_env.suffix_index.TokenTree` (``budget`` nodes, ``depth``
         levels at most; a subclass may propose other trees, e.g. tests)."""
-        dec = self.decoder
-        return round_tree(state.suffix_index, state.seq, budget, depth, dec.datastore, dec.context_ngram)
+        rules = self.decoder.rules
+        if state.tree_prune is not None:
+            rules = replace(rules, tree_prune=state.tree_prune)
+        return rules.tree(state.suffix_index, state.seq, budget, depth)
 
 
 class SelfSpeculativeDecoder:
@@ -703,6 +708,7 @@ class SelfSpeculativeDecoder:
         with self.stack.kernels_active():
             t0 = self.clock()
             state = self.start(input_ids, max_new_tokens, sampling, want_obs, eos_ids=eos_ids)
+            state.tree_prune = own_tree_prune(policy)
             result = state.result
             result.prefill_seconds = self.clock() - t0
             self._apply_stop(state, stop)

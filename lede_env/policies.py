@@ -359,7 +359,7 @@ class ExportedPolicy(BasePolicy):
             self.module = lambda x: torch.from_numpy(sess.run(None, {"obs": x.numpy()})[0])
             self._twin = None
         self.actions = ActionMap(tuple(self.config["exit_layers"]), int(self.config["k_max"]),
-                                 tuple(self.config.get("context_lengths", ())))
+                                 tuple(self.config.get("context_lengths", ())), tuple(self.config.get("tree_budgets", ())))
         self.obs_config = ObservationConfig(**self.config["observation"])
         self.layout = [(k, list(s)) for k, s in self.config["observation_layout"]]
         self.flat_dim = int(sum(np.prod(s) for _, s in self.layout))

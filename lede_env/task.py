@@ -33,7 +33,8 @@ from .policies import copy_lengths
 TASK_KEYS = ("exit_layers", "k_max", "head_kind", "draft_vocab", "feature_vocab", "calib_prompts",
              "bonus", "reuse", "stop_rule", "stop_threshold", "reward_mode", "reward_lambda", "cost_profile",
              "obs_kind", "obs_hidden_dim", "obs_history", "obs_recent_tokens", "obs_stat_exits",
-             "obs_context_agreement", "obs_context_span", "context_draft", "context_lengths", "context_datastore")
+             "obs_context_agreement", "obs_context_span", "context_draft", "context_lengths", "context_datastore",
+             "tree_budgets", "tree_depth")
 #: task settings that ``policy.json`` files written before ``"env"`` existed do not record
 UNRECORDED_BEFORE = ("calib_prompts", "cost_profile")
 
@@ -50,7 +51,7 @@ def task_defaults() -> dict:
 
 def normalise(settings: dict) -> dict:
     """Task settings in one canonical JSON form, so that equal settings compare equal: lists for
-    ``exit_layers`` (``None`` or empty: ``None``, the default exits) and ``context_lengths``,
+    ``exit_layers`` (``None`` or empty: ``None``, the default exits), ``context_lengths`` and ``tree_budgets``,
     ``None`` for ``stop_rule="none"``, ints, floats and bools where the env takes them.
 
     Args:
@@ -65,11 +66,11 @@ def normalise(settings: dict) -> dict:
             if k == "exit_layers":
                 ex = [x for x in v.replace(" ", "").split(",") if x] if isinstance(v, str) else v
                 out[k] = [int(x) for x in ex] if ex else None
-            elif k == "context_lengths":
+            elif k in ("context_lengths", "tree_budgets"):
                 out[k] = [int(x) for x in (v or ())]
             elif k == "stop_rule":
                 out[k] = None if v in (None, "none") else str(v)
-            elif k in ("k_max", "context_draft", "obs_hidden_dim", "obs_history", "obs_recent_tokens",
+            elif k in ("k_max", "context_draft", "tree_depth", "obs_hidden_dim", "obs_history", "obs_recent_tokens",
                        "obs_stat_exits", "feature_vocab") and not isinstance(v, bool):
                 out[k] = int(v)
             elif k == "draft_vocab":
@@ -127,7 +128,8 @@ def env_settings(env) -> dict:
         "obs_history": o.history, "obs_recent_tokens": o.recent_tokens, "obs_stat_exits": o.stat_exits,
         "obs_context_agreement": o.context_agreement, "obs_context_span": o.context_span,
         "context_draft": u.rules.context_draft, "context_lengths": list(u.actions.context_lengths),
-        "context_datastore": u.rules.datastore is not None})
+        "context_datastore": u.rules.datastore is not None, "tree_budgets": list(u.actions.tree_budgets),
+        "tree_depth": u.rules.tree_depth})
 
 
 def agent_settings(cfg: dict) -> dict:
@@ -173,7 +175,7 @@ def agent_settings(cfg: dict) -> dict:
         "obs_context_agreement": obs.get("context_agreement", False),
         "obs_context_span": obs.get("context_span", False),
         "context_draft": cfg.get("context_draft", 0), "context_lengths": cfg.get("context_lengths", []),
-        "context_datastore": bool(cfg.get("context_datastore"))})
+        "context_datastore": bool(cfg.get("context_datastore")), "tree_budgets": [], "tree_depth": d["tree_depth"]})
 
 
 def read_agent_settings(folder: "str | Path") -> dict:

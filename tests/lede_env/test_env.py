@@ -7,6 +7,7 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pytest
 from gymnasium.utils.env_checker import check_env
 from hypothesis import HealthCheck, example, given, settings
@@ -97,24 +98,26 @@ def test_same_seed_same_rollout(tiny):
        stop=st.one_of(st.none(), st.floats(0.02, 0.98)), ctx=st.sampled_from([0, 1, 4]),
        lengths=st.sampled_from([(), (1, 3), (2, 5, 8)]),
        obs=st.sampled_from([("full", 1, False), ("compact", 1, True), ("compact", 0, False), ("compact", 0, True)]),
-       store=st.booleans())
+       store=st.booleans(), trees=st.sampled_from([(), (), (2,), (3, 6)]), depth=st.integers(1, 5))
 @example(seed=1682, bonus=False, reuse=False, max_new=10, stop=0.03125, ctx=0, lengths=(),  # found by hypothesis:
-         obs=("full", 1, False), store=False)
+         obs=("full", 1, False), store=False, trees=(), depth=8)
 def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, max_new, stop, ctx, lengths, obs,
-                                                    store):
+                                                    store, trees, depth):
     """Tokens, accepted counts, costs, rewards and observations of the trace env equal those of
     the real decoder for the same actions, with and without context drafts on action 0 and
     context actions, with and without a datastore drafting where the context has no match, for the
     full and compact observations (with and without head statistics, with
-    and without the context matches' agreement features); with
+    and without the context matches' agreement features), with and without token-tree actions
+    (:mod:`lede_env.trees`: the same tree, the same accepted branch); with
     confidence-threshold drafting the drafted counts, costs and observations are compared up to
     the first round that rejects a draft token."""
     b, heads, ts, prof = tiny
     datastore = (NgramDatastore([t.generated.tolist() for t in ts.traces], ngram=(1, 2), min_count=1)
-                 if store and (ctx or lengths) else None)
+                 if store and (ctx or lengths or trees) else None)
     env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=max_new, bonus=bonus,
                   reuse=reuse, stop_threshold=stop, context_draft=ctx, context_lengths=lengths, obs_kind=obs[0],
-                  obs_stat_exits=obs[1], obs_context_agreement=obs[2], datastore=datastore)
+                  obs_stat_exits=obs[1], obs_context_agreement=obs[2], datastore=datastore, tree_budgets=trees,
+                  tree_depth=depth)
     acts, infos, observations, rewards = random_rollout(env, seed)
     rounds, info = [i["round"] for i in infos], infos[-1]
     for r, rd in zip(rewards, rounds):
@@ -137,6 +140,45 @@ def test_trace_env_replays_the_live_decoder_exactly(tiny, seed, bonus, reuse, ma
         for k in o_env:
             np.testing.assert_allclose(o_live[k], o_env[k], rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("rule", [False, True])
+def test_trace_env_replays_the_live_decoder_on_tree_actions(tiny, rule):
+    """Every round a tree action (budgets 2, 4 and 8 in turn; with the static tree rule pruning
+    them, played through a policy as the decoder plays it): the trace env and the real decoder
+    emit the same tokens with the same accepted branches, verified nodes and costs, on every
+    playable trace."""
+    from lede_env.policies import SequencePolicy, TreeRulePolicy, own_tree_prune
+    from lede_env.trees import TreePrune
+
+    b, heads, ts, prof = tiny
+    store = NgramDatastore([t.generated.tolist() for t in ts.traces], ngram=(1, 2), min_count=1)
+    env = LEDEEnv.with_objects(trace_set=ts, profile=prof, eos_ids=b.eos_ids, k_max=4, max_new_tokens=24,
+                               context_lengths=(2, 4), tree_budgets=(2, 4, 8), tree_depth=4, datastore=store)
+    trees = [env.actions.encode_tree(x) for x in (2, 4, 8)]
+    prune = TreePrune.from_profile(prof, 8, 1.5) if rule else None
+    dec = env.make_decoder(b, heads)
+    tree_rounds = 0
+    for idx in env.playable:
+        acts = [trees[i % 3] for i in range(24)]
+        with env.playing(TreeRulePolicy(env.actions, 8, prune) if rule else SequencePolicy(acts)):
+            env.reset(options={"prompt_index": idx})
+            rounds, done = [], False
+            while not done:
+                _, _, te, tr, info = env.step(acts[len(rounds)])
+                rounds.append(info["round"])
+                done = te or tr
+        policy = SequencePolicy(acts[: len(rounds)])
+        if rule:
+            policy.tree_prune = prune
+            assert own_tree_prune(policy) is prune
+        res = dec.generate(torch.tensor([env.trace.prompt.tolist()]), policy, max_new_tokens=24)
+        assert res.tokens == env.trace.generated[: len(res.tokens)].tolist()
+        assert [(x.accepted, x.emitted, x.draft_len, x.n_verify) for x in res.rounds] == \
+            [(x["accepted"], x["emitted"], x["draft_len"], x["n_verify"]) for x in rounds]
+        assert [x.cost for x in res.rounds] == pytest.approx([x["cost"] for x in rounds])
+        tree_rounds += sum(x.tree for x in res.rounds)
+    assert tree_rounds > 0
 
 def test_rewards(tiny):
     b, heads, ts, prof = tiny
