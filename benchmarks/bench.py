@@ -952,6 +952,11 @@ def _trees_args(ap):
                     help="throughputs the static tree rule is tried at on the training traces")
     ap.add_argument("--eval-prompts", default=DEFAULT_EVAL, help="held out")
     ap.add_argument("--cost-profile", default=None, help="default: the registered task's (reference)")
+    ap.add_argument("--clock-per-category", type=int, default=1,
+                    help="held-out prompts per category decoded on the clock (0: trace env only)")
+    ap.add_argument("--clock-max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="paired passes over the clock's prompts")
+    ap.add_argument("--hf-lookup", default="4,10", help="transformers prompt_lookup_num_tokens values")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/trees.md"), help="Markdown report")
 
 
@@ -1046,9 +1051,10 @@ def trees(args) -> None:
     pays; budget and lambda chosen on the training traces) and the hindsight oracles with and
     without tree actions, each as a ratio to copy <= 4. Deterministic.
 
-    The wall-clock half (the decoder with tree verification against transformers' prompt lookup,
-    on the clock) is not here yet: it needs the decoder's tree verification (see the marked place
-    below)."""
+    Then the same policies on the clock (:func:`tree_clock`): the decoder with tree verification
+    beside transformers' generate and prompt lookup, paired prompt by prompt.
+
+        python benchmarks/bench.py trees [--clock-per-category 1] [--repeats 2]"""
     import time as _time
 
     from lede_env.prompts import DEFAULT_TRAIN
@@ -1066,13 +1072,66 @@ def trees(args) -> None:
             f"(tree budget {train.actions.tree_budget(static_best)}), throughput {static_tp:.3f}; static tree rule: "
             f"tree-{rule[0]}, lambda {rule[1]:g}, throughput {rule[2]:.3f}. Held out: {args.eval_prompts}, "
             f"{len(held.static_setting()[0])} traces; {_time.perf_counter() - t0:.0f} s.")
-    # WALL CLOCK (to add once the decoder verifies trees, issue 37 part 3): decode a few held-out
-    # prompts per category with held.make_decoder() under tree:B, the rule, static:0,4, static:0,8
-    # and hf-lookup:N, paired prompt by prompt (paired(), as `policies` does with
-    # agents.evaluate.live_eval), outputs checked identical to AR, and add that table here.
-    write_report(args.out, "Token trees in the trace env, held out", args,
-                 f"{head}\n\nThroughput relative to copy<=4:\n\n{to_markdown(rows)}\n\n"
-                 f"Throughput (x AR):\n\n{to_markdown(absolute)}")
+    clock = tree_clock(args, held, static_best, rule[:2]) if args.clock_per_category else ""
+    write_report(args.out, "Token trees in the trace env and on the clock, held out", args,
+                 f"{head}\n\nTrace env, throughput relative to copy<=4:\n\n{to_markdown(rows)}\n\n"
+                 f"Trace env, throughput (x AR):\n\n{to_markdown(absolute)}{clock}")
+
+
+def time_decoder(dec, policy, ids: list[int], max_new_tokens: int) -> Run:
+    """:meth:`lede_env.decoding.SelfSpeculativeDecoder.generate` with ``policy`` on ``ids``, timed
+    by the decoder (prefill included), with its rounds."""
+    res = dec.generate(torch.tensor([ids]), policy, max_new_tokens=max_new_tokens)
+    return Run(res.seconds, list(res.tokens), res.totals, sum(r.policy_seconds for r in res.rounds))
+
+
+def tree_clock(args, held, static_best: int, rule: tuple[int, float]) -> str:
+    """The wall-clock table of ``trees``: ``--clock-per-category`` held-out prompts per category
+    decoded by held's decoder (its rules: the task's, with the tree actions) under AR, copy <= 4,
+    copy <= 8, each tree budget, the static tree rule and the best static action of the training
+    traces, beside transformers' greedy generate and prompt lookup; methods interleaved prompt by
+    prompt, ``--repeats`` times (:func:`paired`). Speedups over lede AR; every output compared with
+    transformers' greedy tokens."""
+    from lede_env.kernels import cpu_name
+    from lede_env.policies import StaticPolicy, TreeRulePolicy
+    from lede_env.trees import TreePrune
+
+    dec, acts, b = held.make_decoder(), held.actions, held.bundle
+    T = args.clock_max_new_tokens
+    seen: dict = defaultdict(int)
+    items = []
+    for t in held.static_setting()[0]:
+        if seen[t.category] < args.clock_per_category:
+            seen[t.category] += 1
+            items.append((t.category, t.prompt.tolist()))
+    prune = TreePrune.from_profile(held.profile, rule[0], rule[1], held.rules.reuse)
+    policies = {"lede ar": lambda: StaticPolicy(0), "lede copy<=4": lambda: StaticPolicy(acts.encode(0, 4)),
+                "lede copy<=8": lambda: StaticPolicy(acts.encode(0, 8))}
+    policies |= {f"lede tree-{B}": (lambda B=B: StaticPolicy(acts.encode_tree(B))) for B in acts.tree_budgets}
+    policies[f"lede tree rule (tree-{rule[0]}, lambda {rule[1]:g})"] = lambda: TreeRulePolicy(acts, rule[0], prune)
+    policies["lede best static of training"] = lambda: StaticPolicy(static_best)
+    methods = {"transformers generate": lambda i, ids: time_transformers(b, ids, T, do_sample=False)}
+    methods |= {f"transformers prompt lookup {n}": (lambda i, ids, n=int(n): time_transformers(
+        b, ids, T, do_sample=False, prompt_lookup_num_tokens=n)) for n in args.hf_lookup.split(",") if n}
+    methods |= {name: (lambda i, ids, make=make: time_decoder(dec, make(), ids, T)) for name, make in policies.items()}
+    for run in methods.values():  # warm-up
+        run(0, items[0][1][:32])
+    tallies = paired(items, methods, args.repeats, reference="transformers generate")
+    cats = categories(tallies)
+    rows = []
+    for m in labels(tallies):
+        row = {"method": m}
+        for c in cats:
+            row[f"{c} vs AR"] = f"{tallies[(m, c)].speedup_over(tallies[('lede ar', c)]):.3f}"
+        s = tallies[(m, "all")]
+        row["vs copy<=4"] = f"{s.speedup_over(tallies[('lede copy<=4', 'all')]):.3f}"
+        row["tok/s"] = f"{s.tokens_per_s:.1f}"
+        row["tokens/round"] = s.totals.tokens_per_round
+        row["identical"] = s.identical
+        rows.append(row)
+    return (f"\n\nWall clock on {cpu_name()}, {torch.get_num_threads()} thread(s), kernels {b.stack.kernels_tag}: "
+            f"{len(items)} held-out prompts ({args.clock_per_category} per category), {T} new tokens, "
+            f"{args.repeats} paired repeats:\n\n{to_markdown(rows)}")
 
 
 # --------------------------------------------------------------------------------------------
