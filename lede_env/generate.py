@@ -173,7 +173,8 @@ class Lede:
                                               s["bonus"], self.profile, obs, reuse=s["reuse"],
                                               stop_rule=self._stop_rule(s),
                                               context_draft=context_draft, context_ngram=ngram,
-                                              context_lengths=lengths, context_datastore=store)
+                                              context_lengths=lengths, context_datastore=store,
+                                              tree_budgets=tuple(s["tree_budgets"]), tree_depth=s["tree_depth"])
         self.policy = self.make_policy(policy)
 
     def _stop_rule(self, settings: dict):

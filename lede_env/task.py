@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from .config import TaskConfig
 from .mdp import ObservationConfig
-from .policies import copy_lengths
+from .policies import copy_lengths, tree_budgets_of
 
 #: the LEDEEnv keyword arguments that fix the task (observation, actions, rules, costs)
 TASK_KEYS = ("exit_layers", "k_max", "head_kind", "draft_vocab", "feature_vocab", "calib_prompts",
@@ -259,7 +259,8 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
        records the dict) and is then used (``"measured"``: the costs of the machine at hand).
     3. Copy actions the named policies play (:func:`~lede_env.policies.copy_lengths`) are switched
        on (beside the ``defaults``' own) where neither an agent nor ``given`` fixed
-       ``context_lengths``; else they must be in it.
+       ``context_lengths``; else they must be in it. Tree actions (``tree:B``, ``tree-rule:B,L``:
+       :func:`~lede_env.policies.tree_budgets_of`) likewise, in ``tree_budgets``.
     4. ``defaults`` (the command's own), then ``LEDEEnv``'s, give the rest. A datastore is only
        kept where there are context drafts.
 
@@ -296,23 +297,34 @@ def settings_for(policies: Sequence[str], given: Optional[dict] = None, defaults
                              "option out (the agent's own is used) or play an agent trained with it.")
         if k not in fixed or k == "cost_profile":  # (an agreeing profile name: the command's own)
             fixed[k], where[k] = v, "given"
-    need = sorted({m for name in policies for m in copy_lengths(name)})
-    if need and "context_lengths" in fixed:
-        have = fixed["context_lengths"]
-        for name in policies:
-            missing = [m for m in copy_lengths(name) if m not in have]
-            if missing:
-                whose = "given" if where["context_lengths"] == "given" else f"the agent's, {where['context_lengths']}"
-                raise ValueError(f"{name} copies up to {missing[0]} tokens, but context_lengths={have!r} ({whose}) has "
-                                 f"no such copy action: add {missing[0]} to the context lengths or play it in a "
-                                 "separate run.")
-    elif need:  # (the command's own copy lengths kept: a copy policy adds its own, never removes any)
-        base = normalise(dict(defaults or {})).get("context_lengths") or []
-        fixed["context_lengths"] = sorted(set(base) | set(need))
+    _switch_on(fixed, where, policies, defaults, "context_lengths", copy_lengths, "copies up to {} tokens",
+               "copy action", "context lengths")
+    _switch_on(fixed, where, policies, defaults, "tree_budgets", tree_budgets_of, "verifies trees of {} nodes",
+               "tree action", "tree budgets")
     out = {**task_defaults(), **normalise(dict(defaults or {})), **fixed}
-    if not (out["context_draft"] or out["context_lengths"]):
-        out["context_datastore"] = False  # (a datastore only backs context drafts)
+    if not (out["context_draft"] or out["context_lengths"] or out["tree_budgets"]):
+        out["context_datastore"] = False  # (a datastore only backs context drafts and trees)
     return out
+
+
+def _switch_on(fixed: dict, where: dict, policies, defaults, key: str, needs, does: str, action: str,
+               plural: str) -> None:
+    """Step 3 of :func:`settings_for` for the setting ``key`` (``context_lengths`` or
+    ``tree_budgets``): the values the named policies need (``needs(name)``) are added to the
+    defaults' where nothing fixed ``key``, else they must be in it (``ValueError`` naming the
+    policy, the value and the fix)."""
+    need = sorted({m for name in policies for m in needs(name)})
+    if need and key in fixed:
+        have = fixed[key]
+        for name in policies:
+            missing = [m for m in needs(name) if m not in have]
+            if missing:
+                whose = "given" if where[key] == "given" else f"the agent's, {where[key]}"
+                raise ValueError(f"{name} {does.format(missing[0])}, but {key}={have!r} ({whose}) has no such "
+                                 f"{action}: add {missing[0]} to the {plural} or play it in a separate run.")
+    elif need:  # (the command's own values kept: a policy adds its own, never removes any)
+        base = normalise(dict(defaults or {})).get(key) or []
+        fixed[key] = sorted(set(base) | set(need))
 
 
 def task_for(policies: Sequence[str], given: Optional[dict] = None, defaults: Optional[dict] = None,

@@ -243,3 +243,18 @@ def test_a_copy_policy_adds_its_copy_length_to_the_commands_own():
     assert settings_for(["static:0,8"], {}, v1)["context_lengths"] == [1, 2, 3, 4, 6, 8]
     assert settings_for(["static:0,5"], {}, v1)["context_lengths"] == [1, 2, 3, 4, 5, 6, 8]
     assert settings_for(["static:0,8"])["context_lengths"] == [8]
+
+
+def test_a_tree_policy_switches_its_tree_action_on():
+    """tree:B and tree-rule:B,L need a tree action of B nodes: switched on beside the command's own
+    budgets (with a datastore kept for the trees alone), or a one-line error where the budgets are
+    fixed without it."""
+    from lede_env.task import settings_for
+
+    s = settings_for(["tree:4"], {}, {"context_datastore": True})
+    assert s["tree_budgets"] == [4] and s["context_datastore"] is True and s["context_lengths"] == []
+    assert settings_for(["tree:4", "tree-rule:8,2"], {}, {"tree_budgets": [2]})["tree_budgets"] == [2, 4, 8]
+    assert settings_for(["guarded:tree:4"])["tree_budgets"] == [4]
+    assert settings_for(["ar"])["tree_budgets"] == []
+    with pytest.raises(ValueError, match=r"tree:8 verifies trees of 8 nodes, but tree_budgets=\[4\] \(given\)"):
+        settings_for(["tree:8"], {"tree_budgets": [4]})
