@@ -105,10 +105,10 @@ def _record_positions(monkeypatch, stack) -> list[int]:
     seen: list[int] = []
     run = stack.run
 
-    def recording(hidden, first, last, cache, start, rope=None):
+    def recording(hidden, first, last, cache, start, *rope_and_masks):
         if first < last:
             seen.extend(range(start, start + hidden.shape[1]))
-        return run(hidden, first, last, cache, start, rope)
+        return run(hidden, first, last, cache, start, *rope_and_masks)
 
     monkeypatch.setattr(stack, "run", recording)
     return seen
