@@ -16,7 +16,7 @@ from .tiny_agents import tiny_root  # noqa: F401 - the module's fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a value for every placeholder the lists use (the tiny model's exits are 2 and 4)
-VALUES = {"E": "2", "K": "2", "THRESHOLD": "0.3", "M": "4", "N": "3", "m": "2"}
+VALUES = {"E": "2", "K": "2", "THRESHOLD": "0.3", "M": "4", "N": "3", "m": "2", "B": "4", "LAMBDA": "2"}
 
 
 def listed_names(text: str) -> list[str]:
