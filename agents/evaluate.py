@@ -129,6 +129,9 @@ def label(name: str, env, static_best: Optional[int]) -> str:
     if name.startswith("hf-lookup:"):
         return f"transformers prompt_lookup_num_tokens={name.split(':', 1)[1]}"
     if name == "static:best" and static_best is not None:
+        B = env.unwrapped.actions.tree_budget(static_best)
+        if B:
+            return f"static best (tree of <= {B} nodes)"
         E, K = env.unwrapped.actions.decode(static_best)
         if E:
             return f"static best (E={E}, K={K})"

@@ -21,7 +21,8 @@ with :mod:`lede_env.metrics` and writes Markdown tables (:func:`agents.tables.to
   :func:`agents.evaluate.live_eval`) on the studied task, repeated, each ratio's spread per repeat;
 - ``trees``: token-tree actions (issue 37) in the trace env of the registered task, per held-out
   category: fixed trees, the static tree rule, the best static action and the hindsight oracles
-  with and without trees, against copy <= 4 (deterministic; no clock).
+  with and without trees, against copy <= 4 (deterministic); ``--agent-seeds``: ``trace_q`` trained
+  with and without the tree actions beside them; then the same policies on the clock.
 
     python benchmarks/bench.py context-draft --per-category 1 --max-new-tokens 32
     python benchmarks/bench.py policies --policies static:best,copy-else:8,2,0.35 --repeats 2
@@ -957,6 +958,10 @@ def _trees_args(ap):
     ap.add_argument("--clock-max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="paired passes over the clock's prompts")
     ap.add_argument("--hf-lookup", default="4,10", help="transformers prompt_lookup_num_tokens values")
+    ap.add_argument("--agent-seeds", type=int, nargs="*", default=[],
+                    help="also train trace_q over these seeds, on the training traces, with and without the tree "
+                         "actions, and evaluate it held out in the trace env (none: skip)")
+    ap.add_argument("--agent-steps", type=int, default=3000, help="trace_q's Adam steps")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/trees.md"), help="Markdown report")
 
 
@@ -1072,10 +1077,66 @@ def trees(args) -> None:
             f"(tree budget {train.actions.tree_budget(static_best)}), throughput {static_tp:.3f}; static tree rule: "
             f"tree-{rule[0]}, lambda {rule[1]:g}, throughput {rule[2]:.3f}. Held out: {args.eval_prompts}, "
             f"{len(held.static_setting()[0])} traces; {_time.perf_counter() - t0:.0f} s.")
+    agents = tree_agents(args, train, held, static_best, rule[:2]) if args.agent_seeds else ""
     clock = tree_clock(args, held, static_best, rule[:2]) if args.clock_per_category else ""
     write_report(args.out, "Token trees in the trace env and on the clock, held out", args,
                  f"{head}\n\nTrace env, throughput relative to copy<=4:\n\n{to_markdown(rows)}\n\n"
-                 f"Trace env, throughput (x AR):\n\n{to_markdown(absolute)}{clock}")
+                 f"Trace env, throughput (x AR):\n\n{to_markdown(absolute)}{agents}{clock}")
+
+
+def tree_agents(args, train, held, static_best: int, rule: tuple[int, float]) -> str:
+    """The agent table of ``trees``: ``trace_q`` (guarded by the best static action of the training
+    traces, as exported agents are) trained over ``--agent-seeds`` on the training traces of the
+    task with the tree actions, and of the task without them (``LEDE-Llama3-v1`` as registered),
+    evaluated on ``held``'s traces by :func:`agents.evaluate.trace_eval` (the env's own rules: its
+    in-round stop rule, overhead not charged) beside AR, copy <= 4, copy <= 8, the best static
+    action, each tree and the tree rule, and the oracles of both action sets; throughput per
+    category relative to copy <= 4, and the normalized score (0 = AR, 100 = the oracle with
+    trees) with its 95 % interval over prompts and seeds."""
+    import warnings
+
+    import gymnasium as gym
+
+    from agents.evaluate import trace_eval
+    from agents.train import greedy_q_policy
+    from agents.trace_q import train_trace_q
+    from lede_env.policies import GuardedPolicy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain_train = gym.make("LEDE-Llama3-v1", **({} if args.cost_profile is None else
+                                                    {"cost_profile": args.cost_profile})).unwrapped
+        plain_held = gym.make("LEDE-Llama3-v1", prompts=args.eval_prompts, **({} if args.cost_profile is None else
+                                                                              {"cost_profile": args.cost_profile})).unwrapped
+    agents, seconds = {}, {}
+    for tag, tr, ho in (("trees", train, held), ("no trees", plain_train, plain_held)):
+        best = tr.best_static()[0]
+        t0 = time.time()
+        agents[tag] = [GuardedPolicy(greedy_q_policy(train_trace_q(tr, steps=args.agent_steps, seed=s),
+                                                     tr.observer.layout()), fallback=best)
+                       for s in args.agent_seeds]
+        seconds[tag] = (time.time() - t0) / len(args.agent_seeds)
+    names = ["ar", "static:0,4", "static:0,8", "static:best", *[f"tree:{b}" for b in held.actions.tree_budgets],
+             f"tree-rule:{rule[0]},{rule[1]:g}", "oracle"]
+    rows = trace_eval(held, names, static_best, policies={"trace_q, + trees": agents["trees"]})
+    plain = trace_eval(plain_held, ["oracle"], plain_held.best_static()[0],
+                       policies={"trace_q, no trees": agents["no trees"]})
+    rows += [r | {"policy": "oracle, no trees" if r["policy"] == "oracle" else r["policy"],
+                  "score": float("nan"), "score_ci": [float("nan")] * 2} for r in plain]
+    base = {r["category"]: r["throughput"] for r in rows if r["policy"] == "static:0,4"}
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    table = []
+    for pol in dict.fromkeys(r["policy"] for r in rows):
+        by = {r["category"]: r for r in rows if r["policy"] == pol}
+        row = {"policy": pol, **{c: f"{by[c]['throughput'] / base[c]:.3f}" for c in cats if c in by}}
+        s = by["all"]
+        row["score [95% CI]"] = ("-" if s["score"] != s["score"] else
+                                 f"{s['score']:.1f} [{s['score_ci'][0]:.1f}, {s['score_ci'][1]:.1f}]")
+        table.append(row)
+    return (f"\n\nAgents ({len(args.agent_seeds)} seeds, {args.agent_steps} steps; training "
+            f"{seconds['trees']:.0f} s a seed with trees, {seconds['no trees']:.0f} s without), trace env with the "
+            f"env's stop rule, throughput relative to copy<=4; score: 0 = AR, 100 = the oracle with trees (the "
+            f"rows 'no trees' unscored, their oracle is another):\n\n{to_markdown(table)}")
 
 
 def time_decoder(dec, policy, ids: list[int], max_new_tokens: int) -> Run:

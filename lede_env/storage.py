@@ -189,11 +189,26 @@ def record_packaged_file(path: Path, key: str, superseded: Optional[Callable[[st
     return man
 
 
+#: ``(path, size, mtime_ns) -> sha256`` of the shipped files already checked in this process: a
+#: file is hashed again only when its size or modification time changed (hashing a shipped trace
+#: file on every call cost milliseconds per env construction)
+_CHECKED: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _CHECKED[key]
+
+
 def packaged_file(folder: Path, key: str, what: str) -> Optional[Path]:
     """The file a package ships for cache key ``key`` in ``folder``, if its ``MANIFEST.json`` names
     one (``{key: {"file": name, "sha256": hex}}``) and its checksum matches; a missing file or a
     mismatch warns (naming ``what`` it is and that it will be rebuilt) and gives ``None``, so a
-    damaged artefact is rebuilt, never trusted."""
+    damaged artefact is rebuilt, never trusted. A file's checksum is computed once per process
+    and file state (size, modification time)."""
     man = Path(folder) / "MANIFEST.json"
     if not man.exists():
         return None
@@ -201,7 +216,7 @@ def packaged_file(folder: Path, key: str, what: str) -> Optional[Path]:
     if entry is None:
         return None
     path = Path(folder) / entry["file"]
-    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+    if not path.exists() or _sha256(path) != entry["sha256"]:
         warnings.warn(f"Shipped {what} {path} is missing or fails its checksum; rebuilding it.")
         return None
     return path

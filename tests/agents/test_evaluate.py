@@ -110,3 +110,20 @@ def test_evaluation_logs_to_wandb_offline_without_network(tiny_env, tmp_path, mo
     assert log_to_wandb("disabled", "p", "n", {}, {"trace_eval": rows}, tmp_path / "none") is None
     with pytest.raises(ValueError, match="offline"):
         log_to_wandb("cloud", "p", "n", {}, {}, tmp_path)
+
+
+def test_static_best_label_names_the_action_kind():
+    """``static:best`` is labelled by what the best static action is: an exit draft, a copy
+    from the context, a token tree or AR (the action map's own decoding)."""
+    from types import SimpleNamespace
+
+    from agents.evaluate import label
+    from lede_env.mdp import ActionMap
+
+    acts = ActionMap((2, 4), 4, (2, 4), (3, 8))
+    env = SimpleNamespace(unwrapped=SimpleNamespace(actions=acts))
+    assert label("static:best", env, acts.encode_tree(8)) == "static best (tree of <= 8 nodes)"
+    assert label("static:best", env, acts.encode(0, 4)) == "static best (context draft <= 4)"
+    assert label("static:best", env, acts.encode(4, 3)) == "static best (E=4, K=3)"
+    assert label("static:best", env, 0) == "static best (AR)"
+    assert label("static:0,4", env, 0) == "static:0,4"

@@ -84,3 +84,22 @@ def test_recorded_packaged_file_is_found_and_superseded_entries_go(tmp_path):
     assert set(man) == {"m/2", "x/1"} and man["m/2"]["tokens"] == 3 and not old.exists()
     assert packaged_file(tmp_path, "m/2", "test file") == new and packaged_file(tmp_path, "x/1", "test file") == other
     assert packaged_file(tmp_path, "m/1", "test file") is None
+
+
+def test_packaged_file_damaged_after_a_check_is_refused(tmp_path):
+    """The checksum is memoised per file state: a file changed after it passed is hashed again
+    and refused (with a warning), never trusted from the memo."""
+    import os
+
+    from lede_env.storage import packaged_file, record_packaged_file
+
+    f = tmp_path / "t.bin"
+    f.write_bytes(b"good bytes")
+    record_packaged_file(f, "t/1")
+    assert packaged_file(tmp_path, "t/1", "test file") == f
+    assert packaged_file(tmp_path, "t/1", "test file") == f  # memoised
+    st = f.stat()
+    f.write_bytes(b"bad  bytes")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        assert packaged_file(tmp_path, "t/1", "test file") is None
