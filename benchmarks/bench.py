@@ -1102,14 +1102,13 @@ def tree_agents(args, train, held, static_best: int, rule: tuple[int, float]) ->
     from agents.trace_q import train_trace_q
     from lede_env.policies import GuardedPolicy
 
+    kw = {} if args.cost_profile is None else {"cost_profile": args.cost_profile}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain_train = gym.make("LEDE-Llama3-v1", **({} if args.cost_profile is None else
-                                                    {"cost_profile": args.cost_profile})).unwrapped
-        plain_held = gym.make("LEDE-Llama3-v1", prompts=args.eval_prompts, **({} if args.cost_profile is None else
-                                                                              {"cost_profile": args.cost_profile})).unwrapped
+        plain_train = gym.make("LEDE-Llama3-v1", **kw).unwrapped
+        plain_held = gym.make("LEDE-Llama3-v1", prompts=args.eval_prompts, **kw).unwrapped
     agents, seconds = {}, {}
-    for tag, tr, ho in (("trees", train, held), ("no trees", plain_train, plain_held)):
+    for tag, tr in (("trees", train), ("no trees", plain_train)):
         best = tr.best_static()[0]
         t0 = time.time()
         agents[tag] = [GuardedPolicy(greedy_q_policy(train_trace_q(tr, steps=args.agent_steps, seed=s),
