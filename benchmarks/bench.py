@@ -1118,8 +1118,7 @@ def tree_agents(args, train, held, static_best: int, rule: tuple[int, float]) ->
     names = ["ar", "static:0,4", "static:0,8", "static:best", *[f"tree:{b}" for b in held.actions.tree_budgets],
              f"tree-rule:{rule[0]},{rule[1]:g}", "oracle"]
     rows = trace_eval(held, names, static_best, policies={"trace_q, + trees": agents["trees"]})
-    plain = trace_eval(plain_held, ["oracle"], plain_held.best_static()[0],
-                       policies={"trace_q, no trees": agents["no trees"]})
+    plain = trace_eval(plain_held, ["oracle"], policies={"trace_q, no trees": agents["no trees"]})
     rows += [r | {"policy": "oracle, no trees" if r["policy"] == "oracle" else r["policy"],
                   "score": float("nan"), "score_ci": [float("nan")] * 2} for r in plain]
     base = {r["category"]: r["throughput"] for r in rows if r["policy"] == "static:0,4"}
